@@ -1,0 +1,9 @@
+"""llama2: the whole Llama 2 system in one package."""
+
+from .config import ModelConfig
+from .errors import Llama2Error
+from .model import Transformer
+
+__all__ = ["ModelConfig", "Transformer", "Llama2Error"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,2 @@
+"""One module per `llama2` subcommand. Each defines `register(subparsers)` and keeps heavy imports inside
+its handler so `llama2 --help` stays fast."""

@@ -1,0 +1,38 @@
+"""Device and dtype choice shared by every command: cuda if present, bf16 where supported."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import Llama2Error
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise Llama2Error(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Llama2Error(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """None/auto: bf16 on a GPU that supports it, else fp32."""
+    if name is None or name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise Llama2Error(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))} or auto")
+    return DTYPES[name]
+
+
+def add_device_args(parser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    parser.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (default: bf16 on GPU, else fp32)")

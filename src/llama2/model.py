@@ -1,0 +1,189 @@
+"""The Llama 2 transformer: RMSNorm, rotary embeddings, grouped-query attention with a KV cache, SwiGLU.
+
+Module and parameter names follow the Hugging Face Llama layout (without its `model.` prefix), and rotary
+embeddings rotate halves as Hugging Face does, so HF checkpoints load without any permutation; Meta
+checkpoints are permuted once at import (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (length, head_dim) in fp32, halves layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    t = torch.arange(length, dtype=torch.float64, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by cos/sin (B or 1, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """A preallocated key/value cache for one layer, holding n_kv_heads heads (not n_heads)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, start_pos: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        is_causal = mask is None and T > 1
+        if is_causal and k.shape[2] != T:  # chunked prefill after earlier tokens: causal with an offset
+            mask = causal_mask(T, k.shape[2], x.device)
+            is_causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean (q_len, kv_len) mask, True where attention is allowed; queries are the last q_len positions."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Llama 2. `model(tokens)` maps a LongTensor (B, T) to logits (B, T, vocab_size).
+
+    Incremental decoding: pass `cache=model.make_cache(B, max_len)` and `start_pos` (the cache slot of the
+    first token). `positions` (B, T) overrides rotary positions per row (left-padded batches), and `mask`
+    (B, 1, T, start_pos + T) booleans, True = may attend, overrides the causal mask.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation for training from scratch: N(0, std); output projections scaled by depth."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fp32 rotary tables for 2 x max_seq_len positions, built once per device."""
+        if device not in self._rope:
+            self._rope[device] = rope_tables(self.config.head_dim, 2 * self.config.max_seq_len,
+                                             self.config.rope_theta, device)
+        return self._rope[device]
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> list[KVCache]:
+        ref = self.lm_head.weight
+        cfg = self.config
+        return [KVCache(batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
+                        dtype or ref.dtype, device or ref.device) for _ in range(cfg.n_layers)]
+
+    def hidden(self, tokens: Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+               positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, dim): what the LM head and reward heads read."""
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        cos_t, sin_t = self.rope(x.device)
+        if positions is None:
+            if start_pos + T > cos_t.shape[0]:
+                raise ValueError(f"position {start_pos + T} beyond the rotary table ({cos_t.shape[0]})")
+            cos, sin = cos_t[start_pos:start_pos + T][None, None], sin_t[start_pos:start_pos + T][None, None]
+        else:
+            cos, sin = cos_t[positions][:, None], sin_t[positions][:, None]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+                positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.hidden(tokens, start_pos, cache, positions, mask))

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real SentencePiece tokenizer with the Llama 2 settings, the real Llama 2 vocabulary
+from llama-cpp-python's sdist, and random transformers models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("LLAMA2_TEST_CACHE", Path.home() / ".cache" / "llama2-tests"))
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+
+
+def corpus_text(max_chars: int = 400_000) -> str:
+    """Real English text present on every machine: pydoc_data topics."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    return text[:max_chars]
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> Path:
+    """A 1000-piece SentencePiece BPE model trained with the Llama 2 settings (directly, not through llama2)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    (d / "corpus.txt").write_text(corpus_text())
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), model_type="bpe", vocab_size=1000,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        num_threads=1,
+    )
+    out = d / "tokenizer.model"
+    assert out.exists()
+    return out
+
+
+def llama_cpp_sdist_dir() -> Path:
+    """llama-cpp-python's sdist, downloaded once from PyPI and unpacked into the test cache."""
+    target = CACHE / "llama_cpp_python-0.3.36"
+    if (target / ".done").exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    LLAMA_CPP_SDIST, "-d", str(CACHE)], check=True)
+    with tarfile.open(CACHE / "llama_cpp_python-0.3.36.tar.gz") as tar:
+        tar.extractall(CACHE, filter="data")
+    (target / ".done").touch()
+    return target
+
+
+@pytest.fixture(scope="session")
+def llama_vocab_gguf() -> Path:
+    """The real 32,000-piece Llama 2 vocabulary (GGUF, no weights) with llama.cpp's .inp/.out test strings."""
+    path = llama_cpp_sdist_dir() / "vendor" / "llama.cpp" / "models" / "ggml-vocab-llama-spm.gguf"
+    assert path.exists(), path
+    return path
+
+
+def random_hf_llama(seed: int = 0, **kw):
+    """A random transformers LlamaForCausalLM (fp32, eval mode) of a tiny shape; kw are LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base.update(kw)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**base)).eval()
