@@ -1,0 +1,75 @@
+"""`llama2 chat CKPT`: chat with a checkpoint in the terminal (or line by line through a pipe)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..device import add_device_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat", help="chat with a model in the terminal",
+        description="Interactive chat in the Llama 2 chat format. Commands: /reset, /system TEXT, /exit (or "
+                    "Ctrl-D). Ctrl-C stops an answer (the partial answer is kept). With stdin not a terminal, "
+                    "each input line is a user message and each answer is printed on one line, with \\n for "
+                    "newlines and \\\\ for backslashes.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face layout with tokenizer.model)")
+    p.add_argument("--system", default=None, help="system prompt (default: none, as Meta's reference code)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, Meta's chat default)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; answer i uses seed + i (default: random)")
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..chat_session import ChatSession, InterruptGuard, run_chat
+    from ..checkpoint import load_model
+    from ..device import resolve_device, resolve_dtype
+    from ..errors import Llama2Error
+    from ..generate import Generator, SamplingParams
+    from ..tokenizer import Tokenizer
+
+    if args.temperature < 0:
+        raise Llama2Error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise Llama2Error(f"--top-p must be in (0, 1], got {args.top_p}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    tokenizer = Tokenizer(args.checkpoint)
+    model = load_model(args.checkpoint, device, dtype)
+    session = ChatSession(tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=args.max_new_tokens,
+                          system=args.system)
+    generator = Generator(model, tokenizer)
+
+    def respond(tokens: list[int], index: int):
+        seed = None if args.seed is None else args.seed + index
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, seed=seed)
+        return generator.stream(tokens, params)
+
+    interactive = sys.stdin.isatty()
+    guard = InterruptGuard()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        guard.install()
+        print(f"llama2 chat: {args.checkpoint} ({model.config.max_seq_len}-token context). /reset clears the "
+              "history, /system TEXT sets the system prompt, /exit or Ctrl-D quits, Ctrl-C stops an answer.",
+              flush=True)
+
+    def read_line(prompt: str) -> str:
+        if interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    return run_chat(session, respond, read_line=read_line, out=sys.stdout, err=sys.stderr,
+                    interactive=interactive, guard=guard)

@@ -1,0 +1,390 @@
+"""The Llama 2 tokenizer: a SentencePiece BPE wrapper, training with the paper's settings, and rebuilding a
+tokenizer.model from a GGUF vocabulary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import Llama2Error
+
+MODEL_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+MODEL_MAX_LENGTH = 4096  # Llama 2 context (PAPER.md section 1)
+N_BYTE_PIECES = 256
+N_SPECIAL = 3  # <unk>, <s>, </s>
+
+# Meta's `chat_completion` (PAPER.md section 10) as a Hugging Face chat template. A system message is merged into
+# the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
+# "<s>[INST] {user} [/INST] {assistant} </s>", the final user turn "<s>[INST] {user} [/INST]". A conversation that
+# ends with an assistant message renders that pair completed (useful for training data).
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
+    "{%- if tag in message['content'] -%}"
+    "{{- raise_exception('message content must not contain the special tag ' + tag) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
+    "{%- set dialog = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
+    " + messages[1]['content']}] + messages[2:] -%}"
+    "{%- else -%}"
+    "{%- set dialog = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in dialog -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + (message['content'] | trim) + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path via a temp file in the same directory, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _resolve_model_file(path: Path | str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+        if not p.is_file():
+            raise Llama2Error(f"no {MODEL_FILE} in directory {path}; point at a tokenizer.model file or a "
+                              f"directory holding one (train one with `llama2 tokenizer train`)")
+    elif not p.is_file():
+        raise Llama2Error(f"tokenizer not found: {path} does not exist; give a tokenizer.model file or its directory")
+    return p
+
+
+class Tokenizer:
+    """A SentencePiece tokenizer.model (Llama 2 style: BPE, byte fallback, unk 0 / bos 1 / eos 2, no pad)."""
+
+    def __init__(self, path: Path | str):
+        self.model_path = _resolve_model_file(path)
+        self._bytes = self.model_path.read_bytes()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self._bytes)
+        except (RuntimeError, OSError) as e:
+            raise Llama2Error(f"{self.model_path} is not a valid SentencePiece tokenizer.model "
+                              f"(corrupt or another format): {str(e).strip()[:200]}") from None
+        self.sha256 = hashlib.sha256(self._bytes).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """SentencePiece's pad id: -1 (none) for Llama 2."""
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of text, with BOS first / EOS last as asked. Special tags in text are plain text."""
+        if not isinstance(text, str):
+            raise Llama2Error(f"encode expects a str, got {type(text).__name__}")
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False,
+                     num_threads: int | None = None) -> list[list[int]]:
+        """encode over many texts at once, in SentencePiece's thread pool."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise Llama2Error("encode_batch expects a list of str")
+        threads = num_threads if num_threads is not None else (os.cpu_count() or 1)
+        return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids; control ids (BOS, EOS, ...) are skipped. An id outside the vocabulary is an error."""
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise Llama2Error(f"token id {bad[0]} is outside the vocabulary (0..{n - 1}); was the text encoded "
+                              f"with a different tokenizer?")
+        return self.sp.decode([i for i in ids if not self.sp.IsControl(i)])
+
+    def id_to_piece(self, i: int) -> str:
+        if not 0 <= int(i) < self.vocab_size:
+            raise Llama2Error(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.sp.IdToPiece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        """Id of piece; unk_id for a piece not in the vocabulary (as SentencePiece does)."""
+        return self.sp.PieceToId(piece)
+
+    def hf_config(self) -> dict:
+        """tokenizer_config.json fields for Hugging Face's LlamaTokenizer."""
+        return {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": self.id_to_piece(self.bos_id),
+            "eos_token": self.id_to_piece(self.eos_id),
+            "unk_token": self.id_to_piece(self.unk_id),
+            "pad_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            # legacy: text after a special token gets SentencePiece's dummy prefix, as when Meta encodes each chat
+            # turn separately ("<s>[INST]" -> <s> "▁[" "INST" ...). That matches PAPER.md section 10.
+            "legacy": True,
+            "add_prefix_space": None,
+            "model_max_length": MODEL_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "padding_side": "right",
+            "sp_model_kwargs": {},
+            "chat_template": LLAMA2_CHAT_TEMPLATE,
+        }
+
+    def save(self, directory: Path | str) -> Path:
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into directory (atomically)."""
+        d = Path(directory)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Llama2Error(f"cannot create tokenizer directory {d}: {e.strerror}") from None
+        cfg = self.hf_config()
+        special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token")}
+        _atomic_write(d / MODEL_FILE, self._bytes)
+        _atomic_write(d / CONFIG_FILE, (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode())
+        _atomic_write(d / SPECIAL_TOKENS_FILE, (json.dumps(special, indent=2, ensure_ascii=False) + "\n").encode())
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _iter_sentences(paths: list[Path], bar, error: list) -> Iterator[str]:
+    """Lines of .txt files and the lines of each "text" of .jsonl files, streamed; bar counts bytes.
+
+    A problem is stored in `error` and ends the stream (an exception raised inside SentencePiece's iterator
+    would come back as a RuntimeError)."""
+    try:
+        for path in paths:
+            jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+            with path.open("rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    bar.update(len(raw))
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise Llama2Error(f"{path}:{lineno}: not valid UTF-8; convert the file to UTF-8") from None
+                    if jsonl:
+                        if not line.strip():
+                            continue
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise Llama2Error(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl "
+                                              f"file must be an object with a \"text\" field") from None
+                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                            raise Llama2Error(f"{path}:{lineno}: no \"text\" string field; each line of a .jsonl "
+                                              f"file must be an object with a \"text\" field")
+                        for part in obj["text"].splitlines():
+                            if part:
+                                yield part
+                    else:
+                        line = line.rstrip("\r\n")
+                        if line:
+                            yield line
+    except Llama2Error as e:
+        error.append(e)
+
+
+def _training_error(e: RuntimeError, vocab_size: int) -> Llama2Error:
+    msg = str(e)
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        return Llama2Error(f"--vocab-size {vocab_size} is too large for this training text: it supports at most "
+                           f"{m.group(2)} pieces; lower --vocab-size or give more text")
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return Llama2Error(f"--vocab-size {vocab_size} is too small: the 256 byte pieces, 3 special pieces and the "
+                           f"characters of this text need at least {m.group(2)}; raise --vocab-size")
+    if "sentences_.empty()" in msg or "!sentences_" in msg:
+        return Llama2Error("the training input holds no usable text (empty files, or every line longer than "
+                           "--max-sentence-length)")
+    return Llama2Error(f"SentencePiece training failed: {msg.strip()[:300]}")
+
+
+def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | str, *,
+                    max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
+                    quiet: bool = False) -> Tokenizer:
+    """Train a SentencePiece BPE tokenizer with the Llama 2 settings (PAPER.md section 2) on .txt / .jsonl files
+    and save it (tokenizer.model + Hugging Face config) into the output directory."""
+    from tqdm import tqdm
+
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise Llama2Error("no training input given; pass one or more .txt or .jsonl files")
+    for p in paths:
+        if not p.is_file():
+            raise Llama2Error(f"training input not found: {p}")
+    minimum = N_BYTE_PIECES + N_SPECIAL
+    if vocab_size <= minimum:
+        raise Llama2Error(f"--vocab-size {vocab_size} is too small: it must exceed the {N_BYTE_PIECES} byte pieces "
+                          f"+ {N_SPECIAL} special pieces ({minimum}) plus the characters of the text")
+    if max_sentence_length < 1 or input_sentence_size < 0:
+        raise Llama2Error("max_sentence_length must be positive and input_sentence_size non-negative")
+
+    error: list[Llama2Error] = []
+    total = sum(p.stat().st_size for p in paths)
+    with tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="reading text", disable=quiet) as bar:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_iter_sentences(paths, bar, error),
+                model_prefix=str(Path(tmp) / "tokenizer"),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                split_digits=True,
+                normalization_rule_name="identity",
+                add_dummy_prefix=True,
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                character_coverage=0.99995,
+                max_sentencepiece_length=16,
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                hard_vocab_limit=True,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2 if quiet else 1,
+            )
+        except RuntimeError as e:
+            if error:
+                raise error[0] from None
+            raise _training_error(e, vocab_size) from None
+        if error:
+            raise error[0]
+        tok = Tokenizer(Path(tmp) / "tokenizer.model")
+        tok.save(output)
+    return Tokenizer(output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF import
+
+
+def _gguf_field(reader, key: str, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise Llama2Error(f"GGUF file has no {key!r} field; it carries no SentencePiece vocabulary")
+        return None
+    return field.contents()
+
+
+def tokenizer_from_gguf(gguf_path: Path | str, output_dir: Path | str) -> Tokenizer:
+    """Rebuild a SentencePiece tokenizer.model from a GGUF vocabulary (tokenizer.ggml.tokens/scores/token_type)
+    and save it with the Hugging Face config into output_dir."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise Llama2Error(f"GGUF file not found: {path}")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on a foreign file
+        raise Llama2Error(f"{path} is not a readable GGUF file: {str(e)[:200]}") from None
+
+    model = _gguf_field(reader, "tokenizer.ggml.model")
+    if model != "llama":
+        raise Llama2Error(f"{path} has a {model!r} tokenizer; only SentencePiece vocabularies "
+                          f"(tokenizer.ggml.model = 'llama') can become a tokenizer.model")
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    scores = _gguf_field(reader, "tokenizer.ggml.scores", required=False)
+    types = _gguf_field(reader, "tokenizer.ggml.token_type", required=False)
+    n = len(tokens)
+    scores = list(scores) if scores is not None else [0.0] * n
+    types = list(types) if types is not None else [1] * n
+    if len(scores) != n or len(types) != n:
+        raise Llama2Error(f"{path}: tokens, scores and token_type have different lengths "
+                          f"({n}, {len(scores)}, {len(types)})")
+    ids = {name: _gguf_field(reader, f"tokenizer.ggml.{name}_token_id", required=False)
+           for name in ("unknown", "bos", "eos")}
+    expect = {"unknown": 0, "bos": 1, "eos": 2}
+    for name, want in expect.items():
+        if ids[name] is not None and int(ids[name]) != want:
+            raise Llama2Error(f"{path}: {name} token id is {ids[name]}, but a Llama 2 tokenizer needs unk 0, "
+                              f"bos 1, eos 2")
+    add_space = _gguf_field(reader, "tokenizer.ggml.add_space_prefix", required=False)
+
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        sp = proto.pieces.add()
+        sp.piece = piece
+        sp.score = float(score)
+        # GGUF token types use SentencePiece's numbering: 1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte
+        sp.type = int(kind) if int(kind) in (1, 2, 3, 4, 5, 6) else 1
+    if n < 3 or proto.pieces[0].type != 2 or proto.pieces[1].type != 3 or proto.pieces[2].type != 3:
+        raise Llama2Error(f"{path}: the first three tokens must be unknown, control, control (unk, bos, eos)")
+    ts = proto.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = n
+    ts.byte_fallback = True
+    ts.split_digits = True
+    ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = 0, 1, 2, -1
+    ts.unk_piece, ts.bos_piece, ts.eos_piece = tokens[0], tokens[1], tokens[2]
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = True if add_space is None else bool(add_space)
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Llama2Error(f"cannot create output directory {out}: {e.strerror}") from None
+    _atomic_write(out / MODEL_FILE, proto.SerializeToString())
+    tok = Tokenizer(out)
+    tok.save(out)
+    return tok
