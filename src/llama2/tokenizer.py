@@ -4,6 +4,7 @@ tokenizer.model from a GGUF vocabulary."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 MODEL_MAX_LENGTH = 4096  # Llama 2 context (PAPER.md section 1)
 N_BYTE_PIECES = 256
 N_SPECIAL = 3  # <unk>, <s>, </s>
+MAX_MODEL_BYTES = 256 * 2**20  # real tokenizer.model files are a few MiB
 
 # Meta's `chat_completion` (PAPER.md section 10) as a Hugging Face chat template. A system message is merged into
 # the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
@@ -90,6 +92,10 @@ class Tokenizer:
 
     def __init__(self, path: Path | str):
         self.model_path = _resolve_model_file(path)
+        size = self.model_path.stat().st_size
+        if size > MAX_MODEL_BYTES:  # e.g. a weights file passed by mistake: do not read gigabytes
+            raise Llama2Error(f"{self.model_path} is {size / 2**20:.0f} MiB, too large to be a SentencePiece "
+                              f"tokenizer.model; point at the tokenizer, not the weights")
         self._bytes = self.model_path.read_bytes()
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -272,13 +278,13 @@ def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | st
         raise Llama2Error("max_sentence_length must be positive and input_sentence_size non-negative")
 
     error: list[Llama2Error] = []
+    model = io.BytesIO()
     total = sum(p.stat().st_size for p in paths)
-    with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="reading text", disable=quiet) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading text", disable=quiet) as bar:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=_iter_sentences(paths, bar, error),
-                model_prefix=str(Path(tmp) / "tokenizer"),
+                model_writer=model,
                 model_type="bpe",
                 vocab_size=vocab_size,
                 byte_fallback=True,
@@ -301,11 +307,26 @@ def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | st
             if error:
                 raise error[0] from None
             raise _training_error(e, vocab_size) from None
-        if error:
-            raise error[0]
-        tok = Tokenizer(Path(tmp) / "tokenizer.model")
-        tok.save(output)
-    return Tokenizer(output)
+    if error:
+        raise error[0]
+    return _save_model_bytes(model.getvalue(), output)
+
+
+def _save_model_bytes(data: bytes, output: Path | str) -> Tokenizer:
+    """Write a serialized model as output/tokenizer.model plus the Hugging Face files; return it loaded."""
+    try:  # validate before anything is written, so a bad vocabulary never replaces a good file
+        spm.SentencePieceProcessor().LoadFromSerializedProto(data)
+    except RuntimeError as e:
+        raise Llama2Error(f"the rebuilt SentencePiece model is invalid: {str(e).strip()[:300]}") from None
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Llama2Error(f"cannot create output directory {out}: {e.strerror}") from None
+    _atomic_write(out / MODEL_FILE, data)
+    tok = Tokenizer(out)
+    tok.save(out)
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +351,9 @@ def tokenizer_from_gguf(gguf_path: Path | str, output_dir: Path | str) -> Tokeni
     path = Path(gguf_path)
     if not path.is_file():
         raise Llama2Error(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise Llama2Error(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError/struct errors on a foreign file
@@ -379,12 +403,4 @@ def tokenizer_from_gguf(gguf_path: Path | str, output_dir: Path | str) -> Tokeni
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
 
-    out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Llama2Error(f"cannot create output directory {out}: {e.strerror}") from None
-    _atomic_write(out / MODEL_FILE, proto.SerializeToString())
-    tok = Tokenizer(out)
-    tok.save(out)
-    return tok
+    return _save_model_bytes(proto.SerializeToString(), output_dir)

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, Meta's chat default)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
     p.add_argument("--seed", type=int, default=None, help="random seed; answer i uses seed + i (default: random)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the checkpoint loads")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = Tokenizer(args.checkpoint)
-    model = load_model(args.checkpoint, device, dtype)
+    model = load_model(args.checkpoint, device, dtype, progress=not args.quiet)
     session = ChatSession(tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=args.max_new_tokens,
                           system=args.system)
     generator = Generator(model, tokenizer)

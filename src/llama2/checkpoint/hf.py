@@ -1,0 +1,221 @@
+"""The Hugging Face Llama layout: config.json + model.safetensors (or shards with model.safetensors.index.json)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..errors import Llama2Error
+from ..model import Transformer
+from .common import (HF_DTYPE_NAME, Source, atomic_directory, build_model, check_materialised, model_dtype,
+                     parse_dtype, write_json)
+from .safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints carry; recomputed by the model
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Llama2Error(f"{path}: file not found") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Llama2Error(f"{path}: not valid JSON ({e}); fix or re-download it") from None
+    except OSError as e:
+        raise Llama2Error(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _rope_type(d: Any) -> str | None:
+    if not isinstance(d, dict):
+        return None
+    return d.get("rope_type") or d.get("type")
+
+
+def config_from_hf(d: dict[str, Any], where: Path) -> ModelConfig:
+    """A ModelConfig from LlamaConfig fields (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
+    if not isinstance(d, dict):
+        raise Llama2Error(f"{where}: expected a JSON object of LlamaConfig fields")
+    if d.get("model_type", "llama") != "llama":
+        raise Llama2Error(f"{where}: model_type {d['model_type']!r} is not a Llama model; only model_type "
+                          "'llama' checkpoints can be loaded")
+    if d.get("hidden_act", "silu") != "silu":
+        raise Llama2Error(f"{where}: hidden_act {d['hidden_act']!r} is not supported; Llama uses 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            raise Llama2Error(f"{where}: {flag}=true is not supported; Llama 2 has no biases")
+    for key in ("rope_scaling", "rope_parameters"):
+        kind = _rope_type(d.get(key))
+        if kind not in (None, "default"):
+            raise Llama2Error(f"{where}: {key} type {kind!r} is not implemented (only plain RoPE, as in Llama 2); "
+                              "this checkpoint needs a different model")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in d]
+    if missing:
+        raise Llama2Error(f"{where}: missing field(s) {missing}; a Llama config.json needs them")
+    rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    heads = d["num_attention_heads"]
+    if d.get("head_dim") not in (None, d["hidden_size"] // heads if isinstance(heads, int) and heads else None):
+        raise Llama2Error(f"{where}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
+                          "this layout is not supported")
+    try:
+        return ModelConfig(
+            dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=d.get("num_key_value_heads") or heads, vocab_size=d["vocab_size"],
+            hidden_dim=d["intermediate_size"], norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), max_seq_len=d.get("max_position_embeddings", 2048))
+    except (Llama2Error, TypeError, ValueError) as e:
+        raise Llama2Error(f"{where}: {e}") from None
+
+
+def config_dtype(d: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a config.json declares (`dtype` in transformers 5, `torch_dtype` in 4), if any."""
+    for key in ("dtype", "torch_dtype"):
+        value = d.get(key)
+        if isinstance(value, str):
+            try:
+                return parse_dtype(value)
+            except Llama2Error:
+                return None
+    return None
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM, readable by transformers 4.x and 5.x."""
+    name = HF_DTYPE_NAME.get(dtype, "float32")
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": False,
+        "torch_dtype": name, "dtype": name,
+    }
+
+
+def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Sampling defaults as Meta ships them for Llama 2 (temperature 0.6, top-p 0.9)."""
+    return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True, "temperature": 0.6,
+            "top_p": 0.9, "max_length": cfg.max_seq_len}
+
+
+def _weight_files(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint by its Hugging Face name, with its file and place (headers only)."""
+    index = path / INDEX
+    if index.exists():
+        d = read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise Llama2Error(f"{index}: no weight_map; the index is corrupt, re-download it")
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        out: dict[str, TensorInfo] = {}
+        for name, fname in weight_map.items():
+            shard = path / str(fname)
+            if fname not in headers:
+                if not shard.is_file():
+                    raise Llama2Error(f"{index} names shard {fname} (for tensor {name}), but {shard} does not "
+                                      "exist; the download is incomplete")
+                headers[fname] = read_header(shard)
+            if name not in headers[fname]:
+                raise Llama2Error(f"{shard}: lacks tensor {name} that {INDEX} assigns to it; the shard is "
+                                  "corrupt or from another checkpoint")
+            out[name] = headers[fname][name]
+        return out
+    single = path / WEIGHTS
+    if single.exists():
+        return read_header(single)
+    if any(path.glob("pytorch_model*.bin")):
+        raise Llama2Error(f"{path}: holds pytorch_model*.bin weights (pickles); only safetensors are read. Convert "
+                          "them with transformers (save_pretrained(..., safe_serialization=True))")
+    raise Llama2Error(f"{path}: no {WEIGHTS} or {INDEX}; the checkpoint has no weights")
+
+
+def _our_name(hf_name: str) -> str:
+    return hf_name.removeprefix("model.") if hf_name.startswith("model.") else hf_name
+
+
+def _reader(info: TensorInfo, files: dict[Path, Any], stack: ExitStack):
+    def read(dtype: torch.dtype, device: torch.device) -> Tensor:
+        if info.path not in files:
+            files[info.path] = stack.enter_context(open(info.path, "rb", buffering=0))
+        t = read_tensor(files[info.path], info)
+        return t.to(device=device, dtype=dtype)
+    return read
+
+
+def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progress: bool = False) -> Transformer:
+    d = read_json(path / CONFIG)
+    cfg = config_from_hf(d, path / CONFIG)
+    infos = _weight_files(path)
+    files: dict[Path, Any] = {}
+    with ExitStack() as stack:
+        plan: dict[str, Source] = {}
+        for hf_name, info in infos.items():
+            if hf_name.endswith(IGNORED_SUFFIXES):
+                continue
+            plan[_our_name(hf_name)] = Source(info.shape, info.dtype, info.path.name, _reader(info, files, stack))
+        if "lm_head.weight" not in plan and d.get("tie_word_embeddings") and "embed_tokens.weight" in plan:
+            plan["lm_head.weight"] = plan["embed_tokens.weight"]  # tied: read the embedding a second time (a copy)
+        if dtype is None:
+            dtype = config_dtype(d) or (plan["embed_tokens.weight"].dtype if "embed_tokens.weight" in plan
+                                        else next(iter(plan.values())).dtype)
+        return build_model(cfg, plan, dtype, device, path, progress)
+
+
+def _hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def _shard(items: list[tuple[str, Tensor]], dtype: torch.dtype, max_bytes: int) -> list[list[tuple[str, Tensor]]]:
+    shards: list[list[tuple[str, Tensor]]] = [[]]
+    size = 0
+    for name, t in items:
+        n = t.numel() * dtype.itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+    return shards
+
+
+def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30,
+            dtype: torch.dtype | None = None, progress: bool = False) -> Path:
+    check_materialised(model)
+    if max_shard_bytes <= 0:
+        raise Llama2Error(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    dtype = dtype or model_dtype(model)
+    items = [(_hf_name(n), t.detach()) for n, t in model.state_dict().items()]
+    shards = _shard(items, dtype, max_shard_bytes)
+    total = sum(t.numel() * dtype.itemsize for _, t in items)
+    from tqdm import tqdm
+
+    with atomic_directory(path) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="saving",
+                                             disable=not progress, leave=False) as bar:
+        if len(shards) == 1:
+            write_safetensors(tmp / WEIGHTS, shards[0], dtype, on_tensor=bar.update)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / fname, shard, dtype, on_tensor=bar.update)
+                weight_map.update({name: fname for name, _ in shard})
+            write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(tmp / CONFIG, hf_config(model.config, dtype))
+        write_json(tmp / GENERATION_CONFIG, generation_config(model.config))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path

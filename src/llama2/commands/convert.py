@@ -1,0 +1,102 @@
+"""`llama2 convert SRC DST --to hf|meta`: convert a checkpoint between the Hugging Face and Meta layouts."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+from ..errors import Llama2Error
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a checkpoint between the Hugging Face and Meta layouts",
+        description="Convert a checkpoint directory (Hugging Face: config.json + model*.safetensors; Meta: "
+                    "params.json + consolidated.NN.pth) into the other layout, or re-shard / re-type it. "
+                    "tokenizer.model is copied along when SRC (or, for a Meta download, its parent) has one.")
+    p.add_argument("src", type=Path, help="source checkpoint directory (layout detected)")
+    p.add_argument("dst", type=Path, help="destination directory (written atomically)")
+    p.add_argument("--to", required=True, choices=["hf", "meta"], help="layout to write")
+    p.add_argument("--shards", type=int, default=1,
+                   help="--to meta: number of model-parallel consolidated.NN.pth files (default 1)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="--to hf: largest model-*.safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the source's dtype)")
+    p.add_argument("--force", action="store_true", help="replace DST if it already holds files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    if not m:
+        raise Llama2Error(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
+    unit = m.group(2).rstrip("b")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    n = int(float(m.group(1)) * scale)
+    if n <= 0:
+        raise Llama2Error(f"--max-shard-size {text!r} must be positive")
+    return n
+
+
+class CopyFiles:
+    """A stand-in tokenizer whose save(directory) copies the given files there."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def save(self, directory: Path) -> None:
+        for f in self.files:
+            shutil.copy2(f, Path(directory) / f.name)
+
+
+def tokenizer_for(src: Path, layout: str, to: str):
+    """What to carry along: HF tokenizer files as they are, else tokenizer.model from SRC or its parent."""
+    if to == "hf" and (src / "tokenizer_config.json").is_file() and (src / "tokenizer.model").is_file():
+        return CopyFiles([src / n for n in TOKENIZER_FILES if (src / n).is_file()])
+    where = src / "tokenizer.model"
+    if not where.is_file() and layout == "meta" and (src.parent / "tokenizer.model").is_file():
+        where = src.parent / "tokenizer.model"  # Meta's download puts it beside the llama-2-* folders
+    if not where.is_file():
+        return None
+    if to == "hf":
+        from ..tokenizer import Tokenizer
+
+        return Tokenizer(where)  # writes tokenizer.model + tokenizer_config.json (with the chat template)
+    return CopyFiles([where])
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import detect_layout, load_model, save_meta, save_model
+    from ..checkpoint.common import parse_dtype
+
+    src, dst = args.src, args.dst
+    layout = detect_layout(src)
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise Llama2Error(f"SRC and DST are the same directory ({src}); choose another destination")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+        raise Llama2Error(f"{dst} already exists and is not empty; choose another destination or pass --force")
+    if args.shards < 1:
+        raise Llama2Error(f"--shards must be at least 1, got {args.shards}")
+    if args.to == "hf" and args.shards != 1:
+        raise Llama2Error("--shards applies to --to meta; for --to hf use --max-shard-size")
+    dtype = parse_dtype(args.dtype)
+    max_shard = parse_size(args.max_shard_size)
+    tokenizer = tokenizer_for(src, layout, args.to)
+    progress = not args.quiet
+    model = load_model(src, "cpu", dtype, progress=progress)
+    if args.to == "hf":
+        save_model(model, dst, tokenizer, max_shard_bytes=max_shard, dtype=dtype, progress=progress)
+    else:
+        save_meta(model, dst, args.shards, dtype=dtype, tokenizer=tokenizer, progress=progress)
+    n = sum(p.numel() for p in model.parameters())
+    dt = str(next(model.parameters()).dtype).removeprefix("torch.")
+    tok = " + tokenizer" if tokenizer is not None else ""
+    print(f"converted {src} ({layout}) -> {dst} ({args.to}, {n / 1e6:.1f}M parameters, {dt}{tok})")
+    return 0

@@ -1,0 +1,99 @@
+"""`llama2 data corpus | prepare | info`: build a deduplicated text corpus, tokenise it into token shards, and
+summarise a prepared shard directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="pretraining data: build a corpus, tokenise it into token shards",
+                              description="Pretraining data: `corpus` gathers and deduplicates documents, `prepare` "
+                                          "tokenises them into memory-mapped token shards, `info` summarises shards.")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    c = sub.add_parser("corpus", help="build train.jsonl / val.jsonl / stats.json from text sources",
+                       description="Gather documents from the sources, remove exact duplicates (normalised-text hash) "
+                                   "and near duplicates (MinHash + LSH over word 5-shingles), hold out a validation "
+                                   "split by document, and write OUTPUT/train.jsonl, OUTPUT/val.jsonl, "
+                                   "OUTPUT/stats.json.")
+    c.add_argument("--source", action="append", default=None, metavar="NAME",
+                   help="default (= stdlib + pydoc), stdlib (standard-library docstrings), pydoc (pydoc_data "
+                        "topics), python-docs (needs `apt-get install python3.11-doc`), files (the PATHS); repeat or "
+                        "comma-separate for several; files is implied when PATHS are given without --source")
+    c.add_argument("paths", nargs="*", type=Path, metavar="PATHS",
+                   help=".txt files (one document each), .jsonl files (a \"text\" field per line) or directories of them")
+    c.add_argument("--output", "-o", type=Path, required=True, help="output directory")
+    c.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the validation split and document order")
+    c.add_argument("--near-dup-threshold", type=float, default=0.8,
+                   help="estimated Jaccard similarity at which a document is a near duplicate (default 0.8)")
+    c.add_argument("--workers", type=int, default=None, help="processes parsing the standard library (default: CPUs)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.set_defaults(func=corpus_handler)
+
+    r = sub.add_parser("prepare", help="tokenise a corpus into memory-mapped token shards",
+                       description="Tokenise documents into OUTPUT/{train,val}-NNNNN.bin (+ .idx.npy) and "
+                                   "OUTPUT/manifest.json. Each document is BOS ... EOS. Rerunning the same command "
+                                   "after an interruption resumes where it stopped.")
+    r.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.model or a directory holding one")
+    r.add_argument("--input", nargs="+", type=Path, required=True, metavar="FILES_OR_CORPUS_DIR",
+                   help="a corpus directory from `llama2 data corpus` (train.jsonl -> train, val.jsonl -> val) "
+                        "and/or .jsonl/.txt files (into train, unless --val-fraction)")
+    r.add_argument("--output", "-o", type=Path, required=True, help="output directory")
+    r.add_argument("--workers", type=int, default=None, help="tokeniser threads (default: CPUs)")
+    r.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard (default 50,000,000)")
+    r.add_argument("--val-fraction", type=float, default=None,
+                   help="send this fraction of the documents of plain input files to val (by a hash of the text)")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    r.set_defaults(func=prepare_handler)
+
+    i = sub.add_parser("info", help="summarise a prepared token shard directory")
+    i.add_argument("directory", type=Path)
+    i.set_defaults(func=info_handler)
+
+
+def _sources(args: argparse.Namespace) -> list[str]:
+    if args.source is None:
+        return ["files"] if args.paths else ["default"]
+    return [s.strip() for arg in args.source for s in arg.split(",") if s.strip()]
+
+
+def corpus_handler(args: argparse.Namespace) -> int:
+    from ..data.corpus import build_corpus
+
+    stats = build_corpus(_sources(args), args.paths, args.output, val_fraction=args.val_fraction, seed=args.seed,
+                         near_dup_threshold=args.near_dup_threshold, quiet=args.quiet, workers=args.workers)
+    tr, va = stats["splits"]["train"], stats["splits"]["val"]
+    print(f"{stats['documents_in']} documents in, {stats['exact_duplicates_removed']} exact and "
+          f"{stats['near_duplicates_removed']} near duplicates removed; train {tr['documents']} documents "
+          f"({tr['chars']:,} chars), val {va['documents']} documents ({va['chars']:,} chars) -> {args.output}")
+    return 0
+
+
+def prepare_handler(args: argparse.Namespace) -> int:
+    from ..data.prepare import prepare_shards
+
+    m = prepare_shards(args.tokenizer, args.input, args.output, workers=args.workers, shard_tokens=args.shard_tokens,
+                       val_fraction=args.val_fraction, quiet=args.quiet)
+    parts = [f"{s} {v['tokens']:,} tokens / {v['documents']} documents / {len(v['shards'])} shards"
+             for s, v in m["splits"].items()]
+    print(f"{'; '.join(parts)} ({m['dtype']}) -> {args.output}")
+    return 0
+
+
+def info_handler(args: argparse.Namespace) -> int:
+    from ..data.shards import TokenShards, load_manifest
+
+    m = load_manifest(args.directory)
+    summary = {k: m[k] for k in ("format", "version", "tokenizer_sha256", "vocab_size", "dtype", "complete")
+               if k in m}
+    if m.get("complete"):
+        for split in m["splits"]:
+            TokenShards(args.directory, split)  # validates every shard file
+    summary["splits"] = {s: {k: v[k] for k in ("tokens", "documents")} | {"shards": len(v["shards"])}
+                         for s, v in m["splits"].items()}
+    print(json.dumps(summary, indent=2))
+    return 0

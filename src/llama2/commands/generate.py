@@ -1,0 +1,60 @@
+"""`llama2 generate CKPT --prompt TEXT`: complete a prompt, streaming only the completion to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..device import add_device_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="complete a prompt with a checkpoint",
+        description="Complete a text prompt (encoded with BOS) and stream only the completion to stdout.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or Meta layout, "
+                                                      "with tokenizer.model)")
+    p.add_argument("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold, 1 = off (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens, 0 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; fixed, it reproduces a sample")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the completion contains STR (not printed); repeatable")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of a prompt too long for the context instead of failing")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..checkpoint import load_model
+    from ..device import resolve_device, resolve_dtype
+    from ..errors import Llama2Error
+    from ..generate import Generator, SamplingParams
+    from ..tokenizer import Tokenizer
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens, stop=list(args.stop), seed=args.seed,
+                            truncate=args.truncate)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise Llama2Error(f"checkpoint directory {ckpt} does not exist; check the path")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    tokenizer = Tokenizer(ckpt)
+    model = load_model(ckpt, device, dtype)
+    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize)
+    out = sys.stdout
+    for piece in generator.stream(tokenizer.encode(prompt, bos=True), params):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0

@@ -1,0 +1,1 @@
+"""Pretraining data: corpora (sources, deduplication, validation split) and token shards (prepare, read)."""

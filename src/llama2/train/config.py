@@ -1,0 +1,418 @@
+"""Training recipes: dataclasses validated on load, read from YAML plus dotted `key=value` overrides.
+
+Every stage's recipe derives from `TrainRecipe` (the fields the shared loop reads: run directory, steps,
+batching, optimiser, precision, checkpointing, logging) and adds its own sections (model, data, ...).
+`load_recipe(PretrainRecipe, "configs/tiny/pretrain.yaml", ["optim.lr=1e-3", "max_steps=50"])` returns a
+validated instance; a wrong key or value raises Llama2Error naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from ..config import PRESETS, ModelConfig
+from ..errors import Llama2Error
+
+T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where built-in data (default corpus, tokenizer, shards) is cached: $LLAMA2_CACHE or ~/.cache/llama2."""
+    return Path(os.environ.get("LLAMA2_CACHE") or Path.home() / ".cache" / "llama2")
+
+
+def expand_path(path: str) -> Path:
+    """`{cache}` -> cache_dir(), then `~` and $VARS expanded."""
+    return Path(os.path.expanduser(os.path.expandvars(path.replace("{cache}", str(cache_dir())))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections shared by every stage
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warm-up + cosine (or constant / linear) schedule; defaults are the paper's (PAPER.md s.3)."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1  # applied to matrices only, never to norms or other 1-D parameters
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 2000
+    warmup_ratio: float = 0.0  # warm-up = max(warmup_steps, ceil(warmup_ratio * max_steps))
+    min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
+    fused: bool | None = None  # fused AdamW kernel; None = on for single-process runs, foreach under FSDP
+
+    def validate(self, prefix: str = "optim") -> None:
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{prefix}.{name}", v, "a number in [0, 1)")
+        _check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive number")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.warmup_ratio <= 1, f"{prefix}.warmup_ratio", self.warmup_ratio, "a number in [0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass
+class TrainRecipe:
+    """What the shared training loop reads. Stages subclass it and add their own sections."""
+
+    out_dir: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 8  # micro-batch (sequences) per process
+    grad_accum: int = 1
+    global_batch_size: int | None = None  # sequences per optimiser step; if set, grad_accum is derived
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda (under torchrun each process takes cuda:LOCAL_RANK)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    log_every: int = 1
+    eval_every: int = 0  # 0 = evaluate only at the end (if there is validation data)
+    save_every: int = 0  # 0 = save only at the end
+    keep_last: int = 3  # checkpoints kept (oldest deleted first)
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    init_on_meta: bool = False  # build the model on the meta device and initialise it after sharding (huge models)
+    peak_tflops: float | None = None  # per-device peak for MFU; None = table for known GPUs, measured on CPU
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        _check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            v = getattr(self, name)
+            _check(v >= 1, name, v, "an integer >= 1")
+        for name in ("eval_every", "save_every"):
+            v = getattr(self, name)
+            _check(v >= 0, name, v, "an integer >= 0 (0 = only at the end)")
+        _check(self.keep_last >= 1, "keep_last", self.keep_last, "an integer >= 1")
+        if self.global_batch_size is not None:
+            _check(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size,
+                   "an integer >= 1 or null")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
+               "a positive number or null")
+        self.optim.validate()
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimiser step on each process."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_step = self.batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise Llama2Error(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                              f"{self.batch_size} x {world_size} process(es) = {per_step}; change one of them")
+        return self.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections of the pretraining recipe (later stages reuse ModelSpec)
+
+
+@dataclass
+class ModelSpec:
+    """A model shape: a preset name plus field overrides; vocab_size defaults to the tokenizer's."""
+
+    preset: str | None = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+    hidden_dim: int | None = None
+
+    def validate(self, prefix: str = "model") -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise Llama2Error(f"{prefix}.preset: unknown preset {self.preset!r}; allowed: {list(PRESETS)}")
+
+    def build(self, vocab_size: int | None = None) -> ModelConfig:
+        """The ModelConfig: the preset's fields, then the ones set here; vocab_size falls back to the argument."""
+        base = dict(PRESETS[self.preset]) if self.preset else {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "preset" and v is not None:
+                base[f.name] = v
+        if self.vocab_size is None and vocab_size is not None:
+            base["vocab_size"] = vocab_size
+        if self.hidden_dim is None and any(getattr(self, k) is not None
+                                           for k in ("dim", "multiple_of", "ffn_dim_multiplier")):
+            base.pop("hidden_dim", None)  # derive it from the overridden shape
+        return ModelConfig(**base)
+
+
+@dataclass
+class SourceConfig:
+    """One prepared dataset (a directory with manifest.json + .bin shards) and its sampling weight."""
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+
+    def validate(self, prefix: str = "data.sources") -> None:
+        _check(self.weight > 0, f"{prefix}.weight", self.weight, "a positive number")
+
+    @property
+    def label(self) -> str:
+        return self.name or expand_path(self.path).name
+
+
+@dataclass
+class BuildConfig:
+    """Build the corpus, tokenizer and shards into `dir` when they are missing (`dir/{corpus,tokenizer,shards}`)."""
+
+    corpus: list[str] = field(default_factory=lambda: ["default"])  # build_corpus source names
+    vocab_size: int = 4096
+    dir: str = "{cache}/pretrain-default-v4096"
+    val_fraction: float = 0.01
+
+    def validate(self, prefix: str = "data.build") -> None:
+        _check(bool(self.corpus), f"{prefix}.corpus", self.corpus, "a non-empty list of corpus source names")
+        _check(self.vocab_size > 259, f"{prefix}.vocab_size", self.vocab_size, "an integer > 259")
+        _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "a number in (0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """The training mixture: prepared sources sampled by weight, the tokenizer they were made with."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    tokenizer: str | None = None
+    build: BuildConfig | None = None
+    eval_sequences: int = 64  # fixed validation sequences (split evenly over the sources' val splits)
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.sources and self.build is None:
+            raise Llama2Error(f"{prefix}.sources: no training data; list prepared shard directories "
+                              "(data.sources: [{path: DIR, weight: 1.0}]) or set data.build")
+        if self.tokenizer is None and self.build is None:
+            raise Llama2Error(f"{prefix}.tokenizer: not set; give the tokenizer directory the shards were made with")
+        _check(self.eval_sequences >= 0, f"{prefix}.eval_sequences", self.eval_sequences, "an integer >= 0")
+        names = [s.label for s in self.sources]
+        if len(set(names)) != len(names):
+            raise Llama2Error(f"{prefix}.sources: two sources share a name ({names}); give each a distinct `name`")
+
+    def resolved(self) -> tuple[list[SourceConfig], Path]:
+        """Sources and tokenizer directory with `data.build` defaults filled in and paths expanded."""
+        sources = list(self.sources)
+        tok = self.tokenizer
+        if self.build is not None:
+            root = self.build.dir
+            if not sources:
+                sources = [SourceConfig(path=f"{root}/shards", name="default")]
+            if tok is None:
+                tok = f"{root}/tokenizer"
+        assert tok is not None
+        return ([SourceConfig(str(expand_path(s.path)), s.weight, s.name or expand_path(s.path).name)
+                 for s in sources], expand_path(tok))
+
+
+@dataclass
+class PretrainRecipe(TrainRecipe):
+    """`llama2 pretrain`: next-token prediction over packed sequences of a weighted mixture of shards."""
+
+    out_dir: str = "runs/pretrain"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    init_from: str | None = None  # a checkpoint directory to start from instead of random weights
+
+    def validate(self) -> None:
+        super().validate()
+        self.model.validate()
+        self.data.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> validated dataclasses
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise Llama2Error(f"recipe key {key!r}: got {value!r}; allowed: {allowed}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert one value against a type annotation; raise Llama2Error naming the key on mismatch."""
+    origin = typing.get_origin(tp)
+    bad = Llama2Error(f"recipe key {key!r}: got {value!r}; allowed: {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except Llama2Error:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported recipe field type {tp!r} at {key}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, checking every key and value."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    where = f"under {prefix!r}" if prefix else "at the top level"
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise Llama2Error(f"unknown recipe key {key!r}; allowed keys {where}: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(hints[name], value, key)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise Llama2Error(f"recipe key {key!r} is required ({_type_name(hints[missing[0]])})")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None and prefix:
+        validate(prefix)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A recipe as plain YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=3` -> (["a", "b"], 3); values are parsed as YAML (numbers, true/false, null, [lists], {maps})."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise Llama2Error(f"override {item!r} is not key=value (e.g. optim.lr=1e-3 or max_steps=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (list items by index: data.sources.0.weight=2)."""
+    for path, value in parse_overrides(overrides):
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            where = ".".join(path[:i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise Llama2Error(f"override {'.'.join(path)}: {where!r} is not an index of a list of "
+                                      f"{len(node)} item(s)")
+                node = node[int(part)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise Llama2Error(f"override {'.'.join(path)}: {where!r} is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise Llama2Error(f"override {'.'.join(path)}: not an index of a list of {len(node)} item(s)")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read a YAML recipe (or start from defaults), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise Llama2Error(f"recipe not found: {p}; pass an existing YAML file, e.g. configs/tiny/pretrain.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise Llama2Error(f"recipe {p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise Llama2Error(f"recipe {p} must be a YAML mapping of keys to values")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    recipe = from_dict(cls, data)
+    recipe.validate()  # type: ignore[attr-defined]
+    return recipe
