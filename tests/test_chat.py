@@ -69,7 +69,6 @@ def test_encode_dialog_matches_paper_formula(tok, sp, n_turns, system):
     expected = [t for seg in by_hand(sp, n_turns, system, complete=False) for t in seg]
     assert ids == expected
     assert ids.count(1) == n_turns and ids.count(2) == n_turns - 1  # BOS/EOS are ids, one per segment
-    assert "<s>" not in tok.decode(ids) and "[INST]" in tok.decode(ids)
 
 
 @pytest.mark.parametrize("messages,needle", [
@@ -90,7 +89,7 @@ def test_encode_dialog_matches_paper_formula(tok, sp, n_turns, system):
       {"role": "user", "content": "v"}], "'<</SYS>>'"),
 ])
 def test_encode_dialog_refusals(tok, messages, needle):
-    with pytest.raises(Llama2Error, match=None) as e:
+    with pytest.raises(Llama2Error) as e:
         encode_dialog(tok, messages)
     assert needle in str(e.value)
 

@@ -431,16 +431,16 @@ class Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("fmt", ["torch-zip", "legacy-pickle"])
+@pytest.mark.parametrize("fmt", ["torch-zip", "torch-legacy", "plain-pickle"])
 def test_malicious_pickle_is_refused_and_not_run(meta_dir, tmp_path, fmt):
     marker = tmp_path / "pwned"
     payload = {"tok_embeddings.weight": torch.zeros(256, 32), "evil": Exploit(marker)}
     target = meta_dir / "consolidated.00.pth"
-    if fmt == "torch-zip":
-        torch.save(payload, target)
-    else:
+    if fmt == "plain-pickle":
         with open(target, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=2)
+    else:
+        torch.save(payload, target, _use_new_zipfile_serialization=fmt == "torch-zip")
     with pytest.raises(Llama2Error, match=r"consolidated\.00\.pth: refused to load.*weights_only"):
         load_model(meta_dir)
     assert not marker.exists()

@@ -72,7 +72,7 @@ def test_gguf_tokenizer_reproduces_llama_cpp_ids(llama_vocab_gguf, gguf_tok):
     assert not not_round_trip, not_round_trip
 
 
-def test_gguf_tokenizer_fields(gguf_tok, llama_vocab_gguf):
+def test_gguf_tokenizer_fields(gguf_tok):
     assert (gguf_tok.vocab_size, gguf_tok.unk_id, gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id) == \
         (32000, 0, 1, 2, -1)
     assert [gguf_tok.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
@@ -82,16 +82,46 @@ def test_gguf_tokenizer_fields(gguf_tok, llama_vocab_gguf):
     assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
     assert proto.normalizer_spec.name == "identity" and proto.normalizer_spec.add_dummy_prefix
     assert not proto.normalizer_spec.remove_extra_whitespaces
-    from gguf import GGUFReader
+    # the Llama 2 vocabulary: unk, 2 control pieces, the 256 byte pieces in order, then normal pieces
+    kind = pb.ModelProto.SentencePiece
+    assert [p.type for p in proto.pieces] == [kind.UNKNOWN, kind.CONTROL, kind.CONTROL] + [kind.BYTE] * 256 + \
+        [kind.NORMAL] * (32000 - 259)
+    assert [p.piece for p in proto.pieces[3:259]] == [f"<0x{b:02X}>" for b in range(256)]
 
-    types = GGUFReader(llama_vocab_gguf).fields["tokenizer.ggml.token_type"].contents()
-    assert [p.type for p in proto.pieces] == list(types)
+
+def write_vocab_gguf(model_file: Path, path: Path) -> Path:
+    """A weightless GGUF holding a SentencePiece model's vocabulary, written with the gguf package."""
+    import gguf
+
+    proto = pb.ModelProto.FromString(model_file.read_bytes())
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in proto.pieces])
+    w.add_token_scores([p.score for p in proto.pieces])
+    w.add_token_types([int(p.type) for p in proto.pieces])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_round_trip_of_a_sentencepiece_model(sp_model_path, tmp_path):
+    ref = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    tok = tokenizer_from_gguf(write_vocab_gguf(sp_model_path, tmp_path / "v.gguf"), tmp_path / "out")
+    texts = SAMPLES + corpus_text(30_000).splitlines()[-100:]
+    assert tok.encode_batch(texts) == [ref.encode(t, add_bos=True) for t in texts]
+    assert [ref.id_to_piece(i) for i in range(ref.get_piece_size())] == \
+        [tok.id_to_piece(i) for i in range(tok.vocab_size)]
 
 
 def test_llama_cpp_tokenizes_like_us(llama_vocab_gguf, gguf_tok):
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(llama_vocab_gguf), vocab_only=True, verbose=False)
     texts = SAMPLES + ["The quick brown fox.\nJumps over 1,000 lazy dogs!", "   leading and trailing   "]
+    texts += corpus_text(60_000).split("\n\n")[:40]  # multi-line paragraphs of real text
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == gguf_tok.encode(text), text
 
@@ -352,12 +382,15 @@ def test_cli_train_encode_decode(corpus_file, tmp_path, capsys):
     assert "too large" in captured.err and "Traceback" not in captured.err and captured.out == ""
 
 
-def test_cli_from_gguf_and_entry_point(llama_vocab_gguf, tmp_path, capsys):
+def test_cli_from_gguf_and_entry_point(sp_model_path, tmp_path, capsys):
+    ref = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     out = tmp_path / "tok"
-    assert main(["tokenizer", "from-gguf", str(llama_vocab_gguf), "--output", str(out)]) == 0
+    assert main(["tokenizer", "from-gguf", str(write_vocab_gguf(sp_model_path, tmp_path / "v.gguf")),
+                 "--output", str(out)]) == 0
+    assert "1000 pieces" in capsys.readouterr().out
     exe = Path(sys.executable).with_name("llama2")  # the installed entry point, in a fresh process
     r = subprocess.run([str(exe), "tokenizer", "encode", str(out), "--text", "Hello world", "--pieces"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.split() == ["<s>", "▁Hello", "▁world"]
+    assert r.returncode == 0 and r.stdout.split() == ["<s>", *ref.encode("Hello world", out_type=str)]
     assert main(["tokenizer", "encode", str(tmp_path / "none"), "--text", "x"]) == 2
     assert capsys.readouterr().err.startswith("llama2: error: tokenizer not found")

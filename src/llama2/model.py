@@ -15,12 +15,32 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
+Device = torch.device | str | None
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose weights are initialised once by Transformer.init_weights (not here), so
+    building on the meta device runs no random-number code."""
+
+    def __init__(self, in_features: int, out_features: int, device: Device = None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device)
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised by Transformer.init_weights, like Linear."""
+
+    def reset_parameters(self) -> None:
+        pass
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, device: Device = None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -66,13 +86,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, device)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, device)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, device)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, start_pos: int) -> Tensor:
@@ -99,23 +119,23 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, device)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, device)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: Device = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.self_attn = Attention(cfg, device)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
+        self.mlp = FeedForward(cfg, device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
@@ -131,13 +151,14 @@ class Transformer(nn.Module):
     (B, 1, T, start_pos + T) booleans, True = may attend, overrides the causal mask.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
+        """`device="meta"` builds a skeleton that costs no memory (what checkpoint loading starts from)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.embed_tokens = Embedding(config.vocab_size, config.dim, device=device)
+        self.layers = nn.ModuleList(Block(config, device) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, device)
+        self.lm_head = Linear(config.dim, config.vocab_size, device)
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.init_weights()
 

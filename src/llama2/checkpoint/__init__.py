@@ -28,7 +28,7 @@ __all__ = ["load_model", "load_config", "save_model", "save_meta", "detect_layou
 
 def detect_layout(path: Path | str) -> str:
     """"hf" (config.json) or "meta" (params.json); a clear error for anything else."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise Llama2Error(f"checkpoint directory {p} does not exist; check the path")
     if not p.is_dir():
@@ -46,7 +46,7 @@ def detect_layout(path: Path | str) -> str:
 
 def load_config(path: Path | str) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (reads only configs, and for Meta's vocab_size -1 one shape)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if detect_layout(p) == "hf":
         return hf.config_from_hf(hf.read_json(p / hf.CONFIG), p / hf.CONFIG)
     params = hf.read_json(p / meta.PARAMS)
@@ -64,7 +64,7 @@ def load_model(path: Path | str, device: torch.device | str = "cpu", dtype: torc
     dtype None keeps the checkpoint's dtype (config.json's dtype, else the tensors'). Each tensor is read once,
     straight into its final dtype and device; the model is never held twice.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     layout = detect_layout(p)
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     dt = parse_dtype(dtype)

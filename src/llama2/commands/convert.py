@@ -23,8 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--to", required=True, choices=["hf", "meta"], help="layout to write")
     p.add_argument("--shards", type=int, default=1,
                    help="--to meta: number of model-parallel consolidated.NN.pth files (default 1)")
-    p.add_argument("--max-shard-size", default="5GB",
-                   help="--to hf: largest model-*.safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GiB",
+                   help="--to hf: largest model-*.safetensors file, e.g. 5GiB, 500MB (default 5GiB)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the source's dtype)")
     p.add_argument("--force", action="store_true", help="replace DST if it already holds files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                         "topics), python-docs (needs `apt-get install python3.11-doc`), files (the PATHS); repeat or "
                         "comma-separate for several; files is implied when PATHS are given without --source")
     c.add_argument("paths", nargs="*", type=Path, metavar="PATHS",
-                   help=".txt files (one document each), .jsonl files (a \"text\" field per line) or directories of them")
+                   help=".txt files (one document each), .jsonl files (a \"text\" field per line) or "
+                        "directories of them")
     c.add_argument("--output", "-o", type=Path, required=True, help="output directory")
     c.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation split and document order")
