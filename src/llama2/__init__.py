@@ -1,10 +1,37 @@
-"""llama2: the whole Llama 2 system in one package."""
+"""llama2: the whole Llama 2 system in one package.
+
+The public names are imported lazily, so `llama2 --help` and light commands start without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .config import ModelConfig
 from .errors import Llama2Error
-from .model import Transformer
-from .checkpoint import load_model, save_model
 
-__all__ = ["ModelConfig", "Transformer", "Llama2Error", "load_model", "save_model"]
+_LAZY = {
+    "Transformer": "llama2.model",
+    "load_model": "llama2.checkpoint",
+    "save_model": "llama2.checkpoint",
+    "load_config": "llama2.checkpoint",
+    "Tokenizer": "llama2.tokenizer",
+    "encode_dialog": "llama2.chat",
+    "encode_dialog_for_training": "llama2.chat",
+    "Generator": "llama2.generate",
+    "SamplingParams": "llama2.generate",
+    "Completion": "llama2.generate",
+}
+
+__all__ = ["ModelConfig", "Llama2Error", *_LAZY]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'llama2' has no attribute {name!r}")

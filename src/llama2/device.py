@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import Llama2Error
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch is imported inside the functions so that command parsers load fast
+    import torch
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
 
 
 def resolve_device(name: str | None = None) -> torch.device:
+    import torch
+
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -24,13 +29,15 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """None/auto: bf16 on a GPU that supports it, else fp32."""
+    import torch
+
     if name is None or name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
         raise Llama2Error(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))} or auto")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def add_device_args(parser) -> None:
