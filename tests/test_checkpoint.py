@@ -64,8 +64,10 @@ def write_meta(hf_model, directory: Path, shards: int, params: dict, dtype=torch
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         full.update({
-            f"layers.{i}.attention.wq.weight": interleave_rows(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": interleave_rows(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+            f"layers.{i}.attention.wq.weight": interleave_rows(sd[p + "self_attn.q_proj.weight"],
+                                                               c.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": interleave_rows(sd[p + "self_attn.k_proj.weight"],
+                                                               c.num_key_value_heads),
             f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
             f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
             f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
@@ -109,7 +111,8 @@ def read_meta(directory: Path) -> list[dict[str, torch.Tensor]]:
 SHAPES = [
     pytest.param(dict(), id="multi-head"),
     pytest.param(dict(num_key_value_heads=2, vocab_size=1001), id="gqa-2-groups-vocab-1001"),
-    pytest.param(dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=192), id="gqa-4-groups-derived-ffn"),
+    pytest.param(dict(num_attention_heads=8, num_key_value_heads=2, intermediate_size=192),
+                 id="gqa-4-groups-derived-ffn"),
     pytest.param(dict(num_key_value_heads=1, rope_theta=500000.0, intermediate_size=80), id="mqa-rope-theta"),
     pytest.param(dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, num_hidden_layers=3,
                       rms_norm_eps=1e-6, vocab_size=300), id="odd-shape"),
@@ -288,6 +291,14 @@ def test_meta_vocab_size_minus_one_comes_from_the_weights(tmp_path):
     ours = load_model(tmp_path / "meta")
     assert ours.config.vocab_size == 320
     assert max_diff(our_logits(ours), hf_logits(hf)) <= 1e-4
+
+
+def test_meta_legacy_pickle_format_loads(tmp_path):
+    hf = random_hf_llama(21, intermediate_size=192, vocab_size=256)
+    write_meta(hf, tmp_path / "meta", 2, meta_params_for(hf.config, multiple_of=32))
+    shard = tmp_path / "meta" / "consolidated.01.pth"
+    torch.save(torch.load(shard, weights_only=True), shard, _use_new_zipfile_serialization=False)
+    assert max_diff(our_logits(load_model(tmp_path / "meta")), hf_logits(hf)) <= 1e-4
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])

@@ -53,7 +53,7 @@ def load_config(path: Path | str) -> ModelConfig:
     first = meta.shard_files(p)[0]
     vocab = params.get("vocab_size", -1) if isinstance(params, dict) else -1
     if not (isinstance(vocab, int) and vocab > 0):
-        vocab = meta._vocab(params, meta.load_pth(first), first)
+        vocab = meta._vocab(params, meta.load_pth(first)[0], first)
     return meta.config_from_params(params, vocab, p / meta.PARAMS)
 
 

@@ -146,7 +146,8 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def check_materialised(model: torch.nn.Module) -> None:
     if any(p.is_meta for p in model.parameters()):
-        raise Llama2Error("cannot save a model whose parameters are on the meta device (not loaded); load weights first")
+        raise Llama2Error("cannot save a model whose parameters are on the meta device (not loaded); "
+                          "load weights first")
 
 
 # ---------------------------------------------------------------------------------------------------------------

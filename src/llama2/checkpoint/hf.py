@@ -65,7 +65,8 @@ def config_from_hf(d: dict[str, Any], where: Path) -> ModelConfig:
     rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
     heads = d["num_attention_heads"]
-    if d.get("head_dim") not in (None, d["hidden_size"] // heads if isinstance(heads, int) and heads else None):
+    head_dim = d.get("head_dim")
+    if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != d["hidden_size"]:
         raise Llama2Error(f"{where}: head_dim {d['head_dim']} differs from hidden_size / num_attention_heads; "
                           "this layout is not supported")
     try:
@@ -147,26 +148,47 @@ def _our_name(hf_name: str) -> str:
     return hf_name.removeprefix("model.") if hf_name.startswith("model.") else hf_name
 
 
-def _reader(info: TensorInfo, files: dict[Path, Any], stack: ExitStack):
-    def read(dtype: torch.dtype, device: torch.device) -> Tensor:
-        if info.path not in files:
-            files[info.path] = stack.enter_context(open(info.path, "rb", buffering=0))
-        t = read_tensor(files[info.path], info)
-        return t.to(device=device, dtype=dtype)
-    return read
+class _Reader:
+    """Open files and one staging buffer shared by all tensor reads of a load.
+
+    A tensor already in its final dtype on the CPU is read straight into its own memory. Any other is read into
+    the staging buffer (sized for the largest tensor, allocated once) and converted from there, so a converting
+    load holds the final weights plus one buffer, without fragmenting the heap with short-lived temporaries.
+    """
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack, self.files, self.staging = stack, {}, None
+        self.staging_bytes = 0
+
+    def source(self, info: TensorInfo) -> Source:
+        self.staging_bytes = max(self.staging_bytes, info.nbytes)
+
+        def read(dtype: torch.dtype, device: torch.device) -> Tensor:
+            if info.path not in self.files:
+                self.files[info.path] = self.stack.enter_context(open(info.path, "rb", buffering=0))
+            f = self.files[info.path]
+            if dtype == info.dtype and device.type == "cpu":
+                return read_tensor(f, info)
+            if self.staging is None:
+                self.staging = torch.empty(self.staging_bytes, dtype=torch.uint8)
+            out = torch.empty(info.shape, dtype=dtype, device=device)
+            out.copy_(read_tensor(f, info, self.staging))
+            return out
+
+        return Source(info.shape, info.dtype, info.path.name, read)
 
 
 def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progress: bool = False) -> Transformer:
     d = read_json(path / CONFIG)
     cfg = config_from_hf(d, path / CONFIG)
     infos = _weight_files(path)
-    files: dict[Path, Any] = {}
     with ExitStack() as stack:
+        reader = _Reader(stack)
         plan: dict[str, Source] = {}
         for hf_name, info in infos.items():
             if hf_name.endswith(IGNORED_SUFFIXES):
                 continue
-            plan[_our_name(hf_name)] = Source(info.shape, info.dtype, info.path.name, _reader(info, files, stack))
+            plan[_our_name(hf_name)] = reader.source(info)
         if "lm_head.weight" not in plan and d.get("tie_word_embeddings") and "embed_tokens.weight" in plan:
             plan["lm_head.weight"] = plan["embed_tokens.weight"]  # tied: read the embedding a second time (a copy)
         if dtype is None:

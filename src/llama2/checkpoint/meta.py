@@ -66,14 +66,17 @@ def shard_files(path: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def load_pth(path: Path) -> dict[str, Tensor]:
-    """torch.load with weights_only=True (never runs code from the file), memory-mapped where possible."""
+def load_pth(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """torch.load with weights_only=True (never runs code from the file), memory-mapped where possible.
+    Returns the tensors and whether they are memory-mapped from the file."""
+    mapped = True
     try:
         try:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
                 raise
+            mapped = False
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
@@ -90,7 +93,7 @@ def load_pth(path: Path) -> dict[str, Tensor]:
                           "re-download it") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise Llama2Error(f"{path}: expected a dict of named tensors (a Meta consolidated checkpoint)")
-    return sd
+    return sd, mapped
 
 
 def config_from_params(params: Any, vocab_size: int, where: Path) -> ModelConfig:
@@ -122,7 +125,7 @@ def _vocab(params: Any, first: dict[str, Tensor], where: Path) -> int:
 
 
 def _source(key: str, pieces: list[Tensor], files: list[Path], split: int | None, perm: str | None,
-            cfg: ModelConfig) -> Source:
+            cfg: ModelConfig, mapped: bool) -> Source:
     where = ", ".join(p.name for p in files)
     for p, f in zip(pieces, files):
         if p.ndim != pieces[0].ndim or any(a != b for i, (a, b) in enumerate(zip(p.shape, pieces[0].shape))
@@ -155,7 +158,8 @@ def _source(key: str, pieces: list[Tensor], files: list[Path], split: int | None
             else:
                 dst.copy_(p)
             offset += n
-            release_pages(p)
+            if mapped:  # the copy is made: let the kernel drop the file pages from our resident set
+                release_pages(p)
         return out
 
     return Source(shape, pieces[0].dtype, where, read)
@@ -164,7 +168,9 @@ def _source(key: str, pieces: list[Tensor], files: list[Path], split: int | None
 def load_meta(path: Path, device: torch.device, dtype: torch.dtype | None, progress: bool = False) -> Transformer:
     params = read_json(path / PARAMS)
     files = shard_files(path)
-    sds = [load_pth(f) for f in files]
+    loaded = [load_pth(f) for f in files]
+    sds = [sd for sd, _ in loaded]
+    mapped = all(m for _, m in loaded)
     keys = [k for k in sds[0] if k not in IGNORED]
     for sd, f in zip(sds[1:], files[1:]):
         other = {k for k in sd if k not in IGNORED}
@@ -175,16 +181,16 @@ def load_meta(path: Path, device: torch.device, dtype: torch.dtype | None, progr
     cfg = config_from_params(params, _vocab(params, sds[0], files[0]), path / PARAMS)
     plan: dict[str, Source] = {}
     for key in keys:
-        mapped = meta_to_ours(key)
-        if mapped is None:
+        entry = meta_to_ours(key)
+        if entry is None:
             plan[key] = Source(tuple(sds[0][key].shape), sds[0][key].dtype, files[0].name, lambda *a: None)
             continue  # unknown name: reported as unexpected by build_model
-        ours, split, perm = mapped
-        plan[ours] = _source(key, [sd[key] for sd in sds], files, split, perm, cfg)
+        ours, split, perm = entry
+        plan[ours] = _source(key, [sd[key] for sd in sds], files, split, perm, cfg, mapped)
     if dtype is None:
         dtype = sds[0]["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in sds[0] else sds[0][keys[0]].dtype
     model = build_model(cfg, plan, dtype, device, path, progress)
-    del sds, plan
+    del sds, loaded, plan
     return model
 
 

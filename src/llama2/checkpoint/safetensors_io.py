@@ -87,12 +87,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor from an open file (opened with buffering=0) into a fresh CPU tensor of its stored dtype."""
-    t = torch.empty(info.shape, dtype=info.dtype)
-    if info.nbytes == 0:
-        return t
-    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+def read_tensor(f: BinaryIO, info: TensorInfo, staging: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from an open file (opened with buffering=0) into a fresh CPU tensor of its stored dtype,
+    or, given `staging` (a flat uint8 CPU buffer of at least info.nbytes), into the front of that buffer."""
+    if staging is None or info.nbytes == 0:
+        t = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes == 0:
+            return t
+        raw = t.reshape(-1).view(torch.uint8)
+    else:
+        raw = staging[:info.nbytes]
+        t = raw.view(info.dtype).view(info.shape)
+    buf = memoryview(raw.numpy())
     f.seek(info.start)
     done = 0
     while done < info.nbytes:

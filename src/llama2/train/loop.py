@@ -303,10 +303,13 @@ class Trainer:
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss}")
         scale = self.env.world_size / n_total  # FSDP averages over processes; make it a mean over all items
+        grads = [p.grad for p in self.params if p.grad is not None]
         with torch.no_grad():
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            if self.env.enabled:
+                for g in grads:
+                    g.mul_(scale)
+            elif grads:
+                torch._foreach_mul_(grads, scale)
         clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         if hasattr(norm, "full_tensor"):
