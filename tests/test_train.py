@@ -312,6 +312,32 @@ def test_packed_batches_mixture_ranks_and_state(tmp_path):
     assert not torch.equal(torch.cat(other_seed.next()), torch.cat(make(batch_size=4, accum=2).next()))
 
 
+def test_validation_windows_split_over_processes(tmp_path):
+    """Every process gets the same number of batches; the unmasked rows of all processes are exactly the
+    windows a single process evaluates."""
+    from llama2.data.shards import TokenShards
+    from llama2.train.batches import validation_windows
+
+    _ramp_source(tmp_path, "v", 10, 400, 1000)
+    val = TokenShards(tmp_path / "v", "val")
+
+    def rows(world: int) -> tuple[list[int], list[list[int]]]:
+        counts, kept = [], []
+        for rank in range(world):
+            batches = validation_windows([val], ["v"], 8, 15, 2, rank, world)["v"]
+            counts.append(len(batches))
+            for tokens, labels in batches:
+                assert tokens.shape == (2, 16)
+                kept += [t.tolist() for t, lab in zip(tokens, labels) if (lab != -100).all()]
+        return counts, sorted(kept)
+
+    counts1, one = rows(1)
+    assert len(one) == 8 and one[0][0] == 10 and one[-1][-1] == 10 + 299 % 390  # spans the whole val split
+    for world in (2, 3):
+        counts, kept = rows(world)
+        assert len(set(counts)) == 1 and kept == one
+
+
 def test_clear_errors_for_bad_data(tmp_path, shards, tok_dir, recipe_file):
     from llama2.train.batches import PackedBatches
     from llama2.train.pretrain import build_pretraining

@@ -156,6 +156,19 @@ class CacheView:
         self.k, self.v = self.k[:n], self.v[:n]
 
 
+class StaticCacheView:
+    """All slots of the first `batch` rows of a KVCache, written at a slot given as a tensor: fixed shapes
+    for compiled decoding (attention then covers every slot, the mask hiding those not yet written)."""
+
+    def __init__(self, cache: KVCache, batch: int) -> None:
+        self.k, self.v = cache.k[:batch], cache.v[:batch]
+
+    def update(self, start: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, start, k)
+        self.v.index_copy_(2, start, v)
+        return self.k, self.v
+
+
 # ----------------------------------------------------------------------------------------- per-row state
 
 
@@ -255,11 +268,13 @@ class Generator:
     max_batch_size: most prompts decoded together (longer lists run in chunks). cache_len: the context in
     tokens (default the model's max_seq_len); the KV cache is preallocated once and grown only when needed.
     quantize="int8": decode with weight-only int8 linear layers (per-channel scales; the given model is left
-    untouched, its other weights are shared).
+    untouched, its other weights are shared). compile=True: decode steps run through torch.compile over fixed
+    shapes (a one-off compilation per batch size and cache size).
+    A Generator serves one call at a time (it owns one KV cache).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
-                 cache_len: int | None = None, quantize: str | None = None) -> None:
+                 cache_len: int | None = None, quantize: str | None = None, compile: bool = False) -> None:
         if max_batch_size < 1:
             raise Llama2Error(f"max_batch_size must be >= 1, got {max_batch_size}")
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -275,6 +290,8 @@ class Generator:
         self.max_batch_size = max_batch_size
         self.context = cache_len or model.config.max_seq_len
         self._cache: list[KVCache] | None = None
+        self.compile = compile
+        self._step = None
 
     @property
     def device(self) -> torch.device:
@@ -373,6 +390,11 @@ class Generator:
             self._cache = c = self.model.make_cache(rows, slots, dtype=self.dtype, device=self.device)
         return [CacheView(layer, batch, length) for layer in c]
 
+    def _compiled_step(self):
+        if self._step is None:
+            self._step = torch.compile(_decode_step, dynamic=False)
+        return self._step
+
     @torch.inference_mode()
     def _run(self, rows: list[_Row], params: SamplingParams) -> Iterator[None]:
         """Prefill and decode `rows` together; yields after every decode step."""
@@ -411,28 +433,42 @@ class Generator:
                 r.prompt_logprobs = [0.0] + lp[b, T - len(r.prompt):].tolist()
         logits = model.lm_head(hidden[:, -1])
 
-        active = [r for r in rows if r.finish is None]
+        step = None
+        if self.compile:  # fixed shapes: the whole allocated cache, the slot and positions as tensors
+            step = self._compiled_step()
+            static = [StaticCacheView(c, B) for c in self._cache]
+            all_slots = torch.arange(static[0].k.shape[2], device=device)
+            static_valid = (all_slots[None, :] >= pads[:, None])[:, None, None, :]
+            slot = torch.tensor([T - 1], device=device)
+            pos = (lens.to(device) - 1)[:, None]
+        batch = list(rows)  # the rows still in the batch, in batch order
         filled = T
-        while active:
+        while any(r.finish is None for r in batch):
             nxt = sample(logits, params, gen)
             lps = None
             if params.logprobs:
                 lps = torch.log_softmax(logits.float(), dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
             ids = nxt.tolist()
-            for b, r in enumerate(active):
-                r.push(ids[b], None if lps is None else lps[b])
-            keep = [b for b, r in enumerate(active) if r.finish is None]
+            for b, r in enumerate(batch):
+                if r.finish is None:
+                    r.push(ids[b], None if lps is None else lps[b])
             yield
+            keep = [b for b, r in enumerate(batch) if r.finish is None]
             if not keep:
                 break
-            if len(keep) < len(active):  # finished rows leave the batch
+            if step is not None:  # finished rows stay (fixed shapes); their outputs are ignored
+                slot += 1
+                pos += 1
+                logits = step(model, nxt[:, None], slot, pos, static_valid, static)
+                continue
+            if len(keep) < len(batch):  # finished rows leave the batch
                 idx = torch.tensor(keep, device=device)
                 for c in cache:
                     c.keep(idx, filled)
                 nxt = nxt[idx]
                 if padded:
                     key_valid, pos = key_valid[idx], pos[idx]
-                active = [active[b] for b in keep]
+                batch = [batch[b] for b in keep]
             cur = nxt[:, None]
             if padded:
                 pos = pos + 1
@@ -440,3 +476,11 @@ class Generator:
             else:
                 logits = model(cur, filled, cache)[:, -1]
             filled += 1
+
+
+def _decode_step(model: Transformer, tokens: Tensor, slot: Tensor, positions: Tensor, key_valid: Tensor,
+                 cache: list[StaticCacheView]) -> Tensor:
+    """One decode step over fixed shapes (what torch.compile sees): the new token goes to cache `slot`, and
+    attends to every valid slot up to it."""
+    mask = key_valid & (torch.arange(key_valid.shape[-1], device=slot.device) <= slot)
+    return model(tokens, slot, cache, positions, mask)[:, -1]

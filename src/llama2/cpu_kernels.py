@@ -1,0 +1,197 @@
+"""A small C kernel for CPU decoding: y = x @ W.T with W stored as int8 in blocks of 32 with fp16 scales.
+
+Decoding one token is a matrix-vector product per layer, bound by how many weight bytes are read. PyTorch has
+no fast weight-only int8 matrix-vector product for AVX2 CPUs (its compiled and `_weight_int8pack_mm` paths
+run at under a tenth of memory bandwidth here), so this module compiles one with the system C compiler on
+first use (about a second; cached under ~/.cache/llama2/kernels) and calls it through ctypes, which releases
+the GIL. Inside the kernel the activations are quantised to int8 in blocks of 32 as well (llama.cpp's q8_0
+scheme), so each 32-element block is an exact int32 dot product scaled by the two block scales.
+`available()` is False where no compiler or no AVX2/FMA is found; callers then fall back to PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+
+#define QK 32    /* weights and activations are quantised in blocks of 32 along K */
+#define ROWS 4   /* output rows per block: each activation block is loaded once per 4 rows */
+
+/* One row of activations -> int8 blocks q with one fp32 scale per block (symmetric, round to nearest). */
+static void quantize_row(const float* x, int8_t* q, float* d, int64_t K) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float* xb = x + b * QK;
+        float amax = 0.f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        d[b] = scale;
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)lrintf(xb[i] * inv);
+    }
+}
+
+/* Sum of 32 int8 products as 8 int32 lanes. |w| <= 127, so the int16 pair sums cannot saturate. */
+static inline __m256i dot32(const int8_t* w, __m256i b) {
+    __m256i a = _mm256_loadu_si256((const __m256i*)w);
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* y (M, N) = x (M, K) @ W.T, W (N, K) int8 in blocks of 32 with fp16 scales ws (N, K/32); K % 32 == 0.
+   xq/xd: scratch for the quantised activations, M*K int8 and M*K/32 floats. */
+void q8_matmul(const float* x, const int8_t* w, const uint16_t* ws, float* y, int8_t* xq, float* xd,
+               int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t nb = K / QK;
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, xd + m * nb, K);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t bl = 0; bl < blocks; bl++) {
+        const int64_t n0 = bl * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t* qm = xq + m * K;
+            const float* dm = xd + m * nb;
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+            if (nr == ROWS) {  /* constant trip counts keep the accumulators in registers */
+                for (int64_t b = 0; b < nb; b++) {
+                    __m256i xb = _mm256_loadu_si256((const __m256i*)(qm + b * QK));
+                    for (int r = 0; r < ROWS; r++) {
+                        const int64_t n = n0 + r;
+                        __m256 d = _mm256_set1_ps(_cvtsh_ss(ws[n * nb + b]) * dm[b]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + n * K + b * QK, xb)), d, acc[r]);
+                    }
+                }
+            } else {
+                for (int r = 0; r < nr; r++) {
+                    const int64_t n = n0 + r;
+                    __m256 a = _mm256_setzero_ps();
+                    for (int64_t b = 0; b < nb; b++) {
+                        __m256i xb = _mm256_loadu_si256((const __m256i*)(qm + b * QK));
+                        __m256 d = _mm256_set1_ps(_cvtsh_ss(ws[n * nb + b]) * dm[b]);
+                        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + n * K + b * QK, xb)), d, a);
+                    }
+                    acc[r] = a;
+                }
+            }
+            for (int r = 0; r < nr; r++) y[m * N + n0 + r] = hsum(acc[r]);
+        }
+    }
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LLAMA2_KERNEL_CACHE") or Path.home() / ".cache" / "llama2" / "kernels"
+    return Path(base)
+
+
+def _build() -> ctypes.CDLL | None:
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256((SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"q8_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / "q8.c", Path(tmp) / "q8.so"
+            src.write_text(SOURCE)
+            done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, timeout=120)
+            if done.returncode != 0:
+                return None
+            os.replace(out, target)  # atomic: concurrent builders each publish a complete file
+    torch.get_num_threads()  # make sure PyTorch's OpenMP runtime is loaded first, so the kernel shares it
+    lib = ctypes.CDLL(str(target))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q8_matmul.argtypes = [p, p, p, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.q8_matmul.restype = None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = None if os.environ.get("LLAMA2_NO_KERNELS") else _build()
+                except (OSError, subprocess.SubprocessError):
+                    _lib = None
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """True when the int8 kernel is compiled and loadable on this machine."""
+    return _library() is not None
+
+
+BLOCK = 32
+
+
+def quantize_blocks(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) float, K % 32 == 0 -> (int8 (N, K), fp16 scales (N, K / 32)), symmetric per block of 32."""
+    N, K = w.shape
+    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
+    scale = (blocks.abs().amax(dim=-1) / 127.0).half()
+    inv = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros((), dtype=torch.float32))
+    q = torch.round(blocks * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(N, K).contiguous(), scale.contiguous()
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    N, K = q.shape
+    return (q.reshape(N, K // BLOCK, BLOCK).float() * scale.float()[..., None]).reshape(N, K).to(dtype)
+
+
+def q8_matmul(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """x (M, K) fp32 contiguous, w (N, K) int8 and scale (N, K/32) fp16 from quantize_blocks -> (M, N) fp32."""
+    lib = _library()
+    assert lib is not None, "call available() first"
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    xq = torch.empty(M, K, dtype=torch.int8)
+    xd = torch.empty(M, K // BLOCK, dtype=torch.float32)
+    threads = torch.get_num_threads() if N * K >= 1 << 20 else 1  # small products: no fork/join cost
+    lib.q8_matmul(x.data_ptr(), w.data_ptr(), scale.data_ptr(), y.data_ptr(), xq.data_ptr(), xd.data_ptr(),
+                  M, N, K, threads)
+    return y
