@@ -94,7 +94,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of our loop")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     threads = torch.get_num_threads()
     mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
