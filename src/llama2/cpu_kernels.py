@@ -30,7 +30,6 @@ SOURCE = r"""
 #include <math.h>
 
 #define QK 32    /* weights and activations are quantised in blocks of 32 along K */
-#define ROWS 4   /* output rows per block: each activation block is loaded once per 4 rows */
 
 /* One row of activations -> int8 blocks q with one fp32 scale per block (symmetric, round to nearest). */
 static void quantize_row(const float* x, int8_t* q, float* d, int64_t K) {
@@ -45,9 +44,9 @@ static void quantize_row(const float* x, int8_t* q, float* d, int64_t K) {
 }
 
 /* Sum of 32 int8 products as 8 int32 lanes. |w| <= 127, so the int16 pair sums cannot saturate. */
-static inline __m256i dot32(const int8_t* w, __m256i b) {
+static inline __m256i dot32(const int8_t* w, __m256i x) {
     __m256i a = _mm256_loadu_si256((const __m256i*)w);
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(x, a));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
@@ -59,42 +58,40 @@ static inline float hsum(__m256 v) {
 }
 
 /* y (M, N) = x (M, K) @ W.T, W (N, K) int8 in blocks of 32 with fp16 scales ws (N, K/32); K % 32 == 0.
-   xq/xd: scratch for the quantised activations, M*K int8 and M*K/32 floats. */
+   xq/xd: scratch for the quantised activations, M*K int8 and M*K/32 floats.
+   One output at a time; 8 block scales are converted and multiplied at once, then taken lane by lane. */
 void q8_matmul(const float* x, const int8_t* w, const uint16_t* ws, float* y, int8_t* xq, float* xd,
                int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t nb = K / QK;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, xd + m * nb, K);
-    const int64_t blocks = (N + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t bl = 0; bl < blocks; bl++) {
-        const int64_t n0 = bl * ROWS, nr = N - n0 < ROWS ? N - n0 : ROWS;
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t* wn = w + n * K;
+        const uint16_t* sn = ws + n * nb;
         for (int64_t m = 0; m < M; m++) {
             const int8_t* qm = xq + m * K;
             const float* dm = xd + m * nb;
-            __m256 acc[ROWS];
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-            if (nr == ROWS) {  /* constant trip counts keep the accumulators in registers */
-                for (int64_t b = 0; b < nb; b++) {
-                    __m256i xb = _mm256_loadu_si256((const __m256i*)(qm + b * QK));
-                    for (int r = 0; r < ROWS; r++) {
-                        const int64_t n = n0 + r;
-                        __m256 d = _mm256_set1_ps(_cvtsh_ss(ws[n * nb + b]) * dm[b]);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + n * K + b * QK, xb)), d, acc[r]);
-                    }
-                }
-            } else {
-                for (int r = 0; r < nr; r++) {
-                    const int64_t n = n0 + r;
-                    __m256 a = _mm256_setzero_ps();
-                    for (int64_t b = 0; b < nb; b++) {
-                        __m256i xb = _mm256_loadu_si256((const __m256i*)(qm + b * QK));
-                        __m256 d = _mm256_set1_ps(_cvtsh_ss(ws[n * nb + b]) * dm[b]);
-                        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(w + n * K + b * QK, xb)), d, a);
-                    }
-                    acc[r] = a;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            int64_t b = 0;
+            for (; b + 8 <= nb; b += 8) {
+                __m256 d8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sn + b))),
+                                          _mm256_loadu_ps(dm + b));
+                for (int j = 0; j < 8; j += 2) {
+                    __m256i p0 = dot32(wn + (b + j) * QK, _mm256_loadu_si256((const __m256i*)(qm + (b + j) * QK)));
+                    __m256i p1 = dot32(wn + (b + j + 1) * QK,
+                                       _mm256_loadu_si256((const __m256i*)(qm + (b + j + 1) * QK)));
+                    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0),
+                                           _mm256_permutevar8x32_ps(d8, _mm256_set1_epi32(j)), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
+                                           _mm256_permutevar8x32_ps(d8, _mm256_set1_epi32(j + 1)), acc1);
                 }
             }
-            for (int r = 0; r < nr; r++) y[m * N + n0 + r] = hsum(acc[r]);
+            for (; b < nb; b++) {
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(sn[b]) * dm[b]);
+                __m256i p = dot32(wn + b * QK, _mm256_loadu_si256((const __m256i*)(qm + b * QK)));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+            }
+            y[m * N + n] = hsum(_mm256_add_ps(acc0, acc1));
         }
     }
 }

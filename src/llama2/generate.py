@@ -267,9 +267,10 @@ class Generator:
 
     max_batch_size: most prompts decoded together (longer lists run in chunks). cache_len: the context in
     tokens (default the model's max_seq_len); the KV cache is preallocated once and grown only when needed.
-    quantize="int8": decode with weight-only int8 linear layers (per-channel scales; the given model is left
-    untouched, its other weights are shared). compile=True: decode steps run through torch.compile over fixed
-    shapes (a one-off compilation per batch size and cache size).
+    quantize="int8": int8 linear layers (blocks of 32 with fp16 scales, llama.cpp's q8_0 layout; see
+    quantize.py), about 3.8x fewer bytes per decoded token than fp32; the given model is left untouched, its
+    other weights are shared. compile=True: decode steps run through torch.compile over fixed shapes (a one-off
+    compilation, seconds to minutes, per batch size and cache size; worth it for long or repeated generation).
     A Generator serves one call at a time (it owns one KV cache).
     """
 
@@ -404,6 +405,8 @@ class Generator:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
+        if all(r.finish is not None for r in rows) and not (params.echo and params.logprobs):
+            return  # max_new_tokens 0 and nothing to score
         B = len(rows)
         lens = torch.tensor([len(r.prompt) for r in rows])
         T = int(lens.max())

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="keep the last tokens of a prompt too long for the context instead of failing")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (slow start, faster tokens; long outputs)")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = Tokenizer(ckpt)
     model = load_model(ckpt, device, dtype)
-    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize)
+    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
     out = sys.stdout
     for piece in generator.stream(tokenizer.encode(prompt, bos=True), params):
         out.write(piece)
