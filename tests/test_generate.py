@@ -30,6 +30,15 @@ def ours_from_hf(hf) -> Transformer:
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers stall for ms."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok(sp_model_path) -> Tokenizer:
     return Tokenizer(sp_model_path)
@@ -156,8 +165,8 @@ def test_top_k_filter_and_sampling():
     assert torch.isfinite(out).flatten().tolist() == [False, True, False, True, False]
     assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 9), logits)
     g = torch.Generator().manual_seed(0)
-    draws = [sample(logits.repeat(200, 1), SamplingParams(temperature=1.0, top_p=1.0, top_k=2), g)]
-    assert set(torch.cat(draws).tolist()) == {1, 3}
+    draws = sample(logits.repeat(200, 1), SamplingParams(temperature=1.0, top_p=1.0, top_k=2), g)
+    assert set(draws.tolist()) == {1, 3}
     draws = sample(logits.repeat(200, 1), SamplingParams(temperature=5.0, top_p=1.0, top_k=0), g)
     assert set(draws.tolist()) == {0, 1, 2, 3, 4}
     assert sample(logits, SamplingParams(temperature=0.0)).tolist() == [1]
@@ -386,3 +395,38 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert captured.out == "" and captured.err.count("\n") == 1 and "context of 256" in captured.err
     assert main(["generate", str(d), "--prompt", "hi", "--top-p", "0", "--device", "cpu"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_int8_kernel_matches_q8_0_arithmetic():
+    """The C kernel against the q8_0 arithmetic written out in float64: int8 weight and activation blocks of
+    32, exact integer block sums, scaled by the two block scales."""
+    from llama2 import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C on this machine")
+    g = torch.Generator().manual_seed(0)
+    for N, K, M in [(37, 64, 1), (50, 288, 3), (9, 2048, 16)]:  # K/32 with and without a multiple of 8 blocks
+        w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
+        q, scale = cpu_kernels.quantize_blocks(w)
+        assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.dtype == torch.float16
+        torch.testing.assert_close(cpu_kernels.dequantize_blocks(q, scale), w, atol=scale.float().max() / 2, rtol=0)
+        xb = x.reshape(M, K // 32, 32)
+        xd = xb.abs().amax(-1) / 127
+        xq = torch.round(xb * torch.where(xd > 0, 127 / xb.abs().amax(-1), 0)[..., None])
+        wq = q.reshape(N, K // 32, 32).double()
+        block_sums = torch.einsum("mbi,nbi->mnb", xq.double(), wq)
+        want = (block_sums * xd.double()[:, None, :] * scale.double()[None]).sum(-1)
+        got = cpu_kernels.q8_matmul(x.contiguous(), q, scale)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_decode_equals_eager(tok):
+    """torch.compile'd fixed-shape decoding (GQA, a left-padded batch) gives the eager tokens."""
+    model = ours_from_hf(random_hf_llama(seed=3, vocab_size=VOCAB, num_key_value_heads=2))
+    prompts = [tok.encode(t) for t in TEXTS[:3]]
+    params = SamplingParams(max_new_tokens=10, logprobs=True, **GREEDY)
+    eager = Generator(model, tok).generate(prompts, params)
+    compiled = Generator(model, tok, compile=True).generate(prompts, params)
+    for a, b in zip(eager, compiled):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)

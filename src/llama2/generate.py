@@ -8,6 +8,7 @@ a boolean mask, so a row yields the tokens it would yield alone. Rows that finis
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -284,7 +285,12 @@ class Generator:
         if quantize not in (None, "none", "int8"):
             raise Llama2Error(f"unknown quantize {quantize!r}; choose int8 or none")
         if quantize == "int8":
+            from . import cpu_kernels
             from .quantize import quantize_int8
+
+            if model.embed_tokens.weight.device.type == "cpu" and not cpu_kernels.available():
+                warnings.warn("int8 decoding: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
+                              "falling back to dequantised matmuls, which are slower than fp32", stacklevel=2)
             model = quantize_int8(model)
         self.model = model
         self.tokenizer = tokenizer

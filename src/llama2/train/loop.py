@@ -344,7 +344,7 @@ class Trainer:
                 s += float(out.loss.double()) * c
                 n += c
             s, n = all_reduce_sum([s, n], self.env)
-            if name and n > 0:
+            if name and n > 0 and len(groups) > 1:
                 result[f"val_loss/{name}"] = s / n
             all_s, all_n = all_s + s, all_n + n
         if all_n > 0:
