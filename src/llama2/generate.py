@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import Llama2Error

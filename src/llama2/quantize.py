@@ -1,8 +1,8 @@
 """Int8 quantisation for decoding: int8 weights in blocks of 32 with fp16 scales (llama.cpp's q8_0 layout).
 
 Decoding one token reads every weight once, so its speed is set by memory bandwidth; int8 weights read a
-little over a quarter of fp32's bytes. `quantize_int8(model)` returns a model whose linear layers (attention, feed-forward,
-LM head) are `Int8Linear`; the embedding and norms stay in the model's dtype and are shared, not copied.
+little over a quarter of fp32's bytes. `quantize_int8(model)` returns a model whose linear layers (attention,
+feed-forward, LM head) are `Int8Linear`; the embedding and norms stay in the model's dtype and are shared.
 """
 
 from __future__ import annotations
