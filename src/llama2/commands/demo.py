@@ -12,7 +12,7 @@ def register(subparsers) -> None:
                                           "tiny Llama 2, generates from it, encodes a chat and converts the "
                                           "checkpoint to Meta's format and back.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
+    p.add_argument("--steps", type=int, default=200, help="pretraining steps (default: 200)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
