@@ -3,10 +3,10 @@ throughput, and every other numeric metric a stage logs."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_open
 from .errors import Llama2Error
 
 SKIP = {"step", "tokens", "elapsed_s", "loss", "val_loss", "val_ppl"}
@@ -23,11 +23,8 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Path]:

@@ -8,12 +8,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .atomic import atomic_write_bytes
 from .errors import Llama2Error
 
 MODEL_FILE = "tokenizer.model"
@@ -56,23 +56,6 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path via a temp file in the same directory, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _resolve_model_file(path: Path | str) -> Path:
@@ -196,9 +179,9 @@ class Tokenizer:
             raise Llama2Error(f"cannot create tokenizer directory {d}: {e.strerror}") from None
         cfg = self.hf_config()
         special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token")}
-        _atomic_write(d / MODEL_FILE, self._bytes)
-        _atomic_write(d / CONFIG_FILE, (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode())
-        _atomic_write(d / SPECIAL_TOKENS_FILE, (json.dumps(special, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(d / MODEL_FILE, self._bytes)
+        atomic_write_bytes(d / CONFIG_FILE, (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(d / SPECIAL_TOKENS_FILE, (json.dumps(special, indent=2, ensure_ascii=False) + "\n").encode())
         return d
 
 
@@ -323,7 +306,7 @@ def _save_model_bytes(data: bytes, output: Path | str) -> Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise Llama2Error(f"cannot create output directory {out}: {e.strerror}") from None
-    _atomic_write(out / MODEL_FILE, data)
+    atomic_write_bytes(out / MODEL_FILE, data)
     tok = Tokenizer(out)
     tok.save(out)
     return tok

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..atomic import fsync_dir
 from ..config import ModelConfig
 from ..errors import Llama2Error
 from ..model import Transformer
@@ -155,15 +156,6 @@ def check_materialised(model: torch.nn.Module) -> None:
 
 CHECKPOINT_FILE_PATTERNS = ("config.json", "generation_config.json", "params.json", "model*.safetensors",
                             "model.safetensors.index.json", "consolidated.*.pth")
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import Llama2Error
 from .dedup import NUM_PERM, SHINGLE_WORDS, DedupCounts, deduplicate, lsh_params
-from .io import atomic_open, atomic_write_json
+from ..atomic import atomic_open, atomic_write_json
 from .sources import expand_sources, source_documents
 
 TRAIN_FILE, VAL_FILE, STATS_FILE = "train.jsonl", "val.jsonl", "stats.json"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Llama2Error
-from .io import atomic_open, atomic_write_json, remove_stale_temps
+from ..atomic import atomic_open, atomic_write_json, remove_stale_temps
 from .shards import FORMAT, MANIFEST, SPLITS, VERSION, dtype_name, index_name, load_manifest, shard_name, token_dtype
 from .sources import expand_paths, jsonl_texts
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_write_text
 from ..errors import Llama2Error
 from . import state as st
 from .config import TrainRecipe, to_dict
@@ -185,7 +186,7 @@ class Trainer:
         if self.env.is_main:
             import yaml
 
-            st.atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
     # ---------------------------------------------------------------- setup
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text, fsync_dir
 from ..errors import Llama2Error
 
 CHECKPOINTS = "checkpoints"
@@ -37,31 +38,6 @@ def step_name(step: int) -> str:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file: temp file in the same directory, fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

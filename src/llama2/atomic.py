@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the same directory, fsync, rename) for everything the data pipeline writes."""
+"""Atomic file writes (temp file in the same directory, fsync, rename, fsync the directory): the one mechanism
+every module uses, so a killed process never leaves a half-written file under a real name."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import IO, Any
 TMP_SUFFIX = ".tmp"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename in it is durable (a no-op where the platform refuses)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -41,10 +43,20 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
