@@ -43,15 +43,20 @@ def sp_model_path(tmp_path_factory) -> Path:
 
 def llama_cpp_sdist_dir() -> Path:
     """llama-cpp-python's sdist, downloaded once from PyPI and unpacked into the test cache."""
+    import fcntl
+
     target = CACHE / "llama_cpp_python-0.3.36"
     if (target / ".done").exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    LLAMA_CPP_SDIST, "-d", str(CACHE)], check=True)
-    with tarfile.open(CACHE / "llama_cpp_python-0.3.36.tar.gz") as tar:
-        tar.extractall(CACHE, filter="data")
-    (target / ".done").touch()
+    with open(CACHE / ".lock", "w") as lock:  # pytest-xdist workers: one downloads, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".done").exists():
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            LLAMA_CPP_SDIST, "-d", str(CACHE)], check=True)
+            with tarfile.open(CACHE / "llama_cpp_python-0.3.36.tar.gz") as tar:
+                tar.extractall(CACHE, filter="data")
+            (target / ".done").touch()
     return target
 
 
