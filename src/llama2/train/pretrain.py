@@ -73,7 +73,8 @@ def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise Llama2Error(f"cannot create the data cache {root}: {e.strerror}; set LLAMA2_CACHE or data.build.dir")
+        raise Llama2Error(f"cannot create the data cache {root}: {e.strerror}; set LLAMA2_CACHE or data.build.dir") \
+            from None
     if not (corpus / "train.jsonl").is_file():
         if not quiet:
             print(f"building the corpus {build.corpus} into {corpus}", flush=True)
@@ -108,7 +109,7 @@ def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet:
     tokenizer = Tokenizer(tok_dir)
     names = [s.name or Path(s.path).name for s in sources]
     train = []
-    for name, s in zip(names, sources):
+    for s in sources:
         shards = TokenShards(s.path, "train")
         shards.check_tokenizer(tokenizer)
         train.append(shards)
