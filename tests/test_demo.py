@@ -11,7 +11,7 @@ import sys
 def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     env = {**os.environ, "LLAMA2_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--steps", "3"],
+    r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--steps", "3", "--quiet"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "weights identical after the round trip: True" in r.stdout

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
                                           "checkpoint to Meta's format and back.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=200, help="pretraining steps (default: 200)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the report still prints)")
     p.set_defaults(func=run)
 
 
