@@ -7,7 +7,8 @@ random weights, measured in the same run (interleaved rounds; the median is repo
 
 Peers: transformers `generate(do_sample=False)` (fp32); llama.cpp (llama-cpp-python, when importable) on the
 weights converted to GGUF f32 and q8_0 with llama.cpp's own convert_hf_to_gguf.py (found in the llama-cpp-python
-sdist that tests/conftest.py caches). Ours: fp32, and weight-only int8 (`Generator(quantize="int8")`).
+sdist that tests/conftest.py caches). Ours: fp32 (batch-1 steps through the fp32 matrix-vector kernel;
+fp32+torch: through PyTorch's F.linear), and weight-only int8 (`Generator(quantize="int8")`).
 Throughput counts generated tokens over wall time, prefill of the short prompt included, for every runner.
 This is a script, not a test: nothing is asserted.
 """
@@ -123,9 +124,10 @@ def runners(hf, name: str, n_tokens: int, args) -> dict[str, callable]:
     model = ours_sharing(hf)
     gens = {}
     for variant in args.ours.split(","):
-        kind, _, extra = variant.partition("+")
+        kind, *extras = variant.split("+")
         gens[f"llama2 {variant}"] = Generator(model, Tok(), max_batch_size=1, cache_len=512,
-                                              quantize=None if kind == "fp32" else kind, compile=extra == "compile")
+                                              quantize=None if kind == "fp32" else kind,
+                                              compile="compile" in extras, fast_fp32="torch" not in extras)
     for label, gen in gens.items():
         def run(gen=gen):
             c = gen.generate([PROMPT], params)[0]
@@ -182,7 +184,8 @@ def main() -> None:
     ap.add_argument("--big-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every runner")
-    ap.add_argument("--ours", default="fp32,int8", help="our variants: fp32, int8, each optionally +compile (e.g. int8+compile)")
+    ap.add_argument("--ours", default="fp32,int8", help="our variants: fp32, int8, each optionally +compile (e.g. int8+compile); fp32+torch: "
+                         "fp32 through PyTorch's matmuls instead of the matrix-vector kernel")
     ap.add_argument("--gguf", default="f32,q8_0", type=lambda s: s.split(","), help="llama.cpp weight types")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of our decoding")

@@ -271,11 +271,15 @@ class Generator:
     quantize.py), about 3.8x fewer bytes per decoded token than fp32; the given model is left untouched, its
     other weights are shared. compile=True: decode steps run through torch.compile over fixed shapes (a one-off
     compilation, seconds to minutes, per batch size and cache size; worth it for long or repeated generation).
+    fast_fp32 (default: on for an fp32 CPU model without quantize, where the C kernel builds): one-row decode
+    steps multiply by the fp32 weights through the matrix-vector kernel of cpu_kernels.py (fastlinear.py),
+    exact fp32 summed in another order; the model is wrapped in a copy sharing its parameters, not changed.
     A Generator serves one call at a time (it owns one KV cache).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
-                 cache_len: int | None = None, quantize: str | None = None, compile: bool = False) -> None:
+                 cache_len: int | None = None, quantize: str | None = None, compile: bool = False,
+                 fast_fp32: bool | None = None) -> None:
         if max_batch_size < 1:
             raise Llama2Error(f"max_batch_size must be >= 1, got {max_batch_size}")
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -291,6 +295,8 @@ class Generator:
                 warnings.warn("int8 decoding: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
                               "falling back to dequantised matmuls, which are slower than fp32", stacklevel=2)
             model = quantize_int8(model)
+        elif fast_fp32 is not False:
+            model = _fast_fp32(model, explicit=fast_fp32 is True)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -484,6 +490,22 @@ class Generator:
             else:
                 logits = model(cur, filled, cache)[:, -1]
             filled += 1
+
+
+def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:
+    """model wrapped for the fp32 matrix-vector kernel when it is an fp32 CPU model and the kernel builds."""
+    from . import cpu_kernels
+    from .fastlinear import with_matvec_kernel
+
+    w = model.embed_tokens.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return model
+    if not cpu_kernels.available():
+        if explicit:
+            warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
+                          "using PyTorch's matmuls", stacklevel=3)
+        return model
+    return with_matvec_kernel(model)
 
 
 def _decode_step(model: Transformer, tokens: Tensor, slot: Tensor, positions: Tensor, key_valid: Tensor,
