@@ -395,6 +395,19 @@ def test_chat_line_mode_reports_a_message_too_long(tmp_path, sp_model_path, monk
     assert "--max-new-tokens" in capsys.readouterr().err
 
 
+def test_chat_notes_an_answer_cut_at_max_new_tokens(tmp_path, sp_model_path, monkeypatch, capsys):
+    """An answer that hits --max-new-tokens (EOS blocked) gets a note on stderr; stdout keeps one line per answer."""
+    from llama2.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, sp_model_path, block_eos=True, max_len=64)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nagain\n"))
+    assert main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split("\n")) == 3 and out.split("\n")[0] != ""
+    assert err.count("answer cut at --max-new-tokens 3") == 2
+
+
 def test_chat_interactive_streams_and_ctrl_c_stops_an_answer(tmp_path, sp_model_path):
     pexpect = pytest.importorskip("pexpect")
     ckpt = tmp_path / "ckpt"

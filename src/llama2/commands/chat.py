@@ -47,10 +47,15 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator(model, tokenizer)
 
     def respond(tokens: list[int], index: int):
+        """Stream the answer; say so on stderr when it was cut at --max-new-tokens rather than finished."""
         seed = None if args.seed is None else args.seed + index
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, seed=seed)
-        return generator.stream(tokens, params)
+        completion = yield from generator.stream(tokens, params)
+        if completion.finish_reason == "length":
+            note = f"[answer cut at --max-new-tokens {args.max_new_tokens}]"
+            sys.stderr.write(f" {note}" if interactive else f"note: {note}\n")
+            sys.stderr.flush()
 
     interactive = sys.stdin.isatty()
     guard = InterruptGuard()
