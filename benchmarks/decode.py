@@ -54,13 +54,10 @@ def hf_model(shape: dict, seed: int = 0):
 
 def ours_sharing(hf):
     """Our Transformer over the very same tensors (no copy)."""
-    from llama2.config import ModelConfig
+    from llama2.checkpoint.hf import config_from_hf
     from llama2.model import Transformer
 
-    c = hf.config
-    cfg = ModelConfig(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
-                      norm_eps=c.rms_norm_eps, max_seq_len=c.max_position_embeddings)
+    cfg = config_from_hf(hf.config.to_dict(), Path("<in-memory transformers model>"))
     model = Transformer(cfg, device="meta")
     model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, assign=True)
     return model.eval()
