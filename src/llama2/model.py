@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .fused_ops import IGNORE_INDEX, apply_rope, linear_cross_entropy
 
 Device = torch.device | str | None
 
@@ -43,9 +44,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused kernel (training)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # normalise in fp32, round to the input dtype, then scale (Hugging Face's order, for bf16 weights)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
@@ -55,13 +57,6 @@ def rope_tables(head_dim: int, length: int, theta: float, device: torch.device |
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, H, T, D) by cos/sin (B or 1, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -206,5 +201,11 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
-                positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.hidden(tokens, start_pos, cache, positions, mask))
+                positions: Tensor | None = None, mask: Tensor | None = None,
+                targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab_size); with `targets` (B, T) instead the summed cross-entropy over the
+        positions whose target is not -100, computed without materialising the logits (fused_ops)."""
+        h = self.hidden(tokens, start_pos, cache, positions, mask)
+        if targets is not None:
+            return linear_cross_entropy(h, self.lm_head.weight, targets, IGNORE_INDEX)
+        return self.lm_head(h)

@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import Llama2Error
+from ..fused_ops import IGNORE_INDEX
 from .batches import PackedBatches, validation_windows
 from .config import BuildConfig, PretrainRecipe, expand_path
 from .distributed import DistEnv, barrier, init_distributed
 from .loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from .metrics import flops_per_token
-
-IGNORE_INDEX = -100
 
 
 def causal_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
@@ -32,9 +30,7 @@ def causal_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
     else:
         tokens, labels = batch
     targets = (tokens if labels is None else labels)[:, 1:]
-    logits = model(tokens[:, :-1])
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = model(tokens[:, :-1], targets=targets)  # fused LM head + cross-entropy
     if labels is None:
         count: Tensor | int = targets.numel()
         return LossOutput(loss_sum / count, count, count)

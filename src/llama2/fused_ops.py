@@ -1,0 +1,123 @@
+"""Hand-written autograd functions that cut memory traffic in training.
+
+- `linear_cross_entropy`: the LM head and the cross-entropy in one pass over chunks of tokens. The full
+  (tokens x vocab) logits are never stored: each chunk's logits are turned into their gradient in place
+  (softmax minus one-hot) right away, and the gradients of the hidden states and of the head's weight are
+  computed in forward. Activation memory drops from tokens x vocab to tokens x dim, and the softmax needs one
+  exponential per logit instead of two.
+- `apply_rope`: rotary embeddings with a backward that needs no saved activations and no zero-filled
+  slice gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: ~16 MiB of fp32 logits on CPU (cache-friendly), ~256 MiB on accelerators."""
+    budget = 1 << (22 if device.type == "cpu" else 26)
+    return max(1, min(n_rows, budget // max(vocab, 1)))
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk: int,
+                dtype: torch.dtype, grad_enabled: bool) -> Tensor:  # type: ignore[override]
+        need_x, need_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and accumulation dtype
+        w = weight.to(dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xc = x[start:start + chunk].to(dtype)
+            tc = targets[start:start + chunk]
+            valid = tc != ignore_index
+            safe = torch.where(valid, tc, 0)[:, None]
+            logits = (xc @ w.t()).to(acc)
+            target_logit = logits.gather(1, safe).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            logits.sub_(peak).exp_()  # logits now hold exp(z - max)
+            sums = logits.sum(dim=1, keepdim=True)
+            lse = sums.log().add_(peak).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if need_x or need_w:
+                probs = logits.div_(sums)  # softmax; becomes d(loss)/d(logits) below
+                probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
+                probs.mul_(valid[:, None])
+                g = probs.to(dtype)
+                if need_x:
+                    grad_x[start:start + chunk] = g @ w
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.t(), xc)
+                    else:  # low-precision product, accumulated over chunks in fp32
+                        grad_w += (g.t() @ xc).to(acc)
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None
+        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        return gx, gw, None, None, None, None, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
+                         chunk_rows: int | None = None) -> Tensor:
+    """Sum over positions of cross_entropy(x @ weight.T, targets), skipping targets == ignore_index.
+
+    x (..., dim), weight (vocab, dim), targets (...) of the same leading shape. Equal to
+    `F.cross_entropy(F.linear(x, weight).float().flatten(0, -2), targets.flatten(), reduction="sum")` to float
+    rounding; under autocast the matmuls run in the autocast dtype and the softmax in fp32."""
+    if x.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(x.shape)}")
+    x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    dtype = _compute_dtype(x, weight)
+    chunk = chunk_rows or _chunk_rows(x2.shape[0], weight.shape[0], x.device)
+    grad_enabled = torch.is_grad_enabled()
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, chunk, dtype, grad_enabled)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, sign=-1.0), None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """y = x * cos + rotate_half(x) * sin (sign 1), or the transpose map, for backward (sign -1).
+
+    Halves layout: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; transposed: g1 c1 + g2 s2, g2 c2 - g1 s1."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    x1, x2 = x[..., :half], x[..., half:]
+    s1, s2 = sin[..., :half], sin[..., half:]
+    out[..., :half].addcmul_(x2, s1 if sign > 0 else s2, value=-sign)
+    out[..., half:].addcmul_(x1, s2 if sign > 0 else s1, value=sign)
+    return out
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by cos/sin tables broadcastable to it (halves layout, as Hugging Face)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rope.apply(x, cos, sin)
+    return _rotate(x, cos, sin, sign=1.0)
