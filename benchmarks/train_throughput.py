@@ -4,20 +4,29 @@ Same shapes, batch, dtype and thread count, measured in the same run (interleave
 noisy shared machine hurts both alike). Each step is a full optimiser step: forward, backward, gradient clipping
 to 1.0, AdamW. Also prints our model-FLOPs utilisation against a matmul peak measured in the same run.
 
+GEMM floor: the same rounds also time exactly the matrix multiplies of one training step and nothing else: for
+every Linear (q, k, v, o, gate, up, down per layer, and the LM head) with M = batch * seq tokens, forward
+x @ W^T, backward g @ W and g^T @ x, via torch.mm into preallocated outputs, in the training dtype (bf16 under
+--precision bf16, else fp32). `gemm share` = floor time / our step time; `bound` = transformers' step time /
+floor time, the ratio that a loop with no cost but these GEMMs would reach. Attention's own score and value
+matmuls (bmm / flash attention) are not in the floor, so the bound is generous.
+
     python benchmarks/train_throughput.py                    # ~1M, ~6M, ~25M parameters, fp32, eager + compiled
     python benchmarks/train_throughput.py --sizes 1M --precision bf16 --no-compile
+    python benchmarks/train_throughput.py --device cuda --precision bf16 --sizes 1B --batch 4 --seq 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
-from llama2.config import ModelConfig
+from llama2.config import PRESETS, ModelConfig
 from llama2.model import Transformer
 from llama2.train.config import OptimConfig, TrainRecipe
 from llama2.train.loop import Trainer
@@ -25,10 +34,12 @@ from llama2.train.metrics import flops_per_token, measure_matmul_tflops
 from llama2.train.pretrain import causal_lm_loss
 
 SHAPES = {
-    "1M": dict(dim=128, n_layers=2, n_heads=4, multiple_of=32, vocab_size=2048),
-    "6M": dict(dim=256, n_layers=5, n_heads=8, multiple_of=64, vocab_size=4096),
-    "25M": dict(dim=512, n_layers=5, n_heads=8, multiple_of=64, vocab_size=8192),
+    "1M": {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "vocab_size": 2048},
+    "6M": {"dim": 256, "n_layers": 5, "n_heads": 8, "multiple_of": 64, "vocab_size": 4096},
+    "25M": {"dim": 512, "n_layers": 5, "n_heads": 8, "multiple_of": 64, "vocab_size": 8192},
+    "1B": PRESETS["1.1B"],  # TinyLlama shape, for a GPU
 }
+DEFAULT_SIZES = ["1M", "6M", "25M"]
 
 
 class Repeat:
@@ -47,24 +58,31 @@ class Repeat:
         pass
 
 
-def ours(cfg: ModelConfig, batch: torch.Tensor, precision: str, compile: bool) -> Callable[[], float]:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ours(cfg: ModelConfig, batch: torch.Tensor, precision: str, compile: bool,
+         device: torch.device) -> Callable[[], float]:
     recipe = TrainRecipe(out_dir=tempfile.mkdtemp(prefix="bench-"), max_steps=10**9, batch_size=batch.shape[0],
-                         device="cpu", precision=precision, compile=compile,
+                         device=device.type, precision=precision, compile=compile,
                          optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
     trainer = Trainer(recipe, lambda: Transformer(cfg), causal_lm_loss, Repeat(batch), quiet=True)
     return lambda: trainer.train_step(trainer.batches.next())["loss"]
 
 
-def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str) -> Callable[[], float]:
+def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str, device: torch.device) -> Callable[[], float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
                        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(hcfg).train()
+    model = LlamaForCausalLM(hcfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> float:
         with amp:
@@ -78,60 +96,99 @@ def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str) -> Callable[[], fl
     return step
 
 
-def tokens_per_s(step: Callable[[], float], tokens: int, steps: int) -> float:
+def gemm_floor(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """A 'step' of only the Linear layers' GEMMs (see the module docstring): distinct weights per layer as in
+    the model, one set of activation / gradient / output buffers per shape."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = [(cfg.dim, q), (cfg.dim, kv), (cfg.dim, kv), (q, cfg.dim),  # (in, out) of q, k, v, o
+             (cfg.dim, cfg.hidden_dim), (cfg.dim, cfg.hidden_dim), (cfg.hidden_dim, cfg.dim)]  # gate, up, down
+    shapes = layer * cfg.n_layers + [(cfg.dim, cfg.vocab_size)]  # + LM head
+    bufs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+    for n_in, n_out in set(shapes):
+        x, gx = (torch.randn(tokens, n_in, device=device, dtype=dtype) for _ in range(2))
+        g, y = (torch.randn(tokens, n_out, device=device, dtype=dtype) for _ in range(2))
+        bufs[n_in, n_out] = x, g, y, gx, torch.empty(n_out, n_in, device=device, dtype=dtype)
+    plan = [(torch.randn(n_out, n_in, device=device, dtype=dtype), bufs[n_in, n_out]) for n_in, n_out in shapes]
+
+    def step() -> float:
+        for w, (x, _, y, _, _) in plan:  # forward: y = x @ W^T
+            torch.mm(x, w.t(), out=y)
+        for w, (x, g, _, gx, gw) in reversed(plan):  # backward: grad_x = g @ W, grad_W = g^T @ x
+            torch.mm(g, w, out=gx)
+            torch.mm(g.t(), x, out=gw)
+        return 0.0
+
+    return step
+
+
+def tokens_per_s(step: Callable[[], float], tokens: int, steps: int, device: torch.device) -> float:
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync(device)
     return tokens * steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SHAPES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of our loop")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch finds no CUDA device; run on a GPU machine or use --device cpu",
+              file=sys.stderr)
+        sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    device = torch.device(args.device)
     threads = torch.get_num_threads()
     mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    cpu = torch.device("cpu")
-    peak = max(measure_matmul_tflops(cpu, mm_dtype, size=n, seconds=0.5) for n in (512, 1024, 2048))
-    print(f"torch {torch.__version__}, {threads} threads, {args.precision}, batch {args.batch} x {args.seq}; "
+    peak_sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
+    peak = max(measure_matmul_tflops(device, mm_dtype, size=n, seconds=0.5) for n in peak_sizes)
+    where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {where}, {args.precision}, batch {args.batch} x {args.seq}; "
           f"matmul peak (best of the run) updated per round, at start {peak * 1e3:.0f} GFLOP/s")
     print(f"{'size':>5} {'params':>8} {'transformers':>13} {'ours':>9} {'ratio':>6} {'compiled':>9} {'ratio':>6} "
-          f"{'MFU hf':>7} {'MFU ours':>8} {'MFU comp':>8}")
+          f"{'MFU hf':>7} {'MFU ours':>8} {'MFU comp':>8} {'gemm share':>10} {'bound':>6}")
     for name in args.sizes:
-        cfg = ModelConfig(**SHAPES[name], max_seq_len=args.seq)
+        cfg = ModelConfig(**{**SHAPES[name], "max_seq_len": args.seq})
         torch.manual_seed(0)
-        batch = torch.randint(3, cfg.vocab_size, (args.batch, args.seq + 1))
+        batch = torch.randint(3, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
         tokens = args.batch * args.seq
-        runners = {"hf": hf(cfg, batch[:, :args.seq], args.precision),
-                   "ours": ours(cfg, batch, args.precision, compile=False)}
+        runners = {"hf": hf(cfg, batch[:, :args.seq], args.precision, device),
+                   "ours": ours(cfg, batch, args.precision, compile=False, device=device)}
         if not args.no_compile:
-            runners["compiled"] = ours(cfg, batch, args.precision, compile=True)
+            runners["compiled"] = ours(cfg, batch, args.precision, compile=True, device=device)
+        runners["floor"] = gemm_floor(cfg, tokens, mm_dtype, device)
         best = {k: 0.0 for k in runners}
         for k, run in runners.items():  # warm-up (and compilation)
             run()
             run()
         for _ in range(args.rounds):
             for k, run in runners.items():
-                best[k] = max(best[k], tokens_per_s(run, tokens, args.steps))
-            peak = max(peak, measure_matmul_tflops(cpu, mm_dtype, size=1024, seconds=0.3))
+                best[k] = max(best[k], tokens_per_s(run, tokens, args.steps, device))
+            peak = max(peak, measure_matmul_tflops(device, mm_dtype, size=peak_sizes[1], seconds=0.3))
         fpt = flops_per_token(cfg, args.seq)
         mfu = {k: fpt * v / (peak * 1e12) for k, v in best.items()}
         comp = (f"{best['compiled']:>9,.0f} {best['compiled'] / best['hf']:>5.2f}x" if "compiled" in best
                 else f"{'-':>9} {'-':>6}")
+        # step times are tokens / tokens_per_s, so time ratios are inverse throughput ratios
+        share, bound = best["ours"] / best["floor"], best["floor"] / best["hf"]
         print(f"{name:>5} {cfg.num_params() / 1e6:>7.2f}M {best['hf']:>13,.0f} {best['ours']:>9,.0f} "
               f"{best['ours'] / best['hf']:>5.2f}x {comp} {mfu['hf']:>7.1%} {mfu['ours']:>8.1%} "
-              f"{mfu.get('compiled', float('nan')):>8.1%}", flush=True)
-    print(f"matmul peak used for MFU: {peak * 1e3:.0f} GFLOP/s")
+              f"{mfu.get('compiled', float('nan')):>8.1%} {share:>10.0%} {bound:>5.2f}x", flush=True)
+        del runners
+    print(f"matmul peak used for MFU: {peak * 1e3:.0f} GFLOP/s; gemm share = GEMM floor time / our step time, "
+          "bound = transformers step time / GEMM floor time (attention matmuls not in the floor)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Loading builds the model on the meta device and materialises each tensor once, i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,16 @@ def load_model(path: Path | str, device: torch.device | str = "cpu", dtype: torc
 
 
 def save_model(model: Transformer, path: Path | str, tokenizer: Any = None, *, max_shard_bytes: int = 5 * 2**30,
-               dtype: torch.dtype | str | None = None, progress: bool = False) -> Path:
+               dtype: torch.dtype | str | None = None, progress: bool = False,
+               fetch: Callable[[str], torch.Tensor] | None = None) -> Path:
     """Write the Hugging Face layout atomically: config.json, model.safetensors (sharded above max_shard_bytes,
     with model.safetensors.index.json), generation_config.json, and the tokenizer's files if one is given
-    (any object with `.save(directory)`). dtype None keeps the model's dtype."""
-    return hf.save_hf(model, Path(path), tokenizer, max_shard_bytes, parse_dtype(dtype), progress)
+    (any object with `.save(directory)`). dtype None keeps the model's dtype.
+
+    `fetch(name)` (our parameter name), if given, supplies each tensor's data at the moment it is written, in
+    state_dict order, and `model` may be a meta-device skeleton: a sharded model is saved one gathered tensor
+    at a time."""
+    return hf.save_hf(model, Path(path), tokenizer, max_shard_bytes, parse_dtype(dtype), progress, fetch)
 
 
 def save_meta(model: Transformer, path: Path | str, shards: int = 1, *, dtype: torch.dtype | str | None = None,

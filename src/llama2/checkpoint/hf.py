@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,10 @@ def _shard(items: list[tuple[str, Tensor]], dtype: torch.dtype, max_bytes: int) 
 
 
 def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30,
-            dtype: torch.dtype | None = None, progress: bool = False) -> Path:
-    check_materialised(model)
+            dtype: torch.dtype | None = None, progress: bool = False,
+            fetch: Callable[[str], Tensor] | None = None) -> Path:
+    if fetch is None:
+        check_materialised(model)
     if max_shard_bytes <= 0:
         raise Llama2Error(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     dtype = dtype or model_dtype(model)
@@ -225,15 +228,16 @@ def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_byt
     total = sum(t.numel() * dtype.itemsize for _, t in items)
     from tqdm import tqdm
 
+    by_hf = None if fetch is None else (lambda name: fetch(name.removeprefix("model.")))
     with atomic_directory(path) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="saving",
                                              disable=not progress, leave=False) as bar:
         if len(shards) == 1:
-            write_safetensors(tmp / WEIGHTS, shards[0], dtype, on_tensor=bar.update)
+            write_safetensors(tmp / WEIGHTS, shards[0], dtype, on_tensor=bar.update, fetch=by_hf)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / fname, shard, dtype, on_tensor=bar.update)
+                write_safetensors(tmp / fname, shard, dtype, on_tensor=bar.update, fetch=by_hf)
                 weight_map.update({name: fname for name, _ in shard})
             write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_json(tmp / CONFIG, hf_config(model.config, dtype))

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import torch
 
@@ -114,11 +115,14 @@ def tensor_nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
-                      metadata: dict[str, str] | None = None, on_tensor=None) -> int:
+                      metadata: dict[str, str] | None = None, on_tensor=None,
+                      fetch: Callable[[str], torch.Tensor] | None = None) -> int:
     """Stream tensors into `path` (converted to dtype if given), fsync it, and return the bytes of tensor data.
 
     `tensors` is iterated twice (header, then data), so pass a list; each tensor is converted and copied to the
-    CPU only while it is written. `on_tensor(nbytes)` is called after each one (progress bars).
+    CPU only while it is written. `on_tensor(nbytes)` is called after each one (progress bars). With `fetch`,
+    the listed tensors only give names, shapes and dtypes (they may be on the meta device) and each one's data
+    is `fetch(name)`, called in list order just before it is written (gathering a sharded model tensor by tensor).
     """
     items = list(tensors)
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -135,8 +139,11 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], d
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for _, t in items:
-            data = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+        for name, t in items:
+            src = fetch(name) if fetch is not None else t
+            if src.shape != t.shape:
+                raise Llama2Error(f"tensor {name!r}: fetched shape {tuple(src.shape)}, expected {tuple(t.shape)}")
+            data = src.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
             if data.numel():
                 f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
             if on_tensor is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,8 +63,9 @@ class Batches(Protocol):
 
 
 class CheckpointIO(Protocol):
-    def save(self, model: nn.Module, path: Path) -> None:
-        """Write the weights directory at `path` (which does not exist yet)."""
+    def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
+        """Write the weights directory at `path` (which does not exist yet). With `fetch`, `model` is a meta
+        skeleton and fetch(name) gives each state_dict tensor's data, to be requested in state_dict order."""
 
     def load(self, path: Path) -> dict[str, Tensor]:
         """The full fp32 CPU state dict of the weights directory at `path`."""
@@ -76,10 +77,10 @@ class HFCheckpointIO:
     def __init__(self, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
 
-    def save(self, model: nn.Module, path: Path) -> None:
+    def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
         from ..checkpoint import save_model
 
-        save_model(model, path, tokenizer=self.tokenizer)
+        save_model(model, path, tokenizer=self.tokenizer, fetch=fetch)
 
     def load(self, path: Path) -> dict[str, Tensor]:
         from ..checkpoint import load_model
@@ -98,6 +99,15 @@ class TrainResult:
     last: dict[str, Any]
     checkpoint: Path | None
     resumed_from: int | None
+
+
+def _gathered(model: nn.Module, keep: bool) -> Iterator[tuple[str, Tensor | None]]:
+    """(name, full CPU tensor) for each state_dict entry of a sharded model, gathered one at a time; every
+    process must run it to the end (each step is a collective); only `keep` processes get the tensors."""
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, full.detach().cpu() if keep else None
+        del full
 
 
 def _normalize(out: Any) -> LossOutput:
@@ -241,16 +251,16 @@ class Trainer:
                               "recipe the checkpoint was trained with") from None
 
     def _resume(self, ckpt: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         main = self.env.is_main
         self._set_full_state(self.io.load(ckpt) if main else {})
-        osd = st.load_torch(ckpt / st.OPTIMIZER_STATE) if main else {}
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.env.enabled)
+        osd = st.load_optimizer_rows(ckpt, get_optimizer_state_dict(self.model, self.optimizer))
         try:
-            set_optimizer_state_dict(self.model, self.optimizer, osd, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, osd)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise Llama2Error(f"{ckpt / st.OPTIMIZER_STATE} does not fit this model/optimizer: {str(e)[:300]}")
+            raise Llama2Error(f"the optimizer state of {ckpt} does not fit this model/optimizer: {str(e)[:300]}; "
+                              "use the recipe the checkpoint was trained with") from None
         ts = broadcast_object(st.load_torch(ckpt / st.TRAINING_STATE) if main else None, self.env)
         self.step = int(ts["step"])
         self.tokens_seen = float(ts["tokens_seen"])
@@ -357,38 +367,56 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> Path | None:
-        """Write checkpoint step-NNNNNN atomically (all processes take part; rank 0 writes)."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        """Write checkpoint step-NNNNNN atomically. Every process takes part: rank 0 writes the weights, gathered
+        one tensor at a time, and each process writes its own shard of the optimizer state (see state.py)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(self.model, options=opts) if self.env.enabled else None
-        osd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        env, main = self.env, self.env.is_main
+        staging = st.staging_dir(self.run_dir, self.step) if main else None
+        if not env.enabled:
+            self.io.save(self.model, staging)
+        else:
+            tensors = _gathered(self.model, main)
+            if main:
+                with torch.device("meta"):
+                    skeleton = self.build_model()
+
+                def fetch(name: str) -> Tensor:
+                    got, t = next(tensors)
+                    if got != name:
+                        raise Llama2Error(f"internal: gathered {got!r} while saving {name!r}")
+                    return t
+
+                try:
+                    self.io.save(skeleton, staging, fetch=fetch)
+                finally:
+                    for _ in tensors:  # keep the other processes' gathers matched, even after an error
+                        pass
+            else:
+                for _ in tensors:
+                    pass
+        staging = Path(broadcast_object(str(staging) if main else None, env))
+        barrier(env)  # the staging directory exists for everyone
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        st.save_optimizer_shard(osd, staging, env.rank, env.world_size)
+        del osd
         rng = st.capture_rng()
-        if self.env.enabled:
+        if env.enabled:
             import torch.distributed as dist
 
-            rngs: list[Any] = [None] * self.env.world_size
+            rngs: list[Any] = [None] * env.world_size
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        barrier(env)  # every optimizer shard is written
         final = None
-        if self.env.is_main:
-            staging = st.staging_dir(self.run_dir, self.step)
-            if model_sd is not None:
-                with torch.device("meta"):
-                    skeleton = self.build_model()
-                skeleton.load_state_dict(model_sd, assign=True)
-                self.io.save(skeleton, staging)
-            else:
-                self.io.save(self.model, staging)
-            st.save_torch(osd, staging / st.OPTIMIZER_STATE)
-            st.save_torch({"format": 1, "step": self.step, "tokens_seen": self.tokens_seen,
+        if main:
+            st.save_torch({"format": 2, "step": self.step, "tokens_seen": self.tokens_seen,
                            "elapsed_s": self.elapsed, "batches": self.batches.state_dict(), "rng": rngs,
-                           "world_size": self.env.world_size, "last_metrics": self.last_record},
+                           "world_size": env.world_size, "last_metrics": self.last_record},
                           staging / st.TRAINING_STATE)
             final = st.commit_checkpoint(self.run_dir, staging, self.step, self.recipe.keep_last)
-        barrier(self.env)
+        barrier(env)
         return final
 
     # ---------------------------------------------------------------- the loop

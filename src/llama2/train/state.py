@@ -1,8 +1,13 @@
 """Checkpoint directories of a run and the training state beside the weights.
 
     RUN/checkpoints/step-000100/   config.json, model.safetensors, tokenizer files (the checkpoint format)
-                                   optimizer.pt       full (unsharded) optimizer state, keyed by parameter name
+                                   optimizer-RRRRR-of-WWWWW.pt  each process's rows of the AdamW state
                                    training_state.pt  step, tokens seen, data position, RNG states, last metrics
+
+The weights are gathered one tensor at a time and written by rank 0; the optimizer state (twice the fp32
+weights) is never gathered: every process writes its own FSDP shard (rows of dim 0, keyed by parameter name,
+with their offset and the full shape), and a resume with any number of processes reads the rows it owns from
+whichever files hold them (memory-mapped). All files load with `torch.load(weights_only=True)`.
     RUN/checkpoints/latest         the name of the newest complete checkpoint
 
 A checkpoint is written into RUN/checkpoints/.tmp-step-NNNNNN-PID, every file fsynced, then renamed into place;
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..atomic import atomic_write_text, fsync_dir
 from ..errors import Llama2Error
@@ -28,7 +34,8 @@ from ..errors import Llama2Error
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINING_STATE = "training_state.pt"
-OPTIMIZER_STATE = "optimizer.pt"
+OPTIMIZER_STATE = "optimizer.pt"  # one unsharded file: the format of earlier checkpoints, still read
+_OPT_SHARD_RE = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.pt$")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -110,14 +117,109 @@ def commit_checkpoint(run_dir: Path, staging: Path, step: int, keep_last: int) -
     return final
 
 
+def optimizer_shard_name(rank: int, world_size: int) -> str:
+    return f"optimizer-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _shard_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, end) of dim 0 held by `rank`: FSDP2 splits like torch.chunk (equal chunks, last smaller)."""
+    size = -(-n // world_size)
+    return min(rank * size, n), min((rank + 1) * size, n)
+
+
+def local_rows(t: Tensor) -> tuple[Tensor, int, tuple[int, ...]]:
+    """(this process's local tensor, its first row in the full tensor, the full shape) of a plain or
+    dim-0-sharded DTensor."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is None:
+        return t, 0, tuple(t.shape)
+    from torch.distributed.tensor import Shard
+
+    mesh, local = t.device_mesh, to_local()
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise Llama2Error(f"cannot checkpoint a tensor sharded as {t.placements} on a {mesh.ndim}-D mesh; "
+                          "only FSDP2's dim-0 sharding is supported")
+    start, end = _shard_rows(t.shape[0], mesh.get_local_rank(), mesh.size())
+    if local.shape[0] != end - start:
+        raise Llama2Error(f"unexpected FSDP shard: {local.shape[0]} rows, expected {end - start}")
+    return local, start, tuple(t.shape)
+
+
+def save_optimizer_shard(osd: dict[str, Any], directory: Path, rank: int, world_size: int) -> Path:
+    """Write this process's part of an optimizer state dict (`get_optimizer_state_dict`, keyed by name)."""
+    state: dict[str, dict[str, Any]] = {}
+    for name, entries in osd["state"].items():
+        state[name] = {}
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                local, start, shape = local_rows(value)
+                value = {"rows": local.detach().cpu(), "start": start, "shape": list(shape)}
+            state[name][key] = value
+    path = directory / optimizer_shard_name(rank, world_size)
+    torch.save({"format": 2, "rank": rank, "world_size": world_size, "state": state,
+                "param_groups": osd["param_groups"]}, path)
+    return path
+
+
+def _read_optimizer_shards(ckpt: Path) -> list[dict[str, Any]]:
+    files = sorted(p for p in ckpt.iterdir() if _OPT_SHARD_RE.match(p.name))
+    if not files:
+        if (ckpt / OPTIMIZER_STATE).is_file():  # unsharded: every tensor is one piece starting at row 0
+            full = load_torch(ckpt / OPTIMIZER_STATE)
+            for entries in full["state"].values():
+                for key, v in entries.items():
+                    if isinstance(v, Tensor):
+                        entries[key] = {"rows": v, "start": 0, "shape": list(v.shape)}
+            return [full]
+        raise Llama2Error(f"{ckpt} has no optimizer state (optimizer-*.pt); the checkpoint is incomplete, delete it")
+    world = {int(_OPT_SHARD_RE.match(p.name).group(2)) for p in files}
+    if len(world) != 1 or len(files) != next(iter(world)):
+        raise Llama2Error(f"{ckpt}: optimizer shard files {[p.name for p in files]} are not one complete set; "
+                          "the checkpoint is damaged, delete it")
+    return [load_torch(p, mmap=True) for p in files]
+
+
+def load_optimizer_rows(ckpt: Path, template: dict[str, Any]) -> dict[str, Any]:
+    """Fill `template` (this process's `get_optimizer_state_dict`, state initialised) in place with the saved
+    optimizer state, whatever number of processes wrote it; returns it with the saved param_groups."""
+    shards = _read_optimizer_shards(ckpt)
+    for name, entries in template["state"].items():
+        for key, target in entries.items():
+            if not isinstance(target, Tensor):
+                continue
+            local, start, shape = local_rows(target)
+            pieces = [sh["state"].get(name, {}).get(key) for sh in shards]
+            pieces = [p for p in pieces if p is not None]
+            if not pieces:
+                raise Llama2Error(f"{ckpt}: no optimizer state {key!r} for {name!r}; the checkpoint was written for "
+                                  "another model, use the recipe it was trained with")
+            if list(pieces[0]["shape"]) != list(shape):
+                raise Llama2Error(f"{ckpt}: optimizer state {key!r} of {name!r} has shape {pieces[0]['shape']}, the "
+                                  f"model's is {list(shape)}; use the recipe the checkpoint was trained with")
+            if local.ndim == 0:
+                local.copy_(pieces[0]["rows"])
+                continue
+            end, filled = start + local.shape[0], 0
+            for p in pieces:
+                lo, hi = max(start, p["start"]), min(end, p["start"] + p["rows"].shape[0])
+                if lo < hi:
+                    local[lo - start:hi - start].copy_(p["rows"][lo - p["start"]:hi - p["start"]])
+                    filled += hi - lo
+            if filled != end - start:
+                raise Llama2Error(f"{ckpt}: the optimizer shards cover {filled} of rows {start}-{end} of {name!r}; "
+                                  "the checkpoint is damaged, delete it")
+    template["param_groups"] = shards[0]["param_groups"]
+    return template
+
+
 def save_torch(obj: Any, path: Path) -> None:
     torch.save(obj, path)
 
 
-def load_torch(path: Path) -> Any:
+def load_torch(path: Path, mmap: bool = False) -> Any:
     """Read a training-state file (tensors, dicts, lists, numbers, strings only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise Llama2Error(f"checkpoint file missing: {path}; the checkpoint is incomplete, delete it") from None
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
