@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import random_hf_llama
-from llama2 import Llama2Error, Transformer, load_model, save_model
+from llama2 import Llama2Error, ModelConfig, Transformer, load_model, save_model
 from llama2.checkpoint import detect_layout, load_config, save_meta
 from llama2.cli import main as cli_main
 
@@ -550,3 +550,27 @@ def test_convert_errors_are_one_line(tmp_path, hf_dir, capsys):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     assert cli_main(["convert", str(hf_dir), str(tmp_path / "m"), "--to", "meta", "--shards", "3", "--quiet"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_read_rows_into_reads_each_shard_of_a_sharded_save(tmp_path):
+    from llama2.checkpoint import read_rows_into
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=37, multiple_of=16, max_seq_len=8))
+    save_model(model, tmp_path / "ck", max_shard_bytes=20_000)  # several safetensors files
+    assert len(list((tmp_path / "ck").glob("model-*.safetensors"))) > 1
+    sd = model.state_dict()
+    for start, stop in ((0, 13), (13, 26), (26, None)):  # three processes' rows, the last one shorter
+        targets = {}
+        for name, t in sd.items():
+            lo, hi = min(start, t.shape[0]), min(stop or t.shape[0], t.shape[0])
+            targets[name] = (torch.full((hi - lo, *t.shape[1:]), float("nan")), lo)
+        read_rows_into(tmp_path / "ck", targets)
+        for name, (dest, lo) in targets.items():
+            assert torch.equal(dest, sd[name][lo:lo + dest.shape[0]]), name
+    bad = {name: (torch.empty_like(t), 0) for name, t in sd.items() if name != "norm.weight"}
+    with pytest.raises(Llama2Error, match="missing.*unexpected .*norm.weight"):
+        read_rows_into(tmp_path / "ck", bad)
+    bad = {name: (torch.empty(t.shape[0], *[d + 1 for d in t.shape[1:]]), 0) for name, t in sd.items()}
+    with pytest.raises(Llama2Error, match="has shape"):
+        read_rows_into(tmp_path / "ck", bad)

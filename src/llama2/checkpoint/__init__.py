@@ -21,10 +21,11 @@ from ..device import resolve_device
 from ..errors import Llama2Error
 from ..model import Transformer
 from . import hf, meta
+from .hf import read_rows_into
 from .common import parse_dtype
 from .meta import save_meta as _save_meta
 
-__all__ = ["load_model", "load_config", "save_model", "save_meta", "detect_layout"]
+__all__ = ["load_model", "load_config", "save_model", "save_meta", "detect_layout", "read_rows_into"]
 
 
 def detect_layout(path: Path | str) -> str:

@@ -198,6 +198,33 @@ def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progres
         return build_model(cfg, plan, dtype, device, path, progress)
 
 
+def read_rows_into(path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
+    """Fill tensors in place from a Hugging Face checkpoint, reading from disk only the rows each one holds.
+
+    `targets` maps our parameter names to (destination, first row): a whole tensor (row 0), or one process's
+    dim-0 shard of it under FSDP2. Every checkpoint tensor must have a target and the reverse."""
+    files = _weight_files(path)
+    ours = {_our_name(n): info for n, info in files.items()}
+    missing, extra = sorted(set(targets) - set(ours)), sorted(set(ours) - set(targets))
+    if missing or extra:
+        raise Llama2Error(f"{path} does not fit the model: missing {missing[:4]}, unexpected {extra[:4]}; use the "
+                          "recipe the checkpoint was trained with")
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for name, (dest, start) in targets.items():
+            info = ours[name]
+            rows = dest.shape[0] if dest.ndim else 1
+            if tuple(dest.shape[1:]) != info.shape[1:] or start + rows > (info.shape[0] if info.shape else 1):
+                raise Llama2Error(f"{path}: tensor {name} has shape {list(info.shape)}, the model's (rows "
+                                  f"{start}..{start + rows} of) {list(dest.shape)}; use the recipe it was trained with")
+            row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
+            piece = TensorInfo(info.path, name, info.dtype, tuple(dest.shape), info.start + start * row_bytes,
+                               rows * row_bytes)
+            if info.path not in handles:
+                handles[info.path] = stack.enter_context(open(info.path, "rb", buffering=0))
+            dest.copy_(read_tensor(handles[info.path], piece))
+
+
 def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 

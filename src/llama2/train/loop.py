@@ -68,7 +68,8 @@ class CheckpointIO(Protocol):
         skeleton and fetch(name) gives each state_dict tensor's data, to be requested in state_dict order."""
 
     def load(self, path: Path) -> dict[str, Tensor]:
-        """The full fp32 CPU state dict of the weights directory at `path`."""
+        """The full fp32 CPU state dict of the weights directory at `path` (resume uses `load_into(path,
+        {name: (local tensor, first row)})` instead where the IO has it: each process reads only its rows)."""
 
 
 class HFCheckpointIO:
@@ -86,6 +87,12 @@ class HFCheckpointIO:
         from ..checkpoint import load_model
 
         return load_model(path, device="cpu", dtype=torch.float32).state_dict()
+
+    def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
+        """Fill each (tensor, first row) in place, reading only those rows from disk (see read_rows_into)."""
+        from ..checkpoint import read_rows_into
+
+        read_rows_into(path, targets)
 
 
 class NonFiniteLoss(Llama2Error):
@@ -254,7 +261,16 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         main = self.env.is_main
-        self._set_full_state(self.io.load(ckpt) if main else {})
+        load_into = getattr(self.io, "load_into", None)
+        if load_into is not None:  # every process reads its own rows of the weights, nothing is broadcast
+            targets = {}
+            for name, t in self.model.state_dict().items():
+                local, start, _ = st.local_rows(t)
+                targets[name] = (local, start)
+            with torch.no_grad():
+                load_into(ckpt, targets)
+        else:
+            self._set_full_state(self.io.load(ckpt) if main else {})
         osd = st.load_optimizer_rows(ckpt, get_optimizer_state_dict(self.model, self.optimizer))
         try:
             set_optimizer_state_dict(self.model, self.optimizer, osd)
