@@ -104,3 +104,12 @@ def test_rmsnorm_matches_the_formula(dtype):
     xf = x.float()
     ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     torch.testing.assert_close(norm(x), ref)
+
+
+def test_linear_cross_entropy_backward_twice_is_a_clear_error():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    out = linear_cross_entropy(x, w, torch.randint(0, 11, (4,)))
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        out.backward()

@@ -17,10 +17,12 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
-def _chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: ~16 MiB of fp32 logits on CPU (cache-friendly), ~256 MiB on accelerators."""
+def _chunk_rows(n_rows: int, vocab: int, dim: int, device: torch.device) -> int:
+    """Rows per chunk: ~16 MiB of fp32 logits on CPU (~256 MiB on accelerators), but at least `dim` rows, since
+    every chunk re-reads the head's weight and updates its gradient (vocab x dim each): with fewer rows than dim
+    that traffic would outweigh the logits it saves."""
     budget = 1 << (22 if device.type == "cpu" else 26)
-    return max(1, min(n_rows, budget // max(vocab, 1)))
+    return max(1, min(n_rows, max(budget // max(vocab, 1), dim)))
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -37,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # softmax and accumulation dtype
         w = weight.to(dtype)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w: Tensor | None = None
         total = torch.zeros((), dtype=acc, device=x.device)
         for start in range(0, x.shape[0], chunk):
             xc = x[start:start + chunk].to(dtype)
@@ -51,27 +53,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sums = logits.sum(dim=1, keepdim=True)
             lse = sums.log().add_(peak).squeeze(1)
             total += ((lse - target_logit) * valid).sum()
-            if need_x or need_w:
-                probs = logits.div_(sums)  # softmax; becomes d(loss)/d(logits) below
-                probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
-                probs.mul_(valid[:, None])
-                g = probs.to(dtype)
-                if need_x:
+            if not (need_x or need_w):
+                continue
+            probs = logits.div_(sums)  # softmax; becomes d(loss)/d(logits) below
+            probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
+            probs.mul_(valid[:, None])
+            g = probs.to(dtype)
+            del logits, probs
+            if need_x:
+                if grad_x.dtype == dtype:
+                    torch.mm(g, w, out=grad_x[start:start + chunk])
+                else:
                     grad_x[start:start + chunk] = g @ w
-                if need_w:
-                    if dtype == acc:
-                        grad_w.addmm_(g.t(), xc)
-                    else:  # low-precision product, accumulated over chunks in fp32
-                        grad_w += (g.t() @ xc).to(acc)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
+            if need_w:
+                if grad_w is None:
+                    grad_w = (g.t() @ xc).to(acc)
+                elif dtype == acc:
+                    grad_w.addmm_(g.t(), xc)
+                else:  # low-precision product, accumulated over chunks in fp32
+                    grad_w += (g.t() @ xc).to(acc)
+        if need_w and grad_w is None:  # no rows at all
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # kept on ctx (not save_for_backward): backward scales them in place and hands them over, once
+        ctx.grads = (grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        grad_x, grad_w = ctx.saved_tensors
-        gx = grad_x * grad_out.to(grad_x.dtype) if grad_x is not None else None
-        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gx, gw, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward can run only once (its gradients were computed "
+                               "in forward and handed over); recompute the loss instead of retain_graph=True")
+        grad_x, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_x is not None:
+            grad_x.mul_(grad_out.to(grad_x.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
@@ -85,7 +103,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(x.shape)}")
     x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     dtype = _compute_dtype(x, weight)
-    chunk = chunk_rows or _chunk_rows(x2.shape[0], weight.shape[0], x.device)
+    chunk = chunk_rows or _chunk_rows(x2.shape[0], weight.shape[0], weight.shape[1], x.device)
     grad_enabled = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
         return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, chunk, dtype, grad_enabled)
