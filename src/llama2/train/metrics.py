@@ -78,7 +78,8 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None
             if key in name:
                 return half if dtype in (torch.bfloat16, torch.float16) else tf32
         return measure_matmul_tflops(device, dtype, size=4096)
-    return measure_matmul_tflops(device, dtype)
+    # CPUs: the best of a few sizes, so one noisy sample on a shared machine does not inflate MFU
+    return max(measure_matmul_tflops(device, dtype, size=n, seconds=0.3) for n in (512, 1024, 2048))
 
 
 class MetricsLog:
