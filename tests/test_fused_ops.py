@@ -113,3 +113,12 @@ def test_linear_cross_entropy_backward_twice_is_a_clear_error():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         out.backward()
+
+
+def test_rope_keeps_the_input_dtype_with_fp32_tables():
+    x = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    y = apply_rope(x, cos, sin)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y, _rope_reference(x.float(), cos, sin).to(torch.bfloat16))

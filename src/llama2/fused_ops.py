@@ -131,7 +131,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     s1, s2 = sin[..., :half], sin[..., half:]
     out[..., :half].addcmul_(x2, s1 if sign > 0 else s2, value=-sign)
     out[..., half:].addcmul_(x1, s2 if sign > 0 else s1, value=sign)
-    return out
+    return out.to(x.dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

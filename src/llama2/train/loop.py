@@ -263,10 +263,7 @@ class Trainer:
         main = self.env.is_main
         load_into = getattr(self.io, "load_into", None)
         if load_into is not None:  # every process reads its own rows of the weights, nothing is broadcast
-            targets = {}
-            for name, t in self.model.state_dict().items():
-                local, start, _ = st.local_rows(t)
-                targets[name] = (local, start)
+            targets = {name: st.local_rows(t)[:2] for name, t in self.model.state_dict().items()}
             with torch.no_grad():
                 load_into(ckpt, targets)
         else:
@@ -393,23 +390,20 @@ class Trainer:
             self.io.save(self.model, staging)
         else:
             tensors = _gathered(self.model, main)
-            if main:
-                with torch.device("meta"):
-                    skeleton = self.build_model()
 
-                def fetch(name: str) -> Tensor:
-                    got, t = next(tensors)
-                    if got != name:
-                        raise Llama2Error(f"internal: gathered {got!r} while saving {name!r}")
-                    return t
+            def fetch(name: str) -> Tensor:
+                got, t = next(tensors)
+                if got != name:
+                    raise Llama2Error(f"internal: gathered {got!r} while saving {name!r}")
+                return t
 
-                try:
+            try:
+                if main:
+                    with torch.device("meta"):
+                        skeleton = self.build_model()
                     self.io.save(skeleton, staging, fetch=fetch)
-                finally:
-                    for _ in tensors:  # keep the other processes' gathers matched, even after an error
-                        pass
-            else:
-                for _ in tensors:
+            finally:
+                for _ in tensors:  # the other ranks' gathers, and rank 0's after an error: every one must run
                     pass
         staging = Path(broadcast_object(str(staging) if main else None, env))
         barrier(env)  # the staging directory exists for everyone

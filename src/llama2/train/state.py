@@ -3,12 +3,12 @@
     RUN/checkpoints/step-000100/   config.json, model.safetensors, tokenizer files (the checkpoint format)
                                    optimizer-RRRRR-of-WWWWW.pt  each process's rows of the AdamW state
                                    training_state.pt  step, tokens seen, data position, RNG states, last metrics
+    RUN/checkpoints/latest         the name of the newest complete checkpoint
 
 The weights are gathered one tensor at a time and written by rank 0; the optimizer state (twice the fp32
 weights) is never gathered: every process writes its own FSDP shard (rows of dim 0, keyed by parameter name,
 with their offset and the full shape), and a resume with any number of processes reads the rows it owns from
 whichever files hold them (memory-mapped). All files load with `torch.load(weights_only=True)`.
-    RUN/checkpoints/latest         the name of the newest complete checkpoint
 
 A checkpoint is written into RUN/checkpoints/.tmp-step-NNNNNN-PID, every file fsynced, then renamed into place;
 `latest` is rewritten (temp file, fsync, rename) only after that, and older checkpoints beyond keep_last are
@@ -156,7 +156,7 @@ def save_optimizer_shard(osd: dict[str, Any], directory: Path, rank: int, world_
                 value = {"rows": local.detach().cpu(), "start": start, "shape": list(shape)}
             state[name][key] = value
     path = directory / optimizer_shard_name(rank, world_size)
-    torch.save({"format": 2, "rank": rank, "world_size": world_size, "state": state,
+    save_torch({"format": 2, "rank": rank, "world_size": world_size, "state": state,
                 "param_groups": osd["param_groups"]}, path)
     return path
 
