@@ -105,7 +105,7 @@ def log(msg: str, quiet: bool = False) -> None:
 
 
 def runners(hf, name: str, n_tokens: int, args) -> dict[str, callable]:
-    from llama2.generate import Generator, SamplingParams
+    from llama2.inference.generate import Generator, SamplingParams
 
     ids = torch.tensor([PROMPT])
     params = SamplingParams(temperature=0.0, max_new_tokens=n_tokens, stop_ids=[])

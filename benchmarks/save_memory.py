@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from llama2.model import Transformer
     from llama2.train.config import OptimConfig, TrainRecipe
     from llama2.train.loop import Trainer
-    from llama2.train.pretrain import causal_lm_loss
+    from llama2.stages.pretrain import causal_lm_loss
 
     torch.set_num_threads(1)
     cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, vocab_size=args.vocab,

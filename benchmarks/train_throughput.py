@@ -31,7 +31,7 @@ from llama2.model import Transformer
 from llama2.train.config import OptimConfig, TrainRecipe
 from llama2.train.loop import Trainer
 from llama2.train.metrics import flops_per_token, measure_matmul_tflops
-from llama2.train.pretrain import causal_lm_loss
+from llama2.stages.pretrain import causal_lm_loss
 
 SHAPES = {
     "1M": {"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "vocab_size": 2048},

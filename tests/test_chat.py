@@ -1,4 +1,4 @@
-"""The Llama 2 chat format against PAPER.md section 10 built by hand with raw SentencePiece, the training masks,
+"""The Llama 2 chat format against Meta's chat_completion built by hand with raw SentencePiece, the training masks,
 the chat session (history, trimming, commands), and `llama2 chat` through a pipe and a pseudo-terminal."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def dialog(n_turns: int, system: bool, complete: bool) -> list[dict]:
 
 
 def by_hand(sp, n_turns: int, system: bool, complete: bool) -> list[list[int]]:
-    """PAPER.md section 10 written out with raw SentencePiece: one id list per (pair or final) segment."""
+    """Meta's chat_completion written out with raw SentencePiece: one id list per (pair or final) segment."""
     users = list(USERS[:n_turns])
     if system:
         users[0] = "<<SYS>>\n" + SYSTEM + "\n<</SYS>>\n\n" + users[0]

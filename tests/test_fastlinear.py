@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama2 import cpu_kernels
-from llama2.fastlinear import MatvecLinear, with_matvec_kernel
-from llama2.generate import Generator, SamplingParams
+from llama2.inference import cpu_kernels
+from llama2.inference.fastlinear import MatvecLinear, with_matvec_kernel
+from llama2.inference.generate import Generator, SamplingParams
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler or no AVX2/FMA on this machine")
 

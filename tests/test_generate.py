@@ -11,7 +11,7 @@ import torch
 from conftest import random_hf_llama
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
-from llama2.generate import Completion, Generator, SamplingParams, sample, top_k_filter, top_p_filter
+from llama2.inference.generate import Completion, Generator, SamplingParams, sample, top_k_filter, top_p_filter
 from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
 
@@ -334,7 +334,7 @@ def test_int8_quantized_decode(pair, tok):
     hf, model = pair
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = Generator(model, tok, quantize="int8")
-    from llama2.quantize import Int8Linear
+    from llama2.inference.quantize import Int8Linear
 
     assert isinstance(gen.model.lm_head, Int8Linear) and isinstance(model.lm_head, torch.nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
@@ -400,7 +400,7 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
 def test_int8_kernel_matches_q8_0_arithmetic():
     """The C kernel against the q8_0 arithmetic written out in float64: int8 weight and activation blocks of
     32, exact integer block sums, scaled by the two block scales."""
-    from llama2 import cpu_kernels
+    from llama2.inference import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX2/FMA/F16C on this machine")

@@ -1,5 +1,5 @@
 """Tokenizer tests against SentencePiece, llama.cpp's expected ids, llama.cpp's chat-template strings, Hugging Face
-transformers (loading and templating only) and Meta's chat format (PAPER.md section 10)."""
+transformers (loading and templating only) and Meta's chat format (chat_completion)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from llama2.cli import main
 from llama2.errors import Llama2Error
-from llama2.tokenizer import LLAMA2_CHAT_TEMPLATE, Tokenizer, tokenizer_from_gguf, train_tokenizer
+from llama2.chat import LLAMA2_CHAT_TEMPLATE
+from llama2.data.tokenizer_training import train_tokenizer
+from llama2.tokenizer import Tokenizer, tokenizer_from_gguf
 
 SAMPLES = ["Hello world", " Hello  world ", "", " ", "\n\n", "In 2023, 12345 people said: 'naïve café' 😀!",
            "Äpfel\tund Birnen", "日本語のテキスト", "[INST] <<SYS>> not special here </s> <s>"]
@@ -182,7 +184,7 @@ def llama_cpp_expected_jinja(llama_cpp_dir: Path, name: str) -> str:
 
 
 def meta_chat_string(messages: list[dict]) -> str:
-    """PAPER.md section 10 (Meta's chat_completion), with BOS/EOS written as <s>/</s>."""
+    """Meta's chat_completion, with BOS/EOS written as <s>/</s>."""
     b_inst, e_inst, b_sys, e_sys = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
     if messages[0]["role"] == "system":
         messages = [{"role": "user", "content": b_sys + messages[0]["content"] + e_sys + messages[1]["content"]},
@@ -251,7 +253,7 @@ def test_chat_template_refuses_bad_dialogues(hf_tok, messages):
 
 def test_hf_tokenizes_rendered_chat_like_meta(gguf_tok, hf_tok):
     """legacy=True makes "<s>[INST]" encode as Meta does (BOS, then "▁[" "INST" ...): plain text only, since
-    transformers differs from SentencePiece on leading and repeated spaces (ORACLES.md)."""
+    transformers differs from SentencePiece on leading and repeated spaces."""
     msgs = CONVERSATION[1:4]
     meta = [1, *gguf_tok.encode("[INST] Hello [/INST] Hi there ", bos=False), 2,
             1, *gguf_tok.encode("[INST] Who are you [/INST]", bos=False)]

@@ -105,7 +105,7 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def paper_lr(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """PAPER.md s.3, written out independently: linear warm-up, then cosine down to 10% of the peak."""
+    """The paper's schedule (section 2.2), written out independently: linear warm-up, then cosine down to 10% of the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / (total - warmup - 1)
@@ -207,7 +207,7 @@ def test_trainer_matches_a_hand_written_adamw_loop(tmp_path):
     """Accumulation (2 micro-batches of 2 == one batch of 4), clipping, weight decay only on matrices and the
     warm-up + cosine schedule, against torch.optim.AdamW driven by hand."""
     from llama2.train.loop import Trainer
-    from llama2.train.pretrain import causal_lm_loss
+    from llama2.stages.pretrain import causal_lm_loss
 
     cfg = ModelConfig.from_name("tiny", max_seq_len=16)
     g = torch.Generator().manual_seed(1)
@@ -251,7 +251,7 @@ def test_trainer_matches_a_hand_written_adamw_loop(tmp_path):
 def test_loss_matches_transformers_with_masked_labels(tmp_path):
     transformers = pytest.importorskip("transformers")
     from llama2.checkpoint import save_model
-    from llama2.train.pretrain import causal_lm_loss
+    from llama2.stages.pretrain import causal_lm_loss
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny-gqa", max_seq_len=32)).eval()
@@ -281,7 +281,7 @@ def _ramp_source(tmp_path: Path, name: str, lo: int, hi: int, n: int):
 
 
 def test_packed_batches_mixture_ranks_and_state(tmp_path):
-    from llama2.train.batches import PackedBatches
+    from llama2.data.packing import PackedBatches
 
     a = _ramp_source(tmp_path, "a", 10, 400, 5000)
     b = _ramp_source(tmp_path, "b", 500, 990, 3000)
@@ -316,7 +316,7 @@ def test_validation_windows_split_over_processes(tmp_path):
     """Every process gets the same number of batches; the unmasked rows of all processes are exactly the
     windows a single process evaluates."""
     from llama2.data.shards import TokenShards
-    from llama2.train.batches import validation_windows
+    from llama2.data.packing import validation_windows
 
     _ramp_source(tmp_path, "v", 10, 400, 1000)
     val = TokenShards(tmp_path / "v", "val")
@@ -339,8 +339,8 @@ def test_validation_windows_split_over_processes(tmp_path):
 
 
 def test_clear_errors_for_bad_data(tmp_path, shards, tok_dir, recipe_file):
-    from llama2.train.batches import PackedBatches
-    from llama2.train.pretrain import build_pretraining
+    from llama2.data.packing import PackedBatches
+    from llama2.stages.pretrain import build_pretraining
 
     small = _ramp_source(tmp_path, "small", 10, 400, 100)
     with pytest.raises(Llama2Error, match="larger than all the training data"):
@@ -368,7 +368,7 @@ def test_clear_errors_for_bad_data(tmp_path, shards, tok_dir, recipe_file):
 
 SLOW_RUN = """
 import os, signal, sys, time
-import llama2.train.loop as loop, llama2.train.state as state
+import llama2.train.loop as loop, llama2.train.checkpoints as state
 kill_at = int(os.environ.get("KILL_IN_SAVE", "0"))
 train_step = loop.Trainer.train_step
 def slow(self, micro):
@@ -427,7 +427,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_curve(tmp_path, recipe_file
     val = [(r["step"], r["val_loss"]) for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     assert val == [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
                    if "val_loss" in r] and [s for s, _ in val] == [4, 8, 12, 16]
-    from llama2.train.state import list_checkpoints
+    from llama2.train.checkpoints import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(run)] == [12, 16]  # keep_last=2
     from safetensors.torch import load_file
@@ -445,7 +445,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, recipe_file
     assert code == 2
     assert "training stopped without saving" in err and "last good checkpoint" in err and "optim.lr" in err
     assert "loss is nan" in err or "loss is inf" in err or "gradient norm is" in err
-    from llama2.train.state import latest_checkpoint, list_checkpoints
+    from llama2.train.checkpoints import latest_checkpoint, list_checkpoints
 
     latest = latest_checkpoint(run)
     bad_step = int(err.split(" at step ")[1].split(":")[0])
@@ -546,7 +546,7 @@ def _stepped_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimize
 def test_optimizer_state_reassembles_from_any_number_of_shards(tmp_path, layout):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from llama2.train import state as st
+    from llama2.train import checkpoints as st
 
     model, opt = _stepped_optimizer(0)
     osd = get_optimizer_state_dict(model, opt)

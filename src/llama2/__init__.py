@@ -19,9 +19,9 @@ _LAZY = {
     "Tokenizer": "llama2.tokenizer",
     "encode_dialog": "llama2.chat",
     "encode_dialog_for_training": "llama2.chat",
-    "Generator": "llama2.generate",
-    "SamplingParams": "llama2.generate",
-    "Completion": "llama2.generate",
+    "Generator": "llama2.inference.generate",
+    "SamplingParams": "llama2.inference.generate",
+    "Completion": "llama2.inference.generate",
 }
 
 __all__ = ["ModelConfig", "Llama2Error", *_LAZY]

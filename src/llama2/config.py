@@ -10,7 +10,7 @@ from .errors import Llama2Error
 
 
 def ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Feed-forward hidden size exactly as Meta derives it (PAPER.md section 1)."""
+    """Feed-forward hidden size exactly as Meta derives it (Meta's reference model.py)."""
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)

@@ -4,12 +4,11 @@ tokenizer.model from a GGUF vocabulary."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -19,43 +18,21 @@ from .errors import Llama2Error
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-MODEL_MAX_LENGTH = 4096  # Llama 2 context (PAPER.md section 1)
+MODEL_MAX_LENGTH = 4096  # Llama 2 context (the paper, section 2.2)
 N_BYTE_PIECES = 256
 N_SPECIAL = 3  # <unk>, <s>, </s>
 MAX_MODEL_BYTES = 256 * 2**20  # real tokenizer.model files are a few MiB
 
-# Meta's `chat_completion` (PAPER.md section 10) as a Hugging Face chat template. A system message is merged into
-# the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
-# "<s>[INST] {user} [/INST] {assistant} </s>", the final user turn "<s>[INST] {user} [/INST]". A conversation that
-# ends with an assistant message renders that pair completed (useful for training data).
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
-    "{%- if tag in message['content'] -%}"
-    "{{- raise_exception('message content must not contain the special tag ' + tag) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endfor -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
-    "{{- raise_exception('a system message must be followed by a user message') -}}"
-    "{%- endif -%}"
-    "{%- set dialog = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
-    " + messages[1]['content']}] + messages[2:] -%}"
-    "{%- else -%}"
-    "{%- set dialog = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in dialog -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' + (message['content'] | trim) + ' [/INST]' -}}"
-    "{%- else -%}"
-    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
+
+class TokenizerLike(Protocol):
+    """What the chat format and generation need of a tokenizer (Tokenizer provides it; tests may pass stubs)."""
+
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def _resolve_model_file(path: Path | str) -> Path:
@@ -151,6 +128,8 @@ class Tokenizer:
 
     def hf_config(self) -> dict:
         """tokenizer_config.json fields for Hugging Face's LlamaTokenizer."""
+        from .chat import LLAMA2_CHAT_TEMPLATE
+
         return {
             "tokenizer_class": "LlamaTokenizer",
             "bos_token": self.id_to_piece(self.bos_id),
@@ -160,7 +139,7 @@ class Tokenizer:
             "add_bos_token": True,
             "add_eos_token": False,
             # legacy: text after a special token gets SentencePiece's dummy prefix, as when Meta encodes each chat
-            # turn separately ("<s>[INST]" -> <s> "▁[" "INST" ...). That matches PAPER.md section 10.
+            # turn separately ("<s>[INST]" -> <s> "▁[" "INST" ...). That matches Meta's chat_completion.
             "legacy": True,
             "add_prefix_space": None,
             "model_max_length": MODEL_MAX_LENGTH,
@@ -185,117 +164,7 @@ class Tokenizer:
         return d
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def _iter_sentences(paths: list[Path], bar, error: list) -> Iterator[str]:
-    """Lines of .txt files and the lines of each "text" of .jsonl files, streamed; bar counts bytes.
-
-    A problem is stored in `error` and ends the stream (an exception raised inside SentencePiece's iterator
-    would come back as a RuntimeError)."""
-    try:
-        for path in paths:
-            jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-            with path.open("rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    bar.update(len(raw))
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise Llama2Error(f"{path}:{lineno}: not valid UTF-8; convert the file to UTF-8") from None
-                    if jsonl:
-                        if not line.strip():
-                            continue
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise Llama2Error(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl "
-                                              f"file must be an object with a \"text\" field") from None
-                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                            raise Llama2Error(f"{path}:{lineno}: no \"text\" string field; each line of a .jsonl "
-                                              f"file must be an object with a \"text\" field")
-                        for part in obj["text"].splitlines():
-                            if part:
-                                yield part
-                    else:
-                        line = line.rstrip("\r\n")
-                        if line:
-                            yield line
-    except Llama2Error as e:
-        error.append(e)
-
-
-def _training_error(e: RuntimeError, vocab_size: int) -> Llama2Error:
-    msg = str(e)
-    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
-        return Llama2Error(f"--vocab-size {vocab_size} is too large for this training text: it supports at most "
-                           f"{m.group(2)} pieces; lower --vocab-size or give more text")
-    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
-        return Llama2Error(f"--vocab-size {vocab_size} is too small: the 256 byte pieces, 3 special pieces and the "
-                           f"characters of this text need at least {m.group(2)}; raise --vocab-size")
-    if "sentences_.empty()" in msg or "!sentences_" in msg:
-        return Llama2Error("the training input holds no usable text (empty files, or every line longer than "
-                           "--max-sentence-length)")
-    return Llama2Error(f"SentencePiece training failed: {msg.strip()[:300]}")
-
-
-def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | str, *,
-                    max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
-                    quiet: bool = False) -> Tokenizer:
-    """Train a SentencePiece BPE tokenizer with the Llama 2 settings (PAPER.md section 2) on .txt / .jsonl files
-    and save it (tokenizer.model + Hugging Face config) into the output directory."""
-    from tqdm import tqdm
-
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise Llama2Error("no training input given; pass one or more .txt or .jsonl files")
-    for p in paths:
-        if not p.is_file():
-            raise Llama2Error(f"training input not found: {p}")
-    minimum = N_BYTE_PIECES + N_SPECIAL
-    if vocab_size <= minimum:
-        raise Llama2Error(f"--vocab-size {vocab_size} is too small: it must exceed the {N_BYTE_PIECES} byte pieces "
-                          f"+ {N_SPECIAL} special pieces ({minimum}) plus the characters of the text")
-    if max_sentence_length < 1 or input_sentence_size < 0:
-        raise Llama2Error("max_sentence_length must be positive and input_sentence_size non-negative")
-
-    error: list[Llama2Error] = []
-    model = io.BytesIO()
-    total = sum(p.stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading text", disable=quiet) as bar:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=_iter_sentences(paths, bar, error),
-                model_writer=model,
-                model_type="bpe",
-                vocab_size=vocab_size,
-                byte_fallback=True,
-                split_digits=True,
-                normalization_rule_name="identity",
-                add_dummy_prefix=True,
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                character_coverage=0.99995,
-                max_sentencepiece_length=16,
-                max_sentence_length=max_sentence_length,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                hard_vocab_limit=True,
-                num_threads=os.cpu_count() or 1,
-                minloglevel=2 if quiet else 1,
-            )
-        except RuntimeError as e:
-            if error:
-                raise error[0] from None
-            raise _training_error(e, vocab_size) from None
-    if error:
-        raise error[0]
-    return _save_model_bytes(model.getvalue(), output)
-
-
-def _save_model_bytes(data: bytes, output: Path | str) -> Tokenizer:
+def save_model_bytes(data: bytes, output: Path | str) -> Tokenizer:
     """Write a serialized model as output/tokenizer.model plus the Hugging Face files; return it loaded."""
     try:  # validate before anything is written, so a bad vocabulary never replaces a good file
         spm.SentencePieceProcessor().LoadFromSerializedProto(data)
@@ -386,4 +255,4 @@ def tokenizer_from_gguf(gguf_path: Path | str, output_dir: Path | str) -> Tokeni
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
 
-    return _save_model_bytes(proto.SerializeToString(), output_dir)
+    return save_model_bytes(proto.SerializeToString(), output_dir)

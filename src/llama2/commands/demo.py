@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..report.demo import run_demo
     from ..errors import Llama2Error
 
     if args.steps < 1:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..device import resolve_device, resolve_dtype
     from ..errors import Llama2Error
-    from ..generate import Generator, SamplingParams
+    from ..inference.generate import Generator, SamplingParams
     from ..tokenizer import Tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

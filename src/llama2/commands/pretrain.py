@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Llama2Error
     from ..train.config import PretrainRecipe, load_recipe
     from ..train.distributed import shutdown
-    from ..train.pretrain import pretrain
+    from ..stages.pretrain import pretrain
 
     overrides = []
     for item in args.overrides:  # options may also follow the overrides

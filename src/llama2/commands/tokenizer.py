@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..tokenizer import train_tokenizer
+    from ..data.tokenizer_training import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.output, max_sentence_length=args.max_sentence_length,
                           input_sentence_size=args.input_sentence_size, quiet=args.quiet)

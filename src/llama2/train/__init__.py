@@ -11,7 +11,7 @@ __all__ = ["Trainer", "TrainResult", "LossOutput", "HFCheckpointIO", "NonFiniteL
 
 
 def pretrain(recipe: PretrainRecipe, quiet: bool = False) -> TrainResult:
-    """Run (or resume) pretraining; see llama2.train.pretrain."""
-    from .pretrain import pretrain as _pretrain
+    """Run (or resume) pretraining; see llama2.stages.pretrain."""
+    from ..stages.pretrain import pretrain as _pretrain
 
     return _pretrain(recipe, quiet=quiet)

@@ -40,7 +40,7 @@ def expand_path(path: str) -> Path:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a warm-up + cosine (or constant / linear) schedule; defaults are the paper's (PAPER.md s.3)."""
+    """AdamW with a warm-up + cosine (or constant / linear) schedule; defaults are the paper's (paper section 2.2)."""
 
     lr: float = 3e-4
     beta1: float = 0.9

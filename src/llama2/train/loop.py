@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
 from ..errors import Llama2Error
-from . import state as st
+from . import checkpoints as st
 from .config import TrainRecipe, to_dict
 from .distributed import (DistEnv, all_reduce_sum, apply_activation_checkpointing, apply_compile, barrier,
                           broadcast_object, init_distributed, shard_model)

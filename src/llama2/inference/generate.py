@@ -11,22 +11,14 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .errors import Llama2Error
-from .model import KVCache, Transformer
-
-
-class TokenizerLike(Protocol):
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
+from ..errors import Llama2Error
+from ..model import KVCache, Transformer
+from ..tokenizer import TokenizerLike
 
 
 @dataclass

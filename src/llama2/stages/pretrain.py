@@ -13,11 +13,11 @@ from torch import Tensor, nn
 
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from .batches import PackedBatches, validation_windows
-from .config import BuildConfig, PretrainRecipe, expand_path
-from .distributed import DistEnv, barrier, init_distributed
-from .loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from .metrics import flops_per_token
+from ..data.packing import PackedBatches, validation_windows
+from ..train.config import BuildConfig, PretrainRecipe, expand_path
+from ..train.distributed import DistEnv, barrier, init_distributed
+from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
+from ..train.metrics import flops_per_token
 
 
 def causal_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
@@ -62,7 +62,7 @@ def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
     """Build the corpus, tokenizer and shards of `data.build` into its dir where missing; returns the dir."""
     from ..data.corpus import build_corpus
     from ..data.prepare import prepare_shards
-    from ..tokenizer import train_tokenizer
+    from ..data.tokenizer_training import train_tokenizer
 
     root = expand_path(build.dir)
     corpus, tok, shards = root / "corpus", root / "tokenizer", root / "shards"

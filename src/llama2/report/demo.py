@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import Llama2Error
+from ..errors import Llama2Error
 
 # The recipes live in the source checkout's configs/ (the quickstart installs the package in editable mode).
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "pretrain.yaml"
@@ -27,13 +27,13 @@ def run_demo(out: Path, steps: int, quiet: bool = False) -> dict:
     """Run every stage the project has so far; returns the figures it printed."""
     import torch
 
-    from .chat import encode_dialog
-    from .checkpoint import load_model, save_meta
-    from .generate import Generator, SamplingParams
-    from .tokenizer import Tokenizer
-    from .train.config import PretrainRecipe, load_recipe
-    from .train.distributed import shutdown
-    from .train.pretrain import pretrain
+    from ..chat import encode_dialog
+    from ..checkpoint import load_model, save_meta
+    from ..inference.generate import Generator, SamplingParams
+    from ..tokenizer import Tokenizer
+    from ..train.config import PretrainRecipe, load_recipe
+    from ..train.distributed import shutdown
+    from ..stages.pretrain import pretrain
 
     if not RECIPE.is_file():
         raise Llama2Error(f"the demo recipe is missing ({RECIPE}); run the demo from a source checkout "

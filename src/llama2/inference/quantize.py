@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels
-from .model import Transformer
+from ..model import Transformer
 
 
 @torch.library.custom_op("llama2::q8_matmul", mutates_args=())

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_open
-from .errors import Llama2Error
+from ..atomic import atomic_open
+from ..errors import Llama2Error
 
 SKIP = {"step", "tokens", "elapsed_s", "loss", "val_loss", "val_ppl"}
 
@@ -35,7 +35,7 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train.metrics import read_metrics
+    from ..train.metrics import read_metrics
 
     run = Path(run_dir)
     path = run / "metrics.jsonl" if run.is_dir() else run

@@ -1,0 +1,1 @@
+"""Inference: the step-level generation engine, sampling, sequence scoring, and the CPU decoding kernels."""
