@@ -41,6 +41,22 @@ SHAPES = {
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]  # "<s> The quick brown fox jumps" in the Llama vocab
 
 
+def cpu_banner() -> str:
+    """The CPU model and the SIMD flags that matter for the kernels (from /proc/cpuinfo on Linux)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+    return f"{model}; flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
+
+
 def hf_model(shape: dict, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -189,6 +205,7 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_banner()}")
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     for name in args.models.split(","):

@@ -19,6 +19,7 @@ matmuls (bmm / flash attention) are not in the floor, so the bound is generous.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -65,15 +66,46 @@ def sync(device: torch.device) -> None:
 
 
 def ours(cfg: ModelConfig, batch: torch.Tensor, precision: str, compile: bool,
-         device: torch.device) -> Callable[[], float]:
+         device: torch.device) -> tuple[Callable[[], float], Trainer]:
     recipe = TrainRecipe(out_dir=tempfile.mkdtemp(prefix="bench-"), max_steps=10**9, batch_size=batch.shape[0],
                          device=device.type, precision=precision, compile=compile,
                          optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
     trainer = Trainer(recipe, lambda: Transformer(cfg), causal_lm_loss, Repeat(batch), quiet=True)
-    return lambda: trainer.train_step(trainer.batches.next())["loss"]
+    return (lambda: trainer.train_step(trainer.batches.next())["loss"]), trainer
 
 
-def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str, device: torch.device) -> Callable[[], float]:
+def cpu_description() -> str:
+    """The CPU model and the vector / matrix extensions that decide which kernels run (Linux)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    flags = set(found.group(1).split()) if found else set()
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"]
+    have = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+    return (f"{model.group(1).strip() if model else 'unknown CPU'}; flags: {have}; torch cpu capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def profile_step(name: str, step: Callable[[], float], rows: int) -> None:
+    """torch.profiler over one step, ops sorted by their own CPU time (what the GEMM floor leaves out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"--- profile: {name}, one step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
+
+
+def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str, device: torch.device,
+       fused: bool) -> Callable[[], float]:
+    """transformers' model under the loop's own precision scheme (fp32 master weights, bf16 autocast for
+    --precision bf16), the same AdamW implementation (fused or foreach, as our loop picks) and foreach
+    clipping."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
@@ -81,14 +113,15 @@ def hf(cfg: ModelConfig, batch: torch.Tensor, precision: str, device: torch.devi
                        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
                        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(hcfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    kind = {"fused": True} if fused else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, **kind)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> float:
         with amp:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
@@ -141,6 +174,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of our loop")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also print a torch.profiler table (top ROWS ops by self time) of one step of ours "
+                         "and of transformers per size")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch finds no CUDA device; run on a GPU machine or use --device cpu",
@@ -155,20 +191,28 @@ def main() -> None:
     peak_sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
     peak = max(measure_matmul_tflops(device, mm_dtype, size=n, seconds=0.5) for n in peak_sizes)
     where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        print(cpu_description())
     print(f"torch {torch.__version__}, {where}, {args.precision}, batch {args.batch} x {args.seq}; "
           f"matmul peak (best of the run) updated per round, at start {peak * 1e3:.0f} GFLOP/s")
     print(f"{'size':>5} {'params':>8} {'transformers':>13} {'ours':>9} {'ratio':>6} {'compiled':>9} {'ratio':>6} "
           f"{'MFU hf':>7} {'MFU ours':>8} {'MFU comp':>8} {'gemm share':>10} {'bound':>6}")
+    print(f"(AdamW: the loop's own choice, fused or foreach, for both; gemm share = fraction of the bound reached)")
     for name in args.sizes:
         cfg = ModelConfig(**{**SHAPES[name], "max_seq_len": args.seq})
         torch.manual_seed(0)
         batch = torch.randint(3, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
         tokens = args.batch * args.seq
-        runners = {"hf": hf(cfg, batch[:, :args.seq], args.precision, device),
-                   "ours": ours(cfg, batch, args.precision, compile=False, device=device)}
+        runners = {}
+        runners["ours"], trainer = ours(cfg, batch, args.precision, compile=False, device=device)
+        fused = bool(trainer.optimizer.defaults.get("fused"))
+        runners["hf"] = hf(cfg, batch[:, :args.seq], args.precision, device, fused)
         if not args.no_compile:
-            runners["compiled"] = ours(cfg, batch, args.precision, compile=True, device=device)
+            runners["compiled"] = ours(cfg, batch, args.precision, compile=True, device=device)[0]
         runners["floor"] = gemm_floor(cfg, tokens, mm_dtype, device)
+        if args.profile:
+            for k in ("ours", "hf"):
+                profile_step(f"{k} {name} {args.precision}", runners[k], args.profile)
         best = {k: 0.0 for k in runners}
         for k, run in runners.items():  # warm-up (and compilation)
             run()

@@ -574,3 +574,37 @@ def test_read_rows_into_reads_each_shard_of_a_sharded_save(tmp_path):
     bad = {name: (torch.empty(t.shape[0], *[d + 1 for d in t.shape[1:]]), 0) for name, t in sd.items()}
     with pytest.raises(Llama2Error, match="has shape"):
         read_rows_into(tmp_path / "ck", bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kinds: one entry point for causal LMs, classifiers and adapters (test_classifier.py and test_lora.py go deeper)
+
+def test_meta_checkpoint_opens_as_a_classifier_backbone(tmp_path):
+    from llama2.checkpoint import detect_kind, load_checkpoint
+    from llama2.classifier import SequenceClassifier
+
+    hf = random_hf_llama(80, intermediate_size=192, vocab_size=256)
+    write_meta(hf, tmp_path / "meta", 2, meta_params_for(hf.config, multiple_of=32))
+    assert detect_kind(tmp_path / "meta") == "causal_lm"
+    rm = load_checkpoint(tmp_path / "meta", kind="classifier")
+    assert isinstance(rm, SequenceClassifier) and "lm_head.weight" not in rm.state_dict()
+    with torch.no_grad():
+        assert max_diff(rm.hidden(TOKENS), hf.model(TOKENS).last_hidden_state) <= 1e-4
+    with pytest.raises(Llama2Error, match="Meta's layout holds only causal LMs"):
+        save_meta(rm, tmp_path / "back")
+    assert not (tmp_path / "back").exists()
+
+
+def test_kind_mismatches_are_one_clear_error(tmp_path, hf_dir):
+    from llama2.checkpoint import load_checkpoint, save_checkpoint
+
+    with pytest.raises(Llama2Error, match="unknown checkpoint kind 'rm'; choose causal_lm, classifier, adapter"):
+        load_checkpoint(hf_dir, kind="rm")
+    with pytest.raises(Llama2Error, match="holds a causal LM .*, not a PEFT LoRA adapter"):
+        load_model(hf_dir, kind="adapter")
+    model = load_model(hf_dir)
+    with pytest.raises(Llama2Error, match="cannot save a causal LM .* as a sequence classifier"):
+        save_checkpoint(model, tmp_path / "x", kind="classifier")
+    with pytest.raises(Llama2Error, match="no LoRA adapters to save as an adapter"):
+        save_model(model, tmp_path / "x", kind="adapter")
+    assert not (tmp_path / "x").exists()

@@ -1,10 +1,12 @@
 """FSDP2 on 2 CPU processes (torchrun, gloo): the loss curve matches a 1-process run with the same global batch,
 and a checkpoint saved by 2 processes resumes in 1 and the reverse (the weights are the plain HF layout; the
-optimizer state stays sharded, one file per process)."""
+optimizer state stays sharded, one file per process); a stage's frozen reference model is sharded and computes
+what the unsharded model does, and a stage's own step, frozen parameters and extra state resume bit-exactly."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _start(nproc: int, recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llama2", "pretrain", "--config", str(recipe), "--quiet", f"out_dir={out}",
-           "max_steps=4", "save_every=2", "eval_every=2", "global_batch_size=8", "batch_size=2", *extra]
+           "max_steps=4", "save_every=2", "eval_every=2", "global_batch_size=8", "batch_size=2", "precision=fp32", *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
     return subprocess.Popen(cmd, env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -90,3 +92,85 @@ def test_fsdp_two_processes_match_one_and_checkpoints_cross_load(tmp_path, recip
         assert sorted(got) == [1, 2, 3, 4]
         for s in (3, 4):
             assert got[s] == pytest.approx(a[s], rel=1e-5, abs=0), (run.name, s)
+
+
+STAGE_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from llama2.model import Transformer
+from llama2.train.loop import Trainer
+from test_trainer_stages import CFG, KLController, ListBatches, lm_loss, ppo_like, recipe, token_steps
+
+out = Path(sys.argv[1])
+torch.manual_seed(5)
+pi0 = Transformer(CFG)
+start = {k: v.clone() for k, v in pi0.state_dict().items()}
+rank = int(__import__("os").environ["RANK"])
+data = [[b[rank::2] for b in step] for step in token_steps(4, batch=8)]  # this process's half of each batch
+FROZEN = "layers.0.self_attn.*"
+
+
+def make(name, crash_at=None, scorer_from=start):
+    kl, counters, mine = KLController(), {}, {}
+    trainer = Trainer(recipe(out, name, max_steps=4, save_every=2), lambda: Transformer(CFG), lm_loss,
+                      ListBatches(data), initial_weights=lambda: start, frozen=[FROZEN],
+                      step_fn=ppo_like(kl, counters, crash_at), state={"kl": kl}, quiet=True)
+    trainer.add_state("stage", counters)
+    trainer.add_state("mine", mine, per_process=True)
+    trainer.add_reference_model("pi0", lambda: Transformer(CFG))  # built alike in every run: it draws numbers
+    trainer.add_reference_model("scorer", lambda: Transformer(CFG), weights=lambda: scorer_from, save=True)
+    return trainer, kl, counters, mine
+
+
+ref, ref_kl, ref_counters, ref_mine = make("ref")
+assert ref.env.world_size == 2
+pi = ref.references["pi0"]
+assert all(isinstance(p, DTensor) and not p.requires_grad for p in pi.parameters()) and not pi.training
+x = token_steps(1)[0][0][:, :-1]
+with torch.no_grad():
+    torch.testing.assert_close(pi(x), pi0(x), rtol=1e-5, atol=1e-6)
+ref_mine.update(rank=rank, value=torch.tensor([10.0 * rank]))
+ref.fit()
+frozen = {n: p for n, p in ref.model.named_parameters() if n.startswith("layers.0.self_attn.")}
+assert frozen and all(not p.requires_grad and p not in ref.optimizer.state for p in frozen.values())
+for n, p in frozen.items():
+    assert torch.equal(p.full_tensor(), start[n]), n
+with torch.no_grad():
+    torch.testing.assert_close(pi(x), pi0(x), rtol=1e-5, atol=1e-6)  # the reference did not move
+
+crashed, _, _, crashed_mine = make("run", crash_at=3)
+crashed_mine.update(rank=rank, value=torch.tensor([10.0 * rank]))
+try:
+    crashed.fit()
+    raise SystemExit("the run should have crashed")
+except RuntimeError as e:
+    assert "killed" in str(e)
+resumed, kl, counters, mine = make("run", scorer_from={k: torch.zeros_like(v) for k, v in start.items()})
+resumed.fit()
+assert resumed.resumed_from == 2
+with torch.no_grad():  # the saved reference came back from the sharded checkpoint
+    torch.testing.assert_close(resumed.references["scorer"](x), pi0(x), rtol=1e-5, atol=1e-6)
+assert mine["rank"] == rank and torch.equal(mine["value"], torch.tensor([10.0 * rank]))
+assert torch.equal(kl.beta, ref_kl.beta) and counters == ref_counters == {"rollouts": 4}
+for (n, a), b in zip(resumed.model.state_dict().items(), ref.model.state_dict().values()):
+    assert torch.equal(a.full_tensor(), b.full_tensor()), n
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_stage_reference_model_frozen_params_and_state_resume(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(STAGE_WORKER)
+    env = {**SUB_ENV, "PYTHONPATH": os.pathsep.join([SUB_ENV["PYTHONPATH"], str(Path(__file__).parent)])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref") and sorted(losses(tmp_path / "ref")) == [1, 2, 3, 4]
+    names = {c.name for c in (tmp_path / "run" / "checkpoints" / "step-000004").iterdir()}
+    assert {"optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt", "training_state.pt"} <= names
+    assert "pi0" not in names and (tmp_path / "run" / "checkpoints" / "step-000004" / "scorer" / "config.json").is_file()

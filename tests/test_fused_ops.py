@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llama2 import ModelConfig, Transformer
-from llama2.fused_ops import apply_rope, linear_cross_entropy
+from llama2.fused_ops import apply_rope, linear_cross_entropy, rms_norm, swiglu
 from llama2.model import RMSNorm
 
 
@@ -122,3 +122,97 @@ def test_rope_keeps_the_input_dtype_with_fp32_tables():
     y.float().sum().backward()
     assert y.dtype == x.grad.dtype == torch.bfloat16
     torch.testing.assert_close(y, _rope_reference(x.float(), cos, sin).to(torch.bfloat16))
+
+
+def _rms_reference(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_rms_norm_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 24, dtype=torch.float64)
+    out = rms_norm(x, w, 1e-5)
+    ref = _rms_reference(x, w, 1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x[:1, :3], w))
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm(x, w, 1e-5), ref)
+
+
+def test_rms_norm_rounds_once_to_the_output_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(5, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    out = rms_norm(x, w, 1e-5, torch.bfloat16)
+    ref = _rms_reference(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)  # what autocast makes of it
+    g = torch.randn(5, 32).to(torch.bfloat16)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g.float())
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+def _swiglu_reference(x, wg, wu, wd):
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def test_swiglu_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((40, 16), (40, 16), (16, 40))]
+    g = torch.randn(2, 5, 16, dtype=torch.float64)
+    out, ref = swiglu(x, *ws), _swiglu_reference(x, *ws)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (x, *ws), g), torch.autograd.grad(ref, (x, *ws), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda *a: swiglu(*a), (x[:1, :2], *ws))
+    with torch.no_grad():
+        torch.testing.assert_close(swiglu(x, *ws), ref)
+
+
+def test_swiglu_under_bf16_autocast_matches_autocast_linears():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    ws = [(torch.randn(s) * 0.2).requires_grad_() for s in ((64, 32), (64, 32), (32, 64))]
+    g = torch.randn(4, 9, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = swiglu(x, *ws), _swiglu_reference(x, *ws)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(out, (x, *ws), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (x, *ws), g)):
+        assert a.dtype == b.dtype == torch.float32  # gradients of the fp32 master weights
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_model_gradients_equal_the_unfused_modules(autocast, monkeypatch):
+    """The fp32 model (training's master weights) with the fused norm and SwiGLU against plain ops."""
+    import llama2.model as M
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=16)
+    model = Transformer(cfg)
+    tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def run():
+        with amp:
+            loss = model(tokens, targets=targets)
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    loss, grads = run()
+    monkeypatch.setattr(M, "rms_norm", lambda x, w, eps, dt: F.rms_norm(x, w.shape, w, eps).to(dt))
+    monkeypatch.setattr(M, "swiglu", lambda x, wg, wu, wd: _swiglu_reference(x, wg, wu, wd))
+    ref_loss, ref_grads = run()
+    tol = dict(rtol=3e-2, atol=3e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, **tol, msg=name)

@@ -1,5 +1,6 @@
 """Atomic file writes (temp file in the same directory, fsync, rename, fsync the directory): the one mechanism
-every module uses, so a killed process never leaves a half-written file under a real name."""
+every module uses, so a killed process never leaves a half-written file under a real name. Also `make_dir`, the
+one way to create an output directory with a clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +12,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import Llama2Error
+
 TMP_SUFFIX = ".tmp"
+
+
+def make_dir(path: Path | str, what: str = "output directory") -> Path:
+    """Create directory `path` with its parents (fine if it exists); a failure is a Llama2Error naming `what`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise Llama2Error(f"cannot create {what} {path}: a file of that name exists; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Llama2Error(f"cannot create {what} {path}: {e.strerror}") from None
+    return path
 
 
 def fsync_dir(directory: Path) -> None:

@@ -18,10 +18,13 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TextIO
 
-from .chat import Message, TokenizerLike, encode_dialog
+from .chat import Message, encode_dialog
 from .errors import Llama2Error
+
+if TYPE_CHECKING:
+    from .tokenizer import TokenizerLike
 
 HELP = ("commands: /reset (clear the history, keep the system prompt), /system TEXT (set the system prompt "
         "and reset), /exit or Ctrl-D (quit); Ctrl-C stops an answer; start a message with // to send a "

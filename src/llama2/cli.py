@@ -1,4 +1,5 @@
-"""`llama2 <verb>`: every module in llama2.commands registers its own subcommand."""
+"""`llama2 <verb>`: every module in llama2.commands (but those named `_*`, shared helpers) registers its own
+subcommand."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama2", description="The Llama 2 system: models, training, RLHF, chat.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # shared helpers (commands/_options.py), not subcommands
+            continue
         importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
 

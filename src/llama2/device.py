@@ -9,9 +9,6 @@ from .errors import Llama2Error
 if TYPE_CHECKING:  # torch is imported inside the functions so that command parsers load fast
     import torch
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
-
 
 def resolve_device(name: str | None = None) -> torch.device:
     import torch
@@ -27,17 +24,18 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """None/auto: bf16 on a GPU that supports it, else fp32."""
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A dtype name (see llama2.dtypes); None/auto: bf16 on a GPU that supports it, else fp32."""
     import torch
 
-    if name is None or name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise Llama2Error(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))} or auto")
-    return getattr(torch, DTYPES[name])
+    from .dtypes import parse_dtype
+
+    dtype = parse_dtype(name)
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def add_device_args(parser) -> None:

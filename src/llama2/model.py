@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .fused_ops import IGNORE_INDEX, apply_rope, linear_cross_entropy
+from .fused_ops import IGNORE_INDEX, apply_rope, compute_dtype, linear_cross_entropy, rms_norm, swiglu
 
 Device = torch.device | str | None
 
@@ -44,8 +44,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused kernel (training)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # fp32 master weights (training)
+            # under autocast the output is already what autocast would cast it to for the Linears that read it
+            out_dtype = compute_dtype(x, torch.float32)
+            if torch.compiler.is_compiling():  # the compiler fuses the plain ops itself
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(out_dtype)
+            return rms_norm(x, self.weight, self.eps, out_dtype)
         # normalise in fp32, round to the input dtype, then scale (Hugging Face's order, for bf16 weights)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -121,7 +125,11 @@ class FeedForward(nn.Module):
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, device)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if type(gate) is type(up) is type(down) is Linear and not torch.compiler.is_compiling():
+            # plain Linears (not LoRA-wrapped or quantized): gate and up as one GEMM (fused_ops.swiglu)
+            return swiglu(x, gate.weight, up.weight, down.weight)
+        return down(F.silu(gate(x)) * up(x))
 
 
 class Block(nn.Module):
@@ -200,12 +208,34 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: list[KVCache] | None = None,
                 positions: Tensor | None = None, mask: Tensor | None = None,
-                targets: Tensor | None = None) -> Tensor:
-        """Logits (B, T, vocab_size); with `targets` (B, T) instead the summed cross-entropy over the
-        positions whose target is not -100, computed without materialising the logits (fused_ops)."""
+                targets: Tensor | None = None, *, output: str = "logits",
+                temperature: float = 1.0) -> Tensor:
+        """What `output` asks for; every caller (generation, scoring, training) goes through here, so hooks
+        on the root module (FSDP2's all-gathers) run.
+
+        "logits": logits (B, T, vocab_size); with `targets` (B, T) instead the summed cross-entropy over the
+        positions whose target is not -100, computed without materialising the logits (fused_ops).
+        "last": the last position's logits (B, vocab_size), what a prefill or decode step samples from.
+        "hidden": the final-norm hidden states (B, T, dim).
+        "logprobs": log_softmax(logits / temperature) at `targets` (B, T), computed over chunks of positions
+        so the B x T x vocab fp32 logits never exist at once; differentiable (chunks are recomputed in
+        backward). Negative targets score token 0 (the caller masks them).
+        A cache whose `update` takes per-row write positions may get them as a LongTensor `start_pos`."""
         h = self.hidden(tokens, start_pos, cache, positions, mask)
+        if output == "hidden":
+            return h
+        if output == "last":
+            return self.lm_head(h[:, -1])
+        if output == "logprobs":
+            if targets is None:
+                raise ValueError('output="logprobs" needs targets (the token ids to score, (B, T))')
+            from .inference.scoring import chunked_target_logprobs
+
+            return chunked_target_logprobs(h, self.lm_head, targets, temperature)
+        if output != "logits":
+            raise ValueError(f"unknown output {output!r}; choose logits, last, hidden or logprobs")
         if targets is not None:
             return linear_cross_entropy(h, self.lm_head.weight, targets, IGNORE_INDEX)
         return self.lm_head(h)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import sentencepiece as spm
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, make_dir
 from .errors import Llama2Error
 
 MODEL_FILE = "tokenizer.model"
@@ -151,11 +151,7 @@ class Tokenizer:
 
     def save(self, directory: Path | str) -> Path:
         """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into directory (atomically)."""
-        d = Path(directory)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise Llama2Error(f"cannot create tokenizer directory {d}: {e.strerror}") from None
+        d = make_dir(directory, "tokenizer directory")
         cfg = self.hf_config()
         special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token")}
         atomic_write_bytes(d / MODEL_FILE, self._bytes)
@@ -170,11 +166,7 @@ def save_model_bytes(data: bytes, output: Path | str) -> Tokenizer:
         spm.SentencePieceProcessor().LoadFromSerializedProto(data)
     except RuntimeError as e:
         raise Llama2Error(f"the rebuilt SentencePiece model is invalid: {str(e).strip()[:300]}") from None
-    out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Llama2Error(f"cannot create output directory {out}: {e.strerror}") from None
+    out = make_dir(output)
     atomic_write_bytes(out / MODEL_FILE, data)
     tok = Tokenizer(out)
     tok.save(out)

@@ -17,40 +17,13 @@ from torch import Tensor
 
 from ..atomic import fsync_dir
 from ..config import ModelConfig
+from ..dtypes import HF_DTYPE_NAME, parse_dtype  # noqa: F401  (used by hf.py and checkpoint/__init__.py)
 from ..errors import Llama2Error
 from ..model import Transformer
 
-DTYPE_BY_NAME: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp64": torch.float64, "float64": torch.float64,
-}
-HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                 torch.float64: "float64"}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """None/"auto" -> None (keep the checkpoint's dtype); names like "bf16", "torch.float32" -> torch.dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    if key == "auto":
-        return None
-    if key not in DTYPE_BY_NAME:
-        raise Llama2Error(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
-    return DTYPE_BY_NAME[key]
-
-
-def to_halves(w: Tensor, n: int) -> Tensor:
-    """Meta's interleaved rotary rows -> Hugging Face's rotate-halves rows, for n heads."""
-    rows, dim = w.shape
-    hd = rows // n
-    return w.view(n, hd // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
-
 
 def to_interleaved(w: Tensor, n: int) -> Tensor:
-    """Inverse of to_halves: Hugging Face rows -> Meta rows, for n heads."""
+    """Meta's interleaved rotary rows from Hugging Face's rotate-halves rows, for n heads."""
     rows, dim = w.shape
     hd = rows // n
     return w.view(n, 2, hd // 2, dim).transpose(1, 2).reshape(rows, dim)
@@ -97,12 +70,18 @@ class Source:
 
 
 def build_model(config: ModelConfig, plan: dict[str, Source], dtype: torch.dtype, device: torch.device,
-                what: Path, progress: bool = False) -> Transformer:
-    """Check the plan against the model's parameters, then materialise each tensor once and assign it."""
+                what: Path, progress: bool = False, make: Callable[[], torch.nn.Module] | None = None,
+                fresh: dict[str, Callable[[torch.dtype, torch.device], Tensor]] | None = None) -> Transformer:
+    """Check the plan against the model's parameters, then materialise each tensor once and assign it.
+
+    `make()` builds the skeleton (default: Transformer(config)), called under the meta device. `fresh` names
+    the parameters the checkpoint is declared not to have (a new reward head) and makes each one; every other
+    missing or unexpected tensor is an error."""
+    fresh = fresh or {}
     with torch.device("meta"):
-        model = Transformer(config)
+        model = make() if make is not None else Transformer(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    missing = [n for n in expected if n not in plan]
+    missing = [n for n in expected if n not in plan and n not in fresh]
     unexpected = [n for n in plan if n not in expected]
     if missing:
         raise Llama2Error(f"{what}: checkpoint lacks tensor(s) {_few(missing)} that the config requires; the "
@@ -111,7 +90,7 @@ def build_model(config: ModelConfig, plan: dict[str, Source], dtype: torch.dtype
         raise Llama2Error(f"{what}: checkpoint has tensor(s) {_few([f'{n} ({plan[n].where})' for n in unexpected])} "
                           "that the config does not describe (e.g. more layers than n_layers); fix the config")
     for name, shape in expected.items():
-        if plan[name].shape != shape:
+        if name in plan and plan[name].shape != shape:
             raise Llama2Error(f"{plan[name].where}: tensor {name} has shape {list(plan[name].shape)} but the config "
                               f"implies {list(shape)}; the config does not match the weights")
     from tqdm import tqdm
@@ -120,6 +99,9 @@ def build_model(config: ModelConfig, plan: dict[str, Source], dtype: torch.dtype
     state: dict[str, Tensor] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress, leave=False) as bar:
         for name in expected:
+            if name in fresh:
+                state[name] = fresh[name](dtype, device)
+                continue
             t = plan[name].read(dtype, device)
             state[name] = t
             bar.update(t.numel() * t.element_size())
@@ -155,7 +137,8 @@ def check_materialised(model: torch.nn.Module) -> None:
 # Atomic directories: write everything into a hidden sibling, fsync, then move it into place in one step.
 
 CHECKPOINT_FILE_PATTERNS = ("config.json", "generation_config.json", "params.json", "model*.safetensors",
-                            "model.safetensors.index.json", "consolidated.*.pth")
+                            "model.safetensors.index.json", "consolidated.*.pth", "adapter_config.json",
+                            "adapter_model.safetensors")
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -1,4 +1,8 @@
-"""The Hugging Face Llama layout: config.json + model.safetensors (or shards with model.safetensors.index.json)."""
+"""The Hugging Face Llama layout: config.json + model.safetensors (or shards with model.safetensors.index.json).
+
+Two model kinds share it, told apart by config.json's `architectures`: the causal LM (`LlamaForCausalLM`:
+`model.*` + `lm_head.weight`) and the one-label sequence classifier, the reward model
+(`LlamaForSequenceClassification`: `model.*` + `score.weight`, with `num_labels` 1 and `pad_token_id`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..classifier import DEFAULT_PAD_ID, SequenceClassifier, init_score_
 from ..config import ModelConfig
 from ..errors import Llama2Error
 from ..model import Transformer
@@ -23,6 +28,9 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints carry; recomputed by the model
+CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
+ARCHITECTURES = {"LlamaForCausalLM": CAUSAL_LM, "LlamaForSequenceClassification": CLASSIFIER}
+ARCHITECTURE_OF = {kind: arch for arch, kind in ARCHITECTURES.items()}
 
 
 def read_json(path: Path) -> Any:
@@ -80,6 +88,31 @@ def config_from_hf(d: dict[str, Any], where: Path) -> ModelConfig:
         raise Llama2Error(f"{where}: {e}") from None
 
 
+def kind_of_config(d: Any, where: Path) -> str:
+    """"causal_lm" or "classifier" from config.json's `architectures` (absent: a causal LM, as older files)."""
+    archs = d.get("architectures") if isinstance(d, dict) else None
+    if not archs:
+        return CAUSAL_LM
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise Llama2Error(f"{where}: architectures {archs!r} is not supported; this package reads "
+                          f"{' and '.join(ARCHITECTURES)} checkpoints")
+    if archs[0] == "LlamaForSequenceClassification":
+        labels = d.get("num_labels", len(d["id2label"]) if isinstance(d.get("id2label"), dict) else 1)
+        if labels != 1:
+            raise Llama2Error(f"{where}: a sequence classifier with {labels} labels; only one label (a reward "
+                              "model's scalar score) is supported")
+    return ARCHITECTURES[archs[0]]
+
+
+def pad_id_of_config(d: dict[str, Any], cfg: ModelConfig) -> int:
+    """The classifier's pad id: config.json's pad_token_id, else DEFAULT_PAD_ID (<unk>, never EOS)."""
+    pad = d.get("pad_token_id")
+    if isinstance(pad, list):
+        pad = pad[0] if pad else None
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg.vocab_size \
+        else DEFAULT_PAD_ID
+
+
 def config_dtype(d: dict[str, Any]) -> torch.dtype | None:
     """The dtype a config.json declares (`dtype` in transformers 5, `torch_dtype` in 4), if any."""
     for key in ("dtype", "torch_dtype"):
@@ -106,6 +139,14 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": False,
         "torch_dtype": name, "dtype": name,
     }
+
+
+def classifier_config(cfg: ModelConfig, dtype: torch.dtype, pad_id: int) -> dict[str, Any]:
+    """config.json for a one-label LlamaForSequenceClassification (the reward model)."""
+    d = hf_config(cfg, dtype)
+    d.update(architectures=[ARCHITECTURE_OF[CLASSIFIER]], num_labels=1, id2label={"0": "LABEL_0"},
+             label2id={"LABEL_0": 0}, pad_token_id=pad_id)
+    return d
 
 
 def generation_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -145,8 +186,9 @@ def _weight_files(path: Path) -> dict[str, TensorInfo]:
     raise Llama2Error(f"{path}: no {WEIGHTS} or {INDEX}; the checkpoint has no weights")
 
 
-def _our_name(hf_name: str) -> str:
-    return hf_name.removeprefix("model.") if hf_name.startswith("model.") else hf_name
+def our_name(hf: str) -> str:
+    """Hugging Face's parameter name -> ours (the backbone loses its `model.` prefix; the inverse of hf_name)."""
+    return hf.removeprefix("model.")
 
 
 class _Reader:
@@ -179,32 +221,59 @@ class _Reader:
         return Source(info.shape, info.dtype, info.path.name, read)
 
 
-def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progress: bool = False) -> Transformer:
+def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progress: bool = False,
+            kind: str | None = None) -> Transformer:
+    """Open an HF directory as the model of `kind` (default: the kind it holds). A causal LM opens as a
+    classifier too: its backbone is taken, lm_head dropped and the head drawn fresh (init_score_)."""
     d = read_json(path / CONFIG)
     cfg = config_from_hf(d, path / CONFIG)
+    stored = kind_of_config(d, path / CONFIG)
+    kind = kind or stored
+    if kind not in ARCHITECTURE_OF:
+        raise Llama2Error(f"unknown model kind {kind!r} for {path}; choose {' or '.join(ARCHITECTURE_OF)}")
+    if stored == CLASSIFIER and kind == CAUSAL_LM:
+        raise Llama2Error(f"{path} holds a sequence classifier (LlamaForSequenceClassification), which has no LM "
+                          "head; load it as kind='classifier', or load the causal LM it was trained from")
+    make = fresh = None
+    if kind == CLASSIFIER:
+        pad = pad_id_of_config(d, cfg)
+
+        def make() -> Transformer:
+            return SequenceClassifier(cfg, pad_id=pad)
+
+        if stored == CAUSAL_LM:  # the declared-fresh case: a reward model started from a causal LM
+            fresh = {"score.weight": lambda dt, dev: init_score_(torch.empty(1, cfg.dim, dtype=dt, device=dev))}
     infos = _weight_files(path)
     with ExitStack() as stack:
         reader = _Reader(stack)
         plan: dict[str, Source] = {}
-        for hf_name, info in infos.items():
-            if hf_name.endswith(IGNORED_SUFFIXES):
+        for key, info in infos.items():
+            if key.endswith(IGNORED_SUFFIXES):
                 continue
-            plan[_our_name(hf_name)] = reader.source(info)
-        if "lm_head.weight" not in plan and d.get("tie_word_embeddings") and "embed_tokens.weight" in plan:
-            plan["lm_head.weight"] = plan["embed_tokens.weight"]  # tied: read the embedding a second time (a copy)
+            plan[our_name(key)] = reader.source(info)
         if dtype is None:
             dtype = config_dtype(d) or (plan["embed_tokens.weight"].dtype if "embed_tokens.weight" in plan
                                         else next(iter(plan.values())).dtype)
-        return build_model(cfg, plan, dtype, device, path, progress)
+        if kind == CLASSIFIER and stored == CAUSAL_LM:
+            plan.pop("lm_head.weight", None)
+        elif "lm_head.weight" not in plan and d.get("tie_word_embeddings") and "embed_tokens.weight" in plan:
+            plan["lm_head.weight"] = plan["embed_tokens.weight"]  # tied: read the embedding a second time (a copy)
+        return build_model(cfg, plan, dtype, device, path, progress, make=make, fresh=fresh)
 
 
-def read_rows_into(path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
+def read_rows_into(path: Path, targets: dict[str, tuple[Tensor, int]], unused: tuple[str, ...] = ()) -> None:
     """Fill tensors in place from a Hugging Face checkpoint, reading from disk only the rows each one holds.
 
     `targets` maps our parameter names to (destination, first row): a whole tensor (row 0), or one process's
-    dim-0 shard of it under FSDP2. Every checkpoint tensor must have a target and the reverse."""
+    dim-0 shard of it under FSDP2. Every checkpoint tensor must have a target and the reverse, except the
+    checkpoint tensors named in `unused` (lm_head of a causal-LM base under a classifier adapter)."""
     files = _weight_files(path)
-    ours = {_our_name(n): info for n, info in files.items()}
+    ours = {our_name(n): info for n, info in files.items() if not n.endswith(IGNORED_SUFFIXES)}
+    fill_rows(path, {n: info for n, info in ours.items() if n in targets or n not in unused}, targets)
+
+
+def fill_rows(path: Path, ours: dict[str, TensorInfo], targets: dict[str, tuple[Tensor, int]]) -> None:
+    """read_rows_into's reading: `ours` are the checkpoint's tensors by our names; the two sets must agree."""
     missing, extra = sorted(set(targets) - set(ours)), sorted(set(ours) - set(targets))
     if missing or extra:
         raise Llama2Error(f"{path} does not fit the model: missing {missing[:4]}, unexpected {extra[:4]}; use the "
@@ -225,8 +294,12 @@ def read_rows_into(path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
             dest.copy_(read_tensor(handles[info.path], piece))
 
 
-def _hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
+HEADS = ("lm_head.", "score.")  # top-level modules of the HF models; everything else lives under `model.`
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> Hugging Face's (the backbone under `model.`, the heads at the top)."""
+    return name if name.startswith(HEADS) else f"model.{name}"
 
 
 def _shard(items: list[tuple[str, Tensor]], dtype: torch.dtype, max_bytes: int) -> list[list[tuple[str, Tensor]]]:
@@ -250,12 +323,12 @@ def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_byt
     if max_shard_bytes <= 0:
         raise Llama2Error(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     dtype = dtype or model_dtype(model)
-    items = [(_hf_name(n), t.detach()) for n, t in model.state_dict().items()]
+    items = [(hf_name(n), t.detach()) for n, t in model.state_dict().items()]
     shards = _shard(items, dtype, max_shard_bytes)
     total = sum(t.numel() * dtype.itemsize for _, t in items)
     from tqdm import tqdm
 
-    by_hf = None if fetch is None else (lambda name: fetch(name.removeprefix("model.")))
+    by_hf = None if fetch is None else (lambda name: fetch(our_name(name)))
     with atomic_directory(path) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="saving",
                                              disable=not progress, leave=False) as bar:
         if len(shards) == 1:
@@ -267,8 +340,11 @@ def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_byt
                 write_safetensors(tmp / fname, shard, dtype, on_tensor=bar.update, fetch=by_hf)
                 weight_map.update({name: fname for name, _ in shard})
             write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        write_json(tmp / CONFIG, hf_config(model.config, dtype))
-        write_json(tmp / GENERATION_CONFIG, generation_config(model.config))
+        if isinstance(model, SequenceClassifier):
+            write_json(tmp / CONFIG, classifier_config(model.config, dtype, model.pad_id))
+        else:
+            write_json(tmp / CONFIG, hf_config(model.config, dtype))
+            write_json(tmp / GENERATION_CONFIG, generation_config(model.config))
         if tokenizer is not None:
             tokenizer.save(tmp)
     return path

@@ -1,2 +1,3 @@
 """One module per `llama2` subcommand. Each defines `register(subparsers)` and keeps heavy imports inside
-its handler so `llama2 --help` stays fast."""
+its handler so `llama2 --help` stays fast. Modules named `_*` (`_options`: the sampling flags) are shared
+helpers, not subcommands."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..device import add_device_args
+from ._options import add_sampling_args, sampling_params
 
 
 def register(subparsers) -> None:
@@ -17,10 +19,7 @@ def register(subparsers) -> None:
                     "newlines and \\\\ for backslashes.")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face layout with tokenizer.model)")
     p.add_argument("--system", default=None, help="system prompt (default: none, as Meta's reference code)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6, Meta's chat default)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
-    p.add_argument("--seed", type=int, default=None, help="random seed; answer i uses seed + i (default: random)")
+    add_sampling_args(p, max_new_tokens=512, seed_help="random seed; answer i uses seed + i (default: random)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while the checkpoint loads")
     add_device_args(p)
     p.set_defaults(func=run)
@@ -30,14 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from ..chat_session import ChatSession, InterruptGuard, run_chat
     from ..checkpoint import load_model
     from ..device import resolve_device, resolve_dtype
-    from ..errors import Llama2Error
-    from ..inference.generate import Generator, SamplingParams
+    from ..inference.generate import Generator
     from ..tokenizer import Tokenizer
 
-    if args.temperature < 0:
-        raise Llama2Error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise Llama2Error(f"--top-p must be in (0, 1], got {args.top_p}")
+    base = sampling_params(args)  # checks the flags before the model loads
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = Tokenizer(args.checkpoint)
@@ -49,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     def respond(tokens: list[int], index: int):
         """Stream the answer; say so on stderr when it was cut at --max-new-tokens rather than finished."""
         seed = None if args.seed is None else args.seed + index
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=args.max_new_tokens, seed=seed)
+        params = dataclasses.replace(base, seed=seed)
         completion = yield from generator.stream(tokens, params)
         if completion.finish_reason == "length":
             note = f"[answer cut at --max-new-tokens {args.max_new_tokens}]"

@@ -74,7 +74,7 @@ def tokenizer_for(src: Path, layout: str, to: str):
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import detect_layout, load_model, save_meta, save_model
-    from ..checkpoint.common import parse_dtype
+    from ..dtypes import dtype_name, parse_dtype
 
     src, dst = args.src, args.dst
     layout = detect_layout(src)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         save_meta(model, dst, args.shards, dtype=dtype, tokenizer=tokenizer, progress=progress)
     n = sum(p.numel() for p in model.parameters())
-    dt = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dt = dtype_name(next(model.parameters()).dtype)
     tok = " + tokenizer" if tokenizer is not None else ""
     print(f"converted {src} ({layout}) -> {dst} ({args.to}, {n / 1e6:.1f}M parameters, {dt}{tok})")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..device import add_device_args
+from ._options import add_sampling_args, sampling_params
 
 
 def register(subparsers) -> None:
@@ -15,13 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or Meta layout, "
                                                       "with tokenizer.model)")
     p.add_argument("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold, 1 = off (default 0.9)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens, 0 = off (default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed; fixed, it reproduces a sample")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop when the completion contains STR (not printed); repeatable")
+    add_sampling_args(p, max_new_tokens=256)
     p.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt too long for the context instead of failing")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
@@ -38,13 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..device import resolve_device, resolve_dtype
     from ..errors import Llama2Error
-    from ..inference.generate import Generator, SamplingParams
+    from ..inference.generate import Generator
     from ..tokenizer import Tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, stop=list(args.stop), seed=args.seed,
-                            truncate=args.truncate)
+    params = sampling_params(args, truncate=args.truncate)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise Llama2Error(f"checkpoint directory {ckpt} does not exist; check the path")

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import Llama2Error
 from .dedup import NUM_PERM, SHINGLE_WORDS, DedupCounts, deduplicate, lsh_params
-from ..atomic import atomic_open, atomic_write_json
+from ..atomic import atomic_open, atomic_write_json, make_dir
 from .sources import expand_sources, source_documents
 
 TRAIN_FILE, VAL_FILE, STATS_FILE = "train.jsonl", "val.jsonl", "stats.json"
@@ -83,10 +83,7 @@ def build_corpus(sources: list[str], paths: list[Path], output: Path, *, val_fra
         raise Llama2Error(f"the sources {', '.join(names)} gave no documents; check the inputs")
 
     train_idx, val_idx = split_documents(len(texts), val_fraction, seed)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Llama2Error(f"cannot create output directory {output}: {e.strerror}") from None
+    make_dir(output)
     train_chars = _write_jsonl(output / TRAIN_FILE, texts, train_idx)
     val_chars = _write_jsonl(output / VAL_FILE, texts, val_idx)
     stats = {

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Llama2Error
-from ..atomic import atomic_open, atomic_write_json, remove_stale_temps
+from ..atomic import atomic_open, atomic_write_json, make_dir, remove_stale_temps
 from .shards import FORMAT, MANIFEST, SPLITS, VERSION, dtype_name, index_name, load_manifest, shard_name, token_dtype
 from .sources import expand_paths, jsonl_texts
 
@@ -173,12 +173,7 @@ def prepare_shards(tokenizer_dir: Path | str, inputs: list[Path], output: Path, 
     header, settings = _header(tok, plan, shard_tokens, val_fraction)
     dtype = token_dtype(tok.vocab_size)
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise Llama2Error(f"--output {output} is a file; give a directory")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise Llama2Error(f"cannot create output directory {output}: {e.strerror}") from None
+    make_dir(output, "--output directory")
 
     splits: dict[str, dict] = {s: {"tokens": 0, "documents": 0, "shards": []} for s in SPLITS}
     resume = {"split": SPLITS[0], "document": 0, "offset": 0}

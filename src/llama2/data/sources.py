@@ -5,15 +5,16 @@ fixed order, so a corpus built twice is the same."""
 from __future__ import annotations
 
 import ast
-import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from typing import Any
 
 from ..errors import Llama2Error
+from .jsonl import field_problem, read_jsonl
 
 SOURCES = ("stdlib", "pydoc", "python-docs", "files")
 DEFAULT_SOURCES = ("stdlib", "pydoc")
@@ -160,29 +161,16 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def jsonl_texts(path: Path) -> Iterator[str]:
+def jsonl_texts(path: Path, progress: Callable[[int], Any] | None = None) -> Iterator[str]:
     """The "text" field of each line of a .jsonl file, streamed; blank lines are skipped. A malformed line is a
-    Llama2Error naming file:line."""
-    hint = 'each line must be a JSON object with a "text" string field'
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise Llama2Error(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise Llama2Error(f"{path}:{lineno}: not valid UTF-8; convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Llama2Error(f"{path}:{lineno}: not valid JSON ({e.msg}); {hint}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise Llama2Error(f"{path}:{lineno}: no \"text\" string field; {hint}")
-            yield obj["text"]
+    Llama2Error naming file:line. progress: called with the bytes of each line read."""
+    reader = read_jsonl(path, hint='each line of a .jsonl file must be a JSON object with a "text" string field',
+                        progress=progress)
+    for lineno, obj in reader:
+        if problem := field_problem(obj, "text", str, "a string"):
+            reader.bad(lineno, problem)
+            continue
+        yield obj["text"]
 
 
 def file_documents(paths: list[Path]) -> Iterator[str]:

@@ -4,7 +4,6 @@ digits, identity normaliser, dummy prefix, unk 0 / BOS 1 / EOS 2 and no pad id."
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -14,8 +13,8 @@ import sentencepiece as spm
 
 from ..errors import Llama2Error
 from ..tokenizer import N_BYTE_PIECES, N_SPECIAL, Tokenizer, save_model_bytes
-
-
+from .jsonl import BadLine
+from .sources import jsonl_texts
 
 
 def _iter_sentences(paths: list[Path], bar, error: list) -> Iterator[str]:
@@ -25,32 +24,21 @@ def _iter_sentences(paths: list[Path], bar, error: list) -> Iterator[str]:
     would come back as a RuntimeError)."""
     try:
         for path in paths:
-            jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+            if path.suffix.lower() in (".jsonl", ".ndjson"):
+                for text in jsonl_texts(path, progress=bar.update):
+                    for part in text.splitlines():
+                        if part:
+                            yield part
+                continue
             with path.open("rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     bar.update(len(raw))
                     try:
-                        line = raw.decode("utf-8")
+                        line = raw.decode("utf-8").rstrip("\r\n")
                     except UnicodeDecodeError:
-                        raise Llama2Error(f"{path}:{lineno}: not valid UTF-8; convert the file to UTF-8") from None
-                    if jsonl:
-                        if not line.strip():
-                            continue
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise Llama2Error(f"{path}:{lineno}: not valid JSON ({e.msg}); each line of a .jsonl "
-                                              f"file must be an object with a \"text\" field") from None
-                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                            raise Llama2Error(f"{path}:{lineno}: no \"text\" string field; each line of a .jsonl "
-                                              f"file must be an object with a \"text\" field")
-                        for part in obj["text"].splitlines():
-                            if part:
-                                yield part
-                    else:
-                        line = line.rstrip("\r\n")
-                        if line:
-                            yield line
+                        raise BadLine(path, lineno, "not valid UTF-8; convert the file to UTF-8") from None
+                    if line:
+                        yield line
     except Llama2Error as e:
         error.append(e)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, make_dir
 from ..errors import Llama2Error
 
 SKIP = {"step", "tokens", "elapsed_s", "loss", "val_loss", "val_ppl"}
@@ -44,8 +44,7 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Pat
     records = read_metrics(path)
     if not records:
         raise Llama2Error(f"{path} holds no metrics yet; plot after some steps have been logged")
-    out = Path(out_dir) if out_dir is not None else path.parent
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out_dir) if out_dir is not None else path.parent
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -33,9 +33,9 @@ def causal_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
     loss_sum = model(tokens[:, :-1], targets=targets)  # fused LM head + cross-entropy
     if labels is None:
         count: Tensor | int = targets.numel()
-        return LossOutput(loss_sum / count, count, count)
+        return LossOutput(loss_sum / count, count, count, perplexity=True)
     count = (targets != IGNORE_INDEX).sum()
-    return LossOutput(loss_sum / count.clamp(min=1), count, targets.numel())
+    return LossOutput(loss_sum / count.clamp(min=1), count, targets.numel(), perplexity=True)
 
 
 def _atomic_build(target: Path, build) -> None:

@@ -4,10 +4,12 @@
 """
 
 from .config import OptimConfig, PretrainRecipe, TrainRecipe, load_recipe
-from .loop import HFCheckpointIO, LossOutput, NonFiniteLoss, Trainer, TrainResult
+from .checkpoints import CheckpointIO, CheckpointManager, FnState
+from .loop import HFCheckpointIO, LossOutput, NonFiniteLoss, StepTotals, Trainer, TrainResult
 
-__all__ = ["Trainer", "TrainResult", "LossOutput", "HFCheckpointIO", "NonFiniteLoss", "TrainRecipe",
-           "OptimConfig", "PretrainRecipe", "load_recipe", "pretrain"]
+__all__ = ["Trainer", "TrainResult", "LossOutput", "StepTotals", "HFCheckpointIO", "CheckpointIO",
+           "CheckpointManager", "FnState", "NonFiniteLoss", "TrainRecipe", "OptimConfig", "PretrainRecipe",
+           "load_recipe", "pretrain"]
 
 
 def pretrain(recipe: PretrainRecipe, quiet: bool = False) -> TrainResult:

@@ -1,14 +1,20 @@
-"""Checkpoint directories of a run and the training state beside the weights.
+"""Checkpoints of a run: directories, atomic commit, and the manager that saves and restores named parts.
 
-    RUN/checkpoints/step-000100/   config.json, model.safetensors, tokenizer files (the checkpoint format)
-                                   optimizer-RRRRR-of-WWWWW.pt  each process's rows of the AdamW state
-                                   training_state.pt  step, tokens seen, data position, RNG states, last metrics
+    RUN/checkpoints/step-000100/   config.json, model.safetensors, tokenizer files: the "model" part (the
+                                   checkpoint format of llama2.checkpoint, through the stage's CheckpointIO)
+                                   NAME/                        another model part (a saved reference model)
+                                   optimizer-RRRRR-of-WWWWW.pt  each process's rows of the "optimizer" part
+                                   NAME-RRRRR-of-WWWWW.pt       ... of another optimizer part
+                                   training_state.pt  every other part: step counters, data position, RNG
+                                                      states (one per process), a stage's own state
     RUN/checkpoints/latest         the name of the newest complete checkpoint
 
-The weights are gathered one tensor at a time and written by rank 0; the optimizer state (twice the fp32
-weights) is never gathered: every process writes its own FSDP shard (rows of dim 0, keyed by parameter name,
-with their offset and the full shape), and a resume with any number of processes reads the rows it owns from
-whichever files hold them (memory-mapped). All files load with `torch.load(weights_only=True)`.
+`CheckpointManager` holds the parts: models (weights written through a CheckpointIO; a sharded model is
+gathered one tensor at a time and written by rank 0), optimizers (never gathered: every process writes its own
+FSDP shard, rows of dim 0 keyed by parameter name with their offset and the full shape, and a resume with any
+number of processes reads the rows it owns from whichever files hold them, memory-mapped), and state parts
+(anything with state_dict()/load_state_dict(), or a dict restored in place; plain data that
+`torch.load(weights_only=True)` reads: tensors, numbers, strings, lists, dicts).
 
 A checkpoint is written into RUN/checkpoints/.tmp-step-NNNNNN-PID, every file fsynced, then renamed into place;
 `latest` is rewritten (temp file, fsync, rename) only after that, and older checkpoints beyond keep_last are
@@ -21,22 +27,296 @@ import os
 import random
 import re
 import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..atomic import atomic_write_text, fsync_dir
 from ..errors import Llama2Error
+from .distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINING_STATE = "training_state.pt"
-OPTIMIZER_STATE = "optimizer.pt"  # one unsharded file: the format of earlier checkpoints, still read
-_OPT_SHARD_RE = re.compile(r"^optimizer-(\d{5})-of-(\d{5})\.pt$")
+MODEL = "model"  # the model part written at the top of the checkpoint directory
+OPTIMIZER = "optimizer"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_PART_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@runtime_checkable
+class CheckpointIO(Protocol):
+    """How a model part's weights are written and read back (llama2.checkpoint provides the causal LM's)."""
+
+    def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
+        """Write the weights directory at `path` (which does not exist yet). With `fetch`, `model` is a meta
+        skeleton and fetch(name) gives each state_dict tensor's data, to be requested in state_dict order."""
+
+    def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
+        """Fill each state_dict entry's (local tensor, first row in the full tensor) in place from the weights
+        directory at `path`, reading only those rows (each process reads its own FSDP shard)."""
+
+
+class FnState:
+    """A state part made of two functions, for plain values: FnState(lambda: self.n, lambda v: setattr(...))."""
+
+    def __init__(self, get: Callable[[], Any], set: Callable[[Any], None]) -> None:  # noqa: A002
+        self._get, self._set = get, set
+
+    def state_dict(self) -> Any:
+        return self._get()
+
+    def load_state_dict(self, state: Any) -> None:
+        self._set(state)
+
+
+class RNGState:
+    """This process's random number generators (python, numpy, torch CPU and CUDA) as a state part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+
+
+@dataclass
+class _ModelPart:
+    model: nn.Module
+    io: CheckpointIO
+    skeleton: Callable[[], nn.Module] | None  # builds the unsharded model on the meta device (sharded saves)
+
+
+@dataclass
+class _OptimizerPart:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class _StatePart:
+    obj: Any
+    per_process: bool
+
+
+class CheckpointManager:
+    """Saves and restores a run's named parts atomically (see the module docstring). Every process calls
+    save() and load() together; parts must be registered in the same order on every process."""
+
+    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int = 3) -> None:
+        self.run_dir = Path(run_dir)
+        self.env = env
+        self.keep_last = keep_last
+        self.parts: dict[str, _ModelPart | _OptimizerPart | _StatePart] = {}
+
+    # ------------------------------------------------------------------------------------------ registering
+
+    def _claim(self, name: str) -> None:
+        if not _PART_NAME_RE.match(name):
+            raise Llama2Error(f"checkpoint part name {name!r}: use letters, digits and _ (starting with a letter)")
+        if name in self.parts:
+            raise Llama2Error(f"checkpoint part {name!r} is registered twice; give each part its own name")
+
+    def add_model(self, name: str, model: nn.Module, io: CheckpointIO,
+                  skeleton: Callable[[], nn.Module] | None = None) -> None:
+        """Weights of `model`, written through `io` (at the top of the checkpoint for name "model", else in
+        the subdirectory `name`). A sharded model needs `skeleton`: a function building it unsharded."""
+        self._claim(name)
+        if self.env.enabled and skeleton is None:
+            raise Llama2Error(f"model part {name!r}: a sharded model needs skeleton= (a function that builds it)")
+        self.parts[name] = _ModelPart(model, io, skeleton)
+
+    def add_optimizer(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer over (some of) `model`'s parameters; each process writes its own shard."""
+        self._claim(name)
+        self.parts[name] = _OptimizerPart(model, optimizer)
+
+    def add_state(self, name: str, obj: Any, per_process: bool = False) -> None:
+        """An object with state_dict()/load_state_dict(), or a dict (restored in place). per_process: each
+        process keeps its own (e.g. RNG); resumed with another number of processes, every one takes rank 0's."""
+        self._claim(name)
+        if not (isinstance(obj, dict) or (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"))):
+            raise Llama2Error(f"state part {name!r}: {type(obj).__name__} has no state_dict()/load_state_dict(); "
+                              "pass such an object, a dict, or wrap a value in FnState(get, set)")
+        self.parts[name] = _StatePart(obj, per_process)
+
+    def remove(self, name: str) -> None:
+        self.parts.pop(name, None)
+
+    # ------------------------------------------------------------------------------------------ save / load
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names (rank 0 reads it, every process gets it), or None."""
+        found = latest_checkpoint(self.run_dir) if self.env.is_main else None
+        found = broadcast_object(str(found) if found else None, self.env)
+        return Path(found) if found else None
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint step-NNNNNN of every part and make it the latest; returns its path."""
+        env, main = self.env, self.env.is_main
+        staging = staging_dir(self.run_dir, step) if main else None
+        models = [(n, p) for n, p in self.parts.items() if isinstance(p, _ModelPart)]
+        models.sort(key=lambda item: item[0] != MODEL)  # the top-level one first: it creates the directory
+        if main and not any(n == MODEL for n, _ in models):
+            staging.mkdir()
+        for name, part in models:
+            _save_weights(part, staging if name == MODEL else (staging / name if main else None), env)
+        staging = Path(broadcast_object(str(staging) if main else None, env))
+        barrier(env)  # the staging directory exists for everyone
+        for name, part in self.parts.items():
+            if isinstance(part, _OptimizerPart):
+                from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+                osd = get_optimizer_state_dict(part.model, part.optimizer)
+                save_optimizer_shard(osd, staging / optimizer_shard_name(env.rank, env.world_size, name))
+                del osd
+        shared: dict[str, Any] = {}
+        per_process: dict[str, list[Any]] = {}
+        for name, part in self.parts.items():
+            if not isinstance(part, _StatePart):
+                continue
+            state = dict(part.obj) if isinstance(part.obj, dict) else part.obj.state_dict()
+            if main or part.per_process:
+                check_plain(state, f"state part {name!r}")
+            if part.per_process:
+                per_process[name] = all_gather_object(state, env)
+            else:
+                shared[name] = state
+        barrier(env)  # every optimizer shard is written
+        final = None
+        if main:
+            save_torch({"step": step, "world_size": env.world_size, "parts": shared, "per_process": per_process},
+                       staging / TRAINING_STATE)
+            final = commit_checkpoint(self.run_dir, staging, step, self.keep_last)
+        final = broadcast_object(str(final) if final else None, env)
+        return Path(final)
+
+    def read_state(self, ckpt: Path) -> dict[str, Any]:
+        """training_state.pt of `ckpt` (read on rank 0, given to every process)."""
+        return broadcast_object(load_torch(ckpt / TRAINING_STATE) if self.env.is_main else None, self.env)
+
+    def load(self, ckpt: Path) -> dict[str, Any]:
+        """Restore every registered part from `ckpt`; returns its training state. A part the checkpoint lacks,
+        or a state part in it that nothing registered, is an error."""
+        env = self.env
+        ts = self.read_state(ckpt)
+        if not isinstance(ts, dict) or "parts" not in ts:
+            raise Llama2Error(f"{ckpt / TRAINING_STATE} is in an older format this version does not read; start "
+                              "again in a new out_dir (or from its weights with init_from)")
+        saved = set(ts["parts"]) | set(ts["per_process"])
+        wanted = {n for n, p in self.parts.items() if isinstance(p, _StatePart)}
+        if wanted != saved:
+            raise Llama2Error(f"{ckpt} holds state parts {sorted(saved)}, this run has {sorted(wanted)}: it was "
+                              "written by another stage or setup; resume it with that one or use a new out_dir")
+        for name, part in self.parts.items():
+            if isinstance(part, _ModelPart):
+                _load_weights(part, ckpt if name == MODEL else ckpt / name, name)
+            elif isinstance(part, _OptimizerPart):
+                _load_optimizer(part, ckpt, name)
+        for name, part in self.parts.items():
+            if isinstance(part, _StatePart):
+                if part.per_process:
+                    states = ts["per_process"][name]
+                    state = states[env.rank] if len(states) == env.world_size else states[0]
+                else:
+                    state = ts["parts"][name]
+                if isinstance(part.obj, dict):
+                    part.obj.clear()
+                    part.obj.update(state)
+                else:
+                    part.obj.load_state_dict(state)
+        return ts
+
+
+def _gathered(model: nn.Module, keep: bool):
+    """(name, full CPU tensor) for each state_dict entry of a sharded model, gathered one at a time; every
+    process must run it to the end (each step is a collective); only `keep` processes get the tensors."""
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, full.detach().cpu() if keep else None
+        del full
+
+
+def _save_weights(part: _ModelPart, path: Path | None, env: DistEnv) -> None:
+    if not env.enabled:
+        part.io.save(part.model, path)
+        return
+    tensors = _gathered(part.model, env.is_main)
+
+    def fetch(name: str) -> Tensor:
+        got, t = next(tensors)
+        if got != name:
+            raise Llama2Error(f"internal: gathered {got!r} while saving {name!r}")
+        return t
+
+    try:
+        if env.is_main:
+            with torch.device("meta"):
+                skeleton = part.skeleton()
+            part.io.save(skeleton, path, fetch=fetch)
+    finally:
+        for _ in tensors:  # the other ranks' gathers, and rank 0's after an error: every one must run
+            pass
+
+
+def _load_weights(part: _ModelPart, path: Path, name: str) -> None:
+    load_into = getattr(part.io, "load_into", None)
+    if load_into is None:
+        raise Llama2Error(f"the checkpoint IO of model part {name!r} ({type(part.io).__name__}) has no "
+                          "load_into(path, targets); implement it to resume")
+    if not path.exists():
+        raise Llama2Error(f"{path} is missing: the checkpoint has no model part {name!r}; it was written by "
+                          "another stage or setup, resume with that one or use a new out_dir")
+    targets = {n: local_rows(t)[:2] for n, t in part.model.state_dict().items()}
+    with torch.no_grad():
+        load_into(path, targets)
+
+
+def _load_optimizer(part: _OptimizerPart, ckpt: Path, name: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    osd = load_optimizer_rows(ckpt, get_optimizer_state_dict(part.model, part.optimizer), name)
+    try:
+        set_optimizer_state_dict(part.model, part.optimizer, osd)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise Llama2Error(f"the optimizer state of {ckpt} does not fit this model/optimizer: {str(e)[:300]}; "
+                          "use the recipe the checkpoint was trained with") from None
+
+
+_PLAIN = (type(None), bool, int, float, str, bytes, Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj: Any, where: str) -> None:
+    """Raise Llama2Error unless `obj` is data that torch.load(weights_only=True) reads back."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(obj, (dict, OrderedDict)):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise Llama2Error(f"{where}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    raise Llama2Error(f"{where} is a {type(obj).__name__}, which checkpoints cannot hold; store tensors, numbers, "
+                      "strings, lists and dicts (give the object state_dict()/load_state_dict() returning those)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint directories
 
 
 def step_name(step: int) -> str:
@@ -117,8 +397,12 @@ def commit_checkpoint(run_dir: Path, staging: Path, step: int, keep_last: int) -
     return final
 
 
-def optimizer_shard_name(rank: int, world_size: int) -> str:
-    return f"optimizer-{rank:05d}-of-{world_size:05d}.pt"
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer state: one file per process, rows of dim 0
+
+
+def optimizer_shard_name(rank: int, world_size: int, part: str = OPTIMIZER) -> str:
+    return f"{part}-{rank:05d}-of-{world_size:05d}.pt"
 
 
 def _shard_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -145,7 +429,7 @@ def local_rows(t: Tensor) -> tuple[Tensor, int, tuple[int, ...]]:
     return local, start, tuple(t.shape)
 
 
-def save_optimizer_shard(osd: dict[str, Any], directory: Path, rank: int, world_size: int) -> Path:
+def save_optimizer_shard(osd: dict[str, Any], path: Path) -> Path:
     """Write this process's part of an optimizer state dict (`get_optimizer_state_dict`, keyed by name)."""
     state: dict[str, dict[str, Any]] = {}
     for name, entries in osd["state"].items():
@@ -155,34 +439,27 @@ def save_optimizer_shard(osd: dict[str, Any], directory: Path, rank: int, world_
                 local, start, shape = local_rows(value)
                 value = {"rows": local.detach().cpu(), "start": start, "shape": list(shape)}
             state[name][key] = value
-    path = directory / optimizer_shard_name(rank, world_size)
-    save_torch({"format": 2, "rank": rank, "world_size": world_size, "state": state,
-                "param_groups": osd["param_groups"]}, path)
+    save_torch({"state": state, "param_groups": osd["param_groups"]}, path)
     return path
 
 
-def _read_optimizer_shards(ckpt: Path) -> list[dict[str, Any]]:
-    files = sorted(p for p in ckpt.iterdir() if _OPT_SHARD_RE.match(p.name))
+def _read_optimizer_shards(ckpt: Path, part: str) -> list[dict[str, Any]]:
+    pattern = re.compile(rf"^{re.escape(part)}-(\d{{5}})-of-(\d{{5}})\.pt$")
+    files = sorted(p for p in ckpt.iterdir() if pattern.match(p.name))
     if not files:
-        if (ckpt / OPTIMIZER_STATE).is_file():  # unsharded: every tensor is one piece starting at row 0
-            full = load_torch(ckpt / OPTIMIZER_STATE)
-            for entries in full["state"].values():
-                for key, v in entries.items():
-                    if isinstance(v, Tensor):
-                        entries[key] = {"rows": v, "start": 0, "shape": list(v.shape)}
-            return [full]
-        raise Llama2Error(f"{ckpt} has no optimizer state (optimizer-*.pt); the checkpoint is incomplete, delete it")
-    world = {int(_OPT_SHARD_RE.match(p.name).group(2)) for p in files}
+        raise Llama2Error(f"{ckpt} has no optimizer state ({part}-*.pt); the checkpoint is incomplete or was "
+                          "written by another stage, delete it or resume with that stage")
+    world = {int(pattern.match(p.name).group(2)) for p in files}
     if len(world) != 1 or len(files) != next(iter(world)):
         raise Llama2Error(f"{ckpt}: optimizer shard files {[p.name for p in files]} are not one complete set; "
                           "the checkpoint is damaged, delete it")
     return [load_torch(p, mmap=True) for p in files]
 
 
-def load_optimizer_rows(ckpt: Path, template: dict[str, Any]) -> dict[str, Any]:
+def load_optimizer_rows(ckpt: Path, template: dict[str, Any], part: str = OPTIMIZER) -> dict[str, Any]:
     """Fill `template` (this process's `get_optimizer_state_dict`, state initialised) in place with the saved
     optimizer state, whatever number of processes wrote it; returns it with the saved param_groups."""
-    shards = _read_optimizer_shards(ckpt)
+    shards = _read_optimizer_shards(ckpt, part)
     for name, entries in template["state"].items():
         for key, target in entries.items():
             if not isinstance(target, Tensor):

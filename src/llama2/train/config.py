@@ -78,7 +78,10 @@ class TrainRecipe:
     global_batch_size: int | None = None  # sequences per optimiser step; if set, grad_accum is derived
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda (under torchrun each process takes cuda:LOCAL_RANK)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA with bf16, else fp32
+    # bf16: autocast to bf16 for compute, fp32 master weights, gradients and optimizer state. auto: bf16 on CUDA
+    # GPUs with bf16 and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo, checked at run
+    # time), fp32 otherwise
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only at the end (if there is validation data)
     save_every: int = 0  # 0 = save only at the end

@@ -82,6 +82,25 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Every process's `obj`, in rank order, on every process."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_tensor(t: Tensor, env: DistEnv) -> Tensor:
+    """Rank 0's tensor (same shape and dtype on every process) on every process, through the backend's device."""
+    if not env.enabled:
+        return t
+    dev = env.device if env.device.type == "cuda" else torch.device("cpu")
+    moved = t.to(dev)
+    dist.broadcast(moved, src=0)
+    return moved
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
@@ -114,11 +133,13 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None) -> None:
+def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None,
+                training: bool = True) -> None:
     """FSDP2: fully_shard each block, then the root (embeddings, final norm, head).
 
     Parameters stay fp32 (the master weights); with param_dtype=bf16 they are gathered in bf16 for compute
-    and gradients are reduced in fp32."""
+    and gradients are reduced in fp32. training=False (a frozen reference model, forward only): every block
+    is resharded after its forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
@@ -126,5 +147,5 @@ def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None 
     blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+        fully_shard(block, reshard_after_forward=not training or i < len(blocks) - 1, **kwargs)
     fully_shard(model, **kwargs)

@@ -3,27 +3,37 @@ distillation).
 
 A stage hands the Trainer:
   - `build_model()`: builds the model (random init); called again on the meta device for save skeletons;
-  - `loss_fn(model, batch) -> LossOutput | (loss, count[, metrics])`: `loss` is the mean over `count` items
-    (tokens for LM losses, pairs for reward models). The optimised objective is the mean over all items of the
-    global batch (all micro-batches of all processes), so masked tokens and uneven batches weigh correctly;
+  - `loss_fn(model, batch) -> LossOutput`: `loss` is the mean over `count` items (tokens for LM losses, pairs
+    for reward models). The optimised objective is the mean over all items of the global batch (all
+    micro-batches of all processes), so masked tokens and uneven batches weigh correctly;
   - `batches`: an object with `next() -> list[batch]` (this process's micro-batches for the next optimiser step)
     and `state_dict()` / `load_state_dict()` (a rank-independent position, saved in checkpoints);
   - optionally `val_batches()`: this process's validation batches (or a {name: batches} mapping); every process
     must yield the same number of batches (pad with fully masked ones);
-  - optionally `initial_weights()`: a full state dict to start from (read on rank 0 only).
+  - optionally `initial_weights()`: a full state dict to start from (read on rank 0 only), with `fresh=`
+    patterns for parameters it may lack (a reward head, LoRA adapters) and `discard=` patterns for entries to
+    drop (an LM head the new model does not have); anything else missing or unexpected is an error;
+  - optionally `trainable=` (name, param) -> bool and/or `frozen=` patterns: frozen parameters get no
+    gradients and no optimizer state;
+  - optionally `step_fn(trainer) -> stats` replacing the default step (PPO: a rollout, then several epochs of
+    `trainer.backward(...)` + `trainer.optimizer_step()`), and `eval_fn(trainer) -> metrics` for evaluation;
+  - optionally extra checkpointed state (`state={name: obj}` or `trainer.add_state`) and frozen reference
+    models (`trainer.add_reference_model`).
 
 The Trainer owns precision (bf16 autocast, fp32 master weights), FSDP2 sharding, AdamW + schedule, gradient
 accumulation and clipping, NaN/inf detection, metrics.jsonl + progress bar, and atomic checkpoints with exact
-resume (see state.py).
+resume (checkpoints.CheckpointManager).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,9 +43,10 @@ from torch import Tensor, nn
 from ..atomic import atomic_write_text
 from ..errors import Llama2Error
 from . import checkpoints as st
+from .checkpoints import CheckpointIO, CheckpointManager, FnState, RNGState
 from .config import TrainRecipe, to_dict
 from .distributed import (DistEnv, all_reduce_sum, apply_activation_checkpointing, apply_compile, barrier,
-                          broadcast_object, init_distributed, shard_model)
+                          broadcast_object, broadcast_tensor, init_distributed, shard_model)
 from .metrics import MetricsLog, peak_tflops
 from .schedule import lr_at
 
@@ -45,31 +56,24 @@ Batch = Any
 @dataclass
 class LossOutput:
     """What a loss function returns. `loss` is the mean over `count` items; `tokens` (default: count) counts
-    processed tokens for throughput; `metrics` are extra per-item means (e.g. accuracy), averaged like the loss."""
+    processed tokens for throughput; `metrics` are extra per-item means (e.g. accuracy), averaged like the loss
+    (in training stats and over validation); `perplexity`: the loss is a mean token negative log-likelihood, so
+    evaluation also reports exp(val_loss)."""
 
     loss: Tensor
     count: float | Tensor
     tokens: float | Tensor | None = None
     metrics: dict[str, float | Tensor] = field(default_factory=dict)
+    perplexity: bool = False
 
 
-LossFn = Callable[[nn.Module, Batch], "LossOutput | tuple"]
+LossFn = Callable[[nn.Module, Batch], LossOutput]
 
 
 class Batches(Protocol):
     def next(self) -> list[Batch]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class CheckpointIO(Protocol):
-    def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
-        """Write the weights directory at `path` (which does not exist yet). With `fetch`, `model` is a meta
-        skeleton and fetch(name) gives each state_dict tensor's data, to be requested in state_dict order."""
-
-    def load(self, path: Path) -> dict[str, Tensor]:
-        """The full fp32 CPU state dict of the weights directory at `path` (resume uses `load_into(path,
-        {name: (local tensor, first row)})` instead where the IO has it: each process reads only its rows)."""
 
 
 class HFCheckpointIO:
@@ -82,11 +86,6 @@ class HFCheckpointIO:
         from ..checkpoint import save_model
 
         save_model(model, path, tokenizer=self.tokenizer, fetch=fetch)
-
-    def load(self, path: Path) -> dict[str, Tensor]:
-        from ..checkpoint import load_model
-
-        return load_model(path, device="cpu", dtype=torch.float32).state_dict()
 
     def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
         """Fill each (tensor, first row) in place, reading only those rows from disk (see read_rows_into)."""
@@ -108,21 +107,23 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _gathered(model: nn.Module, keep: bool) -> Iterator[tuple[str, Tensor | None]]:
-    """(name, full CPU tensor) for each state_dict entry of a sharded model, gathered one at a time; every
-    process must run it to the end (each step is a collective); only `keep` processes get the tensors."""
-    for name, t in model.state_dict().items():
-        full = t.full_tensor() if hasattr(t, "full_tensor") else t
-        yield name, full.detach().cpu() if keep else None
-        del full
+@dataclass
+class StepTotals:
+    """What Trainer.backward measured over the global batch: mean loss and metrics over `count` items."""
+
+    loss: float
+    count: float
+    tokens: float
+    metrics: dict[str, float]
+
+    def stats(self) -> dict[str, float]:
+        return {"loss": self.loss, "tokens": self.tokens, **self.metrics}
 
 
-def _normalize(out: Any) -> LossOutput:
-    if isinstance(out, LossOutput):
-        return out
-    if isinstance(out, tuple) and len(out) in (2, 3):
-        return LossOutput(out[0], out[1], None, dict(out[2]) if len(out) == 3 else {})
-    raise TypeError("loss_fn must return LossOutput or (loss, count[, metrics])")
+def _as_loss_output(out: Any) -> LossOutput:
+    if not isinstance(out, LossOutput):
+        raise TypeError(f"loss_fn must return a LossOutput, got {type(out).__name__}")
+    return out
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -135,29 +136,90 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (flags avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            if flags & {"avx512_bf16", "amx_bf16"}:
+                return True
+    return False
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None (fp32) or bf16, from the recipe's precision and the device."""
+    """None (fp32) or bf16, from the recipe's precision and the device (see TrainRecipe.precision)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise Llama2Error("precision bf16 requested but this GPU has no bf16 support; use precision=fp32")
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    return None
 
 
 def _num(x: float | Tensor) -> Tensor | float:
     return x.detach().double() if isinstance(x, Tensor) else float(x)
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _few(names: Sequence[str], k: int = 4) -> str:
+    names = list(names)
+    return str(names[:k])[:-1] + (f", ... {len(names) - k} more]" if len(names) > k else "]")
+
+
+def match_weights(model_shapes: Mapping[str, tuple[int, ...]], weights: Mapping[str, Tensor],
+                  fresh: Sequence[str] = (), discard: Sequence[str] = ()) -> tuple[str | None, list[str]]:
+    """(error message or None, the model's entries to load) for loading `weights` into a model whose state
+    dict has `model_shapes`: entries matching `discard` are dropped; model entries missing from the weights
+    must match `fresh` (they keep their initialisation); any other missing or unexpected entry, or a fresh
+    pattern matching nothing, is an error."""
+    unused = [p for p in fresh if not any(fnmatchcase(n, p) for n in model_shapes)]
+    if unused:
+        return (f"fresh pattern(s) {unused} match no parameter of the model (its names look like "
+                f"{_few(model_shapes)}); fix the pattern"), []
+    have = {k for k in weights if not _matches(k, discard)}
+    missing = [n for n in model_shapes if n not in have and not _matches(n, fresh)]
+    unexpected = sorted(have - set(model_shapes))
+    if missing or unexpected:
+        return (f"the initial weights do not fit the model: missing {_few(missing)}, unexpected {_few(unexpected)}; "
+                "declare parameters that start fresh (a reward head, adapters) with fresh=[...] and entries to drop "
+                "with discard=[...], or start from weights made for this model"), []
+    for n in model_shapes:
+        if n in have and tuple(weights[n].shape) != tuple(model_shapes[n]):
+            return (f"initial weight {n} has shape {list(weights[n].shape)}, the model's is {list(model_shapes[n])}; "
+                    "start from weights made for this model"), []
+    return None, [n for n in model_shapes if n in have]
+
+
 class Trainer:
-    """The shared loop; see the module docstring. `fit()` trains to recipe.max_steps, resuming if possible."""
+    """The shared loop; see the module docstring. `fit()` trains to recipe.max_steps, resuming if possible.
+
+    What a stage calls: start(), fit(), train_step(), backward(micro, loss_fn), optimizer_step(), evaluate(),
+    save(), autocast(), add_state(name, obj), add_reference_model(name, build, weights), load_full_state(...).
+    """
 
     def __init__(self, recipe: TrainRecipe, build_model: Callable[[], nn.Module], loss_fn: LossFn,
                  batches: Batches, *, val_batches: Callable[[], Iterable[Batch] | Mapping[str, Iterable[Batch]]]
                  | None = None, initial_weights: Callable[[], dict[str, Tensor]] | None = None,
                  checkpoint_io: CheckpointIO | None = None, env: DistEnv | None = None,
-                 flops_per_token: float | None = None, quiet: bool = False) -> None:
+                 flops_per_token: float | None = None, quiet: bool = False,
+                 fresh: Sequence[str] = (), discard: Sequence[str] = (),
+                 trainable: Callable[[str, nn.Parameter], bool] | None = None, frozen: Sequence[str] = (),
+                 step_fn: Callable[[Trainer], Mapping[str, float]] | None = None,
+                 eval_fn: Callable[[Trainer], Mapping[str, float]] | None = None,
+                 state: Mapping[str, Any] | None = None) -> None:
         self.recipe = recipe
         self.env = env or init_distributed(recipe.device)
         self.device = self.env.device
@@ -165,9 +227,12 @@ class Trainer:
         self.batches = batches
         self.val_batches = val_batches
         self.build_model = build_model
+        self.initial_weights = initial_weights
         self.io = checkpoint_io or HFCheckpointIO()
         self.flops_per_token = flops_per_token
         self.quiet = quiet
+        self.fresh, self.discard = list(fresh), list(discard)
+        self.step_fn, self.eval_fn = step_fn, eval_fn
         self.accum = recipe.accumulation(self.env.world_size)
         self.amp_dtype = autocast_dtype(recipe.precision, self.device)
         self.run_dir = Path(recipe.out_dir)
@@ -176,6 +241,8 @@ class Trainer:
         self.elapsed = 0.0
         self.last_record: dict[str, Any] = {}
         self.resumed_from: int | None = None
+        self.references: dict[str, nn.Module] = {}
+        self._started = False
         self._peak: float | None = None
         if self.env.is_main:
             try:
@@ -187,40 +254,38 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
 
         st.seed_everything(recipe.seed)
-        self.model = self._build()
+        self.model = self._build(build_model, training=True,
+                                 select=functools.partial(self._select_trainable, trainable, list(frozen)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
-            raise Llama2Error("the model has no trainable parameters")
+            raise Llama2Error("the model has no trainable parameters; check trainable= / frozen=")
         self.optimizer = self._make_optimizer()
-        found = st.latest_checkpoint(self.run_dir) if self.env.is_main else None
-        ckpt = broadcast_object(str(found) if found else None, self.env)
-        if ckpt is not None:
-            self._resume(Path(ckpt))
-        else:
-            if initial_weights is not None:
-                self._set_full_state(initial_weights() if self.env.is_main else {})
-            self.metrics.truncate(0)
-        if self.env.is_main:
-            import yaml
-
-            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        self.checkpoints = CheckpointManager(self.run_dir, self.env, recipe.keep_last)
+        self.checkpoints.add_model(st.MODEL, self.model, self.io, skeleton=build_model)
+        self.checkpoints.add_optimizer(st.OPTIMIZER, self.model, self.optimizer)
+        self.checkpoints.add_state("trainer", FnState(self._counters, self._set_counters))
+        self.checkpoints.add_state("batches", batches)
+        for name, obj in (state or {}).items():
+            self.add_state(name, obj)
 
     # ---------------------------------------------------------------- setup
 
-    def _build(self) -> nn.Module:
+    def _build(self, build: Callable[[], nn.Module], *, training: bool,
+               select: Callable[[nn.Module], None]) -> nn.Module:
         r, env = self.recipe, self.env
         if r.init_on_meta:
             with torch.device("meta"):
-                model = self.build_model()
+                model = build()
         else:
-            model = self.build_model().to(self.device)
-        if r.activation_checkpointing:
+            model = build().to(self.device)
+        select(model)  # before sharding: FSDP2 keeps each parameter's requires_grad
+        if training and r.activation_checkpointing:
             apply_activation_checkpointing(model)
         if r.compile:
             apply_compile(model)
         if env.enabled:
             gather_dtype = self.amp_dtype if self.device.type == "cuda" else None
-            shard_model(model, env, param_dtype=gather_dtype)
+            shard_model(model, env, param_dtype=gather_dtype, training=training)
         if r.init_on_meta:
             model.to_empty(device=self.device)
             init = getattr(model, "init_weights", None)
@@ -232,6 +297,18 @@ class Trainer:
             torch.manual_seed(r.seed)
         return model
 
+    @staticmethod
+    def _select_trainable(trainable: Callable[[str, nn.Parameter], bool] | None, frozen: list[str],
+                          model: nn.Module) -> None:
+        named = dict(model.named_parameters())
+        unused = [p for p in frozen if not any(fnmatchcase(n, p) for n in named)]
+        if unused:
+            raise Llama2Error(f"frozen pattern(s) {unused} match no parameter of the model (its names look like "
+                              f"{_few(named)}); fix the pattern")
+        for name, p in named.items():
+            keep = p.requires_grad and not _matches(name, frozen) and (trainable is None or trainable(name, p))
+            p.requires_grad_(keep)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         o = self.recipe.optim
         decay = [p for p in self.params if p.ndim >= 2]
@@ -242,65 +319,116 @@ class Trainer:
         kind = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kind)
 
-    def _set_full_state(self, sd: dict[str, Tensor]) -> None:
-        """Load a full (unsharded) state dict present on rank 0 into the (possibly sharded) model."""
-        try:
-            if self.env.enabled:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def _counters(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
+                "last_metrics": self.last_record}
 
-                set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True,
-                                                                              broadcast_from_rank0=True))
-            else:
-                with torch.no_grad():
-                    self.model.load_state_dict(sd)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise Llama2Error(f"the weights do not fit the model built from the recipe: {str(e)[:400]}; use the "
-                              "recipe the checkpoint was trained with") from None
+    def _set_counters(self, s: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(s["step"]), float(s["tokens_seen"])
+        self.elapsed, self.last_record = float(s["elapsed_s"]), dict(s["last_metrics"])
 
-    def _resume(self, ckpt: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    def add_state(self, name: str, obj: Any, per_process: bool = False) -> None:
+        """Checkpoint `obj` (state_dict()/load_state_dict(), or a dict restored in place) as part `name`;
+        per_process: each process keeps its own. Register before start()/fit() so a resume restores it."""
+        self._not_started("add_state")
+        self.checkpoints.add_state(name, obj, per_process=per_process)
 
-        main = self.env.is_main
-        load_into = getattr(self.io, "load_into", None)
-        if load_into is not None:  # every process reads its own rows of the weights, nothing is broadcast
-            targets = {name: st.local_rows(t)[:2] for name, t in self.model.state_dict().items()}
-            with torch.no_grad():
-                load_into(ckpt, targets)
+    def add_reference_model(self, name: str, build: Callable[[], nn.Module],
+                            weights: Callable[[], dict[str, Tensor]] | None = None, *, save: bool = False,
+                            io: CheckpointIO | None = None) -> nn.Module:
+        """A frozen model beside the trained one (PPO's initial policy, a reward model used for scoring):
+        built and sharded like the trained model, in eval mode, no gradients, loaded strictly from `weights()`
+        (a full state dict read on rank 0; default: the Trainer's initial_weights). Not checkpointed unless
+        save=True (then written through `io`, default the Trainer's, into the checkpoint's subdirectory
+        `name`). Call it under torch.no_grad()."""
+        if save:
+            self._not_started("add_reference_model(save=True)")
+        source = weights or self.initial_weights
+        if source is None:
+            raise Llama2Error(f"reference model {name!r} has no weights: pass weights= (a function returning the "
+                              "full state dict) or give the Trainer initial_weights=")
+        model = self._build(build, training=False, select=lambda m: [p.requires_grad_(False) for p in m.parameters()])
+        model.eval()
+        self.load_full_state(model, source() if self.env.is_main else {})
+        if save:
+            self.checkpoints.add_model(name, model, io or self.io, skeleton=build)
+        self.references[name] = model
+        return model
+
+    def _not_started(self, what: str) -> None:
+        if self._started:
+            raise Llama2Error(f"{what} after training started; register it before start()/fit()")
+
+    def load_full_state(self, model: nn.Module, weights: Mapping[str, Tensor], fresh: Sequence[str] = (),
+                        discard: Sequence[str] = ()) -> None:
+        """Load a full (unsharded) state dict present on rank 0 (the others pass {}) into a possibly sharded
+        model, one tensor at a time; see match_weights for fresh / discard."""
+        env = self.env
+        entries = model.state_dict()
+        problem, names = None, []
+        if env.is_main:
+            problem, names = match_weights({n: tuple(t.shape) for n, t in entries.items()}, weights, fresh, discard)
+        problem, names = broadcast_object((problem, names), env)
+        if problem:
+            raise Llama2Error(problem)
+        wanted = set(names)
+        with torch.no_grad():
+            for name, t in entries.items():
+                if name not in wanted:
+                    continue
+                local, start, shape = st.local_rows(t)
+                if env.enabled:
+                    full = weights[name] if env.is_main else torch.empty(shape)
+                    full = broadcast_tensor(full.to(local.dtype), env)
+                else:
+                    full = weights[name]
+                local.copy_(full[start:start + local.shape[0]] if local.ndim else full)
+                del full
+
+    def start(self) -> None:
+        """Resume from the latest checkpoint if there is one, else load the initial weights; fit() and
+        train_step() call it (once). Every state part and saved reference model must be registered before."""
+        if self._started:
+            return
+        if "rng" not in self.checkpoints.parts:
+            self.checkpoints.add_state("rng", RNGState(), per_process=True)  # last: restored after the rest
+        ckpt = self.checkpoints.latest()
+        if ckpt is not None:
+            self.checkpoints.load(ckpt)
+            self.metrics.truncate(self.step)
+            self.resumed_from = self.step
+            if self.env.is_main and not self.quiet:
+                print(f"resuming from {ckpt} (step {self.step})", flush=True)
         else:
-            self._set_full_state(self.io.load(ckpt) if main else {})
-        osd = st.load_optimizer_rows(ckpt, get_optimizer_state_dict(self.model, self.optimizer))
-        try:
-            set_optimizer_state_dict(self.model, self.optimizer, osd)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise Llama2Error(f"the optimizer state of {ckpt} does not fit this model/optimizer: {str(e)[:300]}; "
-                              "use the recipe the checkpoint was trained with") from None
-        ts = broadcast_object(st.load_torch(ckpt / st.TRAINING_STATE) if main else None, self.env)
-        self.step = int(ts["step"])
-        self.tokens_seen = float(ts["tokens_seen"])
-        self.elapsed = float(ts.get("elapsed_s", 0.0))
-        self.last_record = dict(ts.get("last_metrics", {}))
-        self.batches.load_state_dict(ts["batches"])
-        rngs = ts["rng"]
-        st.restore_rng(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
-        self.metrics.truncate(self.step)
-        self.resumed_from = self.step
-        if main and not self.quiet:
-            print(f"resuming from {ckpt} (step {self.step})", flush=True)
+            if self.initial_weights is not None:
+                self.load_full_state(self.model, self.initial_weights() if self.env.is_main else {},
+                                     self.fresh, self.discard)
+            elif self.fresh or self.discard:
+                raise Llama2Error("fresh= / discard= given without initial_weights: there is nothing to start from")
+            self.metrics.truncate(0)
+        if self.env.is_main:
+            import yaml
+
+            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
+        self._started = True
 
     # ---------------------------------------------------------------- one step
 
-    def _autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training precision's autocast context (a no-op for fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, micro: list[Batch]) -> dict[str, float]:
-        """Forward/backward over this process's micro-batches, then one optimiser update. Raises NonFiniteLoss
-        (before updating) if the loss or the gradient norm is not finite."""
+    def backward(self, micro: Sequence[Batch], loss_fn: LossFn | None = None) -> StepTotals:
+        """Forward + backward of `loss_fn` (default: the Trainer's) over this process's micro-batches, under
+        autocast; the gradients become those of the mean loss over every item of the global batch (all
+        micro-batches of all processes). Call it once per optimizer_step(). Raises NonFiniteLoss if the loss is
+        not finite, Llama2Error if the global batch has no items."""
+        if not micro:
+            raise Llama2Error("backward() got no micro-batches")
+        loss_fn = loss_fn or self.loss_fn
         self.model.train()
-        lr = lr_at(self.step, self.recipe.optim, self.recipe.max_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
         loss_sum: Tensor | float = 0.0
         count: Tensor | float = 0.0
         tokens: Tensor | float = 0.0
@@ -308,8 +436,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             if self.env.enabled:
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)  # type: ignore[operator]
-            with self._autocast():
-                out = _normalize(self.loss_fn(self.model, to_device(batch, self.device)))
+            with self.autocast():
+                out = _as_loss_output(loss_fn(self.model, to_device(batch, self.device)))
             (out.loss * out.count).backward()
             n = _num(out.count)
             loss_sum = loss_sum + out.loss.detach().double() * n
@@ -334,100 +462,96 @@ class Trainer:
                     g.mul_(scale)
             elif grads:
                 torch._foreach_mul_(grads, scale)
+        return StepTotals(loss, n_total, n_tokens, {k: v / n_total for k, v in zip(keys, totals[3:])})
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip the gradients, then one AdamW update at the schedule's rate for the current step, then zero the
+        gradients; returns lr and grad_norm (before clipping). Raises NonFiniteLoss (before updating) if the
+        gradient norm is not finite."""
+        lr = lr_at(self.step, self.recipe.optim, self.recipe.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
-            raise NonFiniteLoss(f"gradient norm is {grad_norm} (loss {loss:.4f})")
+            raise NonFiniteLoss(f"gradient norm is {grad_norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "grad_norm": grad_norm}
+
+    def train_step(self, micro: list[Batch] | None = None) -> dict[str, float]:
+        """One step of the loop: the stage's step_fn(trainer) if it gave one, else backward over `micro`
+        (default: batches.next()) and one optimizer_step(). Then step += 1 and tokens_seen += stats["tokens"].
+        Raises NonFiniteLoss (before updating) if the loss or the gradient norm is not finite."""
+        self.start()
+        self.model.train()
+        if self.step_fn is not None:
+            if micro is not None:
+                raise TypeError("train_step(micro) with a step_fn: the step_fn fetches its own data")
+            stats = dict(self.step_fn(self))
+        else:
+            totals = self.backward(self.batches.next() if micro is None else micro)
+            stats = {**totals.stats(), **self.optimizer_step()}
         self.step += 1
-        self.tokens_seen += n_tokens
-        stats = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
-        stats.update({k: v / n_total for k, v in zip(keys, totals[3:])})
+        self.tokens_seen += float(stats.get("tokens", 0.0))
         return stats
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss (and perplexity) over the fixed validation batches, per group and overall."""
-        if self.val_batches is None:
-            return {}
+        """Over the fixed validation batches, per group and overall: val_loss, the mean of each of
+        LossOutput.metrics as val_NAME (val_NAME/GROUP per group when there are several), val_ppl for
+        perplexity losses; then whatever eval_fn(trainer) returns."""
+        result: dict[str, float] = {}
         self.model.eval()
+        try:
+            if self.val_batches is not None:
+                result.update(self._validation_losses())
+            if self.eval_fn is not None:
+                result.update({k: float(v) for k, v in self.eval_fn(self).items()})
+        finally:
+            self.model.train()
+        return result
+
+    def _validation_losses(self) -> dict[str, float]:
         data = self.val_batches()
         groups = data if isinstance(data, Mapping) else {"": data}
         result: dict[str, float] = {}
-        all_s = all_n = 0.0
+        overall: dict[str, float] = {}
+        perplexity = True
         for name, batches in groups.items():
-            s = n = 0.0
+            sums: dict[str, float] = {}
             for batch in batches:
-                with self._autocast():
-                    out = _normalize(self.loss_fn(self.model, to_device(batch, self.device)))
+                with self.autocast():
+                    out = _as_loss_output(self.loss_fn(self.model, to_device(batch, self.device)))
                 c = float(_num(out.count))
-                s += float(out.loss.double()) * c
-                n += c
-            s, n = all_reduce_sum([s, n], self.env)
-            if name and n > 0 and len(groups) > 1:
-                result[f"val_loss/{name}"] = s / n
-            all_s, all_n = all_s + s, all_n + n
-        if all_n > 0:
-            result["val_loss"] = all_s / all_n
-            result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
-        self.model.train()
+                perplexity = perplexity and out.perplexity
+                for k, v in {"loss": out.loss, **out.metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(_num(v)) * c
+                sums[" count"] = sums.get(" count", 0.0) + c
+            keys = broadcast_object(sorted(sums), self.env)  # every process reduces the same list
+            reduced = dict(zip(keys, all_reduce_sum([sums.get(k, 0.0) for k in keys], self.env)))
+            n = reduced.pop(" count", 0.0)
+            for k, v in reduced.items():
+                overall[k] = overall.get(k, 0.0) + v
+                if name and n > 0 and len(groups) > 1:
+                    result[f"val_{k}/{name}"] = v / n
+            overall[" count"] = overall.get(" count", 0.0) + n
+        n = overall.pop(" count", 0.0)
+        if n > 0:
+            result.update({f"val_{k}": v / n for k, v in overall.items()})
+            if perplexity and "val_loss" in result:
+                result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
         return result
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self) -> Path | None:
-        """Write checkpoint step-NNNNNN atomically. Every process takes part: rank 0 writes the weights, gathered
-        one tensor at a time, and each process writes its own shard of the optimizer state (see state.py)."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        env, main = self.env, self.env.is_main
-        staging = st.staging_dir(self.run_dir, self.step) if main else None
-        if not env.enabled:
-            self.io.save(self.model, staging)
-        else:
-            tensors = _gathered(self.model, main)
-
-            def fetch(name: str) -> Tensor:
-                got, t = next(tensors)
-                if got != name:
-                    raise Llama2Error(f"internal: gathered {got!r} while saving {name!r}")
-                return t
-
-            try:
-                if main:
-                    with torch.device("meta"):
-                        skeleton = self.build_model()
-                    self.io.save(skeleton, staging, fetch=fetch)
-            finally:
-                for _ in tensors:  # the other ranks' gathers, and rank 0's after an error: every one must run
-                    pass
-        staging = Path(broadcast_object(str(staging) if main else None, env))
-        barrier(env)  # the staging directory exists for everyone
-        osd = get_optimizer_state_dict(self.model, self.optimizer)
-        st.save_optimizer_shard(osd, staging, env.rank, env.world_size)
-        del osd
-        rng = st.capture_rng()
-        if env.enabled:
-            import torch.distributed as dist
-
-            rngs: list[Any] = [None] * env.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        barrier(env)  # every optimizer shard is written
-        final = None
-        if main:
-            st.save_torch({"format": 2, "step": self.step, "tokens_seen": self.tokens_seen,
-                           "elapsed_s": self.elapsed, "batches": self.batches.state_dict(), "rng": rngs,
-                           "world_size": env.world_size, "last_metrics": self.last_record},
-                          staging / st.TRAINING_STATE)
-            final = st.commit_checkpoint(self.run_dir, staging, self.step, self.recipe.keep_last)
-        barrier(env)
-        return final
+    def save(self) -> Path:
+        """Write checkpoint step-NNNNNN of every part atomically (checkpoints.CheckpointManager); every process
+        takes part."""
+        return self.checkpoints.save(self.step)
 
     # ---------------------------------------------------------------- the loop
 
@@ -443,21 +567,22 @@ class Trainer:
         """Train until recipe.max_steps (from the latest checkpoint if there is one)."""
         from tqdm import tqdm
 
+        self.start()
         r = self.recipe
-        last_ckpt = st.latest_checkpoint(self.run_dir) if self.env.is_main else None
+        last_ckpt = self.checkpoints.latest()
         if self.step >= r.max_steps:
             if self.env.is_main and not self.quiet:
                 print(f"{self.run_dir}: already at step {self.step} (max_steps {r.max_steps}); nothing to do")
             return TrainResult(self.step, self.tokens_seen, self.last_record, last_ckpt, self.resumed_from)
         bar = tqdm(total=r.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not self.env.is_main, desc="train")
+        evaluates = self.val_batches is not None or self.eval_fn is not None
         window_t0 = time.perf_counter()
-        window = {"steps": 0, "tokens": 0.0, "loss": 0.0}
+        window = {"steps": 0, "tokens": 0.0, "loss": 0.0, "losses": 0}
         try:
             while self.step < r.max_steps:
-                micro = self.batches.next()
                 try:
-                    stats = self.train_step(micro)
+                    stats = self.train_step()
                 except NonFiniteLoss as e:
                     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
                     raise NonFiniteLoss(
@@ -465,11 +590,12 @@ class Trainer:
                         f"(now {r.optim.lr:g}), raise optim.warmup_steps or check the data, then run again "
                         "(it resumes from the last good checkpoint)") from None
                 window["steps"] += 1
-                window["tokens"] += stats["tokens"]
-                window["loss"] += stats["loss"]
+                window["tokens"] += float(stats.get("tokens", 0.0))
+                if "loss" in stats:
+                    window["loss"] += float(stats["loss"])
+                    window["losses"] += 1
                 step = self.step
-                do_eval = self.val_batches is not None and (
-                    (r.eval_every and step % r.eval_every == 0) or step == r.max_steps)
+                do_eval = evaluates and ((r.eval_every and step % r.eval_every == 0) or step == r.max_steps)
                 do_save = (r.save_every and step % r.save_every == 0) or step == r.max_steps
                 if step % r.log_every == 0 or step == r.max_steps or do_eval:
                     if self.device.type == "cuda":
@@ -478,9 +604,11 @@ class Trainer:
                     dt = max(now - window_t0, 1e-9)
                     self.elapsed += dt
                     tps = window["tokens"] / dt
-                    record: dict[str, Any] = {"step": step, "loss": window["loss"] / window["steps"],
-                                              "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                                              "tokens": self.tokens_seen, "tokens_per_s": tps}
+                    record: dict[str, Any] = {"step": step}
+                    if window["losses"]:
+                        record["loss"] = window["loss"] / window["losses"]
+                    record.update({k: stats[k] for k in ("lr", "grad_norm") if k in stats})
+                    record.update({"tokens": self.tokens_seen, "tokens_per_s": tps})
                     mfu = self._mfu(tps)
                     if mfu is not None:
                         record["mfu"] = mfu
@@ -490,11 +618,13 @@ class Trainer:
                     record["elapsed_s"] = self.elapsed
                     self.metrics.append(record)
                     self.last_record = record
-                    post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{tps:,.0f}"}
+                    post = {"tok/s": f"{tps:,.0f}"}
+                    if "loss" in record:
+                        post["loss"] = f"{record['loss']:.4f}"
                     if "val_loss" in record:
                         post["val"] = f"{record['val_loss']:.4f}"
                     bar.set_postfix(post, refresh=False)
-                    window = {"steps": 0, "tokens": 0.0, "loss": 0.0}
+                    window = {"steps": 0, "tokens": 0.0, "loss": 0.0, "losses": 0}
                     window_t0 = time.perf_counter()
                 bar.update(1)
                 if do_save:

@@ -114,17 +114,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (a killed run) is skipped."""
-    out = []
-    with Path(path).open() as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
+    """The records of a metrics.jsonl; bad lines (a torn last line of a killed run) are skipped."""
+    from ..data.jsonl import read_jsonl
+
+    return [rec for _, rec in read_jsonl(path, on_bad_line="skip")]

@@ -1,0 +1,121 @@
+"""The sequence classifier: the reward model of Llama 2 (and the value model of PPO).
+
+The Transformer's backbone (embed_tokens, layers, norm) without the LM head, plus `score`, a bias-free
+Linear(dim, 1): one scalar per row, read at the row's last real (non-padding) token. On disk it is Hugging Face's
+`LlamaForSequenceClassification` with one label (llama2.checkpoint).
+
+The fresh head is drawn from N(0, 1/(dim + 1)) (std 1/sqrt(dim + 1)), the reward-head initialisation of Stiennon
+et al. 2020 ("Learning to summarize from human feedback"): the final hidden states are RMS-normalised (about
+unit scale per coordinate), so initial rewards are O(1) and differ between responses, and gradients reach the
+backbone from the first step (a zero head would pass none to it until the head itself had moved).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import Llama2Error
+from .model import Device, Linear, Transformer, causal_mask
+
+DEFAULT_PAD_ID = 0  # <unk> in Llama 2's vocabulary: the tokenizer never emits it for text, and it is not EOS (2)
+
+
+def init_score_(weight: Tensor) -> Tensor:
+    """Draw a fresh reward head in place: N(0, std = 1/sqrt(dim + 1)) (see the module docstring)."""
+    with torch.no_grad():
+        return nn.init.normal_(weight, 0.0, 1.0 / math.sqrt(weight.shape[-1] + 1))
+
+
+class SequenceClassifier(Transformer):
+    """Scores token sequences: `model(tokens, lengths=...)` -> (B,) rewards, one per row.
+
+    The row's score is read at its last real token, given by (first match wins) `lengths` (B,) per-row
+    token counts of a right-padded batch, `attention_mask` (B, T) with 1/True for real tokens (right- or
+    left-padded; left padding shifts positions so each row scores as it would alone), or else as
+    Hugging Face does: the rightmost token that is not `pad_id`. Padding is never recognised by the EOS id.
+    """
+
+    def __init__(self, config: ModelConfig, device: Device = None, pad_id: int = DEFAULT_PAD_ID) -> None:
+        """`device="meta"` builds a skeleton that costs no memory; otherwise the weights are initialised
+        (backbone as Transformer.init_weights, head as init_score_)."""
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool) or not 0 <= pad_id < config.vocab_size:
+            raise Llama2Error(f"pad_id must be a token id in [0, {config.vocab_size}), got {pad_id!r}")
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        super().__init__(config, device="meta")  # built without the LM head's memory, then materialised
+        del self.lm_head
+        self.score = Linear(config.dim, 1, device="meta")
+        self.pad_id = pad_id
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.init_weights()
+
+    @classmethod
+    def from_causal_lm(cls, lm: Transformer, pad_id: int = DEFAULT_PAD_ID) -> SequenceClassifier:
+        """A classifier sharing `lm`'s backbone tensors (no copy), with a fresh head; `lm_head` is dropped."""
+        if isinstance(lm, SequenceClassifier):
+            raise Llama2Error("the model is already a sequence classifier")
+        clf = cls(lm.config, device="meta", pad_id=pad_id)
+        state = {n: t for n, t in lm.state_dict().items() if not n.startswith("lm_head.")}
+        ref = lm.embed_tokens.weight
+        state["score.weight"] = init_score_(torch.empty(1, lm.config.dim, dtype=ref.dtype, device=ref.device))
+        clf.load_state_dict(state, strict=True, assign=True)
+        return clf
+
+    def init_weights(self, std: float = 0.02) -> None:
+        super().init_weights(std)
+        score = getattr(self, "score", None)
+        if score is not None and not score.weight.is_meta:
+            init_score_(score.weight)
+
+    def make_cache(self, *args: object, **kwargs: object) -> NoReturn:
+        raise Llama2Error("a sequence classifier scores whole sequences; it has no KV cache or generation "
+                          "(load the causal LM for that)")
+
+    def last_index(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None,
+                   attention_mask: Tensor | None = None) -> Tensor:
+        """(B,) position of each row's last real token (see the class docstring); rows without one are an error."""
+        B, T = tokens.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=tokens.device).long().reshape(-1)
+            if lengths.shape[0] != B or bool(((lengths < 1) | (lengths > T)).any()):
+                raise Llama2Error(f"lengths must give one count in [1, {T}] per row ({B} rows), got "
+                                  f"{lengths.tolist()}")
+            return lengths - 1
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise Llama2Error(f"attention_mask must have shape {(B, T)} like the tokens, got "
+                                  f"{tuple(attention_mask.shape)}")
+            real = attention_mask.to(tokens.device).bool()
+        else:
+            real = tokens != self.pad_id
+        if not bool(real.any(dim=1).all()):
+            raise Llama2Error("a row of the batch has no real token (all padding); drop it or fix the padding")
+        positions = torch.arange(T, device=tokens.device)
+        return torch.where(real, positions, -1).amax(dim=1)
+
+    def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None,
+                attention_mask: Tensor | None = None, *, per_token: bool = False) -> Tensor:
+        """(B,) one score per row, read at its last real token. per_token=True: (B, T) the head applied at
+        every position (a per-token value estimate, as PPO's value model needs; padded positions hold
+        meaningless values for the caller to mask)."""
+        last = None if per_token else self.last_index(tokens, lengths, attention_mask)
+        positions = mask = None
+        if lengths is None and attention_mask is not None:
+            real = attention_mask.to(tokens.device).bool()
+            if bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after padding: left padding or holes
+                positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+                T = tokens.shape[1]
+                eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
+                # causal and real keys only; each position also sees itself, so padded queries have a key
+                mask = ((causal_mask(T, T, tokens.device) & real[:, None, :]) | eye)[:, None]
+        h = self.hidden(tokens, positions=positions, mask=mask)
+        if last is None:
+            return self.score(h).squeeze(-1)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.score(h[rows, last]).squeeze(-1)

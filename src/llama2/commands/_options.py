@@ -1,0 +1,46 @@
+"""Command-line options shared by the generating commands (generate, chat, serve): one definition of the
+sampling flags and one conversion to `SamplingParams`. Not a subcommand (cli.py skips modules named `_*`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the generation module (torch) is imported only when a command runs
+    from ..inference.generate import SamplingParams
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256, temperature: float = 0.6,
+                      top_p: float = 0.9, top_k: int = 0, seed_help: str | None = None) -> None:
+    """Add --max-new-tokens, --temperature, --top-p, --top-k, --seed and --stop with the given defaults
+    (Meta's: temperature 0.6, top-p 0.9); read them back with `sampling_params(args)`."""
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens to generate (default {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 for greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling threshold, 1 = off (default {top_p})")
+    g.add_argument("--top-k", type=int, default=top_k,
+                   help=f"sample among the k likeliest tokens, 0 = off (default {top_k})")
+    g.add_argument("--seed", type=int, default=None,
+                   help=seed_help or "random seed; fixed, it reproduces a sample (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the output contains STR (not printed); repeatable")
+
+
+def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
+    """SamplingParams from the options of add_sampling_args (plus `overrides`, e.g. truncate=True); a value out
+    of range is a Llama2Error naming the flag."""
+    from ..errors import Llama2Error
+    from ..inference.generate import SamplingParams
+
+    values: dict[str, Any] = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  max_new_tokens=args.max_new_tokens, stop=list(args.stop), seed=args.seed)
+    values.update(overrides)
+    try:
+        return SamplingParams(**values)
+    except Llama2Error as e:
+        # SamplingParams names the field ("sampling: top_p must be ..."); on the command line it is a flag
+        msg = re.sub(r"^sampling: (\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise Llama2Error(msg) from None

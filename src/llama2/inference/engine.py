@@ -1,0 +1,407 @@
+"""A step-level generation engine: requests join and leave between decode steps.
+
+`Engine(model, tokenizer, max_slots, max_len)` owns one KV cache of fixed slots, `[max_slots, n_kv_heads,
+max_len, head_dim]` per layer, allocated once. `add(request)` gives a request a free slot; the next `step()`
+prefills it into that slot (alone, through the model's forward), decodes every other active slot in one forward
+(one row per slot, each with its own rotary position and a `key <= position` mask over its own slot), samples one
+token per request with its own SamplingParams and torch.Generator, and returns the events: new tokens, text
+pieces that never change once emitted, logprobs and finish reasons. `cancel(slot)` ends a request between steps.
+
+Every forward goes through the model's root `__call__` (so FSDP2's hooks run). A server calls add/step/cancel
+from its loop; `Generator.generate`/`stream` are thin loops over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import Llama2Error
+from ..model import KVCache
+from ..tokenizer import TokenizerLike
+from .sampling import Completion, FinishReason, SamplingParams, sample_rows
+
+
+@dataclass
+class Request:
+    """A prompt (token ids, or text encoded with BOS) and how to complete it."""
+
+    prompt: Sequence[int] | str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Event:
+    """What one step did for one request. token: the new token (None when the step only ends the request,
+    e.g. on a stop id, which is not part of the output); text: new text that will never change (a split
+    UTF-8 character and a possible stop-string prefix are held back); logprob / raw_logprob: the token's
+    log-probability under the sampled / the raw distribution; finish_reason and completion: set on the
+    request's last event."""
+
+    slot: int
+    token: int | None
+    text: str
+    logprob: float | None = None
+    raw_logprob: float | None = None
+    finish_reason: FinishReason | None = None
+    completion: Completion | None = None
+
+
+# ------------------------------------------------------------------------------------------- cache views
+
+
+class _PrefillView:
+    """One slot of a KVCache, written from position `start` on (KVCache's update semantics)."""
+
+    def __init__(self, cache: KVCache, slot: int) -> None:
+        self.k, self.v = cache.k[slot:slot + 1], cache.v[slot:slot + 1]
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class _DecodeView:
+    """Slots lo..hi-1 of a KVCache for one decode step: row i writes its new key/value at its own position
+    positions[i] and attends over the first `length` positions (the mask hides the rest)."""
+
+    def __init__(self, cache: KVCache, rows: slice, length: int) -> None:
+        self.k, self.v = cache.k[rows], cache.v[rows]
+        self.length = length
+        self.index = torch.arange(self.k.shape[0], device=self.k.device)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[self.index, :, positions] = k[:, :, 0]
+        self.v[self.index, :, positions] = v[:, :, 0]
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+def _decode_forward(model: nn.Module, tokens: Tensor, positions: Tensor, key_valid: Tensor,
+                    views: list[_DecodeView]) -> Tensor:
+    """One decode step: last-position logits (rows, vocab). What torch.compile sees with fixed shapes."""
+    return model(tokens, positions, views, positions=positions[:, None], mask=key_valid, output="last")
+
+
+# ------------------------------------------------------------------------------------ per-request state
+
+
+class _Active:
+    """One request's progress: its slot and cache length, generated tokens and logprobs, stop detection and
+    stable streamed text. Text is decoded from the whole sequence (the prompt too with echo) so pieces join."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: TokenizerLike, stop_ids: set[int],
+                 generator: torch.Generator) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+        self.generator = generator
+        self.slot = -1  # the request's handle (add's return value), stable while it runs
+        self.row = -1  # its row of the KV cache (rows stay packed at the front: it may move)
+        self.length = 0  # positions of the slot holding this request's keys and values
+        self.prefilled = False
+        self.pending: int | None = None  # sampled, not yet fed to the model
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.raw_logprobs: list[float] = []
+        self.prompt_logprobs: list[float] = []
+        self.finish: FinishReason | None = None
+        self.cut: int | None = None  # where a stop string begins in the generated text
+        self._base = list(prompt) if params.echo else []
+        self._base_text = tokenizer.decode(self._base) if params.echo else ""
+        self._gen_text: str | None = ""  # decoded generated text; None when stale
+        self._searched = 0
+        self._emitted = 0
+        self._longest_stop = max((len(s) for s in params.stop), default=0)
+
+    def push(self, token: int, logprob: float, raw_logprob: float) -> bool:
+        """Add a sampled token (False when it is a stop id, which ends the request and is not kept)."""
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return False
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.raw_logprobs.append(raw_logprob)
+        self._gen_text = None
+        if self.params.stop:
+            text = self.gen_text()
+            start = max(0, self._searched - self._longest_stop + 1)
+            hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+            self._searched = len(text)
+            if hits:
+                self.cut = min(hits)
+                self.finish = "stop"
+                return True
+        if len(self.tokens) >= self.params.max_new_tokens:
+            self.finish = "length"
+        return True
+
+    def gen_text(self) -> str:
+        """The generated tokens' text (as it reads after the prompt with echo), before any stop cut."""
+        if self._gen_text is None:
+            self._gen_text = self.tokenizer.decode(self._base + self.tokens)[len(self._base_text):]
+        return self._gen_text
+
+    def text(self) -> str:
+        text = self.gen_text()
+        return self._base_text + (text if self.cut is None else text[:self.cut])
+
+    def new_text(self) -> str:
+        """Text not yet streamed that can no longer change: the whole rest once finished; before that, hold
+        back a trailing U+FFFD (a split multi-byte character) and any tail that may begin a stop string."""
+        if self.finish is not None:
+            safe = self.text()
+        else:
+            gen = self.gen_text().rstrip("\ufffd")
+            safe = self._base_text + gen[:len(gen) - _stop_prefix_len(gen, self.params.stop)]
+        if len(safe) <= self._emitted:
+            return ""
+        piece, self._emitted = safe[self._emitted:], len(safe)
+        return piece
+
+    def completion(self) -> Completion:
+        assert self.finish is not None
+        tokens = self._base + self.tokens
+        lps = raw = None
+        if self.params.logprobs:
+            lps, raw = list(self.logprobs), list(self.raw_logprobs)
+            if self.params.echo:
+                lps, raw = self.prompt_logprobs + lps, self.prompt_logprobs + raw
+        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw)
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Continuous batching over a fixed-slot KV cache (see the module docstring).
+
+    model: a Transformer (possibly quantised, kernel-wrapped or FSDP2-sharded; it is only called through its
+    forward). max_slots: most requests at once. max_len: positions per slot (prompt + generated tokens; default
+    the model's max_seq_len, at most the rotary table's 2 x max_seq_len). compile=True: decode steps run through
+    torch.compile over fixed shapes (every slot, every position; the mask hides what is unused), compiled once.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
+                 max_len: int | None = None, compile: bool = False) -> None:
+        limit = 2 * model.config.max_seq_len  # the rotary table's length
+        if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1:
+            raise Llama2Error(f"max_slots must be an integer >= 1, got {max_slots!r}")
+        if max_len is not None and not 0 < max_len <= limit:
+            raise Llama2Error(f"max_len must be in 1..{limit} for this model, got {max_len}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_slots = max_slots
+        self.max_len = max_len or model.config.max_seq_len
+        ref = model.embed_tokens.weight
+        self.device, self.dtype = ref.device, ref.dtype
+        self.cache = model.make_cache(max_slots, self.max_len, dtype=self.dtype, device=self.device)
+        self.compile = compile
+        self._compiled = None
+        self._static_views: list[_DecodeView] | None = None
+        self._slots: list[_Active | None] = [None] * max_slots  # by handle
+        self._rows: list[_Active] = []  # by cache row: rows 0..len-1 are in use
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return sum(r is None for r in self._slots)
+
+    @property
+    def active(self) -> list[int]:
+        """Slots holding a request (prefilled or waiting for the next step's prefill)."""
+        return [i for i, r in enumerate(self._slots) if r is not None]
+
+    def add(self, request: Request | Sequence[int] | str, params: SamplingParams | None = None) -> int:
+        """Queue a request for the next step's prefill; returns its slot. Raises Llama2Error when the request
+        is invalid (bad ids, too long for max_len) or no slot is free."""
+        if not isinstance(request, Request):
+            request = Request(request, params or SamplingParams())
+        return self._admit(self.prepare(request.prompt, request.params))
+
+    def cancel(self, slot: int) -> Completion | None:
+        """End the request in `slot` now (finish_reason "cancelled") and free the slot; None if it is free."""
+        r = self._slots[slot] if 0 <= slot < self.max_slots else None
+        if r is None:
+            return None
+        self._release(r)
+        if r.finish is None:
+            r.finish = "cancelled"
+        return r.completion()
+
+    def step(self) -> list[Event]:
+        """Decode every active slot one token (and prefill the requests added since the last step, whose first
+        token is sampled here too). Returns one event per request that produced a token or finished."""
+        with torch.no_grad():
+            rows, logits = [], []
+            fed = [r for r in self._rows if r.pending is not None]  # in row order
+            if fed:
+                out = self._decode(fed)
+                rows += fed
+                logits.append(out)
+            events: list[Event] = []
+            for r in [r for r in self._slots if r is not None and not r.prefilled]:
+                out = self._prefill(r)
+                if out is None:  # nothing to generate (max_new_tokens 0): done at once
+                    events.append(self._finish(r, None))
+                    continue
+                rows.append(r)
+                logits.append(out)
+            if not rows:
+                return events
+            tokens, lps, raws = sample_rows(torch.cat(logits), [r.params for r in rows],
+                                            [r.generator for r in rows])
+            for r, tok, lp, raw in zip(rows, tokens.tolist(), lps.tolist(), raws.tolist()):
+                kept = r.push(tok, lp, raw)
+                if r.finish is not None:
+                    events.append(self._finish(r, tok if kept else None, lp if kept else None,
+                                               raw if kept else None))
+                else:
+                    r.pending = tok
+                    events.append(Event(r.slot, tok, r.new_text(), lp, raw))
+            return events
+
+    def run(self) -> Iterator[list[Event]]:
+        """step() until no request is left (what a batch job does; a server calls step itself)."""
+        while self.active:
+            yield self.step()
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def prepare(self, prompt: Sequence[int] | str, params: SamplingParams) -> _Active:
+        """Validate and encode a request (truncating the prompt when params.truncate allows); no slot yet."""
+        if not isinstance(params, SamplingParams):
+            raise Llama2Error(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        ids = self.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else \
+            [int(i) for i in prompt]
+        self._check_ids(ids)
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_len:
+            keep = self.max_len - params.max_new_tokens
+            if not params.truncate or keep < 1:
+                raise Llama2Error(
+                    f"prompt of {len(ids)} tokens + max_new_tokens {params.max_new_tokens} = {need} exceeds the "
+                    f"context of {self.max_len} tokens; shorten the prompt, lower max_new_tokens"
+                    + (", or truncate the prompt (truncate=True / --truncate)" if keep >= 1 else ""))
+            bos = self.tokenizer.bos_id
+            ids = [bos] + ids[len(ids) - keep + 1:] if ids[0] == bos and keep > 1 else ids[len(ids) - keep:]
+        stop_ids = set(params.stop_ids if params.stop_ids is not None else [self.tokenizer.eos_id])
+        gen = torch.Generator(device=self.device)
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        return _Active(ids, params, self.tokenizer, stop_ids, gen)
+
+    def _check_ids(self, ids: list) -> None:
+        n = self.model.config.vocab_size
+        if not ids:
+            raise Llama2Error("empty prompt: give at least one token (text prompts get a BOS)")
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < n)]
+        if bad:
+            raise Llama2Error(f"token id {bad[0]!r} is outside the model's vocabulary (0..{n - 1})")
+
+    def _admit(self, r: _Active) -> int:
+        try:
+            slot = self._slots.index(None)  # the lowest free slot: active slots stay packed at the front
+        except ValueError:
+            raise Llama2Error(f"all {self.max_slots} slots are busy; step() until one finishes, cancel one, "
+                              "or build the engine with more max_slots") from None
+        r.slot, r.row = slot, len(self._rows)
+        self._slots[slot] = r
+        self._rows.append(r)
+        return slot
+
+    def _release(self, r: _Active) -> None:
+        """Free r's slot and cache row; the last row's request moves into the hole, so the rows in use stay
+        0..n-1 and decode steps never compute rows of finished requests."""
+        self._slots[r.slot] = None
+        last = self._rows.pop()
+        if last is r:
+            return
+        self._rows[r.row] = last
+        n = last.length
+        if n:
+            for c in self.cache:
+                c.k[r.row, :, :n] = c.k[last.row, :, :n]
+                c.v[r.row, :, :n] = c.v[last.row, :, :n]
+        last.row = r.row
+
+    def _finish(self, r: _Active, token: int | None, lp: float | None = None, raw: float | None = None) -> Event:
+        self._release(r)
+        return Event(r.slot, token, r.new_text(), lp, raw, r.finish, r.completion())
+
+    def _prefill(self, r: _Active) -> Tensor | None:
+        """Fill r's slot with its prompt; returns the last position's logits (1, vocab), or None when the
+        request generates nothing (it is then finished, its prompt scored if asked)."""
+        r.prefilled = True
+        views = [_PrefillView(c, r.row) for c in self.cache]
+        toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
+        T = toks.shape[1]
+        score = r.params.echo and r.params.logprobs
+        out = None
+        if score:
+            r.prompt_logprobs = [0.0]
+            if T > 1:
+                lp = self.model(toks[:, :-1], 0, views, targets=toks[:, 1:], output="logprobs")
+                r.prompt_logprobs += lp[0].tolist()
+            if r.params.max_new_tokens > 0:
+                out = self.model(toks[:, -1:], T - 1, views, output="last")
+        elif r.params.max_new_tokens > 0:
+            out = self.model(toks, 0, views, output="last")
+        r.length = T
+        if out is None:
+            r.finish = "length"
+        return out
+
+    def _decode(self, rows: list[_Active]) -> Tensor:
+        """Feed each row's pending token at its own position, all rows in one forward; logits (len(rows), V)
+        in the order of rows."""
+        if self.compile:
+            n, length = self.max_slots, self.max_len
+        else:
+            n, length = max(r.row for r in rows) + 1, max(r.length for r in rows) + 1
+        # cache rows < n without a fed request (only requests waiting for this step's prefill, which then
+        # overwrites them) write a token 0 at position 0 of their own row: no effect on the others
+        toks, pos = [0] * n, [0] * n
+        for r in rows:
+            toks[r.row], pos[r.row] = r.pending, r.length
+        tokens = torch.tensor(toks, dtype=torch.long, device=self.device)[:, None]
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        if self.compile:
+            key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+            if self._compiled is None:
+                self._compiled = torch.compile(_decode_forward, dynamic=False)
+                self._static_views = [_DecodeView(c, slice(0, self.max_slots), self.max_len) for c in self.cache]
+            logits = self._compiled(self.model, tokens, positions, key_valid, self._static_views)
+        else:
+            key_valid = None
+            if n > len(rows) or len({r.length for r in rows}) > 1:  # else every row sees all `length` keys
+                key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+            views = [_DecodeView(c, slice(0, n), length) for c in self.cache]
+            logits = _decode_forward(self.model, tokens, positions, key_valid, views)
+        for r in rows:
+            r.length += 1
+            r.pending = None
+        order = [r.row for r in rows]
+        if order == list(range(n)):
+            return logits
+        return logits[torch.tensor(order, device=logits.device)]
