@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def _start(nproc: int, recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llama2", "pretrain", "--config", str(recipe), "--quiet", f"out_dir={out}",
-           "max_steps=4", "save_every=2", "eval_every=2", "global_batch_size=8", "batch_size=2", "precision=fp32", *extra]
+           "max_steps=4", "save_every=2", "eval_every=2", "global_batch_size=8", "batch_size=2", "precision=fp32",
+           *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
     return subprocess.Popen(cmd, env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -173,4 +174,4 @@ def test_fsdp_stage_reference_model_frozen_params_and_state_resume(tmp_path):
     assert losses(tmp_path / "run") == losses(tmp_path / "ref") and sorted(losses(tmp_path / "ref")) == [1, 2, 3, 4]
     names = {c.name for c in (tmp_path / "run" / "checkpoints" / "step-000004").iterdir()}
     assert {"optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt", "training_state.pt"} <= names
-    assert "pi0" not in names and (tmp_path / "run" / "checkpoints" / "step-000004" / "scorer" / "config.json").is_file()
+    assert "pi0" not in names and (tmp_path / "run" / "checkpoints/step-000004/scorer/config.json").is_file()

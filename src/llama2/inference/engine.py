@@ -352,7 +352,6 @@ class Engine:
     def _prefill(self, r: _Active) -> Tensor | None:
         """Fill r's slot with its prompt; returns the last position's logits (1, vocab), or None when the
         request generates nothing (it is then finished, its prompt scored if asked)."""
-        r.prefilled = True
         views = [_PrefillView(c, r.row) for c in self.cache]
         toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
         T = toks.shape[1]
@@ -367,7 +366,7 @@ class Engine:
                 out = self.model(toks[:, -1:], T - 1, views, output="last")
         elif r.params.max_new_tokens > 0:
             out = self.model(toks, 0, views, output="last")
-        r.length = T
+        r.length, r.prefilled = T, True
         if out is None:
             r.finish = "length"
         return out
