@@ -1,8 +1,10 @@
 """Training throughput of llama2's loop against transformers' LlamaForCausalLM + torch.optim.AdamW.
 
-Same shapes, batch, dtype and thread count, measured in the same run (interleaved rounds, best round kept, so a
-noisy shared machine hurts both alike). Each step is a full optimiser step: forward, backward, gradient clipping
-to 1.0, AdamW. Also prints our model-FLOPs utilisation against a matmul peak measured in the same run.
+Same shapes, batch, precision and thread count, measured in the same run (interleaved rounds, best round kept,
+so a noisy shared machine hurts both alike). Each step is a full optimiser step: forward, backward, gradient
+clipping to 1.0 (foreach), AdamW (the implementation our loop picks, fused or foreach, for both). Under
+--precision bf16 both keep fp32 master weights and run forward under bf16 autocast. Prints the CPU model and
+its vector/matrix flags first, and our model-FLOPs utilisation against a matmul peak measured in the same run.
 
 GEMM floor: the same rounds also time exactly the matrix multiplies of one training step and nothing else: for
 every Linear (q, k, v, o, gate, up, down per layer, and the LM head) with M = batch * seq tokens, forward
@@ -13,6 +15,7 @@ matmuls (bmm / flash attention) are not in the floor, so the bound is generous.
 
     python benchmarks/train_throughput.py                    # ~1M, ~6M, ~25M parameters, fp32, eager + compiled
     python benchmarks/train_throughput.py --sizes 1M --precision bf16 --no-compile
+    python benchmarks/train_throughput.py --precision bf16 --no-compile --threads 1 --clock cpu --profile 30
     python benchmarks/train_throughput.py --device cuda --precision bf16 --sizes 1B --batch 4 --seq 2048
 """
 
@@ -154,13 +157,14 @@ def gemm_floor(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.
     return step
 
 
-def tokens_per_s(step: Callable[[], float], tokens: int, steps: int, device: torch.device) -> float:
+def tokens_per_s(step: Callable[[], float], tokens: int, steps: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(steps):
         step()
     sync(device)
-    return tokens * steps / (time.perf_counter() - t0)
+    return tokens * steps / (clock() - t0)
 
 
 def main() -> None:
@@ -174,6 +178,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of our loop")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: time steps by this process's CPU time instead of the wall clock: with --threads 1 "
+                         "on a machine shared with other jobs, time spent waiting for a core is not counted")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="also print a torch.profiler table (top ROWS ops by self time) of one step of ours "
                          "and of transformers per size")
@@ -184,6 +191,10 @@ def main() -> None:
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        print("error: --clock cpu measures one thread's work: use it with --device cpu --threads 1", file=sys.stderr)
+        sys.exit(2)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     device = torch.device(args.device)
     threads = torch.get_num_threads()
@@ -193,7 +204,8 @@ def main() -> None:
     where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     if device.type == "cpu":
         print(cpu_description())
-    print(f"torch {torch.__version__}, {where}, {args.precision}, batch {args.batch} x {args.seq}; "
+    print(f"torch {torch.__version__}, {where}, {args.precision}, batch {args.batch} x {args.seq}, "
+          f"{args.clock} clock; "
           f"matmul peak (best of the run) updated per round, at start {peak * 1e3:.0f} GFLOP/s")
     print(f"{'size':>5} {'params':>8} {'transformers':>13} {'ours':>9} {'ratio':>6} {'compiled':>9} {'ratio':>6} "
           f"{'MFU hf':>7} {'MFU ours':>8} {'MFU comp':>8} {'gemm share':>10} {'bound':>6}")
@@ -219,7 +231,7 @@ def main() -> None:
             run()
         for _ in range(args.rounds):
             for k, run in runners.items():
-                best[k] = max(best[k], tokens_per_s(run, tokens, args.steps, device))
+                best[k] = max(best[k], tokens_per_s(run, tokens, args.steps, device, clock))
             peak = max(peak, measure_matmul_tflops(device, mm_dtype, size=peak_sizes[1], seconds=0.3))
         fpt = flops_per_token(cfg, args.seq)
         mfu = {k: fpt * v / (peak * 1e12) for k, v in best.items()}
