@@ -431,12 +431,13 @@ def test_int8_kernel_matches_q8_0_arithmetic():
 
 
 def test_compiled_decode_equals_eager(tok):
-    """torch.compile'd fixed-shape decoding (GQA, a left-padded batch) gives the eager tokens."""
+    """torch.compile'd fixed-shape decoding (GQA, prompts of different lengths in 2 slots, the third request
+    joining when the first leaves) gives the eager tokens."""
     model = ours_from_hf(random_hf_llama(seed=3, vocab_size=VOCAB, num_key_value_heads=2))
     prompts = [tok.encode(t) for t in TEXTS[:3]]
-    params = SamplingParams(max_new_tokens=10, logprobs=True, **GREEDY)
-    eager = Generator(model, tok).generate(prompts, params)
-    compiled = Generator(model, tok, compile=True).generate(prompts, params)
+    params = [SamplingParams(max_new_tokens=n, logprobs=True, **GREEDY) for n in (4, 10, 8)]
+    eager = [Generator(model, tok).generate([p], q)[0] for p, q in zip(prompts, params)]
+    compiled = Generator(model, tok, compile=True, max_batch_size=2).generate(prompts, params)
     for a, b in zip(eager, compiled):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)

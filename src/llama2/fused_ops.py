@@ -3,40 +3,31 @@
 - `linear_cross_entropy`: the LM head and the cross-entropy in one pass over chunks of tokens. The full
   (tokens x vocab) logits are never stored: each chunk's logits are turned into their gradient in place
   (softmax minus one-hot) right away, and the gradients of the hidden states and of the head's weight are
-  computed in forward. Activation memory drops from tokens x vocab to tokens x dim, and the softmax needs one
-  exponential per logit instead of two.
+  computed in forward. Activation memory drops from tokens x vocab to tokens x dim. Per chunk the softmax is one
+  fused log-softmax pass (which gives the loss) and one in-place exponential, into buffers reused by every chunk.
 - `apply_rope`: rotary embeddings with a backward that needs no saved activations and no zero-filled
   slice gradients.
 - `rms_norm`: RMSNorm of an fp32 input with fp32 weights whose output is already in the dtype its consumers
   compute in (bf16 under autocast: the value autocast would make of it, rounded once instead of once per
   consuming Linear), and a backward of a few fused passes instead of autograd's chain of elementwise ops.
-- `swiglu`: the SwiGLU feed-forward down(silu(gate(x)) * up(x)) with gate and up as one matrix multiply (under
-  autocast their weights are cast into one bf16 matrix, which costs no more than the two casts autocast does),
-  and a backward that writes both branches' gradients into one buffer, so the input's gradient is one GEMM.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
 
 
 def _chunk_rows(n_rows: int, vocab: int, dim: int, device: torch.device) -> int:
-    """Rows per chunk: ~8 MiB of fp32 logits on CPU (~256 MiB on accelerators), but at least `dim` rows, since
-    every chunk re-reads the head's weight and updates its gradient (vocab x dim each): with fewer rows than dim
-    that traffic would outweigh the logits it saves. On CPU, buffers much larger than that are fresh memory from
-    the OS on every allocation (page faults): measured 25-30% slower per step of the head in bf16 at 4x the rows."""
-    budget = 1 << (21 if device.type == "cpu" else 26)
+    """Rows per chunk: ~8 MiB of fp32 logits on CPU (~128 MiB on accelerators; a chunk holds two fp32 buffers,
+    the logits and their log-softmax), but at least `dim` rows, since every chunk re-reads the head's weight and
+    updates its gradient (vocab x dim each): with fewer rows than dim that traffic would outweigh the logits it
+    saves. On CPU larger buffers measured slower (bf16, 2048 tokens, vocab 4096-8192: 4x the rows 25-30% slower
+    per step of the head): they come fresh from the OS on every call (page faults)."""
+    budget = 1 << (21 if device.type == "cpu" else 25)
     return max(1, min(n_rows, max(budget // max(vocab, 1), dim)))
-
-
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -50,13 +41,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w: Tensor | None = None
         total = torch.zeros((), dtype=acc, device=x.device)
         any_ignored = bool((targets == ignore_index).any())
+        # one set of chunk buffers, reused by every chunk: fresh multi-MiB buffers per chunk cost page faults
+        # on CPU that were measured to be as slow as the softmax itself
+        rows, vocab = min(chunk, x.shape[0]), w.shape[0]
+        low = dtype != acc
+        logits_buf = torch.empty((rows, vocab), dtype=dtype, device=x.device)
+        wide_buf = torch.empty((rows, vocab), dtype=acc, device=x.device) if low else None
+        logp_buf = torch.empty((rows, vocab), dtype=acc, device=x.device)
+        g_buf = torch.empty((rows, vocab), dtype=dtype, device=x.device) if low and (need_x or need_w) else None
+        if need_w:  # the fp32 sum of the chunks' weight gradients (in low precision via one reused buffer)
+            grad_w = torch.empty(weight.shape, dtype=acc, device=x.device)
+            prod_buf = torch.empty(weight.shape, dtype=dtype, device=x.device) if low else None
+            if low and x.shape[0] > chunk:  # the widened product of the later chunks: the logits buffer when
+                # it is large enough (chunks of >= dim rows, the default), else a buffer of its own
+                n_w = grad_w.numel()
+                wide_prod = (wide_buf.view(-1)[:n_w] if wide_buf.numel() >= n_w
+                             else torch.empty(n_w, dtype=acc, device=x.device)).view(weight.shape)
         for start in range(0, x.shape[0], chunk):
             xc = x[start:start + chunk].to(dtype)
+            r = xc.shape[0]
             tc = targets[start:start + chunk]
             valid = tc != ignore_index
             safe = torch.where(valid, tc, 0)[:, None]
-            # log-softmax in fp32: one fused row-wise pass (after the cast) instead of max, exp, sum and divide
-            logp = torch.log_softmax(xc @ w.t(), dim=1, dtype=acc)
+            logits = torch.mm(xc, w.t(), out=logits_buf[:r])
+            if low:
+                logits = wide_buf[:r].copy_(logits)
+            # log-softmax in fp32: one fused row-wise pass instead of max, exp, sum and divide
+            logp = torch.log_softmax(logits, 1, out=logp_buf[:r])
             picked = logp.gather(1, safe).squeeze(1)
             total -= (picked * valid).sum() if any_ignored else picked.sum()
             if not (need_x or need_w):
@@ -65,22 +76,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
             if any_ignored:
                 probs.mul_(valid[:, None])
-            g = probs.to(dtype)
-            del logp, probs
+            g = g_buf[:r].copy_(probs) if low else probs
             if need_x:
                 if grad_x.dtype == dtype:
                     torch.mm(g, w, out=grad_x[start:start + chunk])
                 else:
                     grad_x[start:start + chunk] = g @ w
             if need_w:
-                if grad_w is None:
-                    grad_w = (g.t() @ xc).to(acc)
-                elif dtype == acc:
-                    grad_w.addmm_(g.t(), xc)
-                else:  # low-precision product, added to the fp32 sum in one pass
-                    grad_w += g.t() @ xc
-        if need_w and grad_w is None:  # no rows at all
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+                if not low:
+                    torch.addmm(grad_w, g.t(), xc, beta=0 if start == 0 else 1, out=grad_w)
+                elif start == 0:
+                    grad_w.copy_(torch.mm(g.t(), xc, out=prod_buf))
+                else:  # widened into a reused buffer: a mixed-dtype add_ would allocate a fresh one each time
+                    grad_w.add_(wide_prod.copy_(torch.mm(g.t(), xc, out=prod_buf)))
+        if need_w and x.shape[0] == 0:  # no rows at all
+            grad_w.zero_()
         # kept on ctx (not save_for_backward): backward scales them in place and hands them over, once
         ctx.grads = (grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total
@@ -109,7 +119,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     if x.shape[:-1] != targets.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(x.shape)}")
     x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    dtype = _compute_dtype(x, weight)
+    dtype = compute_dtype(x, weight.dtype)
     chunk = chunk_rows or _chunk_rows(x2.shape[0], weight.shape[0], weight.shape[1], x.device)
     grad_enabled = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
@@ -133,11 +143,8 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
 
     Halves layout: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; transposed: g1 c1 + g2 s2, g2 c2 - g1 s1."""
     half = x.shape[-1] // 2
-    # low-precision x (bf16 q/k with fp32 tables under autocast) is widened once, so that every op below runs
-    # the same-dtype kernels rather than mixed-dtype ones (the values are the same)
-    wide = x.to(torch.promote_types(x.dtype, cos.dtype))
-    out = wide * cos
-    x1, x2 = wide[..., :half], wide[..., half:]
+    out = x * cos
+    x1, x2 = x[..., :half], x[..., half:]
     s1, s2 = sin[..., :half], sin[..., half:]
     out[..., :half].addcmul_(x2, s1 if sign > 0 else s2, value=-sign)
     out[..., half:].addcmul_(x1, s2 if sign > 0 else s1, value=sign)
@@ -200,67 +207,3 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNorm.apply(x, weight, eps, out_dtype)
     return torch.mul(x * _rstd(x, eps), weight, out=torch.empty(x.shape, dtype=out_dtype, device=x.device))
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,  # type: ignore[override]
-                dtype: torch.dtype) -> Tensor:
-        h, d = w_gate.shape
-        x2 = x.reshape(-1, d).to(dtype)
-        gu = torch.empty((x2.shape[0], 2 * h), dtype=dtype, device=x.device)
-        if w_gate.dtype != dtype:  # cast both into one matrix (autocast would cast each anyway): one GEMM
-            w_gu = torch.empty((2 * h, d), dtype=dtype, device=x.device)
-            w_gu[:h].copy_(w_gate)
-            w_gu[h:].copy_(w_up)
-            torch.mm(x2, w_gu.t(), out=gu)
-        else:  # no copy of the weights: two GEMMs into the halves of one buffer
-            w_gu = None
-            torch.mm(x2, w_gate.t(), out=gu[:, :h])
-            torch.mm(x2, w_up.t(), out=gu[:, h:])
-        s = F.silu(gu[:, :h])
-        a = s * gu[:, h:]
-        wd = w_down.to(dtype)
-        y = a @ wd.t()
-        ctx.save_for_backward(x2, gu, s, a, wd, *((w_gu,) if w_gu is not None else (w_gate, w_up)))
-        ctx.shapes = x.shape, x.dtype, (w_gate.dtype, w_up.dtype, w_down.dtype)
-        return y.view(*x.shape[:-1], wd.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x2, gu, s, a, wd, *w = ctx.saved_tensors
-        x_shape, x_dtype, (dt_gate, dt_up, dt_down) = ctx.shapes
-        h = s.shape[1]
-        gy = grad.reshape(-1, wd.shape[0]).to(a.dtype)
-        g_down = (gy.t() @ a).to(dt_down) if ctx.needs_input_grad[3] else None
-        ga = gy @ wd
-        dgu = torch.empty_like(gu)  # [d/d gate | d/d up], each rounded as autograd's own ops would
-        dg = dgu[:, :h]
-        torch.mul(ga, gu[:, h:], out=dg)  # d/d silu(gate)
-        torch.ops.aten.silu_backward(dg, gu[:, :h], grad_input=dg)
-        torch.mul(ga, s, out=dgu[:, h:])
-        del ga
-        gx = None
-        if ctx.needs_input_grad[0]:
-            if len(w) == 1:
-                gx = dgu @ w[0]
-            else:
-                gx = torch.mm(dg, w[0])
-                gx.addmm_(dgu[:, h:], w[1])
-            gx = gx.view(x_shape).to(x_dtype)
-        g_gate = g_up = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g_gu = dgu.t() @ x2
-            g_gate, g_up = g_gu[:h].to(dt_gate), g_gu[h:].to(dt_up)
-        return gx, g_gate, g_up, g_down, None
-
-
-def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
-    """down(silu(gate(x)) * up(x)) with bias-free weights (out, in), in the dtype a Linear would compute in
-    (the autocast dtype under autocast). Equal to the three F.linear calls to float rounding."""
-    dtype = compute_dtype(x, w_gate.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down)):
-        with torch.autocast(x.device.type, enabled=False):
-            return _SwiGLU.apply(x, w_gate, w_up, w_down, dtype)
-    xc = x.to(dtype)
-    return F.linear(F.silu(F.linear(xc, w_gate.to(dtype))) * F.linear(xc, w_up.to(dtype)), w_down.to(dtype))

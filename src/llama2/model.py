@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .fused_ops import IGNORE_INDEX, apply_rope, compute_dtype, linear_cross_entropy, rms_norm, swiglu
+from .fused_ops import IGNORE_INDEX, apply_rope, compute_dtype, linear_cross_entropy, rms_norm
 
 Device = torch.device | str | None
 
@@ -125,11 +125,7 @@ class FeedForward(nn.Module):
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, device)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if type(gate) is type(up) is type(down) is Linear and not torch.compiler.is_compiling():
-            # plain Linears (not LoRA-wrapped or quantized): gate and up as one GEMM (fused_ops.swiglu)
-            return swiglu(x, gate.weight, up.weight, down.weight)
-        return down(F.silu(gate(x)) * up(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -1,5 +1,5 @@
-"""`llama2 data corpus | prepare | info`: build a deduplicated text corpus, tokenise it into token shards, and
-summarise a prepared shard directory."""
+"""`llama2 data corpus | prepare | info | dialogues`: build a deduplicated text corpus, tokenise it into token
+shards, summarise a prepared shard directory, and build the built-in SFT dialogues."""
 
 from __future__ import annotations
 
@@ -55,6 +55,25 @@ def register(subparsers) -> None:
     i.add_argument("directory", type=Path)
     i.set_defaults(func=info_handler)
 
+    d = sub.add_parser("dialogues", help="build the built-in instruction dialogues for SFT",
+                       description="Write instruction dialogues whose answers are real text from this Python: a "
+                                   "standard-library function's signature -> its docstring, a pydoc topic -> its "
+                                   "text, a Python FAQ question -> its answer (when python3.11-doc is installed); "
+                                   "single- and multi-turn, some with a system message. Source documents are held "
+                                   "out whole: OUTPUT and OUTPUT's .val.jsonl sibling (dialogues.jsonl + "
+                                   "dialogues.val.jsonl).")
+    d.add_argument("--output", "-o", type=Path, required=True, help="training file, e.g. dialogues.jsonl")
+    d.add_argument("--safety", action="store_true",
+                   help="add the project's small synthetic safety set (harmful requests answered with refusals, "
+                        "benign look-alikes answered helpfully)")
+    d.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of source documents held out (default 0.05)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    d.add_argument("--stdlib-root", type=Path, default=None,
+                   help="the standard-library directory to read (default: this Python's)")
+    d.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+    d.set_defaults(func=dialogues_handler)
+
 
 def _sources(args: argparse.Namespace) -> list[str]:
     if args.source is None:
@@ -82,6 +101,14 @@ def prepare_handler(args: argparse.Namespace) -> int:
     parts = [f"{s} {v['tokens']:,} tokens / {v['documents']} documents / {len(v['shards'])} shards"
              for s, v in m["splits"].items()]
     print(f"{'; '.join(parts)} ({m['dtype']}) -> {args.output}")
+    return 0
+
+
+def dialogues_handler(args: argparse.Namespace) -> int:
+    from ..data.dialogues import build_dialogues
+
+    build_dialogues(args.output, safety=args.safety, val_fraction=args.val_fraction, seed=args.seed,
+                    stdlib_root=args.stdlib_root, quiet=args.quiet)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`llama2 demo`: pretrain, generate, chat-format and convert a tiny model end to end on a CPU."""
+"""`llama2 demo`: every stage the project has, end to end on a tiny model on a CPU, within a time budget, with a
+report (report.md + report.html) in the output directory."""
 
 from __future__ import annotations
 
@@ -7,21 +8,31 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the system end to end on a tiny model (a few minutes on a CPU)",
-                              description="Builds the default corpus, tokenizer and shards (cached), pretrains a "
-                                          "tiny Llama 2, generates from it, encodes a chat and converts the "
-                                          "checkpoint to Meta's format and back.")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=200, help="pretraining steps (default: 200)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the report still prints)")
+    from ..report.demo import DEFAULT_BUDGET_MINUTES
+
+    p = subparsers.add_parser(
+        "demo", help=f"run the system end to end on a tiny model (about {DEFAULT_BUDGET_MINUTES:g} minutes on a CPU)",
+        description="Builds the corpus, tokenizer and shards (cached), pretrains a tiny Llama 2, generates from it, "
+                    "encodes a chat, fine-tunes it on dialogues (SFT) and converts the checkpoint to Meta's format "
+                    "and back; each stage's length scales to its share of the budget. Writes DIR/report.md and "
+                    "DIR/report.html.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo); the demo's own "
+                                                      "subdirectories in it are replaced")
+    p.add_argument("--budget-minutes", type=float, default=DEFAULT_BUDGET_MINUTES,
+                   help=f"wall-clock budget shared by all stages (default: {DEFAULT_BUDGET_MINUTES:g})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fixed pretraining steps instead of the budget's share (for reproducible runs)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (the summary lines still print)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report.demo import run_demo
     from ..errors import Llama2Error
+    from ..report.demo import run_demo
 
-    if args.steps < 1:
+    if not args.budget_minutes > 0:
+        raise Llama2Error(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.steps is not None and args.steps < 1:
         raise Llama2Error(f"--steps must be at least 1, got {args.steps}")
-    run_demo(Path(args.out), args.steps, quiet=args.quiet)
+    run_demo(Path(args.out), args.budget_minutes, quiet=args.quiet, steps=args.steps)
     return 0

@@ -5,6 +5,7 @@ fixed order, so a corpus built twice is the same."""
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 from ..errors import Llama2Error
 from .jsonl import field_problem, read_jsonl
 
-SOURCES = ("stdlib", "pydoc", "python-docs", "files")
+SOURCES = ("stdlib", "pydoc", "python-docs", "files", "stdlib-source")
 DEFAULT_SOURCES = ("stdlib", "pydoc")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 MIN_DOCSTRING_WORDS = 8  # shorter docstrings ("Return self.") are too trivial to be documents
@@ -195,8 +196,88 @@ def source_documents(source: str, paths: list[Path], workers: int | None = None)
         return pydoc_documents()
     if source == "python-docs":
         return python_docs_documents()
+    if source == "stdlib-source":
+        return stdlib_source_documents()
     if source == "files":
         if not paths:
             raise Llama2Error("--source files needs one or more .txt/.jsonl files or directories")
         return file_documents(paths)
     raise Llama2Error(f"unknown corpus source {source!r}; choose from default, {', '.join(SOURCES)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Standard library source code
+
+# generated or data-only modules: pydoc's topic table (the pydoc source already holds it), Unicode/charmap tables
+STDLIB_SOURCE_SKIP_DIRS = frozenset({"pydoc_data", "encodings"})
+STDLIB_SOURCE_MAX_BYTES = 200_000  # larger files are mostly tables (e.g. _pydecimal's) or would dominate
+
+
+def stdlib_source_documents(root: Path | None = None) -> Iterator[str]:
+    """One document per .py module of the standard library (its whole source text, UTF-8), in sorted order;
+    skips tests, idlelib, site-packages, the pydoc topic table, the codec tables and files over 200 kB."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    for path in stdlib_files(root):
+        if STDLIB_SOURCE_SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            if path.stat().st_size > STDLIB_SOURCE_MAX_BYTES:
+                continue
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            yield text.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Function signatures with their docstrings (the built-in instruction data, data/dialogues.py)
+
+
+def module_name(path: Path, root: Path | None = None) -> str:
+    """The dotted module name of a standard-library file: json/decoder.py -> json.decoder, json/__init__.py -> json."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    parts = list(Path(path).relative_to(root).with_suffix("").parts)
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or Path(path).stem
+
+
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, method: bool) -> str:
+    """The parameter list as written in the source, without `self`/`cls` for methods (defaults align with the
+    last positional parameters, so dropping the first one keeps them right)."""
+    args = copy.copy(node.args)
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
+    if method and not static:
+        if args.posonlyargs:
+            args.posonlyargs = args.posonlyargs[1:]
+        elif args.args:
+            args.args = args.args[1:]
+    try:
+        return ast.unparse(args)
+    except (ValueError, TypeError):
+        return "..."
+
+
+def file_signatures(path: Path, root: Path | None = None) -> list[tuple[str, str, str]]:
+    """(qualified name, parameter list, docstring) of every public function and method of one standard-library
+    file that has a docstring of at least MIN_DOCSTRING_WORDS words, in source order; [] if it does not parse.
+    E.g. ("json.dumps", "obj, *, skipkeys=False, ...", "Serialize ``obj`` to a JSON formatted ``str``...")."""
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+        return []
+    module = module_name(path, root)
+    out: list[tuple[str, str, str]] = []
+
+    def visit(body: list[ast.stmt], prefix: str, in_class: bool) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and len(doc.split()) >= MIN_DOCSTRING_WORDS:
+                    out.append((f"{prefix}.{node.name}", _signature(node, in_class), doc.strip()))
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                visit(node.body, f"{prefix}.{node.name}", True)
+
+    visit(tree.body, module, False)
+    return out

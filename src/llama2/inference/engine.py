@@ -6,6 +6,10 @@ prefills it into that slot (alone, through the model's forward), decodes every o
 (one row per slot, each with its own rotary position and a `key <= position` mask over its own slot), samples one
 token per request with its own SamplingParams and torch.Generator, and returns the events: new tokens, text
 pieces that never change once emitted, logprobs and finish reasons. `cancel(slot)` ends a request between steps.
+The cache rows in use stay packed at the front: when a request leaves, the last row's request moves into its row
+(its keys and values are copied once), so a decode step computes active rows only; the slot number `add`
+returned stays that request's handle. When every row is at the same position (one request, say) a step runs
+without a mask, as plain batch-1 decoding does.
 
 Every forward goes through the model's root `__call__` (so FSDP2's hooks run). A server calls add/step/cancel
 from its loop; `Generator.generate`/`stream` are thin loops over it.
@@ -23,6 +27,7 @@ from ..errors import Llama2Error
 from ..model import KVCache
 from ..tokenizer import TokenizerLike
 from .sampling import Completion, FinishReason, SamplingParams, sample_rows
+from .sharded import is_fsdp
 
 
 @dataclass
@@ -73,11 +78,15 @@ class _DecodeView:
     def __init__(self, cache: KVCache, rows: slice, length: int) -> None:
         self.k, self.v = cache.k[rows], cache.v[rows]
         self.length = length
-        self.index = torch.arange(self.k.shape[0], device=self.k.device)
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[self.index, :, positions] = k[:, :, 0]
-        self.v[self.index, :, positions] = v[:, :, 0]
+    def update(self, positions: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(positions, int):  # every row at the same position: a plain slice write
+            self.k[:, :, positions:positions + 1] = k
+            self.v[:, :, positions:positions + 1] = v
+        else:
+            rows = torch.arange(self.k.shape[0], device=self.k.device)
+            self.k[rows, :, positions] = k[:, :, 0]
+            self.v[rows, :, positions] = v[:, :, 0]
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
@@ -119,14 +128,15 @@ class _Active:
         self._emitted = 0
         self._longest_stop = max((len(s) for s in params.stop), default=0)
 
-    def push(self, token: int, logprob: float, raw_logprob: float) -> bool:
+    def push(self, token: int, logprob: float | None, raw_logprob: float | None) -> bool:
         """Add a sampled token (False when it is a stop id, which ends the request and is not kept)."""
         if token in self.stop_ids:
             self.finish = "stop"
             return False
         self.tokens.append(token)
-        self.logprobs.append(logprob)
-        self.raw_logprobs.append(raw_logprob)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.raw_logprobs.append(raw_logprob)
         self._gen_text = None
         if self.params.stop:
             text = self.gen_text()
@@ -215,6 +225,10 @@ class Engine:
         self.compile = compile
         self._compiled = None
         self._static_views: list[_DecodeView] | None = None
+        self._views: dict[int, list[_DecodeView]] = {}
+        # inference_mode is the cheaper of the two, but FSDP2 would allocate its gathered weights as inference
+        # tensors there, which training cannot use afterwards: a sharded model decodes under no_grad
+        self._no_autograd = torch.no_grad if is_fsdp(model) else torch.inference_mode
         self._slots: list[_Active | None] = [None] * max_slots  # by handle
         self._rows: list[_Active] = []  # by cache row: rows 0..len-1 are in use
 
@@ -249,7 +263,7 @@ class Engine:
     def step(self) -> list[Event]:
         """Decode every active slot one token (and prefill the requests added since the last step, whose first
         token is sampled here too). Returns one event per request that produced a token or finished."""
-        with torch.no_grad():
+        with self._no_autograd():
             rows, logits = [], []
             fed = [r for r in self._rows if r.pending is not None]  # in row order
             if fed:
@@ -266,9 +280,15 @@ class Engine:
                 logits.append(out)
             if not rows:
                 return events
+            want = any(r.params.logprobs for r in rows)
             tokens, lps, raws = sample_rows(torch.cat(logits), [r.params for r in rows],
-                                            [r.generator for r in rows])
-            for r, tok, lp, raw in zip(rows, tokens.tolist(), lps.tolist(), raws.tolist()):
+                                            [r.generator for r in rows], logprobs=want)
+            n = len(rows)
+            lps = lps.tolist() if want else [None] * n
+            raws = raws.tolist() if want else [None] * n
+            for r, tok, lp, raw in zip(rows, tokens.tolist(), lps, raws):
+                if not r.params.logprobs:
+                    lp = raw = None
                 kept = r.push(tok, lp, raw)
                 if r.finish is not None:
                     events.append(self._finish(r, tok if kept else None, lp if kept else None,
@@ -384,7 +404,8 @@ class Engine:
         for r in rows:
             toks[r.row], pos[r.row] = r.pending, r.length
         tokens = torch.tensor(toks, dtype=torch.long, device=self.device)[:, None]
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        uniform = not self.compile and n == len(rows) and len(set(pos)) == 1
+        positions = None if uniform else torch.tensor(pos, dtype=torch.long, device=self.device)
         if self.compile:
             key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
             if self._compiled is None:
@@ -392,11 +413,17 @@ class Engine:
                 self._static_views = [_DecodeView(c, slice(0, self.max_slots), self.max_len) for c in self.cache]
             logits = self._compiled(self.model, tokens, positions, key_valid, self._static_views)
         else:
-            key_valid = None
-            if n > len(rows) or len({r.length for r in rows}) > 1:  # else every row sees all `length` keys
+            views = self._views.get(n)
+            if views is None:  # one set of views per row count, reused: only their length changes
+                views = self._views[n] = [_DecodeView(c, slice(0, n), length) for c in self.cache]
+            for view in views:
+                view.length = length
+            if uniform:
+                # every row at the same position (one request, say): no mask, one rotary slice, slice writes
+                logits = self.model(tokens, length - 1, views, output="last")
+            else:
                 key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-            views = [_DecodeView(c, slice(0, n), length) for c in self.cache]
-            logits = _decode_forward(self.model, tokens, positions, key_valid, views)
+                logits = _decode_forward(self.model, tokens, positions, key_valid, views)
         for r in rows:
             r.length += 1
             r.pending = None

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
 from ..errors import Llama2Error
 from ..model import Transformer
@@ -23,7 +22,7 @@ from ..tokenizer import TokenizerLike
 from .engine import Engine, Event, Request
 from .sampling import Completion, SamplingParams, sample, sample_rows, top_k_filter, top_p_filter
 from .scoring import sequence_logprobs
-from .sharded import gathered_for_generation
+from .sharded import gathered_for_generation, is_fsdp
 
 __all__ = ["Generator", "Engine", "Event", "Request", "SamplingParams", "Completion", "sample", "sample_rows",
            "top_k_filter", "top_p_filter", "sequence_logprobs", "gathered_for_generation"]
@@ -56,7 +55,7 @@ class Generator:
             raise Llama2Error(f"cache_len must be in 1..{limit} for this model, got {cache_len}")
         if quantize not in (None, "none", "int8"):
             raise Llama2Error(f"unknown quantize {quantize!r}; choose int8 or none")
-        sharded = _is_fsdp(model)
+        sharded = is_fsdp(model)
         if quantize == "int8":
             if sharded:
                 raise Llama2Error("quantize='int8' needs a plain model, not an FSDP-sharded one; generate from the "
@@ -182,14 +181,6 @@ def _params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[Samp
     if len(per) != len(prompts):
         raise Llama2Error(f"got {len(per)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
     return per
-
-
-def _is_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without distributed support
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:

@@ -136,20 +136,21 @@ def _sorted_descending(x: Tensor) -> Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None]) -> tuple[Tensor, Tensor, Tensor]:
-    """One token per row of logits (B, V), row i with params[i] and generators[i]: (tokens, logprobs, raw).
+def sample_rows(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                logprobs: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One token per row of logits (B, V), row i with params[i] and generators[i]: (tokens, logprobs, raw);
+    with logprobs=False only the tokens (the two others are None; greedy rows then skip a pass over V).
 
     Greedy rows (temperature 0) take the argmax. Sampled rows: logits / temperature, top-k (ties with the k-th
     logit kept), top-p (Meta's rule: sorted by probability, drop the tokens whose preceding cumulative
-    probability exceeds p; ties with the last kept token are kept too), renormalise, then one uniform draw from
-    the row's own generator inverts the cumulative distribution, so a row's tokens depend on its own seed and
-    logits only, never on the other rows. logprobs: log-probability of each token under the distribution it was
+    probability exceeds p), renormalise, then one uniform draw from the row's own generator inverts the
+    cumulative distribution in vocabulary order, so a row's tokens depend on its own seed and logits only, never
+    on the other rows. logprobs: log-probability of each token under the distribution it was
     drawn from (greedy: the raw one); raw: log_softmax(logits) at the token."""
     logits = logits.float()
-    raw_all = torch.log_softmax(logits, dim=-1)
-    tokens = raw_all.argmax(dim=-1)
-    logprobs = raw_all.gather(1, tokens[:, None]).squeeze(1)
+    tokens = logits.argmax(dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if logprobs else None
+    sampled_lp = logits.gather(1, tokens[:, None]).squeeze(1) - lse if logprobs else None
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
@@ -158,20 +159,32 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
         ks = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
         ps = [params[i].top_p for i in sampled]
         z = logits[idx] / temps
+        u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])[:, None]
         if any(k < vocab for k in ks) or any(p < 1 for p in ps):
-            zs = _sorted_descending(z).to(dev)  # the same values as z, so thresholds compare exactly
-            kth = zs.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)
-            zs = zs.masked_fill(zs < kth, float("-inf"))
+            # the filters as one threshold on the logits, found on the sorted values (the nucleus is a prefix
+            # there); the draw itself is made in vocabulary order, where rounding differences between a row
+            # decoded alone and in a batch move the CDF the least
+            zs = _sorted_descending(z).to(dev)
+            kth = None
+            if any(k < vocab for k in ks):
+                kth = zs.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)
+                zs = zs.masked_fill(zs < kth, float("-inf"))
             probs_sorted = torch.softmax(zs, dim=-1)
-            dropped = probs_sorted.cumsum(dim=-1) - probs_sorted > torch.tensor(ps, device=dev)[:, None]
-            kept = (~dropped).sum(dim=-1, keepdim=True).clamp(min=1)
-            threshold = torch.maximum(zs.gather(1, kept - 1), kth)  # the smallest logit kept
+            before = probs_sorted.cumsum(dim=-1) - probs_sorted  # the mass before each sorted token
+            kept = torch.searchsorted(before, torch.tensor(ps, device=dev)[:, None], right=True).clamp(1, vocab)
+            threshold = zs.gather(1, kept - 1)  # the smallest logit kept
+            if kth is not None:
+                threshold = torch.maximum(threshold, kth)
             z = z.masked_fill(z < threshold, float("-inf"))
-        lp = torch.log_softmax(z, dim=-1)
-        cdf = lp.exp().cumsum(dim=-1)
-        u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
-        tokens[idx] = pick.squeeze(1)
-        logprobs[idx] = lp.gather(1, pick).squeeze(1)
-    raw = raw_all.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, logprobs, raw
+        probs = torch.softmax(z, dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=vocab - 1)
+        chosen = pos.squeeze(1)
+        chosen_lp = (probs.gather(1, pos) / cdf[:, -1:]).log().squeeze(1)
+        tokens[idx] = chosen
+        if sampled_lp is not None:
+            sampled_lp[idx] = chosen_lp
+    if lse is None:
+        return tokens, None, None
+    raw = logits.gather(1, tokens[:, None]).squeeze(1) - lse
+    return tokens, sampled_lp, raw

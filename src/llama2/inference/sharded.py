@@ -23,6 +23,11 @@ from contextlib import contextmanager
 from torch import nn
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether any module of model is FSDP2-sharded (fully_shard)."""
+    return bool(_fsdp_modules(model))
+
+
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     try:
         from torch.distributed.fsdp import FSDPModule

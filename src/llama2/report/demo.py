@@ -1,91 +1,473 @@
-"""`llama2 demo`: the system end to end on a laptop CPU in a few minutes.
+"""`llama2 demo`: the system end to end on a laptop CPU within a time budget, written up as a report.
 
-Builds the default corpus, a tokenizer and token shards (cached), pretrains a tiny Llama 2 with the shared
-training loop, generates from it through the one generation path, encodes a dialogue in the chat format, and
-round-trips the checkpoint through Meta's format — every step the library's own code, nothing faked.
+Each stage of the recipe the project has so far is one entry of `STAGES` (a function of the shared
+`DemoContext` and its share of the budget): pretraining a tiny Llama 2 on Python's standard library (corpus,
+tokenizer and shards built and cached), generating from it through the one generation path, the Llama 2 chat
+format, supervised fine-tuning on the built-in dialogues, and the checkpoint's round trip through Meta's format.
+Every stage appends its section to out/report.md and out/report.html, rewritten after each stage, so a killed
+demo still leaves the report of what finished. Every step is the library's own code; every number in the report
+is measured in this run.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import Llama2Error
+from .budget import Budget, FitPlan, fit_within
+from .report import Report, Section
 
 # The recipes live in the source checkout's configs/ (the quickstart installs the package in editable mode).
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "pretrain.yaml"
-PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "tiny"
+RECIPE = CONFIGS / "pretrain.yaml"
+SFT_RECIPE = CONFIGS / "sft.yaml"
+DEFAULT_BUDGET_MINUTES = 15.0
+# Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
+SHARES = {"pretrain": 0.60, "generate": 0.02, "chat": 0.01, "sft": 0.30, "formats": 0.07}
+PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
+FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
+CODE_FALLBACK_PROMPTS = ["def __init__(self, name):\n", "class Stack:\n"]
+CONTINUATION_TOKENS = 40
+ANSWER_TOKENS = 64
+SFT_QUESTIONS = 8
 
 
 def _say(text: str) -> None:
-    """The demo's report always prints; `quiet` only turns off the progress bars and the loop's notes."""
+    """The demo's summary lines always print; `quiet` only turns off the progress bars and the loop's notes."""
     print(text, flush=True)
 
 
-def run_demo(out: Path, steps: int, quiet: bool = False) -> dict:
-    """Run every stage the project has so far; returns the figures it printed."""
+@dataclass
+class DemoContext:
+    """What the stages share: where to write, the budget, the report, and what earlier stages produced."""
+
+    out: Path
+    budget: Budget
+    report: Report
+    quiet: bool = False
+    steps: int | None = None  # fixed pretraining steps instead of the budget's
+    figures: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None  # the pretrained model
+    corpus_dir: Path | None = None
+
+
+@dataclass
+class Stage:
+    name: str  # key of SHARES
+    title: str
+    run: Callable[[DemoContext, Section], str]  # fills its section, returns the one-line summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _generate(model: Any, tok: Any, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions of prompts (text or token ids) through the one generation path."""
     import torch
 
-    from ..chat import encode_dialog
-    from ..checkpoint import load_model, save_meta
     from ..inference.generate import Generator, SamplingParams
-    from ..tokenizer import Tokenizer
-    from ..train.config import PretrainRecipe, load_recipe
+
+    with torch.no_grad():
+        gen = Generator(model, tok, max_batch_size=min(8, max(1, len(prompts))))
+        return [c.text for c in gen.generate(list(prompts), SamplingParams(temperature=0.0,
+                                                                            max_new_tokens=max_new_tokens))]
+
+
+def _measure_notes(texts: Sequence[str], refs: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Per answer: the text measures and a short note for the report."""
+    from ..eval.text_metrics import answer_measures, degenerate
+
+    rows, notes = [], []
+    for i, t in enumerate(texts):
+        m = answer_measures(t, None if refs is None else refs[i])
+        rows.append(m)
+        why = degenerate(t)
+        note = f"distinct-1 {m['distinct_1']:.2f}, distinct-2 {m['distinct_2']:.2f}"
+        if "rouge_l_f1" in m:
+            note = f"ROUGE-L {m['rouge_l_f1']:.2f}, " + note
+        notes.append(note + (f"; degenerate: {why}" if why else ""))
+    return rows, notes
+
+
+def held_out_prompts(val_file: Path, n_doc: int = 4, n_code: int = 2) -> tuple[list[str], list[str]]:
+    """Fixed prompts from the corpus's held-out documents, with what followed them there as references:
+    openings (first 5 words) of docstring-like documents and function headers of held-out source modules.
+    Falls back to fixed prompts when the split has none."""
+    prompts, refs, code_p, code_r = [], [], [], []
+    try:
+        lines = val_file.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        text = json.loads(line)["text"]
+        first = text.split("\n", 1)[0].strip()
+        words = first.split()
+        codey = any(c in first for c in "()=[]{}#*`:<>") or first.startswith(("import ", "from ", "def ", "class "))
+        if len(prompts) < n_doc and len(words) >= 10 and first[:1].isupper() and not codey:
+            prompts.append(" ".join(words[:5]))
+            refs.append(" ".join(words[5:]))
+        if len(code_p) < n_code and ("\ndef " in text or "\n    def " in text) and "import " in text:
+            src = text.split("\n")
+            for i, s in enumerate(src):
+                if s.lstrip().startswith("def ") and s.rstrip().endswith(":") and i + 3 < len(src):
+                    code_p.append(s + "\n")
+                    code_r.append("\n".join(src[i + 1:i + 4]))
+                    break
+        if len(prompts) >= n_doc and len(code_p) >= n_code:
+            break
+    if not prompts:
+        prompts, refs = list(FALLBACK_PROMPTS), [""] * len(FALLBACK_PROMPTS)
+    if not code_p:
+        code_p, code_r = list(CODE_FALLBACK_PROMPTS), [""] * len(CODE_FALLBACK_PROMPTS)
+    return prompts + code_p, refs + code_r
+
+
+def _figures(section: Section, run_dir: Path, out: Path, name: str, what: str) -> list[Path]:
+    """Plot the run's metrics.jsonl into out/figures/name and add its loss and learning-rate curves."""
+    from .plot import plot_run
+
+    written = plot_run(run_dir, out / "figures" / name)
+    for p in written:
+        if p.name == "loss.png":
+            section.figure(p, f"{what}: training loss (per logged step) and held-out loss")
+        elif p.name == "lr.png":
+            section.figure(p, f"{what}: learning rate")
+    return written
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    from ..train.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    return read_metrics(path) if path.is_file() else []
+
+
+def _plan_text(plan: FitPlan, budget_s: float, fixed: bool) -> str:
+    if fixed:
+        return f"{plan.steps} steps (fixed by --steps) in {plan.wall_s:.0f} s"
+    sps = f"{plan.seconds_per_step:.3f} s/step measured" if plan.seconds_per_step else "too short to measure"
+    return (f"{plan.steps} steps in {plan.wall_s:.0f} s: the stage had {budget_s:.0f} s of the budget left for "
+            f"training; {sps} over its first steps, re-planned {max(plan.replans - 1, 0)} time(s) as it ran")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def pretrain_stage(ctx: DemoContext, section: Section) -> str:
+    """Pretraining: data (cached), held-out loss and greedy continuations at random init, training to the
+    stage's deadline, the same measures at the end, curves."""
+    import copy
+
+    from ..data.corpus import STATS_FILE
+    from ..stages.pretrain import build_pretraining, ensure_built_data
+    from ..train.config import PretrainRecipe, expand_path, load_recipe
     from ..train.distributed import shutdown
-    from ..stages.pretrain import pretrain
 
     if not RECIPE.is_file():
         raise Llama2Error(f"the demo recipe is missing ({RECIPE}); run the demo from a source checkout "
                           "(`./run demo`), where configs/ lives")
-    started = time.time()
-    _say(f"== 1. Pretraining a tiny Llama 2 on Python's docstrings ({steps} steps) -> {out}")
-    recipe = load_recipe(PretrainRecipe, RECIPE, [f"out_dir={out / 'pretrain'}", f"max_steps={steps}",
-                                                   f"save_every={steps}", f"eval_every={steps}"])
+    run_dir = ctx.out / "pretrain"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts its runs fresh (a budget sets their length)
+    overrides = [f"out_dir={run_dir}", "save_every=0", "keep_last=1"]
+    probe = load_recipe(PretrainRecipe, RECIPE, [])
+    build = probe.data.build
+    from ..data.sources import PYTHON_DOCS_ROOT
+
+    if build is not None and PYTHON_DOCS_ROOT.is_dir() and "python-docs" not in build.corpus:
+        corpus = [*build.corpus, "python-docs"]
+        overrides += [f"data.build.corpus=[{', '.join(corpus)}]",
+                      f"data.build.dir={build.dir.rstrip('/')}-docs"]
+    recipe = load_recipe(PretrainRecipe, RECIPE, overrides)
+    t0 = time.time()
+    root = ensure_built_data(recipe.data.build, quiet=ctx.quiet) if recipe.data.build is not None else None
+    data_s = time.time() - t0
+    stats = json.loads((root / "corpus" / STATS_FILE).read_text()) if root else {}
+    ctx.corpus_dir = root / "corpus" if root else None
+
     try:
-        result = pretrain(recipe, quiet=quiet)
+        trainer = build_pretraining(recipe, quiet=True)
+        from ..tokenizer import Tokenizer
+
+        tok = Tokenizer(recipe.data.resolved()[1])
+        prompts, refs = held_out_prompts(ctx.corpus_dir / "val.jsonl" if ctx.corpus_dir else Path("-"))
+        t1 = time.time()
+        before = trainer.evaluate()
+        before_text = _generate(copy.deepcopy(trainer.model).eval(), tok, prompts, CONTINUATION_TOKENS)
+        measure_s = time.time() - t1
+        budget_s = ctx.budget.left("pretrain")
+        cap = ctx.steps or PRETRAIN_CAP
+        deadline = time.time() + 10 * 365 * 86400 if ctx.steps else ctx.budget.deadline("pretrain")
+        result, plan = fit_within(trainer, deadline, cap=cap, min_steps=ctx.steps or 1,
+                                  reserve_s=measure_s * 1.5 + 2.0, quiet=ctx.quiet, desc="pretrain")
     finally:
         shutdown()
     if result.checkpoint is None:
         raise Llama2Error("the demo's pretraining saved no checkpoint")
     ckpt = Path(result.checkpoint)
-    figures = {"step": result.step, "loss": result.last.get("loss"), "val_loss": result.last.get("val_loss"),
-               "checkpoint": str(ckpt)}
-    _say(f"   step {result.step}: train loss {figures['loss']:.3f}"
-                + (f", validation loss {figures['val_loss']:.3f}" if figures["val_loss"] is not None else ""))
+    ctx.checkpoint = ckpt
+    from ..checkpoint import load_model
 
-    _say("\n== 2. Generating (greedy, KV cache, batched prompts of different lengths)")
     model = load_model(ckpt)
-    tok = Tokenizer(ckpt)
-    gen = Generator(model, tok)
-    for c in gen.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=24)):
-        _say(f"   {tok.decode(c.prompt_tokens)!r} -> {c.text!r}")
+    after_text = _generate(model, tok, prompts, CONTINUATION_TOKENS)
+    records = _metrics(run_dir)
+    losses = [r for r in records if "loss" in r]
+    first_loss, last_loss = losses[0]["loss"], losses[-1]["loss"]
+    after_val = result.last.get("val_loss")
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    tokens = result.tokens_seen
+    train_s = result.last.get("elapsed_s") or plan.wall_s
 
-    _say("\n== 3. The Llama 2 chat format")
+    b_rows, b_notes = _measure_notes(before_text)
+    a_rows, a_notes = _measure_notes(after_text)
+    from ..eval.text_metrics import mean_measures
+
+    mb, ma = mean_measures(b_rows), mean_measures(a_rows)
+    ctx.figures.update({"pretrain_steps": result.step, "first_loss": first_loss, "last_loss": last_loss,
+                        "val_loss_before": before.get("val_loss"), "val_loss_after": after_val,
+                        "checkpoint": str(ckpt), "pretrain_distinct_1": ma.get("distinct_1"),
+                        "pretrain_degenerate": ma.get("degenerate"), "pretrain_seconds": round(plan.wall_s, 1)})
+
+    per_source = stats.get("documents_per_source", {})
+    section.text(
+        f"A {n_params / 1e6:.2f}M-parameter Llama 2 (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"vocabulary {cfg.vocab_size}, context {cfg.max_seq_len}) trained from random initialisation with the "
+        f"shared training loop (`configs/tiny/pretrain.yaml`, precision {recipe.precision}: bf16 autocast where "
+        "the CPU has native bf16) on a corpus of Python's standard library: "
+        + ", ".join(f"{k} {v:,} documents" for k, v in per_source.items())
+        + f" after de-duplication ({stats.get('exact_duplicates_removed', 0)} exact and "
+          f"{stats.get('near_duplicates_removed', 0)} near duplicates removed), "
+          f"{stats.get('splits', {}).get('train', {}).get('chars', 0) / 1e6:.1f} MB of training text, "
+          f"held-out documents {stats.get('splits', {}).get('val', {}).get('documents', 0)}. "
+          f"Building (or finding in the cache) the corpus, tokenizer and token shards took {data_s:.0f} s.")
+    section.text("Training: " + _plan_text(plan, budget_s, ctx.steps is not None)
+                 + f"; {tokens:,.0f} tokens ({tokens / max(train_s, 1e-9):,.0f} tokens/s).")
+    section.table(["measure", "at random init", "after pretraining"], [
+        ["held-out loss (nats/token)", before.get("val_loss"), after_val],
+        ["held-out perplexity", before.get("val_ppl"), result.last.get("val_ppl")],
+        ["training loss (first / last logged step)", first_loss, last_loss],
+        ["distinct-1 of the continuations (mean)", mb.get("distinct_1"), ma.get("distinct_1")],
+        ["distinct-2 of the continuations (mean)", mb.get("distinct_2"), ma.get("distinct_2")],
+        ["degenerate continuations", f"{sum(r['degenerate'] for r in b_rows):.0f} of {len(b_rows)}",
+         f"{sum(r['degenerate'] for r in a_rows):.0f} of {len(a_rows)}"],
+    ], caption="Held-out loss over fixed windows of the corpus's held-out documents")
+    _figures(section, run_dir, ctx.out, "pretrain", "pretraining")
+    section.text(f"Greedy continuations ({CONTINUATION_TOKENS} new tokens, no stop string) of openings of "
+                 "held-out documents (docstrings and function headers the model never saw), at random "
+                 "initialisation and after pretraining; the reference is what followed in the document.")
+    section.samples(prompts, {"at random init": before_text, "after pretraining": after_text}, references=refs,
+                    notes={"at random init": b_notes, "after pretraining": a_notes})
+    section.text(f"Checkpoint: `{ckpt}`.")
+    val_b, val_a = before.get("val_loss"), after_val
+    return (f"pretraining: {result.step} steps in {plan.wall_s:.0f} s, held-out loss {val_b:.3f} -> {val_a:.3f}, "
+            f"distinct-1 of continuations {mb.get('distinct_1', 0):.2f} -> {ma.get('distinct_1', 0):.2f}"
+            if val_b is not None and val_a is not None else f"pretraining: {result.step} steps")
+
+
+def generate_stage(ctx: DemoContext, section: Section) -> str:
+    """Batched greedy generation through the one generation path; checks each batched row against the same
+    prompt generated alone."""
+    from ..checkpoint import load_model
+    from ..tokenizer import Tokenizer
+
+    ckpt = _need_checkpoint(ctx)
+    model, tok = load_model(ckpt), Tokenizer(ckpt)
+    prompts = FALLBACK_PROMPTS
+    t0 = time.time()
+    batched = _generate(model, tok, prompts, 24)
+    alone = [_generate(model, tok, [p], 24)[0] for p in prompts]
+    same = sum(a == b for a, b in zip(batched, alone))
+    ctx.figures["batched_equals_alone"] = f"{same}/{len(prompts)}"
+    section.text("Greedy decoding with the KV cache, the three prompts (of different lengths) in one left-padded "
+                 f"batch; each row is compared with the same prompt generated alone: {same} of {len(prompts)} "
+                 f"identical. {time.time() - t0:.1f} s for both runs.")
+    section.samples(prompts, {"completion (batched)": batched})
+    return f"generation: 3 batched greedy completions, {same}/{len(prompts)} identical to one-at-a-time"
+
+
+def chat_stage(ctx: DemoContext, section: Section) -> str:
+    """A dialogue in the Llama 2 chat format, answered by the pretrained (not yet fine-tuned) model."""
+    from ..chat import encode_dialog
+    from ..checkpoint import load_model
+    from ..tokenizer import Tokenizer
+
+    ckpt = _need_checkpoint(ctx)
+    model, tok = load_model(ckpt), Tokenizer(ckpt)
     dialog = [{"role": "system", "content": "Answer briefly."},
               {"role": "user", "content": "What does len() return?"}]
     ids = encode_dialog(tok, dialog)
-    figures["dialog_tokens"] = len(ids)
-    _say(f"   {len(ids)} tokens: BOS + {tok.decode(ids)!r}")
-    answer = gen.generate([ids], SamplingParams(temperature=0.0, max_new_tokens=24))[0].text
-    _say(f"   answer (a tiny pretrained model, not yet fine-tuned for chat): {answer!r}")
+    ctx.figures["dialog_tokens"] = len(ids)
+    answer = _generate(model, tok, [ids], 24)[0]
+    section.text(f"`encode_dialog` gives {len(ids)} tokens: BOS + the text below (Meta's `chat_completion` "
+                 "format). The pretrained model's greedy answer (it has not been fine-tuned for chat yet):")
+    section.samples([tok.decode(ids)], {"answer": [answer]})
+    return f"chat format: a {len(ids)}-token dialogue prompt"
 
-    _say("\n== 4. Checkpoint formats: Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face")
-    meta_dir = out / "meta"
+
+def sft_stage(ctx: DemoContext, section: Section) -> str:
+    """Supervised fine-tuning of the pretrained model on the built-in dialogues, within the stage's budget; held-out
+    questions answered before (pretrained model) and after, scored with ROUGE-L against the real answers."""
+    try:
+        from ..stages import sft as sft_mod
+    except ImportError as e:
+        section.status = "skipped"
+        section.text(f"Not run: the SFT stage does not import here ({e}).")
+        return "sft: skipped (the stage is missing)"
+    if not SFT_RECIPE.is_file():
+        section.status = "skipped"
+        section.text(f"Not run: its recipe {SFT_RECIPE} is missing.")
+        return "sft: skipped (configs/tiny/sft.yaml is missing)"
+    from ..chat import encode_dialog
+    from ..checkpoint import load_checkpoint, load_model
+    from ..data.dialogues import read_dialogues
+    from ..eval.text_metrics import mean_measures
+    from ..tokenizer import Tokenizer
+    from ..train.config import load_recipe
+    from ..train.distributed import shutdown
+
+    ckpt = _need_checkpoint(ctx)
+    run_dir = ctx.out / "sft"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_path, val_path = sft_mod.ensure_dialogues(quiet=ctx.quiet)
+    # max_steps=null: the recipe's epochs cap the steps; the budget sets them
+    recipe = load_recipe(sft_mod.SFTRecipe, SFT_RECIPE, [f"base={ckpt}", f"out_dir={run_dir}", "save_every=0",
+                                                          "keep_last=1", "max_steps=null"])
+    every = read_dialogues(val_path).dialogues
+    picks = sorted({round(i * (len(every) - 1) / max(SFT_QUESTIONS - 1, 1)) for i in range(SFT_QUESTIONS)})
+    held_out = [every[i] for i in picks]  # spread over the file (it is ordered by source and module)
+    tok = Tokenizer(ckpt)
+    questions = [d.messages[:-1] for d in held_out]
+    refs = [d.messages[-1]["content"] for d in held_out]
+    prompt_ids = [encode_dialog(tok, q) for q in questions]
+    t0 = time.time()
+    before_text = _generate(load_model(ckpt), tok, prompt_ids, ANSWER_TOKENS)
+    answer_s = time.time() - t0
+    try:
+        run = sft_mod.build_sft(recipe, quiet=True)
+        trainer = run.trainer
+        cap = trainer.recipe.max_steps
+        trainer.start()
+        before_eval = trainer.evaluate() if trainer.val_batches is not None else {}
+        budget_s = ctx.budget.left("sft")
+        result, plan = fit_within(trainer, ctx.budget.deadline("sft"), cap=cap, reserve_s=answer_s * 1.5 + 2.0,
+                                  quiet=ctx.quiet, desc="sft")
+    finally:
+        shutdown()
+    if result.checkpoint is None:
+        raise Llama2Error("the demo's SFT saved no checkpoint")
+    after_text = _generate(load_checkpoint(result.checkpoint), tok, prompt_ids, ANSWER_TOKENS)
+    b_rows, b_notes = _measure_notes(before_text, refs)
+    a_rows, a_notes = _measure_notes(after_text, refs)
+    mb, ma = mean_measures(b_rows), mean_measures(a_rows)
+    ctx.figures.update({"sft_steps": result.step, "sft_rouge_l_before": mb["rouge_l_f1"],
+                        "sft_rouge_l_after": ma["rouge_l_f1"], "sft_val_loss_before": before_eval.get("val_loss"),
+                        "sft_val_loss_after": result.last.get("val_loss"), "sft_checkpoint": str(result.checkpoint)})
+    n_train = len(read_dialogues(train_path).dialogues)
+    section.text(f"Supervised fine-tuning (`llama2.stages.sft`, `configs/tiny/sft.yaml`) of the pretrained model on "
+                 f"{n_train:,} built-in training dialogues in the Llama 2 chat format, loss on the answer tokens "
+                 f"only. Training: {_plan_text(plan, budget_s, False)} (at most {cap} steps: the recipe's epochs).")
+    section.table(["measure", "pretrained model", "after SFT"], [
+        ["held-out answer-token loss", before_eval.get("val_loss"), result.last.get("val_loss")],
+        [f"ROUGE-L F1 against the real answer (mean of {len(refs)})", mb["rouge_l_f1"], ma["rouge_l_f1"]],
+        ["distinct-1 of the answers (mean)", mb["distinct_1"], ma["distinct_1"]],
+        ["distinct-2 of the answers (mean)", mb["distinct_2"], ma["distinct_2"]],
+        ["degenerate answers", f"{sum(r['degenerate'] for r in b_rows):.0f} of {len(b_rows)}",
+         f"{sum(r['degenerate'] for r in a_rows):.0f} of {len(a_rows)}"],
+    ], caption="Held-out dialogues (never trained on), greedy answers of at most "
+               f"{ANSWER_TOKENS} tokens")
+    _figures(section, run_dir, ctx.out, "sft", "SFT")
+    section.samples([q[-1]["content"] for q in questions], {"pretrained": before_text, "after SFT": after_text},
+                    references=refs, notes={"pretrained": b_notes, "after SFT": a_notes},
+                    caption="Held-out questions: the prompt is the whole dialogue up to the last user turn")
+    section.text(f"Checkpoint: `{result.checkpoint}`.")
+    return (f"sft: {result.step} steps in {plan.wall_s:.0f} s, ROUGE-L on {len(refs)} held-out questions "
+            f"{mb['rouge_l_f1']:.3f} -> {ma['rouge_l_f1']:.3f}")
+
+
+def formats_stage(ctx: DemoContext, section: Section) -> str:
+    """Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, checking the weights bit for bit."""
+    import torch
+
+    from ..checkpoint import load_model, save_meta
+
+    ckpt = _need_checkpoint(ctx)
+    model = load_model(ckpt)
+    meta_dir = ctx.out / "meta"
     shutil.rmtree(meta_dir, ignore_errors=True)
     save_meta(model, meta_dir, shards=2)
     back = load_model(meta_dir)
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-    figures["meta_roundtrip_exact"] = same
-    _say(f"   {meta_dir}: {sorted(p.name for p in meta_dir.iterdir())}; weights identical after the round "
-                f"trip: {same}")
+    ctx.figures["meta_roundtrip_exact"] = same
+    files = sorted(p.name for p in meta_dir.iterdir())
+    section.text(f"The pretrained checkpoint written in Meta's layout for 2 model-parallel ranks ({', '.join(files)} "
+                 f"in `{meta_dir}`) and read back: weights identical after the round trip: **{same}**.")
+    _say(f"   {meta_dir}: {files}; weights identical after the round trip: {same}")
     if not same:
         raise Llama2Error("Meta round trip changed the weights (a bug: please report it)")
+    return f"formats: HF -> Meta (2 shards) -> HF, weights identical: {same}"
 
-    figures["seconds"] = round(time.time() - started, 1)
-    _say(f"\nDone in {figures['seconds']} s. Next:\n"
-                f"   llama2 generate {ckpt} --prompt 'Return the'\n"
-                f"   llama2 chat {ckpt}\n"
-                f"   llama2 plot {out / 'pretrain'}\n"
-                f"   llama2 pretrain --config configs/tiny/pretrain.yaml   (the full tiny recipe)")
-    return figures
+
+def _need_checkpoint(ctx: DemoContext) -> Path:
+    if ctx.checkpoint is None:
+        raise Llama2Error("this stage needs the pretrained checkpoint, and pretraining did not finish")
+    return ctx.checkpoint
+
+
+# The demo's stages in order. A later stage of the recipe (reward models, rejection sampling, PPO, GAtt, ...)
+# adds an entry here and a share in SHARES.
+STAGES: list[Stage] = [
+    Stage("pretrain", "1. Pretraining", pretrain_stage),
+    Stage("generate", "2. Generating", generate_stage),
+    Stage("chat", "3. The Llama 2 chat format", chat_stage),
+    Stage("sft", "4. Supervised fine-tuning", sft_stage),
+    Stage("formats", "5. Checkpoint formats", formats_stage),
+]
+
+
+def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: bool = False,
+             steps: int | None = None, stages: Sequence[Stage] | None = None) -> dict:
+    """Run every stage within the budget, writing out/report.md and out/report.html after each; returns the
+    figures the report holds. steps: fixed pretraining steps instead of the budget's."""
+    import torch
+
+    out = Path(out)
+    budget = Budget(budget_minutes * 60.0, dict(SHARES))
+    report = Report(out, "llama2 demo",
+                    intro=f"Everything below ran in this demo on {torch.get_num_threads()} CPU thread(s), with a "
+                          f"budget of {budget_minutes:g} minutes shared by the stages "
+                          f"({', '.join(f'{k} {v:.0%}' for k, v in SHARES.items())}); every number is measured "
+                          f"in this run.")
+    ctx = DemoContext(out, budget, report, quiet=quiet, steps=steps)
+    for stage in stages if stages is not None else STAGES:
+        _say(f"== {stage.title}" + (f" (until {budget.deadline(stage.name) - budget.start:.0f} s of the "
+                                     f"{budget.total_s:.0f} s budget)" if stage.name in SHARES else ""))
+        section = report.section(stage.title, status="running")
+        report.write()
+        try:
+            summary = stage.run(ctx, section)
+        except BaseException as e:
+            section.status = "failed"
+            section.text(f"Failed: {type(e).__name__}: {e}", trusted=False)
+            report.write()
+            raise
+        if section.status == "running":
+            section.status = "done"
+        md, _ = report.write()
+        _say(f"   {summary}  [{budget.elapsed():.0f} s]")
+    ctx.figures["seconds"] = round(budget.elapsed(), 1)
+    report.footer = [f"Done in {ctx.figures['seconds']:.0f} s (budget {budget.total_s:.0f} s)."]
+    md, html_path = report.write()
+    ckpt = ctx.checkpoint
+    _say(f"\nDone in {ctx.figures['seconds']:.0f} s (budget {budget.total_s:.0f} s). Report: {md} ({html_path.name} "
+         f"beside it)." + (f" Next:\n   llama2 generate {ckpt} --prompt 'Return the'\n   llama2 chat "
+                           f"{ctx.figures.get('sft_checkpoint', ckpt)}\n   llama2 plot {out / 'pretrain'}"
+                           if ckpt else ""))
+    return ctx.figures

@@ -1,0 +1,1 @@
+"""Evaluation: text measures computed from answers (ROUGE-L, distinct-n, degenerate output)."""

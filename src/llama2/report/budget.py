@@ -1,0 +1,134 @@
+"""A wall-clock budget shared by the demo's stages, and training to a deadline with the shared loop.
+
+Each stage owns a fixed share of the total; shares are cumulative, so a stage must be done by
+start + total x (its share + the shares before it): time an earlier stage leaves unused passes on to the next,
+and an overrun is taken from the later ones. A training stage turns its time into steps with `fit_within`:
+it measures the seconds per optimiser step over the run's first steps (after the first, which pays one-off
+costs) and sets max_steps = steps done + time left / seconds per step; it measures again as it trains and
+re-plans whenever the projected finish drifts more than 10% from the deadline (the learning-rate schedule
+follows the new length from then on; warm-up does not depend on it), and always stops in time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..atomic import atomic_write_text
+
+REPLAN_TOLERANCE = 0.10  # re-plan when the projected finish is off the deadline by more than this fraction
+LOG_POINTS = 200  # metrics.jsonl records a run gets (log_every is set from the planned steps)
+FIRST_PLAN_STEP = 3  # steps timed before the first plan (the first step pays one-off costs and is not counted)
+
+
+@dataclass
+class Budget:
+    """`total_s` seconds from `start`, split by `shares` (stage name -> fraction, in stage order)."""
+
+    total_s: float
+    shares: dict[str, float]
+    start: float = field(default_factory=time.time)
+
+    def deadline(self, stage: str) -> float:
+        """The time (time.time()) by which `stage` must be done: start + total x cumulative share."""
+        cum = 0.0
+        for name, share in self.shares.items():
+            cum += share
+            if name == stage:
+                return self.start + self.total_s * min(cum, 1.0)
+        raise KeyError(f"no budget share for stage {stage!r}; shares: {list(self.shares)}")
+
+    def left(self, stage: str) -> float:
+        """Seconds until `stage`'s deadline (negative when it has passed)."""
+        return self.deadline(stage) - time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+@dataclass
+class FitPlan:
+    """What fit_within decided and measured."""
+
+    steps: int = 0
+    seconds_per_step: float | None = None
+    replans: int = 0
+    wall_s: float = 0.0
+    stopped_by_deadline: bool = False
+
+
+def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.0, quiet: bool = False,
+               desc: str = "train", evals: int = 5, min_steps: int = 1) -> tuple[Any, FitPlan]:
+    """Run trainer.fit() so that training (with its evaluations and saves) ends by `deadline` - `reserve_s`
+    (time.time() seconds), with at most `cap` steps and at least `min_steps`. Wraps the trainer's step
+    (its step_fn, or the default backward + optimizer_step) to time steps and re-plan max_steps, draws one
+    progress bar (the loop's own is turned off) and sets eval_every to give about `evals` evaluations and
+    log_every for about LOG_POINTS logged steps.
+    Returns (TrainResult, FitPlan). recipe.yaml in the run directory is rewritten with the final max_steps."""
+    from tqdm import tqdm
+
+    from ..train.config import to_dict
+
+    recipe = trainer.recipe
+    inner = trainer.step_fn
+    plan = FitPlan()
+    start = time.time()
+    marks: list[tuple[int, float]] = []  # (steps done, time) at the start of each step
+    end_at = deadline - reserve_s
+
+    def set_steps(n: int) -> None:
+        n = max(min(n, cap), min_steps, trainer.step + 1)
+        if n != recipe.max_steps:
+            recipe.max_steps = n
+            bar.total = n
+            bar.refresh()
+
+    def step(t: Any) -> Mapping[str, float]:
+        now = time.time()
+        marks.append((t.step, now))
+        if t.step >= FIRST_PLAN_STEP:
+            s0, t0 = marks[1] if len(marks) > 1 else marks[0]  # from the end of the first step
+            sps = (now - t0) / max(t.step - s0, 1)
+            plan.seconds_per_step = sps
+            projected = now + (recipe.max_steps - t.step) * sps
+            first = plan.replans == 0
+            span = max(end_at - start, 1e-9)
+            if first or abs(projected - end_at) > REPLAN_TOLERANCE * span or projected > end_at + 0.02 * span:
+                set_steps(t.step + max(int((end_at - now) / sps), 0))
+                plan.replans += 1
+                if first:
+                    recipe.eval_every = max(1, recipe.max_steps // max(evals, 1))
+                    recipe.log_every = max(1, recipe.max_steps // LOG_POINTS)
+        elif now >= end_at and t.step >= min_steps:
+            set_steps(t.step + 1)  # out of time before the first measurement: this is the last step
+        if inner is not None:
+            stats = dict(inner(t))
+        else:
+            totals = t.backward(t.batches.next())
+            stats = {**totals.stats(), **t.optimizer_step()}
+        if "loss" in stats:
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
+        bar.update(1)
+        return stats
+
+    recipe.max_steps = max(cap, min_steps, trainer.step + 1)  # until the first plan
+    recipe.log_every = 1  # the first steps are logged one by one; then about LOG_POINTS records in all
+    bar = tqdm(total=recipe.max_steps, initial=trainer.step, unit="step", desc=desc, disable=quiet,
+               dynamic_ncols=True)
+    quiet_before = trainer.quiet
+    trainer.quiet, trainer.step_fn = True, step
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.quiet, trainer.step_fn = quiet_before, inner
+        bar.close()
+    plan.steps = result.step
+    plan.wall_s = time.time() - start
+    plan.stopped_by_deadline = result.step < cap
+    if trainer.env.is_main:
+        import yaml
+
+        atomic_write_text(trainer.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    return result, plan

@@ -1,0 +1,669 @@
+"""Supervised fine-tuning (paper section 3.1): the base model learns to answer from dialogue annotations.
+
+As the paper does, every training dialogue is tokenised in the chat format (`llama2.chat`) and the dialogues are
+packed into sequences of `max_seq_len` tokens; the loss is zeroed on the user-prompt tokens, so only answer
+tokens (and each answer's EOS) are back-propagated. Here a packed row keeps each dialogue to itself: attention is
+block-diagonal causal and rotary positions restart at 0 for every dialogue, so a packed dialogue is trained on
+exactly as it would be alone (the tests check losses and gradients against one-dialogue-at-a-time runs).
+Paper settings (configs/7B/sft.yaml): cosine schedule from lr 2e-5, weight decay 0.1, batch 64 x 4096, 2 epochs.
+
+    recipe = load_recipe(SFTRecipe, "configs/tiny/sft.yaml", ["max_steps=50"])
+    result = sft(recipe)                       # builds the tiny base / built-in dialogues when missing
+    result = sft(recipe, dialogues=[...])      # later stages: dialogues in memory (Dialogue or message lists)
+
+`mask: last_assistant` (or a dialogue's own "mask") trains only the final answer (Ghost Attention). `lora.rank
+> 0` trains LoRA adapters on the frozen base and checkpoints only them, in PEFT's layout. Each evaluation writes
+the held-out assistant-token loss (val_loss) to metrics.jsonl and greedy answers to a few fixed held-out prompts
+to out_dir/samples.jsonl, generated through `llama2.inference.generate.Generator` from the weights being
+trained. Under FSDP2 every process generates inside `gathered_for_generation` (full weights, no per-token
+all-gather) and rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_write_text
+from ..chat import encode_dialog, encode_dialog_for_training
+from ..data.dialogues import Dialogue, check_dialogue, held_out_path, read_dialogues
+from ..errors import Llama2Error
+from ..fused_ops import IGNORE_INDEX
+from ..train.config import TrainRecipe, OptimConfig, _check, cache_dir, expand_path
+from ..train.distributed import DistEnv, all_gather_object, barrier, init_distributed
+from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
+
+Mask = Literal["all_assistant", "last_assistant"]
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                "down": "down_proj"}
+BUILTIN_DIALOGUES = "dialogues-builtin-v1"  # the cache directory of the built-in dialogues
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+@dataclass
+class DialogueDataConfig:
+    """Training and held-out dialogues (JSONL, see llama2.data.dialogues); unset: the built-in dialogues."""
+
+    path: str | None = None
+    val_path: str | None = None  # unset with path set: no held-out loss and samples only from samples.prompts
+    on_bad_line: Literal["error", "skip"] = "error"
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.val_path is not None and self.path is None:
+            raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not; give the training "
+                              "file too (or unset both for the built-in dialogues)")
+
+
+@dataclass
+class LoRASpec:
+    """LoRA on the frozen base (rank 0 = full fine-tuning). targets: short names q, k, v, o, gate, up, down."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA; needs bitsandbytes and a CUDA GPU
+
+    def validate(self, prefix: str = "lora") -> None:
+        _check(self.rank >= 0, f"{prefix}.rank", self.rank, "an integer >= 0 (0 = full fine-tuning)")
+        _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive number")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
+        for t in self.targets:
+            _check(t in LORA_TARGETS or t in LORA_TARGETS.values(), f"{prefix}.targets", self.targets,
+                   f"a list of {', '.join(LORA_TARGETS)}")
+        _check(bool(self.targets), f"{prefix}.targets", self.targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(LORA_TARGETS.get(t, t) for t in self.targets)
+
+
+@dataclass
+class SamplesSpec:
+    """Greedy answers written to out_dir/samples.jsonl at every evaluation. prompts: user messages; unset: the
+    prompts of the first `count` held-out dialogues (with their answers as references)."""
+
+    prompts: list[str] = field(default_factory=list)
+    count: int = 4
+    max_new_tokens: int = 64
+
+    def validate(self, prefix: str = "samples") -> None:
+        _check(self.count >= 0, f"{prefix}.count", self.count, "an integer >= 0 (0 = no samples)")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+
+
+def _sft_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-5, weight_decay=0.1, warmup_steps=0, min_lr_ratio=0.0)
+
+
+@dataclass
+class SFTRecipe(TrainRecipe):
+    """`llama2 sft`: the shared loop's keys (TrainRecipe) plus what SFT needs; see configs/*/sft.yaml.
+
+    max_steps caps the optimiser steps (default: `epochs` passes over the data); batch_size counts packed rows of
+    max_seq_len tokens (default: the base's context)."""
+
+    base: str = ""  # the starting checkpoint: HF or Meta layout, or a run directory (its latest checkpoint)
+    base_recipe: str | None = None  # a pretraining recipe that builds `base` when it is missing (tiny recipe)
+    out_dir: str = "runs/sft"
+    max_steps: int | None = None  # type: ignore[assignment]
+    epochs: int = 2
+    data: DialogueDataConfig = field(default_factory=DialogueDataConfig)
+    mask: Mask = "all_assistant"
+    packing: bool = True
+    max_seq_len: int | None = None
+    overlong: Literal["truncate", "skip"] = "truncate"
+    lora: LoRASpec = field(default_factory=LoRASpec)
+    samples: SamplesSpec = field(default_factory=SamplesSpec)
+    optim: OptimConfig = field(default_factory=_sft_optim)
+
+    def validate(self) -> None:
+        _check(bool(self.base), "base", self.base, "the starting checkpoint directory")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
+               "an integer >= 1, or null for `epochs` passes over the data")
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
+               "an integer >= 8, or null for the base's context")
+        steps = self.max_steps
+        self.max_steps = steps or 1  # TrainRecipe checks the rest
+        try:
+            super().validate()
+        finally:
+            self.max_steps = steps
+        self.data.validate()
+        self.lora.validate()
+        self.samples.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dialogues -> tokens
+
+
+@dataclass
+class Example:
+    """One tokenised dialogue: token ids and the trained mask aligned with them (llama2.chat)."""
+
+    ids: np.ndarray  # int64 (L,)
+    trained: np.ndarray  # bool (L,)
+
+
+@dataclass
+class EncodeStats:
+    dialogues: int = 0
+    truncated: int = 0  # earliest exchanges dropped to fit
+    skipped: int = 0  # longer than max_seq_len (overlong=skip, or even the last exchange alone is too long)
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def line(self, name: str, max_seq_len: int) -> str:
+        extra = ""
+        if self.truncated:
+            extra += f", {self.truncated} truncated to their last exchanges"
+        if self.skipped:
+            extra += f", {self.skipped} skipped as longer than max_seq_len {max_seq_len}"
+        return (f"{name}: {self.dialogues} dialogues, {self.tokens:,} tokens ({self.trained_tokens:,} trained)"
+                f"{extra}")
+
+
+def _exchanges(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[list[dict[str, str]]]]:
+    """(the system message or [], the (user, assistant) pairs)."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    return system, [rest[i:i + 2] for i in range(0, len(rest), 2)]
+
+
+def encode_dialogue(tokenizer: Any, dialogue: Dialogue, default_mask: Mask, max_seq_len: int,
+                    overlong: str) -> tuple[Example | None, bool]:
+    """(the example or None if skipped, whether it was truncated). A dialogue longer than max_seq_len tokens is
+    skipped (overlong="skip") or loses its earliest exchanges until it fits, the system message staying first
+    (merged into the new first user turn, as the chat format requires)."""
+    mask = dialogue.mask or default_mask
+    system, pairs = _exchanges(dialogue.messages)
+    for drop in range(len(pairs)):
+        if drop and overlong == "skip":
+            return None, False
+        messages = system + [m for p in pairs[drop:] for m in p]
+        ids, trained = encode_dialog_for_training(tokenizer, messages, train_on=mask)
+        if len(ids) <= max_seq_len:
+            return Example(np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool)), drop > 0
+    return None, False
+
+
+def encode_dialogues(tokenizer: Any, dialogues: Sequence[Dialogue], mask: Mask, max_seq_len: int,
+                     overlong: str) -> tuple[list[Example], EncodeStats]:
+    stats = EncodeStats()
+    out = []
+    for d in dialogues:
+        ex, truncated = encode_dialogue(tokenizer, d, mask, max_seq_len, overlong)
+        if ex is None:
+            stats.skipped += 1
+            continue
+        stats.dialogues += 1
+        stats.truncated += truncated
+        stats.tokens += len(ex.ids)
+        stats.trained_tokens += int(ex.trained[1:].sum())  # the first token (BOS) is never a target
+        out.append(ex)
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing and batches
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of examples grouped into rows of at most `capacity` tokens (each example
+    goes to the fullest row it still fits in). Deterministic: ties keep index order."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            room -= n
+        else:
+            rows.append([i])
+            r, room = len(rows) - 1, capacity - n
+        if room > 0:
+            bisect.insort(free, (room, r))
+    return rows
+
+
+def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, Tensor]:
+    """One micro-batch of rows (each a list of example indices; [] is an empty padding row) as tensors, all
+    (B, T) with T the longest row: `tokens`; `labels` (the next token where it is trained and in the same
+    dialogue, else -100); `positions` (restarting at 0 per dialogue); `segments` (the dialogue's number within
+    its row, -1 on padding) from which the loss builds the block-diagonal causal mask; `packed` (a bool): some
+    row holds more than one dialogue (else plain causal attention is exact: padding comes last)."""
+    T = max([sum(len(examples[i].ids) for i in row) for row in rows] + [1])
+    B = len(rows)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row):
+            ex = examples[i]
+            n = len(ex.ids)
+            ids = torch.from_numpy(ex.ids)
+            tokens[b, t:t + n] = ids
+            lab = torch.where(torch.from_numpy(ex.trained[1:]), ids[1:], IGNORE_INDEX)
+            labels[b, t:t + n - 1] = lab
+            positions[b, t:t + n] = torch.arange(n)
+            segments[b, t:t + n] = s
+            t += n
+        positions[b, t:] = torch.arange(T - t)
+    packed = any(len(row) > 1 for row in rows)
+    return {"tokens": tokens, "labels": labels, "positions": positions, "segments": segments, "packed": packed}
+
+
+class SFTBatches:
+    """The SFT batch source: epochs over rows (packed dialogues, or one dialogue per row), the rows of each
+    epoch shuffled by a generator seeded with (seed, epoch). A step takes the next `global size` rows (batch_size
+    x accum x processes); process r trains on its contiguous slice, in `accum` micro-batches; the last step of an
+    epoch is filled with empty rows. The state is (epoch, position in the epoch), so a resumed run continues
+    with the exact same batches."""
+
+    def __init__(self, examples: Sequence[Example], max_seq_len: int, batch_size: int, accum: int, *,
+                 packing: bool = True, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0) -> None:
+        if not examples:
+            raise Llama2Error("no training dialogues left to train on (all were skipped as too long?); raise "
+                              "max_seq_len, set overlong=truncate or give more data")
+        self.examples = list(examples)
+        self.batch_size, self.accum, self.rank, self.world_size = batch_size, accum, rank, world_size
+        self.seed, self.pad_id = seed, pad_id
+        self.global_size = batch_size * accum * world_size
+        lengths = [len(e.ids) for e in self.examples]
+        self.rows = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
+        self.steps_per_epoch = math.ceil(len(self.rows) / self.global_size)
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+        self.fingerprint = int(np.sum(np.asarray(lengths, dtype=np.int64) * (np.arange(len(lengths)) % 997 + 1)))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of `epoch` in their shuffled order."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
+        return self._order[1]
+
+    def step_rows(self, epoch: int, position: int) -> list[list[int]]:
+        """This process's rows of step `position` of `epoch` ([] = an empty padding row)."""
+        order = self.order(epoch)
+        per = self.batch_size * self.accum
+        lo = position * self.global_size + self.rank * per
+        return [self.rows[order[j]] if j < len(order) else [] for j in range(lo, lo + per)]
+
+    def next(self) -> list[dict[str, Tensor]]:
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        rows = self.step_rows(self.epoch, self.position)
+        self.position += 1
+        return [collate(self.examples, rows[a * self.batch_size:(a + 1) * self.batch_size], self.pad_id)
+                for a in range(self.accum)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_size": self.global_size,
+                "rows": len(self.rows), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["global_size"]) != self.global_size:
+            raise Llama2Error(f"the checkpoint was trained with a global batch of {state['global_size']} rows, this "
+                              f"run has {self.global_size} (batch_size x grad_accum x processes); resume with the "
+                              "same global batch (set global_batch_size)")
+        if (int(state["rows"]), int(state["fingerprint"])) != (len(self.rows), self.fingerprint):
+            raise Llama2Error("the checkpoint was trained on other data (its dialogues tokenise and pack "
+                              "differently); resume with the same data, tokenizer, max_seq_len and packing, or use a "
+                              "new out_dir")
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+
+
+def validation_batches(examples: Sequence[Example], max_seq_len: int, batch_size: int, *, packing: bool,
+                       rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[dict[str, Tensor]]:
+    """The held-out dialogues packed like the training data (in a fixed order); this process's share, padded
+    with empty rows so every process runs the same number of batches."""
+    if not examples:
+        return []
+    lengths = [len(e.ids) for e in examples]
+    rows = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
+    mine = rows[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
+    mine += [[]] * (n_batches * batch_size - len(mine))
+    return [collate(examples, mine[b * batch_size:(b + 1) * batch_size], pad_id) for b in range(n_batches)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def attention_mask(segments: Tensor) -> Tensor:
+    """(B, 1, T, T) bool, True where query t may attend key s: s <= t within the same dialogue (padding, segment
+    -1, attends causally among itself, so no row is empty)."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+    """Mean cross-entropy over the trained (assistant) tokens of a micro-batch, through the fused LM head:
+    `model(tokens, positions=, mask=, targets=)` returns the sum, divided here by the count; the Trainer weighs
+    micro-batches by that count, so the step optimises the mean over every trained token of the global batch."""
+    segments, labels = batch["segments"], batch["labels"]
+    packed = batch.get("packed")
+    if packed is None:
+        packed = bool((segments.amax(dim=1) > 0).any())
+    mask = attention_mask(segments) if packed else None  # one dialogue per row: plain causal attention
+    positions = batch["positions"] if packed else None
+    loss_sum = model(batch["tokens"], positions=positions, mask=mask, targets=labels)
+    count = (labels != IGNORE_INDEX).sum()
+    return LossOutput(loss_sum / count.clamp(min=1), count, tokens=(segments >= 0).sum(), perplexity=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, base model and samples
+
+
+def ensure_dialogues(quiet: bool = False) -> tuple[Path, Path]:
+    """The train and held-out files of the built-in dialogues (with the synthetic safety set) in the cache,
+    built when missing (atomically: a killed build leaves nothing half-written)."""
+    from ..data.dialogues import build_dialogues
+
+    root = cache_dir() / BUILTIN_DIALOGUES
+    train = root / "dialogues.jsonl"
+    val = held_out_path(train)
+    if not (train.is_file() and val.is_file()):
+        if not quiet:
+            print(f"building the built-in dialogues into {root}", flush=True)
+        build_dialogues(train, safety=True, quiet=quiet)
+    return train, val
+
+
+def resolve_base(base: str) -> Path:
+    """The checkpoint directory of `base`: itself, or a training run's latest checkpoint."""
+    from ..train.checkpoints import latest_checkpoint
+
+    p = expand_path(base)
+    if (p / "checkpoints").is_dir() and not ((p / "config.json").is_file() or (p / "params.json").is_file()):
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise Llama2Error(f"base {p} is a training run without a checkpoint yet; finish that run first")
+        return ckpt
+    return p
+
+
+def _base_exists(base: str) -> bool:
+    p = expand_path(base)
+    return (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "checkpoints" / "latest").is_file()
+
+
+def ensure_base(recipe: SFTRecipe, quiet: bool = False) -> Path:
+    """The base checkpoint; when it is missing and `base_recipe` is set, that pretraining recipe is run with
+    out_dir = base first (it builds its own data when missing, and resumes if killed)."""
+    if not _base_exists(recipe.base):
+        if recipe.base_recipe is None:
+            raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; give a checkpoint "
+                              "directory (HF or Meta layout, or a training run) or set base_recipe to build it")
+        from ..train.config import PretrainRecipe, load_recipe
+        from .pretrain import pretrain
+
+        if not quiet:
+            print(f"building the base model: {recipe.base_recipe} into {recipe.base}", flush=True)
+        pre = load_recipe(PretrainRecipe, recipe.base_recipe, [f"out_dir={recipe.base}"])
+        pretrain(pre, quiet=quiet)
+    return resolve_base(recipe.base)
+
+
+def load_tokenizer(base: Path) -> Any:
+    from ..tokenizer import Tokenizer
+
+    for d in (base, base.parent):  # Meta's download.sh puts tokenizer.model beside the model folders
+        if (d / "tokenizer.model").is_file():
+            return Tokenizer(d)
+    raise Llama2Error(f"no tokenizer.model in {base} (or its parent); copy the base's tokenizer.model there")
+
+
+def check_quantize(spec: LoRASpec) -> None:
+    """QLoRA's 4-bit base: stop with what it needs (it is not implemented on CPU)."""
+    if spec.quantize_base == "none":
+        return
+    if spec.rank == 0:
+        raise Llama2Error("lora.quantize_base: 4bit needs LoRA (set lora.rank > 0): a 4-bit base cannot be trained")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except ImportError:
+        have_bnb = False
+    if not (have_bnb and torch.cuda.is_available()):
+        raise Llama2Error("lora.quantize_base: 4bit (QLoRA) needs bitsandbytes and a CUDA GPU (pip install "
+                          "bitsandbytes); set lora.quantize_base=none to train LoRA on the full-precision base")
+    raise Llama2Error("lora.quantize_base: 4bit is not implemented in this version; set lora.quantize_base=none")
+
+
+@dataclass
+class SamplePrompt:
+    messages: list[dict[str, str]]  # ends with the user message to answer
+    reference: str | None
+
+
+def sample_prompts(spec: SamplesSpec, held_out: Sequence[Dialogue]) -> list[SamplePrompt]:
+    """The fixed prompts answered at each evaluation: samples.prompts, else the first held-out dialogues' last
+    user turns (with their history) and their answers as references."""
+    if spec.prompts:
+        return [SamplePrompt([{"role": "user", "content": p}], None) for p in spec.prompts]
+    return [SamplePrompt(d.messages[:-1], d.messages[-1]["content"]) for d in held_out[:spec.count]]
+
+
+class SampleWriter:
+    """eval_fn: greedy answers to the fixed prompts through the one generation path, appended to
+    out_dir/samples.jsonl as {"step", "prompt", "answer", "reference"} (rank 0 writes)."""
+
+    def __init__(self, prompts: Sequence[SamplePrompt], tokenizer: Any, max_new_tokens: int, path: Path,
+                 env: DistEnv) -> None:
+        self.prompts, self.tokenizer, self.max_new_tokens = list(prompts), tokenizer, max_new_tokens
+        self.path, self.env = path, env
+
+    def trim(self, step: int) -> None:
+        """Drop records after `step` (a resumed run writes them again)."""
+        if not self.env.is_main or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(keep))
+
+    def __call__(self, trainer: Trainer) -> dict[str, float]:
+        from ..inference.generate import Generator, SamplingParams, gathered_for_generation
+
+        if not self.prompts:
+            return {}
+        model = trainer.model
+        ids = [encode_dialog(self.tokenizer, p.messages) for p in self.prompts]
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.max_new_tokens, truncate=True)
+        with gathered_for_generation(model):
+            done = Generator(model, self.tokenizer, max_batch_size=len(ids)).generate(ids, params)
+        answers = [c.text.strip() for c in done]
+        if self.env.is_main:
+            old = self.path.read_text() if self.path.is_file() else ""
+            new = "".join(json.dumps({"step": trainer.step, "prompt": p.messages[-1]["content"], "answer": a,
+                                      "reference": p.reference}, ensure_ascii=False) + "\n"
+                          for p, a in zip(self.prompts, answers))
+            atomic_write_text(self.path, old + new)
+        return {"sample_tokens": float(np.mean([len(c.tokens) for c in done]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _as_dialogues(items: Sequence[Dialogue | Sequence[dict[str, str]]] | None) -> list[Dialogue] | None:
+    if items is None:
+        return None
+    return [d if isinstance(d, Dialogue) else check_dialogue(list(d)) for d in items]
+
+
+def load_data(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], list[Dialogue]]:
+    """The recipe's training and held-out dialogues (the built-in ones when data.path is unset)."""
+    d = recipe.data
+    if d.path is None:
+        train_path, val_path = ensure_dialogues(quiet=quiet)
+    else:
+        train_path = expand_path(d.path)
+        val_path = expand_path(d.val_path) if d.val_path else None
+    files = [read_dialogues(train_path, on_bad_line=d.on_bad_line)]
+    if val_path is not None:
+        files.append(read_dialogues(val_path, on_bad_line=d.on_bad_line))
+    if not quiet:
+        for f in files:
+            if f.skipped:
+                print(f.summary(), flush=True)
+    return files[0].dialogues, (files[1].dialogues if len(files) > 1 else [])
+
+
+class _TrainedTokens:
+    """The running count of trained (assistant) tokens, checkpointed with the run."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total = float(state["total"])
+
+
+@dataclass
+class SFTRun:
+    """What build_sft sets up: the Trainer, the samples writer (its eval_fn), the trained-token counter and the
+    tokenizer."""
+
+    trainer: Trainer
+    samples: SampleWriter
+    trained_tokens: _TrainedTokens
+    tokenizer: Any
+
+
+def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict]] | None = None,
+              val_dialogues: Sequence[Dialogue | Sequence[dict]] | None = None, env: DistEnv | None = None,
+              quiet: bool = False) -> SFTRun:
+    """Everything `llama2 sft` sets up: base (built if needed), dialogues (from the recipe unless given),
+    tokenised and packed batches, the model (with LoRA adapters if asked), samples, the Trainer."""
+    from ..checkpoint import detect_layout, load_config, load_model
+    from ..lora import apply_lora
+    from ..model import Transformer
+
+    env = env or init_distributed(recipe.device)
+    check_quantize(recipe.lora)
+    if env.is_main:
+        ensure_base(recipe, quiet=quiet)
+        if dialogues is None and recipe.data.path is None:
+            ensure_dialogues(quiet=quiet)
+    barrier(env)
+    base = resolve_base(recipe.base)
+    cfg = load_config(base)
+    tokenizer = load_tokenizer(base)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise Llama2Error(f"the tokenizer beside {base} has {tokenizer.vocab_size} pieces, the model's vocabulary "
+                          f"{cfg.vocab_size}; use the base's own tokenizer.model")
+    seq_len = recipe.max_seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise Llama2Error(f"max_seq_len {seq_len} is longer than the base's context ({cfg.max_seq_len}); lower it")
+    lora = recipe.lora
+    if lora.rank > 0 and detect_layout(base) != "hf":
+        raise Llama2Error(f"LoRA fine-tuning needs the base in the Hugging Face layout (the adapter names it, and "
+                          f"resuming reads its weights from it); convert it first: llama2 convert {base} "
+                          f"{base.name}-hf --to hf")
+
+    train_d, val_d = load_data(recipe, quiet=quiet or not env.is_main) if dialogues is None else ([], [])
+    if dialogues is not None:
+        train_d, val_d = _as_dialogues(dialogues) or [], _as_dialogues(val_dialogues) or []
+    train_ex, train_stats = encode_dialogues(tokenizer, train_d, recipe.mask, seq_len, recipe.overlong)
+    val_ex, val_stats = encode_dialogues(tokenizer, val_d, recipe.mask, seq_len, recipe.overlong)
+    accum = recipe.accumulation(env.world_size)
+    batches = SFTBatches(train_ex, seq_len, recipe.batch_size, accum, packing=recipe.packing, rank=env.rank,
+                         world_size=env.world_size, seed=recipe.seed, pad_id=tokenizer.eos_id)
+    total = recipe.epochs * batches.steps_per_epoch
+    run = dataclasses.replace(recipe, max_steps=min(recipe.max_steps or total, total))
+    if env.is_main and not quiet:
+        print(train_stats.line("train", seq_len), flush=True)
+        if val_d:
+            print(val_stats.line("held-out", seq_len), flush=True)
+        print(f"{len(batches.rows)} {'packed ' if recipe.packing else ''}rows of <= {seq_len} tokens, "
+              f"{batches.steps_per_epoch} steps per epoch of {batches.global_size} rows; training {run.max_steps} "
+              f"steps", flush=True)
+
+    val_fn = None
+    if val_ex:
+        val = validation_batches(val_ex, seq_len, recipe.batch_size, packing=recipe.packing, rank=env.rank,
+                                 world_size=env.world_size, pad_id=tokenizer.eos_id)
+        val_fn = lambda: val  # noqa: E731
+
+    def build_model() -> nn.Module:
+        model = Transformer(cfg)
+        if lora.rank > 0:
+            apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.modules, base_model=str(base))
+        return model
+
+    def initial() -> dict[str, Tensor]:
+        return load_model(base, device="cpu").state_dict()
+
+    if lora.rank > 0:
+        from ..checkpoint import AdapterCheckpointIO
+
+        io: Any = AdapterCheckpointIO(base, tokenizer)
+        fresh = ["*.lora_A.weight", "*.lora_B.weight"]
+    else:
+        io, fresh = HFCheckpointIO(tokenizer), []
+    writer = SampleWriter(sample_prompts(recipe.samples, val_d), tokenizer, recipe.samples.max_new_tokens,
+                          Path(run.out_dir) / "samples.jsonl", env)
+    counter = _TrainedTokens()
+
+    def step(t: Trainer) -> dict[str, float]:
+        totals = t.backward(t.batches.next())
+        counter.total += totals.count
+        return {**totals.stats(), **t.optimizer_step(), "trained_tokens": counter.total}
+
+    from ..train.metrics import flops_per_token
+
+    trainer = Trainer(run, build_model, sft_loss, batches, val_batches=val_fn, initial_weights=initial,
+                      checkpoint_io=io, env=env, flops_per_token=flops_per_token(cfg, seq_len), quiet=quiet,
+                      fresh=fresh, step_fn=step, eval_fn=writer if writer.prompts else None,
+                      state={"trained_tokens": counter})
+    return SFTRun(trainer, writer, counter, tokenizer)
+
+
+def sft(recipe: SFTRecipe, quiet: bool = False, *, dialogues: Sequence[Dialogue | Sequence[dict]] | None = None,
+        val_dialogues: Sequence[Dialogue | Sequence[dict]] | None = None) -> TrainResult:
+    """Run (or resume) supervised fine-tuning as the recipe says (building the base and the built-in dialogues
+    when missing); prints a one-line summary unless quiet. Later stages may pass `dialogues` (and
+    `val_dialogues`) in memory: Dialogue objects or lists of {"role", "content"} messages."""
+    run = build_sft(recipe, dialogues=dialogues, val_dialogues=val_dialogues, quiet=quiet)
+    run.trainer.start()
+    run.samples.trim(run.trainer.step)
+    result = run.trainer.fit()
+    if run.trainer.env.is_main and not quiet:
+        print(summary_line(result, run.trained_tokens.total), flush=True)
+    return result
+
+
+def summary_line(result: TrainResult, trained_tokens: float) -> str:
+    last = result.last
+    loss = f"loss {last['loss']:.4f}" if "loss" in last else "loss n/a"
+    val = f", held-out loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+    return (f"sft: {result.step} steps, {trained_tokens:,.0f} trained tokens, {loss}{val}; checkpoint "
+            f"{result.checkpoint}")

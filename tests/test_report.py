@@ -1,0 +1,234 @@
+"""The run report (report.md + report.html), the demo's budget and its training-to-a-deadline, and the demo's
+held-out prompts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from llama2.report.budget import Budget, fit_within
+from llama2.report.demo import held_out_prompts
+from llama2.report.report import Report, fmt, md_escape
+
+EVIL = 'if a < b and c > d: <script>alert("x")</script> | *bold* _it_ `code` &amp;\n\n\nend'
+
+
+class _Collect(HTMLParser):
+    """Tags, <pre> texts, <img> sources and cell texts of an HTML document, as the standard parser reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.pre: list[str] = []
+        self.imgs: list[str] = []
+        self.h2: list[str] = []
+        self.th: list[str] = []
+        self._in: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in.append(tag)
+        if tag == "pre":
+            self.pre.append("")
+        if tag == "h2":
+            self.h2.append("")
+        if tag == "th":
+            self.th.append("")
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag):
+        if self._in and self._in[-1] == tag:
+            self._in.pop()
+
+    def handle_data(self, data):
+        if "pre" in self._in:
+            self.pre[-1] += data
+        if "h2" in self._in:
+            self.h2[-1] += data
+        if "th" in self._in:
+            self.th[-1] += data
+
+
+def _png(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _report(tmp_path):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    png = _png(out / "figures" / "curve.png")
+    r = Report(out, "demo <run>", intro="Intro with `code`.")
+    s = r.section("1. Pretraining")
+    s.text("Trained **fast**.")
+    s.table(["measure", "before", "after"], [["loss", 8.3178, 4.25], ["steps", 1234, None]], caption="losses")
+    s.figure(png, "loss curve")
+    s.samples(["p1 <b>", "p2"], {"before": [EVIL, "x"], "after": ["y | z", "w"]}, references=["r1", "r2"],
+              notes={"after": ["ROUGE-L 0.50", ""]})
+    r.section("2. Later", status="running").text(EVIL, trusted=False)
+    return r, out, png
+
+
+def test_markdown_structure_and_escaping(tmp_path):
+    r, out, png = _report(tmp_path)
+    md_path, html_path = r.write()
+    md = md_path.read_text()
+    assert md.startswith("# demo &lt;run&gt;\n")
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings == ["## 1. Pretraining", "## 2. Later (running)"]
+    assert "<script>" not in md and "&lt;script&gt;" in md
+    # the image reference is relative to report.md and names the real file
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert refs == ["figures/curve.png"] and (md_path.parent / refs[0]).resolve() == png.resolve()
+    # every table row has as many unescaped pipes as the header (the "|" in model text is escaped)
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    widths = [len(re.findall(r"(?<!\\)\|", line)) for line in rows]
+    assert widths == [4, 4, 4] + [5, 5, 5]  # measure table (header + 2 rows), samples (header + 2 rows)
+    assert "| loss | 8.318 | 4.250 |" in md and "| steps | 1,234 |  |" in md
+    assert "| prompt | before | after | reference |" in md
+    # newlines of model text stay visible, one arrow each; markdown emphasis characters are escaped
+    assert md.count("↵<br>") == 3 * 2  # EVIL appears twice (samples, untrusted paragraph), 3 newlines each
+    assert r"\*bold\*" in md and r"\_it\_" in md and r"\`code\`" in md and "&amp;amp;" in md
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_html_is_self_contained_and_escaped(tmp_path):
+    r, out, png = _report(tmp_path)
+    _, html_path = r.write()
+    page = html_path.read_text()
+    assert "<script>" not in page and "</script>" not in page
+    p = _Collect()
+    p.feed(page)
+    assert p.tags.count("section") == 2 and p.tags.count("figure") == 1 and "script" not in p.tags
+    assert p.h2[0] == "1. Pretraining" and p.h2[1].startswith("2. Later")
+    assert p.th[:3] == ["measure", "before", "after"]
+    # the parser gives back exactly the model's text (with a return arrow before each newline)
+    shown = EVIL.replace("\n", "↵\n")
+    assert p.pre.count(shown) == 1 and "p1 <b>" in p.pre and "y | z" in p.pre
+    assert p.pre.index("p1 <b>") < p.pre.index(shown)  # the row: prompt, before, after, reference
+    # the image is embedded: its data URI decodes to the PNG file's bytes
+    (src,) = p.imgs
+    assert src.startswith("data:image/png;base64,")
+    assert base64.b64decode(src.split(",", 1)[1]) == png.read_bytes()
+
+
+def test_report_is_rewritten_whole(tmp_path):
+    r, out, _ = _report(tmp_path)
+    r.write()
+    r.section("2. Later", status="done").text("finished")
+    r.section("3. Last").text("more")
+    md = (out / "report.md").read_text()
+    assert "## 2. Later (running)" in md and "## 3. Last" not in md  # not written yet
+    r.write()
+    md = (out / "report.md").read_text()
+    assert "## 2. Later\n" in md and "(running)" not in md and md.index("finished") < md.index("## 3. Last")
+    assert (out / "report.html").read_text().count("<section") == 3
+
+
+def test_samples_must_line_up(tmp_path):
+    s = Report(tmp_path, "t").section("x")
+    with pytest.raises(ValueError, match="2 entries for 1 prompts"):
+        s.samples(["p"], {"a": ["1", "2"]})
+    with pytest.raises(ValueError, match="references"):
+        s.samples(["p"], {"a": ["1"]}, references=[])
+
+
+def test_fmt_and_md_escape():
+    assert fmt(8.31776) == "8.318" and fmt(123.456) == "123.5" and fmt(12345) == "12,345"
+    assert fmt(1.5e-5) == "1.5e-05" and fmt(None) == "" and fmt(True) == "yes" and fmt("a") == "a"
+    assert md_escape("- item", block=True) == "\\- item" and md_escape("3. x", block=True) == "3\\. x"
+    assert md_escape("3. x") == "3. x" and md_escape("a  b") == "a&nbsp;&nbsp;b"
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+
+def test_budget_deadlines_are_cumulative_shares():
+    b = Budget(100.0, {"a": 0.5, "b": 0.3, "c": 0.2}, start=1000.0)
+    assert (b.deadline("a"), b.deadline("b"), b.deadline("c")) == (1050.0, 1080.0, 1100.0)
+    with pytest.raises(KeyError):
+        b.deadline("d")
+
+
+class _RandomBatches:
+    def __init__(self, vocab, seq):
+        self.g = torch.Generator().manual_seed(0)
+        self.vocab, self.seq, self.n = vocab, seq, 0
+
+    def next(self):
+        self.n += 1
+        return [torch.randint(0, self.vocab, (2, self.seq + 1), generator=self.g)]
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def _trainer(tmp_path, max_steps=1000):
+    from llama2 import ModelConfig, Transformer
+    from llama2.stages.pretrain import causal_lm_loss
+    from llama2.train.config import OptimConfig, TrainRecipe
+    from llama2.train.loop import Trainer
+
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+    recipe = TrainRecipe(out_dir=str(tmp_path / "run"), max_steps=max_steps, batch_size=2, device="cpu",
+                         precision="fp32", optim=OptimConfig(lr=1e-3, warmup_steps=2))
+    return Trainer(recipe, lambda: Transformer(cfg), causal_lm_loss, _RandomBatches(64, 16), quiet=True)
+
+
+def test_fit_within_stops_by_the_deadline(tmp_path):
+    t = _trainer(tmp_path)
+    start = time.time()
+    result, plan = fit_within(t, start + 3.0, cap=100_000, quiet=True)
+    took = time.time() - start
+    assert took < 3.0 + 2.5  # the last planned step, the final save; generous for a shared machine
+    assert plan.seconds_per_step and plan.steps == result.step == t.recipe.max_steps > 3
+    assert plan.stopped_by_deadline and result.checkpoint is not None
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[-1]["step"] == result.step
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert f"max_steps: {result.step}\n" in saved
+    assert t.step_fn is None and t.quiet  # the trainer is given back as it was
+
+
+def test_fit_within_respects_the_cap(tmp_path):
+    t = _trainer(tmp_path)
+    result, plan = fit_within(t, time.time() + 3600, cap=5, quiet=True)
+    assert result.step == plan.steps == 5 and not plan.stopped_by_deadline
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def test_held_out_prompts_come_from_the_val_split(tmp_path):
+    docs = [
+        "import os\n\ndef walk(top, topdown=True):\n    \"\"\"Walk.\"\"\"\n    stack = [top]\n    return stack\n",
+        "Return the number of items in the sequence, counting nested ones too.\n\nMore.",
+        "x = 1",
+        "Build a parser for the given grammar file and return it ready to use.",
+    ]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prompts, refs = held_out_prompts(val, n_doc=4, n_code=2)
+    assert prompts == ["Return the number of items", "Build a parser for the", "def walk(top, topdown=True):\n"]
+    assert refs == ["in the sequence, counting nested ones too.", "given grammar file and return it ready to use.",
+                    '    """Walk."""\n    stack = [top]\n    return stack']
+    fallback, _ = held_out_prompts(tmp_path / "missing.jsonl")
+    assert fallback[0] == "Return the number of"

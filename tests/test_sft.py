@@ -1,0 +1,366 @@
+"""The SFT stage (paper section 3.1) against independent oracles: each dialogue run alone through the model with
+the textbook cross-entropy (packing, masks, gradients), a hand-computed accumulation of token losses, an
+uninterrupted run (resume), transformers' greedy generation (samples), and peft's merge_and_unload (LoRA merge)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama2.config import ModelConfig
+from llama2.errors import Llama2Error
+from llama2.model import Transformer
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
+
+DIALOGUES = [
+    [{"role": "user", "content": "What does json.dumps do?"},
+     {"role": "assistant", "content": "It serializes an object to a JSON formatted string."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "What is a list?"},
+     {"role": "assistant", "content": "A mutable sequence."},
+     {"role": "user", "content": "And a tuple?"},
+     {"role": "assistant", "content": "An immutable sequence of objects."}],
+    [{"role": "user", "content": "Explain the pydoc topic for loops."},
+     {"role": "assistant", "content": "The for statement iterates over the elements of a sequence."}],
+    [{"role": "user", "content": "How do I kill a Python process?"},
+     {"role": "assistant", "content": "Use os.kill with the process id and a signal."}],
+    [{"role": "user", "content": "What does range return?"},
+     {"role": "assistant", "content": "An immutable sequence of numbers."},
+     {"role": "user", "content": "Is it lazy?"},
+     {"role": "assistant", "content": "Yes, it computes items on demand."}],
+    [{"role": "user", "content": "Name a sorting function."},
+     {"role": "assistant", "content": "sorted returns a new sorted list."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sp_model_path):
+    from llama2.tokenizer import Tokenizer
+
+    return Tokenizer(sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random tiny base model in the HF layout, with its tokenizer."""
+    from llama2.checkpoint import save_model
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("base") / "base"
+    save_model(Transformer(CFG), d, tokenizer)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("dialogues")
+    train, val = d / "train.jsonl", d / "val.jsonl"
+    train.write_text("".join(json.dumps({"messages": m}) + "\n" for m in DIALOGUES * 3))
+    val.write_text("".join(json.dumps({"messages": m}) + "\n" for m in DIALOGUES[:3]))
+    return train, val
+
+
+def make_recipe(tmp_path: Path, base: Path, data: tuple[Path, Path], name: str = "run", overrides=()):
+    from llama2.stages.sft import SFTRecipe
+    from llama2.train.config import load_recipe
+
+    return load_recipe(SFTRecipe, None, [f"base={base}", f"out_dir={tmp_path / name}", f"data.path={data[0]}",
+                                         f"data.val_path={data[1]}", "max_seq_len=96", "batch_size=2",
+                                         "device=cpu", "precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=1",
+                                         "samples.max_new_tokens=6", "samples.count=2", "seed=1", "peak_tflops=1", *overrides])
+
+
+def examples(tokenizer, dialogues=DIALOGUES, mask="all_assistant"):
+    from llama2.data.dialogues import check_dialogue
+    from llama2.stages.sft import encode_dialogues
+
+    ex, _ = encode_dialogues(tokenizer, [check_dialogue(d) for d in dialogues], mask, 10_000, "truncate")
+    return ex
+
+
+def reference_sum(model, tokenizer, dialogues, mask="all_assistant") -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over trained tokens, each dialogue run alone through the model's
+    logits (the oracle: no packing, no fused head)."""
+    from llama2.chat import encode_dialog_for_training
+
+    total, count = 0.0, 0
+    for d in dialogues:
+        ids, trained = encode_dialog_for_training(tokenizer, d, train_on=mask)
+        x = torch.tensor([ids])
+        logits = model(x)[0, :-1]
+        keep = torch.tensor(trained[1:])
+        total = total + F.cross_entropy(logits[keep], x[0, 1:][keep], reduction="sum")
+        count += int(keep.sum())
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------------ packing and loss
+
+
+def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer):
+    from llama2.stages.sft import collate, pack_rows, sft_loss
+
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    ex = examples(tokenizer)
+    rows = pack_rows([len(e.ids) for e in ex], 96)
+    assert len(rows) < len(ex), "the test needs rows holding several dialogues"
+    batch = collate(ex, rows)
+    assert batch["packed"] and batch["tokens"].shape[1] <= 96
+    out = sft_loss(model, batch)
+    (out.loss * out.count).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref, count = reference_sum(model, tokenizer, DIALOGUES)
+    ref.backward()
+    assert int(out.count) == count
+    torch.testing.assert_close(out.loss * out.count, ref.detach(), rtol=1e-5, atol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_last_assistant_trains_only_the_final_answer(tokenizer):
+    from llama2.stages.sft import collate, pack_rows, sft_loss
+
+    model = Transformer(CFG)
+    ex = examples(tokenizer, mask="last_assistant")
+    out = sft_loss(model, collate(ex, pack_rows([len(e.ids) for e in ex], 96)))
+    ref, count = reference_sum(model, tokenizer, DIALOGUES, mask="last_assistant")
+    assert int(out.count) == count < sum(int(e.trained.sum()) for e in examples(tokenizer))
+    torch.testing.assert_close(out.loss * out.count, ref.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_labels_are_the_answers_tokens_by_hand(tokenizer):
+    """The trained targets of a packed row are exactly each answer's text and EOS, found by hand here from
+    the tokenizer: the pair encoding minus the encoding of its prompt."""
+    from llama2.stages.sft import collate
+
+    ex = examples(tokenizer, DIALOGUES[:1] + DIALOGUES[2:3])
+    batch = collate(ex, [[0, 1]])
+    want = []
+    for d in (DIALOGUES[0], DIALOGUES[2]):
+        user, answer = d[0]["content"], d[1]["content"]
+        prompt = tokenizer.encode(f"[INST] {user} [/INST]", bos=False)
+        pair = tokenizer.encode(f"[INST] {user} [/INST] {answer} ", bos=False)
+        assert pair[:len(prompt)] == prompt
+        want += pair[len(prompt):] + [tokenizer.eos_id]
+    got = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert got == want
+    seg = batch["segments"][0].tolist()
+    n0 = len(ex[0].ids)
+    assert batch["positions"][0, n0].item() == 0 and seg[n0 - 1] == 0 and seg[n0] == 1
+
+
+def test_accumulation_normalises_by_the_trained_tokens_of_the_global_batch(tmp_path, tokenizer):
+    """Two micro-batches with very different numbers of trained tokens: the step's gradient is that of the mean
+    over all trained tokens of both (not the mean of the two means)."""
+    from llama2.stages.sft import collate, sft_loss
+    from llama2.train.config import OptimConfig, TrainRecipe
+    from llama2.train.loop import Trainer
+
+    ex = examples(tokenizer)
+    micro = [collate(ex, [[0]]), collate(ex, [[1, 4], [2]])]
+    torch.manual_seed(0)
+    recipe = TrainRecipe(out_dir=str(tmp_path / "acc"), max_steps=1, device="cpu", precision="fp32",
+                         optim=OptimConfig(lr=1e-3, warmup_steps=0))
+
+    class Nothing:
+        def next(self):
+            raise AssertionError
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+    trainer = Trainer(recipe, lambda: Transformer(CFG), sft_loss, Nothing(), quiet=True)
+    trainer.start()
+    totals = trainer.backward(micro)
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad()
+    ref, count = reference_sum(trainer.model, tokenizer, [DIALOGUES[i] for i in (0, 1, 4, 2)])
+    (ref / count).backward()
+    assert totals.count == count
+    assert totals.loss == pytest.approx(ref.item() / count, rel=1e-5)
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_overlong_dialogue_drops_earliest_exchanges_and_keeps_the_system(tokenizer):
+    from llama2.chat import encode_dialog_for_training
+    from llama2.data.dialogues import check_dialogue
+    from llama2.stages.sft import encode_dialogues
+
+    long = [{"role": "system", "content": "Answer briefly."}]
+    for i in range(6):
+        long += [{"role": "user", "content": f"Question number {i} about Python lists?"},
+                 {"role": "assistant", "content": f"Answer number {i}: lists are mutable sequences."}]
+    last = [long[0]] + long[-2:]
+    want, _ = encode_dialog_for_training(tokenizer, last)
+    two = encode_dialog_for_training(tokenizer, [long[0]] + long[-4:])[0]
+    limit = len(two) - 1  # the last two exchanges do not fit, the last one does
+    ex, stats = encode_dialogues(tokenizer, [check_dialogue(long)], "all_assistant", limit, "truncate")
+    assert ex[0].ids.tolist() == want and stats.truncated == 1 and stats.skipped == 0
+    ex, stats = encode_dialogues(tokenizer, [check_dialogue(long)], "all_assistant", limit, "skip")
+    assert ex == [] and stats.skipped == 1
+    ex, stats = encode_dialogues(tokenizer, [check_dialogue(long)], "all_assistant", len(want) - 1, "truncate")
+    assert ex == [] and stats.skipped == 1
+
+
+def test_batches_state_resumes_and_epochs_reshuffle(tokenizer):
+    from llama2.stages.sft import SFTBatches
+
+    ex = examples(tokenizer) * 4
+    a = SFTBatches(ex, 96, 2, 2, seed=3)
+    steps = [a.next() for _ in range(3 * a.steps_per_epoch)]
+    b = SFTBatches(ex, 96, 2, 2, seed=3)
+    for _ in range(a.steps_per_epoch + 1):
+        b.next()
+    c = SFTBatches(ex, 96, 2, 2, seed=3)
+    c.load_state_dict(b.state_dict())
+    for want in steps[a.steps_per_epoch + 1:]:
+        got = c.next()
+        assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(got, want))
+    assert len(a.rows) >= 4 and list(a.order(0)) != list(a.order(1))  # each epoch has its own order
+    assert sorted(a.order(1)) == list(range(len(a.rows)))  # ... of every row
+    # two processes each take their slice of the same global batch
+    r0 = SFTBatches(ex, 96, 2, 1, rank=0, world_size=2, seed=3)
+    r1 = SFTBatches(ex, 96, 2, 1, rank=1, world_size=2, seed=3)
+    assert r0.step_rows(0, 0) + r1.step_rows(0, 0) == a.step_rows(0, 0)
+    with pytest.raises(Llama2Error, match="global batch"):
+        SFTBatches(ex, 96, 4, 2, seed=3).load_state_dict(a.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def test_sft_trains_writes_samples_and_resumes_exactly(tmp_path, base_dir, data_files, tokenizer, capsys):
+    from llama2.stages.sft import sft
+    from llama2.train.metrics import read_metrics
+
+    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=4", "eval_every=2"]))
+    out = capsys.readouterr().out
+    assert "sft: 4 steps" in out and "held-out loss" in out
+    first = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", "eval_every=2",
+                                                                     "save_every=2"]), quiet=True)
+    assert first.step == 4
+    # kill after step 2: start over from the step-2 checkpoint
+    cut = tmp_path / "cut"
+    (cut / "checkpoints" / "latest").write_text("step-000002\n")
+    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", "eval_every=2",
+                                                                       "save_every=2"]), quiet=True)
+    assert resumed.resumed_from == 2
+    a = {r["step"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(cut / "metrics.jsonl")}
+    assert [a[s]["loss"] for s in range(1, 5)] == [b[s]["loss"] for s in range(1, 5)]
+    assert a[4]["val_loss"] == b[4]["val_loss"] and a[4]["trained_tokens"] == b[4]["trained_tokens"]
+    samples = [json.loads(line) for line in (cut / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    assert samples[0]["prompt"] == DIALOGUES[0][0]["content"]
+    assert samples[0]["reference"] == DIALOGUES[0][1]["content"]
+    # the greedy answer is transformers' greedy generation from the step-4 checkpoint
+    from transformers import LlamaForCausalLM
+
+    from llama2.chat import encode_dialog
+
+    hf = LlamaForCausalLM.from_pretrained(full.checkpoint).eval()
+    ids = encode_dialog(tokenizer, DIALOGUES[0][:1])
+    gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_id,
+                      pad_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    if tokenizer.eos_id in gen:
+        gen = gen[:gen.index(tokenizer.eos_id)]
+    full_samples = [json.loads(line) for line in (tmp_path / "full" / "samples.jsonl").read_text().splitlines()]
+    assert full_samples[2]["answer"] == tokenizer.decode(gen).strip()
+
+
+def test_lora_trains_only_adapters_saves_peft_layout_and_resumes(tmp_path, base_dir, data_files):
+    from safetensors import safe_open
+
+    from llama2.stages.sft import sft
+    from llama2.train.metrics import read_metrics
+
+    args = ["max_steps=4", "save_every=2", "lora.rank=4", "lora.alpha=8", "lora.dropout=0", "optim.lr=5e-2",
+            "lora.targets=[q, v, down]", "samples.count=0"]
+    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", args), quiet=True)
+    ckpt = full.checkpoint
+    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "tokenizer.model").is_file()
+    assert not list(ckpt.glob("model*.safetensors"))
+    with safe_open(ckpt / "adapter_model.safetensors", framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert any("down_proj" in k for k in keys) and not any("k_proj" in k for k in keys)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir) and cfg["r"] == 4
+    sft(make_recipe(tmp_path, base_dir, data_files, "cut", args), quiet=True)
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-000002\n")
+    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", args), quiet=True)
+    assert resumed.resumed_from == 2
+    a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+    assert a == b and a[-1] < a[0]
+
+
+def test_lora_merge_equals_peft_merge_and_unload(tmp_path, base_dir, tokenizer, capsys):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from llama2.checkpoint import load_model, save_checkpoint
+    from llama2.cli import main
+    from llama2.lora import apply_lora
+
+    model = apply_lora(load_model(base_dir), r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                       base_model=str(base_dir))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_checkpoint(model, tmp_path / "adapter", tokenizer=tokenizer)
+    assert main(["lora", "merge", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    tokens = torch.tensor([[1, 5, 9, 200, 3, 77, 42, 11]])
+    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    want = peft.merge_and_unload().eval()(tokens).logits
+    merged = load_model(tmp_path / "merged").eval()
+    with torch.no_grad():
+        got = merged(tokens)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (tmp_path / "merged" / "tokenizer.model").is_file()
+    # a base of another shape is a clear error
+    other = tmp_path / "other"
+    from llama2.checkpoint import save_model
+
+    save_model(Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=1000, multiple_of=16,
+                                       max_seq_len=96)), other, tokenizer)
+    capsys.readouterr()
+    assert main(["lora", "merge", str(other), str(tmp_path / "adapter"), str(tmp_path / "bad")]) != 0
+    assert "the adapter does not match the base model" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_recipe_errors_and_qlora_needs_a_gpu(tmp_path, base_dir, data_files):
+    from llama2.stages.sft import SFTRecipe, sft
+    from llama2.train.config import load_recipe
+
+    with pytest.raises(Llama2Error, match="unknown recipe key 'lora.rnk'"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["lora.rnk=4"])
+    with pytest.raises(Llama2Error, match="mask"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["mask=everything"])
+    with pytest.raises(Llama2Error, match="lora.targets"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["lora.targets=[q, lm_head]"])
+    recipe = make_recipe(tmp_path, base_dir, data_files, overrides=["lora.rank=4", "lora.quantize_base=4bit"])
+    if not torch.cuda.is_available():
+        with pytest.raises(Llama2Error, match="needs bitsandbytes and a CUDA GPU"):
+            sft(recipe, quiet=True)
+    with pytest.raises(Llama2Error, match="does not exist"):
+        sft(make_recipe(tmp_path, tmp_path / "nowhere", data_files), quiet=True)
+    for size in ("tiny", "7B", "13B", "70B"):
+        r = load_recipe(SFTRecipe, f"configs/{size}/sft.yaml")
+        if size != "tiny":
+            assert (r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.epochs, r.global_batch_size,
+                    r.max_seq_len, r.precision) == (2e-5, 0.1, "cosine", 2, 64, 4096, "bf16")
