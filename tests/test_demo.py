@@ -1,25 +1,67 @@
-"""`llama2 demo` end to end on a fresh cache: every stage it shows runs and its checks hold."""
+"""`llama2 demo` end to end on a fresh cache with a tiny budget: every stage runs, the report holds every section,
+and its numbers are the run's own (checked against metrics.jsonl and the files the stages wrote)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 
+BUDGET_MINUTES = 1.5
+SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
+            "5. Checkpoint formats"]
+
+
+def _row(md: str, label: str) -> list[str]:
+    """The cells after `label` in the report's table row that starts with it."""
+    for line in md.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [c.strip() for c in re.split(r"(?<!\\)\|", line)[2:-1]]
+    raise AssertionError(f"no table row {label!r} in the report")
+
+
+@pytest.mark.slow
 def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     env = {**os.environ, "LLAMA2_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--steps", "3", "--quiet"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--budget-minutes",
+                        str(BUDGET_MINUTES), "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for title in SECTIONS:
+        assert f"== {title}" in r.stdout
+    assert f"Report: {out / 'report.md'}" in r.stdout
+    md = (out / "report.md").read_text()
+    headings = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    assert headings == SECTIONS  # in order, none "(running)" or "(failed)"
+
+    # pretraining: the table's numbers are metrics.jsonl's, and training lowered the loss
+    records = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in records if "loss" in x]
+    first, last = (float(c) for c in _row(md, "training loss (first / last logged step)"))
+    assert (first, last) == (pytest.approx(losses[0], abs=5e-4), pytest.approx(losses[-1], abs=5e-4))
+    assert last < first
+    before, after = (float(c) for c in _row(md, "held-out loss (nats/token)"))
+    assert after == pytest.approx([x for x in records if "val_loss" in x][-1]["val_loss"], abs=5e-4)
+    assert after < before and abs(before - 8.318) < 0.3  # random init: about ln(4096) = 8.318
+    step = records[-1]["step"]
+    assert (out / "pretrain" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").is_file()
+
+    # SFT ran from that checkpoint and wrote its own run; its loss table compares with its metrics
+    sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft and _row(md, "held-out answer-token loss")[1] == f"{[x for x in sft if 'val_loss' in x][-1]['val_loss']:.3f}"
+    rouge = [float(c) for c in _row(md, "ROUGE-L F1 against the real answer (mean of 8)")]
+    assert all(0.0 <= v <= 1.0 for v in rouge)
+
+    # figures: every image the report references exists, and report.html embeds them
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(refs) >= 4 and all((out / ref).is_file() for ref in refs)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(refs) and "<script" not in page
+
     assert "weights identical after the round trip: True" in r.stdout
-    for heading in ("1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Checkpoint formats"):
-        assert heading in r.stdout
-    ckpt = out / "pretrain" / "checkpoints" / "step-000003"
-    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.model").is_file()
-    steps = [json.loads(line)["step"] for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert steps and steps[-1] == 3
     assert sorted(p.name for p in (out / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
                                                                 "params.json"]
