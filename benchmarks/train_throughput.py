@@ -157,6 +157,20 @@ def gemm_floor(cfg: ModelConfig, tokens: int, dtype: torch.dtype, device: torch.
     return step
 
 
+def cpu_clock_matmul_tflops(dtype: torch.dtype, size: int, seconds: float) -> float:
+    """The matmul peak timed by this process's CPU time (for --clock cpu, so that MFU compares like with like):
+    the best of several timed runs of a size x size product."""
+    a, b = (torch.randn(size, size).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    best, deadline = 0.0, time.process_time() + seconds
+    while time.process_time() < deadline:
+        t0 = time.process_time()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = max(best, 4 * 2 * size**3 / max(time.process_time() - t0, 1e-9) / 1e12)
+    return best
+
+
 def tokens_per_s(step: Callable[[], float], tokens: int, steps: int, device: torch.device,
                  clock: Callable[[], float] = time.perf_counter) -> float:
     sync(device)
@@ -200,7 +214,13 @@ def main() -> None:
     threads = torch.get_num_threads()
     mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak_sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
-    peak = max(measure_matmul_tflops(device, mm_dtype, size=n, seconds=0.5) for n in peak_sizes)
+    if args.clock == "cpu":
+        def measure_peak(size: int, seconds: float) -> float:
+            return cpu_clock_matmul_tflops(mm_dtype, size, seconds)
+    else:
+        def measure_peak(size: int, seconds: float) -> float:
+            return measure_matmul_tflops(device, mm_dtype, size=size, seconds=seconds)
+    peak = max(measure_peak(n, 0.5) for n in peak_sizes)
     where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     if device.type == "cpu":
         print(cpu_description())
@@ -232,7 +252,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, run in runners.items():
                 best[k] = max(best[k], tokens_per_s(run, tokens, args.steps, device, clock))
-            peak = max(peak, measure_matmul_tflops(device, mm_dtype, size=peak_sizes[1], seconds=0.3))
+            peak = max(peak, measure_peak(peak_sizes[1], 0.3))
         fpt = flops_per_token(cfg, args.seq)
         mfu = {k: fpt * v / (peak * 1e12) for k, v in best.items()}
         comp = (f"{best['compiled']:>9,.0f} {best['compiled'] / best['hf']:>5.2f}x" if "compiled" in best

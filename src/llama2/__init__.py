@@ -27,6 +27,10 @@ _LAZY = {
     "Generator": "llama2.inference.generate",
     "SamplingParams": "llama2.inference.generate",
     "Completion": "llama2.inference.generate",
+    "Engine": "llama2.inference.engine",
+    "Request": "llama2.inference.engine",
+    "sequence_logprobs": "llama2.inference.scoring",
+    "gathered_for_generation": "llama2.inference.sharded",
 }
 
 __all__ = ["ModelConfig", "Llama2Error", *_LAZY]

@@ -4,9 +4,9 @@ Each stage owns a fixed share of the total; shares are cumulative, so a stage mu
 start + total x (its share + the shares before it): time an earlier stage leaves unused passes on to the next,
 and an overrun is taken from the later ones. A training stage turns its time into steps with `fit_within`:
 it measures the seconds per optimiser step over the run's first steps (after the first, which pays one-off
-costs) and sets max_steps = steps done + time left / seconds per step; it measures again as it trains and
-re-plans whenever the projected finish drifts more than 10% from the deadline (the learning-rate schedule
-follows the new length from then on; warm-up does not depend on it), and always stops in time.
+costs) and sets max_steps = steps done + time left / seconds per step; it measures again as it trains (over the
+last 50 steps, evaluations included when they fall in them) and re-plans whenever the projected finish drifts more than 10% from the deadline (the learning-rate schedule follows the
+new length from then on; warm-up does not depend on it), and always stops in time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..atomic import atomic_write_text
 REPLAN_TOLERANCE = 0.10  # re-plan when the projected finish is off the deadline by more than this fraction
 LOG_POINTS = 200  # metrics.jsonl records a run gets (log_every is set from the planned steps)
 FIRST_PLAN_STEP = 3  # steps timed before the first plan (the first step pays one-off costs and is not counted)
+WINDOW = 50  # the seconds per step are measured over the last this many steps (a shared machine's speed drifts)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
         now = time.time()
         marks.append((t.step, now))
         if t.step >= FIRST_PLAN_STEP:
-            s0, t0 = marks[1] if len(marks) > 1 else marks[0]  # from the end of the first step
+            s0, t0 = marks[max(1, len(marks) - 1 - WINDOW)]  # the recent steps, never the first
             sps = (now - t0) / max(t.step - s0, 1)
             plan.seconds_per_step = sps
             projected = now + (recipe.max_steps - t.step) * sps
@@ -98,9 +99,8 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
             if first or abs(projected - end_at) > REPLAN_TOLERANCE * span or projected > end_at + 0.02 * span:
                 set_steps(t.step + max(int((end_at - now) / sps), 0))
                 plan.replans += 1
-                if first:
-                    recipe.eval_every = max(1, recipe.max_steps // max(evals, 1))
-                    recipe.log_every = max(1, recipe.max_steps // LOG_POINTS)
+                recipe.eval_every = max(1, recipe.max_steps // max(evals, 1))
+                recipe.log_every = max(1, recipe.max_steps // LOG_POINTS)
         elif now >= end_at and t.step >= min_steps:
             set_steps(t.step + 1)  # out of time before the first measurement: this is the last step
         if inner is not None:
