@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from llama2.report.budget import Budget, fit_within
+from llama2.report.budget import Budget, ThreadChooser, fit_within
 from llama2.report.demo import held_out_prompts
 from llama2.report.report import Report, fmt, md_escape
 
@@ -212,6 +212,29 @@ def test_fit_within_respects_the_cap(tmp_path):
     t = _trainer(tmp_path)
     result, plan = fit_within(t, time.time() + 3600, cap=5, quiet=True)
     assert result.step == plan.steps == 5 and not plan.stopped_by_deadline
+
+
+def test_thread_chooser_switches_to_the_faster_count():
+    c = ThreadChooser(every=100, first=3)
+    c.full = c.current = 2  # as on a 2-core machine
+    assert [c.threads_for(s) for s in range(6)] == [2, 2, 2, 1, 1, 2]
+    for step, seconds in [(0, 5.0), (1, 1.0), (2, 1.2), (3, 0.9), (4, 0.5)]:  # one thread: 0.5 < 0.85 x 1.2
+        c.record(step, seconds)
+    assert c.current == 1 and c.switches == 1 and c.threads_for(5) == 1
+    assert [c.threads_for(s) for s in (102, 103, 104, 105)] == [1, 2, 2, 1]  # the next trial of all threads
+    for step in range(5, 103):
+        c.record(step, 0.5)
+    c.record(103, 0.48)
+    c.record(104, 0.45)  # not 15% faster than 0.5: stays on one thread
+    assert c.current == 1 and c.switches == 1
+    slow = ThreadChooser(every=100, first=3)
+    slow.full = slow.current = 2
+    for step, seconds in [(0, 5.0), (1, 1.0), (2, 1.0), (3, 1.4), (4, 1.6)]:
+        slow.record(step, seconds)
+    assert slow.current == 2 and slow.switches == 0
+    one = ThreadChooser()
+    one.full = one.current = 1
+    assert {one.threads_for(s) for s in range(300)} == {1}  # nothing to try on one core
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -241,21 +241,19 @@ def test_batches_state_resumes_and_epochs_reshuffle(tokenizer):
 
 
 def test_sft_trains_writes_samples_and_resumes_exactly(tmp_path, base_dir, data_files, tokenizer, capsys):
+    """A run of 4 steps against one stopped after step 2 and run again (constant lr, so the two runs' schedules
+    agree): the same losses, held-out loss and trained-token count; samples.jsonl at every evaluation."""
     from llama2.stages.sft import sft
     from llama2.train.metrics import read_metrics
 
-    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=4", "eval_every=2"]))
+    args = ["optim.schedule=constant", "eval_every=2", "save_every=2"]
+    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=4", *args]))
     out = capsys.readouterr().out
-    assert "sft: 4 steps" in out and "held-out loss" in out
-    first = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", "eval_every=2",
-                                                                     "save_every=2"]), quiet=True)
-    assert first.step == 4
-    # kill after step 2: start over from the step-2 checkpoint
-    cut = tmp_path / "cut"
-    (cut / "checkpoints" / "latest").write_text("step-000002\n")
-    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", "eval_every=2",
-                                                                       "save_every=2"]), quiet=True)
+    assert "sft: 4 steps" in out and "trained tokens" in out and "held-out loss" in out
+    sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=2", *args]), quiet=True)
+    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", *args]), quiet=True)
     assert resumed.resumed_from == 2
+    cut = tmp_path / "cut"
     a = {r["step"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
     b = {r["step"]: r for r in read_metrics(cut / "metrics.jsonl")}
     assert [a[s]["loss"] for s in range(1, 5)] == [b[s]["loss"] for s in range(1, 5)]
@@ -285,9 +283,9 @@ def test_lora_trains_only_adapters_saves_peft_layout_and_resumes(tmp_path, base_
     from llama2.stages.sft import sft
     from llama2.train.metrics import read_metrics
 
-    args = ["max_steps=4", "save_every=2", "lora.rank=4", "lora.alpha=8", "lora.dropout=0", "optim.lr=5e-2",
-            "lora.targets=[q, v, down]", "samples.count=0"]
-    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", args), quiet=True)
+    args = ["save_every=2", "lora.rank=4", "lora.alpha=8", "lora.dropout=0", "optim.lr=5e-2",
+            "optim.schedule=constant", "lora.targets=[q, v, down]", "samples.count=0"]
+    full = sft(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=4", *args]), quiet=True)
     ckpt = full.checkpoint
     assert (ckpt / "adapter_config.json").is_file() and (ckpt / "tokenizer.model").is_file()
     assert not list(ckpt.glob("model*.safetensors"))
@@ -297,13 +295,56 @@ def test_lora_trains_only_adapters_saves_peft_layout_and_resumes(tmp_path, base_
     assert any("down_proj" in k for k in keys) and not any("k_proj" in k for k in keys)
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base_dir) and cfg["r"] == 4
-    sft(make_recipe(tmp_path, base_dir, data_files, "cut", args), quiet=True)
-    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-000002\n")
-    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", args), quiet=True)
+    sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=2", *args]), quiet=True)
+    resumed = sft(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", *args]), quiet=True)
     assert resumed.resumed_from == 2
     a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
     assert a == b and a[-1] < a[0]
+
+
+def test_missing_base_is_built_by_its_recipe_and_builtin_dialogues_by_default(tmp_path, base_dir, monkeypatch,
+                                                                               tokenizer):
+    """base_recipe pretrains the base when it is missing (a 2-step pretraining here), and data.path unset builds
+    the built-in dialogues into the cache (a small standard library here, to stay fast)."""
+    import shutil
+    import sysconfig
+
+    from llama2.data import dialogues
+    from llama2.stages.sft import ensure_dialogues, sft
+
+    monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "stdlib"
+    shutil.copytree(Path(sysconfig.get_paths()["stdlib"]) / "json", root / "json")
+    real = dialogues.build_dialogues
+    monkeypatch.setattr(dialogues, "build_dialogues", lambda out, **kw: real(out, **kw, stdlib_root=root,
+                                                                             val_fraction=0.3))
+    tok = tmp_path / "tok"
+    tokenizer.save(tok)
+    shards = tmp_path / "shards"
+    from llama2.data.prepare import prepare_shards
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:40]))
+    prepare_shards(tok, [text], shards, quiet=True)
+    pre = tmp_path / "pretrain.yaml"
+    pre.write_text(f"model: {{preset: tiny, dim: 32, n_layers: 1, n_heads: 4, n_kv_heads: 4, max_seq_len: 96}}\n"
+                   f"data: {{tokenizer: {tok}, sources: [{{path: {shards}}}], eval_sequences: 0}}\n"
+                   "batch_size: 2\nmax_steps: 2\ndevice: cpu\nprecision: fp32\npeak_tflops: 1\n")
+    from llama2.train.config import load_recipe
+    from llama2.stages.sft import SFTRecipe
+
+    recipe = load_recipe(SFTRecipe, None, [f"base={tmp_path / 'pre-run'}", f"base_recipe={pre}",
+                                           f"out_dir={tmp_path / 'sft'}", "max_steps=1", "batch_size=2",
+                                           "device=cpu", "precision=fp32", "peak_tflops=1", "samples.count=1",
+                                           "samples.max_new_tokens=2"])
+    result = sft(recipe, quiet=True)
+    assert result.step == 1 and (tmp_path / "pre-run" / "checkpoints" / "step-000002").is_dir()
+    train, val = ensure_dialogues(quiet=True)
+    assert str(train).startswith(str(tmp_path / "cache")) and train.is_file() and val.is_file()
+    assert "val_loss" in result.last
+    assert json.loads((tmp_path / "sft" / "samples.jsonl").read_text().splitlines()[0])["reference"]
 
 
 def test_lora_merge_equals_peft_merge_and_unload(tmp_path, base_dir, tokenizer, capsys):
@@ -360,7 +401,62 @@ def test_recipe_errors_and_qlora_needs_a_gpu(tmp_path, base_dir, data_files):
     with pytest.raises(Llama2Error, match="does not exist"):
         sft(make_recipe(tmp_path, tmp_path / "nowhere", data_files), quiet=True)
     for size in ("tiny", "7B", "13B", "70B"):
-        r = load_recipe(SFTRecipe, f"configs/{size}/sft.yaml")
+        r = load_recipe(SFTRecipe, Path(__file__).resolve().parents[1] / "configs" / size / "sft.yaml")
         if size != "tiny":
             assert (r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.epochs, r.global_batch_size,
                     r.max_seq_len, r.precision) == (2e-5, 0.1, "cosine", 2, 64, 4096, "bf16")
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_with_samples_from_rank_0(tmp_path, base_dir, data_files):
+    """The same global batch on 1 and 2 CPU processes (FSDP2, gloo): the same losses and held-out loss, and the
+    same greedy samples, written once."""
+    import subprocess
+    import sys
+
+    from test_train import SUB_ENV
+
+    from llama2.train.metrics import read_metrics
+
+    def start(n: int, out: Path) -> subprocess.Popen:
+        cmd = ["-m", "llama2", "sft", "--quiet", f"base={base_dir}", f"out_dir={out}", f"data.path={data_files[0]}",
+               f"data.val_path={data_files[1]}", "max_seq_len=96", "batch_size=1", "global_batch_size=4",
+               "max_steps=3", "eval_every=3", "device=cpu", "precision=fp32", "optim.lr=1e-2", "peak_tflops=1",
+               "samples.count=2", "samples.max_new_tokens=4"]
+        if n > 1:
+            cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cmd]
+        cmd.insert(cmd.index("sft") + 1, "--config")
+        cmd.insert(cmd.index("--config") + 1, str(tmp_path / "empty.yaml"))
+        return subprocess.Popen([sys.executable, *cmd], env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    procs = [start(1, tmp_path / "one"), start(2, tmp_path / "two")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    for s in (1, 2, 3):
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5)
+    assert b[3]["val_loss"] == pytest.approx(a[3]["val_loss"], rel=1e-5)
+    one = (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+    two = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
+    assert len(one) == len(two) == 2
+    assert [json.loads(x)["prompt"] for x in one] == [json.loads(x)["prompt"] for x in two]
+
+
+def test_later_stages_hand_dialogues_in_memory(tmp_path, base_dir, data_files):
+    """GAtt / rejection sampling pass dialogues in memory; a per-dialogue mask overrides the recipe's."""
+    from llama2.data.dialogues import Dialogue
+    from llama2.stages.sft import build_sft, sft
+
+    gatt = [Dialogue(DIALOGUES[1], mask="last_assistant"), Dialogue(DIALOGUES[4], mask="last_assistant")]
+    run = build_sft(make_recipe(tmp_path, base_dir, data_files, "mem", ["max_steps=1", "samples.count=0"]),
+                    dialogues=gatt + DIALOGUES[:1], quiet=True)
+    trained = sum(int(e.trained[1:].sum()) for e in run.trainer.batches.examples)
+    want = sum(int(e.trained[1:].sum()) for e in examples(run.tokenizer, [DIALOGUES[1], DIALOGUES[4]],
+                                                          "last_assistant") + examples(run.tokenizer, DIALOGUES[:1]))
+    assert trained == want
+    with pytest.raises(Llama2Error, match="roles out of order"):
+        sft(make_recipe(tmp_path, base_dir, data_files, "bad"), dialogues=[DIALOGUES[0][::-1]], quiet=True)

@@ -207,13 +207,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: list[KVCache] | None = None,
                 positions: Tensor | None = None, mask: Tensor | None = None,
                 targets: Tensor | None = None, *, output: str = "logits",
-                temperature: float = 1.0) -> Tensor:
+                temperature: float = 1.0, index: Tensor | None = None) -> Tensor:
         """What `output` asks for; every caller (generation, scoring, training) goes through here, so hooks
         on the root module (FSDP2's all-gathers) run.
 
         "logits": logits (B, T, vocab_size); with `targets` (B, T) instead the summed cross-entropy over the
         positions whose target is not -100, computed without materialising the logits (fused_ops).
-        "last": the last position's logits (B, vocab_size), what a prefill or decode step samples from.
+        "last": the last position's logits (B, vocab_size), what a prefill or decode step samples from; with
+        `index` (B,) row b's logits at position index[b] instead (a right-padded batch of prompts).
         "hidden": the final-norm hidden states (B, T, dim).
         "logprobs": log_softmax(logits / temperature) at `targets` (B, T), computed over chunks of positions
         so the B x T x vocab fp32 logits never exist at once; differentiable (chunks are recomputed in
@@ -223,6 +224,8 @@ class Transformer(nn.Module):
         if output == "hidden":
             return h
         if output == "last":
+            if index is not None:
+                return self.lm_head(h[torch.arange(h.shape[0], device=h.device), index])
             return self.lm_head(h[:, -1])
         if output == "logprobs":
             if targets is None:

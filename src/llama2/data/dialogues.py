@@ -472,7 +472,8 @@ def build_dialogues(output: Path | str, *, safety: bool = False, val_fraction: f
                     quiet: bool = False) -> dict[str, Any]:
     """Write the built-in dialogues to `output` and the held-out ones to held_out_path(output), atomically;
     returns the counts (per source, single/multi-turn, train/held-out) and prints them unless quiet. A source
-    document goes to the held-out file when a seeded hash of its name falls below `val_fraction`."""
+    document goes to the held-out file when a seeded hash of its name falls below `val_fraction`; both files are
+    in a seeded order (so the first held-out dialogues, the default sample prompts of SFT, span the sources)."""
     if not 0 < val_fraction < 1:
         raise Llama2Error(f"val_fraction must be in (0, 1), got {val_fraction}")
     output = Path(output)
@@ -501,6 +502,9 @@ def build_dialogues(output: Path | str, *, safety: bool = False, val_fraction: f
     if not splits["train"] or not splits["val"]:
         raise Llama2Error(f"the built-in dialogues have {len(splits['train'])} training and {len(splits['val'])} "
                           "held-out dialogues; raise val_fraction or give more source text")
+    for name, items in splits.items():  # a seeded order, so the first held-out dialogues span the sources
+        order = sorted(range(len(items)), key=lambda i: _stable(seed, name, i))
+        splits[name] = [items[i] for i in order]
     output.parent.mkdir(parents=True, exist_ok=True)
     write_dialogues(output, splits["train"])
     write_dialogues(held_out_path(output), splits["val"])

@@ -71,27 +71,71 @@ class _PrefillView:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class _DecodeView:
-    """Slots lo..hi-1 of a KVCache for one decode step: row i writes its new key/value at its own position
-    positions[i] and attends over the first `length` positions (the mask hides the rest)."""
+class _BatchPrefillView:
+    """Prompts starting at position 0, one per given cache row (right-padded to a common length): the keys and
+    values go to their rows, and attention reads the fresh ones (nothing before them)."""
 
-    def __init__(self, cache: KVCache, rows: slice, length: int) -> None:
-        self.k, self.v = cache.k[rows], cache.v[rows]
-        self.length = length
+    def __init__(self, cache: KVCache, rows: Tensor) -> None:
+        self.cache, self.rows = cache, rows
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        assert start == 0
+        T = k.shape[2]
+        self.cache.k[:, :, :T].index_copy_(0, self.rows, k)
+        self.cache.v[:, :, :T].index_copy_(0, self.rows, v)
+        return k, v
+
+
+class _StepState:
+    """What every layer's decode view needs for one step (set once per step, shared by the views): how many
+    positions attention reads, and where each (row, head)'s new key goes in the flattened cache (None: every
+    row writes at position length - 1)."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.index: Tensor | None = None
+
+
+class _DecodeView:
+    """Slots 0..n-1 of a KVCache for one decode step: row i writes its new key/value at its own position
+    (through one index_copy_ into the flattened cache) and attends over the first `length` positions (the mask
+    hides the rest)."""
+
+    def __init__(self, cache: KVCache, n: int, state: _StepState) -> None:
+        self.k, self.v = cache.k[:n], cache.v[:n]
+        d = cache.k.shape[-1]
+        self.flat_k, self.flat_v = cache.k.view(-1, d), cache.v.view(-1, d)
+        self.state = state
 
     def update(self, positions: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if isinstance(positions, int):  # every row at the same position: a plain slice write
-            self.k[:, :, positions:positions + 1] = k
-            self.v[:, :, positions:positions + 1] = v
+        s = self.state
+        if s.index is None:  # every row at the same position: a plain slice write
+            p = s.length - 1
+            self.k[:, :, p:p + 1] = k
+            self.v[:, :, p:p + 1] = v
         else:
-            rows = torch.arange(self.k.shape[0], device=self.k.device)
-            self.k[rows, :, positions] = k[:, :, 0]
-            self.v[rows, :, positions] = v[:, :, 0]
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+            d = k.shape[-1]
+            self.flat_k.index_copy_(0, s.index, k.reshape(-1, d))
+            self.flat_v.index_copy_(0, s.index, v.reshape(-1, d))
+        return self.k[:, :, :s.length], self.v[:, :, :s.length]
+
+
+class _StaticView:
+    """Every slot and position of a KVCache for compiled decode steps (fixed shapes): row i writes at its own
+    position positions[i]; attention reads every position (the mask hides the unused)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.k, self.v = cache.k, cache.v
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(self.k.shape[0], device=self.k.device)
+        self.k[rows, :, positions] = k[:, :, 0]
+        self.v[rows, :, positions] = v[:, :, 0]
+        return self.k, self.v
 
 
 def _decode_forward(model: nn.Module, tokens: Tensor, positions: Tensor, key_valid: Tensor,
-                    views: list[_DecodeView]) -> Tensor:
+                    views: list) -> Tensor:
     """One decode step: last-position logits (rows, vocab). What torch.compile sees with fixed shapes."""
     return model(tokens, positions, views, positions=positions[:, None], mask=key_valid, output="last")
 
@@ -104,8 +148,9 @@ class _Active:
     stable streamed text. Text is decoded from the whole sequence (the prompt too with echo) so pieces join."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: TokenizerLike, stop_ids: set[int],
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, stream: bool = True) -> None:
         self.prompt = prompt
+        self.stream = stream  # events carry text pieces; otherwise the text is decoded once, at the end
         self.params = params
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
@@ -127,6 +172,14 @@ class _Active:
         self._searched = 0
         self._emitted = 0
         self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._uniforms: list[float] = []
+
+    def uniform(self) -> float:
+        """The next uniform draw of this request's generator (drawn in blocks: one call per 64 tokens)."""
+        if not self._uniforms:
+            g = self.generator
+            self._uniforms = torch.rand(64, generator=g, device=g.device).tolist()[::-1]
+        return self._uniforms.pop()
 
     def push(self, token: int, logprob: float | None, raw_logprob: float | None) -> bool:
         """Add a sampled token (False when it is a stop id, which ends the request and is not kept)."""
@@ -163,7 +216,10 @@ class _Active:
 
     def new_text(self) -> str:
         """Text not yet streamed that can no longer change: the whole rest once finished; before that, hold
-        back a trailing U+FFFD (a split multi-byte character) and any tail that may begin a stop string."""
+        back a trailing U+FFFD (a split multi-byte character) and any tail that may begin a stop string. A request
+        that is not streamed gets all of its text in its last event."""
+        if self.finish is None and not self.stream:
+            return ""
         if self.finish is not None:
             safe = self.text()
         else:
@@ -208,6 +264,11 @@ class Engine:
     torch.compile over fixed shapes (every slot, every position; the mask hides what is unused), compiled once.
     """
 
+    # requests joining at one step are prefilled together in groups of similar prompt lengths (right-padded):
+    # a group grows while its padded size stays within this factor of its tokens, up to PREFILL_TOKENS in all
+    PREFILL_PADDING = 1.25
+    PREFILL_TOKENS = 4096
+
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
                  max_len: int | None = None, compile: bool = False) -> None:
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -224,13 +285,19 @@ class Engine:
         self.cache = model.make_cache(max_slots, self.max_len, dtype=self.dtype, device=self.device)
         self.compile = compile
         self._compiled = None
-        self._static_views: list[_DecodeView] | None = None
+        self._static_views: list[_StaticView] | None = None
+        self._state = _StepState()
         self._views: dict[int, list[_DecodeView]] = {}
+        self._heads = self.cache[0].k.shape[1]
+        self._head_base: dict[int, Tensor] = {}  # n -> ((row * heads + head) * max_len), (n, heads)
+        self._key_pos = torch.arange(self.max_len, device=self.device)
+        self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._neg_inf = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
         # inference_mode is the cheaper of the two, but FSDP2 would allocate its gathered weights as inference
         # tensors there, which training cannot use afterwards: a sharded model decodes under no_grad
         self._no_autograd = torch.no_grad if is_fsdp(model) else torch.inference_mode
         self._slots: list[_Active | None] = [None] * max_slots  # by handle
-        self._rows: list[_Active] = []  # by cache row: rows 0..len-1 are in use
+        self._rows: list[_Active | None] = []  # by cache row; None: a hole, filled by add or packed by step
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -243,12 +310,14 @@ class Engine:
         """Slots holding a request (prefilled or waiting for the next step's prefill)."""
         return [i for i, r in enumerate(self._slots) if r is not None]
 
-    def add(self, request: Request | Sequence[int] | str, params: SamplingParams | None = None) -> int:
+    def add(self, request: Request | Sequence[int] | str, params: SamplingParams | None = None, *,
+            stream: bool = True) -> int:
         """Queue a request for the next step's prefill; returns its slot. Raises Llama2Error when the request
-        is invalid (bad ids, too long for max_len) or no slot is free."""
+        is invalid (bad ids, too long for max_len) or no slot is free. stream=False: its events carry no text
+        until the last one (which has all of it), so text is decoded once (unless stop strings need it)."""
         if not isinstance(request, Request):
             request = Request(request, params or SamplingParams())
-        return self._admit(self.prepare(request.prompt, request.params))
+        return self._admit(self.prepare(request.prompt, request.params, stream))
 
     def cancel(self, slot: int) -> Completion | None:
         """End the request in `slot` now (finish_reason "cancelled") and free the slot; None if it is free."""
@@ -264,25 +333,25 @@ class Engine:
         """Decode every active slot one token (and prefill the requests added since the last step, whose first
         token is sampled here too). Returns one event per request that produced a token or finished."""
         with self._no_autograd():
-            rows, logits = [], []
+            self._pack()
+            rows: list[_Active] = []
+            logits: list[Tensor] = []
             fed = [r for r in self._rows if r.pending is not None]  # in row order
             if fed:
-                out = self._decode(fed)
+                logits.append(self._decode(fed))
                 rows += fed
-                logits.append(out)
             events: list[Event] = []
-            for r in [r for r in self._slots if r is not None and not r.prefilled]:
-                out = self._prefill(r)
-                if out is None:  # nothing to generate (max_new_tokens 0): done at once
-                    events.append(self._finish(r, None))
-                    continue
-                rows.append(r)
-                logits.append(out)
+            joining = [r for r in self._rows if not r.prefilled]
+            if joining:
+                done = self._prefill(joining, rows, logits)
+                events += [self._finish(r, None) for r in done]  # nothing to generate (max_new_tokens 0)
             if not rows:
                 return events
+            logits = logits[0] if len(logits) == 1 else torch.cat(logits)
             want = any(r.params.logprobs for r in rows)
-            tokens, lps, raws = sample_rows(torch.cat(logits), [r.params for r in rows],
-                                            [r.generator for r in rows], logprobs=want)
+            params = [r.params for r in rows]
+            uniforms = [r.uniform() for r in rows if r.params.temperature > 0]
+            tokens, lps, raws = sample_rows(logits, params, logprobs=want, uniforms=uniforms)
             n = len(rows)
             lps = lps.tolist() if want else [None] * n
             raws = raws.tolist() if want else [None] * n
@@ -295,7 +364,7 @@ class Engine:
                                                raw if kept else None))
                 else:
                     r.pending = tok
-                    events.append(Event(r.slot, tok, r.new_text(), lp, raw))
+                    events.append(Event(r.slot, tok, r.new_text() if r.stream else "", lp, raw))
             return events
 
     def run(self) -> Iterator[list[Event]]:
@@ -305,8 +374,9 @@ class Engine:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def prepare(self, prompt: Sequence[int] | str, params: SamplingParams) -> _Active:
-        """Validate and encode a request (truncating the prompt when params.truncate allows); no slot yet."""
+    def prepare(self, prompt: Sequence[int] | str, params: SamplingParams, stream: bool = True) -> _Active:
+        """Validate and encode a request (truncating the prompt when params.truncate allows); no slot yet.
+        stream=False: its events carry no text until the last (the text is decoded once, at the end)."""
         if not isinstance(params, SamplingParams):
             raise Llama2Error(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -329,7 +399,7 @@ class Engine:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        return _Active(ids, params, self.tokenizer, stop_ids, gen)
+        return _Active(ids, params, self.tokenizer, stop_ids, gen, stream)
 
     def _check_ids(self, ids: list) -> None:
         n = self.model.config.vocab_size
@@ -341,51 +411,115 @@ class Engine:
 
     def _admit(self, r: _Active) -> int:
         try:
-            slot = self._slots.index(None)  # the lowest free slot: active slots stay packed at the front
+            slot = self._slots.index(None)
         except ValueError:
             raise Llama2Error(f"all {self.max_slots} slots are busy; step() until one finishes, cancel one, "
                               "or build the engine with more max_slots") from None
-        r.slot, r.row = slot, len(self._rows)
+        r.slot = slot
         self._slots[slot] = r
-        self._rows.append(r)
+        try:  # the lowest hole a finished request left, else a new row at the end
+            r.row = self._rows.index(None)
+            self._rows[r.row] = r
+        except ValueError:
+            r.row = len(self._rows)
+            self._rows.append(r)
         return slot
 
     def _release(self, r: _Active) -> None:
-        """Free r's slot and cache row; the last row's request moves into the hole, so the rows in use stay
-        0..n-1 and decode steps never compute rows of finished requests."""
+        """Free r's slot and cache row. The row becomes a hole: a request added before the next step takes it
+        (no copy); otherwise the next step packs the rows (see _pack)."""
         self._slots[r.slot] = None
-        last = self._rows.pop()
-        if last is r:
-            return
-        self._rows[r.row] = last
-        n = last.length
-        if n:
-            for c in self.cache:
-                c.k[r.row, :, :n] = c.k[last.row, :, :n]
-                c.v[r.row, :, :n] = c.v[last.row, :, :n]
-        last.row = r.row
+        self._rows[r.row] = None
+        while self._rows and self._rows[-1] is None:
+            self._rows.pop()
+
+    def _pack(self) -> None:
+        """Move the last rows' requests into the holes (their keys and values are copied once), so the rows in
+        use are 0..n-1 and decode steps never compute rows of finished requests."""
+        rows = self._rows
+        while None in rows:
+            hole = rows.index(None)
+            last = rows.pop()
+            rows[hole] = last
+            n = last.length
+            if n:
+                for c in self.cache:
+                    c.k[hole, :, :n] = c.k[last.row, :, :n]
+                    c.v[hole, :, :n] = c.v[last.row, :, :n]
+            last.row = hole
+            while rows and rows[-1] is None:
+                rows.pop()
 
     def _finish(self, r: _Active, token: int | None, lp: float | None = None, raw: float | None = None) -> Event:
         self._release(r)
         return Event(r.slot, token, r.new_text(), lp, raw, r.finish, r.completion())
 
-    def _prefill(self, r: _Active) -> Tensor | None:
-        """Fill r's slot with its prompt; returns the last position's logits (1, vocab), or None when the
-        request generates nothing (it is then finished, its prompt scored if asked)."""
+    def _prefill(self, joining: list[_Active], rows: list[_Active], logits: list[Tensor]) -> list[_Active]:
+        """Fill the joining requests' slots with their prompts: requests with prompt scoring (echo and logprobs)
+        one at a time, the others in groups of similar lengths, one right-padded forward per group. Appends each
+        request that will generate to rows and its last-position logits (1 row each) to logits, in the same
+        order; returns the requests that generate nothing (they are then finished, their prompts scored if
+        asked)."""
+        done: list[_Active] = []
+        plain: list[_Active] = []
+        for r in joining:
+            if r.params.echo and r.params.logprobs:
+                out = self._prefill_scored(r)
+                (done.append(r) if out is None else (rows.append(r), logits.append(out)))
+            elif r.params.max_new_tokens > 0:
+                plain.append(r)
+            else:  # nothing to compute: it ends at once
+                r.prefilled, r.finish = True, "length"
+                done.append(r)
+        plain.sort(key=lambda r: len(r.prompt))
+        group: list[_Active] = []
+        tokens = 0
+        for r in plain + [None]:
+            if r is not None:
+                t = len(r.prompt)
+                size = (len(group) + 1) * t
+                if not group or (size <= self.PREFILL_PADDING * (tokens + t) and size <= self.PREFILL_TOKENS):
+                    group.append(r)
+                    tokens += t
+                    continue
+            if group:
+                logits.append(self._prefill_group(group))
+                rows += group
+            group, tokens = ([r], len(r.prompt)) if r is not None else ([], 0)
+        return done
+
+    def _prefill_group(self, group: list[_Active]) -> Tensor:
+        """One forward over the group's prompts (right-padded; each row is causal from position 0, so its
+        padding, written after its prompt, is overwritten before any step reads it); logits (len(group), V)."""
+        if len(group) == 1:
+            r = group[0]
+            views = [_PrefillView(c, r.row) for c in self.cache]
+            toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
+            out = self.model(toks, 0, views, output="last")
+        else:
+            T = max(len(r.prompt) for r in group)
+            toks = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in group], dtype=torch.long,
+                                device=self.device)
+            meta = torch.tensor([[r.row for r in group], [len(r.prompt) - 1 for r in group]], device=self.device)
+            views = [_BatchPrefillView(c, meta[0]) for c in self.cache]
+            out = self.model(toks, 0, views, output="last", index=meta[1])
+        for r in group:
+            r.length, r.prefilled = len(r.prompt), True
+        return out
+
+    def _prefill_scored(self, r: _Active) -> Tensor | None:
+        """Prefill with prompt log-probabilities (echo and logprobs); the last position's logits (1, vocab), or
+        None when the request generates nothing (it is then finished)."""
         views = [_PrefillView(c, r.row) for c in self.cache]
         toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
         T = toks.shape[1]
-        score = r.params.echo and r.params.logprobs
         out = None
-        if score:
-            r.prompt_logprobs = [0.0]
-            if T > 1:
-                lp = self.model(toks[:, :-1], 0, views, targets=toks[:, 1:], output="logprobs")
-                r.prompt_logprobs += lp[0].tolist()
-            if r.params.max_new_tokens > 0:
-                out = self.model(toks[:, -1:], T - 1, views, output="last")
-        elif r.params.max_new_tokens > 0:
-            out = self.model(toks, 0, views, output="last")
+        r.prompt_logprobs = [0.0]
+        if T > 1:
+            lp = self.model(toks[:, :-1], 0, views, targets=toks[:, 1:], output="logprobs")
+            r.prompt_logprobs += lp[0].tolist()
+        if r.params.max_new_tokens > 0:
+            out = self.model(toks[:, -1:], T - 1, views, output="last")
         r.length, r.prefilled = T, True
         if out is None:
             r.finish = "length"
@@ -394,40 +528,48 @@ class Engine:
     def _decode(self, rows: list[_Active]) -> Tensor:
         """Feed each row's pending token at its own position, all rows in one forward; logits (len(rows), V)
         in the order of rows."""
-        if self.compile:
-            n, length = self.max_slots, self.max_len
-        else:
-            n, length = max(r.row for r in rows) + 1, max(r.length for r in rows) + 1
         # cache rows < n without a fed request (only requests waiting for this step's prefill, which then
         # overwrites them) write a token 0 at position 0 of their own row: no effect on the others
-        toks, pos = [0] * n, [0] * n
-        for r in rows:
-            toks[r.row], pos[r.row] = r.pending, r.length
-        tokens = torch.tensor(toks, dtype=torch.long, device=self.device)[:, None]
-        uniform = not self.compile and n == len(rows) and len(set(pos)) == 1
-        positions = None if uniform else torch.tensor(pos, dtype=torch.long, device=self.device)
+        n = self.max_slots if self.compile else rows[-1].row + 1
+        if n == len(rows):
+            toks = [r.pending for r in rows]
+            pos = [r.length for r in rows]
+        else:
+            toks, pos = [0] * n, [0] * n
+            for r in rows:
+                toks[r.row], pos[r.row] = r.pending, r.length
+        length = max(pos) + 1
+        uniform = not self.compile and n == len(rows) and min(pos) == length - 1
+        meta = torch.tensor([toks, pos], dtype=torch.long, device=self.device)  # one host-to-device copy
+        tokens, positions = meta[0][:, None], meta[1]
         if self.compile:
-            key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+            key_valid = (self._key_pos[None, :] <= positions[:, None])[:, None, None, :]
             if self._compiled is None:
                 self._compiled = torch.compile(_decode_forward, dynamic=False)
-                self._static_views = [_DecodeView(c, slice(0, self.max_slots), self.max_len) for c in self.cache]
+                self._static_views = [_StaticView(c) for c in self.cache]
             logits = self._compiled(self.model, tokens, positions, key_valid, self._static_views)
         else:
             views = self._views.get(n)
-            if views is None:  # one set of views per row count, reused: only their length changes
-                views = self._views[n] = [_DecodeView(c, slice(0, n), length) for c in self.cache]
-            for view in views:
-                view.length = length
+            if views is None:  # one set of views per row count, reused; the step state says what changes
+                views = self._views[n] = [_DecodeView(c, n, self._state) for c in self.cache]
+            state = self._state
+            state.length = length
             if uniform:
                 # every row at the same position (one request, say): no mask, one rotary slice, slice writes
+                state.index = None
                 logits = self.model(tokens, length - 1, views, output="last")
             else:
-                key_valid = (torch.arange(length, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-                logits = _decode_forward(self.model, tokens, positions, key_valid, views)
+                base = self._head_base.get(n)
+                if base is None:
+                    base = self._head_base[n] = (torch.arange(n * self._heads, device=self.device)
+                                                 * self.max_len).view(n, self._heads)
+                state.index = (base + positions[:, None]).view(-1)
+                # an additive mask, made once for every layer: 0 where row i may attend (key <= its position)
+                mask = torch.where(self._key_pos[:length] <= positions[:, None], self._zero, self._neg_inf)
+                logits = _decode_forward(self.model, tokens, positions, mask[:, None, None, :], views)
         for r in rows:
             r.length += 1
             r.pending = None
-        order = [r.row for r in rows]
-        if order == list(range(n)):
+        if n == len(rows):
             return logits
-        return logits[torch.tensor(order, device=logits.device)]
+        return logits[torch.tensor([r.row for r in rows], device=logits.device)]

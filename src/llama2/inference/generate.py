@@ -107,7 +107,8 @@ class Generator:
         per prompt. Returns one Completion per prompt, in order. Every prompt is checked before any work."""
         per = _params_per_prompt(prompts, params)
         engine = self.engine(len(prompts))
-        waiting = deque(enumerate(engine.prepare(p, q) for p, q in zip(prompts, per)))
+        # not streamed: each request's text is decoded once, when it finishes (or as its stop strings need)
+        waiting = deque(enumerate(engine.prepare(p, q, stream=False) for p, q in zip(prompts, per)))
         results: list[Completion | None] = [None] * len(per)
         running: dict[int, int] = {}  # slot -> prompt index
         try:

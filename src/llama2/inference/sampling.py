@@ -136,10 +136,13 @@ def _sorted_descending(x: Tensor) -> Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def sample_rows(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-                logprobs: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None] | None = None, logprobs: bool = True, *,
+                uniforms: Sequence[float] | Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One token per row of logits (B, V), row i with params[i] and generators[i]: (tokens, logprobs, raw);
     with logprobs=False only the tokens (the two others are None; greedy rows then skip a pass over V).
+    uniforms: instead of generators, the sampled rows' uniform draws in [0, 1), one per row with temperature > 0
+    in row order (the engine draws them ahead from each request's own generator).
 
     Greedy rows (temperature 0) take the argmax. Sampled rows: logits / temperature, top-k (ties with the k-th
     logit kept), top-p (Meta's rule: sorted by probability, drop the tokens whose preceding cumulative
@@ -148,18 +151,24 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams], generators: Se
     on the other rows. logprobs: log-probability of each token under the distribution it was
     drawn from (greedy: the raw one); raw: log_softmax(logits) at the token."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
-    lse = torch.logsumexp(logits, dim=-1) if logprobs else None
-    sampled_lp = logits.gather(1, tokens[:, None]).squeeze(1) - lse if logprobs else None
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    every = len(sampled) == len(params)
+    tokens = None if every else logits.argmax(dim=-1)  # greedy rows, all in one argmax
+    lse = torch.logsumexp(logits, dim=-1) if logprobs else None
+    sampled_lp = logits.gather(1, tokens[:, None]).squeeze(1) - lse if logprobs and not every else None
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
-        idx = torch.tensor(sampled, device=dev)
+        idx = None if every else torch.tensor(sampled, device=dev)
         temps = torch.tensor([params[i].temperature for i in sampled], device=dev)[:, None]
         ks = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
         ps = [params[i].top_p for i in sampled]
-        z = logits[idx] / temps
-        u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])[:, None]
+        z = (logits if every else logits[idx]) / temps
+        if uniforms is None:
+            u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])[:, None]
+        elif isinstance(uniforms, Tensor):
+            u = uniforms.to(dev, torch.float32).reshape(-1, 1)
+        else:
+            u = torch.tensor(uniforms, dtype=torch.float32, device=dev)[:, None]
         if any(k < vocab for k in ks) or any(p < 1 for p in ps):
             # the filters as one threshold on the logits, found on the sorted values (the nucleus is a prefix
             # there); the draw itself is made in vocabulary order, where rounding differences between a row
@@ -181,9 +190,13 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams], generators: Se
         pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=vocab - 1)
         chosen = pos.squeeze(1)
         chosen_lp = (probs.gather(1, pos) / cdf[:, -1:]).log().squeeze(1)
-        tokens[idx] = chosen
-        if sampled_lp is not None:
-            sampled_lp[idx] = chosen_lp
+        if every:
+            tokens = chosen
+            sampled_lp = chosen_lp if lse is not None else None
+        else:
+            tokens[idx] = chosen
+            if sampled_lp is not None:
+                sampled_lp[idx] = chosen_lp
     if lse is None:
         return tokens, None, None
     raw = logits.gather(1, tokens[:, None]).squeeze(1) - lse

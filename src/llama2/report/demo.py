@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Llama2Error
-from .budget import Budget, FitPlan, fit_within
+from .budget import THREAD_PROBE_EVERY, Budget, FitPlan, fit_within
 from .report import Report, Section
 
 # The recipes live in the source checkout's configs/ (the quickstart installs the package in editable mode).
@@ -152,9 +152,14 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 def _plan_text(plan: FitPlan, budget_s: float, fixed: bool) -> str:
     if fixed:
         return f"{plan.steps} steps (fixed by --steps) in {plan.wall_s:.0f} s"
-    sps = f"{plan.seconds_per_step:.3f} s/step measured" if plan.seconds_per_step else "too short to measure"
-    return (f"{plan.steps} steps in {plan.wall_s:.0f} s: the stage had {budget_s:.0f} s of the budget left for "
-            f"training; {sps} over its first steps, re-planned {max(plan.replans - 1, 0)} time(s) as it ran")
+    if not plan.seconds_per_step:
+        return (f"{plan.steps} steps in {plan.wall_s:.0f} s: the stage's share of the budget was used up before "
+                f"training could be timed ({budget_s:.0f} s left when it started)")
+    return (f"{plan.steps} steps in {plan.wall_s:.0f} s: {budget_s:.0f} s of the stage's share were left for "
+            f"training; planned from the seconds per step measured over its first steps and re-planned "
+            f"{max(plan.replans - 1, 0)} time(s) as the speed changed (last {plan.seconds_per_step:.3f} s/step)"
+            + (f"; {plan.threads} CPU thread(s) at the end, the faster of 1 and all as timed every "
+               f"{THREAD_PROBE_EVERY} steps ({plan.thread_switches} switch(es))" if plan.threads else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,6 +204,8 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
         tok = Tokenizer(recipe.data.resolved()[1])
         prompts, refs = held_out_prompts(ctx.corpus_dir / "val.jsonl" if ctx.corpus_dir else Path("-"))
         t1 = time.time()
+        precision = (f"bf16 autocast with fp32 weights" if trainer.amp_dtype is not None else "fp32") + \
+            f" (precision: {recipe.precision})"
         before = trainer.evaluate()
         before_text = _generate(copy.deepcopy(trainer.model).eval(), tok, prompts, CONTINUATION_TOKENS)
         measure_s = time.time() - t1
@@ -240,8 +247,8 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
     section.text(
         f"A {n_params / 1e6:.2f}M-parameter Llama 2 (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
         f"vocabulary {cfg.vocab_size}, context {cfg.max_seq_len}) trained from random initialisation with the "
-        f"shared training loop (`configs/tiny/pretrain.yaml`, precision {recipe.precision}: bf16 autocast where "
-        "the CPU has native bf16) on a corpus of Python's standard library: "
+        f"shared training loop (`configs/tiny/pretrain.yaml`, {precision}) on a corpus of Python's standard "
+        "library: "
         + ", ".join(f"{k} {v:,} documents" for k, v in per_source.items())
         + f" after de-duplication ({stats.get('exact_duplicates_removed', 0)} exact and "
           f"{stats.get('near_duplicates_removed', 0)} near duplicates removed), "

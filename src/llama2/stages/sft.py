@@ -38,8 +38,8 @@ from ..chat import encode_dialog, encode_dialog_for_training
 from ..data.dialogues import Dialogue, check_dialogue, held_out_path, read_dialogues
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from ..train.config import TrainRecipe, OptimConfig, _check, cache_dir, expand_path
-from ..train.distributed import DistEnv, all_gather_object, barrier, init_distributed
+from ..train.config import OptimConfig, TrainRecipe, _check, cache_dir, expand_path
+from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 
 Mask = Literal["all_assistant", "last_assistant"]
@@ -569,6 +569,10 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
 
     env = env or init_distributed(recipe.device)
     check_quantize(recipe.lora)
+    if env.enabled and not _base_exists(recipe.base):
+        raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; under torchrun it is not "
+                          "built: build it first in one process (run the same command without torchrun), or give "
+                          "an existing checkpoint")
     if env.is_main:
         ensure_base(recipe, quiet=quiet)
         if dialogues is None and recipe.data.path is None:
@@ -589,8 +593,9 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
                           f"resuming reads its weights from it); convert it first: llama2 convert {base} "
                           f"{base.name}-hf --to hf")
 
-    train_d, val_d = load_data(recipe, quiet=quiet or not env.is_main) if dialogues is None else ([], [])
-    if dialogues is not None:
+    if dialogues is None:
+        train_d, val_d = load_data(recipe, quiet=quiet or not env.is_main)
+    else:
         train_d, val_d = _as_dialogues(dialogues) or [], _as_dialogues(val_dialogues) or []
     train_ex, train_stats = encode_dialogues(tokenizer, train_d, recipe.mask, seq_len, recipe.overlong)
     val_ex, val_stats = encode_dialogues(tokenizer, val_d, recipe.mask, seq_len, recipe.overlong)
