@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from llama2.cpu import cpu_banner
+
 ROOT = Path(__file__).resolve().parents[1]
 SDIST = Path(os.environ.get("LLAMA2_TEST_CACHE", Path.home() / ".cache" / "llama2-tests")) / "llama_cpp_python-0.3.36"
 LLAMA_CPP = SDIST / "vendor" / "llama.cpp"
@@ -39,22 +41,6 @@ SHAPES = {
                  intermediate_size=5632),
 }
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]  # "<s> The quick brown fox jumps" in the Llama vocab
-
-
-def cpu_banner() -> str:
-    """The CPU model and the SIMD flags that matter for the kernels (from /proc/cpuinfo on Linux)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
-    return f"{model}; flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
 
 
 def hf_model(shape: dict, seed: int = 0):

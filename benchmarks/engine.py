@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from decode import cpu_banner  # benchmarks/ is the script's directory, so on sys.path
+from llama2.cpu import cpu_banner
 
 
 class Tok:

@@ -22,7 +22,6 @@ matmuls (bmm / flash attention) are not in the floor, so the bound is generous.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from llama2.config import PRESETS, ModelConfig
+from llama2.cpu import cpu_banner
 from llama2.model import Transformer
 from llama2.train.config import OptimConfig, TrainRecipe
 from llama2.train.loop import Trainer
@@ -75,22 +75,6 @@ def ours(cfg: ModelConfig, batch: torch.Tensor, precision: str, compile: bool,
                          optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"))
     trainer = Trainer(recipe, lambda: Transformer(cfg), causal_lm_loss, Repeat(batch), quiet=True)
     return (lambda: trainer.train_step(trainer.batches.next())["loss"]), trainer
-
-
-def cpu_description() -> str:
-    """The CPU model and the vector / matrix extensions that decide which kernels run (Linux)."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    flags = set(found.group(1).split()) if found else set()
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"]
-    have = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
-    return (f"{model.group(1).strip() if model else 'unknown CPU'}; flags: {have}; torch cpu capability "
-            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def profile_step(name: str, step: Callable[[], float], rows: int) -> None:
@@ -223,13 +207,13 @@ def main() -> None:
     peak = max(measure_peak(n, 0.5) for n in peak_sizes)
     where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        print(cpu_description())
+        print(cpu_banner())
     print(f"torch {torch.__version__}, {where}, {args.precision}, batch {args.batch} x {args.seq}, "
           f"{args.clock} clock; "
           f"matmul peak (best of the run) updated per round, at start {peak * 1e3:.0f} GFLOP/s")
     print(f"{'size':>5} {'params':>8} {'transformers':>13} {'ours':>9} {'ratio':>6} {'compiled':>9} {'ratio':>6} "
           f"{'MFU hf':>7} {'MFU ours':>8} {'MFU comp':>8} {'gemm share':>10} {'bound':>6}")
-    print(f"(AdamW: the loop's own choice, fused or foreach, for both; gemm share = fraction of the bound reached)")
+    print("(AdamW: the loop's own choice, fused or foreach, for both; gemm share = fraction of the bound reached)")
     for name in args.sizes:
         cfg = ModelConfig(**{**SHAPES[name], "max_seq_len": args.seq})
         torch.manual_seed(0)

@@ -375,12 +375,12 @@ def slow(self, *args, **kwargs):
     time.sleep(0.05)
     return train_step(self, *args, **kwargs)
 loop.Trainer.train_step = slow
-fsync_tree = state._fsync_tree
+fsync_tree = state.fsync_tree
 def fsync_or_die(path):
     if kill_at and path.name.startswith(f".tmp-step-{kill_at:06d}"):
         os.kill(os.getpid(), signal.SIGKILL)  # mid-save: staged files written, nothing renamed yet
     fsync_tree(path)
-state._fsync_tree = fsync_or_die
+state.fsync_tree = fsync_or_die
 from llama2.cli import main
 sys.exit(main(sys.argv[1:]))
 """

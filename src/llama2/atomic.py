@@ -1,13 +1,18 @@
-"""Atomic file writes (temp file in the same directory, fsync, rename, fsync the directory): the one mechanism
-every module uses, so a killed process never leaves a half-written file under a real name. Also `make_dir`, the
-one way to create an output directory with a clear error."""
+"""Atomic writes, the one mechanism every module uses, so a killed process never leaves a half-written file or
+directory under a real name: files (temp file in the same directory, fsync, rename, fsync the directory) and
+whole directories (`atomic_directory`: written into a hidden sibling, fsynced, then swapped into place). Also
+`make_dir`, the one way to create an output directory with a clear error."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import secrets
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -85,3 +90,74 @@ def remove_stale_temps(directory: Path, prefixes: tuple[str, ...]) -> None:
     for p in directory.glob(f".*{TMP_SUFFIX}"):
         if p.is_file() and p.name[1:].startswith(prefixes):
             p.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path` and every directory holding them (so renames of the tree are durable)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
+        fsync_dir(d)
+
+
+@contextmanager
+def atomic_directory(path: Path | str, *, what: str = "directory",
+                     carry_over: Callable[[Path, Path], None] | None = None) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `path`; on a clean exit every file in it is fsynced and it replaces
+    `path` as a whole (an atomic exchange where Linux offers one). `carry_over(old, new)` may first copy what
+    the new directory should keep from an existing one. A process killed at any point leaves either the old
+    directory or the new one (plus a hidden `.NAME.tmp-*` sibling), never a half-written `path`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise Llama2Error(f"cannot write the {what} {path}: it exists and is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise Llama2Error(f"cannot create the {what} next to {path}: {e.strerror}") from None
+    try:
+        yield tmp
+        if carry_over is not None and path.exists():
+            carry_over(path, tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        _commit(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Llama2Error(f"cannot move the new {what} into {path}: {e.strerror}") from None
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+    else:
+        old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path.parent)

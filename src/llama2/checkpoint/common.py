@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..atomic import fsync_dir
+from ..atomic import atomic_directory as _atomic_directory
 from ..config import ModelConfig
 from ..dtypes import HF_DTYPE_NAME, parse_dtype  # noqa: F401  (used by hf.py and checkpoint/__init__.py)
 from ..errors import Llama2Error
@@ -141,19 +140,6 @@ CHECKPOINT_FILE_PATTERNS = ("config.json", "generation_config.json", "params.jso
                             "adapter_model.safetensors")
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
-
-
 def _carry_over(old: Path, new: Path) -> None:
     """Keep files of an existing directory that the new checkpoint does not replace (e.g. training state)."""
     for entry in old.iterdir():
@@ -172,36 +158,10 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
-@contextlib.contextmanager
-def atomic_directory(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` as a whole.
-
-    A save killed at any point leaves either the old directory or the new one, plus a hidden temporary
-    sibling (`.NAME.tmp-*`), never a half-written checkpoint at `path`. Files of an existing directory that
-    the new checkpoint does not write (other than stale weights and configs) are kept.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise Llama2Error(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as e:
-        raise Llama2Error(f"cannot create checkpoint directory next to {path}: {e.strerror}") from None
-    try:
-        yield tmp
-        if path.exists():
-            _carry_over(path, tmp)
-        fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        _commit(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise Llama2Error(f"cannot move the new checkpoint into {path}: {e.strerror}") from None
+def atomic_directory(path: Path | str) -> contextlib.AbstractContextManager[Path]:
+    """`llama2.atomic.atomic_directory` for a checkpoint: files of an existing directory that the new checkpoint
+    does not write (other than stale weights and configs: training state, notes) are kept."""
+    return _atomic_directory(path, what="checkpoint directory", carry_over=_carry_over)
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -214,18 +174,3 @@ def write_json(path: Path, obj: object) -> None:
         os.fsync(f.fileno())
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.rename(tmp, path)
-    elif _exchange(tmp, path):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
-    else:
-        old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            os.rename(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(path.parent)

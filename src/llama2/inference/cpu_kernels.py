@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..cpu import cpu_flags
+
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -131,23 +133,14 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _cache_dir() -> Path:
-    base = os.environ.get("LLAMA2_KERNEL_CACHE") or Path.home() / ".cache" / "llama2" / "kernels"
-    return Path(base)
+    from ..train.config import cache_dir
+
+    return Path(os.environ.get("LLAMA2_KERNEL_CACHE") or cache_dir() / "kernels")
 
 
 def _build() -> ctypes.CDLL | None:
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= _cpu_flags():
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= cpu_flags():
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:

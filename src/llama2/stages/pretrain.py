@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_directory
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
 from ..data.packing import PackedBatches, validation_windows
@@ -39,16 +38,9 @@ def causal_lm_loss(model: nn.Module, batch: Any) -> LossOutput:
 
 
 def _atomic_build(target: Path, build) -> None:
-    """Run build(tmp_dir) and move the result to `target` (so a killed build is never mistaken for data)."""
-    tmp = target.with_name(f".{target.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Run build(tmp_dir) inside an atomic directory for `target` (a killed build is never mistaken for data)."""
+    with atomic_directory(target, what="data directory") as tmp:
         build(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _complete(shards: Path) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_write_text, fsync_dir
+from ..atomic import atomic_write_text, fsync_dir, fsync_tree
 from ..errors import Llama2Error
 from .distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
@@ -372,20 +372,11 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return path
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
-        fsync_dir(d)
-
-
 def commit_checkpoint(run_dir: Path, staging: Path, step: int, keep_last: int) -> Path:
     """fsync the staged checkpoint, rename it into place, point `latest` at it, prune old ones."""
     root = checkpoints_dir(run_dir)
     final = root / step_name(step)
-    _fsync_tree(staging)
+    fsync_tree(staging)
     if final.exists():  # left by a run killed after its rename but before `latest` moved; not referenced
         shutil.rmtree(final)
     os.rename(staging, final)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
+from ..cpu import has_native_bf16
 from ..errors import Llama2Error
 from . import checkpoints as st
 from .checkpoints import CheckpointIO, CheckpointManager, FnState, RNGState
@@ -137,20 +138,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (flags avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            if flags & {"avx512_bf16", "amx_bf16"}:
-                return True
-    return False
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None (fp32) or bf16, from the recipe's precision and the device (see TrainRecipe.precision)."""
     if precision == "fp32":
@@ -162,7 +149,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        return torch.bfloat16 if has_native_bf16() else None
     return None
 
 
