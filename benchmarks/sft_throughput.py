@@ -16,24 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def cpu_description() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
-    return f"{model}; {os.cpu_count()} logical CPUs; flags: {' '.join(sorted(keep))}"
 
 
 def prepare(work: Path, seq: int) -> Path:
@@ -161,9 +149,9 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
     return out
 
 
-def _trl_isolates_dialogues(trainer, collate, model) -> bool:
-    """On one packed padding-free batch: the first dialogue's logits equal those of the dialogue run alone
-    (so the later dialogues did not attend to it and vice versa)."""
+def _trl_isolates_dialogues(trainer, collate, model) -> bool | None:
+    """On one packed padding-free batch: the second dialogue's logits equal those of the dialogue run alone
+    (so it did not attend to the first); None when the batch holds a single dialogue (not checked)."""
     import torch
 
     feats = [trainer.train_dataset[i] for i in range(2)]
@@ -171,7 +159,7 @@ def _trl_isolates_dialogues(trainer, collate, model) -> bool:
     pos = batch["position_ids"][0]
     starts = (pos == 0).nonzero().flatten().tolist()
     if len(starts) < 2:
-        return True
+        return None
     a, b = starts[1], starts[2] if len(starts) > 2 else len(pos)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, a:b]
@@ -215,7 +203,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    print(f"CPU: {cpu_description()}")
+    from llama2.cpu import cpu_banner
+
+    print(cpu_banner())
     print(f"model dim {args.dim}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} rows x {args.seq} "
           f"tokens; {args.threads} thread(s); {args.steps} timed steps after {args.warmup}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +230,7 @@ def main() -> None:
         extra = ""
         if name == "trl":
             extra = (f"  (TRL {r['trl']}, padding_free={r['padding_free']}, dialogues kept apart by sdpa: "
-                     f"{'yes' if r['isolated'] else 'NO'})")
+                     f"{ {True: 'yes', False: 'NO', None: 'not checked'}[r['isolated']] })")
         print(f"{name:5s}: {r['tokens_per_s']:8.0f} tokens/s, {r['step_s'] * 1000:7.1f} ms/step, "
               f"{r['tokens_per_step']:6.0f} tokens ({r['trained_per_step']:5.0f} trained) per step, peak RSS "
               f"{r['max_rss_mib']:6.0f} MiB{extra}")

@@ -52,7 +52,8 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
 
     # SFT ran from that checkpoint and wrote its own run; its loss table compares with its metrics
     sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert sft and _row(md, "held-out answer-token loss")[1] == f"{[x for x in sft if 'val_loss' in x][-1]['val_loss']:.3f}"
+    sft_val = [x for x in sft if "val_loss" in x][-1]["val_loss"]
+    assert float(_row(md, "held-out answer-token loss")[1]) == pytest.approx(sft_val, abs=5e-4)
     rouge = [float(c) for c in _row(md, "ROUGE-L F1 against the real answer (mean of 8)")]
     assert all(0.0 <= v <= 1.0 for v in rouge)
 

@@ -226,3 +226,31 @@ def test_zero_new_tokens_with_echo_scores_the_prompt(pair, tok):
     want = torch.log_softmax(hf_logits(hf, ids)[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     assert c.tokens == ids and c.finish_reason == "length"
     torch.testing.assert_close(torch.tensor(c.logprobs[1:]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_requests_joining_together_prefill_in_one_forward(pair, tok):
+    """Requests added before the same step are prefilled in one right-padded forward and give transformers'
+    tokens; a request added with stream=False gets its whole text in its last event (none before)."""
+    hf, model = pair
+    prompts = [[1] + list(range(40, 40 + n)) for n in (9, 7, 8)]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(tuple(args[0].shape)),
+                                             with_kwargs=True)
+    try:
+        engine = Engine(model, tok, max_slots=3, max_len=64)
+        slots = [engine.add(p, SamplingParams(max_new_tokens=6, **GREEDY), stream=i != 1)
+                 for i, p in enumerate(prompts)]
+        texts: dict[int, list[str]] = {s: [] for s in slots}
+        done: dict[int, object] = {}
+        while engine.active:
+            for ev in engine.step():
+                texts[ev.slot].append(ev.text)
+                if ev.completion is not None:
+                    done[ev.slot] = ev.completion
+    finally:
+        handle.remove()
+    assert calls[0] == (3, 10) and len(calls) == 1 + 5  # one prefill forward, then one decode forward per step
+    for s, p in zip(slots, prompts):
+        assert done[s].tokens == hf_greedy(hf, p, 6)
+        assert "".join(texts[s]) == done[s].text == tok.decode(done[s].tokens)
+    assert texts[slots[1]][:-1] == [""] * 5 and texts[slots[1]][-1] == done[slots[1]].text

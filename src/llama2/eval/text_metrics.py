@@ -130,7 +130,8 @@ def degenerate(text: str, max_run: int = MAX_RUN, max_period: int = MAX_PERIOD,
     loop = longest_loop(toks, max_period)
     if loop is not None and len(loop.pattern) > 1 and loop.length >= max_run and \
             loop.length >= min_fraction * len(toks):
-        return f"a loop of {loop.copies:.1f} x {' '.join(map(str, loop.pattern))!r} ({loop.length} of {len(toks)} tokens)"
+        pattern = " ".join(map(str, loop.pattern))
+        return f"a loop of {loop.copies:.1f} x {pattern!r} ({loop.length} of {len(toks)} tokens)"
     return None
 
 

@@ -2,14 +2,18 @@
 
 `Engine(model, tokenizer, max_slots, max_len)` owns one KV cache of fixed slots, `[max_slots, n_kv_heads,
 max_len, head_dim]` per layer, allocated once. `add(request)` gives a request a free slot; the next `step()`
-prefills it into that slot (alone, through the model's forward), decodes every other active slot in one forward
-(one row per slot, each with its own rotary position and a `key <= position` mask over its own slot), samples one
-token per request with its own SamplingParams and torch.Generator, and returns the events: new tokens, text
-pieces that never change once emitted, logprobs and finish reasons. `cancel(slot)` ends a request between steps.
-The cache rows in use stay packed at the front: when a request leaves, the last row's request moves into its row
-(its keys and values are copied once), so a decode step computes active rows only; the slot number `add`
-returned stays that request's handle. When every row is at the same position (one request, say) a step runs
-without a mask, as plain batch-1 decoding does.
+prefills the requests added since the last one (in groups of similar prompt lengths, one right-padded forward
+per group), decodes every other active slot in one forward (one row per slot, each with its own rotary position
+and a `key <= position` mask over its own slot, attending over the longest active length only), samples one
+token per request with its own SamplingParams and torch.Generator (greedy rows in one argmax, sampled rows'
+filters in one batched pass with per-row settings; a request's uniform draws come from its own generator, so its
+tokens never depend on the other rows), and returns the events: new tokens, text pieces that never change once
+emitted (for streamed requests; others decode their text once, at the end), logprobs and finish reasons.
+`cancel(slot)` ends a request between steps. The cache rows in use are packed at the front at the start of each
+step: a request added after another left takes its row as it is; otherwise the last row's request moves into
+the hole (its keys and values are copied once), so a decode step computes active rows only. The slot number
+`add` returned stays that request's handle. When every row is at the same position (one request, say) a step
+runs without a mask, as plain batch-1 decoding does.
 
 Every forward goes through the model's root `__call__` (so FSDP2's hooks run). A server calls add/step/cancel
 from its loop; `Generator.generate`/`stream` are thin loops over it.
@@ -42,7 +46,8 @@ class Request:
 class Event:
     """What one step did for one request. token: the new token (None when the step only ends the request,
     e.g. on a stop id, which is not part of the output); text: new text that will never change (a split
-    UTF-8 character and a possible stop-string prefix are held back); logprob / raw_logprob: the token's
+    UTF-8 character and a possible stop-string prefix are held back; "" until the last event for a request
+    added with stream=False, whose last event has all of its text); logprob / raw_logprob: the token's
     log-probability under the sampled / the raw distribution; finish_reason and completion: set on the
     request's last event."""
 

@@ -159,40 +159,25 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
     if sampled:
         dev, vocab = logits.device, logits.shape[-1]
         idx = None if every else torch.tensor(sampled, device=dev)
-        temps = torch.tensor([params[i].temperature for i in sampled], device=dev)[:, None]
         ks = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
         ps = [params[i].top_p for i in sampled]
-        z = (logits if every else logits[idx]) / temps
+        by_k, by_p = any(k < vocab for k in ks), any(p < 1 for p in ps)
+        # every row's settings (and its uniform draw) reach the device in one copy
+        settings = [[params[i].temperature for i in sampled], ks, ps]
+        if uniforms is not None and not isinstance(uniforms, Tensor):
+            settings.append(list(uniforms))
+        st = torch.tensor(settings, dtype=torch.float32, device=dev)
         if uniforms is None:
             u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])[:, None]
         elif isinstance(uniforms, Tensor):
             u = uniforms.to(dev, torch.float32).reshape(-1, 1)
         else:
-            u = torch.tensor(uniforms, dtype=torch.float32, device=dev)[:, None]
-        if any(k < vocab for k in ks) or any(p < 1 for p in ps):
-            # the filters as one threshold on the logits, found on the sorted values (the nucleus is a prefix
-            # there); the draw itself is made in vocabulary order, where rounding differences between a row
-            # decoded alone and in a batch move the CDF the least
-            zs = _sorted_descending(z).to(dev)
-            kth = None
-            if any(k < vocab for k in ks):
-                kth = zs.gather(1, torch.tensor(ks, device=dev)[:, None] - 1)
-                zs = zs.masked_fill(zs < kth, float("-inf"))
-            probs_sorted = torch.softmax(zs, dim=-1)
-            before = probs_sorted.cumsum(dim=-1) - probs_sorted  # the mass before each sorted token
-            kept = torch.searchsorted(before, torch.tensor(ps, device=dev)[:, None], right=True).clamp(1, vocab)
-            threshold = zs.gather(1, kept - 1)  # the smallest logit kept
-            if kth is not None:
-                threshold = torch.maximum(threshold, kth)
-            z = z.masked_fill(z < threshold, float("-inf"))
-        probs = torch.softmax(z, dim=-1)
-        cdf = probs.cumsum(dim=-1)
-        pos = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=vocab - 1)
-        chosen = pos.squeeze(1)
-        chosen_lp = (probs.gather(1, pos) / cdf[:, -1:]).log().squeeze(1)
+            u = st[3][:, None]
+        z = (logits if every else logits[idx]) / st[0][:, None]
+        chosen, chosen_lp = _draw(z, st, u, by_k, by_p, lse is not None)
         if every:
             tokens = chosen
-            sampled_lp = chosen_lp if lse is not None else None
+            sampled_lp = chosen_lp
         else:
             tokens[idx] = chosen
             if sampled_lp is not None:
@@ -201,3 +186,38 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
         return tokens, None, None
     raw = logits.gather(1, tokens[:, None]).squeeze(1) - lse
     return tokens, sampled_lp, raw
+
+
+def _draw(z: Tensor, st: Tensor, u: Tensor, by_k: bool, by_p: bool, want_lp: bool) -> tuple[Tensor, Tensor | None]:
+    """The filtered draw of sample_rows in torch ops: z (n, V) tempered logits, st the settings (temperature,
+    top-k, top-p rows), u (n, 1) uniform draws. Returns the tokens and, if asked, their log-probabilities."""
+    vocab = z.shape[-1]
+    dev = z.device
+    if by_k or by_p:
+        # the filters as one threshold on the logits, found on the sorted values (the nucleus is a prefix
+        # there); the draw itself is made in vocabulary order, where rounding differences between a row
+        # decoded alone and in a batch move the CDF the least
+        zs = _sorted_descending(z).to(dev)
+        peak = zs[:, :1]
+        threshold = None
+        if by_k:
+            threshold = zs.gather(1, st[1][:, None].long() - 1)  # the k-th largest (ties kept)
+        if by_p:
+            if threshold is not None:
+                zs = zs.masked_fill(zs < threshold, float("-inf"))
+            e = torch.exp(zs - peak)  # unnormalised probabilities, sorted
+            cum = e.cumsum(dim=-1)
+            # Meta's rule: keep the tokens whose preceding mass is <= p of the total
+            kept = torch.searchsorted(cum - e, st[2][:, None] * cum[:, -1:], right=True).clamp(1, vocab)
+            smallest = zs.gather(1, kept - 1)  # the smallest logit kept
+            threshold = smallest if threshold is None else torch.maximum(threshold, smallest)
+        z = z.masked_fill(z < threshold, float("-inf"))
+    else:
+        peak = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - peak)
+    cdf = e.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    pos = torch.searchsorted(cdf, u * total, right=True).clamp(max=vocab - 1)
+    chosen = pos.squeeze(1)
+    chosen_lp = (e.gather(1, pos) / total).log().squeeze(1) if want_lp else None
+    return chosen, chosen_lp

@@ -123,8 +123,8 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
 
     def set_steps(n: int) -> None:
         n = max(min(n, cap), min_steps, trainer.step + 1)
-        if n != recipe.max_steps:
-            recipe.max_steps = n
+        recipe.max_steps = n
+        if bar.total != n:
             bar.total = n
             bar.refresh()
 
@@ -163,7 +163,7 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
 
     recipe.max_steps = max(cap, min_steps, trainer.step + 1)  # until the first plan
     recipe.log_every = 1  # the first steps are logged one by one; then about LOG_POINTS records in all
-    bar = tqdm(total=recipe.max_steps, initial=trainer.step, unit="step", desc=desc, disable=quiet,
+    bar = tqdm(total=None, initial=trainer.step, unit="step", desc=desc, disable=quiet,  # total: once planned
                dynamic_ncols=True)
     quiet_before = trainer.quiet
     trainer.quiet, trainer.step_fn = True, step

@@ -173,7 +173,7 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
 
     from ..data.corpus import STATS_FILE
     from ..stages.pretrain import build_pretraining, ensure_built_data
-    from ..train.config import PretrainRecipe, expand_path, load_recipe
+    from ..train.config import PretrainRecipe, load_recipe
     from ..train.distributed import shutdown
 
     if not RECIPE.is_file():
@@ -192,6 +192,12 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
                       f"data.build.dir={build.dir.rstrip('/')}-docs"]
     recipe = load_recipe(PretrainRecipe, RECIPE, overrides)
     t0 = time.time()
+    cached = False
+    if recipe.data.build is not None:
+        from ..train.config import expand_path
+
+        built = expand_path(recipe.data.build.dir)
+        cached = (built / "corpus" / "train.jsonl").is_file() and (built / "shards" / "manifest.json").is_file()
     root = ensure_built_data(recipe.data.build, quiet=ctx.quiet) if recipe.data.build is not None else None
     data_s = time.time() - t0
     stats = json.loads((root / "corpus" / STATS_FILE).read_text()) if root else {}
@@ -204,7 +210,7 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
         tok = Tokenizer(recipe.data.resolved()[1])
         prompts, refs = held_out_prompts(ctx.corpus_dir / "val.jsonl" if ctx.corpus_dir else Path("-"))
         t1 = time.time()
-        precision = (f"bf16 autocast with fp32 weights" if trainer.amp_dtype is not None else "fp32") + \
+        precision = ("bf16 autocast with fp32 weights" if trainer.amp_dtype is not None else "fp32") + \
             f" (precision: {recipe.precision})"
         before = trainer.evaluate()
         before_text = _generate(copy.deepcopy(trainer.model).eval(), tok, prompts, CONTINUATION_TOKENS)
@@ -250,11 +256,12 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
         f"shared training loop (`configs/tiny/pretrain.yaml`, {precision}) on a corpus of Python's standard "
         "library: "
         + ", ".join(f"{k} {v:,} documents" for k, v in per_source.items())
-        + f" after de-duplication ({stats.get('exact_duplicates_removed', 0)} exact and "
-          f"{stats.get('near_duplicates_removed', 0)} near duplicates removed), "
+        + f"; {stats.get('documents_kept', 0):,} kept after de-duplication ({stats.get('exact_duplicates_removed', 0)} "
+          f"exact and {stats.get('near_duplicates_removed', 0)} near duplicates removed), "
           f"{stats.get('splits', {}).get('train', {}).get('chars', 0) / 1e6:.1f} MB of training text, "
           f"held-out documents {stats.get('splits', {}).get('val', {}).get('documents', 0)}. "
-          f"Building (or finding in the cache) the corpus, tokenizer and token shards took {data_s:.0f} s.")
+          + (f"The corpus, tokenizer and token shards were in the cache ({root})." if cached else
+             f"Building the corpus, tokenizer and token shards (cached in {root}) took {data_s:.0f} s."))
     section.text("Training: " + _plan_text(plan, budget_s, ctx.steps is not None)
                  + f"; {tokens:,.0f} tokens ({tokens / max(train_s, 1e-9):,.0f} tokens/s).")
     section.table(["measure", "at random init", "after pretraining"], [
@@ -333,7 +340,7 @@ def sft_stage(ctx: DemoContext, section: Section) -> str:
         section.text(f"Not run: its recipe {SFT_RECIPE} is missing.")
         return "sft: skipped (configs/tiny/sft.yaml is missing)"
     from ..chat import encode_dialog
-    from ..checkpoint import load_checkpoint, load_model
+    from ..checkpoint import load_checkpoint, load_config, load_model
     from ..data.dialogues import read_dialogues
     from ..eval.text_metrics import mean_measures
     from ..tokenizer import Tokenizer
@@ -347,13 +354,20 @@ def sft_stage(ctx: DemoContext, section: Section) -> str:
     # max_steps=null: the recipe's epochs cap the steps; the budget sets them
     recipe = load_recipe(sft_mod.SFTRecipe, SFT_RECIPE, [f"base={ckpt}", f"out_dir={run_dir}", "save_every=0",
                                                           "keep_last=1", "max_steps=null"])
-    every = read_dialogues(val_path).dialogues
-    picks = sorted({round(i * (len(every) - 1) / max(SFT_QUESTIONS - 1, 1)) for i in range(SFT_QUESTIONS)})
-    held_out = [every[i] for i in picks]  # spread over the file (it is ordered by source and module)
     tok = Tokenizer(ckpt)
+    context = load_config(ckpt).max_seq_len
+    # held-out dialogues whose prompt leaves room for the answer in the context, spread over the file (it is
+    # ordered by source and module)
+    fits = [(d, ids) for d in read_dialogues(val_path).dialogues
+            if len(ids := encode_dialog(tok, d.messages[:-1])) + ANSWER_TOKENS <= context]
+    if not fits:
+        raise Llama2Error(f"no held-out dialogue of {val_path} fits the {context}-token context with a "
+                          f"{ANSWER_TOKENS}-token answer")
+    picks = sorted({round(i * (len(fits) - 1) / max(SFT_QUESTIONS - 1, 1)) for i in range(SFT_QUESTIONS)})
+    held_out = [fits[i][0] for i in picks]
+    prompt_ids = [fits[i][1] for i in picks]
     questions = [d.messages[:-1] for d in held_out]
     refs = [d.messages[-1]["content"] for d in held_out]
-    prompt_ids = [encode_dialog(tok, q) for q in questions]
     t0 = time.time()
     before_text = _generate(load_model(ckpt), tok, prompt_ids, ANSWER_TOKENS)
     answer_s = time.time() - t0
