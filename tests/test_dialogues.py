@@ -47,7 +47,7 @@ def test_the_three_shapes_read_as_the_same_dialogue(tmp_path):
     ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
     ({"conversations": [{"from": "alien", "value": "x"}]}, "is from 'alien'"),
     ({"messages": MESSAGES, "mask": "first"}, '"mask" is'),
-    ("17", "got int"),
+    ("17", "got a number"),
 ])
 def test_a_bad_line_names_file_line_and_reason(tmp_path, line, reason):
     f = write(tmp_path / "d.jsonl", [{"messages": MESSAGES}, line])

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from ..atomic import atomic_write_text
 from ..chat import ROLES, validate_dialog
 from ..errors import Llama2Error
-from .jsonl import BadLine, JsonlReader, OnBadLine
+from .jsonl import BadLine, OnBadLine, read_jsonl
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 MASKS = ("all_assistant", "last_assistant")
@@ -124,31 +124,6 @@ def _from_line(obj: Any) -> tuple[Any, Any] | str:
     return 'no "messages" (or "conversations") field'
 
 
-class _DialogueLines(JsonlReader):
-    """read_jsonl's reader that also yields JSON arrays (a bare list of messages is a whole dialogue); the
-    reporting (bad(), summary(), skip counts) is JsonlReader's."""
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:  # type: ignore[override]
-        self.skipped, self.reasons = 0, []
-        try:
-            f = self.path.open("rb")
-        except OSError as e:
-            raise Llama2Error(f"cannot read {self.path}: {e.strerror}") from None
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self.bad(lineno, f"not valid UTF-8 (byte {e.start} of the line); convert the file to UTF-8")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    self.bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
-
-
 @dataclass
 class DialogueFile:
     """The dialogues of one file and what was skipped (on_bad_line="skip")."""
@@ -172,7 +147,7 @@ def read_dialogues(path: Path | str, *, on_bad_line: OnBadLine = "error") -> Dia
     or, with on_bad_line="skip", is counted in the result. A file with no dialogue at all is an error."""
     if on_bad_line not in ("error", "skip"):
         raise Llama2Error(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
-    reader = _DialogueLines(path, on_bad_line=on_bad_line, hint=HINT if on_bad_line == "error" else "")
+    reader = read_jsonl(path, on_bad_line=on_bad_line, hint=HINT if on_bad_line == "error" else "", arrays=True)
     out: list[Dialogue] = []
     for lineno, obj in reader:
         got = _from_line(obj)

@@ -42,16 +42,18 @@ class JsonlReader:
 
     on_bad_line: "error" raises BadLine at the first bad line; "skip" counts bad lines (`skipped`) and keeps the
     first KEEP_REASONS messages (`reasons`). hint: appended to every error message (what a line should hold).
-    progress: called with the byte length of every line read (for a progress bar over bytes)."""
+    progress: called with the byte length of every line read (for a progress bar over bytes). arrays: a line may
+    also be a JSON array (yielded as a list), e.g. a dialogue written as a bare list of messages."""
 
     def __init__(self, path: Path | str, *, on_bad_line: OnBadLine = "error", hint: str = "",
-                 progress: Callable[[int], Any] | None = None) -> None:
+                 progress: Callable[[int], Any] | None = None, arrays: bool = False) -> None:
         if on_bad_line not in ("error", "skip"):
             raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
         self.path = Path(path)
         self.on_bad_line = on_bad_line
         self.hint = hint
         self.progress = progress
+        self.arrays = arrays
         self.skipped = 0
         self.reasons: list[str] = []
 
@@ -94,16 +96,16 @@ class JsonlReader:
                 except json.JSONDecodeError as e:
                     self.bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
                     continue
-                if not isinstance(obj, dict):
-                    self.bad(lineno, f"not a JSON object (got {_json_kind(obj)})")
+                if not isinstance(obj, dict) and not (self.arrays and isinstance(obj, list)):
+                    self.bad(lineno, f"not a JSON object{' or array' if self.arrays else ''} (got {_json_kind(obj)})")
                     continue
                 yield lineno, obj
 
 
 def read_jsonl(path: Path | str, *, on_bad_line: OnBadLine = "error", hint: str = "",
-               progress: Callable[[int], Any] | None = None) -> JsonlReader:
+               progress: Callable[[int], Any] | None = None, arrays: bool = False) -> JsonlReader:
     """A JsonlReader over `path`: iterate it for (line number, object) pairs."""
-    return JsonlReader(path, on_bad_line=on_bad_line, hint=hint, progress=progress)
+    return JsonlReader(path, on_bad_line=on_bad_line, hint=hint, progress=progress, arrays=arrays)
 
 
 def field_problem(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> str | None:
