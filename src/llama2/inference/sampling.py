@@ -162,19 +162,21 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
         ks = [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in sampled]
         ps = [params[i].top_p for i in sampled]
         by_k, by_p = any(k < vocab for k in ks), any(p < 1 for p in ps)
-        # every row's settings (and its uniform draw) reach the device in one copy
-        settings = [[params[i].temperature for i in sampled], ks, ps]
-        if uniforms is not None and not isinstance(uniforms, Tensor):
-            settings.append(list(uniforms))
+        # every row's settings (and its uniform draw) reach the device in one copy, a column each
+        given = uniforms is not None and not isinstance(uniforms, Tensor)
+        settings = [[params[i].temperature, params[i].top_p] for i in sampled]
+        if given:
+            settings = [row + [x] for row, x in zip(settings, uniforms)]
         st = torch.tensor(settings, dtype=torch.float32, device=dev)
         if uniforms is None:
             u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in sampled])[:, None]
-        elif isinstance(uniforms, Tensor):
-            u = uniforms.to(dev, torch.float32).reshape(-1, 1)
+        elif given:
+            u = st[:, 2:3]
         else:
-            u = st[3][:, None]
-        z = (logits if every else logits[idx]) / st[0][:, None]
-        chosen, chosen_lp = _draw(z, st, u, by_k, by_p, lse is not None)
+            u = uniforms.to(dev, torch.float32).reshape(-1, 1)
+        kth = torch.tensor([[k - 1] for k in ks], device=dev) if by_k else None
+        z = (logits if every else logits[idx]) / st[:, 0:1]
+        chosen, chosen_lp = _draw(z, kth, st[:, 1:2] if by_p else None, u, lse is not None)
         if every:
             tokens = chosen
             sampled_lp = chosen_lp
@@ -188,11 +190,14 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
     return tokens, sampled_lp, raw
 
 
-def _draw(z: Tensor, st: Tensor, u: Tensor, by_k: bool, by_p: bool, want_lp: bool) -> tuple[Tensor, Tensor | None]:
-    """The filtered draw of sample_rows in torch ops: z (n, V) tempered logits, st the settings (temperature,
-    top-k, top-p rows), u (n, 1) uniform draws. Returns the tokens and, if asked, their log-probabilities."""
+def _draw(z: Tensor, kth: Tensor | None, top_p: Tensor | None, u: Tensor, want_lp: bool
+          ) -> tuple[Tensor, Tensor | None]:
+    """The filtered draw of sample_rows: z (n, V) tempered logits; kth (n, 1): k - 1 for top-k (None: no row
+    filters by k); top_p (n, 1) (None: no row filters by p); u (n, 1) the uniform draws. Returns the tokens and,
+    if asked, their log-probabilities under the filtered distribution."""
     vocab = z.shape[-1]
     dev = z.device
+    by_k, by_p = kth is not None, top_p is not None
     if by_k or by_p:
         # the filters as one threshold on the logits, found on the sorted values (the nucleus is a prefix
         # there); the draw itself is made in vocabulary order, where rounding differences between a row
@@ -201,14 +206,14 @@ def _draw(z: Tensor, st: Tensor, u: Tensor, by_k: bool, by_p: bool, want_lp: boo
         peak = zs[:, :1]
         threshold = None
         if by_k:
-            threshold = zs.gather(1, st[1][:, None].long() - 1)  # the k-th largest (ties kept)
+            threshold = zs.gather(1, kth)  # the k-th largest (ties kept)
         if by_p:
             if threshold is not None:
                 zs = zs.masked_fill(zs < threshold, float("-inf"))
             e = torch.exp(zs - peak)  # unnormalised probabilities, sorted
             cum = e.cumsum(dim=-1)
             # Meta's rule: keep the tokens whose preceding mass is <= p of the total
-            kept = torch.searchsorted(cum - e, st[2][:, None] * cum[:, -1:], right=True).clamp(1, vocab)
+            kept = torch.searchsorted(cum - e, top_p * cum[:, -1:], right=True).clamp_(1, vocab)
             smallest = zs.gather(1, kept - 1)  # the smallest logit kept
             threshold = smallest if threshold is None else torch.maximum(threshold, smallest)
         z = z.masked_fill(z < threshold, float("-inf"))
