@@ -515,17 +515,19 @@ def test_tiny_recipe_from_a_fresh_checkout(tmp_path):
                         "--quiet", f"out_dir={run}", "max_steps=2", "batch_size=2", "data.eval_sequences=4"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    built = tmp_path / "cache" / "pretrain-default-v4096"
+    tiny = load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", [])
+    built = tmp_path / "cache" / tiny.data.build.dir.removeprefix("{cache}/")
     stats = json.loads((built / "corpus" / "stats.json").read_text())
     assert stats["documents_kept"] > 1000
     manifest = json.loads((built / "shards" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 4096 and manifest["complete"]
     ckpt = run / "checkpoints" / "step-000002"
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (128, 4, 4096)
+    want = (tiny.model.dim, tiny.model.n_layers, tiny.data.build.vocab_size)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == want
     assert (ckpt / "tokenizer.model").is_file() and (ckpt / "training_state.pt").is_file()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 2 and abs(records[0]["loss"] - math.log(4096)) < 1.0
+    assert records[-1]["step"] == 2 and abs(records[0]["loss"] - math.log(tiny.data.build.vocab_size)) < 1.0
     assert "val_loss" in records[-1]
 
 
