@@ -26,19 +26,8 @@ import time
 
 import torch
 
+from decode import Tok  # a token-ids-only tokenizer stub (benchmarks/ is on sys.path when run as a script)
 from llama2.cpu import cpu_banner
-
-
-class Tok:
-    """Enough of a tokenizer for timing (prompts are token ids; the decoded text is not compared)."""
-
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text, bos=True, eos=False):
-        raise NotImplementedError
-
-    def decode(self, ids):
-        return ""
 
 
 def requests(n: int, vocab: int, seed: int = 0):

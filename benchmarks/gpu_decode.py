@@ -17,21 +17,9 @@ import statistics
 import time
 
 import torch
+from decode import PROMPT, Tok  # benchmarks/ is on sys.path when run as a script
 
 HBM_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100": 2.0}
-PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]
-
-
-class Tok:
-    """Enough of a tokenizer for timing: prompts are token ids, text is never read."""
-
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text, bos=True, eos=False):
-        raise NotImplementedError
-
-    def decode(self, ids):
-        return ""
 
 
 def build(preset: str, device: torch.device, dtype: torch.dtype):
@@ -60,6 +48,8 @@ def hf_peer(model, dtype: torch.dtype):
         hf = LlamaForCausalLM(cfg)
     sd = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
     hf.load_state_dict(sd, assign=True, strict=False)
+    device = model.lm_head.weight.device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(device)  # buffers are not in the state dict
     return hf.eval()
 
 
@@ -88,6 +78,7 @@ def main() -> None:
     embed_bytes = model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     read_bytes = weight_bytes - embed_bytes  # a step reads one embedding row, not the table
     params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, stop_ids=[])
+    prompt = [t % model.config.vocab_size for t in PROMPT]  # smoke runs use presets with small vocabularies
 
     def sync() -> None:
         if device.type == "cuda":
@@ -96,11 +87,11 @@ def main() -> None:
     runners = {}
     variants = [("llama2 eager", False)] + ([] if args.no_compile else [("llama2 compiled", True)])
     for label, compile_ in variants:
-        gen = Generator(model, Tok(), max_batch_size=1, cache_len=len(PROMPT) + args.tokens + 8, compile=compile_)
-        runners[label] = lambda gen=gen: gen.generate([PROMPT], params)[0]
+        gen = Generator(model, Tok(), max_batch_size=1, cache_len=len(prompt) + args.tokens + 8, compile=compile_)
+        runners[label] = lambda gen=gen: gen.generate([prompt], params)[0]
     if not args.no_transformers:
         hf = hf_peer(model, dtype)
-        ids = torch.tensor([PROMPT], device=device)
+        ids = torch.tensor([prompt], device=device)
 
         def hf_run():
             with torch.inference_mode():

@@ -1,10 +1,12 @@
-"""Command-line options shared by the generating commands (generate, chat, serve): one definition of the
-sampling flags and one conversion to `SamplingParams`. Not a subcommand (cli.py skips modules named `_*`)."""
+"""Command-line options shared by several commands: the sampling flags of the generating commands (generate,
+chat, serve) with one conversion to `SamplingParams`, and the one shape of every training stage's command
+(`llama2 <stage> --config RECIPE.yaml [key=value ...]`). Not a subcommand (cli.py skips modules named `_*`)."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the generation module (torch) is imported only when a command runs
@@ -44,3 +46,39 @@ def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParam
         # SamplingParams names the field ("sampling: top_p must be ..."); on the command line it is a flag
         msg = re.sub(r"^sampling: (\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         raise Llama2Error(msg) from None
+
+
+def add_stage_command(subparsers, name: str, *, help: str, description: str, example: str,
+                      run: Callable[[Any, bool], None]) -> argparse.ArgumentParser:
+    """Register `llama2 NAME --config RECIPE.yaml [key=value ...] [--quiet]`, the shape every training stage
+    shares: `run((config, overrides), quiet)` loads the recipe (`load_recipe(Cls, *recipe)`) and runs the stage,
+    after stray options among the overrides were refused; the process group (torchrun) is shut down after."""
+    p = subparsers.add_parser(
+        name, help=help,
+        description=description + " key=value arguments override recipe keys (dotted for sections). Running the "
+                    "same command again resumes from the latest checkpoint in out_dir. Under `torchrun "
+                    "--nproc-per-node N` the model is sharded with FSDP2.")
+    p.add_argument("--config", "-c", required=True, help=f"recipe YAML, e.g. {example}")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+
+    def handler(args: argparse.Namespace) -> int:
+        from ..errors import Llama2Error
+        from ..train.distributed import shutdown
+
+        overrides = []
+        for item in args.overrides:  # options may also follow the overrides
+            if item in ("-q", "--quiet"):
+                args.quiet = True
+            elif item.startswith("-"):
+                raise Llama2Error(f"unknown option {item!r} among the overrides; options: --config, --quiet")
+            else:
+                overrides.append(item)
+        try:
+            run((args.config, overrides), args.quiet)
+        finally:
+            shutdown()
+        return 0
+
+    p.set_defaults(func=handler)
+    return p

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from ..atomic import atomic_write_text
 from ..chat import ROLES, validate_dialog
 from ..errors import Llama2Error
-from .jsonl import BadLine, OnBadLine, read_jsonl
+from .jsonl import BadLine, OnBadLine, read_jsonl, skipped_summary
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 MASKS = ("all_assistant", "last_assistant")
@@ -135,11 +135,7 @@ class DialogueFile:
 
     def summary(self) -> str:
         """One line about the skipped lines ("" when none)."""
-        if not self.skipped:
-            return ""
-        more = ", ..." if self.skipped > len(self.reasons) else ""
-        return (f"{self.path}: skipped {self.skipped} bad line{'s' if self.skipped != 1 else ''} "
-                f"({'; '.join(self.reasons)}{more})")
+        return skipped_summary(self.path, self.skipped, self.reasons)
 
 
 def read_dialogues(path: Path | str, *, on_bad_line: OnBadLine = "error") -> DialogueFile:

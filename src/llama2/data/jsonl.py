@@ -68,11 +68,7 @@ class JsonlReader:
 
     def summary(self) -> str:
         """One line for the user about the skipped lines ("" when none were skipped)."""
-        if not self.skipped:
-            return ""
-        more = ", ..." if self.skipped > len(self.reasons) else ""
-        return (f"{self.path}: skipped {self.skipped} bad line{'s' if self.skipped != 1 else ''} "
-                f"({'; '.join(self.reasons)}{more})")
+        return skipped_summary(self.path, self.skipped, self.reasons)
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         self.skipped, self.reasons = 0, []  # counts are per pass over the file
@@ -100,6 +96,14 @@ class JsonlReader:
                     self.bad(lineno, f"not a JSON object{' or array' if self.arrays else ''} (got {_json_kind(obj)})")
                     continue
                 yield lineno, obj
+
+
+def skipped_summary(path: Path | str, skipped: int, reasons: list[str]) -> str:
+    """"FILE: skipped N bad lines (first reasons; ...)", or "" when nothing was skipped."""
+    if not skipped:
+        return ""
+    more = ", ..." if skipped > len(reasons) else ""
+    return f"{path}: skipped {skipped} bad line{'s' if skipped != 1 else ''} ({'; '.join(reasons)}{more})"
 
 
 def read_jsonl(path: Path | str, *, on_bad_line: OnBadLine = "error", hint: str = "",
