@@ -41,6 +41,26 @@ def sp_model_path(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tok(sp_model_path):
+    """llama2's Tokenizer over the test SentencePiece model."""
+    from llama2.tokenizer import Tokenizer
+
+    return Tokenizer(sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP barriers stall for ms
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def llama_cpp_sdist_dir() -> Path:
     """llama-cpp-python's sdist, downloaded once from PyPI and unpacked into the test cache."""
     import fcntl

@@ -30,11 +30,6 @@ def sp(sp_model_path):
     return spm.SentencePieceProcessor(model_file=str(sp_model_path))
 
 
-@pytest.fixture(scope="module")
-def tok(sp_model_path):
-    return Tokenizer(sp_model_path)
-
-
 def dialog(n_turns: int, system: bool, complete: bool) -> list[dict]:
     msgs = [{"role": "system", "content": SYSTEM}] if system else []
     for i in range(n_turns):

@@ -12,23 +12,11 @@ from conftest import random_hf_llama
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine, Request
 from llama2.inference.generate import Generator, SamplingParams
-from llama2.tokenizer import Tokenizer
 from test_generate import TEXTS, VOCAB, ours_from_hf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = dict(temperature=0.0, stop_ids=[])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok(sp_model_path) -> Tokenizer:
-    return Tokenizer(sp_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,12 @@ def test_degenerate_by_hand():
     # a loop of 8 tokens inside 20 is under half the answer
     assert degenerate("Return the number of items in the list when it is not empty : a b a b a b a b") is None
     assert degenerate("Return the number of items in the list, or None if it is empty.") is None
+    # "the given values" comes back once: 1.x copies of a pattern is not a loop
+    assert degenerate("Return the list of the given values for the given values.") is None
+    # a sentence and its blank line (8 words and marks + 2 newlines = 10 pieces) four times over
+    assert degenerate("There are not available in the queue.\n\n" * 4) == \
+        "a loop of 4.0 x 'There are not available in the queue . \\n \\n' (40 of 40 tokens)"
+    assert degenerate("a b a b a b a b", min_copies=5) is None  # 4 copies
 
 
 def test_answer_measures():

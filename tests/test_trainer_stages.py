@@ -19,26 +19,9 @@ from llama2.model import Transformer
 from llama2.train.config import OptimConfig, TrainRecipe
 from llama2.train.loop import LossOutput, Trainer
 
-from test_train import losses, recipe_file, shards, tok_dir  # noqa: F401 - fixtures
+from test_train import ListBatches, losses, recipe_file, shards, tok_dir  # noqa: F401 - fixtures
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-class ListBatches:
-    """Fixed micro-batches per step, position saved in checkpoints."""
-
-    def __init__(self, steps: list[list[torch.Tensor]]) -> None:
-        self.steps, self.i = steps, 0
-
-    def next(self) -> list[torch.Tensor]:
-        self.i += 1
-        return self.steps[self.i - 1]
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.i = s["i"]
 
 
 def token_steps(n: int, batch: int = 4, micro: int = 1, seed: int = 0, cfg: ModelConfig = CFG) -> list:
