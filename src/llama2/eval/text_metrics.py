@@ -22,8 +22,9 @@ _PIECE = re.compile(r"\n|\w+|[^\w\s]")
 
 # degenerate(): thresholds
 MAX_RUN = 8  # this many consecutive copies of one token (or of one short pattern) is a loop
-MAX_PERIOD = 8  # patterns up to this many tokens long are looked for
-MIN_LOOP_FRACTION = 0.5  # ... when the loop covers at least this fraction of the answer's tokens
+MAX_PERIOD = 16  # patterns up to this many tokens long (a short sentence and its newlines) are looked for
+MIN_COPIES = 3  # ... repeated at least this many times
+MIN_LOOP_FRACTION = 0.5  # ... covering at least this fraction of the answer's tokens
 
 
 def words(text: str, lowercase: bool = True) -> list[str]:
@@ -116,11 +117,11 @@ def longest_loop(tokens: Sequence[Hashable], max_period: int = MAX_PERIOD) -> Lo
     return best
 
 
-def degenerate(text: str, max_run: int = MAX_RUN, max_period: int = MAX_PERIOD,
+def degenerate(text: str, max_run: int = MAX_RUN, max_period: int = MAX_PERIOD, min_copies: float = MIN_COPIES,
                min_fraction: float = MIN_LOOP_FRACTION) -> str | None:
     """Why an answer is degenerate, or None: it is blank; or one token (a newline counts) repeats back to back
-    `max_run` times or more; or a pattern of up to `max_period` tokens repeats `max_run` tokens or more and
-    covers at least `min_fraction` of the answer (over pieces())."""
+    `max_run` times or more; or a pattern of 2 to `max_period` tokens repeats back to back `min_copies` times or
+    more over at least `max_run` tokens and at least `min_fraction` of the answer (over pieces())."""
     toks = pieces(text)
     if not toks or not text.strip():
         return "blank"
@@ -128,7 +129,7 @@ def degenerate(text: str, max_run: int = MAX_RUN, max_period: int = MAX_PERIOD,
     if run >= max_run:
         return f"a run of {run} x {tok!r}"
     loop = longest_loop(toks, max_period)
-    if loop is not None and len(loop.pattern) > 1 and loop.length >= max_run and \
+    if loop is not None and len(loop.pattern) > 1 and loop.copies >= min_copies and loop.length >= max_run and \
             loop.length >= min_fraction * len(toks):
         pattern = " ".join(map(str, loop.pattern))
         return f"a loop of {loop.copies:.1f} x {pattern!r} ({loop.length} of {len(toks)} tokens)"

@@ -5,8 +5,8 @@ start + total x (its share + the shares before it): time an earlier stage leaves
 and an overrun is taken from the later ones. A training stage turns its time into steps with `fit_within`:
 it measures the seconds per optimiser step over the run's first steps (after the first, which pays one-off
 costs) and sets max_steps = steps done + time left / seconds per step; it measures again as it trains (over the
-last 50 steps, evaluations included when they fall in them) and re-plans whenever the projected finish drifts
-more than 10% from the deadline (the learning-rate schedule follows the new length from then on; warm-up does
+last 50 steps, evaluations included when they fall in them) and re-plans whenever the projected finish is
+more than 3% of the stage's time late or 10% early (the learning-rate schedule follows the new length from then on; warm-up does
 not depend on it), and always stops in time.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 
-REPLAN_TOLERANCE = 0.10  # re-plan when the projected finish is off the deadline by more than this fraction
+REPLAN_TOLERANCE = 0.10  # re-plan when the projected finish is this fraction of the stage's time early ...
+LATE_TOLERANCE = 0.03  # ... or this fraction late
 LOG_POINTS = 200  # metrics.jsonl records a run gets (log_every is set from the planned steps)
 FIRST_PLAN_STEP = 3  # steps timed before the first plan (the first step pays one-off costs and is not counted)
 THREAD_PROBE_EVERY = 100  # steps between trials of the other CPU thread count (ThreadChooser)
@@ -119,14 +120,17 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
     plan = FitPlan()
     start = time.time()
     marks: list[tuple[int, float]] = []  # (steps done, time) at the start of each step
+    planned: list[int] = []  # steps at which the length was (re)computed
     end_at = deadline - reserve_s
 
-    def set_steps(n: int) -> None:
+    def set_steps(n: int) -> bool:
         n = max(min(n, cap), min_steps, trainer.step + 1)
+        changed = n != recipe.max_steps
         recipe.max_steps = n
         if bar.total != n:
             bar.total = n
             bar.refresh()
+        return changed
 
     def step(t: Any) -> Mapping[str, float]:
         import torch
@@ -142,11 +146,12 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
             sps = (now - t0) / max(t.step - s0, 1)
             plan.seconds_per_step = sps
             projected = now + (recipe.max_steps - t.step) * sps
-            first = plan.replans == 0
             span = max(end_at - start, 1e-9)
-            if first or abs(projected - end_at) > REPLAN_TOLERANCE * span or projected > end_at + 0.02 * span:
-                set_steps(t.step + max(int((end_at - now) / sps), 0))
-                plan.replans += 1
+            late, early = projected - end_at > LATE_TOLERANCE * span, end_at - projected > REPLAN_TOLERANCE * span
+            if not planned or late or (early and recipe.max_steps < cap):
+                if set_steps(t.step + max(int((end_at - now) / sps), 0)) or not planned:
+                    plan.replans += 1
+                planned.append(t.step)
                 recipe.eval_every = max(1, recipe.max_steps // max(evals, 1))
                 recipe.log_every = max(1, recipe.max_steps // LOG_POINTS)
         elif now >= end_at and t.step >= min_steps:

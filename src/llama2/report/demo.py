@@ -29,7 +29,9 @@ RECIPE = CONFIGS / "pretrain.yaml"
 SFT_RECIPE = CONFIGS / "sft.yaml"
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-SHARES = {"pretrain": 0.60, "generate": 0.02, "chat": 0.01, "sft": 0.30, "formats": 0.07}
+# The 15% left is for the stages still to come (reward models, rejection sampling, PPO, ...): today the demo ends
+# early by that much (and by what SFT leaves when it reaches its recipe's epochs).
+SHARES = {"pretrain": 0.60, "generate": 0.01, "chat": 0.01, "sft": 0.20, "formats": 0.03}
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
 CODE_FALLBACK_PROMPTS = ["def __init__(self, name):\n", "class Stack:\n"]
@@ -129,14 +131,17 @@ def held_out_prompts(val_file: Path, n_doc: int = 4, n_code: int = 2) -> tuple[l
     return prompts + code_p, refs + code_r
 
 
-def _figures(section: Section, run_dir: Path, out: Path, name: str, what: str) -> list[Path]:
+def _figures(section: Section, run_dir: Path, out: Path, name: str, what: str, start_val: float | None = None
+             ) -> list[Path]:
     """Plot the run's metrics.jsonl into out/figures/name and add its loss and learning-rate curves."""
     from .plot import plot_run
 
     written = plot_run(run_dir, out / "figures" / name)
+    at_start = f" (held-out loss before training: {start_val:.3f})" if start_val is not None else ""
     for p in written:
         if p.name == "loss.png":
-            section.figure(p, f"{what}: training loss (per logged step) and held-out loss")
+            section.figure(p, f"{what}: training loss (per logged step) and held-out loss at each evaluation"
+                              + at_start)
         elif p.name == "lr.png":
             section.figure(p, f"{what}: learning rate")
     return written
@@ -273,7 +278,7 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
         ["degenerate continuations", f"{sum(r['degenerate'] for r in b_rows):.0f} of {len(b_rows)}",
          f"{sum(r['degenerate'] for r in a_rows):.0f} of {len(a_rows)}"],
     ], caption="Held-out loss over fixed windows of the corpus's held-out documents")
-    _figures(section, run_dir, ctx.out, "pretrain", "pretraining")
+    _figures(section, run_dir, ctx.out, "pretrain", "pretraining", before.get("val_loss"))
     section.text(f"Greedy continuations ({CONTINUATION_TOKENS} new tokens, no stop string) of openings of "
                  "held-out documents (docstrings and function headers the model never saw), at random "
                  "initialisation and after pretraining; the reference is what followed in the document.")
@@ -404,7 +409,7 @@ def sft_stage(ctx: DemoContext, section: Section) -> str:
          f"{sum(r['degenerate'] for r in a_rows):.0f} of {len(a_rows)}"],
     ], caption="Held-out dialogues (never trained on), greedy answers of at most "
                f"{ANSWER_TOKENS} tokens")
-    _figures(section, run_dir, ctx.out, "sft", "SFT")
+    _figures(section, run_dir, ctx.out, "sft", "SFT", before_eval.get("val_loss"))
     section.samples([q[-1]["content"] for q in questions], {"pretrained": before_text, "after SFT": after_text},
                     references=refs, notes={"pretrained": b_notes, "after SFT": a_notes},
                     caption="Held-out questions: the prompt is the whole dialogue up to the last user turn")
@@ -462,10 +467,10 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
     out = Path(out)
     budget = Budget(budget_minutes * 60.0, dict(SHARES))
     report = Report(out, "llama2 demo",
-                    intro=f"Everything below ran in this demo on {torch.get_num_threads()} CPU thread(s), with a "
-                          f"budget of {budget_minutes:g} minutes shared by the stages "
-                          f"({', '.join(f'{k} {v:.0%}' for k, v in SHARES.items())}); every number is measured "
-                          f"in this run.")
+                    intro=f"Everything below ran in this demo on a CPU with {torch.get_num_threads()} thread(s), "
+                          f"within a budget of {budget_minutes:g} minutes shared by the stages "
+                          f"({', '.join(f'{k} {v:.0%}' for k, v in SHARES.items())}, the rest kept for stages to "
+                          f"come); every number is measured in this run.")
     ctx = DemoContext(out, budget, report, quiet=quiet, steps=steps)
     for stage in stages if stages is not None else STAGES:
         _say(f"== {stage.title}" + (f" (until {budget.deadline(stage.name) - budget.start:.0f} s of the "
