@@ -32,11 +32,12 @@ def prepare(work: Path, seq: int) -> Path:
     from llama2.chat import encode_dialog_for_training
     from llama2.data.dialogues import build_dialogues, read_dialogues
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import cache_dir
-
     build_dialogues(work / "dialogues.jsonl", safety=True, quiet=True)
     dialogues = read_dialogues(work / "dialogues.jsonl").dialogues
-    cached = cache_dir() / "pretrain-default-v4096" / "tokenizer"
+    from llama2.train.config import PretrainRecipe, expand_path, load_recipe
+
+    tiny = load_recipe(PretrainRecipe, Path(__file__).parents[1] / "configs/tiny/pretrain.yaml")
+    cached = expand_path(tiny.data.build.dir) / "tokenizer"  # the tiny recipe's tokenizer, when it was built
     if (cached / "tokenizer.model").is_file():
         tok_dir = cached
     else:

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                                    "OUTPUT/stats.json.")
     c.add_argument("--source", action="append", default=None, metavar="NAME",
                    help="default (= stdlib + pydoc), stdlib (standard-library docstrings), pydoc (pydoc_data "
-                        "topics), python-docs (needs `apt-get install python3.11-doc`), files (the PATHS); repeat or "
+                        "topics), stdlib-source (the standard library's modules, one document each), python-docs (needs "
+                        "`apt-get install python3.11-doc`), files (the PATHS); repeat or "
                         "comma-separate for several; files is implied when PATHS are given without --source")
     c.add_argument("paths", nargs="*", type=Path, metavar="PATHS",
                    help=".txt files (one document each), .jsonl files (a \"text\" field per line) or "
