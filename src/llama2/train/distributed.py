@@ -59,7 +59,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group, after every process got here: tearing down gloo while a peer still works (rank
+    0 writing samples, say) can abort the process that left first."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already failed; leave anyway
+            pass
         dist.destroy_process_group()
 
 
