@@ -103,7 +103,8 @@ def reference_sum(model, tokenizer, dialogues, mask="all_assistant") -> tuple[to
 
 
 def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer):
-    from llama2.stages.sft import collate, pack_rows, sft_loss
+    from llama2.data.packing import collate, pack_rows
+    from llama2.stages.sft import sft_loss
 
     torch.manual_seed(0)
     model = Transformer(CFG)
@@ -125,7 +126,8 @@ def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer):
 
 
 def test_last_assistant_trains_only_the_final_answer(tokenizer):
-    from llama2.stages.sft import collate, pack_rows, sft_loss
+    from llama2.data.packing import collate, pack_rows
+    from llama2.stages.sft import sft_loss
 
     model = Transformer(CFG)
     ex = examples(tokenizer, mask="last_assistant")
@@ -138,7 +140,7 @@ def test_last_assistant_trains_only_the_final_answer(tokenizer):
 def test_labels_are_the_answers_tokens_by_hand(tokenizer):
     """The trained targets of a packed row are exactly each answer's text and EOS, found by hand here from
     the tokenizer: the pair encoding minus the encoding of its prompt."""
-    from llama2.stages.sft import collate
+    from llama2.data.packing import collate
 
     ex = examples(tokenizer, DIALOGUES[:1] + DIALOGUES[2:3])
     batch = collate(ex, [[0, 1]])
@@ -159,7 +161,8 @@ def test_labels_are_the_answers_tokens_by_hand(tokenizer):
 def test_accumulation_normalises_by_the_trained_tokens_of_the_global_batch(tmp_path, tokenizer):
     """Two micro-batches with very different numbers of trained tokens: the step's gradient is that of the mean
     over all trained tokens of both (not the mean of the two means)."""
-    from llama2.stages.sft import collate, sft_loss
+    from llama2.data.packing import collate
+    from llama2.stages.sft import sft_loss
     from llama2.train.config import OptimConfig, TrainRecipe
     from llama2.train.loop import Trainer
 
@@ -214,7 +217,7 @@ def test_overlong_dialogue_drops_earliest_exchanges_and_keeps_the_system(tokeniz
 
 
 def test_batches_state_resumes_and_epochs_reshuffle(tokenizer):
-    from llama2.stages.sft import SFTBatches
+    from llama2.data.packing import SFTBatches
 
     ex = examples(tokenizer) * 4
     a = SFTBatches(ex, 96, 2, 2, seed=3)

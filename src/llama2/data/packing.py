@@ -1,4 +1,6 @@
-"""Pretraining data order: packed windows of seq_len + 1 tokens drawn from a weighted mixture of token shards.
+"""Packing: how tokens become batches.
+
+Pretraining data order: packed windows of seq_len + 1 tokens drawn from a weighted mixture of token shards.
 
 For optimiser step s the whole global batch (batch_size x accum x world_size sequences) is drawn from
 numpy's Generator seeded with (seed, s): each sequence picks a source with probability proportional to its
@@ -6,18 +8,26 @@ weight, then a uniformly random start in that source's token stream (windows cro
 every document is BOS ... EOS, so the model sees the separators). Process r trains on its contiguous slice.
 Hence the order depends only on (seed, step) — not on the number of processes — and the sampler's whole
 state is the step it has reached, so resuming continues the exact same order.
+
+Dialogues (SFT and the stages that fine-tune through it): tokenised dialogues packed best-fit into rows of
+max_seq_len tokens, each dialogue kept to itself (positions restart, `attention_mask` is block-diagonal causal),
+epochs of shuffled rows with a resumable position (`SFTBatches`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from torch import Tensor
+
 from ..errors import Llama2Error
+from ..fused_ops import IGNORE_INDEX
 
 
 class PackedBatches:
@@ -114,3 +124,149 @@ def validation_windows(sources: Sequence[Any], names: Sequence[str], total: int,
             batches.append((tokens, labels))
         out[name] = batches
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dialogues packed into rows, each kept to itself (SFT and every stage that fine-tunes through it)
+
+
+@dataclass
+class Example:
+    """One tokenised dialogue: token ids and the trained mask aligned with them (llama2.chat)."""
+
+    ids: np.ndarray  # int64 (L,)
+    trained: np.ndarray  # bool (L,)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of examples grouped into rows of at most `capacity` tokens (each example
+    goes to the fullest row it still fits in). Deterministic: ties keep index order."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            room -= n
+        else:
+            rows.append([i])
+            r, room = len(rows) - 1, capacity - n
+        if room > 0:
+            bisect.insort(free, (room, r))
+    return rows
+
+
+def collate(examples: Sequence[Example], rows: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, Tensor]:
+    """One micro-batch of rows (each a list of example indices; [] is an empty padding row) as tensors, all
+    (B, T) with T the longest row: `tokens`; `labels` (the next token where it is trained and in the same
+    dialogue, else -100); `positions` (restarting at 0 per dialogue); `segments` (the dialogue's number within
+    its row, -1 on padding) from which the loss builds the block-diagonal causal mask; `packed` (a bool): some
+    row holds more than one dialogue (else plain causal attention is exact: padding comes last)."""
+    T = max([sum(len(examples[i].ids) for i in row) for row in rows] + [1])
+    B = len(rows)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row):
+            ex = examples[i]
+            n = len(ex.ids)
+            ids = torch.from_numpy(ex.ids)
+            tokens[b, t:t + n] = ids
+            lab = torch.where(torch.from_numpy(ex.trained[1:]), ids[1:], IGNORE_INDEX)
+            labels[b, t:t + n - 1] = lab
+            positions[b, t:t + n] = torch.arange(n)
+            segments[b, t:t + n] = s
+            t += n
+        positions[b, t:] = torch.arange(T - t)
+    packed = any(len(row) > 1 for row in rows)
+    return {"tokens": tokens, "labels": labels, "positions": positions, "segments": segments, "packed": packed}
+
+
+class SFTBatches:
+    """The SFT batch source: epochs over rows (packed dialogues, or one dialogue per row), the rows of each
+    epoch shuffled by a generator seeded with (seed, epoch). A step takes the next `global size` rows (batch_size
+    x accum x processes); process r trains on its contiguous slice, in `accum` micro-batches; the last step of an
+    epoch is filled with empty rows. The state is (epoch, position in the epoch), so a resumed run continues
+    with the exact same batches."""
+
+    def __init__(self, examples: Sequence[Example], max_seq_len: int, batch_size: int, accum: int, *,
+                 packing: bool = True, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0) -> None:
+        if not examples:
+            raise Llama2Error("no training dialogues left to train on (all were skipped as too long?); raise "
+                              "max_seq_len, set overlong=truncate or give more data")
+        self.examples = list(examples)
+        self.batch_size, self.accum, self.rank, self.world_size = batch_size, accum, rank, world_size
+        self.seed, self.pad_id = seed, pad_id
+        self.global_size = batch_size * accum * world_size
+        lengths = [len(e.ids) for e in self.examples]
+        self.rows = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
+        self.steps_per_epoch = math.ceil(len(self.rows) / self.global_size)
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+        self.fingerprint = int(np.sum(np.asarray(lengths, dtype=np.int64) * (np.arange(len(lengths)) % 997 + 1)))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of `epoch` in their shuffled order."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
+        return self._order[1]
+
+    def step_rows(self, epoch: int, position: int) -> list[list[int]]:
+        """This process's rows of step `position` of `epoch` ([] = an empty padding row)."""
+        order = self.order(epoch)
+        per = self.batch_size * self.accum
+        lo = position * self.global_size + self.rank * per
+        return [self.rows[order[j]] if j < len(order) else [] for j in range(lo, lo + per)]
+
+    def next(self) -> list[dict[str, Tensor]]:
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        rows = self.step_rows(self.epoch, self.position)
+        self.position += 1
+        return [collate(self.examples, rows[a * self.batch_size:(a + 1) * self.batch_size], self.pad_id)
+                for a in range(self.accum)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_size": self.global_size,
+                "rows": len(self.rows), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["global_size"]) != self.global_size:
+            raise Llama2Error(f"the checkpoint was trained with a global batch of {state['global_size']} rows, this "
+                              f"run has {self.global_size} (batch_size x grad_accum x processes); resume with the "
+                              "same global batch (set global_batch_size)")
+        if (int(state["rows"]), int(state["fingerprint"])) != (len(self.rows), self.fingerprint):
+            raise Llama2Error("the checkpoint was trained on other data (its dialogues tokenise and pack "
+                              "differently); resume with the same data, tokenizer, max_seq_len and packing, or use a "
+                              "new out_dir")
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+
+
+def validation_batches(examples: Sequence[Example], max_seq_len: int, batch_size: int, *, packing: bool,
+                       rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[dict[str, Tensor]]:
+    """The held-out dialogues packed like the training data (in a fixed order); this process's share, padded
+    with empty rows so every process runs the same number of batches."""
+    if not examples:
+        return []
+    lengths = [len(e.ids) for e in examples]
+    rows = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
+    mine = rows[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
+    mine += [[]] * (n_batches * batch_size - len(mine))
+    return [collate(examples, mine[b * batch_size:(b + 1) * batch_size], pad_id) for b in range(n_batches)]
+
+
+def attention_mask(segments: Tensor) -> Tensor:
+    """(B, 1, T, T) bool, True where query t may attend key s: s <= t within the same dialogue (padding, segment
+    -1, attends causally among itself, so no row is empty)."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
