@@ -34,6 +34,6 @@ step fsdp2_nccl 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1
     --config configs/tiny/pretrain.yaml device=cuda max_steps=40 save_every=20 out_dir="$run_dir" --quiet
 step fsdp2_resume 60 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llama2 pretrain \
     --config configs/tiny/pretrain.yaml device=cuda max_steps=60 save_every=20 out_dir="$run_dir" --quiet
-step stage_steps 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
+step stage_steps 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 echo "== done ($(date +%T)), status $status; logs in $out"
 exit $status
