@@ -9,9 +9,10 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="pretraining data: build a corpus, tokenise it into token shards",
-                              description="Pretraining data: `corpus` gathers and deduplicates documents, `prepare` "
-                                          "tokenises them into memory-mapped token shards, `info` summarises shards.")
+    p = subparsers.add_parser("data", help="data: build a corpus, token shards, built-in dialogues",
+                              description="Data: `corpus` gathers and deduplicates documents, `prepare` tokenises "
+                                          "them into memory-mapped token shards, `info` summarises shards, "
+                                          "`dialogues` writes the built-in SFT dialogues.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     c = sub.add_parser("corpus", help="build train.jsonl / val.jsonl / stats.json from text sources",

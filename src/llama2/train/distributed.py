@@ -9,6 +9,7 @@ Backends: NCCL on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 def shutdown() -> None:
     """Leave the process group, after every process got here: tearing down gloo while a peer still works (rank
-    0 writing samples, say) can abort the process that left first."""
+    0 writing samples, say) can abort the process that left first. Unreachable models and optimizers are
+    collected first, while the group and the interpreter are alive: gloo work objects left holding tensors until
+    interpreter finalisation abort the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         try:
             dist.barrier()
         except RuntimeError:  # a peer already failed; leave anyway
