@@ -155,7 +155,7 @@ def test_init_on_meta_then_init_weights_gives_pefts_starting_point():
     for _, layer in lora_layers(model):
         assert torch.count_nonzero(layer.lora_B.weight) == 0
         assert 0 < layer.lora_A.weight.abs().max() <= 1 / math.sqrt(32)
-    assert model.score.weight.std() > 0.05  # the fresh reward head, N(0, 1/(dim+1)), trainable
+    assert model.score.weight.std() * math.sqrt(32) > 0.05  # the fresh reward head, N(0, 0.1^2/dim), trainable
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "layers.0.self_attn.v_proj.lora_A.weight", "layers.0.self_attn.v_proj.lora_B.weight",
         "layers.1.self_attn.v_proj.lora_A.weight", "layers.1.self_attn.v_proj.lora_B.weight", "score.weight"]

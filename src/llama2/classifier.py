@@ -4,9 +4,9 @@ The Transformer's backbone (embed_tokens, layers, norm) without the LM head, plu
 Linear(dim, 1): one scalar per row, read at the row's last real (non-padding) token. On disk it is Hugging Face's
 `LlamaForSequenceClassification` with one label (llama2.checkpoint).
 
-The fresh head is drawn from N(0, 1/(dim + 1)) (std 1/sqrt(dim + 1)), the reward-head initialisation of Stiennon
-et al. 2020 ("Learning to summarize from human feedback"): the final hidden states are RMS-normalised (about
-unit scale per coordinate), so initial rewards are O(1) and differ between responses, and gradients reach the
+The fresh head is drawn from N(0, (0.1)^2 / dim) (SCORE_INIT_SCALE / sqrt(dim)): the final hidden states are
+RMS-normalised (about unit scale per coordinate), so starting scores are about N(0, 0.01): near zero, so the
+ranking loss starts at about log 2 and sigmoid scores at about 0.5, yet not exactly zero, so gradients reach the
 backbone from the first step (a zero head would pass none to it until the head itself had moved).
 """
 
@@ -26,10 +26,13 @@ from .model import Device, Linear, Transformer, causal_mask
 DEFAULT_PAD_ID = 0  # <unk> in Llama 2's vocabulary: the tokenizer never emits it for text, and it is not EOS (2)
 
 
+SCORE_INIT_SCALE = 0.1  # the standard deviation of the starting scores
+
+
 def init_score_(weight: Tensor) -> Tensor:
-    """Draw a fresh reward head in place: N(0, std = 1/sqrt(dim + 1)) (see the module docstring)."""
+    """Draw a fresh reward head in place: N(0, std = SCORE_INIT_SCALE / sqrt(dim)) (see the module docstring)."""
     with torch.no_grad():
-        return nn.init.normal_(weight, 0.0, 1.0 / math.sqrt(weight.shape[-1] + 1))
+        return nn.init.normal_(weight, 0.0, SCORE_INIT_SCALE / math.sqrt(weight.shape[-1]))
 
 
 class SequenceClassifier(Transformer):

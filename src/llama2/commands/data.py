@@ -1,5 +1,6 @@
-"""`llama2 data corpus | prepare | info | dialogues`: build a deduplicated text corpus, tokenise it into token
-shards, summarise a prepared shard directory, and build the built-in SFT dialogues."""
+"""`llama2 data corpus | prepare | info | dialogues | comparisons`: build a deduplicated text corpus, tokenise it
+into token shards, summarise a prepared shard directory, and build the built-in SFT dialogues and reward-model
+comparisons."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data", help="data: build a corpus, token shards, built-in dialogues",
+    p = subparsers.add_parser("data", help="data: build a corpus, token shards, built-in dialogues, comparisons",
                               description="Data: `corpus` gathers and deduplicates documents, `prepare` tokenises "
                                           "them into memory-mapped token shards, `info` summarises shards, "
-                                          "`dialogues` writes the built-in SFT dialogues.")
+                                          "`dialogues` writes the built-in SFT dialogues, `comparisons` the built-in "
+                                          "reward-model comparisons.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     c = sub.add_parser("corpus", help="build train.jsonl / val.jsonl / stats.json from text sources",
@@ -76,6 +78,23 @@ def register(subparsers) -> None:
     d.add_argument("--quiet", "-q", action="store_true", help="print nothing")
     d.set_defaults(func=dialogues_handler)
 
+    m = sub.add_parser("comparisons", help="build the built-in comparisons (preference pairs) for reward models",
+                       description="Write comparisons (a prompt, a chosen and a rejected answer, a rating) built from "
+                                   "the built-in dialogues (built into the cache first when missing), plus a "
+                                   "synthetic safety set. The rejected answer is made to match the rating: "
+                                   "significantly_better: the rejected answer answers another question; "
+                                   "better: it is the real answer with its words shuffled; "
+                                   "slightly_better: it is the real answer cut off after 35-60% of its words; "
+                                   "negligibly_better: it is the real answer with one or two words dropped, "
+                                   "duplicated or swapped. Safety comparisons (all significantly_better) prefer a "
+                                   "refusal for a harmful request and a helpful answer for a benign look-alike. "
+                                   "Writes OUTPUT (one comparison per training dialogue) and OUTPUT's .val.jsonl "
+                                   "sibling (all four ratings for every held-out dialogue).")
+    m.add_argument("--output", "-o", type=Path, required=True, help="training file, e.g. comparisons.jsonl")
+    m.add_argument("--seed", type=int, default=0, help="seed of the ratings, rejected answers and order")
+    m.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+    m.set_defaults(func=comparisons_handler)
+
 
 def _sources(args: argparse.Namespace) -> list[str]:
     if args.source is None:
@@ -111,6 +130,17 @@ def dialogues_handler(args: argparse.Namespace) -> int:
 
     build_dialogues(args.output, safety=args.safety, val_fraction=args.val_fraction, seed=args.seed,
                     stdlib_root=args.stdlib_root, quiet=args.quiet)
+    return 0
+
+
+def comparisons_handler(args: argparse.Namespace) -> int:
+    from ..data.comparisons import build_comparisons
+    from ..data.dialogues import read_dialogues
+    from ..stages.sft import ensure_dialogues
+
+    train, val = ensure_dialogues(quiet=args.quiet)
+    build_comparisons(args.output, train_dialogues=read_dialogues(train).dialogues,
+                      val_dialogues=read_dialogues(val).dialogues, seed=args.seed, quiet=args.quiet)
     return 0
 
 

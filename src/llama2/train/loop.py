@@ -619,4 +619,15 @@ class Trainer:
                     window_t0 = time.perf_counter()
         finally:
             bar.close()
+        if self.env.is_main:
+            self.plot()
         return TrainResult(self.step, self.tokens_seen, self.last_record, last_ckpt, self.resumed_from)
+
+    def plot(self) -> list[Path]:
+        """PNG curves of metrics.jsonl in the run directory (llama2.report.plot; written at the end of fit)."""
+        from ..report.plot import plot_run
+
+        try:
+            return plot_run(self.run_dir)
+        except Llama2Error:  # nothing logged yet
+            return []

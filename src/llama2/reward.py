@@ -1,0 +1,172 @@
+"""Scoring (prompt, response) pairs with a reward model: the API every RLHF stage scores through.
+
+A pair is read as the completed chat turn SFT trains on (llama2.chat): the prompt's messages (an optional system
+message merged into the first user turn, earlier turns encoded as `encode_dialog` does) followed by
+`BOS + tokenize("[INST] {prompt} [/INST] {response} ") + EOS`, and the reward model's scalar head is read at
+that final EOS (`SequenceClassifier`, right padding, one length per row).
+
+    rm = RewardModel.load("runs/tiny-rm-helpfulness")             # a run directory or a checkpoint directory
+    rm.score(["What does os.getcwd() do?"], ["Return a string ..."])   # -> [1.93]  raw scores (logits)
+    rm.probs(prompts, responses)                                   # sigmoid(score): the paper's R_h / R_s
+    rm.score([[{"role": "system", ...}, {"role": "user", ...}]], [answer])   # prompts as chat messages
+
+Scoring is batched and length-bucketed: sequences are sorted by length and cut into batches of at most
+`max_batch_tokens` padded tokens, so short pairs are not padded to the longest one; results come back in input
+order. A pair longer than the model's context keeps its BOS and its last `max_seq_len - 1` tokens (the response
+end, where the score is read) and is counted in `truncated`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .chat import Message, encode_dialog_for_training
+from .errors import Llama2Error
+
+Prompt = str | Sequence[Message]
+
+
+def prompt_messages(prompt: Prompt) -> list[Message]:
+    """A prompt as chat messages: text becomes one user message; messages must end with a user message."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)):
+        return [dict(m) for m in prompt]
+    raise Llama2Error(f"a prompt must be text or a list of chat messages, got {type(prompt).__name__}")
+
+
+def encode_pair(tokenizer: Any, prompt: Prompt, response: str) -> list[int]:
+    """Token ids of (prompt, response) as the completed chat turn (see the module docstring)."""
+    if not isinstance(response, str):
+        raise Llama2Error(f"a response must be text, got {type(response).__name__}")
+    messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+    return encode_dialog_for_training(tokenizer, messages)[0]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(tokens (B, T) right-padded with pad_id, lengths (B,))."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return tokens, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def length_buckets(lengths: Sequence[int], max_batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first, each with rows x longest <= max_batch_tokens
+    (at least one row per batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            b = batches[-1]
+            fits = (len(b) + 1) * lengths[b[0]] <= max_batch_tokens and (max_rows is None or len(b) < max_rows)
+            if fits:
+                b.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class RewardModel:
+    """A sequence classifier with its tokenizer, scoring (prompt, response) pairs; see the module docstring.
+
+    `model` may be a plain SequenceClassifier or the one a Trainer is training (FSDP-wrapped too: every forward
+    goes through the module's own call, so under FSDP every process must score the same inputs)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_tokens: int = 16_384,
+                 max_seq_len: int | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        config = getattr(model, "config", None)
+        self.max_seq_len = max_seq_len or (config.max_seq_len if config is not None else 4096)
+        self.pad_id = int(getattr(model, "pad_id", 0))
+        self.autocast_dtype = autocast_dtype
+        self.truncated = 0
+
+    @classmethod
+    def load(cls, path: Path | str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+             **kwargs: Any) -> RewardModel:
+        """A reward model from a checkpoint directory (LlamaForSequenceClassification layout) or a training run
+        (its latest checkpoint), with the tokenizer.model saved beside it."""
+        from .checkpoint import detect_kind, load_checkpoint
+        from .classifier import SequenceClassifier
+        from .stages.sft import load_tokenizer, resolve_base
+
+        ckpt = resolve_base(str(path))
+        kind = detect_kind(ckpt)
+        model = load_checkpoint(ckpt, device=device, dtype=dtype) if kind != "causal_lm" else None
+        if not isinstance(model, SequenceClassifier):
+            what = "a causal LM" if kind == "causal_lm" else "a causal-LM adapter"
+            raise Llama2Error(f"{ckpt} holds {what}, not a reward model (a sequence classifier); train one with "
+                              "`llama2 reward` or give its directory")
+        return cls(model.eval(), load_tokenizer(ckpt), **kwargs)
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise Llama2Error("score() takes lists: score([prompt, ...], [response, ...])")
+        if len(prompts) != len(responses):
+            raise Llama2Error(f"score() got {len(prompts)} prompts and {len(responses)} responses; give one "
+                              "response per prompt")
+        return [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """Raw scores (logits), one per (prompt, response), in input order."""
+        return self.score_ids(self.encode(prompts, responses))
+
+    def probs(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """sigmoid(score) per pair: the probabilities the paper combines (R_h, R_s)."""
+        return [sigmoid(s) for s in self.score(prompts, responses)]
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """Scores of already-encoded sequences (each ending with the EOS to score at), batched by length."""
+        if not sequences:
+            return []
+        rows = []
+        for s in sequences:
+            if not s:
+                raise Llama2Error("cannot score an empty token sequence")
+            if len(s) > self.max_seq_len:
+                self.truncated += 1
+                s = [s[0], *s[len(s) - self.max_seq_len + 1:]]
+            rows.append(list(s))
+        device = next(self.model.parameters()).device
+        out = [0.0] * len(rows)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in length_buckets([len(r) for r in rows], self.max_batch_tokens):
+                tokens, lengths = pad_rows([rows[i] for i in batch], self.pad_id)
+                with _autocast(device, self.autocast_dtype):
+                    scores = self.model(tokens.to(device), lengths=lengths.to(device))
+                for i, s in zip(batch, scores.float().tolist()):
+                    out[i] = s
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+def sigmoid(x: float) -> float:
+    """A numerically safe logistic function."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+__all__ = ["RewardModel", "encode_pair", "prompt_messages", "pad_rows", "length_buckets", "sigmoid"]

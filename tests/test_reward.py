@@ -1,0 +1,354 @@
+"""Reward models (paper section 5): the ranking loss against its formula for each margin of Table 27, the per-rating
+accuracy bookkeeping on hand-made scores, the data mix, the batches, the scoring API against transformers'
+LlamaForSequenceClassification, and the stage end to end (eval.md, histogram, resume, LoRA, the CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama2.config import ModelConfig
+from llama2.errors import Llama2Error
+from llama2.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
+RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better"]
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sp_model_path):
+    from llama2.tokenizer import Tokenizer
+
+    return Tokenizer(sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random tiny chat model (causal LM) in the HF layout, with its tokenizer."""
+    from llama2.checkpoint import save_model
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("base") / "base"
+    save_model(Transformer(CFG), d, tokenizer)
+    return d
+
+
+def yes_no_comparisons(n: int, offset: int = 0) -> list[dict]:
+    """A preference a program can compute: the chosen answer says yes, the rejected one says no."""
+    topics = ["lists", "tuples", "sets", "dicts", "loops", "files", "strings", "bytes", "classes", "modules"]
+    out = []
+    for i in range(offset, offset + n):
+        t = topics[i % len(topics)]
+        out.append({"prompt": f"Question {i}: can Python handle {t}?", "chosen": f"Yes, it handles {t} well.",
+                    "rejected": f"No, it cannot handle {t}.", "rating": RATINGS[i % 4]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("comparisons")
+    train, val = d / "train.jsonl", d / "val.jsonl"
+    train.write_text("".join(json.dumps(c) + "\n" for c in yes_no_comparisons(64)))
+    val.write_text("".join(json.dumps(c) + "\n" for c in yes_no_comparisons(16, offset=100)))
+    return train, val
+
+
+def make_recipe(tmp_path: Path, base: Path, data: tuple[Path, Path], name: str = "run", overrides=()):
+    from llama2.stages.reward import RewardRecipe
+    from llama2.train.config import load_recipe
+
+    return load_recipe(RewardRecipe, None, [f"base={base}", f"out_dir={tmp_path / name}", f"data.path={data[0]}",
+                                            f"data.val_path={data[1]}", "max_seq_len=96", "batch_size=8",
+                                            "device=cpu", "precision=fp32", "optim.lr=3e-3", "seed=1",
+                                            "peak_tflops=1", *overrides])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss and the bookkeeping, against the formulas
+
+
+@pytest.mark.parametrize("variant,table", [("none", [0, 0, 0, 0]), ("small", [1, 2 / 3, 1 / 3, 0]),
+                                           ("large", [3, 2, 1, 0])])
+def test_ranking_loss_is_the_papers_formula_for_each_margin(variant, table):
+    from llama2.stages.reward import margins, ranking_loss
+
+    chosen, rejected = [0.5, 2.0, -1.0, 0.3], [0.1, -1.0, -0.2, 0.3]
+    m = margins(RATINGS, variant)
+    assert m.tolist() == pytest.approx(table)
+    got = ranking_loss(torch.tensor(chosen), torch.tensor(rejected), m).tolist()
+    want = [-math.log(sig(c - r - mm)) for c, r, mm in zip(chosen, rejected, table)]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert margins([None], variant).tolist() == [0.0]  # unrated: as "negligibly better / unsure"
+
+
+def test_the_margin_weighs_most_on_well_separated_pairs():
+    """At the same score gap, the margin raises the loss and its gradient most for significantly-better pairs and
+    not at all for negligibly-better ones: the model is pushed to separate clearly different answers further."""
+    from llama2.stages.reward import margins, ranking_loss
+
+    gap = torch.full((4,), 1.0, requires_grad=True)
+    for variant in ("small", "large"):
+        with_m = ranking_loss(gap, torch.zeros(4), margins(RATINGS, variant))
+        (g_with,) = torch.autograd.grad(with_m.sum(), gap)
+        without = ranking_loss(gap, torch.zeros(4))
+        (g_without,) = torch.autograd.grad(without.sum(), gap)
+        extra_loss = (with_m - without).tolist()
+        extra_push = (g_without - g_with).tolist()  # how much harder the gap is pushed up (grads are negative)
+        assert extra_loss[0] > extra_loss[1] > extra_loss[2] > extra_loss[3] == 0
+        assert extra_push[0] > extra_push[1] > extra_push[2] > extra_push[3] == 0
+        # d/d(gap) of -log sigmoid(gap - m) is -(1 - sigmoid(gap - m))
+        m = margins(RATINGS, variant).tolist()
+        assert g_with.tolist() == pytest.approx([-(1 - sig(1 - mm)) for mm in m], rel=1e-6)
+
+
+def test_accuracy_by_rating_on_hand_made_scores():
+    from llama2.stages.reward import accuracy_by_rating
+
+    chosen = [2.0, 1.0, 0.0, 0.5, 0.5, 1.0, -1.0, 3.0]
+    rejected = [1.0, 2.0, -1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    ratings = ["significantly_better", "significantly_better", "better", "better", "slightly_better",
+               "negligibly_better", "negligibly_better", None]
+    got = accuracy_by_rating(chosen, rejected, ratings)
+    assert list(got) == [*RATINGS, "unrated", "all"]
+    assert got["significantly_better"] == (0.5, 2)
+    assert got["better"] == (0.75, 2)  # one right, one tie (half)
+    assert got["slightly_better"] == (1.0, 1)
+    assert got["negligibly_better"] == (0.5, 2)
+    assert got["unrated"] == (1.0, 1)
+    assert got["all"] == (pytest.approx(5.5 / 8), 8)
+
+
+def test_epoch_mix_by_weight_and_share():
+    from llama2.stages.reward import draw, epoch_counts
+
+    assert epoch_counts([1000, 300], [1.0, None], [None, 0.5]) == [1000, 1000]  # "an equal amount" of the other
+    assert epoch_counts([400, 3000], [1.0, None], [None, 0.1]) == [400, round(0.1 * 400 / 0.9)]  # 90/10
+    assert epoch_counts([100, 50], [0.5, 2.0], [None, None]) == [50, 100]
+    idx = draw(10, 25, __import__("numpy").random.default_rng(0))
+    counts = __import__("collections").Counter(idx.tolist())
+    assert len(idx) == 25 and set(counts) == set(range(10)) and sorted(counts.values()) == [2] * 5 + [3] * 5
+
+
+def test_pair_batches_put_chosen_first_sort_by_length_and_resume(tokenizer):
+    from llama2.data.comparisons import check_comparison
+    from llama2.stages.reward import MARGINS, PairBatches, encode_comparisons
+    from llama2.reward import encode_pair
+
+    comps = [check_comparison(c["prompt"], c["chosen"] + " x" * (i % 7), c["rejected"], c["rating"])
+             for i, c in enumerate(yes_no_comparisons(24))]
+    pairs, skipped = encode_comparisons(tokenizer, comps, 96)
+    assert skipped == 0 and pairs[0].chosen == encode_pair(tokenizer, comps[0].prompt, comps[0].chosen)
+    batches = PairBatches([pairs], [24], 4, 2, "large", seed=3)
+    assert batches.steps_per_epoch == 3
+    micro = batches.next()
+    assert len(micro) == 2 and micro[0]["tokens"].shape[0] == 8 and micro[0]["margin"].shape == (4,)
+    m = micro[0]
+    order = [p for p in batches.order(0)[:8]]
+    order.sort(key=lambda p: p.longest)
+    first = order[:4]
+    for i, p in enumerate(first):  # chosen rows 0..3, rejected rows 4..7, padded with 0 after each length
+        assert m["tokens"][i, :len(p.chosen)].tolist() == p.chosen and m["lengths"][i] == len(p.chosen)
+        assert m["tokens"][4 + i, :len(p.rejected)].tolist() == p.rejected
+        assert m["margin"][i] == MARGINS["large"][p.rating]
+    longest = [max(p.longest for p in order[:4]), max(p.longest for p in order[4:])]
+    assert [micro[0]["tokens"].shape[1], micro[1]["tokens"].shape[1]] == longest and longest[0] <= longest[1]
+    state = batches.state_dict()
+    after = [b["tokens"] for b in batches.next()]
+    again = PairBatches([pairs], [24], 4, 2, "large", seed=3)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b["tokens"]) for a, b in zip(after, again.next()))
+    with pytest.raises(Llama2Error, match="same global batch"):
+        PairBatches([pairs], [24], 2, 2, "large").load_state_dict(state)
+    with pytest.raises(Llama2Error, match="fewer than one global batch"):
+        PairBatches([pairs], [24], 16, 2, "large")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring: against transformers
+
+
+def test_reward_model_scores_equal_transformers_on_a_padded_batch(tmp_path, base_dir, tokenizer):
+    """Pairs encoded as the completed chat turn, scored at the final EOS; transformers' classifier reading the same
+    directory scores the right-padded batch at each row's last non-pad token."""
+    from transformers import LlamaForSequenceClassification
+
+    from llama2.checkpoint import load_checkpoint, save_checkpoint
+    from llama2.chat import encode_dialog_for_training
+    from llama2.reward import RewardModel, encode_pair, pad_rows
+
+    torch.manual_seed(5)
+    rm = load_checkpoint(base_dir, kind="classifier")
+    with torch.no_grad():
+        rm.score.weight.normal_()  # a trained-looking head, so scores differ clearly
+    save_checkpoint(rm, tmp_path / "rm", tokenizer=tokenizer)
+    prompts = ["What is a set?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+               [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "B."},
+                {"role": "user", "content": "And C?"}]]
+    responses = ["An unordered collection of unique items, with fast membership tests.", "Hello.", "C is C."]
+    ours = RewardModel.load(tmp_path / "rm", max_batch_tokens=64)  # small batches: bucketing and reordering
+    got = ours.score(prompts, responses)
+    assert ours.probs(prompts, responses) == pytest.approx([sig(s) for s in got])
+    ids = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    assert ids[1] == encode_dialog_for_training(tokenizer, [{"role": "system", "content": "Be brief."},
+                                                            {"role": "user", "content": "Hi"},
+                                                            {"role": "assistant", "content": "Hello."}])[0]
+    assert ids[0][0] == tokenizer.bos_id and ids[0][-1] == tokenizer.eos_id
+    hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert hf.config.pad_token_id == 0 and hf.config.num_labels == 1
+    tokens, _ = pad_rows(ids, 0)
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits.squeeze(-1).tolist()
+    assert got == pytest.approx(want, abs=1e-5)
+    assert len({round(s, 4) for s in got}) == 3
+    with pytest.raises(Llama2Error, match="one response per prompt"):
+        ours.score(prompts, responses[:2])
+    with pytest.raises(Llama2Error, match="not a reward model"):
+        RewardModel.load(base_dir)
+
+
+def test_length_buckets_cover_every_index_within_the_budget():
+    from llama2.reward import length_buckets
+
+    lengths = [5, 50, 7, 30, 30, 2, 100, 9]
+    batches = length_buckets(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def test_reward_stage_learns_a_computable_preference_and_writes_table_8(tmp_path, base_dir, data_files, capsys):
+    """From a random chat model, the RM learns yes-over-no (held-out accuracy from about chance to 1); step 0 is
+    evaluated before training with scores near zero (loss about log 2 + margins); eval.md, the histogram and the
+    per-pair scores are written; the checkpoint is transformers' sequence-classifier layout."""
+    from transformers import LlamaForSequenceClassification
+
+    from llama2.reward import RewardModel
+    from llama2.stages.reward import reward
+    from llama2.train.metrics import read_metrics
+
+    result = reward(make_recipe(tmp_path, base_dir, data_files, overrides=["margin=none", "epochs=6",
+                                                                              "optim.lr=1e-2"]))
+    out = capsys.readouterr().out
+    assert "reward (helpfulness): 48 steps" in out and "held-out accuracy" in out
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert last["step"] == 48 and last["val_accuracy"] == 1.0 and last["val_loss"] < 0.45
+    assert {f"val_accuracy/val/{r}" for r in RATINGS} <= set(last)
+    md = (run / "eval.md").read_text()
+    assert "| val (ours) | 100.0 (4) | 100.0 (4) | 100.0 (4) | 100.0 (4) | 100.0 | 16 |" in md
+    assert "| paper: Helpfulness RM on Meta Helpful | 80.7 | 67.5 | 60.9 | 54.7 | 63.2 | - |" in md
+    assert (run / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "loss.png").is_file()
+    scores = [json.loads(x) for x in (run / "heldout_scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 16 and all(s["chosen"] > s["rejected"] for s in scores)
+    # the saved RM scores like transformers and like the evaluation did
+    rm = RewardModel.load(run)
+    held = yes_no_comparisons(16, offset=100)
+    ours = rm.score([c["prompt"] for c in held], [c["chosen"] for c in held])
+    assert ours == pytest.approx([s["chosen"] for s in scores], abs=1e-4)
+    hf = LlamaForSequenceClassification.from_pretrained(result.checkpoint).eval()
+    ids = rm.encode([held[0]["prompt"]], [held[0]["chosen"]])
+    with torch.no_grad():
+        assert hf(input_ids=torch.tensor(ids)).logits.item() == pytest.approx(ours[0], abs=1e-4)
+
+
+def test_reward_resumes_exactly(tmp_path, base_dir, data_files):
+    from llama2.stages.reward import reward
+    from llama2.train.metrics import read_metrics
+
+    args = ["optim.schedule=constant", "optim.warmup_steps=0", "optim.warmup_ratio=0", "save_every=2",
+            "eval_every=2"]
+    reward(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=4", *args]), quiet=True)
+    reward(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=2", *args]), quiet=True)
+    resumed = reward(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=4", *args]), quiet=True)
+    assert resumed.resumed_from == 2
+    a = {r["step"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")}
+    assert sorted(b) == [0, 1, 2, 3, 4]
+    assert [a[s]["loss"] for s in range(1, 5)] == [b[s]["loss"] for s in range(1, 5)]
+    assert a[4]["val_accuracy"] == b[4]["val_accuracy"]
+
+
+def test_lora_reward_model_keeps_its_head_in_peft_layout(tmp_path, base_dir, data_files):
+    from llama2.reward import RewardModel
+    from llama2.stages.reward import reward
+
+    result = reward(make_recipe(tmp_path, base_dir, data_files, "lora", ["max_steps=3", "lora.rank=4"]), quiet=True)
+    cfg = json.loads((result.checkpoint / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    rm = RewardModel.load(tmp_path / "lora")
+    scores = [json.loads(x) for x in (tmp_path / "lora" / "heldout_scores.jsonl").read_text().splitlines()]
+    held = yes_no_comparisons(16, offset=100)
+    got = rm.score([c["prompt"] for c in held[:3]], [c["rejected"] for c in held[:3]])
+    assert got == pytest.approx([s["rejected"] for s in scores[:3]], abs=1e-4)
+
+
+def test_recipe_errors_name_the_key(tmp_path, base_dir, data_files):
+    from llama2.stages.reward import RewardRecipe, reward
+    from llama2.train.config import load_recipe
+
+    with pytest.raises(Llama2Error, match="'margin'"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["margin=huge"])
+    with pytest.raises(Llama2Error, match="marginn"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["marginn=small"])
+    with pytest.raises(Llama2Error, match="give at least one a weight"):
+        load_recipe(RewardRecipe, None, [f"base={base_dir}", "data.sources=[{path: a.jsonl, share: 0.5}]"])
+    with pytest.raises(Llama2Error, match="does not exist"):
+        reward(make_recipe(tmp_path, tmp_path / "nowhere", data_files), quiet=True)
+    for size in ("7B", "13B", "70B"):
+        for kind in ("helpfulness", "safety"):
+            r = load_recipe(RewardRecipe, Path(__file__).resolve().parents[1] / "configs" / size /
+                            f"reward-{kind}.yaml")
+            assert (r.kind, r.epochs, r.global_batch_size, r.optim.lr, r.optim.min_lr_ratio, r.optim.warmup_ratio,
+                    r.optim.warmup_steps, r.margin) == (kind, 1, 512, 5e-6 if size == "70B" else 1e-5, 0.1, 0.03,
+                                                        5, "small")
+            shares = {s.name: s.share for s in r.data.sources}
+            assert shares == ({"helpfulness": None, "safety": 0.5} if kind == "helpfulness" else
+                              {"safety": None, "helpfulness": 0.1})
+
+
+def test_score_cli_prints_raw_and_sigmoid_and_json_lines(tmp_path, base_dir, data_files):
+    from test_train import SUB_ENV
+
+    from llama2.stages.reward import reward
+
+    reward(make_recipe(tmp_path, base_dir, data_files, "cli", ["max_steps=2"]), quiet=True)
+    run = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "llama2", "score", str(run), "--prompt", "Can Python handle sets?",
+                        "--response", "Yes, it handles sets well.", "--device", "cpu"], capture_output=True,
+                       text=True, env=SUB_ENV)
+    assert r.returncode == 0, r.stderr
+    raw, prob = float(r.stdout.split()[1]), float(r.stdout.split()[3])
+    assert prob == pytest.approx(sig(raw), abs=1e-4)
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text(json.dumps({"prompt": "Can Python handle sets?", "response": "Yes, it handles sets well."})
+                     + "\n" + json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "response": "No."}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "llama2", "score", str(run), "--input", str(lines), "--device", "cpu"],
+                       capture_output=True, text=True, env=SUB_ENV)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(out) == 2 and out[0]["score"] == pytest.approx(raw, abs=1e-4)
+    assert out[1]["prob"] == pytest.approx(sig(out[1]["score"]), abs=1e-5)
+    lines.write_text(json.dumps({"prompt": "x"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "llama2", "score", str(run), "--input", str(lines)],
+                       capture_output=True, text=True, env=SUB_ENV)
+    assert r.returncode != 0 and f"{lines}:1: no \"response\" field" in r.stderr and "Traceback" not in r.stderr
