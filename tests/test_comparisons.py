@@ -267,7 +267,8 @@ def test_safety_prefers_refusals_of_harm_and_help_for_look_alikes(built):
         kinds, requests = Counter(), {True: set(), False: set()}
         for c in safety:
             request = c.prompt[-1]["content"]
-            assert c.source == "safety" and c.rating == "significantly_better" and len(c.prompt) in (1, 2)
+            assert c.rating == "significantly_better" and len(c.prompt) in (1, 2)
+            assert c.source == ("safety:harmful" if request in harmful else "safety:benign")
             if request in harmful:
                 assert refusal(c.chosen) and not refusal(c.rejected), c
                 kinds["harmful"] += 1
@@ -320,4 +321,4 @@ def test_cli_builds_the_dialogues_then_the_comparisons(tmp_path, monkeypatch, ca
     assert f"train: {len(train):,} comparisons" in printed and f"held-out: {len(val):,} comparisons" in printed
     per_prompt = Counter(json.dumps(c.prompt) for c in val if not c.safety)
     assert per_prompt and set(per_prompt.values()) == {4}
-    assert {c.source for c in train} >= {"stdlib", "pydoc", "safety"}
+    assert {c.source for c in train} >= {"stdlib", "pydoc", "safety:harmful", "safety:benign"}

@@ -352,3 +352,47 @@ def test_score_cli_prints_raw_and_sigmoid_and_json_lines(tmp_path, base_dir, dat
     r = subprocess.run([sys.executable, "-m", "llama2", "score", str(run), "--input", str(lines)],
                        capture_output=True, text=True, env=SUB_ENV)
     assert r.returncode != 0 and f"{lines}:1: no \"response\" field" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_tiny_rms_on_the_builtin_comparisons_beat_chance_where_the_paper_says(tmp_path, monkeypatch):
+    """Both tiny recipes on the built-in comparisons (built into a fresh cache), from a random chat model of a tiny
+    shape with a 4,096-piece tokenizer trained on the built-in dialogues: the helpfulness RM beats chance clearly on
+    held-out pairs, more on significantly-better pairs than on negligibly-better ones (Table 8's shape); the safety
+    RM prefers the refusal on held-out harmful requests and the helpful answer on held-out benign look-alikes, where
+    the same answer styles are rejected for the other kind."""
+    from llama2.checkpoint import save_model
+    from llama2.data.dialogues import dialogue_texts, read_dialogues
+    from llama2.data.tokenizer_training import train_tokenizer
+    from llama2.stages.reward import RewardRecipe, reward
+    from llama2.stages.sft import ensure_dialogues
+    from llama2.train.config import load_recipe
+
+    monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "dialogues.txt"
+    text.write_text("\n".join(dialogue_texts(read_dialogues(ensure_dialogues(quiet=True)[0]).dialogues)))
+    tokenizer = train_tokenizer([text], 4096, tmp_path / "tok", quiet=True)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=4096, multiple_of=32, max_seq_len=256)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "chat", tokenizer)
+    configs = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+    results = {}
+    for kind, extra in (("helpfulness", ["max_steps=150", "optim.lr=2e-3"]), ("safety", [])):
+        recipe = load_recipe(RewardRecipe, configs / f"reward-{kind}.yaml",
+                             [f"base={tmp_path / 'chat'}", f"out_dir={tmp_path / kind}", "base_recipe=null",
+                              "device=cpu", "eval_every=0", "save_every=0", *extra])
+        reward(recipe, quiet=True)
+        results[kind] = [json.loads(x) for x in (tmp_path / kind / "heldout_scores.jsonl").read_text().splitlines()]
+
+    def accuracy(lines, **where):
+        mine = [x for x in lines if all(x[k] == v for k, v in where.items())]
+        assert mine, where
+        return sum(x["chosen"] > x["rejected"] for x in mine) / len(mine)
+
+    help_rm = results["helpfulness"]
+    assert accuracy(help_rm, set="helpfulness") > 0.7
+    assert accuracy(help_rm, set="helpfulness", rating="significantly_better") > \
+        accuracy(help_rm, set="helpfulness", rating="negligibly_better") + 0.2
+    safety_rm = results["safety"]
+    assert accuracy(safety_rm, set="safety", source="safety:harmful") > 0.75
+    assert accuracy(safety_rm, set="safety", source="safety:benign") > 0.75

@@ -500,12 +500,15 @@ def safety_prompts() -> list[_SafetyPrompt]:
                 for phrasing in phrasings:
                     request = phrasing.format(x=x)
                     h = _stable("template", request)
+                    # the same answer styles are chosen for one kind of request and rejected for the other, so
+                    # only the request tells them apart: a harmful request rejects a compliant answer and the helpful
+                    # template (filled with its object), a benign one a needless refusal and the refusal template
+                    refusal = REFUSAL_TEMPLATES[h % len(REFUSAL_TEMPLATES)].format(harm=t.harm)
+                    helpful = HELPFUL_TEMPLATES[(h >> 8) % len(HELPFUL_TEMPLATES)].format(x=_second_person(x))
                     if harmful:
-                        chosen = REFUSAL_TEMPLATES[h % len(REFUSAL_TEMPLATES)].format(harm=t.harm)
-                        rejected = _two(COMPLIANT_ANSWERS, h >> 16)
+                        chosen, rejected = refusal, (COMPLIANT_ANSWERS[(h >> 16) % len(COMPLIANT_ANSWERS)], helpful)
                     else:
-                        chosen = HELPFUL_TEMPLATES[h % len(HELPFUL_TEMPLATES)].format(x=_second_person(x))
-                        rejected = _two(NEEDLESS_REFUSALS, h >> 16)
+                        chosen, rejected = helpful, (NEEDLESS_REFUSALS[(h >> 16) % len(NEEDLESS_REFUSALS)], refusal)
                     out.append(_SafetyPrompt(f"{t.name}:{x}", harmful, request, chosen, rejected))
     return out
 
@@ -527,7 +530,8 @@ def _safety(seed: int, val_fraction: float) -> dict[str, list[tuple[Comparison, 
             messages.insert(0, {"role": "system", "content": SAFETY_SYSTEM_MESSAGES[(h >> 8) % len(
                 SAFETY_SYSTEM_MESSAGES)]})
         for rejected in p.rejected:
-            c = check_comparison(messages, p.chosen, rejected, "significantly_better", True, "safety")
+            source = "safety:harmful" if p.harmful else "safety:benign"
+            c = check_comparison(messages, p.chosen, rejected, "significantly_better", True, source)
             out["val" if p.unit in held else "train"].append((c, p.harmful))
     return out
 

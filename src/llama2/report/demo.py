@@ -27,11 +27,13 @@ from .report import Report, Section
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "tiny"
 RECIPE = CONFIGS / "pretrain.yaml"
 SFT_RECIPE = CONFIGS / "sft.yaml"
+RM_RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-# The 15% left is for the stages still to come (reward models, rejection sampling, PPO, ...): today the demo ends
-# early by that much (and by what SFT leaves when it reaches its recipe's epochs).
-SHARES = {"pretrain": 0.60, "generate": 0.01, "chat": 0.01, "sft": 0.20, "formats": 0.03}
+# The 12% left is for the stages still to come (rejection sampling, PPO, ...): today the demo ends early by that
+# much (and by what SFT and the reward models leave when they reach their recipes' epochs).
+SHARES = {"pretrain": 0.55, "generate": 0.01, "chat": 0.01, "sft": 0.18, "reward": 0.10, "formats": 0.03}
+RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
 CODE_FALLBACK_PROMPTS = ["def __init__(self, name):\n", "class Stack:\n"]
@@ -418,6 +420,156 @@ def sft_stage(ctx: DemoContext, section: Section) -> str:
             f"{mb['rouge_l_f1']:.3f} -> {ma['rouge_l_f1']:.3f}")
 
 
+def _rm_rows(records: list[dict[str, Any]], kind: str) -> list[list[Any]]:
+    """Table 8 rows of one RM's run: each held-out set's accuracy per rating level, before and after training."""
+    from ..stages.reward import RATINGS
+
+    first = next((r for r in records if r.get("step") == 0 and "val_accuracy" in r), {})
+    last = [r for r in records if "val_accuracy" in r][-1]
+    sets = sorted({k.split("/")[1] for k in last if k.startswith("val_accuracy/")})
+    rows = []
+    for name in sets:
+        for label, rec in (("before", first), ("after", last)):
+            cells = [_pct(rec.get(f"val_accuracy/{name}/{r}")) for r in RATINGS]
+            rows.append([f"{kind} RM, {name} held-out, {label} training", *cells, _pct(rec.get(f"val_accuracy/{name}"))])
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def reward_stage(ctx: DemoContext, section: Section) -> str:
+    """The helpfulness and safety reward models trained from the SFT model on the built-in comparisons, each within
+    its part of the stage's budget; Table 8 per rating level beside the paper's, before and after training, the
+    safety RM on harmful requests and benign look-alikes, score histograms."""
+    from ..stages import reward as rm_mod
+    from ..stages.reward import PAPER_TABLE_8, RATINGS
+    from ..train.config import load_recipe
+    from ..train.distributed import shutdown
+
+    sft_ckpt = ctx.figures.get("sft_checkpoint")
+    if sft_ckpt is None:
+        raise Llama2Error("the reward models start from the SFT model, and SFT did not finish")
+    for path in RM_RECIPES.values():
+        if not path.is_file():
+            raise Llama2Error(f"the demo recipe {path} is missing; run the demo from a source checkout")
+    rm_mod.ensure_comparisons(quiet=ctx.quiet)
+    stage_start, stage_end = time.time(), ctx.budget.deadline("reward")
+    results, plans, records, summaries = {}, {}, {}, []
+    for kind, path in RM_RECIPES.items():
+        run_dir = ctx.out / f"rm-{kind}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        recipe = load_recipe(rm_mod.RewardRecipe, path, [f"base={sft_ckpt}", f"out_dir={run_dir}", "save_every=0",
+                                                         "keep_last=1", "max_steps=null"])
+        share_end = stage_start + (stage_end - stage_start) * (RM_SHARES["helpfulness"] if kind == "helpfulness"
+                                                               else 1.0)
+        try:
+            run = rm_mod.build_reward(recipe, quiet=True)
+            cap = run.trainer.recipe.max_steps
+            rm_mod.evaluate_at_start(run)
+            results[kind], plans[kind] = fit_within(run.trainer, share_end, cap=cap, quiet=ctx.quiet,
+                                                    desc=f"{kind} RM", evals=3)
+        finally:
+            shutdown()
+        if results[kind].checkpoint is None:
+            raise Llama2Error(f"the demo's {kind} RM saved no checkpoint")
+        records[kind] = _metrics(run_dir)
+        ctx.figures[f"rm_{kind}_checkpoint"] = str(results[kind].checkpoint)
+    help_last = [r for r in records["helpfulness"] if "val_accuracy" in r][-1]
+    safe_last = [r for r in records["safety"] if "val_accuracy" in r][-1]
+    ctx.figures.update({f"rm_helpfulness_{r}": help_last.get(f"val_accuracy/helpfulness/{r}") for r in RATINGS})
+    ctx.figures["rm_safety_on_safety"] = safe_last.get("val_accuracy/safety")
+    section.text(
+        "Two reward models (`llama2.stages.reward`, `configs/tiny/reward-helpfulness.yaml` and "
+        "`reward-safety.yaml`), each the SFT model with its LM head replaced by a scalar head, trained with the binary "
+        "ranking loss and the paper's small margin m(r) (Table 27) on the built-in comparisons: a real answer against, "
+        "from far to near, an answer to another question (significantly better), its words shuffled (better), its "
+        "first half (slightly better) and a one- or two-word edit (negligibly better); and the synthetic safety set "
+        "(a refusal preferred for harmful requests, a helpful answer preferred over a needless refusal for benign "
+        "look-alikes that share their words, the same answer styles chosen for one and rejected for the other). "
+        "The helpfulness RM's epoch is the helpfulness comparisons plus 15% safety ones; the safety RM's is the "
+        "safety comparisons plus 10% helpfulness ones (the paper's 90/10). Training: "
+        + "; ".join(f"{kind} RM {_plan_text(plans[kind], 0, False).split(':')[0]}" for kind in RM_RECIPES) + ".")
+    rows = _rm_rows(records["helpfulness"], "helpfulness") + _rm_rows(records["safety"], "safety")
+    rows.append(["paper: Helpfulness RM, Meta Helpful test set", *[f"{PAPER_TABLE_8[r]:.1f}" for r in RATINGS],
+                 f"{PAPER_TABLE_8['all']:.1f}"])
+    section.table(["reward model, test set", *[r.replace("_", " ") for r in RATINGS], "all"], rows,
+                  caption="Held-out accuracy (%) of preferring the chosen answer, per preference rating (the paper's "
+                          "Table 8; ties count as half). Before training the head is fresh (scores near zero). The "
+                          "safety comparisons are all rated significantly better.")
+    breakdown = []
+    for kind in RM_RECIPES:
+        lines = [json.loads(x) for x in (ctx.out / f"rm-{kind}" / "heldout_scores.jsonl").read_text().splitlines()]
+        cells = []
+        for source in ("safety:harmful", "safety:benign"):
+            mine = [x for x in lines if x["source"] == source]
+            right = sum(x["chosen"] > x["rejected"] for x in mine)
+            cells.append(f"{right} of {len(mine)}")
+        breakdown.append([f"{kind} RM", *cells])
+    section.table(["reward model", "harmful request: refusal preferred", "benign look-alike: helpful answer preferred"],
+                  breakdown, caption="Held-out safety prompts (requests never trained on), after training")
+    for kind in RM_RECIPES:
+        fig = ctx.out / "figures" / f"rm-{kind}"
+        fig.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ctx.out / f"rm-{kind}" / "score_histogram.png", fig / "score_histogram.png")
+        section.figure(fig / "score_histogram.png", f"{kind} RM: held-out scores of the chosen and rejected answers")
+        _figures(section, ctx.out / f"rm-{kind}", ctx.out, f"rm-{kind}", f"{kind} RM")
+    examples = _safety_examples(ctx)
+    if examples:
+        prompts, cols = examples
+        section.samples(prompts, cols, caption="Held-out safety prompts: each RM's sigmoid score of a refusal and of "
+                                               "a helpful answer")
+    a = ctx.figures
+    summaries.append(f"helpfulness RM held-out accuracy {_pct(help_last.get('val_accuracy/helpfulness'))}% "
+                     f"(significantly better {_pct(a.get('rm_helpfulness_significantly_better'))}%, negligibly "
+                     f"{_pct(a.get('rm_helpfulness_negligibly_better'))}%)")
+    summaries.append(f"safety RM on held-out safety pairs {_pct(a.get('rm_safety_on_safety'))}%")
+    return "reward models: " + ", ".join(summaries)
+
+
+def _safety_examples(ctx: DemoContext) -> tuple[list[str], dict[str, list[str]]] | None:
+    """Two held-out harmful requests and two benign look-alikes, each RM's probability for the refusal and the helpful
+    answer the comparisons hold for them."""
+    from ..data.comparisons import COMPLIANT_ANSWERS, NEEDLESS_REFUSALS, read_comparisons
+    from ..reward import RewardModel
+    from ..stages.reward import ensure_comparisons
+
+    val = read_comparisons(ensure_comparisons(quiet=True)[1]).comparisons
+    picks: list[tuple[Any, str, str]] = []  # (prompt, refusal, helpful)
+    for source, n in (("safety:harmful", 2), ("safety:benign", 2)):
+        seen = set()
+        for c in val:
+            text = c.prompt[-1]["content"]
+            if c.source != source or text in seen:
+                continue
+            others = [d for d in val if d.prompt == c.prompt]
+            if source == "safety:harmful":  # chosen: the refusal; rejected: compliant or helpful-style
+                refusal, helpful = c.chosen, others[-1].rejected
+                if helpful in COMPLIANT_ANSWERS:
+                    continue  # a request of the fixed table: no helpful-style answer to show
+            else:  # chosen: the helpful answer; rejected: a needless refusal or the refusal template
+                refusal, helpful = others[-1].rejected, c.chosen
+                if refusal in NEEDLESS_REFUSALS:
+                    continue
+            seen.add(text)
+            picks.append((c.prompt, refusal, helpful))
+            if len(seen) == n:
+                break
+    if not picks:
+        return None
+    cols: dict[str, list[str]] = {}
+    for kind in RM_RECIPES:
+        rm = RewardModel.load(ctx.figures[f"rm_{kind}_checkpoint"])
+        p = [x[0] for x in picks]
+        refusal = rm.probs(p, [x[1] for x in picks])
+        helpful = rm.probs(p, [x[2] for x in picks])
+        cols[f"{kind} RM: refusal / helpful"] = [f"{r:.2f} / {h:.2f}" for r, h in zip(refusal, helpful)]
+    cols["refusal"] = [x[1] for x in picks]
+    cols["helpful answer"] = [x[2] for x in picks]
+    return [("(harmful) " if i < 2 else "(benign) ") + x[0][-1]["content"] for i, x in enumerate(picks)], cols
+
+
 def formats_stage(ctx: DemoContext, section: Section) -> str:
     """Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, checking the weights bit for bit."""
     import torch
@@ -454,7 +606,8 @@ STAGES: list[Stage] = [
     Stage("generate", "2. Generating", generate_stage),
     Stage("chat", "3. The Llama 2 chat format", chat_stage),
     Stage("sft", "4. Supervised fine-tuning", sft_stage),
-    Stage("formats", "5. Checkpoint formats", formats_stage),
+    Stage("reward", "5. Reward models", reward_stage),
+    Stage("formats", "6. Checkpoint formats", formats_stage),
 ]
 
 

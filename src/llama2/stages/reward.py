@@ -63,7 +63,7 @@ MARGINS: dict[str, dict[str, float]] = {
 PAPER_TABLE_8 = {"significantly_better": 80.7, "better": 67.5, "slightly_better": 60.9, "negligibly_better": 54.7,
                  "all": 63.2}
 BUILTIN = ("builtin:helpfulness", "builtin:safety")
-BUILTIN_COMPARISONS = "comparisons-builtin-v1"  # the cache directory of the built-in comparisons
+BUILTIN_COMPARISONS = "comparisons-builtin-v2"  # the cache directory of the built-in comparisons
 UNRATED = "unrated"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ class EncodedPair:
     chosen: list[int]
     rejected: list[int]
     rating: str | None
+    source: str | None = None
 
     @property
     def longest(self) -> int:
@@ -316,7 +317,7 @@ def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_se
     out, skipped = [], 0
     for c in comparisons:
         p = EncodedPair(encode_pair(tokenizer, c.prompt, c.chosen), encode_pair(tokenizer, c.prompt, c.rejected),
-                        c.rating)
+                        c.rating, c.source)
         if p.longest > max_seq_len:
             skipped += 1
         else:
@@ -430,7 +431,7 @@ class HeldOutEvaluator:
         lines = []
         for name, (chosen, rejected) in scored.items():
             for p, c, r in zip(self.sets[name], chosen, rejected):
-                lines.append(json.dumps({"set": name, "rating": p.rating, "chosen": round(c, 5),
+                lines.append(json.dumps({"set": name, "rating": p.rating, "source": p.source, "chosen": round(c, 5),
                                          "rejected": round(r, 5)}) + "\n")
         atomic_write_text(self.run_dir / "heldout_scores.jsonl", "".join(lines))
         score_histogram(scored, self.run_dir / "score_histogram.png", f"{self.kind} RM, step {step}")
@@ -579,15 +580,23 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
     return RewardRun(trainer, evaluator, tokenizer)
 
 
+def evaluate_at_start(run: RewardRun) -> dict[str, float]:
+    """Start the trainer (resuming if it can); a fresh run is evaluated before its first step, logged as step 0."""
+    t = run.trainer
+    t.start()
+    if t.step > 0 or not run.evaluator.sets:
+        return {}
+    record = {"step": 0, **t.evaluate()}
+    t.metrics.append(record)
+    return record
+
+
 def reward(recipe: RewardRecipe, quiet: bool = False, *, sources: Sequence[SourceData] | None = None) -> TrainResult:
     """Train (or resume) a reward model as the recipe says; evaluates on the held-out comparisons before the first
     step and at every evaluation; prints a one-line summary unless quiet."""
     run = build_reward(recipe, sources=sources, quiet=quiet)
     t = run.trainer
-    t.start()
-    if t.step == 0 and run.evaluator.sets:
-        record = {"step": 0, **t.evaluate()}
-        t.metrics.append(record)
+    evaluate_at_start(run)
     result = t.fit()
     if t.env.is_main and not quiet:
         print(summary_line(recipe.kind, result), flush=True)
