@@ -46,7 +46,7 @@ from ..data.comparisons import RATINGS, Comparison, read_comparisons
 from ..data.dialogues import held_out_path
 from ..errors import Llama2Error
 from ..reward import RewardModel, encode_pair, pad_rows
-from ..train.config import OptimConfig, TrainRecipe, _check, cache_dir, expand_path
+from ..train.config import FineTuneRecipe, OptimConfig, _check, cache_dir, expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from .sft import LoRASpec, _base_exists, load_tokenizer, resolve_base
@@ -188,37 +188,20 @@ def _reward_optim() -> OptimConfig:
 
 
 @dataclass
-class RewardRecipe(TrainRecipe):
-    """`llama2 reward`: the shared loop's keys plus what reward-model training needs; see configs/*/reward-*.yaml.
+class RewardRecipe(FineTuneRecipe):
+    """`llama2 reward`: the shared loop's keys (TrainRecipe, FineTuneRecipe: base is the chat model) plus what
+    reward-model training needs; see configs/*/reward-*.yaml. batch_size and global_batch_size count comparisons
+    (each is two sequences, chosen and rejected); max_seq_len: longer comparisons are skipped (counted)."""
 
-    batch_size and global_batch_size count comparisons (each is two sequences, chosen and rejected); max_steps
-    caps the optimiser steps (default: `epochs` passes over the mixed data)."""
-
-    base: str = ""  # the chat model to start from (HF or Meta layout, or a run directory)
-    base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing (tiny recipe)
     kind: Kind = "helpfulness"
     out_dir: str = "runs/reward"
-    max_steps: int | None = None  # type: ignore[assignment]
-    epochs: int = 1
     margin: MarginVariant = "small"
-    max_seq_len: int | None = None  # longer comparisons are skipped (counted); default: the base's context
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
     optim: OptimConfig = field(default_factory=_reward_optim)
 
     def validate(self) -> None:
-        _check(bool(self.base), "base", self.base, "the starting checkpoint directory (a chat model)")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
-               "an integer >= 1, or null for `epochs` passes over the data")
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
-               "an integer >= 8, or null for the base's context")
-        steps = self.max_steps
-        self.max_steps = steps or 1
-        try:
-            super().validate()
-        finally:
-            self.max_steps = steps
+        super().validate()
         self.data.validate()
         self.lora.validate()
         if self.lora.quantize_base != "none":

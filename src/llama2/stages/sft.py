@@ -38,7 +38,7 @@ from ..data.dialogues import Dialogue, check_dialogue, held_out_path, read_dialo
 from ..data.packing import Example, SFTBatches, attention_mask, validation_batches
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from ..train.config import OptimConfig, TrainRecipe, _check, cache_dir, expand_path
+from ..train.config import FineTuneRecipe, OptimConfig, _check, cache_dir, expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 
@@ -108,39 +108,23 @@ def _sft_optim() -> OptimConfig:
 
 
 @dataclass
-class SFTRecipe(TrainRecipe):
-    """`llama2 sft`: the shared loop's keys (TrainRecipe) plus what SFT needs; see configs/*/sft.yaml.
+class SFTRecipe(FineTuneRecipe):
+    """`llama2 sft`: the shared loop's keys (TrainRecipe, FineTuneRecipe) plus what SFT needs; see
+    configs/*/sft.yaml. max_steps caps the optimiser steps (default: `epochs` passes over the data); batch_size
+    counts packed rows of max_seq_len tokens (default: the base's context)."""
 
-    max_steps caps the optimiser steps (default: `epochs` passes over the data); batch_size counts packed rows of
-    max_seq_len tokens (default: the base's context)."""
-
-    base: str = ""  # the starting checkpoint: HF or Meta layout, or a run directory (its latest checkpoint)
-    base_recipe: str | None = None  # a pretraining recipe that builds `base` when it is missing (tiny recipe)
     out_dir: str = "runs/sft"
-    max_steps: int | None = None  # type: ignore[assignment]
     epochs: int = 2
     data: DialogueDataConfig = field(default_factory=DialogueDataConfig)
     mask: Mask = "all_assistant"
     packing: bool = True
-    max_seq_len: int | None = None
     overlong: Literal["truncate", "skip"] = "truncate"
     lora: LoRASpec = field(default_factory=LoRASpec)
     samples: SamplesSpec = field(default_factory=SamplesSpec)
     optim: OptimConfig = field(default_factory=_sft_optim)
 
     def validate(self) -> None:
-        _check(bool(self.base), "base", self.base, "the starting checkpoint directory")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
-               "an integer >= 1, or null for `epochs` passes over the data")
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
-               "an integer >= 8, or null for the base's context")
-        steps = self.max_steps
-        self.max_steps = steps or 1  # TrainRecipe checks the rest
-        try:
-            super().validate()
-        finally:
-            self.max_steps = steps
+        super().validate()
         self.data.validate()
         self.lora.validate()
         self.samples.validate()

@@ -119,6 +119,33 @@ class TrainRecipe:
         return self.global_batch_size // per_step
 
 
+@dataclass
+class FineTuneRecipe(TrainRecipe):
+    """The keys every stage that starts from a checkpoint shares (SFT, reward models, RLHF): `base` (HF or Meta
+    layout, or a run directory: its latest checkpoint), `base_recipe` (builds `base` when missing), `epochs` over
+    the stage's data with `max_steps` as a cap (null: the epochs decide), `max_seq_len` (null: the base's context)."""
+
+    base: str = ""
+    base_recipe: str | None = None
+    max_steps: int | None = None  # type: ignore[assignment]
+    epochs: int = 1
+    max_seq_len: int | None = None
+
+    def validate(self) -> None:
+        _check(bool(self.base), "base", self.base, "the starting checkpoint directory")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
+               "an integer >= 1, or null for `epochs` passes over the data")
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
+               "an integer >= 8, or null for the base's context")
+        steps = self.max_steps
+        self.max_steps = steps or 1  # TrainRecipe checks the rest
+        try:
+            super().validate()
+        finally:
+            self.max_steps = steps
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sections of the pretraining recipe (later stages reuse ModelSpec)
 
