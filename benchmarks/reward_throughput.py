@@ -15,10 +15,12 @@ pairs, step after step, already tokenised (`chosen_ids` / `rejected_ids` columns
 own tokenisation and EOS handling) with a sequential sampler, so both sides train on identical batches.
 
 What each side does per step:
-  ours: batches.next() (collate_pairs: chosen rows then rejected rows, right-padded with 0 to the batch's longest
-        sequence, plus per-row lengths), one forward of the 2B rows, the score head applied only at each row's last
-        real token (given by the lengths), loss mean(-log sigmoid(r_c - r_r - m)), backward, clip, fused AdamW.
-        The timed call is trainer.train_step(), collation included.
+  ours: batches.next() (collate_pairs; the recipe's default `packing: true`: the 2B sequences packed best-fit
+        into rows of --seq tokens, each attending only to itself with positions from 0, so almost nothing is
+        padding; `--packing off`: chosen rows then rejected rows right-padded with 0 to the batch's longest, plus
+        per-row lengths), one forward, the score head applied only at each sequence's last token, loss
+        mean(-log sigmoid(r_c - r_r - m)), backward, clip, fused AdamW. The timed call is trainer.train_step(),
+        collation included.
   TRL:  DataCollatorForPreference: chosen rows then rejected rows concatenated into one batch of 2B rows,
         right-padded with pad_token_id (set to 0, <unk>: the token our classifier pads with) to the longest row
         in the batch (pad_to_multiple_of None on CPU), plus an attention mask; one forward of
@@ -123,9 +125,15 @@ def _timed(times: list[float], steps: list[dict], args: argparse.Namespace) -> d
 
 
 def _same_batch(micro: dict, step: dict) -> bool:
+    """The micro-batch holds exactly the step's sequences (chosen first), padded or packed."""
     from llama2.reward import pad_rows
 
-    tokens, lengths = pad_rows(step["chosen"] + step["rejected"], 0)
+    want = step["chosen"] + step["rejected"]
+    if "read_at" in micro:  # packed: each sequence is the `length` tokens ending at its read_at position
+        flat = micro["tokens"].reshape(-1)
+        got = [flat[int(e) - int(n) + 1:int(e) + 1].tolist() for e, n in zip(micro["read_at"], micro["lengths"])]
+        return got == [list(x) for x in want]
+    tokens, lengths = pad_rows(want, 0)
     return (tuple(micro["tokens"].shape) == tuple(tokens.shape) and bool((micro["tokens"] == tokens).all())
             and bool((micro["lengths"] == lengths).all()))
 
@@ -137,7 +145,8 @@ def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
     total = args.warmup + args.steps
     recipe = RewardRecipe(base=str(work / "base"), out_dir=str(work / "ours-run"), max_steps=total + 1,
                           batch_size=args.batch, grad_accum=1, device="cpu", precision=args.precision,
-                          margin=args.margin, max_seq_len=args.seq, log_every=10**9, eval_every=0,
+                          margin=args.margin, max_seq_len=args.seq, packing=args.packing == "on",
+                          log_every=10**9, eval_every=0,
                           save_every=10**9, peak_tflops=1.0,
                           data=ComparisonDataConfig(path=str(work / "comparisons.jsonl")),
                           optim=OptimConfig(lr=1e-5, weight_decay=0.1, grad_clip=1.0, schedule="constant",
@@ -261,6 +270,8 @@ def main() -> None:
                    help="bf16: autocast on both sides (needs a CPU with native bf16)")
     p.add_argument("--margin", choices=["none", "small"], default="none",
                    help="per-rating margin on both sides (TRL through its 'margin' column)")
+    p.add_argument("--packing", choices=["on", "off"], default="on",
+                   help="ours: pack the answers into rows (the recipe's default) or pad each one, as TRL does")
     p.add_argument("--only", choices=["ours", "trl"], default=None)
     p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -283,10 +294,10 @@ def main() -> None:
               f"{args.seq}; {data['pairs']} built-in comparisons fit (skipped {data['skipped']} longer than "
               f"{args.seq}); batch {args.batch} pairs ({2 * args.batch} sequences, {real:.0f} real / {padded:.0f} "
               f"padded tokens per step); {args.precision}; margin {args.margin} on both sides; {args.threads} "
-              f"thread(s); {args.steps} timed steps after {args.warmup}")
+              f"thread(s); {args.steps} timed steps after {args.warmup}; our packing {args.packing}")
         results = {}
         passthrough = [f"--{k}={getattr(args, k)}" for k in ("threads", "steps", "warmup", "batch", "seq", "dim",
-                                                            "layers", "heads", "precision", "margin")]
+                                                            "layers", "heads", "precision", "margin", "packing")]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "TOKENIZERS_PARALLELISM": "false"}
         for name in ("ours", "trl"):

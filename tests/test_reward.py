@@ -396,3 +396,44 @@ def test_tiny_rms_on_the_builtin_comparisons_beat_chance_where_the_paper_says(tm
     safety_rm = results["safety"]
     assert accuracy(safety_rm, set="safety", source="safety:harmful") > 0.75
     assert accuracy(safety_rm, set="safety", source="safety:benign") > 0.75
+
+
+def test_packed_pairs_score_as_each_answer_alone_in_transformers(tmp_path, base_dir, tokenizer):
+    """A packed micro-batch (several answers per row, attention kept inside each, positions from 0) gives every
+    answer the score transformers gives it alone, and the same loss and gradients as the padded batch."""
+    from transformers import LlamaForSequenceClassification
+
+    from llama2.checkpoint import load_checkpoint, save_checkpoint
+    from llama2.data.comparisons import check_comparison
+    from llama2.data.packing import attention_mask
+    from llama2.stages.reward import collate_pairs, encode_comparisons, reward_loss
+
+    torch.manual_seed(2)
+    rm = load_checkpoint(base_dir, kind="classifier")
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    save_checkpoint(rm, tmp_path / "rm", tokenizer=tokenizer)
+    comps = [check_comparison(c["prompt"], c["chosen"] + " and more" * i, c["rejected"], c["rating"])
+             for i, c in enumerate(yes_no_comparisons(6))]
+    pairs, _ = encode_comparisons(tokenizer, comps, 96)
+    ids = [(p.chosen, p.rejected) for p in pairs]
+    packed = collate_pairs(ids, [1.0] * 6, 0, pack_len=96)
+    padded = collate_pairs(ids, [1.0] * 6, 0)
+    assert packed["tokens"].shape[0] < 12 and packed["tokens"].numel() < padded["tokens"].numel()
+    with torch.no_grad():
+        scores = rm(packed["tokens"], positions=packed["positions"],
+                    mask=attention_mask(packed["segments"]),
+                    read_at=packed["read_at"])
+    hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    seqs = [c for c, _ in ids] + [r for _, r in ids]
+    with torch.no_grad():
+        alone = [hf(input_ids=torch.tensor([s])).logits.item() for s in seqs]
+    assert scores.tolist() == pytest.approx(alone, abs=1e-4)
+    grads = []
+    for batch in (packed, padded):
+        rm.zero_grad()
+        out = reward_loss(rm, batch)
+        out.loss.backward()
+        grads.append((out.loss.item(), rm.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)

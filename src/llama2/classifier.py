@@ -103,10 +103,18 @@ class SequenceClassifier(Transformer):
         return torch.where(real, positions, -1).amax(dim=1)
 
     def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None,
-                attention_mask: Tensor | None = None, *, per_token: bool = False) -> Tensor:
+                attention_mask: Tensor | None = None, *, per_token: bool = False, positions: Tensor | None = None,
+                mask: Tensor | None = None, read_at: Tensor | None = None) -> Tensor:
         """(B,) one score per row, read at its last real token. per_token=True: (B, T) the head applied at
         every position (a per-token value estimate, as PPO's value model needs; padded positions hold
-        meaningless values for the caller to mask)."""
+        meaningless values for the caller to mask).
+
+        Packed rows (several sequences per row, as the reward stage trains): `positions` (B, T) and `mask`
+        (B, 1, T, T) as Transformer.hidden takes them, and `read_at` (N,) flat indices into B x T: the N scores
+        read at those positions."""
+        if read_at is not None:
+            h = self.hidden(tokens, positions=positions, mask=mask)
+            return self.score(h.reshape(-1, h.shape[-1])[read_at]).squeeze(-1)
         last = None if per_token else self.last_index(tokens, lengths, attention_mask)
         positions = mask = None
         if lengths is None and attention_mask is not None:

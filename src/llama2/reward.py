@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,4 +170,97 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-__all__ = ["RewardModel", "encode_pair", "prompt_messages", "pad_rows", "length_buckets", "sigmoid"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The combined reward of the two reward models (paper section 6; rejection sampling and PPO)
+
+SAFETY_THRESHOLD = 0.15  # R_s below this means the answer is unsafe, whatever the prompt
+
+
+def combine_rewards(helpfulness: Sequence[float], safety: Sequence[float], is_safety: Sequence[bool],
+                    threshold: float = SAFETY_THRESHOLD) -> list[float]:
+    """R_c per answer: R_s if the prompt is tagged safety or R_s < threshold, else R_h (all sigmoid probabilities;
+    an R_s of exactly `threshold` on an untagged prompt gives R_h)."""
+    if not len(helpfulness) == len(safety) == len(is_safety):
+        raise Llama2Error(f"combine_rewards got {len(helpfulness)} helpfulness, {len(safety)} safety scores and "
+                          f"{len(is_safety)} safety tags; give one of each per answer")
+    return [s if tagged or s < threshold else h for h, s, tagged in zip(helpfulness, safety, is_safety)]
+
+
+def logit(p: float, eps: float = 1e-6) -> float:
+    """log(p / (1 - p)), with p clamped to [eps, 1 - eps] (a saturated RM gives a large finite value)."""
+    p = min(max(p, eps), 1.0 - eps)
+    return math.log(p / (1.0 - p))
+
+
+class Whitener:
+    """WHITEN(x) = (x - mean) / std. mode="batch": the statistics of the values being whitened; "running": of every
+    value seen so far (each call adds its values first, then whitens with the updated mean and variance; Welford's
+    algorithm, so the result does not depend on how the values were split into calls). state_dict() holds the
+    running statistics (they are checkpointed with a run)."""
+
+    def __init__(self, mode: str = "batch", eps: float = 1e-8) -> None:
+        if mode not in ("batch", "running"):
+            raise Llama2Error(f"whiten mode must be 'batch' or 'running', got {mode!r}")
+        self.mode, self.eps = mode, eps
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: Sequence[float]) -> None:
+        for x in values:
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    def __call__(self, values: Sequence[float]) -> list[float]:
+        values = [float(v) for v in values]
+        if not values:
+            return []
+        if self.mode == "batch":
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / len(values)
+        else:
+            self.update(values)
+            mean, var = self.mean, self.m2 / max(self.count, 1)
+        std = math.sqrt(var)
+        return [(v - mean) / (std + self.eps) for v in values]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+@dataclass
+class CombinedScores:
+    """Per answer: R_h and R_s (sigmoid probabilities), R_c, and WHITEN(LOGIT(R_c)) (None when not whitened)."""
+
+    helpfulness: list[float]
+    safety: list[float]
+    combined: list[float]
+    whitened: list[float] | None = None
+
+
+class CombinedReward:
+    """The paper's reward of an answer from the helpfulness and safety RMs: R_c (combine_rewards), and for PPO
+    WHITEN(LOGIT(R_c)) with batch or running statistics (`whiten="none"` skips it)."""
+
+    def __init__(self, helpfulness: RewardModel, safety: RewardModel, *, threshold: float = SAFETY_THRESHOLD,
+                 whiten: str = "none") -> None:
+        if not 0.0 < threshold < 1.0:
+            raise Llama2Error(f"the safety threshold must be in (0, 1), got {threshold}")
+        self.helpfulness_rm, self.safety_rm, self.threshold = helpfulness, safety, threshold
+        self.whitener = Whitener(whiten) if whiten != "none" else None
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str], is_safety: Sequence[bool]
+                 ) -> CombinedScores:
+        r_h = self.helpfulness_rm.probs(prompts, responses)
+        r_s = self.safety_rm.probs(prompts, responses)
+        r_c = combine_rewards(r_h, r_s, is_safety, self.threshold)
+        white = self.whitener([logit(p) for p in r_c]) if self.whitener is not None else None
+        return CombinedScores(r_h, r_s, r_c, white)
+
+
+__all__ = ["RewardModel", "encode_pair", "prompt_messages", "pad_rows", "length_buckets", "sigmoid", "logit",
+           "combine_rewards", "Whitener", "CombinedReward", "CombinedScores", "SAFETY_THRESHOLD"]

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_open, atomic_write_text
 from ..data.comparisons import RATINGS, Comparison, read_comparisons
+from ..data.packing import Example, attention_mask, collate, pack_rows
 from ..data.dialogues import held_out_path
 from ..errors import Llama2Error
 from ..reward import RewardModel, encode_pair, pad_rows
@@ -105,9 +106,14 @@ def _rating_rank(r: str) -> int:
 
 
 def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-    """The ranking loss of a micro-batch of n comparisons: rows 0..n-1 are the chosen answers, n..2n-1 the rejected
-    ones, scored in one forward at each row's last real token."""
-    scores = model(batch["tokens"], lengths=batch["lengths"]).float()
+    """The ranking loss of a micro-batch of n comparisons, all 2n answers scored in one forward: padded rows (rows
+    0..n-1 the chosen answers, n..2n-1 the rejected ones, each read at its last real token) or packed rows
+    (`read_at`: where each of the 2n sequences ends, chosen ones first)."""
+    if "read_at" in batch:
+        scores = model(batch["tokens"], positions=batch["positions"], mask=attention_mask(batch["segments"]),
+                       read_at=batch["read_at"]).float()
+    else:
+        scores = model(batch["tokens"], lengths=batch["lengths"]).float()
     n = batch["margin"].shape[0]
     chosen, rejected = scores[:n], scores[n:]
     loss = ranking_loss(chosen, rejected, batch["margin"]).mean()
@@ -116,11 +122,30 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     return LossOutput(loss, n, tokens=batch["lengths"].sum(), metrics=metrics)
 
 
-def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], margin: Sequence[float],
-                  pad_id: int) -> dict[str, Tensor]:
-    """n (chosen ids, rejected ids) -> tokens (2n, T) right-padded, lengths (2n,), margin (n,)."""
-    tokens, lengths = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    return {"tokens": tokens, "lengths": lengths, "margin": torch.tensor(list(margin), dtype=torch.float32)}
+def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], margin: Sequence[float], pad_id: int,
+                  pack_len: int | None = None) -> dict[str, Tensor]:
+    """n (chosen ids, rejected ids) -> margin (n,) and the 2n sequences (chosen first): right-padded rows,
+    `tokens` (2n, T) and `lengths` (2n,); or, with pack_len, packed into rows of at most pack_len tokens (best-fit
+    decreasing, each sequence attending only to itself with positions from 0: llama2.data.packing), `tokens`,
+    `positions`, `segments` (R, T), `read_at` (2n,) the flat index of each sequence's last token, and `lengths`."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    out: dict[str, Tensor] = {"margin": torch.tensor(list(margin), dtype=torch.float32)}
+    if pack_len is None:
+        out["tokens"], out["lengths"] = pad_rows(seqs, pad_id)
+        return out
+    examples = [Example(np.asarray(s, dtype=np.int64), np.zeros(len(s), dtype=bool)) for s in seqs]
+    rows = pack_rows([len(s) for s in seqs], pack_len)
+    packed = collate(examples, rows, pad_id)
+    width = packed["tokens"].shape[1]
+    read_at = torch.empty(len(seqs), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            t += len(seqs[i])
+            read_at[i] = r * width + t - 1
+    out.update(tokens=packed["tokens"], positions=packed["positions"], segments=packed["segments"],
+               read_at=read_at, lengths=torch.tensor([len(s) for s in seqs], dtype=torch.long))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +221,7 @@ class RewardRecipe(FineTuneRecipe):
     kind: Kind = "helpfulness"
     out_dir: str = "runs/reward"
     margin: MarginVariant = "small"
+    packing: bool = True  # pack each micro-batch's answers into rows of max_seq_len (else pad every answer)
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
     optim: OptimConfig = field(default_factory=_reward_optim)
@@ -312,12 +338,14 @@ class PairBatches:
     """Epochs over the mixed comparisons: each epoch draws every source's count (epoch_counts) with a generator
     seeded by (seed, epoch, source) and shuffles the mix. A step takes the next global batch (batch_size x accum x
     processes pairs; the epoch's remainder is dropped), sorts it by length so micro-batches pad little, and gives
-    process r its contiguous slice in `accum` micro-batches. The state is (epoch, position): a resumed run
-    continues with the same batches."""
+    process r its contiguous slice in `accum` micro-batches, each packed into rows of pack_len tokens (or padded,
+    pack_len None; see collate_pairs). The state is (epoch, position): a resumed run continues with the same
+    batches."""
 
     def __init__(self, sources: Sequence[list[EncodedPair]], counts: Sequence[int], batch_size: int, accum: int,
-                 margin: str, *, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0) -> None:
-        self.sources, self.counts = [list(s) for s in sources], list(counts)
+                 margin: str, *, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0,
+                 pack_len: int | None = None) -> None:
+        self.sources, self.counts, self.pack_len = [list(s) for s in sources], list(counts), pack_len
         self.batch_size, self.accum, self.rank, self.world_size = batch_size, accum, rank, world_size
         self.margin, self.seed, self.pad_id = margin, seed, pad_id
         self.global_size = batch_size * accum * world_size
@@ -351,7 +379,7 @@ class PairBatches:
         mine = step[self.rank * per:(self.rank + 1) * per]
         table = MARGINS[self.margin]
         return [collate_pairs([(p.chosen, p.rejected) for p in chunk],
-                              [table[p.rating] if p.rating else 0.0 for p in chunk], self.pad_id)
+                              [table[p.rating] if p.rating else 0.0 for p in chunk], self.pad_id, self.pack_len)
                 for chunk in (mine[a * self.batch_size:(a + 1) * self.batch_size] for a in range(self.accum))]
 
     def state_dict(self) -> dict[str, Any]:
@@ -530,7 +558,8 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
     counts = epoch_counts([len(e) for e in encoded], [s.weight for s in sources], [s.share for s in sources])
     accum = recipe.accumulation(env.world_size)
     batches = PairBatches(encoded, counts, recipe.batch_size, accum, recipe.margin, rank=env.rank,
-                          world_size=env.world_size, seed=recipe.seed, pad_id=DEFAULT_PAD_ID)
+                          world_size=env.world_size, seed=recipe.seed, pad_id=DEFAULT_PAD_ID,
+                          pack_len=seq_len if recipe.packing else None)
     total = recipe.epochs * batches.steps_per_epoch
     run = dataclasses.replace(recipe, max_steps=min(recipe.max_steps or total, total))
     if env.is_main and not quiet:

@@ -1,0 +1,133 @@
+"""Prompt sets for the RLHF stages (rejection sampling, PPO): the prompts a policy answers, each with the paper's
+IS_SAFETY tag.
+
+**Files.** JSON lines, one prompt per line:
+
+    {"messages": [{"role": "system", ...}, {"role": "user", "content": "..."}], "safety": true}
+    {"prompt": "What does os.getcwd() do?"}                       # text: one user message
+    [{"role": "user", "content": "..."}]                          # a bare list of messages
+
+The messages end with the user message to answer (earlier turns allowed, checked as `llama2.chat.validate_dialog`
+checks a prompt); `safety` (optional, default false) tags a safety prompt: its combined reward is the safety RM's.
+A bad line is reported as `file:line: reason`.
+
+**Built-in prompts** (`builtin_prompts`): the prompts of the built-in dialogues (each dialogue up to its last user
+turn; the synthetic safety dialogues tagged safety) and the synthetic safety requests of the built-in comparisons
+(harmful requests and benign look-alikes, all tagged safety). Training prompts come from the training files,
+held-out ones from the held-out files, so held-out rewards are measured on prompts never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+from ..chat import validate_dialog
+from ..errors import Llama2Error
+from .jsonl import OnBadLine, read_jsonl, skipped_summary
+
+HINT = ('each line must be a prompt: {"messages": [... ending with a user message], "safety": true|false}, '
+        '{"prompt": "text"}, or a bare list of messages')
+
+
+@dataclass
+class PromptItem:
+    """A prompt to answer: chat messages ending with a user message, and whether it is a safety prompt."""
+
+    messages: list[dict[str, str]]
+    safety: bool = False
+
+    @property
+    def text(self) -> str:
+        """The last user message (for reports)."""
+        return self.messages[-1]["content"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.messages, "safety": self.safety}
+
+
+def check_prompt(messages: Any, safety: Any = False) -> PromptItem:
+    """A PromptItem from in-memory messages (or text), checked; Llama2Error if invalid."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if problem := _problem(messages, safety):
+        raise Llama2Error(problem)
+    return PromptItem([{"role": m["role"], "content": m["content"]} for m in messages], bool(safety))
+
+
+def _problem(messages: Any, safety: Any) -> str | None:
+    if not isinstance(safety, bool):
+        return f'"safety" must be true or false, got {safety!r}'
+    try:
+        validate_dialog(messages, complete=False)
+    except Llama2Error as e:
+        return str(e)
+    if not messages[-1]["content"].strip():
+        return "the user message to answer is empty"
+    return None
+
+
+def read_prompts(path: Path | str, *, on_bad_line: OnBadLine = "error") -> list[PromptItem]:
+    """Every prompt of a JSONL file (module docstring); skipped lines (on_bad_line="skip") are counted and their
+    first reasons printed by the caller through `read_prompts.last_summary`."""
+    reader = read_jsonl(path, on_bad_line=on_bad_line, hint=HINT if on_bad_line == "error" else "", arrays=True)
+    out: list[PromptItem] = []
+    for lineno, obj in reader:
+        if isinstance(obj, list):
+            messages, safety = obj, False
+        elif "messages" in obj:
+            messages, safety = obj["messages"], obj.get("safety", False)
+        elif "prompt" in obj:
+            prompt = obj["prompt"]
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            safety = obj.get("safety", False)
+        else:
+            reader.bad(lineno, 'no "messages" (or "prompt") field')
+            continue
+        if problem := _problem(messages, safety):
+            reader.bad(lineno, problem)
+            continue
+        out.append(PromptItem([{"role": m["role"], "content": m["content"]} for m in messages], safety))
+    if reader.skipped:
+        print(skipped_summary(Path(path), reader.skipped, list(reader.reasons)), flush=True)
+    if not out:
+        raise Llama2Error(f"{path}: no prompts; {HINT}")
+    return out
+
+
+def write_prompts(path: Path | str, prompts: Iterable[PromptItem]) -> Path:
+    atomic_write_text(Path(path), "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prompts))
+    return Path(path)
+
+
+def builtin_prompts(quiet: bool = False) -> tuple[list[PromptItem], list[PromptItem]]:
+    """(training prompts, held-out prompts) of the built-in data (module docstring), built into the cache when
+    missing; each list in a fixed seeded order that mixes the sources."""
+    from ..stages.reward import ensure_comparisons
+    from ..stages.sft import ensure_dialogues
+    from .comparisons import read_comparisons
+    from .dialogues import _stable, read_dialogues
+
+    out = []
+    for dialogue_path, comparison_path in zip(ensure_dialogues(quiet=quiet), ensure_comparisons(quiet=quiet)):
+        items: dict[str, PromptItem] = {}
+        for d in read_dialogues(dialogue_path).dialogues:
+            p = PromptItem(d.messages[:-1], d.source == "safety")
+            items.setdefault(json.dumps(p.messages), p)
+        for c in read_comparisons(comparison_path).comparisons:
+            if c.safety:
+                items.setdefault(json.dumps(c.prompt), PromptItem(list(c.prompt), True))
+        out.append(sorted(items.values(), key=lambda p: _stable("prompts", json.dumps(p.messages))))
+    return out[0], out[1]
+
+
+def take(prompts: Sequence[PromptItem], n: int | None) -> list[PromptItem]:
+    """The first n prompts (all when n is None)."""
+    return list(prompts if n is None else prompts[:n])
+
+
+__all__ = ["PromptItem", "check_prompt", "read_prompts", "write_prompts", "builtin_prompts", "take"]
