@@ -148,3 +148,34 @@ def test_reward_stage_steps_on_cuda_match_cpu(tmp_path, sp_model_path):
         assert (out / "eval.md").is_file()
     assert losses["cuda", "fp32"] == pytest.approx(losses["cpu", "fp32"], rel=2e-3)
     assert len(losses["cuda", "bf16"]) == 8 and all(x == x for x in losses["cuda", "bf16"])
+
+
+def test_rejection_sampling_iteration_on_cuda(tmp_path, sp_model_path):
+    """One rejection-sampling iteration with the policy, sampling and fine-tuning on CUDA (a programmatic reward)."""
+    import json
+
+    from llama2.checkpoint import save_model
+    from llama2.reward import CombinedScores
+    from llama2.stages.rejection import RejectionRecipe, rejection_sampling
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "policy", Tokenizer(sp_model_path))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Say something about {i}."}) + "\n"
+                                              for i in range(12)))
+    (tmp_path / "ft.yaml").write_text("max_steps: 3\nbatch_size: 4\nmax_seq_len: 96\nprecision: bf16\n"
+                                      "optim: {lr: 1.0e-3, warmup_steps: 1}\nsave_every: 0\npeak_tflops: 1\n")
+
+    def scorer(prompts, responses, is_safety):
+        r = [len(t) / 100 for t in responses]
+        return CombinedScores(r, r, r)
+
+    recipe = load_recipe(RejectionRecipe, None, [f"base={tmp_path / 'policy'}", "helpfulness_rm=x", "safety_rm=x",
+                                                 f"out_dir={tmp_path / 'run'}", "iterations=1", "samples_per_prompt=4",
+                                                 "max_new_tokens=8", f"prompts.path={tmp_path / 'p.jsonl'}",
+                                                 f"prompts.val_path={tmp_path / 'p.jsonl'}", "prompts.held_out=4",
+                                                 f"finetune.recipe={tmp_path / 'ft.yaml'}", "device=cuda"])
+    result = rejection_sampling(recipe, quiet=True, scorer=scorer)
+    assert result.iterations == 1 and (result.policy / "model.safetensors").is_file()

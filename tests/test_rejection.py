@@ -253,3 +253,21 @@ def test_recipe_errors(tmp_path, setup):
     with pytest.raises(Llama2Error, match="optim.lrr"):
         rejection_sampling(make_recipe(setup, tmp_path / "x", ["finetune.overrides=[optim.lrr=1]"]), quiet=True,
                            scorer=LetterScorer())
+
+
+def test_a_sampler_checkpoint_supplies_the_samples(tmp_path, setup):
+    """Distillation: with `sampler`, every iteration samples from that checkpoint (here the random model, which
+    never says fruit), not from the policy being trained."""
+    from llama2.stages.rejection import rejection_sampling
+
+    rejection_sampling(make_recipe(setup, tmp_path / "own", ["max_prompts=5"]), quiet=True, scorer=LetterScorer())
+    rejection_sampling(make_recipe(setup, tmp_path / "distil", ["max_prompts=5", f"sampler={setup / 'random'}"]),
+                       quiet=True, scorer=LetterScorer())
+
+    def samples(run):
+        return [t for x in (run / "iter-1" / "samples.jsonl").read_text().splitlines() for t in json.loads(x)["samples"]]
+
+    def fruity(texts):  # the share of samples with a fruit's first three letters in them
+        return sum(any(f[:3] in t for f in FRUIT) for t in texts) / len(texts)
+
+    assert fruity(samples(tmp_path / "own")) > fruity(samples(tmp_path / "distil")) + 0.3

@@ -28,11 +28,14 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "tiny"
 RECIPE = CONFIGS / "pretrain.yaml"
 SFT_RECIPE = CONFIGS / "sft.yaml"
 RM_RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
+RS_RECIPE = CONFIGS / "rejection.yaml"
+RS_SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-# The 12% left is for the stages still to come (rejection sampling, PPO, ...): today the demo ends early by that
-# much (and by what SFT and the reward models leave when they reach their recipes' epochs).
-SHARES = {"pretrain": 0.55, "generate": 0.01, "chat": 0.01, "sft": 0.18, "reward": 0.10, "formats": 0.03}
+# The 8% left is for the stages still to come (PPO, GAtt, ...): today the demo ends early by that much (and by
+# what SFT and the reward models leave when they reach their recipes' epochs).
+SHARES = {"pretrain": 0.50, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.12,
+          "formats": 0.03}
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
@@ -570,6 +573,73 @@ def _safety_examples(ctx: DemoContext) -> tuple[list[str], dict[str, list[str]]]
     return [("(harmful) " if i < 2 else "(benign) ") + x[0][-1]["content"] for i, x in enumerate(picks)], cols
 
 
+def rejection_stage(ctx: DemoContext, section: Section) -> str:
+    """Two iterations of rejection-sampling fine-tuning from the SFT model with the demo's two RMs, on as many
+    built-in prompts as the stage's time allows; the best-of-K curves (Figure 7) and held-out rewards per
+    iteration, held-out answers before and after."""
+    from ..data.prompts import builtin_prompts
+    from ..reward import CombinedReward, RewardModel
+    from ..stages import rejection as rs
+    from ..train.config import load_recipe
+
+    sft_ckpt = ctx.figures.get("sft_checkpoint")
+    rms = [ctx.figures.get(f"rm_{k}_checkpoint") for k in ("helpfulness", "safety")]
+    if sft_ckpt is None or None in rms:
+        raise Llama2Error("rejection sampling needs the SFT model and both reward models, and they did not finish")
+    run_dir = ctx.out / "rejection"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    left = ctx.budget.left("rejection")
+    prompts = int(min(128, max(8, left / RS_SECONDS_PER_PROMPT)))
+    recipe = load_recipe(rs.RejectionRecipe, RS_RECIPE, [f"base={sft_ckpt}", f"helpfulness_rm={rms[0]}",
+                                                         f"safety_rm={rms[1]}", f"out_dir={run_dir}",
+                                                         f"max_prompts={prompts}", "base_recipe=null"])
+    t0 = time.time()
+    result = rs.rejection_sampling(recipe, quiet=True)
+    seconds = time.time() - t0
+    records = {r["iteration"]: r for r in result.records}
+    k = recipe.samples_per_prompt
+    rows = []
+    for i, r in sorted(records.items()):
+        by_k = r.get("reward_by_k", {})
+        rows.append([f"V{i}" + (" (the SFT model)" if i == 0 else ""), r.get("temperature", "-"),
+                     by_k.get("1", "-"), by_k.get(str(k), "-"), r["heldout_reward"], r["helpfulness"], r["safety"]])
+    last = max(records)
+    ctx.figures.update({"rs_heldout_before": records[0]["heldout_reward"],
+                        "rs_heldout_after": records[last]["heldout_reward"], "rs_policy": str(result.policy)})
+    section.text(
+        f"Rejection-sampling fine-tuning (`llama2.stages.rejection`, `configs/tiny/rejection.yaml`) from the SFT "
+        f"model, {recipe.iterations} iterations on the first {prompts} built-in training prompts (the stage's time "
+        f"decides how many) in {seconds:.0f} s: at each iteration the temperature is re-tuned by a sweep over "
+        f"{recipe.sweep.temperatures} on held-out prompts, the policy draws K = {k} answers per prompt, the combined "
+        "reward R_c of the two reward models above picks the best (the safety RM's score for a safety prompt or "
+        f"when it falls below {recipe.threshold}, else the helpfulness RM's), and the SFT stage fine-tunes the "
+        "policy on the best answers, pooled over the iterations so far.")
+    section.table(["policy", "temperature", "samples' mean R_c (K = 1)", f"best-of-{k} R_c", "held-out R_c (greedy)",
+                   "held-out R_h", "held-out R_s"], rows,
+                  caption=f"Rewards are the RMs' sigmoid probabilities; held-out: greedy answers to "
+                          f"{recipe.prompts.held_out} held-out prompts never trained on")
+    fig = ctx.out / "figures" / "rejection"
+    fig.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "reward_by_k.png", fig / "reward_by_k.png")
+    section.figure(fig / "reward_by_k.png", "Mean best-of-K and median reward against K for each iteration (the "
+                                            "paper's Figure 7), on nested subsets of the same samples")
+    before = json.loads((run_dir / "heldout_answers.json").read_text())
+    after = json.loads((run_dir / f"iter-{last}" / "heldout_answers.json").read_text())
+    _, val = builtin_prompts(quiet=True)
+    held = val[:len(before)][:6]
+    scorer = CombinedReward(RewardModel.load(rms[0]), RewardModel.load(rms[1]))
+    safety = [p.safety for p in held]
+    r_before = scorer([p.messages for p in held], before[:len(held)], safety).combined
+    r_after = scorer([p.messages for p in held], after[:len(held)], safety).combined
+    section.samples([("(safety) " if p.safety else "") + p.text for p in held],
+                    {"SFT model": before[:len(held)], f"after V{last}": after[:len(held)]},
+                    notes={"SFT model": [f"R_c {x:.2f}" for x in r_before],
+                           f"after V{last}": [f"R_c {x:.2f}" for x in r_after]},
+                    caption="Held-out prompts: greedy answers and their combined reward")
+    return (f"rejection sampling: {recipe.iterations} iterations on {prompts} prompts in {seconds:.0f} s, held-out "
+            f"R_c {records[0]['heldout_reward']:.3f} -> {records[last]['heldout_reward']:.3f}")
+
+
 def formats_stage(ctx: DemoContext, section: Section) -> str:
     """Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, checking the weights bit for bit."""
     import torch
@@ -607,7 +677,8 @@ STAGES: list[Stage] = [
     Stage("chat", "3. The Llama 2 chat format", chat_stage),
     Stage("sft", "4. Supervised fine-tuning", sft_stage),
     Stage("reward", "5. Reward models", reward_stage),
-    Stage("formats", "6. Checkpoint formats", formats_stage),
+    Stage("rejection", "6. Rejection sampling", rejection_stage),
+    Stage("formats", "7. Checkpoint formats", formats_stage),
 ]
 
 
