@@ -57,6 +57,24 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     rouge = [float(c) for c in _row(md, "ROUGE-L F1 against the real answer (mean of 8)")]
     assert all(0.0 <= v <= 1.0 for v in rouge)
 
+    # reward models: Table 8's cells are the runs' own last evaluations (in %), before and after training
+    for kind in ("helpfulness", "safety"):
+        evals = [json.loads(x) for x in (out / f"rm-{kind}" / "metrics.jsonl").read_text().splitlines()]
+        evals = [x for x in evals if "val_accuracy" in x]
+        assert evals[0]["step"] == 0 and (out / f"rm-{kind}" / "eval.md").is_file()
+        row = _row(md, f"{kind} RM, helpfulness held-out, after training")
+        want = evals[-1].get("val_accuracy/helpfulness/significantly_better")
+        assert float(row[0]) == pytest.approx(100 * want, abs=0.06)
+        assert float(row[-1]) == pytest.approx(100 * evals[-1]["val_accuracy/helpfulness"], abs=0.06)
+    assert "| paper: Helpfulness RM, Meta Helpful test set | 80.7 | 67.5 | 60.9 | 54.7 | 63.2 |" in md
+
+    # rejection sampling: one record per iteration, the table's held-out rewards are theirs
+    rs = [json.loads(x) for x in (out / "rejection" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in rs] == [0, 1, 2]
+    assert float(_row(md, "V0 (the SFT model)")[3]) == pytest.approx(rs[0]["heldout_reward"], abs=5e-4)
+    assert float(_row(md, "V2")[3]) == pytest.approx(rs[2]["heldout_reward"], abs=5e-4)
+    assert (out / "rejection" / "reward_by_k.png").is_file()
+
     # figures: every image the report references exists, and report.html embeds them
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(refs) >= 4 and all((out / ref).is_file() for ref in refs)

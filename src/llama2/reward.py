@@ -1,4 +1,5 @@
-"""Scoring (prompt, response) pairs with a reward model: the API every RLHF stage scores through.
+"""Scoring (prompt, response) pairs with a reward model, and the paper's combined reward of the helpfulness and
+safety RMs: the API every RLHF stage scores through.
 
 A pair is read as the completed chat turn SFT trains on (llama2.chat): the prompt's messages (an optional system
 message merged into the first user turn, earlier turns encoded as `encode_dialog` does) followed by
@@ -14,6 +15,12 @@ Scoring is batched and length-bucketed: sequences are sorted by length and cut i
 `max_batch_tokens` padded tokens, so short pairs are not padded to the longest one; results come back in input
 order. A pair longer than the model's context keeps its BOS and its last `max_seq_len - 1` tokens (the response
 end, where the score is read) and is counted in `truncated`.
+
+The combined reward (paper section 6; rejection sampling and PPO): R_c = R_s if the prompt is a safety prompt or
+R_s < 0.15, else R_h (`combine_rewards`), and WHITEN(LOGIT(R_c)) with batch or running statistics (`Whitener`):
+
+    reward = CombinedReward(RewardModel.load(helpful_dir), RewardModel.load(safety_dir), whiten="running")
+    scores = reward(prompts, responses, is_safety)     # .helpfulness, .safety, .combined, .whitened
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def _problem(messages: Any, safety: Any) -> str | None:
 
 
 def read_prompts(path: Path | str, *, on_bad_line: OnBadLine = "error") -> list[PromptItem]:
-    """Every prompt of a JSONL file (module docstring); skipped lines (on_bad_line="skip") are counted and their
-    first reasons printed by the caller through `read_prompts.last_summary`."""
+    """Every prompt of a JSONL file (module docstring). A bad line raises BadLine (`file:line: reason`), or with
+    on_bad_line="skip" is counted, and a line saying how many and why is printed."""
     reader = read_jsonl(path, on_bad_line=on_bad_line, hint=HINT if on_bad_line == "error" else "", arrays=True)
     out: list[PromptItem] = []
     for lineno, obj in reader:

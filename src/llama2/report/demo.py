@@ -499,8 +499,9 @@ def reward_stage(ctx: DemoContext, section: Section) -> str:
                  f"{PAPER_TABLE_8['all']:.1f}"])
     section.table(["reward model, test set", *[r.replace("_", " ") for r in RATINGS], "all"], rows,
                   caption="Held-out accuracy (%) of preferring the chosen answer, per preference rating (the paper's "
-                          "Table 8; ties count as half). Before training the head is fresh (scores near zero). The "
-                          "safety comparisons are all rated significantly better.")
+                          "Table 8; ties count as half). Before training the head is fresh (scores near zero); both "
+                          "RMs start from the same SFT model and the same seeded head, so their rows before training "
+                          "agree. The safety comparisons are all rated significantly better.")
     breakdown = []
     for kind in RM_RECIPES:
         lines = [json.loads(x) for x in (ctx.out / f"rm-{kind}" / "heldout_scores.jsonl").read_text().splitlines()]
