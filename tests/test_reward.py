@@ -437,3 +437,25 @@ def test_packed_pairs_score_as_each_answer_alone_in_transformers(tmp_path, base_
         grads.append((out.loss.item(), rm.layers[0].self_attn.q_proj.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_a_missing_chat_model_is_built_by_its_sft_recipe(tmp_path, base_dir, data_files, capsys):
+    """base missing + base_recipe: the SFT recipe runs first (into base), then the RM trains from it."""
+    import yaml
+
+    from llama2.stages.reward import reward
+
+    dialogues = tmp_path / "d.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                          {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+                                 for i in range(8)))
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
+        "base": str(base_dir), "data": {"path": str(dialogues)}, "max_steps": 2, "batch_size": 2,
+        "max_seq_len": 96, "device": "cpu", "precision": "fp32", "samples": {"count": 0}, "peak_tflops": 1}))
+    recipe = make_recipe(tmp_path, tmp_path / "chat", data_files,
+                         overrides=[f"base_recipe={tmp_path / 'sft.yaml'}", "max_steps=1"])
+    result = reward(recipe)
+    out = capsys.readouterr().out
+    assert f"building the chat model: {tmp_path / 'sft.yaml'}" in out
+    assert (tmp_path / "chat" / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    assert result.step == 1
