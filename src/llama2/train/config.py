@@ -364,6 +364,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default):  # a partial section keeps the stage's own defaults for the rest
+                value = _merged(to_dict(default), value)
         kwargs[name] = _convert(hints[name], value, key)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -375,6 +380,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if validate is not None and prefix:
         validate(prefix)
     return obj
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(obj: Any) -> Any:

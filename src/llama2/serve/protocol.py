@@ -1,0 +1,337 @@
+"""The OpenAI wire format: request bodies checked into engine requests, and response objects and chunks.
+
+Checks name the offending field (`param`) and answer in OpenAI's error shape with the right status: a bad field
+400, an unknown model 404. Unsupported options that would change the output (penalties, logit_bias, top
+alternatives) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..chat import encode_dialog
+from ..errors import Llama2Error
+from ..inference.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class Defaults:
+    """Sampling used when a request leaves a field out (the server's --temperature etc.)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    max_tokens: int = 256
+
+
+@dataclass
+class Job:
+    """A checked request: the prompts (token ids), one SamplingParams per engine request (len(prompts) * n, in
+    choice order), and how to answer."""
+
+    kind: str  # "chat" or "completion"
+    model: str
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    n: int
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    echo: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+# ----------------------------------------------------------------------------------------------- field checks
+
+
+def _number(body: dict, name: str, lo: float, hi: float, default: float, *, open_lo: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise bad(f"{name} must be a number, got {v!r}", name)
+    if v < lo or v > hi or (open_lo and v == lo):
+        raise bad(f"{name} must be in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {v}", name)
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int | None, default: int | None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"{name} must be an integer, got {v!r}", name)
+    if v < lo or (hi is not None and v > hi):
+        raise bad(f"{name} must be in {lo}..{hi if hi is not None else ''}, got {v}", name)
+    return v
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"{name} must be true or false, got {v!r}", name)
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad(f"stop must be a non-empty string or a list of them, got {v!r}", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    return stops
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = body.get(name)
+        if v not in (None, 0, 0.0):
+            raise bad(f"{name} is not supported by this server; leave it out or set it to 0", name)
+    if body.get("logit_bias"):
+        raise bad("logit_bias is not supported by this server", "logit_bias")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools and function calling are not supported by this server", "tools")
+    best_of = body.get("best_of")
+    if best_of not in (None, 1) and best_of != body.get("n", 1):
+        raise bad("best_of is not supported by this server (only best_of == n)", "best_of")
+    if body.get("suffix"):
+        raise bad("suffix (insertion) is not supported by this server", "suffix")
+
+
+def _model(body: dict, served: str) -> str:
+    name = body.get("model")
+    if name is None:
+        return served
+    if not isinstance(name, str):
+        raise bad(f"model must be a string, got {name!r}", "model")
+    if name != served:
+        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
+    return name
+
+
+def _content(m: dict, i: int) -> Any:
+    """A message's text: a string, or the text parts of OpenAI's content-part list joined."""
+    c = m.get("content")
+    if isinstance(c, list):
+        texts = []
+        for part in c:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            texts.append(part["text"])
+        return "".join(texts)
+    if c is None:
+        raise bad(f"messages[{i}] has no content", f"messages[{i}].content")
+    return c
+
+
+def _budget(prompt_len: int, max_tokens: int | None, context: int, default: int, param: str) -> int:
+    """Tokens to generate for a prompt: max_tokens when prompt + max_tokens fits the context, else a 400."""
+    if max_tokens is not None and max_tokens > context:
+        raise bad(f"max_tokens is too large: {max_tokens}; this model's context holds {context} tokens "
+                  "(prompt and completion together)", "max_tokens", "max_tokens_too_large")
+    if prompt_len >= context:
+        raise bad(f"This model's maximum context length is {context} tokens, but the prompt is {prompt_len} "
+                  "tokens (leaving no room for the completion); shorten the prompt", param,
+                  "context_length_exceeded")
+    if max_tokens is None:
+        return min(default, context - prompt_len)
+    if prompt_len + max_tokens > context:
+        raise bad(f"This model's maximum context length is {context} tokens. However, you requested "
+                  f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion); "
+                  "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def _sampling(body: dict, defaults: Defaults) -> dict:
+    return dict(temperature=_number(body, "temperature", 0, 2, defaults.temperature),
+                top_p=_number(body, "top_p", 0, 1, defaults.top_p, open_lo=True),
+                top_k=_integer(body, "top_k", 0, None, defaults.top_k),
+                stop=_stop(body), seed=_integer(body, "seed", -2**63, 2**63 - 1, None))
+
+
+def _expand(prompts: list[list[int]], base: dict, budgets: list[int], n: int) -> list[SamplingParams]:
+    """n SamplingParams per prompt; with a seed s, choice i of a prompt samples with s + i (as Generator)."""
+    out = []
+    for budget in budgets:
+        for i in range(n):
+            seed = None if base["seed"] is None else base["seed"] + i
+            out.append(SamplingParams(**{**base, "seed": seed, "max_new_tokens": budget}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the requests
+
+
+def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
+    """A /v1/chat/completions body as a Job (prompt in the Llama 2 chat format)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    model = _model(body, served)
+    _refuse_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
+    dialog = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        dialog.append({"role": role, "content": _content(m, i)})
+    try:
+        ids = encode_dialog(tokenizer, dialog)
+    except Llama2Error as e:
+        raise bad(str(e), "messages") from None
+    n = _integer(body, "n", 1, MAX_N, 1)
+    logprobs = _bool(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, 20, 0)
+    if top:
+        raise bad("top_logprobs > 0 is not supported (the sampled token's logprob is given)", "top_logprobs")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 1, None, None)
+    budget = _budget(len(ids), max_tokens, context, defaults.max_tokens, "messages")
+    base = _sampling(body, defaults)
+    base["logprobs"] = logprobs
+    stream, usage = _stream_flags(body)
+    return Job("chat", model, [ids], _expand([ids], base, [budget], n), n, stream, usage, logprobs)
+
+
+def parse_completion(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
+    """A /v1/completions body as a Job (text prompts are encoded with BOS)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    model = _model(body, served)
+    _refuse_unsupported(body)
+    prompts = _prompts(body.get("prompt"), tokenizer)
+    n = _integer(body, "n", 1, MAX_N, 1)
+    if n * len(prompts) > MAX_N:
+        raise bad(f"n x prompts is at most {MAX_N}, got {n} x {len(prompts)}", "n")
+    lp = _integer(body, "logprobs", 0, 5, None)
+    echo = _bool(body, "echo")
+    max_tokens = _integer(body, "max_tokens", 0, None, None)
+    if max_tokens == 0 and not echo:
+        raise bad("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
+    budgets = [_budget(len(p), max_tokens, context, defaults.max_tokens, "prompt") for p in prompts]
+    base = _sampling(body, defaults)
+    base.update(logprobs=lp is not None, echo=echo)
+    stream, usage = _stream_flags(body)
+    return Job("completion", model, prompts, _expand(prompts, base, budgets, n), n, stream, usage, lp is not None,
+               echo)
+
+
+def _prompts(v: Any, tokenizer) -> list[list[int]]:
+    vocab = getattr(tokenizer, "vocab_size", None)
+
+    def ids(x: list) -> list[int]:
+        if not x or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x):
+            raise bad("a token-id prompt must be a non-empty list of non-negative integers", "prompt")
+        if vocab is not None and max(x) >= vocab:
+            raise bad(f"token id {max(x)} is outside the vocabulary (0..{vocab - 1})", "prompt")
+        return list(x)
+
+    if isinstance(v, str):
+        return [tokenizer.encode(v, bos=True)]
+    if isinstance(v, list) and v:
+        if all(isinstance(x, str) for x in v):
+            return [tokenizer.encode(x, bos=True) for x in v]
+        if all(isinstance(x, int) for x in v):
+            return [ids(v)]
+        if all(isinstance(x, list) for x in v):
+            return [ids(x) for x in v]
+    raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists", "prompt")
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    if not stream:
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
+    return stream, _bool(opts, "include_usage")
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token's text and UTF-8 bytes as OpenAI's logprobs list them (SentencePiece's ▁ is a space; a
+    byte-fallback piece <0xNN> is that byte)."""
+    piece = tokenizer.id_to_piece(token) if hasattr(tokenizer, "id_to_piece") else tokenizer.decode([token])
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            b = bytes([int(piece[3:5], 16)])
+            return b.decode("utf-8", errors="replace"), list(b)
+        except ValueError:
+            pass
+    if getattr(tokenizer, "sp", None) is not None and tokenizer.sp.IsControl(token):
+        return "", []
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokenizer, tokens: list[int], logprobs: list[float]) -> dict:
+    content = []
+    for t, lp in zip(tokens, logprobs):
+        text, b = token_text(tokenizer, t)
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": []})
+    return {"content": content}
+
+
+def completion_logprobs(tokenizer, tokens: list[int], logprobs: list[float], *, echo: bool, offset: int = 0) -> dict:
+    texts = [token_text(tokenizer, t)[0] for t in tokens]
+    offsets, pos = [], offset
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    lps: list[float | None] = list(logprobs)
+    if echo and lps:
+        lps[0] = None  # the first prompt token has no context
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

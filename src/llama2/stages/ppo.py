@@ -1,0 +1,495 @@
+"""PPO (paper section 6, RLHF-V5): the policy maximises the combined reward of the two reward models minus a
+per-token KL penalty to the frozen initial policy pi_0.
+
+    R(g | p) = WHITEN(LOGIT(R_c(g | p))) - beta * KL(pi_theta(g | p) || pi_0(g | p))
+
+Each iteration (one Trainer step, `step_fn`):
+  1. rollout: a batch of prompts answered by the policy through the one generation path (each answer its own
+     seed), the response's EOS kept when the answer stopped on it (never added to a cut answer);
+  2. scoring, without gradients: the policy's and pi_0's log-probabilities of every response token with the
+     sampling temperature (`sequence_logprobs`), the value model's per-token values, and R_c of the two RMs
+     (`llama2.reward`), whitened after LOGIT with batch or running statistics (checkpointed);
+  3. rewards: -beta * (log pi - log pi_0) on every real response token, the whitened score added on the last
+     real response token (a padded position never gets it), `truncation_penalty` added to answers cut by the
+     length limit;
+  4. GAE (gamma, lambda) per row over its response tokens; advantages whitened over the real tokens only;
+  5. `ppo_epochs` passes of mini-batches, one AdamW step each: the clipped policy objective (clip 0.2) plus
+     `value_coef` x the clipped value loss.
+The policy and the value model train together (`ActorCritic`, one optimiser); the value model starts from the
+helpfulness RM (`value_init: helpfulness_rm`) or from the policy's backbone with a fresh head (`policy`). The
+checkpoint directory holds the policy in the HF causal-LM layout and the value model in `value/`.
+
+    recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml")
+    result = ppo(recipe)                     # builds the SFT model and both RMs when missing
+    result = ppo(recipe, scorer=my_scorer)   # any (prompts, responses, is_safety) -> CombinedScores
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..classifier import SequenceClassifier
+from ..data.prompts import PromptItem, take
+from ..errors import Llama2Error
+from ..inference.scoring import sequence_logprobs
+from ..model import Transformer
+from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
+from ..train.config import OptimConfig, TrainRecipe, _check, expand_path
+from ..train.loop import LossOutput, Trainer, TrainResult
+from .rejection import PromptsSpec, _build_rm, _build_sft, ensure_model, load_prompt_sets, prompt_key, sample_seed
+
+Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of the objective (tested against hand-computed examples)
+
+
+def token_rewards(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, scores: Tensor, beta: float
+                  ) -> tuple[Tensor, Tensor]:
+    """(rewards, kl), both (B, N) over action positions: kl = log pi - log pi_0 on real tokens (0 elsewhere),
+    rewards = -beta * kl, plus each row's score on its last real token."""
+    m = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * m
+    rewards = -beta * kl
+    last = last_real(mask)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def last_real(mask: Tensor) -> Tensor:
+    """(B,) index of each row's last True position (every row must have one)."""
+    if not bool(mask.any(dim=1).all()):
+        raise Llama2Error("a rollout row has no response token")
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, positions, -1).amax(dim=1)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimates and returns (B, N) over each row's real positions (a contiguous span);
+    the value after the last real token is 0 (the episode ends), masked positions get 0."""
+    B, N = rewards.shape
+    adv = torch.zeros_like(rewards)
+    m = mask.to(rewards.dtype)
+    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in range(N - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        running = running * m[:, t]  # positions after the response (padding) reset the recursion
+        adv[:, t] = running
+        next_value = values[:, t] * m[:, t]
+    return adv, (adv + values) * m
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the True positions only; masked positions become 0."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    return (x - mean) / (var.sqrt() + eps) * m
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate objective, as a loss: mean over real tokens of max(-A r, -A clip(r, 1-e, 1+e)),
+    r = exp(log pi - log pi_old); also the clip fraction and the approximate KL to the old policy."""
+    m = mask.to(logprobs.dtype)
+    n = m.sum().clamp(min=1)
+    log_ratio = (logprobs - old_logprobs) * m
+    ratio = log_ratio.exp()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    clipped = ((ratio - 1).abs() > clip).to(m.dtype)
+    stats = {"clip_frac": (clipped * m).sum() / n, "approx_kl": (((ratio - 1) - log_ratio) * m).sum() / n}
+    return (loss * m).sum() / n, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """0.5 x mean over real tokens of max((v - R)^2, (v_clipped - R)^2), v_clipped = v_old + clamp(v - v_old)."""
+    m = mask.to(values.dtype)
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (loss * m).sum() / m.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy and the value model, trained together
+
+
+class ActorCritic(nn.Module):
+    """`policy` (a Transformer) and `value` (a SequenceClassifier read at every position), one module for the
+    Trainer (one optimiser, one checkpoint). forward(tokens, mask, temperature) -> (logprobs (B, T-1) of each
+    next token, values (B, T-1) of each position's state before that token)."""
+
+    def __init__(self, policy: Transformer, value: SequenceClassifier) -> None:
+        super().__init__()
+        self.policy, self.value = policy, value
+        self.config = policy.config
+
+    def forward(self, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        lp = sequence_logprobs(self.policy, tokens, mask, temperature=temperature)
+        values = self.value(tokens, per_token=True)[:, :-1].float()
+        return lp, values
+
+    def init_weights(self) -> None:
+        self.policy.init_weights()
+        self.value.init_weights()
+
+
+class ActorCriticIO:
+    """Checkpoint directory: the policy in the HF causal-LM layout (with the tokenizer), the value model in
+    value/ (LlamaForSequenceClassification)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
+        from ..checkpoint import save_model
+
+        for name, part, tok in (("policy", model.policy, self.tokenizer), ("value", model.value, None)):
+            where = path if name == "policy" else path / "value"
+            sub = None if fetch is None else (lambda n, p=name: fetch(f"{p}.{n}"))
+            save_model(part, where, tokenizer=tok, fetch=sub)
+
+    def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
+        from ..checkpoint import read_rows_into
+
+        for name, where in (("policy", path), ("value", path / "value")):
+            part = {k[len(name) + 1:]: v for k, v in targets.items() if k.startswith(name + ".")}
+            read_rows_into(where, part)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def _ppo_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-6, weight_decay=0.1, schedule="constant", warmup_steps=0)
+
+
+@dataclass
+class PPORecipe(TrainRecipe):
+    """`llama2 rlhf ppo`: see configs/tiny/ppo.yaml and the module docstring. max_steps = PPO iterations;
+    batch_size = prompts per iteration; mini_batch = rows per gradient step."""
+
+    base: str = ""  # the policy to start from: a rejection-sampling or SFT checkpoint (also pi_0)
+    base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
+    helpfulness_rm: str = ""
+    helpfulness_rm_recipe: str | None = None
+    safety_rm: str = ""
+    safety_rm_recipe: str | None = None
+    value_init: Literal["helpfulness_rm", "policy"] = "helpfulness_rm"
+    out_dir: str = "runs/ppo"
+    max_steps: int = 200
+    batch_size: int = 512
+    mini_batch: int = 64
+    ppo_epochs: int = 1
+    beta: float = 0.01
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: Literal["batch", "running"] = "running"
+    truncation_penalty: float = -1.0  # added to the whitened score of an answer cut by max_new_tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    threshold: float = SAFETY_THRESHOLD
+    patience: int = 0  # stop after this many evaluations without a better held-out reward (0 = never)
+    prompts: PromptsSpec = field(default_factory=PromptsSpec)
+    optim: OptimConfig = field(default_factory=_ppo_optim)
+
+    def validate(self) -> None:
+        for key in ("base", "helpfulness_rm", "safety_rm"):
+            _check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
+        super().validate()
+        _check(1 <= self.mini_batch <= self.batch_size, "mini_batch", self.mini_batch,
+               f"an integer in 1..batch_size ({self.batch_size})")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        _check(self.beta >= 0, "beta", self.beta, "a number >= 0")
+        for key in ("clip", "value_clip"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "a positive number")
+        _check(self.value_coef >= 0, "value_coef", self.value_coef, "a number >= 0")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", (self.gamma, self.lam),
+               "gamma and lam in [0, 1]")
+        _check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
+        _check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
+        self.prompts.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts, rollouts
+
+
+class PromptBatches:
+    """Epochs over the training prompts in a seeded order; next() gives the next `batch` prompts. The state is
+    (epoch, position): a resumed run continues with the same prompts."""
+
+    def __init__(self, prompts: Sequence[PromptItem], batch: int, seed: int) -> None:
+        if len(prompts) < batch:
+            raise Llama2Error(f"{len(prompts)} training prompts, fewer than one batch of {batch}; lower batch_size "
+                              "or give more prompts")
+        self.prompts, self.batch, self.seed = list(prompts), batch, seed
+        self.epoch, self.position = 0, 0
+
+    def next(self) -> list[PromptItem]:
+        per_epoch = len(self.prompts) // self.batch
+        if self.position >= per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+        lo = self.position * self.batch
+        self.position += 1
+        return [self.prompts[i] for i in order[lo:lo + self.batch]]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "prompts": len(self.prompts), "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (int(state["prompts"]), int(state["batch"])) != (len(self.prompts), self.batch):
+            raise Llama2Error("the checkpoint was trained on another prompt set or batch size; resume with the same "
+                              "prompts and batch_size, or use a new out_dir")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+@dataclass
+class Rollout:
+    """A padded batch of (prompt + response) rows with everything the update needs, over action positions
+    (index j scores token j + 1): mask (response tokens), old/ref logprobs, values, advantages, returns."""
+
+    tokens: Tensor
+    attention: Tensor
+    mask: Tensor
+    old_logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    stats: dict[str, float]
+
+    def rows(self, idx: Tensor) -> Rollout:
+        pick = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self) if f.name != "stats"}
+        return Rollout(**pick, stats={})
+
+
+def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens (B, T) right-padded, attention (B, T) real tokens, mask (B, T-1) True where the target token
+    is a response token)."""
+    seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), T), dtype=torch.bool)
+    mask = torch.zeros((len(seqs), T - 1), dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompt_ids, seqs)):
+        tokens[i, :len(s)] = torch.tensor(s)
+        attention[i, :len(s)] = True
+        mask[i, len(p) - 1:len(s) - 1] = True
+    return tokens, attention, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+class PPO:
+    """Builds the Trainer (policy + value, reference pi_0, scorer) and runs PPO iterations as its step_fn."""
+
+    def __init__(self, recipe: PPORecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
+        from ..checkpoint import load_checkpoint, load_config
+        from ..train.distributed import init_distributed
+        from .sft import load_tokenizer
+
+        env = init_distributed(recipe.device)
+        if env.enabled:
+            raise Llama2Error("PPO runs in one process in this version (its rollouts use the policy unsharded); "
+                              "run it without torchrun")
+        self.recipe, self.quiet = recipe, quiet
+        self.base = ensure_model(recipe.base, recipe.base_recipe, "starting policy", _build_sft, quiet)
+        cfg = load_config(self.base)
+        self.tokenizer = load_tokenizer(self.base)
+        self.device = env.device
+        h_path = None
+        if scorer is None or recipe.value_init == "helpfulness_rm":
+            h_path = ensure_model(recipe.helpfulness_rm, recipe.helpfulness_rm_recipe, "helpfulness RM", _build_rm,
+                                  quiet)
+        if scorer is None:
+            s_path = ensure_model(recipe.safety_rm, recipe.safety_rm_recipe, "safety RM", _build_rm, quiet)
+            scorer = CombinedReward(RewardModel.load(h_path, device=self.device),
+                                    RewardModel.load(s_path, device=self.device), threshold=recipe.threshold)
+        self.scorer = scorer
+        self.whitener = Whitener(recipe.whiten)
+        train, val = load_prompt_sets(recipe.prompts, quiet)
+        self.eval_prompts = val[:recipe.prompts.held_out]
+        self.batches = PromptBatches(take(train, None), recipe.batch_size, recipe.seed)
+        if recipe.value_init == "helpfulness_rm":
+            value_cfg = load_config(h_path)
+            if (value_cfg.vocab_size, value_cfg.max_seq_len) != (cfg.vocab_size, cfg.max_seq_len):
+                raise Llama2Error(f"the helpfulness RM {h_path} does not share the policy's vocabulary and context; "
+                                  "set value_init=policy")
+        else:
+            value_cfg = cfg
+
+        def build() -> nn.Module:
+            return ActorCritic(Transformer(cfg), SequenceClassifier(value_cfg))
+
+        def initial() -> dict[str, Tensor]:
+            policy = load_checkpoint(self.base, kind="causal_lm").state_dict()
+            value_src = h_path if recipe.value_init == "helpfulness_rm" else self.base
+            value = load_checkpoint(value_src, kind="classifier").state_dict()
+            return {**{f"policy.{k}": v for k, v in policy.items()}, **{f"value.{k}": v for k, v in value.items()}}
+
+        self.trainer = Trainer(recipe, build, lambda m, b: self._loss(m, b), self.batches, initial_weights=initial,
+                               checkpoint_io=ActorCriticIO(self.tokenizer), env=env, quiet=quiet,
+                               step_fn=self.iteration, eval_fn=self.evaluate if self.eval_prompts else None,
+                               state={"whitener": self.whitener})
+        self.reference = self.trainer.add_reference_model(
+            "reference", lambda: Transformer(cfg),
+            weights=lambda: load_checkpoint(self.base, kind="causal_lm").state_dict())
+        self.best_heldout: float | None = None
+        self.bad_evals = 0
+
+    # ------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptItem], temperature: float, step: int
+                 ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
+        """(prompt ids, response ids (+ EOS when the answer stopped on it), texts, cut by the length limit)."""
+        from ..chat import encode_dialog
+        from ..inference.generate import Generator, SamplingParams
+
+        r, tok = self.recipe, self.tokenizer
+        policy = self.trainer.model.policy
+        context = policy.config.max_seq_len
+        prompt_ids, params = [], []
+        for p in prompts:
+            ids = encode_dialog(tok, p.messages)
+            ids = ids[-(context - 1):] if len(ids) >= context else ids
+            prompt_ids.append(ids)
+            greedy = temperature == 0
+            params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else r.top_p,
+                                         max_new_tokens=max(1, min(r.max_new_tokens, context - len(ids))),
+                                         seed=sample_seed(r.seed, step, prompt_key(p), 0)))
+        was = policy.training
+        policy.eval()
+        try:
+            done = Generator(policy, tok, max_batch_size=len(prompts)).generate(prompt_ids, params)
+        finally:
+            policy.train(was)
+        responses, texts, cut = [], [], []
+        for c in done:
+            stopped = c.finish_reason == "stop"
+            responses.append(list(c.tokens) + ([tok.eos_id] if stopped else []))
+            texts.append(c.text.strip())
+            cut.append(not stopped)
+        return prompt_ids, responses, texts, cut
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:
+        r, t = self.recipe, self.trainer
+        prompt_ids, responses, texts, cut = self.generate(prompts, r.temperature, t.step)
+        keep = [i for i, resp in enumerate(responses) if resp]  # an empty answer (EOS-less, 0 tokens) has no action
+        if len(keep) < len(responses):
+            prompt_ids, responses = [prompt_ids[i] for i in keep], [responses[i] for i in keep]
+            texts, cut, prompts = [texts[i] for i in keep], [cut[i] for i in keep], [prompts[i] for i in keep]
+        tokens, attention, mask = pad_rollout(prompt_ids, responses, pad_id=0)
+        dev = t.device
+        tokens, attention, mask = tokens.to(dev), attention.to(dev), mask.to(dev)
+        scores = self.scorer([p.messages for p in prompts], texts, [p.safety for p in prompts])
+        white = torch.tensor(self.whitener([logit(x) for x in scores.combined]), device=dev)
+        white = white + torch.tensor([r.truncation_penalty if c else 0.0 for c in cut], device=dev)
+        t.model.eval()
+        with t.autocast():
+            old_lp, values = t.model(tokens, attention, temperature=r.temperature)
+            ref_lp = sequence_logprobs(self.reference, tokens, attention, temperature=r.temperature)
+        t.model.train()
+        old_lp, values, ref_lp = old_lp.float(), values.float() * mask, ref_lp.float()
+        rewards, kl = token_rewards(old_lp, ref_lp, mask, white, r.beta)
+        adv, returns = gae(rewards, values, mask, r.gamma, r.lam)
+        adv = masked_whiten(adv, mask)
+        n_tokens = mask.sum(dim=1).float()
+        stats = {"reward": statistics.fmean(scores.combined), "reward_helpfulness": statistics.fmean(scores.helpfulness),
+                 "reward_safety": statistics.fmean(scores.safety), "kl": float(kl.sum(dim=1).mean()),
+                 "score_whitened": float(white.mean()), "response_length": float(n_tokens.mean()),
+                 "truncated": float(np.mean(cut)), "entropy": float(-(old_lp * mask).sum() / mask.sum())}
+        return Rollout(tokens, attention, mask, old_lp, values, adv, returns, stats)
+
+    # ------------------------------------------------------------ update
+
+    def _loss(self, model: nn.Module, batch: Rollout) -> LossOutput:
+        r = self.recipe
+        lp, values = model(batch.tokens, batch.attention, temperature=r.temperature)
+        pg, stats = policy_loss(lp.float(), batch.old_logprobs, batch.advantages, batch.mask, r.clip)
+        vf = value_loss(values.float(), batch.values, batch.returns, batch.mask, r.value_clip)
+        n = batch.mask.sum()
+        metrics = {"policy_loss": pg.detach(), "value_loss": vf.detach(), **{k: v.detach() for k, v in stats.items()}}
+        return LossOutput(pg + r.value_coef * vf, n, tokens=batch.attention.sum(), metrics=metrics)
+
+    def iteration(self, t: Trainer) -> dict[str, float]:
+        r = self.recipe
+        roll = self.rollout(self.batches.next())
+        totals: dict[str, list[float]] = {}
+        rows = roll.tokens.shape[0]
+        gen = torch.Generator().manual_seed(r.seed * 100_003 + t.step)
+        for _ in range(r.ppo_epochs):
+            order = torch.randperm(rows, generator=gen)
+            for lo in range(0, rows, r.mini_batch):
+                mb = roll.rows(order[lo:lo + r.mini_batch].to(roll.tokens.device))
+                step_totals = t.backward([mb])
+                for k, v in {**step_totals.stats(), **t.optimizer_step()}.items():
+                    totals.setdefault(k, []).append(float(v))
+        out = {k: statistics.fmean(v) for k, v in totals.items()}
+        out["tokens"] = float(roll.attention.sum())
+        out["iteration"] = float(t.step + 1)
+        return {**out, **roll.stats}
+
+    # ------------------------------------------------------------ held-out evaluation
+
+    @torch.no_grad()
+    def evaluate(self, t: Trainer) -> dict[str, float]:
+        """Greedy answers to the held-out prompts: mean R_c (heldout_reward), R_h, R_s; early stopping."""
+        _, _, texts, _ = self.generate(self.eval_prompts, 0.0, 0)
+        s = self.scorer([p.messages for p in self.eval_prompts], texts, [p.safety for p in self.eval_prompts])
+        reward = statistics.fmean(s.combined)
+        if self.recipe.patience:
+            if self.best_heldout is None or reward > self.best_heldout:
+                self.best_heldout, self.bad_evals = reward, 0
+            else:
+                self.bad_evals += 1
+                if self.bad_evals >= self.recipe.patience and t.step < t.recipe.max_steps:
+                    if not self.quiet:
+                        print(f"early stop at iteration {t.step}: no better held-out reward in {self.bad_evals} "
+                              "evaluations", flush=True)
+                    t.recipe.max_steps = t.step
+                    t.save()
+        return {"heldout_reward": reward, "heldout_helpfulness": statistics.fmean(s.helpfulness),
+                "heldout_safety": statistics.fmean(s.safety)}
+
+
+def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None) -> TrainResult:
+    """Run (or resume) PPO as the recipe says; prints a one-line summary unless quiet."""
+    run = PPO(recipe, scorer=scorer, quiet=quiet)
+    result = run.trainer.fit()
+    if not quiet:
+        last = result.last
+        print(f"ppo: {result.step} iterations, reward {last.get('reward', math.nan):.3f}, KL to pi_0 "
+              f"{last.get('kl', math.nan):.3f}; checkpoint {result.checkpoint}", flush=True)
+    return result
+
+
+__all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
+           "masked_whiten", "pad_rollout"]
