@@ -200,3 +200,49 @@ def test_recipe_errors(tmp_path, setup):
 
     with pytest.raises(Llama2Error, match="fewer than one batch"):
         ppo(make_recipe(setup, tmp_path / "x", ["batch_size=100", "mini_batch=8"]), quiet=True, scorer=AScorer())
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_ppo import AScorer, make_recipe
+from llama2.stages.ppo import ppo
+from llama2.train.distributed import shutdown
+try:
+    ppo(make_recipe(Path({setup!r}), Path(sys.argv[1]), ["max_steps=3", "batch_size=16", "mini_batch=16",
+                                                         "eval_every=3", "save_every=3"]), quiet=True,
+        scorer=AScorer())
+finally:
+    shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path, setup):
+    """The same 3 iterations on 1 process and on 2 (FSDP2 over gloo, each process half of every batch, the
+    whitening and the logged means over the whole batch): the same rewards, KL and losses."""
+    import subprocess
+    import sys
+
+    from test_train import SUB_ENV
+
+    from llama2.train.metrics import read_metrics
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup)))
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "one")], env=SUB_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    for s in (1, 2, 3):
+        for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "response_length"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
+    assert b[3]["heldout_reward"] == pytest.approx(a[3]["heldout_reward"], abs=1e-6)
+    assert (tmp_path / "two" / "checkpoints" / "step-000003" / "value" / "model.safetensors").is_file()

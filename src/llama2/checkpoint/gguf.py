@@ -223,6 +223,10 @@ def save_gguf(model: Transformer, path: Path | str, tokenizer: Any, dtype: str |
     if type(model) is not Transformer:
         raise Llama2Error(f"only a causal LM (Transformer) can be exported to GGUF, not {type(model).__name__}; "
                           "merge LoRA adapters first (merge_lora)")
+    from ..lora import lora_config
+
+    if lora_config(model) is not None:
+        raise Llama2Error("the model has LoRA adapters; merge them first (llama2.lora.merge_lora) to export it")
     check_materialised(model)
     if tokenizer is None:
         raise Llama2Error("a GGUF file must carry its tokenizer: give the tokenizer.model the model was trained with")

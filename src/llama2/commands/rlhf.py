@@ -1,4 +1,4 @@
-"""`llama2 rlhf rejection-sampling --config RECIPE.yaml [key=value ...]`: RLHF stages (paper section 6)."""
+"""`llama2 rlhf rejection-sampling | ppo --config RECIPE.yaml [key=value ...]`: RLHF stages (paper section 6)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("rlhf", help="RLHF: iterative rejection-sampling fine-tuning",
+    p = subparsers.add_parser("rlhf", help="RLHF: iterative rejection-sampling fine-tuning, PPO",
                               description="RLHF stages of Llama 2-Chat (paper section 6).")
     sub = p.add_subparsers(dest="rlhf_command", required=True, metavar="STAGE")
     add_stage_command(sub, "rejection-sampling", run=run_rejection, example="configs/tiny/rejection.yaml",
@@ -15,6 +15,12 @@ def register(subparsers) -> None:
                                   "reward of the helpfulness and safety RMs, keep the best, fine-tune on them through "
                                   "the SFT stage; iterations V1..Vn in one run directory (e.g. iterations=3 "
                                   "samples_per_prompt=8 temperature=sweep pool=all).")
+    add_stage_command(sub, "ppo", run=run_ppo, example="configs/tiny/ppo.yaml",
+                      help="PPO against the combined reward with a KL penalty to the initial policy (resumes)",
+                      description="Proximal policy optimisation (RLHF-V5): rollouts from the policy, the combined "
+                                  "reward of the two RMs whitened after LOGIT, a per-token KL penalty to the frozen "
+                                  "initial policy, GAE, clipped policy and value losses, a value model from the "
+                                  "helpfulness RM (e.g. max_steps=200 beta=0.01 batch_size=512 mini_batch=64).")
 
 
 def run_rejection(recipe: tuple[str, list[str]], quiet: bool) -> None:
@@ -22,3 +28,10 @@ def run_rejection(recipe: tuple[str, list[str]], quiet: bool) -> None:
     from ..train.config import load_recipe
 
     rejection_sampling(load_recipe(RejectionRecipe, *recipe), quiet=quiet)
+
+
+def run_ppo(recipe: tuple[str, list[str]], quiet: bool) -> None:
+    from ..stages.ppo import PPORecipe, ppo
+    from ..train.config import load_recipe
+
+    ppo(load_recipe(PPORecipe, *recipe), quiet=quiet)

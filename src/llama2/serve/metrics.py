@@ -22,13 +22,15 @@ class Metrics:
         self.cancelled = 0
         self.queue_wait_sum = 0.0
         self.queue_wait_count = 0
+        self.step_seconds = 0.0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
-    def step(self, batch: int) -> None:
+    def step(self, batch: int, seconds: float = 0.0) -> None:
         self.steps += 1
+        self.step_seconds += seconds
         self.batch_size = batch
         self.batch_size_sum += batch
 
@@ -56,6 +58,8 @@ class Metrics:
         metric("llama2_requests_cancelled_total", "counter", "Requests cancelled because the client went away.",
                [("", self.cancelled)])
         metric("llama2_decode_steps_total", "counter", "Engine steps run.", [("", self.steps)])
+        metric("llama2_decode_step_seconds_total", "counter", "Time spent in engine steps (the model's work).",
+               [("", float(self.step_seconds))])
         metric("llama2_batch_size", "gauge", "Requests decoded in the last engine step.", [("", self.batch_size)])
         metric("llama2_batch_size_sum", "counter", "Sum over steps of the requests decoded (divide by steps).",
                [("", self.batch_size_sum)])

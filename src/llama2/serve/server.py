@@ -50,7 +50,9 @@ def build_app(model, tokenizer, options: ServeOptions):
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket (port 0: a free one); a clear error when the address is taken or invalid."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+    # a keep-alive connection's small writes wait ~40 ms for delayed ACKs (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -93,7 +95,8 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
-        self.thread.start()
+        if self.thread.ident is None:
+            self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:

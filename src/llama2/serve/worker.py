@@ -158,13 +158,14 @@ class ModelWorker:
                     continue
                 for h in admitted:
                     self.metrics.queue_wait(time.perf_counter() - h.submitted)
+                t0 = time.perf_counter()
                 try:
                     events = self.engine.step()
                 except Exception as e:  # a failed step fails the requests in it, not the server
                     log.exception("decode step failed")
                     self._fail_running(e)
                     continue
-                self.metrics.step(len(self._running))
+                self.metrics.step(len(self._running), time.perf_counter() - t0)
                 self._dispatch(events)
         except BaseException as e:  # pragma: no cover - a bug in the loop itself
             log.exception("model worker died")

@@ -15,6 +15,12 @@ Each iteration (one Trainer step, `step_fn`):
   4. GAE (gamma, lambda) per row over its response tokens; advantages whitened over the real tokens only;
   5. `ppo_epochs` passes of mini-batches, one AdamW step each: the clipped policy objective (clip 0.2) plus
      `value_coef` x the clipped value loss.
+metrics.jsonl gets, per iteration: reward (R_c), reward_helpfulness, reward_safety, kl (summed over the response,
+to pi_0), policy_loss, value_loss, clip_frac, approx_kl (to the rollout's policy), entropy (the sampled tokens'
+mean negative log-probability, an estimate), response_length, truncated, and the seconds spent generating
+(time_generate), scoring (time_score: logprobs, values, RMs) and updating (time_update); every eval_every
+iterations heldout_reward (greedy answers to held-out prompts, mean R_c), with early stopping after `patience`
+evaluations without a better one.
 The policy and the value model train together (`ActorCritic`, one optimiser); the value model starts from the
 helpfulness RM (`value_init: helpfulness_rm`) or from the policy's backbone with a fresh head (`policy`). The
 checkpoint directory holds the policy in the HF causal-LM layout and the value model in `value/`.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,13 +100,19 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return adv, (adv + values) * m
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the True positions only; masked positions become 0."""
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, env: Any = None) -> Tensor:
+    """(x - mean) / std over the True positions only (of every process's batch, with env under torchrun); masked
+    positions become 0."""
+    from ..train.distributed import all_reduce_sum
+
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
-    return (x - mean) / (var.sqrt() + eps) * m
+    total, square, count = (float(v) for v in ((x * m).sum(), (x * x * m).sum(), m.sum()))
+    if env is not None and env.enabled:
+        total, square, count = all_reduce_sum([total, square, count], env)
+    n = max(count, 1.0)
+    mean = total / n
+    var = max(square / n - mean * mean, 0.0)
+    return (x - mean) / (math.sqrt(var) + eps) * m
 
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
@@ -306,6 +319,24 @@ def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
 # The stage
 
 
+def _build_policy(recipe_path: str, out: str) -> None:
+    """Build the starting policy: a rejection-sampling recipe runs into its own out_dir (whose last iteration's
+    policy `base` should name), any other recipe is an SFT recipe run into `base`."""
+    import yaml
+
+    from ..train.config import load_recipe
+    from .rejection import RejectionRecipe, rejection_sampling
+
+    data = yaml.safe_load(Path(recipe_path).read_text()) or {}
+    if "samples_per_prompt" not in data:
+        _build_sft(recipe_path, out)
+        return
+    result = rejection_sampling(load_recipe(RejectionRecipe, recipe_path), quiet=True)
+    if not Path(out).exists():
+        raise Llama2Error(f"the rejection-sampling recipe {recipe_path} finished with its policy at {result.policy}, "
+                          f"not at base {out}; set base to that run's last iteration (iter-N/sft)")
+
+
 class PPO:
     """Builds the Trainer (policy + value, reference pi_0, scorer) and runs PPO iterations as its step_fn."""
 
@@ -315,11 +346,11 @@ class PPO:
         from .sft import load_tokenizer
 
         env = init_distributed(recipe.device)
-        if env.enabled:
-            raise Llama2Error("PPO runs in one process in this version (its rollouts use the policy unsharded); "
-                              "run it without torchrun")
-        self.recipe, self.quiet = recipe, quiet
-        self.base = ensure_model(recipe.base, recipe.base_recipe, "starting policy", _build_sft, quiet)
+        if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
+            raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
+                              f"the {env.world_size} processes (each takes an equal share of every batch)")
+        self.recipe, self.quiet, self.env = recipe, quiet, env
+        self.base = ensure_model(recipe.base, recipe.base_recipe, "starting policy", _build_policy, quiet)
         cfg = load_config(self.base)
         self.tokenizer = load_tokenizer(self.base)
         self.device = env.device
@@ -360,6 +391,7 @@ class PPO:
         self.reference = self.trainer.add_reference_model(
             "reference", lambda: Transformer(cfg),
             weights=lambda: load_checkpoint(self.base, kind="causal_lm").state_dict())
+        self._root_ran = False
         self.best_heldout: float | None = None
         self.bad_evals = 0
 
@@ -370,7 +402,7 @@ class PPO:
                  ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
         """(prompt ids, response ids (+ EOS when the answer stopped on it), texts, cut by the length limit)."""
         from ..chat import encode_dialog
-        from ..inference.generate import Generator, SamplingParams
+        from ..inference.generate import Generator, SamplingParams, gathered_for_generation
 
         r, tok = self.recipe, self.tokenizer
         policy = self.trainer.model.policy
@@ -384,10 +416,15 @@ class PPO:
             params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else r.top_p,
                                          max_new_tokens=max(1, min(r.max_new_tokens, context - len(ids))),
                                          seed=sample_seed(r.seed, step, prompt_key(p), 0)))
+        if not self._root_ran:  # FSDP2 sets itself up on the first forward, which must be the root's
+            one = torch.tensor([[tok.bos_id, tok.bos_id]], device=self.trainer.device)
+            self.trainer.model(one, torch.ones_like(one, dtype=torch.bool))
+            self._root_ran = True
         was = policy.training
         policy.eval()
         try:
-            done = Generator(policy, tok, max_batch_size=len(prompts)).generate(prompt_ids, params)
+            with gathered_for_generation(self.trainer.model):  # under FSDP2: the weights gathered once
+                done = Generator(policy, tok, max_batch_size=len(prompts)).generate(prompt_ids, params)
         finally:
             policy.train(was)
         responses, texts, cut = [], [], []
@@ -400,17 +437,25 @@ class PPO:
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:
-        r, t = self.recipe, self.trainer
+        """This process's share of the batch (an equal contiguous slice under torchrun), scored; the score
+        whitening, the advantage whitening and the logged means are over the whole batch."""
+        from ..train.distributed import all_gather_object, all_reduce_sum
+
+        r, t, env = self.recipe, self.trainer, self.env
+        per = len(prompts) // env.world_size
+        prompts = list(prompts)[env.rank * per:(env.rank + 1) * per]
+        clock = time.perf_counter()
         prompt_ids, responses, texts, cut = self.generate(prompts, r.temperature, t.step)
-        keep = [i for i, resp in enumerate(responses) if resp]  # an empty answer (EOS-less, 0 tokens) has no action
-        if len(keep) < len(responses):
-            prompt_ids, responses = [prompt_ids[i] for i in keep], [responses[i] for i in keep]
-            texts, cut, prompts = [texts[i] for i in keep], [cut[i] for i in keep], [prompts[i] for i in keep]
+        generated = time.perf_counter()
         tokens, attention, mask = pad_rollout(prompt_ids, responses, pad_id=0)
         dev = t.device
         tokens, attention, mask = tokens.to(dev), attention.to(dev), mask.to(dev)
         scores = self.scorer([p.messages for p in prompts], texts, [p.safety for p in prompts])
-        white = torch.tensor(self.whitener([logit(x) for x in scores.combined]), device=dev)
+        everyone = all_gather_object([scores.combined, scores.helpfulness, scores.safety], env)
+        combined = [x for part in everyone for x in part[0]]  # the whole batch, in rank order
+        mine = sum(len(part[0]) for part in everyone[:env.rank])
+        white_all = self.whitener([logit(x) for x in combined])
+        white = torch.tensor(white_all[mine:mine + len(scores.combined)], device=dev)
         white = white + torch.tensor([r.truncation_penalty if c else 0.0 for c in cut], device=dev)
         t.model.eval()
         with t.autocast():
@@ -420,12 +465,19 @@ class PPO:
         old_lp, values, ref_lp = old_lp.float(), values.float() * mask, ref_lp.float()
         rewards, kl = token_rewards(old_lp, ref_lp, mask, white, r.beta)
         adv, returns = gae(rewards, values, mask, r.gamma, r.lam)
-        adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask, env=env)
         n_tokens = mask.sum(dim=1).float()
-        stats = {"reward": statistics.fmean(scores.combined), "reward_helpfulness": statistics.fmean(scores.helpfulness),
-                 "reward_safety": statistics.fmean(scores.safety), "kl": float(kl.sum(dim=1).mean()),
-                 "score_whitened": float(white.mean()), "response_length": float(n_tokens.mean()),
-                 "truncated": float(np.mean(cut)), "entropy": float(-(old_lp * mask).sum() / mask.sum())}
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rows, kl_sum, length, n_cut, lp_sum, n_act = all_reduce_sum(
+            [float(len(cut)), float(kl.sum()), float(n_tokens.sum()), float(sum(cut)), float((old_lp * mask).sum()),
+             float(mask.sum())], env)
+        stats = {"reward": statistics.fmean(combined),
+                 "reward_helpfulness": statistics.fmean(x for part in everyone for x in part[1]),
+                 "reward_safety": statistics.fmean(x for part in everyone for x in part[2]),
+                 "kl": kl_sum / rows, "score_whitened": statistics.fmean(white_all), "response_length": length / rows,
+                 "truncated": n_cut / rows, "entropy": -lp_sum / max(n_act, 1.0),
+                 "time_generate": generated - clock, "time_score": time.perf_counter() - generated}
         return Rollout(tokens, attention, mask, old_lp, values, adv, returns, stats)
 
     # ------------------------------------------------------------ update
@@ -442,17 +494,22 @@ class PPO:
     def iteration(self, t: Trainer) -> dict[str, float]:
         r = self.recipe
         roll = self.rollout(self.batches.next())
+        clock = time.perf_counter()
         totals: dict[str, list[float]] = {}
         rows = roll.tokens.shape[0]
-        gen = torch.Generator().manual_seed(r.seed * 100_003 + t.step)
+        gen = torch.Generator().manual_seed(r.seed * 100_003 + t.step * 101 + self.env.rank)
+        local = r.mini_batch // self.env.world_size  # each process's share of a mini-batch
         for _ in range(r.ppo_epochs):
             order = torch.randperm(rows, generator=gen)
-            for lo in range(0, rows, r.mini_batch):
-                mb = roll.rows(order[lo:lo + r.mini_batch].to(roll.tokens.device))
+            for lo in range(0, rows, local):
+                mb = roll.rows(order[lo:lo + local].to(roll.tokens.device))
                 step_totals = t.backward([mb])
                 for k, v in {**step_totals.stats(), **t.optimizer_step()}.items():
                     totals.setdefault(k, []).append(float(v))
         out = {k: statistics.fmean(v) for k, v in totals.items()}
+        if roll.tokens.device.type == "cuda":
+            torch.cuda.synchronize(roll.tokens.device)
+        out["time_update"] = time.perf_counter() - clock
         out["tokens"] = float(roll.attention.sum())
         out["iteration"] = float(t.step + 1)
         return {**out, **roll.stats}
