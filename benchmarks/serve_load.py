@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -250,9 +249,10 @@ async def soak(url: str, pid: int, clients: int, seconds: float, disconnect: flo
     five = sum(v for k, v in statuses.items() if k >= 500)
     growth = (rss1 - rss0) / rss0 * 100
     print(f"\n-- soak: {clients} clients for {elapsed:.0f} s, disconnecting at random (p={disconnect})")
+    n_cancelled = cancelled.group(1) if cancelled else "?"
     print(f"requests {counts['requests']} ({counts['disconnected']} disconnected mid-answer; the server counted "
-          f"{cancelled.group(1) if cancelled else '?'} cancellations, warm-up included), {counts['tokens']} tokens streamed "
-          f"to completion; statuses {dict(sorted(statuses.items()))}; broken streams {counts['broken']}")
+          f"{n_cancelled} cancellations, warm-up included), {counts['tokens']} tokens streamed to completion; "
+          f"statuses {dict(sorted(statuses.items()))}; broken streams {counts['broken']}")
     print(f"leaked slots {health['busy_slots']} (queue {health['queue_depth']}; goal 0); 5xx {five} (goal 0); "
           f"server RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB ({growth:+.2f}%; goal < 5%)")
 

@@ -13,7 +13,7 @@ import pytest
 
 BUDGET_MINUTES = 1.5
 SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
-            "5. Reward models", "6. Rejection sampling", "7. Checkpoint formats"]
+            "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Checkpoint formats"]
 
 
 def _row(md: str, label: str) -> list[str]:
@@ -74,6 +74,13 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     assert float(_row(md, "V0 (the SFT model)")[3]) == pytest.approx(rs[0]["heldout_reward"], abs=5e-4)
     assert float(_row(md, "V2")[3]) == pytest.approx(rs[2]["heldout_reward"], abs=5e-4)
     assert (out / "rejection" / "reward_by_k.png").is_file()
+
+    # PPO: the table's rewards are the metrics' means
+    ppo_rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [x for x in ppo_rows if "reward" in x]
+    n = max(1, min(3, len(ppo_rows) // 2))
+    got = float(_row(md, f"last {n} iteration(s)")[0])
+    assert got == pytest.approx(sum(x["reward"] for x in ppo_rows[-n:]) / n, abs=5e-4)
 
     # figures: every image the report references exists, and report.html embeds them
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

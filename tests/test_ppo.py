@@ -165,7 +165,8 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_beta_limits_it(tmp_path, setu
             "clip_frac", "approx_kl", "entropy", "response_length", "truncated"}
     assert keys <= set(low[-1])
     evals = [r for r in read_metrics(tmp_path / "0.02" / "metrics.jsonl") if "heldout_reward" in r]
-    assert [r["step"] for r in evals] == [10, 20]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert (tmp_path / "0.02" / "rewards.png").read_bytes()[:4] == b"\x89PNG"
     ckpt = tmp_path / "0.02" / "checkpoints" / "step-000020"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "value" / "model.safetensors").is_file()
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification

@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 import torch  # noqa: E402
 

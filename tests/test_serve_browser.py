@@ -1,6 +1,7 @@
 """The web chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright): type a message, see
 the answer stream in token by token, stop it mid-answer (the server frees the slot), reset, sampling settings
-reach the server. Skipped when Playwright or a Chromium binary is missing. The screenshot goes to
+reach the server. `./run test` installs Playwright (pip) and Debian's chromium (apt); without a Chromium binary the
+test fails, saying how to install it. The screenshot goes to
 $LLAMA2_TEST_ARTIFACTS (if set) or the test's tmp_path."""
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api")
+import playwright.sync_api as sync_api  # noqa: E402
 
 import httpx  # noqa: E402
 
 from test_serve import NAME, model, slowed, start  # noqa: E402,F401  (model: a fixture)
 
 CHROMIUM = os.environ.get("LLAMA2_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
-              pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def test_a_chromium_binary_is_installed():
+    assert CHROMIUM is not None, ("no chromium binary: `apt-get install chromium` (./run test does it), or set "
+                                  "LLAMA2_CHROMIUM to one")
 
 
 @pytest.fixture(scope="module")

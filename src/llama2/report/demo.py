@@ -29,13 +29,15 @@ RECIPE = CONFIGS / "pretrain.yaml"
 SFT_RECIPE = CONFIGS / "sft.yaml"
 RM_RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
 RS_RECIPE = CONFIGS / "rejection.yaml"
+PPO_RECIPE = CONFIGS / "ppo.yaml"
+PPO_CAP = 40  # iterations at most (the budget usually decides)
 RS_SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-# The 8% left is for the stages still to come (PPO, GAtt, ...): today the demo ends early by that much (and by
+# The 4% left is for the stages still to come (GAtt, safety distillation, ...): today the demo ends early by that much (and by
 # what SFT and the reward models leave when they reach their recipes' epochs).
-SHARES = {"pretrain": 0.50, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.12,
-          "formats": 0.03}
+SHARES = {"pretrain": 0.50, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
+          "ppo": 0.06, "formats": 0.03}
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
@@ -641,6 +643,69 @@ def rejection_stage(ctx: DemoContext, section: Section) -> str:
             f"R_c {records[0]['heldout_reward']:.3f} -> {records[last]['heldout_reward']:.3f}")
 
 
+def ppo_stage(ctx: DemoContext, section: Section) -> str:
+    """PPO from the rejection-sampling policy with the demo's RMs, as many iterations as the stage's time allows:
+    reward and KL curves, the first and last iterations' numbers, held-out reward before and after."""
+    from ..stages import ppo as ppo_mod
+    from ..train.config import load_recipe
+    from ..train.distributed import shutdown
+
+    policy = ctx.figures.get("rs_policy")
+    rms = [ctx.figures.get(f"rm_{k}_checkpoint") for k in ("helpfulness", "safety")]
+    if policy is None or None in rms:
+        raise Llama2Error("PPO needs the rejection-sampling policy and both reward models, and they did not finish")
+    run_dir = ctx.out / "ppo"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    # the tiny recipe's rate moves the tiny policy visibly in a few dozen iterations; beta keeps it near pi_0
+    recipe = load_recipe(ppo_mod.PPORecipe, PPO_RECIPE, [f"base={policy}", f"helpfulness_rm={rms[0]}",
+                                                         f"safety_rm={rms[1]}", f"out_dir={run_dir}",
+                                                         "base_recipe=null", "save_every=0", "keep_last=1",
+                                                         f"max_steps={PPO_CAP}", "optim.lr=1e-4", "beta=0.02"])
+    try:
+        run = ppo_mod.PPO(recipe, quiet=True)
+        ppo_mod.evaluate_at_start(run)
+        result, plan = fit_within(run.trainer, ctx.budget.deadline("ppo"), cap=PPO_CAP, min_steps=2,
+                                  quiet=ctx.quiet, desc="ppo", evals=2, choose_threads=False)
+    finally:
+        shutdown()
+    records = _metrics(run_dir)
+    ppo_mod.reward_curves(records, run_dir / "rewards.png")
+    rows = [r for r in records if "reward" in r]
+    held = [r for r in records if "heldout_reward" in r]
+    n = max(1, min(3, len(rows) // 2))
+
+    def mean(key: str, part: list[dict[str, Any]]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    first, last = rows[:n], rows[-n:]
+    table = [[label, mean("reward", part), mean("reward_helpfulness", part), mean("reward_safety", part),
+              mean("kl", part), mean("response_length", part), mean("truncated", part)]
+             for label, part in ((f"first {n} iteration(s)", first), (f"last {n} iteration(s)", last))]
+    ctx.figures.update({"ppo_iterations": result.step, "ppo_reward_first": table[0][1], "ppo_reward_last": table[1][1],
+                        "ppo_kl_last": table[1][4], "ppo_heldout_before": held[0]["heldout_reward"] if held else None,
+                        "ppo_heldout_after": held[-1]["heldout_reward"] if held else None})
+    section.text(
+        f"PPO (`llama2.stages.ppo`, `configs/tiny/ppo.yaml`) from the rejection-sampling policy V2, {result.step} "
+        f"iterations of {recipe.batch_size} prompts ({_plan_text(plan, 0, False).split(':')[0]}): answers sampled "
+        "through the generation path, scored by WHITEN(LOGIT(R_c)) of the two reward models with a per-token KL "
+        f"penalty (beta {recipe.beta}) to the frozen starting policy, a penalty of {recipe.truncation_penalty} for "
+        "answers cut at the length limit, GAE, the clipped policy and value losses (the value model starts from the "
+        f"helpfulness RM), {recipe.batch_size // recipe.mini_batch} gradient steps per iteration.")
+    section.table(["iterations", "rollout R_c", "R_h", "R_s", "KL to pi_0", "answer tokens", "cut at the limit"],
+                  table, caption="Means over the rollouts of the first and last iterations")
+    if held:
+        section.text(f"Held-out greedy R_c on {recipe.prompts.held_out} prompts never trained on: "
+                     f"{held[0]['heldout_reward']:.3f} before PPO, {held[-1]['heldout_reward']:.3f} after "
+                     f"iteration {held[-1]['step']}.")
+    fig = ctx.out / "figures" / "ppo"
+    fig.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "rewards.png", fig / "rewards.png")
+    section.figure(fig / "rewards.png", "PPO: mean rollout rewards (R_c, R_h, R_s), held-out R_c, and the KL to the "
+                                        "starting policy, per iteration")
+    return (f"ppo: {result.step} iterations, rollout R_c {table[0][1]:.3f} -> {table[1][1]:.3f}, KL to pi_0 "
+            f"{table[1][4]:.2f}")
+
+
 def formats_stage(ctx: DemoContext, section: Section) -> str:
     """Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, checking the weights bit for bit."""
     import torch
@@ -679,7 +744,8 @@ STAGES: list[Stage] = [
     Stage("sft", "4. Supervised fine-tuning", sft_stage),
     Stage("reward", "5. Reward models", reward_stage),
     Stage("rejection", "6. Rejection sampling", rejection_stage),
-    Stage("formats", "7. Checkpoint formats", formats_stage),
+    Stage("ppo", "7. PPO", ppo_stage),
+    Stage("formats", "8. Checkpoint formats", formats_stage),
 ]
 
 

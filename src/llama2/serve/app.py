@@ -73,13 +73,7 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}").body(), status_code=500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        if path.startswith("/v1/") or path in ("/health", "/metrics"):
-            metrics.request(path, response.status_code)
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -298,6 +292,30 @@ def sse(obj: dict) -> str:
 def chat_page() -> str:
     """The web chat page (static HTML with inline JS and CSS, shipped in the package)."""
     return resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
+
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class _CountRequests:
+    """ASGI middleware: count answered requests by endpoint and status (a plain wrapper of `send`, so streamed
+    bodies pass through untouched). Unknown paths are counted as "other" (bounded label values)."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.request(label, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 class EventStream(StreamingResponse):

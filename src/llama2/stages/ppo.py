@@ -537,10 +537,60 @@ class PPO:
                 "heldout_safety": statistics.fmean(s.safety)}
 
 
+def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """rewards.png: mean R_c, R_h and R_s of the rollouts per iteration, the held-out R_c, and the KL to pi_0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_open
+
+    rows = [r for r in records if "reward" in r]
+    if not rows:
+        return None
+    fig, (ax, kx) = plt.subplots(1, 2, figsize=(11, 3.8))
+    steps = [r["step"] for r in rows]
+    for key, label in (("reward", "R_c"), ("reward_helpfulness", "R_h"), ("reward_safety", "R_s")):
+        ax.plot(steps, [r[key] for r in rows], label=f"rollouts {label}")
+    held = [r for r in records if "heldout_reward" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["heldout_reward"] for r in held], "ko--", label="held-out R_c (greedy)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward (sigmoid)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    kx.plot(steps, [r["kl"] for r in rows], color="tab:purple")
+    kx.set_xlabel("iteration")
+    kx.set_ylabel("KL to pi_0 (per answer)")
+    kx.grid(alpha=0.3)
+    fig.suptitle("PPO: reward and KL")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def evaluate_at_start(run: PPO) -> dict[str, float]:
+    """Start the trainer (resuming if it can); a fresh run's held-out reward is logged as step 0."""
+    t = run.trainer
+    t.start()
+    if t.step > 0 or not run.eval_prompts:
+        return {}
+    record = {"step": 0, **run.evaluate(t)}
+    t.metrics.append(record)
+    return record
+
+
 def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None) -> TrainResult:
     """Run (or resume) PPO as the recipe says; prints a one-line summary unless quiet."""
+    from ..train.metrics import read_metrics
+
     run = PPO(recipe, scorer=scorer, quiet=quiet)
+    evaluate_at_start(run)
     result = run.trainer.fit()
+    if run.env.is_main:
+        reward_curves(read_metrics(run.trainer.run_dir / "metrics.jsonl"), run.trainer.run_dir / "rewards.png")
     if not quiet:
         last = result.last
         print(f"ppo: {result.step} iterations, reward {last.get('reward', math.nan):.3f}, KL to pi_0 "
