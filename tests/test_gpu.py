@@ -179,3 +179,35 @@ def test_rejection_sampling_iteration_on_cuda(tmp_path, sp_model_path):
                                                  f"finetune.recipe={tmp_path / 'ft.yaml'}", "device=cuda"])
     result = rejection_sampling(recipe, quiet=True, scorer=scorer)
     assert result.iterations == 1 and (result.policy / "model.safetensors").is_file()
+
+
+def test_ppo_iterations_on_cuda(tmp_path, sp_model_path):
+    """Three PPO iterations on CUDA in bf16 (rollout, reference and value forwards, the clipped update) with a
+    programmatic reward; the checkpoint holds the policy and the value model."""
+    import json
+
+    from llama2.checkpoint import save_model
+    from llama2.reward import CombinedScores
+    from llama2.stages.ppo import PPORecipe, ppo
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "policy", Tokenizer(sp_model_path))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Say something about {i}."}) + "\n"
+                                              for i in range(16)))
+
+    def scorer(prompts, responses, is_safety):
+        r = [min(0.99, max(0.01, len(t) / 50)) for t in responses]
+        return CombinedScores(r, r, r)
+
+    recipe = load_recipe(PPORecipe, None, [f"base={tmp_path / 'policy'}", "helpfulness_rm=x", "safety_rm=x",
+                                           "value_init=policy", f"out_dir={tmp_path / 'run'}", "max_steps=3",
+                                           "batch_size=8", "mini_batch=4", "max_new_tokens=8",
+                                           f"prompts.path={tmp_path / 'p.jsonl'}",
+                                           f"prompts.val_path={tmp_path / 'p.jsonl'}", "prompts.held_out=4",
+                                           "device=cuda", "precision=bf16", "optim.lr=1e-3", "peak_tflops=1"])
+    result = ppo(recipe, quiet=True, scorer=scorer)
+    assert result.step == 3 and all(x == x for x in (result.last["loss"], result.last["kl"]))
+    assert (result.checkpoint / "value" / "model.safetensors").is_file()
