@@ -98,3 +98,34 @@ def random_hf_llama(seed: int = 0, **kw):
     base.update(kw)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**base)).eval()
+
+
+FRUIT = ["apple", "banana", "cherry", "date", "elder", "fig", "grape", "kiwi", "lemon", "mango", "plum", "pear"]
+
+
+def fruit_policy(d: Path, sp_model_path: Path, cfg, words: int) -> Path:
+    """A tiny policy for the RLHF tests: a random model of shape `cfg` fine-tuned (60 SFT steps) to answer "Name
+    some fruit" with `words` random fruit words, so its samples differ in how many of each letter they hold and
+    a programmatic reward has something to select. Returns the SFT run directory (d / "policy"); the random
+    model is at d / "random"."""
+    import random
+
+    import torch
+
+    from llama2.checkpoint import save_model
+    from llama2.model import Transformer
+    from llama2.stages.sft import SFTRecipe, sft
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), d / "random", Tokenizer(sp_model_path))
+    rng = random.Random(0)
+    dialogues = [[{"role": "user", "content": f"Name some fruit, please ({i})."},
+                  {"role": "assistant", "content": " ".join(rng.choice(FRUIT) for _ in range(words))}]
+                 for i in range(200)]
+    sft(load_recipe(SFTRecipe, None, [f"base={d / 'random'}", f"out_dir={d / 'policy'}", "max_seq_len=96",
+                                      "batch_size=8", "max_steps=60", "device=cpu", "precision=fp32", "optim.lr=1e-2",
+                                      "optim.warmup_steps=5", "samples.count=0", "peak_tflops=1", "save_every=0"]),
+        quiet=True, dialogues=dialogues)
+    return d / "policy"

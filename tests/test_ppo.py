@@ -13,12 +13,12 @@ import torch
 
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
-from llama2.model import Transformer
 from llama2.reward import CombinedScores
+
+from conftest import FRUIT, fruit_policy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FRUIT = ["apple", "banana", "cherry", "date", "elder", "fig", "grape", "kiwi", "lemon", "mango", "plum", "pear"]
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
 
 
@@ -96,23 +96,8 @@ class AScorer:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sp_model_path):
-    import random
-
-    from llama2.checkpoint import save_model
-    from llama2.stages.sft import SFTRecipe, sft
-    from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
-
     d = tmp_path_factory.mktemp("ppo")
-    torch.manual_seed(0)
-    save_model(Transformer(CFG), d / "random", Tokenizer(sp_model_path))
-    rng = random.Random(0)
-    dialogues = [[{"role": "user", "content": f"Name some fruit, please ({i})."},
-                  {"role": "assistant", "content": " ".join(rng.choice(FRUIT) for _ in range(4))}] for i in range(200)]
-    sft(load_recipe(SFTRecipe, None, [f"base={d / 'random'}", f"out_dir={d / 'policy'}", "max_seq_len=96",
-                                      "batch_size=8", "max_steps=60", "device=cpu", "precision=fp32", "optim.lr=1e-2",
-                                      "optim.warmup_steps=5", "samples.count=0", "peak_tflops=1", "save_every=0"]),
-        quiet=True, dialogues=dialogues)
+    fruit_policy(d, sp_model_path, CFG, 4)
     (d / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Name some fruit, please ({i})."}) + "\n"
                                            for i in range(64)))
     (d / "val.jsonl").write_text("".join(json.dumps({"prompt": f"Name some fruit, please ({i})."}) + "\n"

@@ -14,12 +14,12 @@ import torch
 
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
-from llama2.model import Transformer
 from llama2.reward import CombinedScores
+
+from conftest import FRUIT, fruit_policy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FRUIT = ["apple", "banana", "cherry", "date", "elder", "fig", "grape", "kiwi", "lemon", "mango", "plum", "pear"]
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
 
 
@@ -108,25 +108,8 @@ class LetterScorer:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sp_model_path):
-    from llama2.checkpoint import save_model
-    from llama2.tokenizer import Tokenizer
-
     d = tmp_path_factory.mktemp("rs")
-    torch.manual_seed(0)
-    save_model(Transformer(CFG), d / "random", Tokenizer(sp_model_path))
-    # the starting policy answers with five random fruit words: its samples differ in how many a's they hold
-    import random
-
-    from llama2.stages.sft import SFTRecipe, sft
-    from llama2.train.config import load_recipe
-
-    rng = random.Random(0)
-    dialogues = [[{"role": "user", "content": f"Name some fruit, please ({i})."},
-                  {"role": "assistant", "content": " ".join(rng.choice(FRUIT) for _ in range(5))}] for i in range(200)]
-    sft(load_recipe(SFTRecipe, None, [f"base={d / 'random'}", f"out_dir={d / 'policy'}", "max_seq_len=96",
-                                      "batch_size=8", "max_steps=60", "device=cpu", "precision=fp32", "optim.lr=1e-2",
-                                      "optim.warmup_steps=5", "samples.count=0", "peak_tflops=1", "save_every=0"]),
-        quiet=True, dialogues=dialogues)
+    fruit_policy(d, sp_model_path, CFG, 5)
     topics = ["lists", "files", "loops", "sets", "dicts", "strings", "bytes", "tuples", "classes", "modules",
               "threads", "sockets", "queues", "paths", "dates", "numbers", "errors", "tests", "types", "imports"]
     (d / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about {t}."}) + "\n" for t in topics))

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -215,39 +215,38 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
 
     # -- endpoints -------------------------------------------------------------------------------------------
 
+    async def answer(request: Request, job: Any, obj: str, choice: Callable[[int, Any], dict]) -> Response:
+        """A streamed answer, or the whole one: one choice per completion, with usage."""
+        if job.stream:
+            return streamed(request, job)
+        events = await collect(request, job)
+        return JSONResponse({**header(job, obj), "choices": [choice(i, ev.completion) for i, ev in enumerate(events)],
+                             "usage": usage(job.prompt_tokens, completion_tokens(events, job))})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         job = parse_chat(await read_json(request), tokenizer, served=model_name, context=context,
                          defaults=defaults)
-        if job.stream:
-            return streamed(request, job)
-        events = await collect(request, job)
-        choices = []
-        for i, ev in enumerate(events):
-            c = ev.completion
-            choice = {"index": i, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": chat_logprobs(tokenizer, c.tokens, c.raw_logprobs) if job.logprobs else None,
-                      "finish_reason": FINISH[c.finish_reason]}
-            choices.append(choice)
-        return JSONResponse({**header(job, "chat.completion"), "choices": choices,
-                             "usage": usage(job.prompt_tokens, completion_tokens(events, job))})
+
+        def choice(i: int, c: Any) -> dict:
+            return {"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(tokenizer, c.tokens, c.raw_logprobs) if job.logprobs else None,
+                    "finish_reason": FINISH[c.finish_reason]}
+
+        return await answer(request, job, "chat.completion", choice)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
         job = parse_completion(await read_json(request), tokenizer, served=model_name, context=context,
                                defaults=defaults)
-        if job.stream:
-            return streamed(request, job)
-        events = await collect(request, job)
-        choices = []
-        for i, ev in enumerate(events):
-            c = ev.completion
+
+        def choice(i: int, c: Any) -> dict:
             lp = completion_logprobs(tokenizer, c.tokens, c.raw_logprobs, echo=job.echo) if job.logprobs else None
-            choices.append({"index": i, "text": c.text, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]})
-        return JSONResponse({**header(job, "text_completion"), "choices": choices,
-                             "usage": usage(job.prompt_tokens, completion_tokens(events, job))})
+            return {"index": i, "text": c.text, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]}
+
+        return await answer(request, job, "text_completion", choice)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -53,7 +53,8 @@ from ..model import Transformer
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
 from ..train.config import OptimConfig, TrainRecipe, _check, expand_path
 from ..train.loop import LossOutput, Trainer, TrainResult
-from .rejection import PromptsSpec, _build_rm, _build_sft, ensure_model, load_prompt_sets, prompt_key, sample_seed
+from .rejection import PromptsSpec, _build_rm, _build_sft, load_prompt_sets, prompt_key, sample_seed
+from .sft import ensure_model
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 

@@ -42,6 +42,7 @@ from ..errors import Llama2Error
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
 from ..train.config import _check, expand_path, load_recipe, to_dict
 from ..train.metrics import MetricsLog, read_metrics
+from .sft import _config_path, ensure_model
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 STATE = "state.json"
@@ -208,33 +209,8 @@ class RejectionRecipe:
                             f"device={self.device}"])
 
 
-def _config_path(path: str) -> Path:
-    """A recipe path as given, else relative to the source checkout (configs/...)."""
-    p = expand_path(path)
-    if p.is_file():
-        return p
-    alt = Path(__file__).resolve().parents[3] / path
-    return alt if alt.is_file() else p
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Building what the run needs
-
-
-def ensure_model(path: str, recipe_path: str | None, what: str, build: Callable[[str, str], Any],
-                 quiet: bool) -> Path:
-    """The checkpoint at `path` (a run's latest checkpoint, or a checkpoint directory), built by
-    `build(recipe_path, path)` when it is missing and a recipe is given."""
-    from .sft import _base_exists, resolve_base
-
-    if not _base_exists(path):
-        if recipe_path is None:
-            raise Llama2Error(f"{what} {expand_path(path)} does not exist; give its directory or set a recipe that "
-                              "builds it")
-        if not quiet:
-            print(f"building the {what}: {recipe_path} into {path}", flush=True)
-        build(str(_config_path(recipe_path)), path)
-    return resolve_base(path)
 
 
 def _build_sft(recipe_path: str, out: str) -> None:

@@ -50,7 +50,7 @@ from ..reward import RewardModel, encode_pair, pad_rows
 from ..train.config import FineTuneRecipe, OptimConfig, _check, cache_dir, expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from .sft import LoRASpec, _base_exists, load_tokenizer, resolve_base
+from .sft import LoRASpec, _base_exists, ensure_model, load_tokenizer, resolve_base
 
 Kind = Literal["helpfulness", "safety"]
 MarginVariant = Literal["none", "small", "large"]
@@ -493,19 +493,15 @@ def score_histogram(scored: dict[str, tuple[list[float], list[float]]], path: Pa
 
 
 def ensure_sft_base(recipe: RewardRecipe, quiet: bool = False) -> Path:
-    """The chat model to start from; when missing and `base_recipe` is set, that SFT recipe is run with
-    out_dir = base first (it builds its own base and data when missing)."""
-    if not _base_exists(recipe.base):
-        if recipe.base_recipe is None:
-            raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; give the chat model to "
-                              "start from (HF or Meta layout, or an SFT run) or set base_recipe to build it")
+    """The chat model to start from; when missing and `base_recipe` is set, that SFT recipe is run with out_dir =
+    base first (it builds its own base and data when missing)."""
+    def build(recipe_path: str, out: str) -> None:
         from ..train.config import load_recipe
         from .sft import SFTRecipe, sft
 
-        if not quiet:
-            print(f"building the chat model: {recipe.base_recipe} into {recipe.base}", flush=True)
-        sft(load_recipe(SFTRecipe, recipe.base_recipe, [f"out_dir={recipe.base}"]), quiet=quiet)
-    return resolve_base(recipe.base)
+        sft(load_recipe(SFTRecipe, recipe_path, [f"out_dir={out}"]), quiet=quiet)
+
+    return ensure_model(recipe.base, recipe.base_recipe, "chat model", build, quiet)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -253,21 +253,39 @@ def _base_exists(base: str) -> bool:
     return (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "checkpoints" / "latest").is_file()
 
 
+def _config_path(path: str) -> Path:
+    """A recipe path as given, else relative to the source checkout (configs/...)."""
+    p = expand_path(path)
+    if p.is_file():
+        return p
+    alt = Path(__file__).resolve().parents[3] / path
+    return alt if alt.is_file() else p
+
+
+def ensure_model(path: str, recipe_path: str | None, what: str, build: Callable[[str, str], Any],
+                 quiet: bool) -> Path:
+    """The checkpoint at `path` (a run's latest checkpoint, or a checkpoint directory), built by
+    `build(recipe_path, path)` when it is missing and a recipe is given."""
+    if not _base_exists(path):
+        if recipe_path is None:
+            raise Llama2Error(f"{what} {expand_path(path)} does not exist; give its checkpoint directory (HF or Meta "
+                              "layout, or a training run), or set the recipe key that builds it")
+        if not quiet:
+            print(f"building the {what}: {recipe_path} into {path}", flush=True)
+        build(str(_config_path(recipe_path)), path)
+    return resolve_base(path)
+
+
 def ensure_base(recipe: SFTRecipe, quiet: bool = False) -> Path:
     """The base checkpoint; when it is missing and `base_recipe` is set, that pretraining recipe is run with
     out_dir = base first (it builds its own data when missing, and resumes if killed)."""
-    if not _base_exists(recipe.base):
-        if recipe.base_recipe is None:
-            raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; give a checkpoint "
-                              "directory (HF or Meta layout, or a training run) or set base_recipe to build it")
+    def build(recipe_path: str, out: str) -> None:
         from ..train.config import PretrainRecipe, load_recipe
         from .pretrain import pretrain
 
-        if not quiet:
-            print(f"building the base model: {recipe.base_recipe} into {recipe.base}", flush=True)
-        pre = load_recipe(PretrainRecipe, recipe.base_recipe, [f"out_dir={recipe.base}"])
-        pretrain(pre, quiet=quiet)
-    return resolve_base(recipe.base)
+        pretrain(load_recipe(PretrainRecipe, recipe_path, [f"out_dir={out}"]), quiet=quiet)
+
+    return ensure_model(recipe.base, recipe.base_recipe, "base model", build, quiet)
 
 
 def load_tokenizer(base: Path) -> Any:
