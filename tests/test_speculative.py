@@ -131,3 +131,33 @@ def test_enumeration_is_a_distribution():
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=2)
     for m in exact_marginals(model(2, 0.6, vocab=6), [1], 2, params):
         assert m.sum().item() == pytest.approx(1.0)
+
+
+def test_generate_with_a_draft_prints_the_target_greedy_text(tmp_path, sp_model_path):
+    """`llama2 generate --draft`: the same greedy text as the target alone, and the acceptance rate on stderr."""
+    import subprocess
+    import sys
+
+    from test_train import SUB_ENV
+
+    from llama2.checkpoint import save_model
+    from llama2.tokenizer import Tokenizer
+
+    tok = Tokenizer(sp_model_path)
+    torch.manual_seed(0)
+    big = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16,
+                                  max_seq_len=96))
+    small = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=1000, multiple_of=16,
+                                    max_seq_len=96))
+    save_model(big, tmp_path / "target", tok)
+    save_model(small, tmp_path / "draft", tok)
+    base = [sys.executable, "-m", "llama2", "generate", str(tmp_path / "target"), "--prompt", "The value of",
+            "--temperature", "0", "--max-new-tokens", "20", "--device", "cpu"]
+    alone = subprocess.run(base, capture_output=True, text=True, env=SUB_ENV)
+    spec = subprocess.run(base + ["--draft", str(tmp_path / "draft"), "--draft-k", "3"], capture_output=True,
+                          text=True, env=SUB_ENV)
+    assert alone.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == alone.stdout and alone.stdout.strip()
+    assert "draft tokens accepted" in spec.stderr
+    bad = subprocess.run(base + ["--draft", str(tmp_path / "nowhere")], capture_output=True, text=True, env=SUB_ENV)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -23,6 +23,10 @@ def register(subparsers) -> None:
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (slow start, faster tokens; long outputs)")
+    p.add_argument("--draft", metavar="CKPT", default=None,
+                   help="speculative decoding with this smaller draft model (same tokenizer): the target's own output, "
+                        "fewer target passes; prints the acceptance rate to stderr")
+    p.add_argument("--draft-k", type=int, default=4, help="draft tokens proposed per target pass (default 4)")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = Tokenizer(ckpt)
     model = load_model(ckpt, device, dtype)
+    if args.draft is not None:
+        return _speculative(args, model, tokenizer, prompt, params, device, dtype)
     generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
     out = sys.stdout
     for piece in generator.stream(tokenizer.encode(prompt, bos=True), params):
@@ -52,4 +58,28 @@ def run(args: argparse.Namespace) -> int:
         out.flush()
     out.write("\n")
     out.flush()
+    return 0
+
+
+def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params, device, dtype) -> int:
+    """--draft: decode with the target and a draft model (llama2.inference.speculative); the text at the end."""
+    import dataclasses
+    from pathlib import Path
+
+    from ..checkpoint import load_model
+    from ..errors import Llama2Error
+    from ..inference.speculative import SpeculativeDecoder
+
+    if args.stop or args.quantize != "none" or args.compile:
+        raise Llama2Error("--draft decodes with the target's own weights and stops at EOS: drop --stop, --quantize "
+                          "and --compile")
+    if not Path(args.draft).is_dir():
+        raise Llama2Error(f"draft checkpoint directory {args.draft} does not exist; check the path")
+    draft = load_model(Path(args.draft), device, dtype)
+    params = dataclasses.replace(params, stop_ids=[tokenizer.eos_id])
+    out = SpeculativeDecoder(model, draft, k=args.draft_k).generate(tokenizer.encode(prompt, bos=True), params)
+    sys.stdout.write(tokenizer.decode(out.tokens) + "\n")
+    sys.stdout.flush()
+    print(f"speculative decoding: {out.accepted} of {out.proposed} draft tokens accepted "
+          f"({out.acceptance_rate:.0%}), {out.tokens_per_target_call:.2f} tokens per target pass", file=sys.stderr)
     return 0

@@ -51,7 +51,7 @@ from ..errors import Llama2Error
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
-from ..train.config import OptimConfig, TrainRecipe, _check, expand_path
+from ..train.config import OptimConfig, TrainRecipe, _check
 from ..train.loop import LossOutput, Trainer, TrainResult
 from .rejection import PromptsSpec, _build_rm, _build_sft, load_prompt_sets, prompt_key, sample_seed
 from .sft import ensure_model
