@@ -1,0 +1,101 @@
+"""Ghost Attention (paper section 7): the data transformation against hand-built expectations, each checker on
+crafted answers, and a tiny model trained with GAtt keeping a checkable instruction at turn 6 more often than the
+same model trained on the same dialogues without it."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fruit_policy
+from llama2.config import ModelConfig
+from llama2.errors import Llama2Error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=256)
+
+
+def test_the_instruction_is_kept_once_and_only_the_last_answer_trains(tok):
+    from llama2.chat import encode_dialog_for_training
+    from llama2.stages.gatt import place_once, with_instruction
+
+    assert with_instruction("Hi.", "Speak in French.") == "Hi. Speak in French."
+    msgs = place_once(["Hi.", "And then?"], ["Bonjour.", "Ensuite."], "Speak in French.", "system")
+    assert msgs == [{"role": "system", "content": "Speak in French."},
+                    {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Bonjour."},
+                    {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Ensuite."}]
+    first = place_once(["Hi.", "And then?"], ["A.", "B."], "Be brief.", "first_user", system="You help.")
+    assert first[0] == {"role": "system", "content": "You help."}
+    assert first[1]["content"] == "Be brief. Hi." and first[3]["content"] == "And then?"
+    ids, trained = encode_dialog_for_training(tok, msgs, train_on="last_assistant")
+    kept = tok.decode([i for i, t in zip(ids, trained) if t and i != tok.eos_id])
+    assert kept.strip() == "Ensuite."  # every earlier token, the first answer included, carries no loss
+    with pytest.raises(Llama2Error, match="placement"):
+        place_once(["a"], ["b"], "c", "everywhere")
+
+
+@pytest.mark.parametrize("make,good,bad", [
+    ("upper_case", ["HELLO THERE.", "OK 42!"], ["Hello", "", "123"]),
+    ("end_with", ["That is it, indeed.", "indeed"], ["Indeed it is.", ""]),
+    ("at_most", ["one two three", "a b c d e"], ["a b c d e f", ""]),
+    ("mention", ["Python is fun, indeed!", "INDEED"], ["indeedy", ""]),
+    ("start_with", ["Well, yes.", "well, no"], ["Yes. Well,", ""]),
+])
+def test_checkers_and_enforcers_on_crafted_answers(make, good, bad):
+    from llama2.stages import gatt
+
+    inst = {"upper_case": gatt.upper_case(), "end_with": gatt.end_with("indeed"), "at_most": gatt.at_most(5),
+            "mention": gatt.mention("indeed"), "start_with": gatt.start_with("Well,")}[make]
+    assert all(inst.check(a) for a in good) and not any(inst.check(a) for a in bad)
+    for a in ("some answer here that runs on for a while.", "x"):
+        assert inst.check(inst.enforce(a))
+
+
+def test_instruction_families():
+    from llama2.stages.gatt import FAMILIES, instruction
+
+    rng = random.Random(0)
+    texts = [instruction(f, rng) for f in FAMILIES for _ in range(6)]
+    assert {i.family for i in texts} == set(FAMILIES)
+    paper = [i for i in texts if i.check is None]
+    assert paper and any(i.short != i.text for i in paper) and any(". " in i.text for i in paper)  # short, combined
+    with pytest.raises(Llama2Error, match="unknown instruction family"):
+        instruction("rhymes", rng)
+
+
+def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
+                                                                            tok):
+    from llama2.checkpoint import load_checkpoint
+    from llama2.stages import gatt as g
+    from llama2.train.config import load_recipe
+
+    monkeypatch.setattr(g, "WORDS", ("indeed",))
+    policy = fruit_policy(tmp_path, sp_model_path, CFG, 4)
+    dialogues = tmp_path / "d.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Name some fruit, please ({i})."}, {"role": "assistant", "content": "apple"},
+        {"role": "user", "content": f"More fruit ({i})?"}, {"role": "assistant", "content": "pear"}]}) + "\n"
+        for i in range(120)))
+    (tmp_path / "ft.yaml").write_text("max_steps: null\nepochs: 6\nbatch_size: 8\nmax_seq_len: 256\nprecision: fp32\n"
+                                      "optim: {lr: 1.0e-2, warmup_steps: 2, schedule: constant}\neval_every: 0\n"
+                                      "save_every: 0\npeak_tflops: 1\nkeep_last: 1\n")
+    adherent = {}
+    for name, enforce in (("gatt", "true"), ("plain", "false")):
+        recipe = load_recipe(g.GattRecipe, None, [f"base={policy}", f"out_dir={tmp_path / name}",
+                                                  "families=[end_with]", f"enforce={enforce}", "turns=3",
+                                                  "max_new_tokens=12", f"data_path={dialogues}", "device=cpu",
+                                                  f"finetune.recipe={tmp_path / 'ft.yaml'}"])
+        ckpt = g.gatt(recipe, quiet=True)
+        model = load_checkpoint(ckpt, kind="causal_lm").eval()
+        users = [[f"Name some fruit, please ({500 + i})."] + [f"More fruit ({500 + i})?"] * 5 for i in range(12)]
+        adherent[name] = g.adherence(model, tok, [g.end_with("indeed")], users, max_new_tokens=12)["end_with"]
+        saved = [json.loads(x) for x in (tmp_path / name / "gatt_dialogues.jsonl").read_text().splitlines()]
+        assert saved[0]["mask"] == "last_assistant" and saved[0]["messages"][0]["role"] == "system"
+        assert sum(m["role"] == "user" for m in saved[0]["messages"]) == 3
+    assert len(adherent["gatt"]) == 6
+    assert adherent["gatt"][5] > adherent["plain"][5] + 0.3, adherent
