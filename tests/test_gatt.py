@@ -99,3 +99,32 @@ def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_
         assert sum(m["role"] == "user" for m in saved[0]["messages"]) == 3
     assert len(adherent["gatt"]) == 6
     assert adherent["gatt"][5] > adherent["plain"][5] + 0.3, adherent
+
+
+def test_eval_gatt_cli_prints_table_30_and_writes_json_and_png(tmp_path, sp_model_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from test_train import SUB_ENV
+
+    from llama2.checkpoint import save_model
+    from llama2.model import Transformer
+    from llama2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    save_model(Transformer(CFG), tmp_path / "m", Tokenizer(sp_model_path))
+    env = {**SUB_ENV, "LLAMA2_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "gatt.json"
+    r = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "m"), "--turns", "3",
+                        "--dialogues", "2", "--max-new-tokens", "4", "--output", str(out)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "| model | instruction | turn 1 | turn 2 |" in r.stdout and "| model | upper_case |" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["turns"] == 3 and set(report["families"]) == {"upper_case", "end_with", "at_most_words",
+                                                                "mention", "start_with"}
+    assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in report["families"].values())
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -30,14 +30,16 @@ SFT_RECIPE = CONFIGS / "sft.yaml"
 RM_RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
 RS_RECIPE = CONFIGS / "rejection.yaml"
 PPO_RECIPE = CONFIGS / "ppo.yaml"
+GATT_RECIPE = CONFIGS / "gatt.yaml"
+GATT_TURNS, GATT_DIALOGUES = 6, 8
 PPO_CAP = 40  # iterations at most (the budget usually decides)
 RS_SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-# The 4% left is for the stages still to come (GAtt, safety distillation, ...): today the demo ends early by that much (and by
+# Nothing is left for the stages still to come (safety distillation, ...): today the demo ends early by that much (and by
 # what SFT and the reward models leave when they reach their recipes' epochs).
 SHARES = {"pretrain": 0.50, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
-          "ppo": 0.06, "formats": 0.03}
+          "ppo": 0.06, "gatt": 0.04, "formats": 0.03}
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
@@ -681,7 +683,7 @@ def ppo_stage(ctx: DemoContext, section: Section) -> str:
     table = [[label, mean("reward", part), mean("reward_helpfulness", part), mean("reward_safety", part),
               mean("kl", part), mean("response_length", part), mean("truncated", part)]
              for label, part in ((f"first {n} iteration(s)", first), (f"last {n} iteration(s)", last))]
-    ctx.figures.update({"ppo_iterations": result.step, "ppo_reward_first": table[0][1], "ppo_reward_last": table[1][1],
+    ctx.figures.update({"ppo_policy": str(result.checkpoint), "ppo_iterations": result.step, "ppo_reward_first": table[0][1], "ppo_reward_last": table[1][1],
                         "ppo_kl_last": table[1][4], "ppo_heldout_before": held[0]["heldout_reward"] if held else None,
                         "ppo_heldout_after": held[-1]["heldout_reward"] if held else None})
     section.text(
@@ -704,6 +706,49 @@ def ppo_stage(ctx: DemoContext, section: Section) -> str:
                                         "starting policy, per iteration")
     return (f"ppo: {result.step} iterations, rollout R_c {table[0][1]:.3f} -> {table[1][1]:.3f}, KL to pi_0 "
             f"{table[1][4]:.2f}")
+
+
+def gatt_stage(ctx: DemoContext, section: Section) -> str:
+    """Ghost Attention from the latest RLHF policy (PPO's, else rejection sampling's): adherence to each checkable
+    system instruction at every turn, before and after."""
+    from ..stages import gatt as g
+    from ..train.config import load_recipe
+
+    start = ctx.figures.get("ppo_policy") or ctx.figures.get("rs_policy") or ctx.figures.get("sft_checkpoint")
+    if start is None:
+        raise Llama2Error("Ghost Attention needs a chat model, and none finished")
+    run_dir = ctx.out / "gatt"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    recipe = load_recipe(g.GattRecipe, GATT_RECIPE, [f"base={start}", f"out_dir={run_dir}", "base_recipe=null"])
+    t0 = time.time()
+    before = g.adherence_report(start, GATT_TURNS, GATT_DIALOGUES, max_new_tokens=48)
+    after_ckpt = g.gatt(recipe, quiet=True)
+    after = g.adherence_report(run_dir, GATT_TURNS, GATT_DIALOGUES, max_new_tokens=48)
+    seconds = time.time() - t0
+    kept = json.loads((run_dir / "gatt_data.json").read_text())
+    reports = {"without GAtt": before, "with GAtt": after}
+    fig = ctx.out / "figures" / "gatt"
+    fig.mkdir(parents=True, exist_ok=True)
+    g.adherence_plot(reports, fig / "adherence.png")
+    section.text(
+        f"Ghost Attention (`llama2.stages.gatt`, `configs/tiny/gatt.yaml`) from the latest RLHF policy, in "
+        f"{seconds:.0f} s: {kept['kept']} dialogues of {recipe.turns} built-in user turns, a checkable instruction "
+        "appended to every user turn while the model answered, each answer rewritten to follow it (the tiny model "
+        "cannot yet), the instruction then kept once as the system message, and the SFT stage trained on the last "
+        f"answer only. Adherence: the instruction as the system message, {GATT_DIALOGUES} held-out dialogues of "
+        f"{GATT_TURNS} turns per family, greedy answers, the share that pass the instruction's checker.")
+    headers, rows = g.adherence_rows(reports, turns=(1, 2, 4, 6))
+    section.table(headers, rows, caption="Adherence (%) to the system instruction by turn")
+    section.figure(fig / "adherence.png", "Adherence to the system instruction at each turn, per family, without "
+                                          "and with GAtt (the paper's Table 30 reports turns 2, 4, 6, 20)")
+
+    def mean_at(r: dict, t: int) -> float:
+        return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
+
+    ctx.figures.update({"gatt_turn6_before": mean_at(before, GATT_TURNS), "gatt_turn6_after": mean_at(after, GATT_TURNS),
+                        "gatt_checkpoint": str(after_ckpt)})
+    return (f"gatt: mean adherence at turn {GATT_TURNS} {100 * mean_at(before, GATT_TURNS):.0f}% -> "
+            f"{100 * mean_at(after, GATT_TURNS):.0f}% over {len(after['families'])} instruction families")
 
 
 def formats_stage(ctx: DemoContext, section: Section) -> str:
@@ -745,7 +790,8 @@ STAGES: list[Stage] = [
     Stage("reward", "5. Reward models", reward_stage),
     Stage("rejection", "6. Rejection sampling", rejection_stage),
     Stage("ppo", "7. PPO", ppo_stage),
-    Stage("formats", "8. Checkpoint formats", formats_stage),
+    Stage("gatt", "8. Ghost Attention", gatt_stage),
+    Stage("formats", "9. Checkpoint formats", formats_stage),
 ]
 
 

@@ -342,7 +342,10 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
     from ..checkpoint import load_checkpoint
     from .sft import ensure_dialogues, load_tokenizer, resolve_base
 
-    path = resolve_base(str(ckpt))
+    p = expand_path(str(ckpt))
+    if (p / "gatt_dialogues.jsonl").is_file():  # a `llama2 gatt` run: its fine-tuned model
+        p = p / "sft"
+    path = resolve_base(str(p))
     model = load_checkpoint(path, kind="causal_lm", device=device).eval()
     rng = random.Random(seed)
     held = read_dialogues(ensure_dialogues(quiet=True)[1]).dialogues[:dialogues]
@@ -354,3 +357,49 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
 
 __all__ = ["GattRecipe", "gatt", "adherence", "adherence_report", "build_gatt_data", "place_once",
            "with_instruction", "instruction", "Instruction", "CHECKABLE", "FAMILIES"]
+
+
+def adherence_rows(reports: dict[str, dict[str, Any]], turns: Sequence[int] = (1, 2, 4, 6, 20)
+                   ) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): one row per (model, family), adherence % at the given turns (those the reports have), as
+    the paper's Table 30 (turns 2, 4, 6, 20)."""
+    n = min(r["turns"] for r in reports.values())
+    cols = [t for t in turns if t <= n] or [n]
+    rows = [[name, fam, *(f"{100 * per[t - 1]:.0f}%" for t in cols)]
+            for name, r in reports.items() for fam, per in r["families"].items()]
+    return ["model", "instruction", *(f"turn {t}" for t in cols)], rows
+
+
+def adherence_table(reports: dict[str, dict[str, Any]], turns: Sequence[int] = (1, 2, 4, 6, 20)) -> str:
+    """adherence_rows as a Markdown table."""
+    headers, rows = adherence_rows(reports, turns)
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def adherence_plot(reports: dict[str, dict[str, Any]], path: Path) -> Path:
+    """A PNG: adherence against turn, one panel per family, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_open
+
+    fams = sorted({f for r in reports.values() for f in r["families"]})
+    fig, axes = plt.subplots(1, len(fams), figsize=(3.6 * len(fams), 3.2), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for name, r in reports.items():
+            per = r["families"].get(fam)
+            if per:
+                ax.plot(range(1, len(per) + 1), [100 * x for x in per], "o-", markersize=3, label=name)
+        ax.set_title(fam)
+        ax.set_xlabel("turn")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("adherence (%)")
+    axes[0][0].legend(fontsize=8)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
