@@ -66,6 +66,16 @@ def test_instruction_families():
     assert paper and any(i.short != i.text for i in paper) and any(". " in i.text for i in paper)  # short, combined
     with pytest.raises(Llama2Error, match="unknown instruction family"):
         instruction("rhymes", rng)
+    from llama2.stages import gatt
+
+    gatt.register_family("shout", lambda r: gatt.Instruction("shout", "End with '!'.", "'!'.",
+                                                             lambda a: a.endswith("!"), lambda a: a + "!"))
+    try:
+        assert instruction("shout", rng).check("yes!")
+        with pytest.raises(Llama2Error, match="exists already"):
+            gatt.register_family("upper_case", lambda r: None)
+    finally:
+        gatt.USER_FAMILIES.clear()
 
 
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
@@ -116,7 +126,8 @@ def test_eval_gatt_cli_prints_table_30_and_writes_json_and_png(tmp_path, sp_mode
     env = {**SUB_ENV, "LLAMA2_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "gatt.json"
     r = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "m"), "--turns", "3",
-                        "--dialogues", "2", "--max-new-tokens", "4", "--output", str(out)], capture_output=True,
+                        "--dialogues", "2", "--max-new-tokens", "4", "--output", str(out), "--attention",
+                        str(tmp_path / "att.png")], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "| model | instruction | turn 1 | turn 2 |" in r.stdout and "| model | upper_case |" in r.stdout
@@ -125,6 +136,30 @@ def test_eval_gatt_cli_prints_table_30_and_writes_json_and_png(tmp_path, sp_mode
                                                                 "mention", "start_with"}
     assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in report["families"].values())
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_attention_maps_equal_transformers_eager_attentions(tmp_path, tok):
+    """The recomputed attention probabilities (Figure 10's input) against transformers' output_attentions."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import random_hf_llama
+    from llama2.checkpoint import load_model
+    from llama2.stages.gatt import attention_maps, system_attention
+
+    hf = random_hf_llama(4, num_key_value_heads=2, vocab_size=1000)
+    hf.save_pretrained(tmp_path / "m")
+    ours = load_model(tmp_path / "m").eval()
+    tokens = [1, 5, 77, 300, 12, 999, 4, 8]
+    eager = LlamaForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = torch.stack([a[0].mean(0) for a in eager(torch.tensor([tokens]), output_attentions=True).attentions])
+    got = attention_maps(ours, tokens)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    msgs = [{"role": "system", "content": "Always answer in capital letters."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "HELLO"}, {"role": "user", "content": "How are you?"}]
+    mass, words = system_attention(ours, tok, msgs)
+    assert mass.shape == (2, len(words)) and bool(((mass >= 0) & (mass <= 1 + 1e-6)).all())

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     g.add_argument("--dialogues", type=int, default=16, help="dialogues per family (default 16)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
     g.add_argument("--output", type=Path, default=None, help="write the result as JSON here, and a PNG beside it")
+    g.add_argument("--attention", type=Path, default=None, metavar="PNG",
+                   help="also draw the attention mass of the last turn on the system message, per layer (Figure 10)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.set_defaults(func=gatt_handler)
 
@@ -42,4 +44,16 @@ def gatt_handler(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic_write_text(args.output, json.dumps(report, indent=1))
         adherence_plot({"model": report}, args.output.with_suffix(".png"))
+    if args.attention is not None:
+        from ..checkpoint import load_checkpoint
+        from ..stages.gatt import attention_figure, start_with
+        from ..stages.sft import load_tokenizer
+
+        ckpt = Path(report["checkpoint"])
+        dialogue = [{"role": "system", "content": start_with("Well,").text},
+                    {"role": "user", "content": "What does len() return?"},
+                    {"role": "assistant", "content": "Well, the number of items."},
+                    {"role": "user", "content": "And what does sorted() return?"}]
+        attention_figure({"model": load_checkpoint(ckpt, kind="causal_lm").eval()}, load_tokenizer(ckpt), dialogue,
+                         args.attention)
     return 0

@@ -741,6 +741,20 @@ def gatt_stage(ctx: DemoContext, section: Section) -> str:
     section.table(headers, rows, caption="Adherence (%) to the system instruction by turn")
     section.figure(fig / "adherence.png", "Adherence to the system instruction at each turn, per family, without "
                                           "and with GAtt (the paper's Table 30 reports turns 2, 4, 6, 20)")
+    from ..checkpoint import load_checkpoint
+    from ..tokenizer import Tokenizer
+
+    users = [m["content"] for m in json.loads((run_dir / "gatt_dialogues.jsonl").read_text().splitlines()[0])
+             ["messages"] if m["role"] == "user"]
+    dialogue = [{"role": "system", "content": g.start_with("Well,").text}]
+    for u in users[:2]:
+        dialogue += [{"role": "user", "content": u}, {"role": "assistant", "content": "Well, ..."}]
+    dialogue.append({"role": "user", "content": users[-1]})
+    models = {"without GAtt": load_checkpoint(start, kind="causal_lm").eval(),
+              "with GAtt": load_checkpoint(after_ckpt, kind="causal_lm").eval()}
+    g.attention_figure(models, Tokenizer(after_ckpt), dialogue, fig / "attention.png")
+    section.figure(fig / "attention.png", "Attention mass that each token of the last turn puts on the system "
+                                          "message, per layer, without and with GAtt (the paper's Figure 10)")
 
     def mean_at(r: dict, t: int) -> float:
         return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])

@@ -98,9 +98,22 @@ PAPER_FAMILIES = ("hobby", "language", "figure")
 FAMILIES = CHECKABLE + PAPER_FAMILIES
 
 
+USER_FAMILIES: dict[str, Callable[[random.Random], Instruction]] = {}
+
+
+def register_family(name: str, make: Callable[[random.Random], Instruction]) -> None:
+    """Add an instruction family: make(rng) returns an Instruction (with check and enforce for a checkable one).
+    Registered families may be named in a recipe's `families` and are measured by adherence()."""
+    if name in FAMILIES:
+        raise Llama2Error(f"instruction family {name!r} exists already; choose another name")
+    USER_FAMILIES[name] = make
+
+
 def instruction(family: str, rng: random.Random) -> Instruction:
     """A random instruction of a family (for the paper's families, half of them combined with another and half
     shortened, as the paper does)."""
+    if family in USER_FAMILIES:
+        return USER_FAMILIES[family](rng)
     if family == "upper_case":
         return upper_case()
     if family == "end_with":
@@ -254,7 +267,8 @@ class GattRecipe:
     def validate(self) -> None:
         _check(bool(self.base), "base", self.base, "a checkpoint directory or run")
         for f in self.families:
-            _check(f in FAMILIES, "families", self.families, f"a list of {list(FAMILIES)}")
+            _check(f in FAMILIES or f in USER_FAMILIES, "families", self.families,
+                   f"a list of {list(FAMILIES) + list(USER_FAMILIES)}")
         _check(bool(self.families), "families", self.families, "a non-empty list")
         _check(self.turns >= 2, "turns", self.turns, "an integer >= 2")
         _check(self.max_dialogues >= 1, "max_dialogues", self.max_dialogues, "an integer >= 1")
@@ -337,7 +351,7 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
 
 
 def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0, max_new_tokens: int = 32,
-                     device: str = "cpu", families: Sequence[str] = CHECKABLE) -> dict[str, Any]:
+                     device: str = "cpu", families: Sequence[str] | None = None) -> dict[str, Any]:
     """Adherence by turn for `ckpt` on held-out dialogues' user turns: {"turns", "families": {f: [per turn]}}."""
     from ..checkpoint import load_checkpoint
     from .sft import ensure_dialogues, load_tokenizer, resolve_base
@@ -350,8 +364,9 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
     rng = random.Random(seed)
     held = read_dialogues(ensure_dialogues(quiet=True)[1]).dialogues[:dialogues]
     users = user_turns(held, turns, rng)
-    insts = [instruction(f, rng) for f in families]
+    insts = [instruction(f, rng) for f in (families or [*CHECKABLE, *USER_FAMILIES])]
     return {"checkpoint": str(path), "turns": turns, "dialogues": len(users),
+            "instruction": "the system message, kept when old exchanges are dropped to fit the context",
             "families": adherence(model, load_tokenizer(path), insts, users, max_new_tokens)}
 
 
@@ -399,6 +414,75 @@ def adherence_plot(reports: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("adherence (%)")
     axes[0][0].legend(fontsize=8)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the last turn looks (the paper's Figure 10)
+
+
+@torch.no_grad()
+def attention_maps(model: Any, tokens: Sequence[int]) -> torch.Tensor:
+    """(n_layers, T, T): each layer's attention probabilities for one sequence, averaged over heads (recomputed
+    from each attention module's inputs: q and k with their rotary embeddings, causal softmax)."""
+    from ..model import Attention, apply_rope
+
+    captured: list[tuple] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append((mod, args)))
+             for m in model.modules() if isinstance(m, Attention)]
+    try:
+        model(torch.tensor([list(tokens)], device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for mod, (x, cos, sin, *_rest) in captured:
+        B, T, _ = x.shape
+        q = mod.q_proj(x).view(B, T, mod.n_heads, mod.head_dim).transpose(1, 2)
+        k = mod.k_proj(x).view(B, T, mod.n_kv_heads, mod.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(mod.n_heads // mod.n_kv_heads, dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) / mod.head_dim ** 0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        maps.append(scores.masked_fill(~causal, float("-inf")).softmax(-1)[0].mean(0))
+    return torch.stack(maps)
+
+
+def system_attention(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[torch.Tensor, list[str]]:
+    """For a dialogue ending with a user message (system message first): (n_layers, L) the attention mass each
+    token of the last turn puts on the system message's tokens, per layer, and those L tokens' text."""
+    from ..chat import B_INST, B_SYS, encode_dialog
+
+    if not messages or messages[0]["role"] != "system":
+        raise Llama2Error("system_attention needs a dialogue that starts with a system message")
+    ids = encode_dialog(tokenizer, messages)
+    start = 1 + len(tokenizer.encode(f"{B_INST} {B_SYS}", bos=False))  # after BOS and the system tag
+    end = 1 + len(tokenizer.encode(f"{B_INST} {B_SYS}{messages[0]['content'].strip()}", bos=False))
+    last = max(i for i, t in enumerate(ids) if t == tokenizer.bos_id)
+    maps = attention_maps(model, ids)
+    return maps[:, last:, start:end].sum(-1), [tokenizer.decode([t]) for t in ids[last:]]
+
+
+def attention_figure(models: dict[str, Any], tokenizer: Any, messages: Sequence[dict[str, str]], path: Path) -> Path:
+    """A PNG heatmap per model: layers x the last turn's tokens, the attention mass on the system message."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_open
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.2), squeeze=False)
+    for ax, (name, model) in zip(axes[0], models.items()):
+        mass, words = system_attention(model, tokenizer, messages)
+        im = ax.imshow(mass.cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"{name}: attention on the system message")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(len(words)), [w.strip() or "_" for w in words], rotation=90, fontsize=6)
+        fig.colorbar(im, ax=ax)
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
