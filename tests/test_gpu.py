@@ -211,3 +211,30 @@ def test_ppo_iterations_on_cuda(tmp_path, sp_model_path):
     result = ppo(recipe, quiet=True, scorer=scorer)
     assert result.step == 3 and all(x == x for x in (result.last["loss"], result.last["kl"]))
     assert (result.checkpoint / "value" / "model.safetensors").is_file()
+
+
+def test_gatt_stage_on_cuda(tmp_path, sp_model_path):
+    """Ghost Attention on CUDA: turn-by-turn sampling, the SFT step on the last answers, adherence."""
+    import json
+
+    from llama2.checkpoint import load_checkpoint, save_model
+    from llama2.stages import gatt as g
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=128)
+    tok = Tokenizer(sp_model_path)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "m", tok)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                                       {"role": "assistant", "content": "A."}]}) + "\n"
+                                              for i in range(16)))
+    (tmp_path / "ft.yaml").write_text("max_steps: 3\nbatch_size: 4\nmax_seq_len: 128\nprecision: bf16\n"
+                                      "save_every: 0\npeak_tflops: 1\nsamples: {count: 0}\n")
+    recipe = load_recipe(g.GattRecipe, None, [f"base={tmp_path / 'm'}", f"out_dir={tmp_path / 'run'}", "turns=2",
+                                              "max_new_tokens=6", f"data_path={tmp_path / 'd.jsonl'}", "device=cuda",
+                                              f"finetune.recipe={tmp_path / 'ft.yaml'}"])
+    ckpt = g.gatt(recipe, quiet=True)
+    model = load_checkpoint(ckpt, kind="causal_lm", device="cuda").eval()
+    got = g.adherence(model, tok, [g.upper_case()], [["Hi?", "Again?"]], max_new_tokens=4)
+    assert len(got["upper_case"]) == 2
