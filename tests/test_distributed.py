@@ -160,7 +160,9 @@ assert mine["rank"] == rank and torch.equal(mine["value"], torch.tensor([10.0 * 
 assert torch.equal(kl.beta, ref_kl.beta) and counters == ref_counters == {"rollouts": 4}
 for (n, a), b in zip(resumed.model.state_dict().items(), ref.model.state_dict().values()):
     assert torch.equal(a.full_tensor(), b.full_tensor()), n
-dist.destroy_process_group()
+del ref, crashed, resumed, pi, frozen, a, b  # the project's shutdown: collect them, barrier, leave the group
+from llama2.train.distributed import shutdown
+shutdown()
 """
 
 
