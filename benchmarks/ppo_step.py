@@ -50,14 +50,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _peers import emit, run_sides  # benchmarks/ is on sys.path when run as a script
 
 SUBJECTS = ["apples", "rivers", "stars", "clouds", "bread", "music", "trains", "birds", "maps", "lamps", "boats",
             "coins", "roads", "trees", "books", "cats", "dogs", "shoes", "cars", "fish", "stones", "bells", "kites",
@@ -297,8 +296,7 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
     data = json.loads((work / "data.json").read_text())
     result = (run_ours if args.worker == "ours" else run_trl)(args, data, work)
-    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    emit(result)
 
 
 def main() -> None:
@@ -346,22 +344,10 @@ def main() -> None:
               f"after {args.warmup} warm-up", flush=True)
         print("TRL 1.16 has no PPO trainer: the comparison is with RLOOTrainer (REINFORCE leave-one-out, k answers "
               "per prompt, rollout-then-update), which trains no value model", flush=True)
-        results = {}
         passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
                        for k in ("threads", "batch", "k", "max_new_tokens", "prompts", "dim", "layers", "heads", "seq",
                                  "steps", "warmup", "precision")]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "TOKENIZERS_PARALLELISM": "false"}
-        for name in ("ours", "trl"):
-            if args.only and name != args.only:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), *passthrough],
-                                 capture_output=True, text=True, env=env)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-                continue
-            results[name] = json.loads(line[len("RESULT "):])
+        results = run_sides(__file__, work, passthrough, args.threads, args.only)
     for name, r in results.items():
         s = r["split"]
         print(f"{name:5s}: {r['iter_s']:7.3f} s/iteration (median; mean {r['iter_mean_s']:.3f}), "

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _peers import emit, run_sides  # benchmarks/ is on sys.path when run as a script
 
 
 def prepare(work: Path, seq: int) -> Path:
@@ -182,8 +181,7 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
     data = torch.load(work / "data.pt")
     result = (run_ours if args.worker == "ours" else run_trl)(args, data, work)
-    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    emit(result)
 
 
 def main() -> None:
@@ -212,21 +210,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, args.seq)
-        results = {}
         passthrough = [f"--{k}={getattr(args, k)}" for k in ("threads", "steps", "warmup", "batch", "seq", "dim",
                                                             "layers", "heads", "vocab")]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "TOKENIZERS_PARALLELISM": "false"}
-        for name in ("ours", "trl"):
-            if args.only and name != args.only:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), *passthrough],
-                                 capture_output=True, text=True, env=env)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-                continue
-            results[name] = json.loads(line[len("RESULT "):])
+        results = run_sides(__file__, work, passthrough, args.threads, args.only)
     for name, r in results.items():
         extra = ""
         if name == "trl":

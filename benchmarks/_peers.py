@@ -1,0 +1,37 @@
+"""Running our side and a peer's side of a benchmark each in its own subprocess (the same script with
+`--worker NAME`), with the same threads, and collecting what each printed as its `RESULT {json}` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_sides(script: str, work: Path, passthrough: list[str], threads: int, only: str | None,
+              names: tuple[str, ...] = ("ours", "trl")) -> dict[str, dict[str, Any]]:
+    """{name: result} for each side that finished (a failure prints its output tails and is left out)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    for name in names:
+        if only and name != only:
+            continue
+        out = subprocess.run([sys.executable, script, "--worker", name, "--work", str(work), *passthrough],
+                             capture_output=True, text=True, env=env)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            continue
+        results[name] = json.loads(line[len("RESULT "):])
+    return results
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A worker's result line, with its peak resident memory (ru_maxrss) added."""
+    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
