@@ -35,3 +35,33 @@ def emit(result: dict[str, Any]) -> None:
     """A worker's result line, with its peak resident memory (ru_maxrss) added."""
     result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_worker(args: Any, sides: dict[str, Any], load: Any) -> None:
+    """The `--worker NAME` process: torch threads and seed set, the prepared data read by load(work dir),
+    sides[NAME](args, data, work) run, its result emitted."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(args.work)
+    emit(sides[args.worker](args, load(work), work))
+
+
+def step_clock(times: list[float]) -> Any:
+    """A transformers TrainerCallback appending each optimiser step's seconds (on_step_begin to on_step_end) to
+    `times` (what the Trainer does around the step, data loading included, falls outside)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        start = 0.0
+
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    return Clock()

@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peers import emit, run_sides  # benchmarks/ is on sys.path when run as a script
+from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 
 SUBJECTS = ["apples", "rivers", "stars", "clouds", "bread", "music", "trains", "birds", "maps", "lamps", "boats",
             "coins", "roads", "trees", "books", "cats", "dogs", "shoes", "cars", "fish", "stones", "bells", "kites",
@@ -197,7 +197,7 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+    from transformers import AutoTokenizer, LlamaForCausalLM
     from trl import RLOOConfig, RLOOTrainer
 
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
@@ -226,17 +226,9 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
                         dataloader_num_workers=0, bf16=bf16, fp16=False, gradient_checkpointing=False,
                         disable_tqdm=True, log_completions=False)
     times: list[float] = []
-    t0 = [0.0]
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            t0[0] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - t0[0])
 
     trainer = RLOOTrainer(model=model, reward_funcs=[a_reward], args=config, train_dataset=ds,
-                          processing_class=tok, callbacks=[Clock()])
+                          processing_class=tok, callbacks=[step_clock(times)])
     gen_t: list[float] = []
     gs_t: list[float] = []
     lengths: list[float] = []
@@ -289,14 +281,7 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    work = Path(args.work)
-    data = json.loads((work / "data.json").read_text())
-    result = (run_ours if args.worker == "ours" else run_trl)(args, data, work)
-    emit(result)
+    run_worker(args, {"ours": run_ours, "trl": run_trl}, lambda work: json.loads((work / "data.json").read_text()))
 
 
 def main() -> None:

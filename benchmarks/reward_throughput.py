@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peers import emit, run_sides  # benchmarks/ is on sys.path when run as a script
+from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 
 
 def find_tokenizer(work: Path, comparisons) -> Path:
@@ -179,7 +179,7 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaForSequenceClassification, TrainerCallback
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
@@ -202,16 +202,8 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
                           gradient_checkpointing=False, max_length=args.seq, center_rewards_coefficient=None,
                           train_sampling_strategy="sequential", disable_tqdm=True)
     times: list[float] = []
-    t0 = [0.0]
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            t0[0] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - t0[0])
-
-    trainer = RewardTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = RewardTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[step_clock(times)])
     collate = trainer.data_collator
     collated: list[dict] = []
 
@@ -246,12 +238,7 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    work = Path(args.work)
-    data = torch.load(work / "data.pt")
-    result = (run_ours if args.worker == "ours" else run_trl)(args, data, work)
-    emit(result)
+    run_worker(args, {"ours": run_ours, "trl": run_trl}, lambda work: torch.load(work / "data.pt"))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peers import emit, run_sides  # benchmarks/ is on sys.path when run as a script
+from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 
 
 def prepare(work: Path, seq: int) -> Path:
@@ -99,7 +99,7 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
@@ -121,16 +121,8 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
                        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                        dataloader_num_workers=0, bf16=False, fp16=False, dataset_num_proc=None)
     times: list[float] = []
-    t0 = [0.0]
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            t0[0] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - t0[0])
-
-    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, callbacks=[step_clock(times)])
     tokens: list[float] = []
     trained: list[float] = []
     collate = trainer.data_collator
@@ -176,12 +168,7 @@ def _hidden(dim: int) -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    work = Path(args.work)
-    data = torch.load(work / "data.pt")
-    result = (run_ours if args.worker == "ours" else run_trl)(args, data, work)
-    emit(result)
+    run_worker(args, {"ours": run_ours, "trl": run_trl}, lambda work: torch.load(work / "data.pt"))
 
 
 def main() -> None:
