@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import pkgutil
 import sys
 
@@ -23,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # a command may rewrite its own shorthand forms
+        module = f"{commands.__name__}.{argv[0]}"
+        if importlib.util.find_spec(module) is not None:
+            argv = getattr(importlib.import_module(module), "normalize_argv", lambda a: a)(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

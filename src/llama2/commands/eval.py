@@ -1,59 +1,38 @@
-"""`llama2 eval gatt CKPT`: evaluations of a checkpoint (Ghost Attention's adherence by turn)."""
+"""`llama2 eval ...`: evaluations of a checkpoint. Each subcommand lives in its own module `commands/_eval_NAME.py`
+with a `register(sub)`; `llama2 eval CKPT --tasks ...` (no subcommand named) is the benchmark harness, the
+subcommand `run`."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+import importlib
+import pkgutil
+
+from .. import commands
+
+HARNESS = "run"  # the subcommand `llama2 eval CKPT --tasks ...` stands for
+
+
+def subcommand_modules() -> list[str]:
+    """The modules `llama2.commands._eval_*`, sorted."""
+    return sorted(f"{commands.__name__}.{m.name}" for m in pkgutil.iter_modules(commands.__path__)
+                  if m.name.startswith("_eval_"))
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint (gatt: instruction adherence by turn)",
-                              description="Evaluations of a checkpoint.")
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: benchmark tasks, code, red teaming, model comparison, GAtt",
+        description="Evaluations of a checkpoint. `llama2 eval CKPT --tasks NAMES` runs benchmark tasks; the "
+                    "subcommands below run the other evaluations.")
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
-    g = sub.add_parser("gatt", help="how long a system instruction holds: adherence % at every turn",
-                       description="For each checkable instruction family (upper case, end with a word, at most N "
-                                   "words, mention a word, start with a phrase): the instruction as the system "
-                                   "message, user turns from held-out dialogues, greedy answers turn by turn (the "
-                                   "oldest exchanges dropped when the context is full, the system message kept); "
-                                   "prints a Markdown table of the % of dialogues whose answer passes at each turn.")
-    g.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or training run")
-    g.add_argument("--turns", type=int, default=20, help="turns per dialogue (default 20)")
-    g.add_argument("--dialogues", type=int, default=16, help="dialogues per family (default 16)")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
-    g.add_argument("--output", type=Path, default=None, help="write the result as JSON here, and a PNG beside it")
-    g.add_argument("--attention", type=Path, default=None, metavar="PNG",
-                   help="also draw the attention mass of the last turn on the system message, per layer (Figure 10)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    g.set_defaults(func=gatt_handler)
+    for name in subcommand_modules():
+        importlib.import_module(name).register(sub)
 
 
-def gatt_handler(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write_text
-    from ..errors import Llama2Error
-    from ..stages.gatt import adherence_plot, adherence_report, adherence_table
-
-    if args.turns < 1 or args.dialogues < 1:
-        raise Llama2Error("--turns and --dialogues must be at least 1")
-    if not Path(args.checkpoint).exists():
-        raise Llama2Error(f"checkpoint {args.checkpoint} does not exist; check the path")
-    report = adherence_report(args.checkpoint, args.turns, args.dialogues, max_new_tokens=args.max_new_tokens,
-                              device=args.device)
-    sys.stdout.write(adherence_table({"model": report}) + "\n")
-    if args.output is not None:
-        atomic_write_text(args.output, json.dumps(report, indent=1))
-        adherence_plot({"model": report}, args.output.with_suffix(".png"))
-    if args.attention is not None:
-        from ..checkpoint import load_checkpoint
-        from ..stages.gatt import attention_figure, start_with
-        from ..stages.sft import load_tokenizer
-
-        ckpt = Path(report["checkpoint"])
-        dialogue = [{"role": "system", "content": start_with("Well,").text},
-                    {"role": "user", "content": "What does len() return?"},
-                    {"role": "assistant", "content": "Well, the number of items."},
-                    {"role": "user", "content": "And what does sorted() return?"}]
-        attention_figure({"model": load_checkpoint(ckpt, kind="causal_lm").eval()}, load_tokenizer(ckpt), dialogue,
-                         args.attention)
-    return 0
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`eval CKPT ...` -> `eval run CKPT ...` when CKPT is not a subcommand's name (so a checkpoint may be named
+    anything but `gatt`, `run`, ...: write `./gatt` for one that is)."""
+    if len(argv) >= 2 and argv[0] == "eval" and not argv[1].startswith("-"):
+        names = {m.rsplit("._eval_", 1)[1].replace("_", "-") for m in subcommand_modules()}
+        if argv[1] not in names:
+            return [argv[0], HARNESS, *argv[1:]]
+    return argv

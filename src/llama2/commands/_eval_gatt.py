@@ -1,0 +1,56 @@
+"""`llama2 eval gatt CKPT`: Ghost Attention's adherence by turn (one `llama2 eval` subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    g = sub.add_parser("gatt", help="how long a system instruction holds: adherence %% at every turn",
+                       description="For each checkable instruction family (upper case, end with a word, at most N "
+                                   "words, mention a word, start with a phrase): the instruction as the system "
+                                   "message, user turns from held-out dialogues, greedy answers turn by turn (the "
+                                   "oldest exchanges dropped when the context is full, the system message kept); "
+                                   "prints a Markdown table of the % of dialogues whose answer passes at each turn.")
+    g.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or training run")
+    g.add_argument("--turns", type=int, default=20, help="turns per dialogue (default 20)")
+    g.add_argument("--dialogues", type=int, default=16, help="dialogues per family (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
+    g.add_argument("--output", type=Path, default=None, help="write the result as JSON here, and a PNG beside it")
+    g.add_argument("--attention", type=Path, default=None, metavar="PNG",
+                   help="also draw the attention mass of the last turn on the system message, per layer (Figure 10)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    g.set_defaults(func=gatt_handler)
+
+
+def gatt_handler(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write_text
+    from ..errors import Llama2Error
+    from ..stages.gatt import adherence_plot, adherence_report, adherence_table
+
+    if args.turns < 1 or args.dialogues < 1:
+        raise Llama2Error("--turns and --dialogues must be at least 1")
+    if not Path(args.checkpoint).exists():
+        raise Llama2Error(f"checkpoint {args.checkpoint} does not exist; check the path")
+    report = adherence_report(args.checkpoint, args.turns, args.dialogues, max_new_tokens=args.max_new_tokens,
+                              device=args.device)
+    sys.stdout.write(adherence_table({"model": report}) + "\n")
+    if args.output is not None:
+        atomic_write_text(args.output, json.dumps(report, indent=1))
+        adherence_plot({"model": report}, args.output.with_suffix(".png"))
+    if args.attention is not None:
+        from ..checkpoint import load_checkpoint
+        from ..stages.gatt import attention_figure, start_with
+        from ..stages.sft import load_tokenizer
+
+        ckpt = Path(report["checkpoint"])
+        dialogue = [{"role": "system", "content": start_with("Well,").text},
+                    {"role": "user", "content": "What does len() return?"},
+                    {"role": "assistant", "content": "Well, the number of items."},
+                    {"role": "user", "content": "And what does sorted() return?"}]
+        attention_figure({"model": load_checkpoint(ckpt, kind="causal_lm").eval()}, load_tokenizer(ckpt), dialogue,
+                         args.attention)
+    return 0
