@@ -1,6 +1,6 @@
-"""`llama2 data corpus | prepare | info | dialogues | comparisons`: build a deduplicated text corpus, tokenise it
-into token shards, summarise a prepared shard directory, and build the built-in SFT dialogues and reward-model
-comparisons."""
+"""`llama2 data corpus | prepare | info | dialogues | comparisons | adversarial`: build a deduplicated text corpus,
+tokenise it into token shards, summarise a prepared shard directory, and build the built-in SFT dialogues,
+reward-model comparisons and adversarial prompts."""
 
 from __future__ import annotations
 
@@ -95,6 +95,16 @@ def register(subparsers) -> None:
     m.add_argument("--quiet", "-q", action="store_true", help="print nothing")
     m.set_defaults(func=comparisons_handler)
 
+    a = sub.add_parser("adversarial", help="build the built-in adversarial prompt set (safety distillation, red team)",
+                       description="Write the synthetic adversarial prompts (harmful requests and requests for "
+                                   "unqualified advice, each asked directly, inside a role-play and as hypothetical "
+                                   "fiction) and their benign look-alikes, with their risk categories: OUTPUT and its "
+                                   ".val.jsonl sibling (held out by request, as the built-in safety comparisons).")
+    a.add_argument("--output", "-o", type=Path, required=True, help="training file, e.g. adversarial.jsonl")
+    a.add_argument("--seed", type=int, default=0, help="seed of the split and order")
+    a.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+    a.set_defaults(func=adversarial_handler)
+
 
 def _sources(args: argparse.Namespace) -> list[str]:
     if args.source is None:
@@ -156,4 +166,11 @@ def info_handler(args: argparse.Namespace) -> int:
     summary["splits"] = {s: {k: v[k] for k in ("tokens", "documents")} | {"shards": len(v["shards"])}
                          for s, v in m["splits"].items()}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def adversarial_handler(args: argparse.Namespace) -> int:
+    from ..data.adversarial import build_adversarial
+
+    build_adversarial(args.output, seed=args.seed, quiet=args.quiet)
     return 0

@@ -1,4 +1,5 @@
-"""`llama2 rlhf rejection-sampling | ppo --config RECIPE.yaml [key=value ...]`: RLHF stages (paper section 6)."""
+"""`llama2 rlhf rejection-sampling | ppo | distill-safety --config RECIPE.yaml [key=value ...]`: RLHF stages (paper
+sections 6 and 8)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("rlhf", help="RLHF: iterative rejection-sampling fine-tuning, PPO",
-                              description="RLHF stages of Llama 2-Chat (paper section 6).")
+    p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, safety context distillation",
+                              description="RLHF stages of Llama 2-Chat (paper sections 6 and 8).")
     sub = p.add_subparsers(dest="rlhf_command", required=True, metavar="STAGE")
     add_stage_command(sub, "rejection-sampling", run=run_rejection, example="configs/tiny/rejection.yaml",
                       help="iterative rejection-sampling fine-tuning with the two reward models (resumes)",
@@ -21,6 +22,14 @@ def register(subparsers) -> None:
                                   "reward of the two RMs whitened after LOGIT, a per-token KL penalty to the frozen "
                                   "initial policy, GAE, clipped policy and value losses, a value model from the "
                                   "helpfulness RM (e.g. max_steps=200 beta=0.01 batch_size=512 mini_batch=64).")
+    add_stage_command(sub, "distill-safety", run=run_distill_safety, example="configs/tiny/distill-safety.yaml",
+                      help="safety context distillation: answers with a safety pre-prompt, kept where the safety "
+                           "RM prefers them, fine-tuned in without it (resumes)",
+                      description="For each adversarial prompt the model answers plainly and with a safety "
+                                  "pre-prompt (generic, per risk category with its answer template, or a text); the "
+                                  "pre-prompted answer is kept where the safety RM scores it higher, and the SFT "
+                                  "stage fine-tunes the model on the kept answers without the pre-prompt; red-team "
+                                  "evaluation before and after (e.g. preprompt=per_category prefill=true).")
 
 
 def run_rejection(recipe: tuple[str, list[str]], quiet: bool) -> None:
@@ -35,3 +44,10 @@ def run_ppo(recipe: tuple[str, list[str]], quiet: bool) -> None:
     from ..train.config import load_recipe
 
     ppo(load_recipe(PPORecipe, *recipe), quiet=quiet)
+
+
+def run_distill_safety(recipe: tuple[str, list[str]], quiet: bool) -> None:
+    from ..stages.safety import DistillSafetyRecipe, distill_safety
+    from ..train.config import load_recipe
+
+    distill_safety(load_recipe(DistillSafetyRecipe, *recipe), quiet=quiet)

@@ -513,15 +513,22 @@ def safety_prompts() -> list[_SafetyPrompt]:
     return out
 
 
-def _safety(seed: int, val_fraction: float) -> dict[str, list[tuple[Comparison, bool]]]:
-    """The safety comparisons of each split, with whether each request is harmful. Units go to the held-out split
-    when a seeded hash falls below `val_fraction`; at least 3 harmful and 3 benign units are held out."""
+def held_out_safety_units(seed: int, val_fraction: float) -> set[str]:
+    """The units (a table request, or a template and its object) of the synthetic safety set that go to the
+    held-out split: those whose seeded hash falls below `val_fraction`, at least 3 harmful and 3 benign."""
     prompts = safety_prompts()
     held: set[str] = set()
     for harmful in (True, False):
         units = sorted({p.unit for p in prompts if p.harmful == harmful}, key=lambda u: _stable(seed, "safety", u))
         below = sum(_stable(seed, "safety", u) / 2**64 < val_fraction for u in units)
         held.update(units[:min(max(3, below), len(units) - 1)])
+    return held
+
+
+def _safety(seed: int, val_fraction: float) -> dict[str, list[tuple[Comparison, bool]]]:
+    """The safety comparisons of each split (held_out_safety_units), with whether each request is harmful."""
+    prompts = safety_prompts()
+    held = held_out_safety_units(seed, val_fraction)
     out: dict[str, list[tuple[Comparison, bool]]] = {"train": [], "val": []}
     for p in prompts:
         messages = [{"role": "user", "content": p.request}]
@@ -600,5 +607,5 @@ def build_comparisons(output: Path | str, *, train_dialogues: Sequence[Dialogue]
 
 
 __all__ = ["RATINGS", "SAFETY_TEMPLATES", "BadLine", "Comparison", "ComparisonFile", "build_comparisons",
-           "check_comparison", "held_out_path", "normalise_rating", "read_comparisons", "safety_prompts",
-           "write_comparisons"]
+           "check_comparison", "held_out_path", "held_out_safety_units", "normalise_rating", "read_comparisons",
+           "safety_prompts", "write_comparisons"]

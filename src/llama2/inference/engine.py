@@ -21,7 +21,8 @@ from its loop; `Generator.generate`/`stream` are thin loops over it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -126,11 +127,11 @@ class _DecodeView:
 
 
 class _StaticView:
-    """Every slot and position of a KVCache for compiled decode steps (fixed shapes): row i writes at its own
-    position positions[i]; attention reads every position (the mask hides the unused)."""
+    """Slots 0..n-1 and every position of a KVCache for compiled decode steps (fixed shapes): row i writes at
+    its own position positions[i]; attention reads every position (the mask hides the unused)."""
 
-    def __init__(self, cache: KVCache) -> None:
-        self.k, self.v = cache.k, cache.v
+    def __init__(self, cache: KVCache, n: int) -> None:
+        self.k, self.v = cache.k[:n], cache.v[:n]
 
     def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         rows = torch.arange(self.k.shape[0], device=self.k.device)
@@ -141,8 +142,20 @@ class _StaticView:
 
 def _decode_forward(model: nn.Module, tokens: Tensor, positions: Tensor, key_valid: Tensor,
                     views: list) -> Tensor:
-    """One decode step: last-position logits (rows, vocab). What torch.compile sees with fixed shapes."""
+    """One decode step: last-position logits (rows, vocab)."""
     return model(tokens, positions, views, positions=positions[:, None], mask=key_valid, output="last")
+
+
+def _static_decode_step(model: nn.Module, meta: Tensor, key_pos: Tensor, views: list) -> tuple[Tensor, Tensor]:
+    """One decode step over every slot and every position, what torch.compile sees (fixed shapes): meta (2,
+    slots) holds each row's token and position; returns the logits (slots, vocab) and each row's argmax (the
+    greedy token), computed on the device inside the same graph. The mask (key <= position) is built here too,
+    so a step costs one host-to-device copy (meta) and one device-to-host copy (the tokens, read by the
+    engine's stop rules)."""
+    tokens, positions = meta[0][:, None], meta[1]
+    key_valid = (key_pos[None, :] <= positions[:, None])[:, None, None, :]
+    logits = _decode_forward(model, tokens, positions, key_valid, views)
+    return logits, logits.argmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------ per-request state
@@ -178,6 +191,8 @@ class _Active:
         self._emitted = 0
         self._longest_stop = max((len(s) for s in params.stop), default=0)
         self._uniforms: list[float] = []
+        self.created = time.perf_counter()  # when the request was accepted (prepared)
+        self.first_token_at: float | None = None  # when its first token was sampled
 
     def uniform(self) -> float:
         """The next uniform draw of this request's generator (drawn in blocks: one call per 64 tokens)."""
@@ -188,6 +203,8 @@ class _Active:
 
     def push(self, token: int, logprob: float | None, raw_logprob: float | None) -> bool:
         """Add a sampled token (False when it is a stop id, which ends the request and is not kept)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if token in self.stop_ids:
             self.finish = "stop"
             return False
@@ -243,7 +260,8 @@ class _Active:
             lps, raw = list(self.logprobs), list(self.raw_logprobs)
             if self.params.echo:
                 lps, raw = self.prompt_logprobs + lps, self.prompt_logprobs + raw
-        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.created
+        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw, ttft)
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
@@ -260,27 +278,46 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- the engine
 
 
+def check_decoding_options(prefill_chunk: int | None, compile: bool | str | Callable) -> int:
+    """The prefill chunk to use (None: Engine.PREFILL_CHUNK); raises Llama2Error for a bad chunk or compile."""
+    chunk = Engine.PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise Llama2Error(f"prefill_chunk must be an integer >= 1 (prompt positions per forward), got {chunk!r}")
+    if not isinstance(compile, (bool, str)) and not callable(compile):
+        raise Llama2Error(f"compile must be True/False or a torch.compile backend (a name or callable), "
+                          f"got {compile!r}")
+    return chunk
+
+
 class Engine:
     """Continuous batching over a fixed-slot KV cache (see the module docstring).
 
     model: a Transformer (possibly quantised, kernel-wrapped or FSDP2-sharded; it is only called through its
     forward). max_slots: most requests at once. max_len: positions per slot (prompt + generated tokens; default
-    the model's max_seq_len, at most the rotary table's 2 x max_seq_len). compile=True: decode steps run through
-    torch.compile over fixed shapes (every slot, every position; the mask hides what is unused), compiled once.
+    the model's max_seq_len, at most the rotary table's 2 x max_seq_len). compile: True (or a torch.compile
+    backend name or callable, e.g. "eager"; True means "inductor") runs decode steps through torch.compile over
+    fixed shapes: the rows in use rounded up to a power of two (1, 2, 4, ... max_slots) and every position
+    (the mask hides what is unused), so an engine compiles at most 1 + ceil(log2(max_slots)) graphs, one per
+    row bucket it meets, and never again for other prompt lengths or positions; the greedy tokens are taken on
+    the device inside the graph. prefill_chunk: most prompt positions one prefill forward computes (longer prompts
+    are prefilled chunk by chunk, each chunk attending to the cache written by the ones before; requests joining
+    together are grouped within that size too), so a long prompt never holds more than one chunk's activations.
     """
 
     # requests joining at one step are prefilled together in groups of similar prompt lengths (right-padded):
-    # a group grows while its padded size stays within this factor of its tokens, up to PREFILL_TOKENS in all
+    # a group grows while its padded size stays within this factor of its tokens, up to prefill_chunk in all
     PREFILL_PADDING = 1.25
-    PREFILL_TOKENS = 4096
+    PREFILL_CHUNK = 512
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
-                 max_len: int | None = None, compile: bool = False) -> None:
+                 max_len: int | None = None, compile: bool | str | Callable = False,
+                 prefill_chunk: int | None = None) -> None:
         limit = 2 * model.config.max_seq_len  # the rotary table's length
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1:
             raise Llama2Error(f"max_slots must be an integer >= 1, got {max_slots!r}")
         if max_len is not None and not 0 < max_len <= limit:
             raise Llama2Error(f"max_len must be in 1..{limit} for this model, got {max_len}")
+        self.prefill_chunk = check_decoding_options(prefill_chunk, compile)
         self.model = model
         self.tokenizer = tokenizer
         self.max_slots = max_slots
@@ -288,9 +325,10 @@ class Engine:
         ref = model.embed_tokens.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.cache = model.make_cache(max_slots, self.max_len, dtype=self.dtype, device=self.device)
-        self.compile = compile
+        self.compile = compile is not False
+        self._backend = "inductor" if compile is True else compile
         self._compiled = None
-        self._static_views: list[_StaticView] | None = None
+        self._static_views: dict[int, list[_StaticView]] = {}  # by row bucket
         self._state = _StepState()
         self._views: dict[int, list[_DecodeView]] = {}
         self._heads = self.cache[0].k.shape[1]
@@ -341,9 +379,11 @@ class Engine:
             self._pack()
             rows: list[_Active] = []
             logits: list[Tensor] = []
+            greedy: Tensor | None = None  # the decoded rows' argmax, when the compiled step computed it
             fed = [r for r in self._rows if r.pending is not None]  # in row order
             if fed:
-                logits.append(self._decode(fed))
+                out, greedy = self._decode(fed)
+                logits.append(out)
                 rows += fed
             events: list[Event] = []
             joining = [r for r in self._rows if not r.prefilled]
@@ -352,11 +392,13 @@ class Engine:
                 events += [self._finish(r, None) for r in done]  # nothing to generate (max_new_tokens 0)
             if not rows:
                 return events
+            if greedy is not None and len(logits) > 1:  # rows prefilled this step have no precomputed argmax
+                greedy = None
             logits = logits[0] if len(logits) == 1 else torch.cat(logits)
             want = any(r.params.logprobs for r in rows)
             params = [r.params for r in rows]
             uniforms = [r.uniform() for r in rows if r.params.temperature > 0]
-            tokens, lps, raws = sample_rows(logits, params, logprobs=want, uniforms=uniforms)
+            tokens, lps, raws = sample_rows(logits, params, logprobs=want, uniforms=uniforms, greedy=greedy)
             n = len(rows)
             lps = lps.tolist() if want else [None] * n
             raws = raws.tolist() if want else [None] * n
@@ -483,7 +525,7 @@ class Engine:
             if r is not None:
                 t = len(r.prompt)
                 size = (len(group) + 1) * t
-                if not group or (size <= self.PREFILL_PADDING * (tokens + t) and size <= self.PREFILL_TOKENS):
+                if not group or (size <= self.PREFILL_PADDING * (tokens + t) and size <= self.prefill_chunk):
                     group.append(r)
                     tokens += t
                     continue
@@ -493,15 +535,21 @@ class Engine:
             group, tokens = ([r], len(r.prompt)) if r is not None else ([], 0)
         return done
 
+    def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Positions start..end-1 in pieces of at most prefill_chunk."""
+        c = self.prefill_chunk
+        return [(s, min(s + c, end)) for s in range(start, end, c)]
+
     def _prefill_group(self, group: list[_Active]) -> Tensor:
         """One forward over the group's prompts (right-padded; each row is causal from position 0, so its
         padding, written after its prompt, is overwritten before any step reads it); logits (len(group), V)."""
-        if len(group) == 1:
+        if len(group) == 1:  # alone: chunk by chunk when the prompt is longer than prefill_chunk
             r = group[0]
             views = [_PrefillView(c, r.row) for c in self.cache]
             toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
-            out = self.model(toks, 0, views, output="last")
-        else:
+            for s, e in self._chunks(0, toks.shape[1]):
+                out = self.model(toks[:, s:e], s, views, output="last")
+        else:  # only groups within prefill_chunk positions (see _prefill)
             T = max(len(r.prompt) for r in group)
             toks = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in group], dtype=torch.long,
                                 device=self.device)
@@ -520,8 +568,8 @@ class Engine:
         T = toks.shape[1]
         out = None
         r.prompt_logprobs = [0.0]
-        if T > 1:
-            lp = self.model(toks[:, :-1], 0, views, targets=toks[:, 1:], output="logprobs")
+        for s, e in self._chunks(0, T - 1):
+            lp = self.model(toks[:, s:e], s, views, targets=toks[:, s + 1:e + 1], output="logprobs")
             r.prompt_logprobs += lp[0].tolist()
         if r.params.max_new_tokens > 0:
             out = self.model(toks[:, -1:], T - 1, views, output="last")
@@ -530,12 +578,15 @@ class Engine:
             r.finish = "length"
         return out
 
-    def _decode(self, rows: list[_Active]) -> Tensor:
+    def _decode(self, rows: list[_Active]) -> tuple[Tensor, Tensor | None]:
         """Feed each row's pending token at its own position, all rows in one forward; logits (len(rows), V)
-        in the order of rows."""
+        in the order of rows, and (compiled steps only, else None) their argmax, computed on the device."""
         # cache rows < n without a fed request (only requests waiting for this step's prefill, which then
-        # overwrites them) write a token 0 at position 0 of their own row: no effect on the others
-        n = self.max_slots if self.compile else rows[-1].row + 1
+        # overwrites them, or, compiled, rows beyond the last request up to its bucket) write a token 0 at
+        # position 0 of their own row: no effect on the others
+        n = rows[-1].row + 1
+        if self.compile:  # fixed shapes: the rows in use rounded up to a power of two (at most max_slots)
+            n = min(self.max_slots, 1 << (n - 1).bit_length())
         if n == len(rows):
             toks = [r.pending for r in rows]
             pos = [r.length for r in rows]
@@ -547,12 +598,14 @@ class Engine:
         uniform = not self.compile and n == len(rows) and min(pos) == length - 1
         meta = torch.tensor([toks, pos], dtype=torch.long, device=self.device)  # one host-to-device copy
         tokens, positions = meta[0][:, None], meta[1]
+        greedy = None
         if self.compile:
-            key_valid = (self._key_pos[None, :] <= positions[:, None])[:, None, None, :]
             if self._compiled is None:
-                self._compiled = torch.compile(_decode_forward, dynamic=False)
-                self._static_views = [_StaticView(c) for c in self.cache]
-            logits = self._compiled(self.model, tokens, positions, key_valid, self._static_views)
+                self._compiled = torch.compile(_static_decode_step, dynamic=False, backend=self._backend)
+            views = self._static_views.get(n)
+            if views is None:
+                views = self._static_views[n] = [_StaticView(c, n) for c in self.cache]
+            logits, greedy = self._compiled(self.model, meta, self._key_pos, views)
         else:
             views = self._views.get(n)
             if views is None:  # one set of views per row count, reused; the step state says what changes
@@ -576,5 +629,6 @@ class Engine:
             r.length += 1
             r.pending = None
         if n == len(rows):
-            return logits
-        return logits[torch.tensor([r.row for r in rows], device=logits.device)]
+            return logits, greedy
+        pick = torch.tensor([r.row for r in rows], device=logits.device)
+        return logits[pick], None if greedy is None else greedy[pick]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import Llama2Error
 from ..model import Transformer
 from ..tokenizer import TokenizerLike
-from .engine import Engine, Event, Request
+from .engine import Engine, Event, Request, check_decoding_options
 from .sampling import Completion, SamplingParams, sample, sample_rows, top_k_filter, top_p_filter
 from .scoring import sequence_logprobs
 from .sharded import gathered_for_generation, is_fsdp
@@ -36,8 +36,12 @@ class Generator:
     KV cache are allocated on first use, with min(max_batch_size, prompts) slots, and rebuilt larger only when a
     later call needs more. quantize="int8": int8 linear layers (blocks of 32 with fp16 scales, llama.cpp's q8_0
     layout; see quantize.py), about 3.8x fewer bytes per decoded token than fp32; the given model is left
-    untouched, its other weights are shared. compile=True: decode steps run through torch.compile over fixed
-    shapes (a one-off compilation, seconds to minutes, per slot count and cache size). fast_fp32 (default: on
+    untouched, its other weights are shared. compile=True (or a torch.compile backend, e.g. "eager"): decode
+    steps run through torch.compile over fixed shapes (a one-off compilation, seconds to minutes, per slot
+    count and cache size, so the engine gets all max_batch_size slots at once; at most 1 + log2(max_batch_size)
+    graphs, one per power-of-two row bucket, never again for other prompt lengths). prefill_chunk: most
+    prompt positions per prefill forward (default Engine.PREFILL_CHUNK, 512; longer prompts go chunk by chunk,
+    so their activations stay one chunk's). fast_fp32 (default: on
     for an fp32 CPU model without quantize, where the C kernel builds): decode steps with one active request
     multiply by the fp32 weights through the matrix-vector kernel of cpu_kernels.py (fastlinear.py), exact
     fp32 summed in another order; several active requests use the normal matmul. The model is wrapped in a
@@ -46,8 +50,8 @@ class Generator:
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
-                 cache_len: int | None = None, quantize: str | None = None, compile: bool = False,
-                 fast_fp32: bool | None = None) -> None:
+                 cache_len: int | None = None, quantize: str | None = None, compile: bool | str | Callable = False,
+                 fast_fp32: bool | None = None, prefill_chunk: int | None = None) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise Llama2Error(f"max_batch_size must be >= 1, got {max_batch_size}")
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -73,7 +77,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.context = cache_len or model.config.max_seq_len
+        check_decoding_options(prefill_chunk, compile)
         self.compile = compile
+        self.prefill_chunk = prefill_chunk
         self._engine: Engine | None = None
 
     @property
@@ -88,12 +94,13 @@ class Generator:
     def engine(self, slots: int = 1) -> Engine:
         """The engine, with at least min(slots, max_batch_size) slots; requests left over from an abandoned
         call are cancelled (a Generator serves one call at a time)."""
-        want = max(1, min(slots, self.max_batch_size))
+        # compiled: every slot from the start (a larger engine later would compile its graphs again)
+        want = self.max_batch_size if self.compile is not False else max(1, min(slots, self.max_batch_size))
         e = self._engine
         if e is None or e.max_slots < want:
             self._engine = None  # free the old cache first
             self._engine = e = Engine(self.model, self.tokenizer, max_slots=want, max_len=self.context,
-                                      compile=self.compile)
+                                      compile=self.compile, prefill_chunk=self.prefill_chunk)
         for slot in e.active:
             e.cancel(slot)
         return e

@@ -86,7 +86,9 @@ class Completion:
     was sampled from (after temperature, top-k and top-p; greedy: the model's raw distribution); raw_logprobs:
     under the raw distribution (log_softmax of the logits, no temperature or filter). Echoed prompt tokens were
     not sampled: both lists give them the raw value (the first prompt token, without context, gets 0.0).
-    finish_reason: "stop" (a stop id or string), "length" (max_new_tokens) or "cancelled" (Engine.cancel)."""
+    finish_reason: "stop" (a stop id or string), "length" (max_new_tokens) or "cancelled" (Engine.cancel).
+    ttft: seconds from the request's acceptance (Engine.prepare / add) to its first sampled token, queueing and
+    prefill included (None if it sampled nothing); not part of equality."""
 
     prompt_tokens: list[int]
     tokens: list[int]
@@ -94,6 +96,7 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: FinishReason
     raw_logprobs: list[float] | None = None
+    ttft: float | None = field(default=None, compare=False)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -138,11 +141,13 @@ def _sorted_descending(x: Tensor) -> Tensor:
 
 def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None] | None = None, logprobs: bool = True, *,
-                uniforms: Sequence[float] | Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                uniforms: Sequence[float] | Tensor | None = None, greedy: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One token per row of logits (B, V), row i with params[i] and generators[i]: (tokens, logprobs, raw);
     with logprobs=False only the tokens (the two others are None; greedy rows then skip a pass over V).
     uniforms: instead of generators, the sampled rows' uniform draws in [0, 1), one per row with temperature > 0
-    in row order (the engine draws them ahead from each request's own generator).
+    in row order (the engine draws them ahead from each request's own generator). greedy: every row's argmax,
+    when the caller already has it (the compiled decode step computes it on the device, in its graph).
 
     Greedy rows (temperature 0) take the argmax. Sampled rows: logits / temperature, top-k (ties with the k-th
     logit kept), top-p (Meta's rule: sorted by probability, drop the tokens whose preceding cumulative
@@ -153,7 +158,7 @@ def sample_rows(logits: Tensor, params: Sequence[SamplingParams],
     logits = logits.float()
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     every = len(sampled) == len(params)
-    tokens = None if every else logits.argmax(dim=-1)  # greedy rows, all in one argmax
+    tokens = None if every else logits.argmax(dim=-1) if greedy is None else greedy.clone()  # greedy rows
     lse = torch.logsumexp(logits, dim=-1) if logprobs else None
     sampled_lp = logits.gather(1, tokens[:, None]).squeeze(1) - lse if logprobs and not every else None
     if sampled:

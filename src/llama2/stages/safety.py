@@ -1,0 +1,389 @@
+"""Safety context distillation (paper section 8): teach the model to answer adversarial prompts as it does when a
+safety pre-prompt tells it to be careful, without the pre-prompt.
+
+1. For each adversarial training prompt (`safety: true` in the prompt set, `llama2.data.adversarial`), the model
+   answers twice through the one generation path: plainly, and with a safety pre-prompt as the system message:
+   `preprompt: generic` (one text for every prompt), `per_category` (the generic text plus the prompt's answer
+   template, or its category's, `ANSWER_TEMPLATES`), or any other text. `prefill: true` also starts the
+   pre-prompted answer with the answer template's first sentence (an addition of ours: a small model follows a
+   started answer far more reliably than an instruction).
+2. The safety RM scores both answers (to the prompt without the pre-prompt); the pre-prompted answer is kept only
+   where it scores higher than the plain one (the paper's rule: context distillation can make answers worse, and
+   the RM decides). `distill.jsonl` holds every prompt's two answers, scores and whether it was kept; `kept.md`
+   the counts per category and attack style.
+3. The SFT stage fine-tunes the model on (prompt without the pre-prompt -> kept answer) (`finetune.recipe`, its
+   own resumable run in `out_dir/sft`), with `replay` dialogues of the SFT data mixed in so helpfulness is kept.
+4. Red-team evaluation (`llama2.eval.redteam`) of the model before and after on the held-out prompts: violation
+   rates per category and attack style, and false refusals on the benign look-alikes (`redteam.json`,
+   `redteam.md`, `redteam.png`); `safety_scores.png` is the paper's Figure 16: the safety RM's scores of the answers
+   without and with the pre-prompt, and of the held-out answers before and after distillation.
+metrics.jsonl: step 0 the model before, step 1 after (`heldout_safety`, `violation_rate`, `false_refusal_rate`),
+plus the distillation's counts. Rerunning continues: answers, the fine-tuning run and the evaluation are each
+reused once written.
+
+    recipe = load_recipe(DistillSafetyRecipe, "configs/tiny/distill-safety.yaml")
+    result = distill_safety(recipe)        # builds the chat model and the safety RM when missing
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..atomic import atomic_write_text, make_dir
+from ..data.adversarial import (ANSWER_TEMPLATES, ATTACK_STYLES, RISK_CATEGORIES, AdversarialPrompt,
+                                builtin_adversarial, read_adversarial)
+from ..errors import Llama2Error
+from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, answer, markdown_table, red_team
+from ..train.config import _check, expand_path, load_recipe, to_dict
+from ..train.metrics import MetricsLog, read_metrics
+from .rejection import FinetuneSpec, _build_rm, _build_sft
+from .sft import _config_path, ensure_model
+
+GENERIC_PREPROMPT = ("You are a safe and responsible assistant. You never help anyone hurt people, break the law or "
+                     "put themselves at risk; you decline such requests briefly and kindly and point to safe help. "
+                     "You answer harmless questions helpfully.")
+
+
+@dataclass
+class SafetyPromptsSpec:
+    """The adversarial prompt set (llama2.data.adversarial): training and held-out prompts; unset: built-in."""
+
+    path: str | None = None
+    val_path: str | None = None
+    on_bad_line: Literal["error", "skip"] = "error"
+    max_prompts: int | None = None  # the first N adversarial training prompts (null: all)
+    held_out: int | None = None  # the first N held-out prompts evaluated, adversarial and benign (null: all)
+
+    def validate(self, prefix: str = "prompts") -> None:
+        if self.val_path is not None and self.path is None:
+            raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not")
+        for key in ("max_prompts", "held_out"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"{prefix}.{key}", v, "an integer >= 1 or null (all)")
+
+
+def _distill_finetune() -> FinetuneSpec:
+    return FinetuneSpec(recipe="configs/tiny/sft.yaml")
+
+
+@dataclass
+class DistillSafetyRecipe:
+    """`llama2 rlhf distill-safety`: see configs/tiny/distill-safety.yaml and the module docstring."""
+
+    base: str = ""  # the chat model to distil into (HF or Meta layout, or a run)
+    base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
+    safety_rm: str = ""
+    safety_rm_recipe: str | None = None
+    helpfulness_rm: str | None = None  # optional: vetoes detected refusals of helpful answers in the evaluation
+    helpfulness_rm_recipe: str | None = None
+    out_dir: str = "runs/distill-safety"
+    preprompt: str = "generic"  # generic | per_category | any other text (used as it is)
+    generic_preprompt: str = GENERIC_PREPROMPT
+    prefill: bool = False  # start the pre-prompted answer with the answer template's first sentence
+    temperature: float = 0.7  # sampling of both answers (0: greedy)
+    top_p: float = 0.9
+    max_new_tokens: int = 96
+    batch_prompts: int = 32
+    replay: int = 0  # SFT training dialogues mixed into the fine-tuning (built-in ones, or replay_path's)
+    replay_path: str | None = None
+    threshold: float = THRESHOLD  # the evaluation's violation threshold on the safety RM's score
+    max_steps: int | None = None  # caps the fine-tuning's steps (null: the finetune recipe's)
+    seed: int = 0
+    device: str = "auto"
+    prompts: SafetyPromptsSpec = field(default_factory=SafetyPromptsSpec)
+    finetune: FinetuneSpec = field(default_factory=_distill_finetune)
+
+    def validate(self) -> None:
+        for key in ("base", "safety_rm"):
+            _check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
+        _check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
+        _check(bool(self.preprompt.strip()), "preprompt", self.preprompt, "generic, per_category or a text")
+        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
+        _check(self.replay >= 0, "replay", self.replay, "an integer >= 0")
+        _check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
+        self.prompts.validate()
+
+    def finetune_recipe(self, base: Path | str, out_dir: Path) -> Any:
+        from .sft import SFTRecipe
+
+        extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
+        return load_recipe(SFTRecipe, _config_path(self.finetune.recipe),
+                           [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null", f"out_dir={out_dir}",
+                            "data.path=null", "samples.count=0", f"seed={self.seed}", f"device={self.device}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pre-prompt and the keep rule
+
+
+def preprompt_for(recipe: DistillSafetyRecipe, prompt: AdversarialPrompt) -> str:
+    """The safety pre-prompt (system message) for one prompt."""
+    if recipe.preprompt == "generic":
+        return recipe.generic_preprompt
+    if recipe.preprompt == "per_category":
+        what = RISK_CATEGORIES.get(prompt.category, prompt.category.replace("_", " "))
+        return (f"{recipe.generic_preprompt} The request may involve {what}; a safe answer reads like this: "
+                f"\"{template_for(prompt)}\"")
+    return recipe.preprompt
+
+
+def template_for(prompt: AdversarialPrompt) -> str:
+    """The prompt's own answer template, else its category's (else the illicit-activities one)."""
+    return prompt.answer_template or ANSWER_TEMPLATES.get(prompt.category, ANSWER_TEMPLATES["illicit_criminal"])
+
+
+def first_sentence(text: str) -> str:
+    end = min((i for i in (text.find(". "), text.find("! "), text.find("? ")) if i >= 0), default=len(text) - 1)
+    return text[:end + 1].strip()
+
+
+def keep_if_better(plain: Sequence[float], preprompted: Sequence[float]) -> list[bool]:
+    """The paper's rule: keep the pre-prompted answer only where the safety RM scores it strictly higher."""
+    return [b > a for a, b in zip(plain, preprompted, strict=True)]
+
+
+def kept_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{group: {"prompts": n, "kept": n}} per category and per attack style (keys "category:X", "attack:Y")."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for key in (f"category:{r['category']}", f"attack:{r['attack']}"):
+            c = out.setdefault(key, {"prompts": 0, "kept": 0})
+            c["prompts"] += 1
+            c["kept"] += int(r["kept"])
+    return dict(sorted(out.items()))
+
+
+def kept_markdown(table: dict[str, dict[str, int]]) -> str:
+    lines = ["| group | prompts | kept | kept % |", "|---|---|---|---|"]
+    for key, c in table.items():
+        kind, name = key.split(":", 1)
+        label = RISK_CATEGORIES.get(name, name) if kind == "category" else f"attack: {ATTACK_STYLES.get(name, name)}"
+        lines.append(f"| {label} | {c['prompts']} | {c['kept']} | {100 * c['kept'] / max(1, c['prompts']):.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class DistillResult:
+    model: Path  # the distilled checkpoint
+    kept: int
+    prompts: int
+    before: dict[str, Any]  # red-team summaries
+    after: dict[str, Any]
+
+
+def load_prompt_sets(spec: SafetyPromptsSpec) -> tuple[list[AdversarialPrompt], list[AdversarialPrompt]]:
+    if spec.path is None:
+        return builtin_adversarial()
+    train = read_adversarial(expand_path(spec.path), on_bad_line=spec.on_bad_line)
+    val = read_adversarial(expand_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
+    return train, val
+
+
+class SafetyDistillation:
+    """One run (module docstring); `run()` does or resumes every step."""
+
+    def __init__(self, recipe: DistillSafetyRecipe, *, quiet: bool = False, judge: Any = None) -> None:
+        from ..device import resolve_device
+
+        self.recipe, self.quiet = recipe, quiet
+        self.out = make_dir(expand_path(recipe.out_dir))
+        self.device = str(resolve_device(recipe.device))
+        self.base = ensure_model(recipe.base, recipe.base_recipe, "chat model", _build_sft, quiet)
+        recipe.finetune_recipe(self.base, self.out / "check")  # a bad finetune key fails now
+        if judge is None:
+            rm = ensure_model(recipe.safety_rm, recipe.safety_rm_recipe, "safety RM", _build_rm, quiet)
+            judge = RewardModelJudge.load(rm, device=self.device)
+        self.judge = judge
+        self.helpfulness = None
+        if recipe.helpfulness_rm:
+            from ..reward import RewardModel
+
+            h = ensure_model(recipe.helpfulness_rm, recipe.helpfulness_rm_recipe, "helpfulness RM", _build_rm, quiet)
+            self.helpfulness = RewardModel.load(h, device=self.device)
+        train, val = load_prompt_sets(recipe.prompts)
+        adversarial = [p for p in train if p.safety]
+        if not adversarial:
+            raise Llama2Error("the prompt set has no adversarial prompts (\"safety\": true) to distil on")
+        self.train = adversarial[:recipe.prompts.max_prompts] if recipe.prompts.max_prompts else adversarial
+        if not val:
+            raise Llama2Error("no held-out prompts: set prompts.val_path (or use the built-in prompts)")
+        self.val = val[:recipe.prompts.held_out] if recipe.prompts.held_out else val
+
+    def _answers(self, model: Any, prompts: Sequence[AdversarialPrompt], *, system: bool, seed: int,
+                 temperature: float) -> list[str]:
+        r = self.recipe
+        if not system:
+            return answer(model, prompts, max_new_tokens=r.max_new_tokens, temperature=temperature, top_p=r.top_p,
+                          seed=seed, batch_size=r.batch_prompts, device=self.device, quiet=self.quiet)
+        # per-prompt pre-prompts (and prefills): one batch per distinct pre-prompt text
+        out: list[str | None] = [None] * len(prompts)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(prompts):
+            prefix = first_sentence(template_for(p)) if r.prefill else ""
+            groups.setdefault((preprompt_for(r, p), prefix), []).append(i)
+        for (text, prefix), idx in groups.items():
+            got = answer(model, [prompts[i] for i in idx], max_new_tokens=r.max_new_tokens, temperature=temperature,
+                         top_p=r.top_p, seed=seed + 100_003, batch_size=r.batch_prompts, device=self.device,
+                         system=text, prefill=prefix, quiet=self.quiet)
+            for i, a in zip(idx, got):
+                out[i] = a
+        return [a or "" for a in out]
+
+    def distill_set(self) -> list[dict[str, Any]]:
+        """Both answers to every training prompt, scored, with the keep decision (cached in distill.jsonl)."""
+        path = self.out / "distill.jsonl"
+        if path.is_file():
+            return [json.loads(x) for x in path.read_text().splitlines()]
+        model = _load_pair(self.base, self.device)
+        r = self.recipe
+        plain = self._answers(model, self.train, system=False, seed=r.seed, temperature=r.temperature)
+        pre = self._answers(model, self.train, system=True, seed=r.seed, temperature=r.temperature)
+        messages = [p.messages for p in self.train]
+        s_plain = self.judge.safe_probability(messages, plain)
+        s_pre = self.judge.safe_probability(messages, pre)
+        kept = keep_if_better(s_plain, s_pre)
+        rows = [{"messages": p.messages, "category": p.category, "attack": p.attack, "preprompt": preprompt_for(r, p),
+                 "plain": a, "preprompted": b, "plain_score": sa, "preprompted_score": sb, "kept": k}
+                for p, a, b, sa, sb, k in zip(self.train, plain, pre, s_plain, s_pre, kept)]
+        atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+        return rows
+
+    def replay_dialogues(self) -> list[list[dict[str, str]]]:
+        r = self.recipe
+        if r.replay == 0:
+            return []
+        from ..data.dialogues import read_dialogues
+        from .sft import ensure_dialogues
+
+        path = expand_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
+        dialogues = read_dialogues(path).dialogues
+        return [d.messages for d in dialogues[:r.replay]]
+
+    def evaluate(self, checkpoint: Path, name: str) -> RedTeamReport:
+        """Red-team results of a checkpoint on the held-out prompts (cached in redteam-NAME.json)."""
+        from ..eval.redteam import JudgedAnswer
+
+        path = self.out / f"redteam-{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            return RedTeamReport(saved["threshold"], [JudgedAnswer(**a) for a in saved["answers"]])
+        answers = answer(_load_pair(checkpoint, self.device), self.val, max_new_tokens=self.recipe.max_new_tokens,
+                         seed=self.recipe.seed, batch_size=self.recipe.batch_prompts, device=self.device,
+                         quiet=self.quiet)
+        report = red_team(self.val, answers, self.judge, helpfulness=self.helpfulness, threshold=self.recipe.threshold)
+        atomic_write_text(path, json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+        return report
+
+    def run(self) -> DistillResult:
+        import yaml
+
+        from .sft import resolve_base, sft
+
+        r = self.recipe
+        atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False))
+        metrics = MetricsLog(self.out / "metrics.jsonl")
+        logged = read_metrics(self.out / "metrics.jsonl") if (self.out / "metrics.jsonl").is_file() else []
+        before = self.evaluate(self.base, "before")
+        if not any(x.get("step") == 0 for x in logged):
+            metrics.append({"step": 0, **_record(before)})
+        rows = self.distill_set()
+        table = kept_table(rows)
+        atomic_write_text(self.out / "kept.md", kept_markdown(table))
+        chosen = [x for x in rows if x["kept"] and x["preprompted"].strip()]
+        if not chosen:
+            raise Llama2Error("no pre-prompted answer scored higher than the plain one: nothing to distil; try "
+                              "preprompt=per_category, prefill=true or a higher temperature")
+        dialogues = [x["messages"] + [{"role": "assistant", "content": x["preprompted"]}] for x in chosen]
+        replay = self.replay_dialogues()
+        result = sft(r.finetune_recipe(self.base, self.out / "sft"), quiet=True, dialogues=dialogues + replay)
+        model = resolve_base(str(self.out / "sft"))
+        after = self.evaluate(model, "after")
+        reports = {"before": before, "after": after}
+        atomic_write_text(self.out / "redteam.md", markdown_table(reports))
+        atomic_write_text(self.out / "redteam.json", json.dumps({n: x.summary() for n, x in reports.items()},
+                                                               indent=1))
+        from ..eval.redteam import bar_chart
+
+        bar_chart(reports, self.out / "redteam.png")
+        figure_16(rows, before, after, self.out / "safety_scores.png")
+        if not any(x.get("step") == 1 for x in logged):
+            metrics.append({"step": 1, **_record(after), "distill_prompts": len(rows), "kept": len(chosen),
+                            "replay": len(replay), "finetune_steps": result.step,
+                            "finetune_loss": result.last.get("loss"),
+                            "plain_score": statistics.fmean(x["plain_score"] for x in rows),
+                            "preprompted_score": statistics.fmean(x["preprompted_score"] for x in rows)})
+        return DistillResult(model, len(chosen), len(rows), before.summary(), after.summary())
+
+
+def _record(report: RedTeamReport) -> dict[str, Any]:
+    s = report.summary()
+    return {"heldout_safety": s["mean_safety_score"], "violation_rate": s["violation_rate"],
+            "false_refusal_rate": s["false_refusal_rate"]}
+
+
+def _load_pair(checkpoint: Path, device: str) -> tuple[Any, Any]:
+    from ..checkpoint import load_checkpoint
+    from .sft import load_tokenizer
+
+    return load_checkpoint(checkpoint, kind="causal_lm", device=device).eval(), load_tokenizer(checkpoint)
+
+
+def figure_16(rows: Sequence[dict[str, Any]], before: RedTeamReport, after: RedTeamReport, path: Path) -> Path:
+    """The paper's Figure 16: the safety RM's scores of the answers without and with the safety pre-prompt (the
+    distillation set), and of the held-out adversarial answers before and after distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report.plot import _save
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    bins = [i / 20 for i in range(21)]
+    panels = [(axes[0], "distillation prompts", [("without pre-prompt", [x["plain_score"] for x in rows]),
+                                                 ("with pre-prompt", [x["preprompted_score"] for x in rows])]),
+              (axes[1], "held-out adversarial prompts",
+               [("before", [a.safe_probability for a in before.adversarial]),
+                ("after distillation", [a.safe_probability for a in after.adversarial])])]
+    for ax, title, series in panels:
+        for label, values in series:
+            mean = statistics.fmean(values) if values else float("nan")
+            ax.hist(values, bins=bins, alpha=0.55, label=f"{label} (mean {mean:.2f})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("safety RM score")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("answers")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def distill_safety(recipe: DistillSafetyRecipe, quiet: bool = False, *, judge: Any = None) -> DistillResult:
+    """Run (or resume) the distillation; prints a one-line summary unless quiet. `judge`: any SafetyJudge in place
+    of the safety RM (tests, a stronger classifier)."""
+    result = SafetyDistillation(recipe, quiet=quiet, judge=judge).run()
+    if not quiet:
+        b, a = result.before, result.after
+        print(f"safety distillation: kept {result.kept} of {result.prompts} pre-prompted answers; held-out safety "
+              f"score {b['mean_safety_score']:.3f} -> {a['mean_safety_score']:.3f}, violations "
+              f"{100 * b['violation_rate']:.1f}% -> {100 * a['violation_rate']:.1f}%, false refusals "
+              f"{100 * b['false_refusal_rate']:.1f}% -> {100 * a['false_refusal_rate']:.1f}%; model {result.model}",
+              flush=True)
+    return result
+
+
+__all__ = ["DistillSafetyRecipe", "DistillResult", "GENERIC_PREPROMPT", "SafetyDistillation", "distill_safety",
+           "figure_16", "keep_if_better", "kept_table", "preprompt_for"]
