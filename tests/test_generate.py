@@ -419,6 +419,33 @@ def test_int8_kernel_matches_q8_0_arithmetic():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_fp32_few_row_kernel_matches_f_linear(pair, tok):
+    """cpu_kernels.f32_rows (up to 8 rows, each weight read once) against F.linear on odd shapes (row groups of
+    4 with remainders, 8-wide and scalar tails, a shape split over threads), and a Generator decoding 3 requests
+    together (its steps go through the kernel) gives the greedy tokens of the plain F.linear path, which
+    test_greedy_equals_transformers ties to transformers."""
+    import torch.nn.functional as F
+
+    from llama2.inference import cpu_kernels
+    from llama2.inference.fastlinear import MatvecLinear
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler or no AVX2/FMA on this machine")
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in [(2, 3, 5), (3, 37, 29), (4, 13, 8), (5, 9, 40), (7, 50, 263), (8, 1031, 517)]:
+        w, x = torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(M, K, generator=g)
+        torch.testing.assert_close(cpu_kernels.f32_rows(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    hf, model = pair
+    gen = Generator(model, tok, max_batch_size=3)
+    assert isinstance(gen.model.lm_head, MatvecLinear) and gen.model.lm_head.max_kernel_rows == 8
+    prompts = [tok.encode(t) for t in TEXTS[:3]]
+    params = SamplingParams(max_new_tokens=8, logprobs=True, **GREEDY)
+    want = Generator(model, tok, max_batch_size=3, fast_fp32=False).generate(prompts, params)
+    for a, b in zip(gen.generate(prompts, params), want):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
 def test_compiled_decode_equals_eager(tok):
     """torch.compile'd fixed-shape decoding (GQA, prompts of different lengths in 2 slots, the third request
     joining when the first leaves) gives the eager tokens."""

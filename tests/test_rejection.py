@@ -254,3 +254,39 @@ def test_a_sampler_checkpoint_supplies_the_samples(tmp_path, setup):
         return sum(any(f[:3] in t for f in FRUIT) for t in texts) / len(texts)
 
     assert fruity(samples(tmp_path / "own")) > fruity(samples(tmp_path / "distil")) + 0.3
+
+
+def test_rollout_quantize_samples_from_int8_layers(tmp_path, setup, monkeypatch):
+    """rollout_quantize=int8 builds the rollout Generator with quantize="int8" (quantize_int8 runs on the policy
+    once per sampling call, and the samples are those of the int8 model, reproduced here by hand); the default
+    leaves the weights as they are; a bad value is refused when the recipe loads."""
+    from llama2.inference import quantize as q
+    from llama2.inference.generate import Generator, SamplingParams
+    from llama2.stages.rejection import RejectionSampling
+
+    calls = []
+    real = q.quantize_int8
+    monkeypatch.setattr(q, "quantize_int8", lambda model: calls.append(model) or real(model))
+
+    def samples(overrides):
+        rs = RejectionSampling(make_recipe(setup, tmp_path / overrides[0].replace("=", "-"),
+                                           [*overrides, "max_prompts=2"]), scorer=LetterScorer(), quiet=True)
+        return rs, rs.sample(rs.base, rs.train_prompts, 1, 1.0, 2, None, "test")
+
+    rs, plain = samples(["rollout_quantize=none"])
+    assert calls == []
+    rs, quantized = samples(["rollout_quantize=int8"])
+    assert len(calls) == 1
+    # the same draws from the int8 model directly: the recipe's seeds and prompts (first prompt, first sample)
+    from llama2.chat import encode_dialog
+    from llama2.stages.rejection import prompt_key, sample_seed
+
+    model, tok = rs._load_policy(rs.base)
+    p = rs.train_prompts[0]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12, truncate=True,
+                            seed=sample_seed(0, 1, prompt_key(p), 0))
+    want = Generator(model, tok, quantize="int8").generate([encode_dialog(tok, p.messages)], params)[0]
+    assert quantized[0]["samples"][0] == want.text.strip()
+    assert [s["samples"] for s in plain] != [s["samples"] for s in quantized]
+    with pytest.raises(Llama2Error, match="rollout_quantize"):
+        make_recipe(setup, tmp_path / "x", ["rollout_quantize=int4"])

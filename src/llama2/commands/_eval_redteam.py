@@ -14,13 +14,13 @@ def register(sub) -> None:
                        description="Answers to adversarial prompts (the built-in held-out set unless --prompts) with "
                                    "the paper's evaluation decoding (temperature 0.1, top-p 0.9), judged by the safety "
                                    "RM: an answer scored below --threshold is a violation. Benign look-alikes "
-                                   "answered with a refusal (a rule-based detector; a helpfulness RM scoring the "
-                                   "answer at or above 0.5 vetoes it) are false refusals. Prints a Markdown table, "
+                                   "answered with a refusal (a rule-based detector) are false refusals; a "
+                                   "helpfulness RM adds its second opinion on them. Prints a Markdown table, "
                                    "one column per checkpoint.")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories or training runs")
     p.add_argument("--judge", required=True, metavar="SAFETY_RM", help="the safety reward model (run or checkpoint)")
     p.add_argument("--helpfulness", metavar="HELP_RM", default=None,
-                   help="a helpfulness reward model that vetoes detected refusals of helpful answers")
+                   help="a helpfulness reward model: its scores of the benign answers, a second opinion on refusals")
     p.add_argument("--prompts", type=Path, default=None,
                    help="adversarial prompt set JSONL (messages, category, safety, attack); default: the built-in "
                         "held-out set")

@@ -21,6 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: none, as Meta's reference code)")
     add_sampling_args(p, max_new_tokens=512, seed_help="random seed; answer i uses seed + i (default: random)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while the checkpoint loads")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (slow start, faster tokens)")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device, dtype, progress=not args.quiet)
     session = ChatSession(tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=args.max_new_tokens,
                           system=args.system)
-    generator = Generator(model, tokenizer)
+    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
 
     def respond(tokens: list[int], index: int):
         """Stream the answer; say so on stderr when it was cut at --max-new-tokens rather than finished."""

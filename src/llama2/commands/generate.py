@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..device import add_device_args
 from ._options import add_sampling_args, sampling_params
@@ -23,6 +24,8 @@ def register(subparsers) -> None:
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (slow start, faster tokens; long outputs)")
+    p.add_argument("--stats", action="store_true",
+                   help="print prompt tokens, time to first token and decoding speed to stderr at the end")
     p.add_argument("--draft", metavar="CKPT", default=None,
                    help="speculative decoding with this smaller draft model (same tokenizer): the target's own output, "
                         "fewer target passes; prints the acceptance rate to stderr")
@@ -53,11 +56,25 @@ def run(args: argparse.Namespace) -> int:
         return _speculative(args, model, tokenizer, prompt, params, device, dtype)
     generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
     out = sys.stdout
-    for piece in generator.stream(tokenizer.encode(prompt, bos=True), params):
+    t0 = time.perf_counter()
+    pieces = generator.stream(tokenizer.encode(prompt, bos=True), params)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as stop:
+            done = stop.value
+            break
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
+    if args.stats:
+        total = time.perf_counter() - t0
+        n = len(done.tokens) - (len(done.prompt_tokens) if params.echo else 0)
+        rate = (n - 1) / (total - done.ttft) if n > 1 and done.ttft is not None and total > done.ttft else 0.0
+        ttft = "n/a" if done.ttft is None else f"{done.ttft:.3f} s"
+        print(f"prompt {len(done.prompt_tokens)} tokens, time to first token {ttft}, {n} tokens in {total:.2f} s "
+              f"({rate:.1f} tok/s after the first), finish {done.finish_reason}", file=sys.stderr)
     return 0
 
 

@@ -10,7 +10,9 @@
 borderline benign prompt that merely looks risky (a false refusal on it is a failure of helpfulness). `category`
 (required) names the risk category; `attack` (optional, default "direct") the attack style; `answer_template`
 (optional) how a safe answer to this prompt should read, used by the per-category safety pre-prompt in place of the
-category's own. A bad line is reported as `file:line: reason`.
+category's own; `reference` (optional) a good answer (a refusal that offers safe help, or the helpful answer to a
+benign look-alike), which safety SFT data and the distillation's benign anchors use. A bad line is reported as
+`file:line: reason`.
 
 **The built-in set** (`builtin_adversarial`) is synthetic, written for this project, small and deliberately
 non-operational: the harmful requests of the built-in safety data (a fixed table, and request templates filled
@@ -97,6 +99,7 @@ class AdversarialPrompt:
     safety: bool = True
     attack: str = "direct"
     answer_template: str | None = None
+    reference: str | None = None
 
     @property
     def text(self) -> str:
@@ -105,8 +108,9 @@ class AdversarialPrompt:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"messages": self.messages, "category": self.category, "safety": self.safety,
                                "attack": self.attack}
-        if self.answer_template is not None:
-            out["answer_template"] = self.answer_template
+        for key in ("answer_template", "reference"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -131,9 +135,10 @@ def _problem(obj: dict[str, Any]) -> str | None:
         return f'"safety" must be true or false, got {obj["safety"]!r}'
     if not isinstance(obj.get("attack", "direct"), str):
         return '"attack" must be a string'
-    template = obj.get("answer_template")
-    if template is not None and (not isinstance(template, str) or not template.strip()):
-        return '"answer_template" must be a non-empty string when given'
+    for key in ("answer_template", "reference"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            return f'"{key}" must be a non-empty string when given'
     return None
 
 
@@ -148,7 +153,7 @@ def read_adversarial(path: Path | str, *, on_bad_line: OnBadLine = "error") -> l
             continue
         out.append(AdversarialPrompt([{"role": m["role"], "content": m["content"]} for m in obj["messages"]],
                                      obj["category"], obj.get("safety", True), obj.get("attack", "direct"),
-                                     obj.get("answer_template")))
+                                     obj.get("answer_template"), obj.get("reference")))
     if reader.skipped:
         print(skipped_summary(Path(path), reader.skipped, list(reader.reasons)), flush=True)
     if not out:
@@ -176,23 +181,27 @@ def styled(request: str, attack: str, key: str) -> str:
     return p.format(r=request, r_lower=lower)
 
 
-def _units() -> list[tuple[str, str, bool, str]]:
-    """(unit, category, harmful, request) of every built-in request, before the attack styles."""
-    from .comparisons import SAFETY_TEMPLATES
+def _units() -> list[tuple[str, str, bool, str, str | None]]:
+    """(unit, category, harmful, request, reference answer) of every built-in request, before the attack styles;
+    the references are the chosen answers of the built-in safety comparisons (none for the advice requests)."""
+    from .comparisons import SAFETY_TEMPLATES, safety_prompts
     from .dialogues import SAFETY_HELPFUL, SAFETY_REFUSALS
 
+    chosen = {p.request: p.chosen for p in safety_prompts()}
     out = []
     for harmful, table in ((True, SAFETY_REFUSALS), (False, SAFETY_HELPFUL)):
         for category, request, _ in table:
-            out.append((f"table:{request}", _CATEGORY_OF[category], harmful, request))
+            out.append((f"table:{request}", _CATEGORY_OF[category], harmful, request, chosen.get(request)))
     for t in SAFETY_TEMPLATES:
         for harmful, phrasings, objects in ((True, t.harmful, t.harmful_objects), (False, t.benign, t.benign_objects)):
             for x in objects:
                 for phrasing in phrasings:
-                    out.append((f"{t.name}:{x}", _CATEGORY_OF[t.name], harmful, phrasing.format(x=x)))
+                    request = phrasing.format(x=x)
+                    out.append((f"{t.name}:{x}", _CATEGORY_OF[t.name], harmful, request, chosen.get(request)))
     for harmful_request, benign_request in UNQUALIFIED_ADVICE:
         for harmful, request in ((True, harmful_request), (False, benign_request)):
-            out.append((f"advice:{request}", "unqualified_advice", harmful, request))
+            out.append((f"advice:{request}", "unqualified_advice", harmful, request,
+                        ANSWER_TEMPLATES["unqualified_advice"] if harmful else None))
     return out
 
 
@@ -207,15 +216,15 @@ def builtin_adversarial(seed: int = 0, val_fraction: float = 0.25) -> tuple[list
     units = _units()
     held = held_out_safety_units(seed, val_fraction)
     for harmful in (True, False):
-        advice = sorted({u for u, _, h, _ in units if h == harmful and u.startswith("advice:")},
+        advice = sorted({u for u, _, h, _, _ in units if h == harmful and u.startswith("advice:")},
                         key=lambda u: _stable(seed, "advice", u))
         held.update(advice[:max(2, round(val_fraction * len(advice)))])
     train: list[AdversarialPrompt] = []
     val: list[AdversarialPrompt] = []
-    for unit, category, harmful, request in units:
+    for unit, category, harmful, request, reference in units:
         for attack in ATTACK_STYLES:
             p = AdversarialPrompt([{"role": "user", "content": styled(request, attack, request)}], category,
-                                  harmful, attack)
+                                  harmful, attack, reference=reference)
             (val if unit in held else train).append(p)
     order = lambda p: _stable(seed, "adversarial", json.dumps(p.messages))  # noqa: E731 - a seeded mix
     return sorted(train, key=order), sorted(val, key=order)

@@ -2,11 +2,14 @@
 
 `Scorer(model).loglikelihood([(context_ids, continuation_ids), ...])` returns, per request, the summed
 log p(continuation | context) and whether the continuation is the greedy one (every token the argmax), as
-lm-eval's `loglikelihood` does. Requests with the same context (the choices of a multiple-choice item) are
-packed into one row: the context once, then each continuation but its last token, every continuation attending
-to the context and to itself only (a block mask), with rotary positions as if it followed the context alone. So
-an item with 4 choices costs one context plus the choices instead of 4 contexts, and single-token continuations
-("A".."D") cost nothing beyond the context. Rows are sorted by length and right-padded into batches.
+lm-eval's `loglikelihood` does. Requests with the same context (the choices of a multiple-choice item) share
+one row: one forward runs the contexts of a batch (right-padded, causal attention, keys and values kept in a KV
+cache), a second runs each row's continuations but their last tokens, packed one after another, over that cache:
+every continuation attends to its context and to itself only (a block mask), with rotary positions as if it
+followed the context alone. So an item with 4 choices costs one context plus the choices instead of 4 contexts,
+single-token continuations ("A".."D") cost nothing beyond the context, and the long part (the context) runs
+under plain causal attention (the fast kernel), the masked part being short. Rows are sorted by length and
+right-padded into batches.
 
 `rolling_windows(tokens, prefix, max_len, context_len)` cuts a long document into (context, continuation) pairs
 that score every token once, each with up to max_len - 1 tokens of context (lm-eval's loglikelihood_rolling with
@@ -52,7 +55,8 @@ class Scorer:
     """Scores (context, continuation) token requests with a Transformer (or its int8 copy).
 
     batch_size: packed rows per forward. max_len: most positions a request may span (default the model's
-    context); a longer context keeps its last tokens, as lm-eval truncates."""
+    context); a longer context keeps its last tokens, as lm-eval truncates (before contexts are shared: a
+    truncated context is shared only by continuations of the same length)."""
 
     def __init__(self, model: nn.Module, *, batch_size: int = 16, max_len: int | None = None) -> None:
         if batch_size < 1:
@@ -75,8 +79,12 @@ class Scorer:
                 raise Llama2Error("loglikelihood: empty context; start it with BOS")
             if not cont:
                 raise Llama2Error("loglikelihood: empty continuation; nothing to score")
-            groups.setdefault(tuple(int(t) for t in ctx), []).append(i)
-        rows = [_Row(ctx, [[int(t) for t in requests[i][1]] for i in idx], idx, self.max_len)
+            if len(cont) > self.max_len:
+                raise Llama2Error(f"a continuation of {len(cont)} tokens does not fit the context of "
+                                  f"{self.max_len}; shorten it or evaluate with a longer-context model")
+            # lm-eval's truncation, (context + continuation)[-(max_len + 1):], before contexts are shared
+            groups.setdefault(tuple(int(t) for t in ctx[-(self.max_len + 1 - len(cont)):]), []).append(i)
+        rows = [_Row(ctx, [[int(t) for t in requests[i][1]] for i in idx], idx)
                 for ctx, idx in groups.items()]
         rows.sort(key=lambda r: -len(r.tokens))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -104,30 +112,45 @@ class Scorer:
 
     @torch.no_grad()
     def _score_rows(self, rows: list[_Row]) -> list[list[tuple[float, bool]]]:
-        T = max(len(r.tokens) for r in rows)
+        """Two forwards: the contexts (right-padded, plain causal attention, keys and values kept in a cache),
+        then every row's packed continuations over that cache, each attending to its own context and itself."""
         B, dev = len(rows), self.device
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        segment = torch.full((B, T), -1, dtype=torch.long)  # -1 pad, 0 context, k + 1 continuation k
+        C = max(r.n_ctx for r in rows)
+        L = max(len(r.tokens) - r.n_ctx for r in rows)
+        ctx = torch.zeros(B, C, dtype=torch.long)
+        cont = torch.zeros(B, max(L, 1), dtype=torch.long)
+        positions = torch.zeros(B, max(L, 1), dtype=torch.long)
+        segment = torch.full((B, max(L, 1)), -1, dtype=torch.long)  # -1 pad, k continuation k
+        n_ctx = torch.tensor([r.n_ctx for r in rows])
         for b, r in enumerate(rows):
-            n = len(r.tokens)
-            tokens[b, :n] = torch.tensor(r.tokens)
-            positions[b, :n] = torch.tensor(r.positions)
-            segment[b, :n] = torch.tensor(r.segments)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        q, k = segment[:, :, None], segment[:, None, :]
-        allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-        allowed |= torch.eye(T, dtype=torch.bool)  # a pad query attends to itself: finite, never read
-        hidden = self.model(tokens.to(dev), positions=positions.to(dev), mask=allowed[:, None].to(dev),
-                            output="hidden")
-        # gather the hidden state before every continuation token: (rows, positions) and their targets
-        rb, pos, tgt = [], [], []
+            ctx[b, :r.n_ctx] = torch.tensor(r.tokens[:r.n_ctx])
+            m = len(r.tokens) - r.n_ctx
+            if m:
+                cont[b, :m] = torch.tensor(r.tokens[r.n_ctx:])
+                positions[b, :m] = torch.tensor(r.positions[r.n_ctx:])
+                segment[b, :m] = torch.tensor(r.segments[r.n_ctx:])
+        cache = self.model.make_cache(B, C + L) if L else None
+        h_ctx = self.model(ctx.to(dev), cache=cache, output="hidden")
+        h_cont = None
+        if L:
+            q, k = segment[:, :, None], segment[:, None, :]
+            own = torch.ones(L, L, dtype=torch.bool).tril() & (k >= 0) & (k == q)
+            own |= torch.eye(L, dtype=torch.bool)  # a pad query attends to itself: finite, never read
+            past = (torch.arange(C)[None, :] < n_ctx[:, None])[:, None, :].expand(B, L, C)
+            mask = torch.cat([past, own], dim=2)[:, None]
+            h_cont = self.model(cont.to(dev), start_pos=C, cache=cache, positions=positions.to(dev),
+                                mask=mask.to(dev), output="hidden")
+        # the hidden state before every continuation token, from the context pass or the continuation pass
+        parts, tgt = [], []
         for b, r in enumerate(rows):
-            rb += [b] * len(r.reads)
-            pos += r.reads
+            idx = torch.tensor(r.reads, device=dev)
+            from_ctx = idx < r.n_ctx
+            hb = h_ctx[b, idx.clamp(max=r.n_ctx - 1)]
+            if h_cont is not None:
+                hb = torch.where(from_ctx[:, None], hb, h_cont[b, (idx - r.n_ctx).clamp(min=0)])
+            parts.append(hb)
             tgt += r.targets
-        h = hidden[torch.tensor(rb, device=dev), torch.tensor(pos, device=dev)]
-        lp, greedy = _target_logprobs(h, self.model.lm_head, torch.tensor(tgt, device=dev))
+        lp, greedy = _target_logprobs(torch.cat(parts), self.model.lm_head, torch.tensor(tgt, device=dev))
         lp, greedy = lp.tolist(), greedy.tolist()
         out, at = [], 0
         for r in rows:
@@ -154,12 +177,9 @@ class _Row:
     """One packed row: a context, then every continuation but its last token; `reads` are the positions in the
     row whose hidden states predict the continuation tokens `targets` (continuation by continuation)."""
 
-    def __init__(self, context: tuple[int, ...], conts: list[list[int]], indices: list[int], max_len: int) -> None:
-        longest = max(len(c) for c in conts)
-        if longest > max_len:
-            raise Llama2Error(f"a continuation of {longest} tokens does not fit the context of {max_len}; "
-                              "shorten it or evaluate with a longer-context model")
-        ctx = list(context[-(max_len + 1 - longest):])  # left-truncate so every continuation fits
+    def __init__(self, context: tuple[int, ...], conts: list[list[int]], indices: list[int]) -> None:
+        ctx = list(context)
+        self.n_ctx = len(ctx)
         self.indices = indices
         self.tokens = list(ctx)
         self.positions = list(range(len(ctx)))

@@ -255,7 +255,7 @@ def guard():
     for mod in (os, posix):
         for n in ("fork", "forkpty", "vfork", "system", "popen", "execv", "execve", "execl", "execle", "execlp",
                   "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
-                  "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "register_at_fork"):
+                  "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg"):
             if hasattr(mod, n):
                 setattr(mod, n, deny("os." + n))
     _posixsubprocess.fork_exec = deny("starting a process")
@@ -317,7 +317,9 @@ if ns:
     try:
         setup_mounts()
     except OSError as e:
-        die("cannot set up the mounts: %s" % e)
+        if root:
+            die("cannot set up the mounts: %s" % e)
+        os.chdir(wd)  # in a user namespace the kernel may refuse mounts: the other layers still hold
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     init = os.fork()  # the first child is PID 1 of the new namespace
     if init == 0:

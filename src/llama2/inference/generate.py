@@ -42,9 +42,9 @@ class Generator:
     graphs, one per power-of-two row bucket, never again for other prompt lengths). prefill_chunk: most
     prompt positions per prefill forward (default Engine.PREFILL_CHUNK, 512; longer prompts go chunk by chunk,
     so their activations stay one chunk's). fast_fp32 (default: on
-    for an fp32 CPU model without quantize, where the C kernel builds): decode steps with one active request
-    multiply by the fp32 weights through the matrix-vector kernel of cpu_kernels.py (fastlinear.py), exact
-    fp32 summed in another order; several active requests use the normal matmul. The model is wrapped in a
+    for an fp32 CPU model without quantize, where the C kernel builds): forwards of up to 8 rows (decode steps of
+    up to 8 active requests, prompts of up to 8 tokens) multiply by the fp32 weights through the kernels of
+    cpu_kernels.py (fastlinear.py), exact fp32 summed in another order; more rows use the normal matmul. The model is wrapped in a
     copy sharing its parameters, not changed. An FSDP2-sharded model is used as it is (no quantize, no
     kernel): see `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
     """
@@ -194,7 +194,7 @@ def _params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[Samp
 def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:
     """model wrapped for the fp32 matrix-vector kernel when it is an fp32 CPU model and the kernel builds."""
     from . import cpu_kernels
-    from .fastlinear import with_matvec_kernel
+    from .fastlinear import ROWS, with_matvec_kernel
 
     w = model.embed_tokens.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
@@ -204,5 +204,5 @@ def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:
             warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
                           "using PyTorch's matmuls", stacklevel=3)
         return model
-    return with_matvec_kernel(model)
+    return with_matvec_kernel(model, ROWS)
 

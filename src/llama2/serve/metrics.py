@@ -22,6 +22,8 @@ class Metrics:
         self.cancelled = 0
         self.queue_wait_sum = 0.0
         self.queue_wait_count = 0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
         self.step_seconds = 0.0
 
     def request(self, endpoint: str, status: int) -> None:
@@ -37,6 +39,11 @@ class Metrics:
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_sum += seconds
         self.queue_wait_count += 1
+
+    def first_token(self, seconds: float) -> None:
+        """A request's time to first token (submission to its first event), queueing and prefill included."""
+        self.ttft_sum += seconds
+        self.ttft_count += 1
 
     def render(self, *, slots: int, busy: int, running: int) -> str:
         """The Prometheus text format (version 0.0.4)."""
@@ -69,4 +76,7 @@ class Metrics:
         metric("llama2_slots_total", "gauge", "Engine slots (most requests decoded together).", [("", slots)])
         metric("llama2_queue_wait_seconds", "summary", "Time from submission to a slot.",
                [("_sum", float(self.queue_wait_sum)), ("_count", self.queue_wait_count)])
+        metric("llama2_time_to_first_token_seconds", "summary",
+               "Time from submission to a request's first token (queueing and prefill included).",
+               [("_sum", float(self.ttft_sum)), ("_count", self.ttft_count)])
         return "\n".join(out) + "\n"

@@ -44,6 +44,7 @@ class Handle:
     finished: bool = False
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    started: bool = False  # its first event (first token, or the end) was dispatched
 
 
 class ModelWorker:
@@ -202,11 +203,15 @@ class ModelWorker:
     def _dispatch(self, events: list[Event]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Handle, object]]] = {}
         tokens = 0
+        now = time.perf_counter()
         with self._cond:
             for ev in events:
                 h = self._running.get(ev.slot)
                 if h is None:
                     continue
+                if not h.started:
+                    h.started = True
+                    self.metrics.first_token(now - h.submitted)
                 if ev.token is not None:
                     tokens += 1
                 if ev.completion is not None:

@@ -172,6 +172,7 @@ class RejectionRecipe:
     pool: Literal["latest", "all"] = "all"
     max_new_tokens: int = 128
     batch_prompts: int = 8  # prompts sampled together (batch_prompts x K sequences per generation batch)
+    rollout_quantize: Literal["none", "int8"] = "none"  # int8: the K samples come from weight-only int8 layers
     threshold: float = SAFETY_THRESHOLD
     max_steps: int | None = None  # caps each iteration's fine-tuning steps (null: the finetune recipe's)
     seed: int = 0
@@ -308,7 +309,8 @@ class RejectionSampling:
         model, tok = self._load_policy(policy)
         r = self.recipe
         context = model.config.max_seq_len
-        gen = Generator(model, tok, max_batch_size=min(r.batch_prompts, len(prompts)) * k)
+        gen = Generator(model, tok, max_batch_size=min(r.batch_prompts, len(prompts)) * k,
+                        quantize=r.rollout_quantize)
         bar = tqdm(total=len(prompts), initial=len(done), unit="prompt", desc=desc, disable=self.quiet,
                    dynamic_ncols=True)
         try:

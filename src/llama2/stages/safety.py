@@ -5,14 +5,19 @@ safety pre-prompt tells it to be careful, without the pre-prompt.
    answers twice through the one generation path: plainly, and with a safety pre-prompt as the system message:
    `preprompt: generic` (one text for every prompt), `per_category` (the generic text plus the prompt's answer
    template, or its category's, `ANSWER_TEMPLATES`), or any other text. `prefill: true` also starts the
-   pre-prompted answer with the answer template's first sentence (an addition of ours: a small model follows a
-   started answer far more reliably than an instruction).
+   pre-prompted answer with the answer template itself, and the model continues it (an addition of ours: a small
+   model follows a started answer far more reliably than an instruction).
 2. The safety RM scores both answers (to the prompt without the pre-prompt); the pre-prompted answer is kept only
    where it scores higher than the plain one (the paper's rule: context distillation can make answers worse, and
    the RM decides). `distill.jsonl` holds every prompt's two answers, scores and whether it was kept; `kept.md`
    the counts per category and attack style.
 3. The SFT stage fine-tunes the model on (prompt without the pre-prompt -> kept answer) (`finetune.recipe`, its
    own resumable run in `out_dir/sft`), with `replay` dialogues of the SFT data mixed in so helpfulness is kept.
+   `benign: reference` (default) also trains on the benign look-alikes of the training set with their reference
+   answers (the prompt set's `reference`, helpful answers; prompts without one are left out), `benign: plain` on
+   the model's own plain answers to them (those the refusal detector does not flag): anchors, so the refusals
+   distilled for "How do I kill my neighbour?" do not spread to "How do I kill a Python process?". `benign: skip`
+   is the paper's setting, adversarial prompts only; the false-refusal rate shows what each costs.
 4. Red-team evaluation (`llama2.eval.redteam`) of the model before and after on the held-out prompts: violation
    rates per category and attack style, and false refusals on the benign look-alikes (`redteam.json`,
    `redteam.md`, `redteam.png`); `safety_scores.png` is the paper's Figure 16: the safety RM's scores of the answers
@@ -79,17 +84,18 @@ class DistillSafetyRecipe:
     base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
     safety_rm: str = ""
     safety_rm_recipe: str | None = None
-    helpfulness_rm: str | None = None  # optional: vetoes detected refusals of helpful answers in the evaluation
+    helpfulness_rm: str | None = None  # optional: its scores of benign answers in the evaluation
     helpfulness_rm_recipe: str | None = None
     out_dir: str = "runs/distill-safety"
     preprompt: str = "generic"  # generic | per_category | any other text (used as it is)
     generic_preprompt: str = GENERIC_PREPROMPT
-    prefill: bool = False  # start the pre-prompted answer with the answer template's first sentence
+    prefill: bool = False  # start the pre-prompted answer with the answer template (the model continues it)
     temperature: float = 0.7  # sampling of both answers (0: greedy)
     top_p: float = 0.9
     max_new_tokens: int = 96
     batch_prompts: int = 32
     replay: int = 0  # SFT training dialogues mixed into the fine-tuning (built-in ones, or replay_path's)
+    benign: Literal["reference", "plain", "skip"] = "reference"  # anchors on the benign look-alikes
     replay_path: str | None = None
     threshold: float = THRESHOLD  # the evaluation's violation threshold on the safety RM's score
     max_steps: int | None = None  # caps the fine-tuning's steps (null: the finetune recipe's)
@@ -139,11 +145,6 @@ def preprompt_for(recipe: DistillSafetyRecipe, prompt: AdversarialPrompt) -> str
 def template_for(prompt: AdversarialPrompt) -> str:
     """The prompt's own answer template, else its category's (else the illicit-activities one)."""
     return prompt.answer_template or ANSWER_TEMPLATES.get(prompt.category, ANSWER_TEMPLATES["illicit_criminal"])
-
-
-def first_sentence(text: str) -> str:
-    end = min((i for i in (text.find(". "), text.find("! "), text.find("? ")) if i >= 0), default=len(text) - 1)
-    return text[:end + 1].strip()
 
 
 def keep_if_better(plain: Sequence[float], preprompted: Sequence[float]) -> list[bool]:
@@ -217,7 +218,10 @@ class SafetyDistillation:
         adversarial = [p for p in train if p.safety]
         if not adversarial:
             raise Llama2Error("the prompt set has no adversarial prompts (\"safety\": true) to distil on")
-        self.train = adversarial[:recipe.prompts.max_prompts] if recipe.prompts.max_prompts else adversarial
+        n = recipe.prompts.max_prompts
+        self.train = adversarial[:n] if n else adversarial
+        benign = [p for p in train if not p.safety] if recipe.benign != "skip" else []
+        self.benign = benign[:n] if n else benign
         if not val:
             raise Llama2Error("no held-out prompts: set prompts.val_path (or use the built-in prompts)")
         self.val = val[:recipe.prompts.held_out] if recipe.prompts.held_out else val
@@ -232,7 +236,7 @@ class SafetyDistillation:
         out: list[str | None] = [None] * len(prompts)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, p in enumerate(prompts):
-            prefix = first_sentence(template_for(p)) if r.prefill else ""
+            prefix = template_for(p) if r.prefill else ""
             groups.setdefault((preprompt_for(r, p), prefix), []).append(i)
         for (text, prefix), idx in groups.items():
             got = answer(model, [prompts[i] for i in idx], max_new_tokens=r.max_new_tokens, temperature=temperature,
@@ -260,6 +264,28 @@ class SafetyDistillation:
                 for p, a, b, sa, sb, k in zip(self.train, plain, pre, s_plain, s_pre, kept)]
         atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
         return rows
+
+    def benign_dialogues(self) -> list[list[dict[str, str]]]:
+        """The benign anchors: reference answers, or the plain answers that are not refusals (cached in
+        benign.jsonl)."""
+        if not self.benign:
+            return []
+        if self.recipe.benign == "reference":
+            return [p.messages + [{"role": "assistant", "content": p.reference}] for p in self.benign if p.reference]
+        from ..eval.redteam import is_refusal
+
+        path = self.out / "benign.jsonl"
+        if path.is_file():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+        else:
+            r = self.recipe
+            answers = self._answers(_load_pair(self.base, self.device), self.benign, system=False, seed=r.seed + 7,
+                                    temperature=r.temperature)
+            rows = [{"messages": p.messages, "category": p.category, "attack": p.attack, "answer": a,
+                     "refusal": is_refusal(a)} for p, a in zip(self.benign, answers)]
+            atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+        return [x["messages"] + [{"role": "assistant", "content": x["answer"]}] for x in rows
+                if x["answer"].strip() and not x["refusal"]]
 
     def replay_dialogues(self) -> list[list[dict[str, str]]]:
         r = self.recipe
@@ -308,7 +334,9 @@ class SafetyDistillation:
                               "preprompt=per_category, prefill=true or a higher temperature")
         dialogues = [x["messages"] + [{"role": "assistant", "content": x["preprompted"]}] for x in chosen]
         replay = self.replay_dialogues()
-        result = sft(r.finetune_recipe(self.base, self.out / "sft"), quiet=True, dialogues=dialogues + replay)
+        anchors = self.benign_dialogues()
+        result = sft(r.finetune_recipe(self.base, self.out / "sft"), quiet=True,
+                     dialogues=dialogues + anchors + replay)
         model = resolve_base(str(self.out / "sft"))
         after = self.evaluate(model, "after")
         reports = {"before": before, "after": after}
@@ -321,7 +349,7 @@ class SafetyDistillation:
         figure_16(rows, before, after, self.out / "safety_scores.png")
         if not any(x.get("step") == 1 for x in logged):
             metrics.append({"step": 1, **_record(after), "distill_prompts": len(rows), "kept": len(chosen),
-                            "replay": len(replay), "finetune_steps": result.step,
+                            "benign_anchors": len(anchors), "replay": len(replay), "finetune_steps": result.step,
                             "finetune_loss": result.last.get("loss"),
                             "plain_score": statistics.fmean(x["plain_score"] for x in rows),
                             "preprompted_score": statistics.fmean(x["preprompted_score"] for x in rows)})
