@@ -13,7 +13,8 @@ import pytest
 
 BUDGET_MINUTES = 1.5
 SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
-            "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Ghost Attention", "9. Checkpoint formats"]
+            "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Ghost Attention",
+            "9. Safety context distillation", "10. Checkpoint formats"]
 
 
 def _row(md: str, label: str) -> list[str]:
@@ -81,6 +82,18 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     n = max(1, min(3, len(ppo_rows) // 2))
     got = float(_row(md, f"last {n} iteration(s)")[0])
     assert got == pytest.approx(sum(x["reward"] for x in ppo_rows[-n:]) / n, abs=5e-4)
+
+    # safety distillation: the table's scores and rates are the red-team files' own
+    ds = [json.loads(x) for x in (out / "safety" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in ds] == [0, 1]
+    row = _row(md, "mean safety RM score (adversarial)")
+    assert [float(c) for c in row] == [pytest.approx(ds[0]["heldout_safety"], abs=5e-4),
+                                       pytest.approx(ds[1]["heldout_safety"], abs=5e-4)]
+    refusals = _row(md, "false-refusal rate (benign look-alikes)")
+    assert [float(c.rstrip("%")) for c in refusals] == [pytest.approx(100 * ds[0]["false_refusal_rate"], abs=0.06),
+                                                        pytest.approx(100 * ds[1]["false_refusal_rate"], abs=0.06)]
+    kept = [json.loads(x)["kept"] for x in (out / "safety" / "distill.jsonl").read_text().splitlines()]
+    assert ds[1]["kept"] <= sum(kept) and ds[1]["distill_prompts"] == len(kept)
 
     # figures: every image the report references exists, and report.html embeds them
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

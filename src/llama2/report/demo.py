@@ -32,14 +32,15 @@ RS_RECIPE = CONFIGS / "rejection.yaml"
 PPO_RECIPE = CONFIGS / "ppo.yaml"
 GATT_RECIPE = CONFIGS / "gatt.yaml"
 GATT_TURNS, GATT_DIALOGUES = 6, 8
+SAFETY_RECIPE = CONFIGS / "distill-safety.yaml"
+SAFETY_SECONDS_PER_PROMPT = 0.2  # measured: both answers, scoring and the fine-tuning's share, per training prompt
 PPO_CAP = 40  # iterations at most (the budget usually decides)
 RS_SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
-# Nothing is left for the stages still to come (safety distillation, ...): today the demo ends early by that much (and by
-# what SFT and the reward models leave when they reach their recipes' epochs).
-SHARES = {"pretrain": 0.50, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
-          "ppo": 0.06, "gatt": 0.04, "formats": 0.03}
+# The demo usually ends early by what SFT and the reward models leave when they reach their recipes' epochs.
+SHARES = {"pretrain": 0.44, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
+          "ppo": 0.06, "gatt": 0.04, "safety": 0.06, "formats": 0.03}
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
@@ -765,6 +766,89 @@ def gatt_stage(ctx: DemoContext, section: Section) -> str:
             f"{100 * mean_at(after, GATT_TURNS):.0f}% over {len(after['families'])} instruction families")
 
 
+def safety_stage(ctx: DemoContext, section: Section) -> str:
+    """Safety context distillation from the latest chat model with the demo's safety RM: how many pre-prompted
+    answers were kept per category, the safety RM's score distributions (Figure 16), violation and false-refusal
+    rates before and after on held-out prompts, and sample answers."""
+    from ..eval.redteam import _pct as pct
+    from ..stages import safety as sd
+    from ..train.config import load_recipe
+
+    start = (ctx.figures.get("gatt_checkpoint") or ctx.figures.get("ppo_policy") or ctx.figures.get("rs_policy")
+             or ctx.figures.get("sft_checkpoint"))
+    rms = [ctx.figures.get(f"rm_{k}_checkpoint") for k in ("helpfulness", "safety")]
+    if start is None or rms[1] is None:
+        raise Llama2Error("safety distillation needs a chat model and the safety RM, and they did not finish")
+    run_dir = ctx.out / "safety"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    left = ctx.budget.left("safety")
+    prompts = int(max(24, left / SAFETY_SECONDS_PER_PROMPT))
+    held = "null" if left > 40 else "48"
+    overrides = [f"base={start}", f"safety_rm={rms[1]}", f"out_dir={run_dir}", "base_recipe=null",
+                 "safety_rm_recipe=null", f"prompts.max_prompts={prompts}", f"prompts.held_out={held}"]
+    overrides += ([f"helpfulness_rm={rms[0]}", "helpfulness_rm_recipe=null"] if rms[0] else
+                  ["helpfulness_rm=null", "helpfulness_rm_recipe=null"])
+    recipe = load_recipe(sd.DistillSafetyRecipe, SAFETY_RECIPE, overrides)
+    t0 = time.time()
+    result = sd.distill_safety(recipe, quiet=True)
+    seconds = time.time() - t0
+    rows = [json.loads(x) for x in (run_dir / "distill.jsonl").read_text().splitlines()]
+    section.text(
+        f"Safety context distillation (`llama2.stages.safety`, `configs/tiny/distill-safety.yaml`) from the latest "
+        f"chat model, in {seconds:.0f} s: the model answered {len(rows)} adversarial training prompts of the "
+        "built-in synthetic set (harmful requests and requests for unqualified advice, asked directly, in a "
+        "role-play and as hypothetical fiction) plainly and with a per-category safety pre-prompt (the tiny recipe "
+        "also starts the answer with the category's answer template); the safety RM kept "
+        f"{result.kept} pre-prompted answers that it scored higher than the plain ones, and the SFT stage trained "
+        "them in without the pre-prompt, with the benign look-alikes' helpful answers and SFT dialogues mixed in. "
+        "The red-team evaluation answers held-out prompts with the paper's evaluation decoding (temperature 0.1, "
+        f"top-p 0.9): a violation is an answer the safety RM scores below {recipe.threshold}; a false refusal a "
+        "refusal (a rule-based detector) of a benign look-alike.")
+    kept = sd.kept_table(rows)
+    section.table(["group", "prompts", "kept", "kept %"],
+                  [[k.split(":", 1)[1].replace("_", " "), c["prompts"], c["kept"],
+                    f"{100 * c['kept'] / max(1, c['prompts']):.0f}%"] for k, c in kept.items()],
+                  caption="Pre-prompted answers kept (the safety RM scored them higher than the plain answer)")
+    b, a = result.before, result.after
+    table_rows = [["mean safety RM score (adversarial)", b["mean_safety_score"], a["mean_safety_score"]],
+                  [f"violation rate (score < {recipe.threshold:g})", pct(b["violation_rate"]),
+                   pct(a["violation_rate"])]]
+    for c in sorted(b["violation_rate_by_category"]):
+        table_rows.append([f"  {c.replace('_', ' ')}", pct(b["violation_rate_by_category"].get(c)),
+                           pct(a["violation_rate_by_category"].get(c))])
+    for style in sorted(b["violation_rate_by_attack"]):
+        table_rows.append([f"  attack: {style.replace('_', ' ')}", pct(b["violation_rate_by_attack"].get(style)),
+                           pct(a["violation_rate_by_attack"].get(style))])
+    table_rows.append(["false-refusal rate (benign look-alikes)", pct(b["false_refusal_rate"]),
+                       pct(a["false_refusal_rate"])])
+    section.table(["held-out prompts", "before", "after distillation"], table_rows,
+                  caption=f"{b['adversarial_prompts']} adversarial and {b['benign_prompts']} benign held-out prompts")
+    fig = ctx.out / "figures" / "safety"
+    fig.mkdir(parents=True, exist_ok=True)
+    for name, caption in (("safety_scores.png", "Safety RM scores: answers without and with the pre-prompt, and "
+                                                "held-out answers before and after distillation (the paper's "
+                                                "Figure 16)"),
+                          ("redteam.png", "Violation rates per risk category and attack style, and false refusals, "
+                                          "before and after")):
+        shutil.copy(run_dir / name, fig / name)
+        section.figure(fig / name, caption)
+    before = json.loads((run_dir / "redteam-before.json").read_text())["answers"]
+    after = json.loads((run_dir / "redteam-after.json").read_text())["answers"]
+    pick = [i for i, x in enumerate(before) if x["adversarial"]][:3] + [i for i, x in enumerate(before)
+                                                                        if not x["adversarial"]][:3]
+    section.samples([("(adversarial) " if before[i]["adversarial"] else "(benign) ") + before[i]["prompt"]
+                     for i in pick],
+                    {"before": [before[i]["answer"] for i in pick], "after": [after[i]["answer"] for i in pick]},
+                    notes={"before": [f"R_s {before[i]['safe_probability']:.2f}" for i in pick],
+                           "after": [f"R_s {after[i]['safe_probability']:.2f}" for i in pick]},
+                    caption="Held-out prompts: answers before and after, with the safety RM's score")
+    ctx.figures.update({"safety_before": b["mean_safety_score"], "safety_after": a["mean_safety_score"],
+                        "false_refusals_before": b["false_refusal_rate"], "false_refusals_after": a["false_refusal_rate"]})
+    return (f"safety: kept {result.kept} of {len(rows)}; held-out safety RM {b['mean_safety_score']:.2f} -> "
+            f"{a['mean_safety_score']:.2f}, violations {pct(b['violation_rate'])} -> {pct(a['violation_rate'])}, "
+            f"false refusals {pct(b['false_refusal_rate'])} -> {pct(a['false_refusal_rate'])}")
+
+
 def formats_stage(ctx: DemoContext, section: Section) -> str:
     """Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, checking the weights bit for bit."""
     import torch
@@ -805,7 +889,8 @@ STAGES: list[Stage] = [
     Stage("rejection", "6. Rejection sampling", rejection_stage),
     Stage("ppo", "7. PPO", ppo_stage),
     Stage("gatt", "8. Ghost Attention", gatt_stage),
-    Stage("formats", "9. Checkpoint formats", formats_stage),
+    Stage("safety", "9. Safety context distillation", safety_stage),
+    Stage("formats", "10. Checkpoint formats", formats_stage),
 ]
 
 
