@@ -316,3 +316,33 @@ def test_redteam_command(tmp_path, world):
     assert got["adversarial_prompts"] + got["benign_prompts"] == 12 and len(got["answers"]) == 12
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG" and "violation rate" in out.with_suffix(".md").read_text()
     assert main(["eval", "redteam", str(tmp_path / "nope"), "--judge", str(world / "rm")]) == 2
+
+
+def test_safety_sft_data_mixes_into_the_sft_recipe_as_a_weighted_source(tmp_path):
+    from collections import Counter
+
+    from llama2.data.dialogues import write_dialogues
+    from llama2.stages.sft import SFTRecipe, load_data
+    from llama2.train.config import load_recipe
+
+    own = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+           for i in range(40)]
+    from llama2.data.dialogues import check_dialogue
+
+    write_dialogues(tmp_path / "own.jsonl", [check_dialogue(d) for d in own])
+    recipe = load_recipe(SFTRecipe, None, ["base=x", f"data.sources=[{{path: {tmp_path / 'own.jsonl'}}}, "
+                                                     "{path: 'builtin:safety', share: 0.2}]"])
+    train, val = load_data(recipe, quiet=True)
+    kinds = Counter("own" if d.messages[0]["content"].startswith("Question") else "safety" for d in train)
+    assert kinds["own"] == 40 and kinds["safety"] == round(0.2 * 40 / 0.8)  # the share of the mixed set
+    from llama2.eval.redteam import is_refusal
+
+    safety = [d for d in train if not d.messages[0]["content"].startswith("Question")]
+    assert any(is_refusal(d.messages[-1]["content"]) for d in safety)  # refusals for harmful requests ...
+    assert any(not is_refusal(d.messages[-1]["content"]) for d in safety)  # ... helpful answers for benign ones
+    assert val and all(not d.messages[0]["content"].startswith("Question") for d in val)  # builtin's held-out split
+    assert load_data(recipe, quiet=True)[0] == train  # seeded
+    with pytest.raises(Llama2Error, match="both set"):
+        load_recipe(SFTRecipe, None, ["base=x", "data.path=a.jsonl", "data.sources=[{path: b.jsonl}]"])
+    with pytest.raises(Llama2Error, match="add up to 1"):
+        load_recipe(SFTRecipe, None, ["base=x", "data.sources=[{path: a, weight: 1}, {path: b, share: 0.6}, {path: c, share: 0.5}]"])

@@ -51,18 +51,52 @@ BUILTIN_DIALOGUES = "dialogues-builtin-v1"  # the cache directory of the built-i
 # The recipe
 
 
+DIALOGUE_BUILTINS = ("builtin:dialogues", "builtin:safety")
+
+
+@dataclass
+class DialogueSource:
+    """One source of a dialogue mix: a dialogues JSONL file, `builtin:dialogues` (the built-in dialogues) or
+    `builtin:safety` (safety SFT data: the built-in adversarial prompts with their reference answers, refusals for
+    the harmful ones and helpful answers for the benign look-alikes), and how much of it the mix takes: `weight` x
+    its dialogues (a seeded subsample below 1, repeats above), or a `share` of the mixed set."""
+
+    path: str = ""
+    val_path: str | None = None
+    weight: float | None = None
+    share: float | None = None
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.path), f"{prefix}.path", self.path, f"a dialogues JSONL file or one of {list(DIALOGUE_BUILTINS)}")
+        _check(self.weight is None or self.share is None, f"{prefix}.share", self.share,
+               "unset when weight is set (give one of weight, share)")
+        _check(self.weight is None or self.weight >= 0, f"{prefix}.weight", self.weight, "a number >= 0")
+        _check(self.share is None or 0 < self.share < 1, f"{prefix}.share", self.share, "a number in (0, 1)")
+
+
 @dataclass
 class DialogueDataConfig:
-    """Training and held-out dialogues (JSONL, see llama2.data.dialogues); unset: the built-in dialogues."""
+    """Training and held-out dialogues (JSONL, see llama2.data.dialogues); unset: the built-in dialogues; or
+    `sources`, a weighted mix (DialogueSource)."""
 
     path: str | None = None
     val_path: str | None = None  # unset with path set: no held-out loss and samples only from samples.prompts
     on_bad_line: Literal["error", "skip"] = "error"
+    sources: list[DialogueSource] = field(default_factory=list)
 
     def validate(self, prefix: str = "data") -> None:
         if self.val_path is not None and self.path is None:
             raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not; give the training "
                               "file too (or unset both for the built-in dialogues)")
+        if self.sources and self.path is not None:
+            raise Llama2Error(f"recipe keys '{prefix}.path' and '{prefix}.sources' are both set; give one")
+        for i, src in enumerate(self.sources):
+            src.validate(f"{prefix}.sources.{i}")
+        if self.sources and all(src.share is not None for src in self.sources):
+            raise Llama2Error(f"every source of {prefix}.sources has a share; give at least one a weight")
+        if sum(src.share or 0.0 for src in self.sources) >= 1:
+            raise Llama2Error(f"the shares of {prefix}.sources add up to 1 or more; they must leave room for the "
+                              "weighted sources")
 
 
 @dataclass
@@ -376,9 +410,46 @@ def _as_dialogues(items: Sequence[Dialogue | Sequence[dict[str, str]]] | None) -
     return [d if isinstance(d, Dialogue) else check_dialogue(list(d)) for d in items]
 
 
+def _source_dialogues(src: DialogueSource, on_bad_line: str, quiet: bool) -> tuple[list[Dialogue], list[Dialogue]]:
+    if src.path == "builtin:safety":
+        from ..data.adversarial import builtin_adversarial
+
+        return tuple([check_dialogue(p.messages + [{"role": "assistant", "content": p.reference}])  # type: ignore
+                      for p in split if p.reference] for split in builtin_adversarial())
+    if src.path == "builtin:dialogues":
+        train_path, val_path = ensure_dialogues(quiet=quiet)
+    else:
+        train_path, val_path = expand_path(src.path), (expand_path(src.val_path) if src.val_path else None)
+    train = read_dialogues(train_path, on_bad_line=on_bad_line).dialogues
+    return train, (read_dialogues(val_path, on_bad_line=on_bad_line).dialogues if val_path else [])
+
+
+def mix_sources(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], list[Dialogue]]:
+    """The weighted mix of data.sources (training: each source's epoch_counts share, drawn with the recipe's
+    seed; held-out: every source's held-out dialogues)."""
+    from .reward import draw, epoch_counts
+
+    parts = [_source_dialogues(src, recipe.data.on_bad_line, quiet) for src in recipe.data.sources]
+    for src, (train, _) in zip(recipe.data.sources, parts):
+        if not train:
+            raise Llama2Error(f"data source {src.path} has no training dialogues")
+    weights = [src.weight if src.weight is not None or src.share is not None else 1.0 for src in recipe.data.sources]
+    counts = epoch_counts([len(t) for t, _ in parts], weights, [src.share for src in recipe.data.sources])
+    rng = np.random.default_rng([recipe.seed, 1])
+    train = [t[i] for (t, _), n in zip(parts, counts) for i in draw(len(t), n, rng)]
+    order = rng.permutation(len(train))
+    if not quiet:
+        print("dialogue mix: " + ", ".join(f"{src.path} {n:,}" for src, n in zip(recipe.data.sources, counts)),
+              flush=True)
+    return [train[i] for i in order], [d for _, v in parts for d in v]
+
+
 def load_data(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], list[Dialogue]]:
-    """The recipe's training and held-out dialogues (the built-in ones when data.path is unset)."""
+    """The recipe's training and held-out dialogues (the built-in ones when data.path is unset; the weighted mix
+    of data.sources when given)."""
     d = recipe.data
+    if d.sources:
+        return mix_sources(recipe, quiet)
     if d.path is None:
         train_path, val_path = ensure_dialogues(quiet=quiet)
     else:
