@@ -39,7 +39,8 @@ def handler(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..data.adversarial import builtin_adversarial, read_adversarial
     from ..errors import Llama2Error
-    from ..eval.redteam import RewardModelJudge, answer, bar_chart, markdown_table, red_team
+    from ..eval.answering import answer
+    from ..eval.redteam import RewardModelJudge, bar_chart, markdown_table, red_team
 
     if not 0 < args.threshold < 1:
         raise Llama2Error(f"--threshold must be in (0, 1), got {args.threshold}")

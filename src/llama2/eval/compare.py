@@ -160,34 +160,10 @@ def checkpoint_answerer(path: Path | str, *, max_new_tokens: int = 128, temperat
                         quiet: bool = False) -> Answerer:
     """A function answering prompts with the checkpoint (or training run) at `path` through the Generator."""
     def answer(prompts: Sequence[PromptItem]) -> list[str]:
-        import torch
-        from tqdm import tqdm
+        from .answering import answer as chat_answers
 
-        from ..chat import encode_dialog
-        from ..checkpoint import load_checkpoint
-        from ..inference.generate import Generator, SamplingParams
-        from ..stages.sft import load_tokenizer, resolve_base
-
-        ckpt = resolve_base(str(path))
-        model = load_checkpoint(ckpt, kind="causal_lm", device=device).eval()
-        tok = load_tokenizer(ckpt)
-        context = model.config.max_seq_len
-        gen = Generator(model, tok, max_batch_size=max(1, min(batch_size, len(prompts))))
-        out: list[str] = []
-        with tqdm(total=len(prompts), desc=f"answering ({Path(path).name})", unit="prompt", disable=quiet,
-                  dynamic_ncols=True) as bar:
-            for lo in range(0, len(prompts), batch_size):
-                ids, params = [], []
-                for i, p in enumerate(prompts[lo:lo + batch_size], lo):
-                    prompt_ids = encode_dialog(tok, p.messages)
-                    room = max(1, min(max_new_tokens, context - min(len(prompt_ids), context - 1)))
-                    ids.append(prompt_ids)
-                    params.append(SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=room,
-                                                 seed=seed + i, truncate=True))
-                with torch.no_grad():
-                    out += [c.text.strip() for c in gen.generate(ids, params)]
-                bar.update(len(ids))
-        return out
+        return chat_answers(path, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, device=device, batch_size=batch_size, quiet=quiet)
 
     return answer
 

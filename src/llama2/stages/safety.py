@@ -43,7 +43,8 @@ from ..atomic import atomic_write_text, make_dir
 from ..data.adversarial import (ANSWER_TEMPLATES, ATTACK_STYLES, RISK_CATEGORIES, AdversarialPrompt,
                                 builtin_adversarial, read_adversarial)
 from ..errors import Llama2Error
-from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, answer, markdown_table, red_team
+from ..eval.answering import answer
+from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, markdown_table, red_team
 from ..train.config import _check, expand_path, load_recipe, to_dict
 from ..train.metrics import MetricsLog, read_metrics
 from .rejection import FinetuneSpec, _build_rm, _build_sft
