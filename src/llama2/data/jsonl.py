@@ -19,11 +19,13 @@ A line is bad when it is not valid UTF-8, not valid JSON, or not a JSON object.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ..errors import Llama2Error
+
+T = TypeVar("T")
 
 OnBadLine = Literal["error", "skip"]
 KEEP_REASONS = 5  # how many reasons a skip-mode reader remembers
@@ -70,6 +72,15 @@ class JsonlReader:
         """One line for the user about the skipped lines ("" when none were skipped)."""
         return skipped_summary(self.path, self.skipped, self.reasons)
 
+    def finish(self, items: list[T], what: str, hint: str = "") -> list[T]:
+        """`items` read from the file: prints the skipped lines' summary if any; a Llama2Error when none are left
+        (`what` names them: "prompts")."""
+        if self.skipped:
+            print(self.summary(), flush=True)
+        if not items:
+            raise Llama2Error(f"{self.path}: no {what}" + (f"; {hint}" if hint else ""))
+        return items
+
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         self.skipped, self.reasons = 0, []  # counts are per pass over the file
         try:
@@ -104,6 +115,14 @@ def skipped_summary(path: Path | str, skipped: int, reasons: list[str]) -> str:
         return ""
     more = ", ..." if skipped > len(reasons) else ""
     return f"{path}: skipped {skipped} bad line{'s' if skipped != 1 else ''} ({'; '.join(reasons)}{more})"
+
+
+def write_jsonl(path: Path | str, records: Iterable[Any]) -> Path:
+    """Write one JSON value per line (UTF-8, non-ASCII kept), atomically."""
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return Path(path)
 
 
 def read_jsonl(path: Path | str, *, on_bad_line: OnBadLine = "error", hint: str = "",

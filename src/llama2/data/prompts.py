@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_text
 from ..chat import validate_dialog
 from ..errors import Llama2Error
-from .jsonl import OnBadLine, read_jsonl, skipped_summary
+from .jsonl import OnBadLine, read_jsonl, write_jsonl
 
 HINT = ('each line must be a prompt: {"messages": [... ending with a user message], "safety": true|false}, '
         '{"prompt": "text"}, or a bare list of messages')
@@ -92,16 +91,11 @@ def read_prompts(path: Path | str, *, on_bad_line: OnBadLine = "error") -> list[
             reader.bad(lineno, problem)
             continue
         out.append(PromptItem([{"role": m["role"], "content": m["content"]} for m in messages], safety))
-    if reader.skipped:
-        print(skipped_summary(Path(path), reader.skipped, list(reader.reasons)), flush=True)
-    if not out:
-        raise Llama2Error(f"{path}: no prompts; {HINT}")
-    return out
+    return reader.finish(out, "prompts", HINT)
 
 
 def write_prompts(path: Path | str, prompts: Iterable[PromptItem]) -> Path:
-    atomic_write_text(Path(path), "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in prompts))
-    return Path(path)
+    return write_jsonl(path, (p.to_json() for p in prompts))
 
 
 def builtin_prompts(quiet: bool = False) -> tuple[list[PromptItem], list[PromptItem]]:

@@ -42,6 +42,7 @@ from typing import Any, Literal
 from ..atomic import atomic_write_text, make_dir
 from ..data.adversarial import (ANSWER_TEMPLATES, ATTACK_STYLES, RISK_CATEGORIES, AdversarialPrompt,
                                 builtin_adversarial, read_adversarial)
+from ..data.jsonl import write_jsonl
 from ..errors import Llama2Error
 from ..eval.answering import answer
 from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, markdown_table, red_team
@@ -263,7 +264,7 @@ class SafetyDistillation:
         rows = [{"messages": p.messages, "category": p.category, "attack": p.attack, "preprompt": preprompt_for(r, p),
                  "plain": a, "preprompted": b, "plain_score": sa, "preprompted_score": sb, "kept": k}
                 for p, a, b, sa, sb, k in zip(self.train, plain, pre, s_plain, s_pre, kept)]
-        atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+        write_jsonl(path, rows)
         return rows
 
     def benign_dialogues(self) -> list[list[dict[str, str]]]:
@@ -284,7 +285,7 @@ class SafetyDistillation:
                                     temperature=r.temperature)
             rows = [{"messages": p.messages, "category": p.category, "attack": p.attack, "answer": a,
                      "refusal": is_refusal(a)} for p, a in zip(self.benign, answers)]
-            atomic_write_text(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+            write_jsonl(path, rows)
         return [x["messages"] + [{"role": "assistant", "content": x["answer"]}] for x in rows
                 if x["answer"].strip() and not x["refusal"]]
 
