@@ -387,7 +387,9 @@ def test_lora_merge_equals_peft_merge_and_unload(tmp_path, base_dir, tokenizer, 
     assert not (tmp_path / "bad").exists()
 
 
-def test_recipe_errors_and_qlora_needs_a_gpu(tmp_path, base_dir, data_files):
+def test_recipe_errors_and_what_qlora_needs(tmp_path, base_dir, data_files, monkeypatch):
+    import sys
+
     from llama2.stages.sft import SFTRecipe, sft
     from llama2.train.config import load_recipe
 
@@ -398,9 +400,11 @@ def test_recipe_errors_and_qlora_needs_a_gpu(tmp_path, base_dir, data_files):
     with pytest.raises(Llama2Error, match="lora.targets"):
         make_recipe(tmp_path, base_dir, data_files, overrides=["lora.targets=[q, lm_head]"])
     recipe = make_recipe(tmp_path, base_dir, data_files, overrides=["lora.rank=4", "lora.quantize_base=4bit"])
-    if not torch.cuda.is_available():
-        with pytest.raises(Llama2Error, match="needs bitsandbytes and a CUDA GPU"):
-            sft(recipe, quiet=True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(Llama2Error, match="needs bitsandbytes: pip install bitsandbytes"):
+        sft(recipe, quiet=True)
+    with pytest.raises(Llama2Error, match="needs LoRA"):
+        sft(make_recipe(tmp_path, base_dir, data_files, overrides=["lora.quantize_base=4bit"]), quiet=True)
     with pytest.raises(Llama2Error, match="does not exist"):
         sft(make_recipe(tmp_path, tmp_path / "nowhere", data_files), quiet=True)
     for size in ("tiny", "7B", "13B", "70B"):

@@ -3,6 +3,7 @@
     apply_lora(model, r=8, alpha=16, target_modules=("q_proj", "v_proj"))  # in place; only adapters train
     with adapters_disabled(model): ref = model(tokens)                     # the base model (PPO's reference)
     merge_lora(model)                                                       # W + (alpha/r) B A, plain Linears again
+    quantize_base_4bit(model)        # QLoRA: the frozen base weights in 4-bit NF4 (bitsandbytes), adapters stay fp
 
 Each targeted projection becomes a LoRALinear that keeps the base weight under its old name (so base
 checkpoints still load into it) and adds `lora_A` (r x in, Kaiming-uniform as PEFT initialises it) and `lora_B`
@@ -114,13 +115,72 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)
+        base4 = self.__dict__.get("base4")
+        y = base4(x) if base4 is not None else F.linear(x, self.weight)
         if not self.enabled:
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+class NF4Linear(nn.Module):
+    """A frozen bias-free Linear stored in 4 bits: QLoRA's NormalFloat-4 with blocks of 64 weights and double
+    quantisation of the block scales (bitsandbytes' quantize_4bit); the forward dequantises on the fly
+    (bitsandbytes' matmul_4bit) and returns gradients for the input only."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        bnb = _bitsandbytes()
+        self.out_features, self.in_features = weight.shape
+        packed, self.quant_state = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=64,
+                                                                quant_type="nf4", compress_statistics=True)
+        self.register_buffer("packed", packed, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _bitsandbytes().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
+
+    def dequantized(self) -> Tensor:
+        """The weight as the forward sees it (out x in)."""
+        return _bitsandbytes().functional.dequantize_4bit(self.packed, self.quant_state)
+
+    def nbytes(self) -> int:
+        """Bytes of the packed weights and their quantisation state."""
+        qs = self.quant_state
+        extra = [qs.absmax] + ([qs.state2.absmax, qs.state2.code] if qs.nested else []) + [qs.code]
+        return self.packed.numel() * self.packed.element_size() + sum(t.numel() * t.element_size() for t in extra)
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise Llama2Error("a 4-bit base (QLoRA) needs bitsandbytes: pip install bitsandbytes (it runs on CPU and "
+                          "CUDA); or set lora.quantize_base=none") from None
+    return bitsandbytes
+
+
+def quantize_base_4bit(model: nn.Module) -> tuple[int, int]:
+    """QLoRA: replace the frozen base weight of every LoRA layer with its 4-bit NF4 form (NF4Linear), in place,
+    on the weight's device; the adapters keep their precision. Returns (bytes before, bytes after) of those
+    weights. The layers' `weight` parameters are dropped, so save adapters only (a LoRA run does)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise Llama2Error("quantize_base_4bit needs LoRA layers; call apply_lora first")
+    before = after = 0
+    for _, layer in layers:
+        if "base4" in layer.__dict__:
+            continue
+        w = layer.weight
+        if w.is_meta:
+            raise Llama2Error("quantize the base after its weights are loaded (they are on the meta device)")
+        before += w.numel() * w.element_size()
+        q = NF4Linear(w.float() if w.dtype not in (torch.float16, torch.bfloat16, torch.float32) else w)
+        after += q.nbytes()
+        layer.__dict__["base4"] = q  # not a submodule: it holds no parameters and is never saved
+        del layer.weight
+    return before, after
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -248,6 +308,9 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     if not layers:
         raise Llama2Error("the model has no LoRA adapters to merge or remove")
     for name, layer in layers:
+        if "base4" in layer.__dict__:
+            raise Llama2Error("this model's base is 4-bit (QLoRA): merge the adapter into the full-precision base "
+                              "instead (llama2 lora merge BASE ADAPTER OUT)")
         w = layer.weight
         if merge and not w.is_meta:
             with torch.no_grad():

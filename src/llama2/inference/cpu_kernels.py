@@ -129,55 +129,38 @@ void f32_matvec(const float* x, const float* w, float* y, int64_t N, int64_t K, 
 
 /* y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (a short prompt, a few requests decoded together), all
    fp32: each weight row is read from memory once and multiplied by the rows of x four at a time (the weight
-   rows stay in L1 for the later groups). Two weight rows at once, so each 8-wide step makes 8 independent
-   FMAs from 6 loads; one accumulator per (weight row, x row), a software prefetch as above. */
-static inline void rows_2x4(const float* w0, const float* w1, const float* x0, const float* x1,
-                            const float* x2, const float* x3, int64_t K, float out[8], int prefetch) {
-    const int64_t K8 = K & ~(int64_t)7;
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k < K8; k += 8) {
-        if (prefetch) {
-            _mm_prefetch((const char*)(w0 + k + 64), _MM_HINT_T0);
-            _mm_prefetch((const char*)(w1 + k + 64), _MM_HINT_T0);
-        }
-        const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        const __m256 y0 = _mm256_loadu_ps(x0 + k), y1 = _mm256_loadu_ps(x1 + k);
-        const __m256 y2 = _mm256_loadu_ps(x2 + k), y3 = _mm256_loadu_ps(x3 + k);
-        a[0] = _mm256_fmadd_ps(v0, y0, a[0]); a[1] = _mm256_fmadd_ps(v0, y1, a[1]);
-        a[2] = _mm256_fmadd_ps(v0, y2, a[2]); a[3] = _mm256_fmadd_ps(v0, y3, a[3]);
-        a[4] = _mm256_fmadd_ps(v1, y0, a[4]); a[5] = _mm256_fmadd_ps(v1, y1, a[5]);
-        a[6] = _mm256_fmadd_ps(v1, y2, a[6]); a[7] = _mm256_fmadd_ps(v1, y3, a[7]);
-    }
-    float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (; k < K; k++) {
-        t[0] += w0[k] * x0[k]; t[1] += w0[k] * x1[k]; t[2] += w0[k] * x2[k]; t[3] += w0[k] * x3[k];
-        t[4] += w1[k] * x0[k]; t[5] += w1[k] * x1[k]; t[6] += w1[k] * x2[k]; t[7] += w1[k] * x3[k];
-    }
-    for (int i = 0; i < 8; i++) out[i] = hsum(a[i]) + t[i];
-}
-
+   row stays in L1 for the later groups); one accumulator per row of x, a software prefetch as above. */
 void f32_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t pairs = (N + 1) / 2;
+    const int64_t K8 = K & ~(int64_t)7;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t p = 0; p < pairs; p++) {
-        const int64_t n = 2 * p;
-        const int two = n + 1 < N;
-        const float* w0 = w + n * K;
-        const float* w1 = two ? w0 + K : w0;  /* an odd last row pairs with itself (its copy is dropped) */
+    for (int64_t n = 0; n < N; n++) {
+        const float* wn = w + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t R = M - m0 < 4 ? M - m0 : 4;
-            const float* x0 = x + m0 * K;  /* rows past the last repeat it (their sums are dropped) */
+            const float* x0 = x + m0 * K;  /* rows past the last repeat the last one (their sums are dropped) */
             const float* x1 = x0 + (R > 1 ? K : 0);
             const float* x2 = x0 + (R > 2 ? 2 * K : 0);
             const float* x3 = x0 + (R > 3 ? 3 * K : 0);
-            float o[8];
-            rows_2x4(w0, w1, x0, x1, x2, x3, K, o, m0 == 0);
-            for (int64_t r = 0; r < R; r++) {
-                y[(m0 + r) * N + n] = o[r];
-                if (two) y[(m0 + r) * N + n + 1] = o[4 + r];
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k < K8; k += 8) {
+                if (m0 == 0) _mm_prefetch((const char*)(wn + k + 64), _MM_HINT_T0);
+                const __m256 wv = _mm256_loadu_ps(wn + k);
+                a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
+                a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
+                a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
+                a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
             }
+            float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+            for (; k < K; k++) {
+                t0 += wn[k] * x0[k]; t1 += wn[k] * x1[k]; t2 += wn[k] * x2[k]; t3 += wn[k] * x3[k];
+            }
+            float* yn = y + m0 * N + n;
+            yn[0] = hsum(a0) + t0;
+            if (R > 1) yn[N] = hsum(a1) + t1;
+            if (R > 2) yn[2 * N] = hsum(a2) + t2;
+            if (R > 3) yn[3 * N] = hsum(a3) + t3;
         }
     }
 }

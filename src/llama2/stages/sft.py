@@ -107,7 +107,7 @@ class LoRASpec:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA; needs bitsandbytes and a CUDA GPU
+    quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA: an NF4 base (bitsandbytes, CPU or CUDA)
 
     def validate(self, prefix: str = "lora") -> None:
         _check(self.rank >= 0, f"{prefix}.rank", self.rank, "an integer >= 0 (0 = full fine-tuning)")
@@ -331,22 +331,28 @@ def load_tokenizer(base: Path) -> Any:
     raise Llama2Error(f"no tokenizer.model in {base} (or its parent); copy the base's tokenizer.model there")
 
 
-def check_quantize(spec: LoRASpec) -> None:
-    """QLoRA's 4-bit base: stop with what it needs (it is not implemented on CPU)."""
+def check_quantize(spec: LoRASpec, env: DistEnv | None = None) -> None:
+    """QLoRA's 4-bit base: LoRA on, bitsandbytes importable, one process (not under FSDP2)."""
     if spec.quantize_base == "none":
         return
     if spec.rank == 0:
         raise Llama2Error("lora.quantize_base: 4bit needs LoRA (set lora.rank > 0): a 4-bit base cannot be trained")
-    try:
-        import bitsandbytes  # noqa: F401
+    from ..lora import _bitsandbytes
 
-        have_bnb = True
-    except ImportError:
-        have_bnb = False
-    if not (have_bnb and torch.cuda.is_available()):
-        raise Llama2Error("lora.quantize_base: 4bit (QLoRA) needs bitsandbytes and a CUDA GPU (pip install "
-                          "bitsandbytes); set lora.quantize_base=none to train LoRA on the full-precision base")
-    raise Llama2Error("lora.quantize_base: 4bit is not implemented in this version; set lora.quantize_base=none")
+    _bitsandbytes()
+    if env is not None and env.enabled:
+        raise Llama2Error("lora.quantize_base: 4bit runs in one process (a 4-bit base cannot be sharded with "
+                          "FSDP2 here); run without torchrun, or set lora.quantize_base=none")
+
+
+def quantize_after_load(trainer: Trainer) -> None:
+    """Trainer.after_start hook of a QLoRA run: the frozen base to NF4 once its weights are loaded."""
+    from ..lora import quantize_base_4bit
+
+    before, after = quantize_base_4bit(trainer.model)
+    if trainer.env.is_main and not trainer.quiet:
+        print(f"QLoRA: the LoRA layers' base weights in 4-bit NF4, {before / 2**20:.1f} MiB -> {after / 2**20:.1f} "
+              "MiB", flush=True)
 
 
 @dataclass
@@ -499,7 +505,7 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
     from ..model import Transformer
 
     env = env or init_distributed(recipe.device)
-    check_quantize(recipe.lora)
+    check_quantize(recipe.lora, env)
     if env.enabled and not _base_exists(recipe.base):
         raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; under torchrun it is not "
                           "built: build it first in one process (run the same command without torchrun), or give "
@@ -580,6 +586,8 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
                       checkpoint_io=io, env=env, flops_per_token=flops_per_token(cfg, seq_len), quiet=quiet,
                       fresh=fresh, step_fn=step, eval_fn=writer if writer.prompts else None,
                       state={"trained_tokens": counter})
+    if lora.quantize_base == "4bit":
+        trainer.after_start.append(quantize_after_load)
     return SFTRun(trainer, writer, counter, tokenizer)
 
 

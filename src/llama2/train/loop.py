@@ -251,6 +251,7 @@ class Trainer:
         self.checkpoints.add_model(st.MODEL, self.model, self.io, skeleton=build_model)
         self.checkpoints.add_optimizer(st.OPTIMIZER, self.model, self.optimizer)
         self.checkpoints.add_state("trainer", FnState(self._counters, self._set_counters))
+        self.after_start: list[Callable[[Trainer], None]] = []  # run at the end of start(), weights loaded
         self.checkpoints.add_state("batches", batches)
         for name, obj in (state or {}).items():
             self.add_state(name, obj)
@@ -397,6 +398,8 @@ class Trainer:
             import yaml
 
             atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
+        for fn in self.after_start:  # e.g. QLoRA quantises the frozen base once its weights are in
+            fn(self)
         self._started = True
 
     # ---------------------------------------------------------------- one step
