@@ -238,3 +238,62 @@ def test_gatt_stage_on_cuda(tmp_path, sp_model_path):
     model = load_checkpoint(ckpt, kind="causal_lm", device="cuda").eval()
     got = g.adherence(model, tok, [g.upper_case()], [["Hi?", "Again?"]], max_new_tokens=4)
     assert len(got["upper_case"]) == 2
+
+
+def test_safety_distillation_on_cuda(tmp_path, sp_model_path):
+    """Safety context distillation on CUDA: both answers, the keep rule, the SFT step, the red-team evaluation."""
+    import json
+
+    from llama2.checkpoint import save_model
+    from llama2.eval.redteam import is_refusal
+    from llama2.stages.safety import DistillSafetyRecipe, distill_safety
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    class Judge:  # a refusal is safe
+        def safe_probability(self, prompts, answers):
+            return [0.9 if is_refusal(a) else 0.1 for a in answers]
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=256)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "m", Tokenizer(sp_model_path))
+    for name in ("train", "val"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"How do I hurt {who}?", "category": "hateful_harmful", "safety": True}) + "\n"
+            + json.dumps({"prompt": f"How do I help {who}?", "category": "hateful_harmful", "safety": False,
+                          "reference": "Ask them what they need."}) + "\n" for who in ("him", "her", "them")))
+    (tmp_path / "ft.yaml").write_text("max_steps: 3\nbatch_size: 4\nmax_seq_len: 256\nprecision: bf16\n"
+                                      "save_every: 0\npeak_tflops: 1\nsamples: {count: 0}\n")
+    recipe = load_recipe(DistillSafetyRecipe, None, [
+        f"base={tmp_path / 'm'}", f"safety_rm={tmp_path / 'none'}", f"out_dir={tmp_path / 'run'}", "prefill=true",
+        "preprompt=per_category", "max_new_tokens=8", f"prompts.path={tmp_path / 'train.jsonl'}",
+        f"prompts.val_path={tmp_path / 'val.jsonl'}", f"finetune.recipe={tmp_path / 'ft.yaml'}", "device=cuda"])
+    result = distill_safety(recipe, quiet=True, judge=Judge())
+    assert result.kept == 3 and result.after["adversarial_prompts"] == 3  # every pre-filled refusal beats noise
+
+
+def test_qlora_sft_steps_on_cuda(tmp_path, sp_model_path):
+    """QLoRA on CUDA: the NF4 base through bitsandbytes' CUDA kernels; the first loss as on the CPU."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from llama2.checkpoint import save_model
+    from llama2.stages.sft import SFTRecipe, sft
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.config import load_recipe
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=96)
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), tmp_path / "m", Tokenizer(sp_model_path))
+    dialogues = [[{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}] for i in range(16)]
+    first = {}
+    for device in ("cpu", "cuda"):
+        recipe = load_recipe(SFTRecipe, None, [f"base={tmp_path / 'm'}", f"out_dir={tmp_path / device}", "max_steps=3",
+                                               "batch_size=4", "max_seq_len=96", "precision=fp32", f"device={device}",
+                                               "samples.count=0", "peak_tflops=1", "save_every=0", "log_every=1",
+                                               "lora.rank=4", "lora.targets=[q, k, v, o, gate, up, down]",
+                                               "lora.quantize_base=4bit"])
+        sft(recipe, quiet=True, dialogues=dialogues)
+        rows = [json.loads(x) for x in (tmp_path / device / "metrics.jsonl").read_text().splitlines()]
+        first[device] = next(r["loss"] for r in rows if "loss" in r)
+    assert abs(first["cuda"] - first["cpu"]) < 1e-2 * first["cpu"]
