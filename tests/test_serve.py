@@ -238,6 +238,11 @@ def test_models_health_metrics(client, server):
         assert f"# TYPE {name} " in text
     assert 'llama2_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert metric(server, "llama2_generation_tokens_total") > 0
+    # time to first token: one observation per finished request, each positive (the wall clock bounds the sum)
+    count = metric(server, "llama2_time_to_first_token_seconds_count")
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert metric(server, "llama2_time_to_first_token_seconds_count") == count + 1
+    assert 0 < metric(server, "llama2_time_to_first_token_seconds_sum") < 600 * (count + 1)
 
 
 # ---------------------------------------------------------------------------------------------------- errors

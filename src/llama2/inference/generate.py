@@ -39,14 +39,14 @@ class Generator:
     untouched, its other weights are shared. compile=True (or a torch.compile backend, e.g. "eager"): decode
     steps run through torch.compile over fixed shapes (a one-off compilation, seconds to minutes, per slot
     count and cache size, so the engine gets all max_batch_size slots at once; at most 1 + log2(max_batch_size)
-    graphs, one per power-of-two row bucket, never again for other prompt lengths). prefill_chunk: most
-    prompt positions per prefill forward (default Engine.PREFILL_CHUNK, 512; longer prompts go chunk by chunk,
-    so their activations stay one chunk's). fast_fp32 (default: on
-    for an fp32 CPU model without quantize, where the C kernel builds): forwards of up to 8 rows (decode steps of
-    up to 8 active requests, prompts of up to 8 tokens) multiply by the fp32 weights through the kernels of
-    cpu_kernels.py (fastlinear.py), exact fp32 summed in another order; more rows use the normal matmul. The model is wrapped in a
-    copy sharing its parameters, not changed. An FSDP2-sharded model is used as it is (no quantize, no
-    kernel): see `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
+    graphs, one per power-of-two row bucket, never again for other prompt lengths). prefill_chunk: most prompt
+    positions per prefill forward (default Engine.PREFILL_CHUNK, 512; longer prompts go chunk by chunk, so
+    their activations stay one chunk's). fast_fp32 (default: on for an fp32 CPU model without quantize, where
+    the C kernel builds): forwards of up to 8 rows (decode steps of up to 8 active requests, prompts of up to 8
+    tokens) multiply by the fp32 weights through the kernels of cpu_kernels.py (fastlinear.py), exact fp32
+    summed in another order; more rows use the normal matmul. The model is wrapped in a copy sharing its
+    parameters, not changed. An FSDP2-sharded model is used as it is (no quantize, no kernel): see
+    `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
