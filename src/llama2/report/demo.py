@@ -807,7 +807,8 @@ def safety_stage(ctx: DemoContext, section: Section) -> str:
         "refusal (a rule-based detector) of a benign look-alike.")
     kept = sd.kept_table(rows)
     section.table(["group", "prompts", "kept", "kept %"],
-                  [[k.split(":", 1)[1].replace("_", " "), c["prompts"], c["kept"],
+                  [[("attack: " if k.startswith("attack:") else "") + k.split(":", 1)[1].replace("_", " "),
+                    c["prompts"], c["kept"],
                     f"{100 * c['kept'] / max(1, c['prompts']):.0f}%"] for k, c in kept.items()],
                   caption="Pre-prompted answers kept (the safety RM scored them higher than the plain answer)")
     b, a = result.before, result.after
