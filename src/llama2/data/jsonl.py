@@ -13,11 +13,12 @@ errors that name `file:line` and the reason.
     if reader.skipped:
         print(reader.summary(), file=sys.stderr)      # "a.jsonl: skipped 2 bad lines (a.jsonl:3: not valid JSON ...)"
 
-A line is bad when it is not valid UTF-8, not valid JSON, or not a JSON object.
+A line is bad when it is not valid UTF-8, not valid JSON, or not a JSON object. A `.gz` file is read through gzip.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -84,11 +85,11 @@ class JsonlReader:
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         self.skipped, self.reasons = 0, []  # counts are per pass over the file
         try:
-            f = self.path.open("rb")
+            f = gzip.open(self.path, "rb") if self.path.suffix == ".gz" else self.path.open("rb")
         except OSError as e:
             raise Llama2Error(f"cannot read {self.path}: {e.strerror}") from None
         with f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in enumerate(_lines(f, self.path), 1):
                 if self.progress is not None:
                     self.progress(len(raw))
                 try:
@@ -107,6 +108,14 @@ class JsonlReader:
                     self.bad(lineno, f"not a JSON object{' or array' if self.arrays else ''} (got {_json_kind(obj)})")
                     continue
                 yield lineno, obj
+
+
+def _lines(f: Any, path: Path) -> Iterator[bytes]:
+    """The file's lines; a corrupt gzip file is one clear error."""
+    try:
+        yield from f
+    except (OSError, EOFError) as e:
+        raise Llama2Error(f"cannot read {path}: not a valid gzip file ({e})") from None
 
 
 def skipped_summary(path: Path | str, skipped: int, reasons: list[str]) -> str:

