@@ -904,7 +904,7 @@ def eval_stage(ctx: DemoContext, section: Section) -> str:
         t = cmp.tally()
         ci = f"{100 * t.interval[0]:.0f}-{100 * t.interval[1]:.0f}%" if t.interval else "-"
         rate = f"{100 * t.win_rate:.0f}%" if t.win_rate is not None else "-"
-        cmp_rows.append([f"{kind} RM", t.wins, t.ties, t.losses, rate, ci])
+        cmp_rows.append([f"judged by the {kind} RM", t.wins, t.ties, t.losses, rate, ci])
         ctx.figures[f"eval_win_rate_{kind}"] = t.win_rate
     section.table(["judge", f"{final} wins", "ties", "SFT wins", "win rate", "95% interval"], cmp_rows,
                   caption=f"The final chat model against the SFT model on {len(prompts)} held-out prompts, each answer "
