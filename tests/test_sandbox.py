@@ -13,7 +13,7 @@ import pytest
 from llama2.errors import Llama2Error
 from llama2.eval.sandbox import Limits, isolation, run_program, run_programs, uid_pids
 
-SHORT = Limits(cpu_s=1, wall_s=4, memory_mb=256)
+SHORT = Limits(cpu_s=2, wall_s=30, memory_mb=256)  # a long wall clock: interpreter start-up is slow on a busy CI box
 
 
 def no_leftovers(result) -> None:
