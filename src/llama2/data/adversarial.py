@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..chat import validate_dialog
-from ..errors import Llama2Error
 from .jsonl import OnBadLine, read_jsonl, write_jsonl
+from .prompts import _problem as prompt_problem
 
 RISK_CATEGORIES: dict[str, str] = {
     "illicit_criminal": "illicit and criminal activities",
@@ -121,17 +120,11 @@ def _problem(obj: dict[str, Any]) -> str | None:
         obj["messages"] = messages
     if messages is None:
         return 'no "messages" (or "prompt") field'
-    try:
-        validate_dialog(messages, complete=False)
-    except Llama2Error as e:
-        return str(e)
-    if not messages[-1]["content"].strip():
-        return "the user message to answer is empty"
+    if problem := prompt_problem(messages, obj.get("safety", True)):
+        return problem
     category = obj.get("category")
     if not isinstance(category, str) or not category.strip():
         return '"category" must be a non-empty string (e.g. ' + ", ".join(RISK_CATEGORIES) + ")"
-    if not isinstance(obj.get("safety", True), bool):
-        return f'"safety" must be true or false, got {obj["safety"]!r}'
     if not isinstance(obj.get("attack", "direct"), str):
         return '"attack" must be a string'
     for key in ("answer_template", "reference"):

@@ -46,10 +46,10 @@ from ..data.packing import Example, attention_mask, collate, pack_rows
 from ..data.dialogues import held_out_path
 from ..errors import Llama2Error
 from ..reward import RewardModel, encode_pair, pad_rows
-from ..train.config import FineTuneRecipe, OptimConfig, _check, cache_dir, expand_path
+from ..train.config import FineTuneRecipe, OptimConfig, cache_dir, expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from .sft import LoRASpec, _base_exists, ensure_model, load_tokenizer, resolve_base
+from .sft import LoRASpec, WeightedSource, _base_exists, check_mix, ensure_model, load_tokenizer, resolve_base
 
 Kind = Literal["helpfulness", "safety"]
 MarginVariant = Literal["none", "small", "large"]
@@ -152,23 +152,12 @@ def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], margin: 
 
 
 @dataclass
-class ComparisonSource:
-    """One source of a data mix: a comparisons JSONL file (llama2.data.comparisons) or builtin:helpfulness /
-    builtin:safety, its held-out file, and how much of it an epoch takes: `weight` x its pairs, or a `share` of the
-    mixed epoch."""
+class ComparisonSource(WeightedSource):
+    """One source of a comparisons mix (WeightedSource): a comparisons JSONL file (llama2.data.comparisons) or
+    builtin:helpfulness / builtin:safety, its held-out file (a test set; builtin: the built-in held-out file), and
+    `weight` x its pairs per epoch (default 1 when share is unset) or a `share` of the mixed epoch."""
 
-    path: str = ""
-    val_path: str | None = None  # held-out comparisons (a test set); builtin: the built-in held-out file
-    weight: float | None = None  # pairs per epoch = weight x size (default 1 when share is unset)
-    share: float | None = None  # or: this fraction of the mixed epoch, in (0, 1)
     name: str | None = None  # label in metrics and eval.md (default: helpfulness / safety, or the held-out stem)
-
-    def validate(self, prefix: str) -> None:
-        _check(bool(self.path), f"{prefix}.path", self.path, f"a comparisons JSONL file or one of {list(BUILTIN)}")
-        _check(self.weight is None or self.share is None, f"{prefix}.share", self.share,
-               "unset when weight is set (give one of weight, share)")
-        _check(self.weight is None or self.weight >= 0, f"{prefix}.weight", self.weight, "a number >= 0")
-        _check(self.share is None or 0 < self.share < 1, f"{prefix}.share", self.share, "a number in (0, 1)")
 
     @property
     def label(self) -> str:
@@ -192,14 +181,7 @@ class ComparisonDataConfig:
         if self.val_path is not None and self.path is None:
             raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not; give the training "
                               f"file too (or use {prefix}.sources)")
-        for i, s in enumerate(self.sources):
-            s.validate(f"{prefix}.sources.{i}")
-        if self.sources and all(s.share is not None for s in self.sources):
-            raise Llama2Error(f"every source of {prefix}.sources has a share; give at least one a weight (the "
-                              "shares are fractions of the epoch the weighted sources make)")
-        if sum(s.share or 0.0 for s in self.sources) >= 1:
-            raise Llama2Error(f"the shares of {prefix}.sources add up to 1 or more; they must leave room for the "
-                              "weighted sources")
+        check_mix(self.sources, f"{prefix}.sources", f"a comparisons JSONL file or one of {list(BUILTIN)}")
 
     def resolved(self) -> list[ComparisonSource]:
         if self.path is not None:

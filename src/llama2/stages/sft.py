@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
@@ -55,23 +54,41 @@ DIALOGUE_BUILTINS = ("builtin:dialogues", "builtin:safety")
 
 
 @dataclass
-class DialogueSource:
-    """One source of a dialogue mix: a dialogues JSONL file, `builtin:dialogues` (the built-in dialogues) or
-    `builtin:safety` (safety SFT data: the built-in adversarial prompts with their reference answers, refusals for
-    the harmful ones and helpful answers for the benign look-alikes), and how much of it the mix takes: `weight` x
-    its dialogues (a seeded subsample below 1, repeats above), or a `share` of the mixed set."""
+class WeightedSource:
+    """One source of a data mix (dialogues here, comparisons in the reward stage): a file or a built-in set, its
+    held-out file, and how much of it the mix takes: `weight` x its size (a seeded subsample below 1, repeats
+    above), or a `share` of the mixed set."""
 
     path: str = ""
     val_path: str | None = None
     weight: float | None = None
     share: float | None = None
 
-    def validate(self, prefix: str) -> None:
-        _check(bool(self.path), f"{prefix}.path", self.path, f"a dialogues JSONL file or one of {list(DIALOGUE_BUILTINS)}")
+    def validate(self, prefix: str, what: str = "a JSONL file") -> None:
+        _check(bool(self.path), f"{prefix}.path", self.path, what)
         _check(self.weight is None or self.share is None, f"{prefix}.share", self.share,
                "unset when weight is set (give one of weight, share)")
         _check(self.weight is None or self.weight >= 0, f"{prefix}.weight", self.weight, "a number >= 0")
         _check(self.share is None or 0 < self.share < 1, f"{prefix}.share", self.share, "a number in (0, 1)")
+
+
+def check_mix(sources: Sequence[WeightedSource], prefix: str, what: str) -> None:
+    """Each source valid, at least one weighted, and the shares leaving room for the weighted ones."""
+    for i, src in enumerate(sources):
+        src.validate(f"{prefix}.{i}", what)
+    if sources and all(src.share is not None for src in sources):
+        raise Llama2Error(f"every source of {prefix} has a share; give at least one a weight (the shares are "
+                          "fractions of the mix the weighted sources make)")
+    if sum(src.share or 0.0 for src in sources) >= 1:
+        raise Llama2Error(f"the shares of {prefix} add up to 1 or more; they must leave room for the weighted "
+                          "sources")
+
+
+@dataclass
+class DialogueSource(WeightedSource):
+    """A dialogue source: a dialogues JSONL file, `builtin:dialogues` (the built-in dialogues) or `builtin:safety`
+    (safety SFT data: the built-in adversarial prompts with their reference answers, refusals for the harmful
+    ones and helpful answers for the benign look-alikes)."""
 
 
 @dataclass
@@ -90,13 +107,7 @@ class DialogueDataConfig:
                               "file too (or unset both for the built-in dialogues)")
         if self.sources and self.path is not None:
             raise Llama2Error(f"recipe keys '{prefix}.path' and '{prefix}.sources' are both set; give one")
-        for i, src in enumerate(self.sources):
-            src.validate(f"{prefix}.sources.{i}")
-        if self.sources and all(src.share is not None for src in self.sources):
-            raise Llama2Error(f"every source of {prefix}.sources has a share; give at least one a weight")
-        if sum(src.share or 0.0 for src in self.sources) >= 1:
-            raise Llama2Error(f"the shares of {prefix}.sources add up to 1 or more; they must leave room for the "
-                              "weighted sources")
+        check_mix(self.sources, f"{prefix}.sources", f"a dialogues JSONL file or one of {list(DIALOGUE_BUILTINS)}")
 
 
 @dataclass
