@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from conftest import random_hf_llama
-from llama2.config import ModelConfig
+from test_generate import ours_from_hf
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine
 from llama2.inference.generate import Generator, SamplingParams
-from llama2.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,14 +31,6 @@ class CountingBackend:
         return gm.forward
 
 
-def ours_from_hf(hf) -> Transformer:
-    c = hf.config
-    cfg = ModelConfig(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
-                      norm_eps=c.rms_norm_eps, max_seq_len=c.max_position_embeddings)
-    model = Transformer(cfg)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
