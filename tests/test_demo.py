@@ -98,7 +98,7 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     # evaluation: one perplexity row per model, and the comparison's counts add up to its prompts
     for label in ("pretrained", "SFT"):
         assert 0 < float(_row(md, label)[0]) < 8
-    wins, ties, losses = (int(c) for c in _row(md, "judged by the helpfulness RM")[:3])
+    wins, ties, losses = (int(c) for c in _row(md, "final (GAtt + safety) vs SFT, judged by the helpfulness RM")[:3])
     assert wins + ties + losses == 48
 
     # figures: every image the report references exists, and report.html embeds them

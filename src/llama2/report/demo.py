@@ -861,7 +861,7 @@ def eval_stage(ctx: DemoContext, section: Section) -> str:
 
     models = {name: ctx.figures.get(key) for name, key in
               (("pretrained", "checkpoint"), ("SFT", "sft_checkpoint"), ("RLHF (PPO)", "ppo_policy"),
-               ("final (GAtt + safety)", "safety_checkpoint"))}
+               ("+ GAtt", "gatt_checkpoint"), ("final (GAtt + safety)", "safety_checkpoint"))}
     models = {k: v for k, v in models.items() if v}
     if "SFT" not in models or len(models) < 2:
         raise Llama2Error("the evaluation needs the SFT model and a later one, and they did not finish")
@@ -891,30 +891,30 @@ def eval_stage(ctx: DemoContext, section: Section) -> str:
     section.table(["model", "held-out bits/byte", "byte perplexity", "HumanEval pass@1"], rows,
                   caption="Lower bits/byte is better; fine-tuning on dialogues trades some of the raw-text fit for "
                           "answering")
-    final = list(models)[-1]
     _, val = builtin_prompts(quiet=True)
     prompts = val[:EVAL_PROMPTS]
+    later = list(models)[list(models).index("SFT") + 1:]
     cmp_rows = []
-    for kind in ("helpfulness", "safety"):
-        judge = ctx.figures.get(f"rm_{kind}_checkpoint")
-        if not judge:
-            continue
-        cmp = compare_models(models[final], models["SFT"], judge, prompts, max_new_tokens=ANSWER_TOKENS, quiet=True,
-                             names=(final, "SFT"))
-        t = cmp.tally()
-        ci = f"{100 * t.interval[0]:.0f}-{100 * t.interval[1]:.0f}%" if t.interval else "-"
-        rate = f"{100 * t.win_rate:.0f}%" if t.win_rate is not None else "-"
-        cmp_rows.append([f"judged by the {kind} RM", t.wins, t.ties, t.losses, rate, ci])
-        ctx.figures[f"eval_win_rate_{kind}"] = t.win_rate
-    section.table(["judge", f"{final} wins", "ties", "SFT wins", "win rate", "95% interval"], cmp_rows,
-                  caption=f"The final chat model against the SFT model on {len(prompts)} held-out prompts, each answer "
-                          "scored alone by the reward model (the paper tracks RLHF progress this way, Figure 11); "
+    for name in later:
+        for kind in ("helpfulness", "safety"):
+            judge = ctx.figures.get(f"rm_{kind}_checkpoint")
+            if not judge:
+                continue
+            t = compare_models(models[name], models["SFT"], judge, prompts, max_new_tokens=ANSWER_TOKENS, quiet=True,
+                               names=(name, "SFT")).tally()
+            ci = f"{100 * t.interval[0]:.0f}-{100 * t.interval[1]:.0f}%" if t.interval else "-"
+            rate = f"{100 * t.win_rate:.0f}%" if t.win_rate is not None else "-"
+            cmp_rows.append([f"{name} vs SFT, judged by the {kind} RM", t.wins, t.ties, t.losses, rate, ci])
+            ctx.figures[f"eval_win_rate_{kind}"] = t.win_rate  # the last model's
+    section.table(["models and judge", "wins", "ties", "SFT wins", "win rate", "95% interval"], cmp_rows,
+                  caption=f"Each later model against the SFT model on {len(prompts)} held-out prompts, each answer "
+                          "scored alone by a reward model (the paper tracks RLHF progress this way, Figure 11); "
                           "win rate over non-ties, Wilson interval")
     seconds = time.time() - t0
     ctx.figures.update({"eval_bits_per_byte": {r[0]: r[1] for r in rows}})
     return (f"eval: {len(models)} models in {seconds:.0f} s; bits/byte "
             + ", ".join(f"{r[0]} {r[1]:.2f}" for r in rows)
-            + "; " + ", ".join(f"{r[0]} win rate {r[4]}" for r in cmp_rows))
+            + "; " + ", ".join(f"{r[0].replace(' vs SFT, judged by the', ':')} win rate {r[4]}" for r in cmp_rows))
 
 
 def formats_stage(ctx: DemoContext, section: Section) -> str:
