@@ -115,7 +115,7 @@ def main() -> None:
         from llama2 import load_model
         from llama2.eval.harness import Evaluator, Settings, fewshot_prefixes, load_docs
         from llama2.eval.tasks import TASKS
-        from llama2.stages.sft import load_tokenizer
+        from llama2.checkpoint.runs import load_tokenizer
 
         task = TASKS["mmlu" if args.shape == "mmlu" or args.data else "commonsenseqa"]
         docs = load_docs(task, work / "mmlu.jsonl")

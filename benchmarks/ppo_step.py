@@ -76,7 +76,9 @@ def a_share(text: str) -> float:
 
 def find_tokenizer(work: Path) -> Path:
     """The tiny recipe's 4096-piece tokenizer when it was built into the cache, else a quick one trained here."""
-    from llama2.train.config import PretrainRecipe, expand_path, load_recipe
+    from llama2.train.config import PretrainRecipe
+    from llama2.paths import expand_path
+    from llama2.recipe import load_recipe
 
     tiny = load_recipe(PretrainRecipe, Path(__file__).parents[1] / "configs/tiny/pretrain.yaml")
     cached = expand_path(tiny.data.build.dir) / "tokenizer"

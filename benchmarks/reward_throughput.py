@@ -53,7 +53,9 @@ from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.pa
 def find_tokenizer(work: Path, comparisons) -> Path:
     """The tiny recipe's 4096-piece tokenizer when it was built into the cache, else a quick one trained here on
     the comparisons' text."""
-    from llama2.train.config import PretrainRecipe, expand_path, load_recipe
+    from llama2.train.config import PretrainRecipe
+    from llama2.paths import expand_path
+    from llama2.recipe import load_recipe
 
     tiny = load_recipe(PretrainRecipe, Path(__file__).parents[1] / "configs/tiny/pretrain.yaml")
     cached = expand_path(tiny.data.build.dir) / "tokenizer"
@@ -82,7 +84,8 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     from llama2.config import ModelConfig
     from llama2.data.comparisons import read_comparisons, write_comparisons
     from llama2.reward import encode_pair
-    from llama2.stages.reward import EncodedPair, PairBatches, ensure_comparisons
+    from llama2.stages.reward import EncodedPair, PairBatches
+    from llama2.data.comparisons import ensure_comparisons
     from llama2.tokenizer import Tokenizer
 
     train_path, _ = ensure_comparisons(quiet=True)

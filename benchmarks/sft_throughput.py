@@ -32,7 +32,9 @@ def prepare(work: Path, seq: int) -> Path:
     from llama2.tokenizer import Tokenizer
     build_dialogues(work / "dialogues.jsonl", safety=True, quiet=True)
     dialogues = read_dialogues(work / "dialogues.jsonl").dialogues
-    from llama2.train.config import PretrainRecipe, expand_path, load_recipe
+    from llama2.train.config import PretrainRecipe
+    from llama2.paths import expand_path
+    from llama2.recipe import load_recipe
 
     tiny = load_recipe(PretrainRecipe, Path(__file__).parents[1] / "configs/tiny/pretrain.yaml")
     cached = expand_path(tiny.data.build.dir) / "tokenizer"  # the tiny recipe's tokenizer, when it was built

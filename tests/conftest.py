@@ -116,7 +116,7 @@ def fruit_policy(d: Path, sp_model_path: Path, cfg, words: int) -> Path:
     from llama2.model import Transformer
     from llama2.stages.sft import SFTRecipe, sft
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     torch.manual_seed(0)
     save_model(Transformer(cfg), d / "random", Tokenizer(sp_model_path))

@@ -46,7 +46,7 @@ def test_the_instruction_is_kept_once_and_only_the_last_answer_trains(tok):
     ("start_with", ["Well, yes.", "well, no"], ["Yes. Well,", ""]),
 ])
 def test_checkers_and_enforcers_on_crafted_answers(make, good, bad):
-    from llama2.stages import gatt
+    from llama2.data import instructions as gatt
 
     inst = {"upper_case": gatt.upper_case(), "end_with": gatt.end_with("indeed"), "at_most": gatt.at_most(5),
             "mention": gatt.mention("indeed"), "start_with": gatt.start_with("Well,")}[make]
@@ -56,7 +56,7 @@ def test_checkers_and_enforcers_on_crafted_answers(make, good, bad):
 
 
 def test_instruction_families():
-    from llama2.stages.gatt import FAMILIES, instruction
+    from llama2.data.instructions import FAMILIES, instruction
 
     rng = random.Random(0)
     texts = [instruction(f, rng) for f in FAMILIES for _ in range(6)]
@@ -65,7 +65,7 @@ def test_instruction_families():
     assert paper and any(i.short != i.text for i in paper) and any(". " in i.text for i in paper)  # short, combined
     with pytest.raises(Llama2Error, match="unknown instruction family"):
         instruction("rhymes", rng)
-    from llama2.stages import gatt
+    from llama2.data import instructions as gatt
 
     gatt.register_family("shout", lambda r: gatt.Instruction("shout", "End with '!'.", "'!'.",
                                                              lambda a: a.endswith("!"), lambda a: a + "!"))
@@ -80,10 +80,12 @@ def test_instruction_families():
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
                                                                             tok):
     from llama2.checkpoint import load_checkpoint
+    from llama2.data import instructions
+    from llama2.eval.adherence import adherence
+    from llama2.recipe import load_recipe
     from llama2.stages import gatt as g
-    from llama2.train.config import load_recipe
 
-    monkeypatch.setattr(g, "WORDS", ("indeed",))
+    monkeypatch.setattr(instructions, "WORDS", ("indeed",))
     policy = fruit_policy(tmp_path, sp_model_path, CFG, 4)
     dialogues = tmp_path / "d.jsonl"
     dialogues.write_text("".join(json.dumps({"messages": [
@@ -102,7 +104,7 @@ def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_
         ckpt = g.gatt(recipe, quiet=True)
         model = load_checkpoint(ckpt, kind="causal_lm").eval()
         users = [[f"Name some fruit, please ({500 + i})."] + [f"More fruit ({500 + i})?"] * 5 for i in range(12)]
-        adherent[name] = g.adherence(model, tok, [g.end_with("indeed")], users, max_new_tokens=12)["end_with"]
+        adherent[name] = adherence(model, tok, [instructions.end_with("indeed")], users, max_new_tokens=12)["end_with"]
         saved = [json.loads(x) for x in (tmp_path / name / "gatt_dialogues.jsonl").read_text().splitlines()]
         assert saved[0]["mask"] == "last_assistant" and saved[0]["messages"][0]["role"] == "system"
         assert sum(m["role"] == "user" for m in saved[0]["messages"]) == 3
@@ -147,7 +149,7 @@ def test_attention_maps_equal_transformers_eager_attentions(tmp_path, tok):
 
     from conftest import random_hf_llama
     from llama2.checkpoint import load_model
-    from llama2.stages.gatt import attention_maps, system_attention
+    from llama2.eval.adherence import attention_maps, system_attention
 
     hf = random_hf_llama(4, num_key_value_heads=2, vocab_size=1000)
     hf.save_pretrained(tmp_path / "m")

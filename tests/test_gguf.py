@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import corpus_text
-from llama2.chat import LLAMA2_CHAT_TEMPLATE
+from llama2.tokenizer import LLAMA2_CHAT_TEMPLATE
 from llama2.checkpoint import load_model, save_model
 from llama2.checkpoint.common import to_interleaved
 from llama2.checkpoint.gguf import (from_interleaved, gguf_name, gguf_tokenizer, load_gguf, our_name,

@@ -122,7 +122,7 @@ def test_reward_stage_steps_on_cuda_match_cpu(tmp_path, sp_model_path):
     from llama2.checkpoint import save_model
     from llama2.stages.reward import RewardRecipe, reward
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
     from llama2.train.metrics import read_metrics
 
     tok = Tokenizer(sp_model_path)
@@ -158,7 +158,7 @@ def test_rejection_sampling_iteration_on_cuda(tmp_path, sp_model_path):
     from llama2.reward import CombinedScores
     from llama2.stages.rejection import RejectionRecipe, rejection_sampling
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
     torch.manual_seed(0)
@@ -190,7 +190,7 @@ def test_ppo_iterations_on_cuda(tmp_path, sp_model_path):
     from llama2.reward import CombinedScores
     from llama2.stages.ppo import PPORecipe, ppo
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_gatt_stage_on_cuda(tmp_path, sp_model_path):
     from llama2.checkpoint import load_checkpoint, save_model
     from llama2.stages import gatt as g
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=128)
     tok = Tokenizer(sp_model_path)
@@ -248,7 +248,7 @@ def test_safety_distillation_on_cuda(tmp_path, sp_model_path):
     from llama2.eval.redteam import is_refusal
     from llama2.stages.safety import DistillSafetyRecipe, distill_safety
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     class Judge:  # a refusal is safe
         def safe_probability(self, prompts, answers):
@@ -280,7 +280,7 @@ def test_qlora_sft_steps_on_cuda(tmp_path, sp_model_path):
     from llama2.checkpoint import save_model
     from llama2.stages.sft import SFTRecipe, sft
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=96)
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ def test_our_harness_picks_what_lm_eval_picks(setup, hf_run):
     from llama2 import load_model
     from llama2.eval.harness import Evaluator, Settings
     from llama2.eval.tasks import TASKS
-    from llama2.stages.sft import load_tokenizer
+    from llama2.checkpoint.runs import load_tokenizer
 
     ev = Evaluator(load_model(setup / "ckpt").eval(), load_tokenizer(setup / "ckpt"), Settings(shots=0))
 
@@ -99,7 +99,7 @@ def test_adapter_loglikelihoods_equal_hf(setup, hf_run):
 
     from llama2 import load_model
     from llama2.eval.lm_eval_adapter import make_adapter
-    from llama2.stages.sft import load_tokenizer
+    from llama2.checkpoint.runs import load_tokenizer
 
     lm = make_adapter(load_model(setup / "ckpt").eval(), load_tokenizer(setup / "ckpt"), batch_size=4)
     ours = simple_evaluate(model=lm, tasks=["mmlu_local"], task_manager=TaskManager(include_path=str(setup / "tasks")),
@@ -117,7 +117,7 @@ def test_adapter_rolling_loglikelihood_equals_hf(setup):
 
     from llama2 import load_model
     from llama2.eval.lm_eval_adapter import make_adapter
-    from llama2.stages.sft import load_tokenizer
+    from llama2.checkpoint.runs import load_tokenizer
 
     from conftest import corpus_text
 

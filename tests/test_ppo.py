@@ -107,7 +107,7 @@ def setup(tmp_path_factory, sp_model_path):
 
 def make_recipe(d: Path, out: Path, overrides=()):
     from llama2.stages.ppo import PPORecipe
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     return load_recipe(PPORecipe, None, [f"base={d / 'policy'}",
                                          f"helpfulness_rm={d / 'none'}", f"safety_rm={d / 'none'}", "value_init=policy",

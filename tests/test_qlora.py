@@ -45,7 +45,7 @@ def test_nf4_layer_equals_bitsandbytes_linear4bit():
 
 def _train(tmp_path: Path, base: Path, name: str, steps: int, extra=()):
     from llama2.stages.sft import SFTRecipe, sft
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     recipe = load_recipe(SFTRecipe, None, [f"base={base}", f"out_dir={tmp_path / name}", "max_seq_len=96",
                                            "batch_size=4", f"max_steps={steps}", "epochs=50", "device=cpu",

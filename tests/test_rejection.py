@@ -10,7 +10,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
@@ -123,7 +122,7 @@ def setup(tmp_path_factory, sp_model_path):
 
 def make_recipe(d: Path, out: Path, overrides=()):
     from llama2.stages.rejection import RejectionRecipe
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     return load_recipe(RejectionRecipe, None, [f"base={d / 'policy'}", f"helpfulness_rm={d / 'none'}",
                                                f"safety_rm={d / 'none'}", f"out_dir={out}", "iterations=1",
@@ -279,7 +278,7 @@ def test_rollout_quantize_samples_from_int8_layers(tmp_path, setup, monkeypatch)
     assert len(calls) == 1
     # the same draws from the int8 model directly: the recipe's seeds and prompts (first prompt, first sample)
     from llama2.chat import encode_dialog
-    from llama2.stages.rejection import prompt_key, sample_seed
+    from llama2.data.prompts import prompt_key, sample_seed
 
     model, tok = rs._load_policy(rs.base)
     p = rs.train_prompts[0]

@@ -67,7 +67,7 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_recipe(tmp_path: Path, base: Path, data: tuple[Path, Path], name: str = "run", overrides=()):
     from llama2.stages.reward import RewardRecipe
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     return load_recipe(RewardRecipe, None, [f"base={base}", f"out_dir={tmp_path / name}", f"data.path={data[0]}",
                                             f"data.val_path={data[1]}", "max_seq_len=96", "batch_size=8",
@@ -131,7 +131,7 @@ def test_accuracy_by_rating_on_hand_made_scores():
 
 
 def test_epoch_mix_by_weight_and_share():
-    from llama2.stages.reward import draw, epoch_counts
+    from llama2.data.mix import draw, epoch_counts
 
     assert epoch_counts([1000, 300], [1.0, None], [None, 0.5]) == [1000, 1000]  # "an equal amount" of the other
     assert epoch_counts([400, 3000], [1.0, None], [None, 0.1]) == [400, round(0.1 * 400 / 0.9)]  # 90/10
@@ -304,7 +304,7 @@ def test_lora_reward_model_keeps_its_head_in_peft_layout(tmp_path, base_dir, dat
 
 def test_recipe_errors_name_the_key(tmp_path, base_dir, data_files):
     from llama2.stages.reward import RewardRecipe, reward
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     with pytest.raises(Llama2Error, match="'margin'"):
         make_recipe(tmp_path, base_dir, data_files, overrides=["margin=huge"])
@@ -365,8 +365,8 @@ def test_tiny_rms_on_the_builtin_comparisons_beat_chance_where_the_paper_says(tm
     from llama2.data.dialogues import dialogue_texts, read_dialogues
     from llama2.data.tokenizer_training import train_tokenizer
     from llama2.stages.reward import RewardRecipe, reward
-    from llama2.stages.sft import ensure_dialogues
-    from llama2.train.config import load_recipe
+    from llama2.data.dialogues import ensure_dialogues
+    from llama2.recipe import load_recipe
 
     monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "dialogues.txt"
@@ -443,7 +443,7 @@ def test_a_missing_chat_model_is_built_by_its_sft_recipe(tmp_path, base_dir, dat
     """base missing + base_recipe: the SFT recipe runs first (into base), then the RM trains from it."""
     import yaml
 
-    from llama2.stages.reward import reward
+    from llama2 import pipeline
 
     dialogues = tmp_path / "d.jsonl"
     dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
@@ -454,7 +454,7 @@ def test_a_missing_chat_model_is_built_by_its_sft_recipe(tmp_path, base_dir, dat
         "max_seq_len": 96, "device": "cpu", "precision": "fp32", "samples": {"count": 0}, "peak_tflops": 1}))
     recipe = make_recipe(tmp_path, tmp_path / "chat", data_files,
                          overrides=[f"base_recipe={tmp_path / 'sft.yaml'}", "max_steps=1"])
-    result = reward(recipe)
+    result = pipeline.run(recipe)
     out = capsys.readouterr().out
     assert f"building the chat model: {tmp_path / 'sft.yaml'}" in out
     assert (tmp_path / "chat" / "checkpoints" / "step-000002" / "model.safetensors").is_file()

@@ -190,7 +190,7 @@ def world(tmp_path_factory, sp_model_path):
     from llama2.stages.safety import GENERIC_PREPROMPT
     from llama2.stages.sft import SFTRecipe, sft
     from llama2.tokenizer import Tokenizer
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     d = tmp_path_factory.mktemp("safety")
     train, val = builtin_adversarial()
@@ -245,7 +245,7 @@ class RefusalJudge:
 @pytest.mark.slow
 def test_distillation_raises_the_safety_score_without_raising_false_refusals(tmp_path, world):
     from llama2.stages.safety import DistillSafetyRecipe, distill_safety
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
     from llama2.train.metrics import read_metrics
 
     ft = tmp_path / "ft.yaml"
@@ -285,7 +285,7 @@ def test_distillation_raises_the_safety_score_without_raising_false_refusals(tmp
 @pytest.mark.slow
 def test_recipe_errors(tmp_path, world):
     from llama2.stages.safety import DistillSafetyRecipe, distill_safety
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     base = [f"base={world / 'policy'}", f"safety_rm={world / 'rm'}", f"out_dir={tmp_path / 'r'}", "device=cpu"]
     with pytest.raises(Llama2Error, match="preprompts"):
@@ -323,7 +323,7 @@ def test_safety_sft_data_mixes_into_the_sft_recipe_as_a_weighted_source(tmp_path
 
     from llama2.data.dialogues import write_dialogues
     from llama2.stages.sft import SFTRecipe, load_data
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     own = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
            for i in range(40)]

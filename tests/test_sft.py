@@ -67,7 +67,7 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def make_recipe(tmp_path: Path, base: Path, data: tuple[Path, Path], name: str = "run", overrides=()):
     from llama2.stages.sft import SFTRecipe
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     return load_recipe(SFTRecipe, None, [f"base={base}", f"out_dir={tmp_path / name}", f"data.path={data[0]}",
                                          f"data.val_path={data[1]}", "max_seq_len=96", "batch_size=2",
@@ -314,7 +314,8 @@ def test_missing_base_is_built_by_its_recipe_and_builtin_dialogues_by_default(tm
     import sysconfig
 
     from llama2.data import dialogues
-    from llama2.stages.sft import ensure_dialogues, sft
+    from llama2 import pipeline
+    from llama2.data.dialogues import ensure_dialogues
 
     monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "stdlib"
@@ -335,14 +336,14 @@ def test_missing_base_is_built_by_its_recipe_and_builtin_dialogues_by_default(tm
     pre.write_text(f"model: {{preset: tiny, dim: 32, n_layers: 1, n_heads: 4, n_kv_heads: 4, max_seq_len: 96}}\n"
                    f"data: {{tokenizer: {tok}, sources: [{{path: {shards}}}], eval_sequences: 0}}\n"
                    "batch_size: 2\nmax_steps: 2\ndevice: cpu\nprecision: fp32\npeak_tflops: 1\n")
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
     from llama2.stages.sft import SFTRecipe
 
     recipe = load_recipe(SFTRecipe, None, [f"base={tmp_path / 'pre-run'}", f"base_recipe={pre}",
                                            f"out_dir={tmp_path / 'sft'}", "max_steps=1", "batch_size=2",
                                            "device=cpu", "precision=fp32", "peak_tflops=1", "samples.count=1",
                                            "samples.max_new_tokens=2"])
-    result = sft(recipe, quiet=True)
+    result = pipeline.run(recipe, quiet=True)
     assert result.step == 1 and (tmp_path / "pre-run" / "checkpoints" / "step-000002").is_dir()
     train, val = ensure_dialogues(quiet=True)
     assert str(train).startswith(str(tmp_path / "cache")) and train.is_file() and val.is_file()
@@ -391,7 +392,7 @@ def test_recipe_errors_and_what_qlora_needs(tmp_path, base_dir, data_files, monk
     import sys
 
     from llama2.stages.sft import SFTRecipe, sft
-    from llama2.train.config import load_recipe
+    from llama2.recipe import load_recipe
 
     with pytest.raises(Llama2Error, match="unknown recipe key 'lora.rnk'"):
         make_recipe(tmp_path, base_dir, data_files, overrides=["lora.rnk=4"])

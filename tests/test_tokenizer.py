@@ -17,7 +17,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from llama2.cli import main
 from llama2.errors import Llama2Error
-from llama2.chat import LLAMA2_CHAT_TEMPLATE
+from llama2.tokenizer import LLAMA2_CHAT_TEMPLATE
 from llama2.data.tokenizer_training import train_tokenizer
 from llama2.tokenizer import Tokenizer, tokenizer_from_gguf
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
 from llama2.model import Transformer
-from llama2.train.config import OptimConfig, PretrainRecipe, TrainRecipe, load_recipe
+from llama2.train.config import OptimConfig, PretrainRecipe, TrainRecipe
+from llama2.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -427,7 +428,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_curve(tmp_path, recipe_file
     val = [(r["step"], r["val_loss"]) for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     assert val == [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
                    if "val_loss" in r] and [s for s, _ in val] == [4, 8, 12, 16]
-    from llama2.train.checkpoints import list_checkpoints
+    from llama2.checkpoint.runs import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(run)] == [12, 16]  # keep_last=2
     from safetensors.torch import load_file
@@ -445,7 +446,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, recipe_file
     assert code == 2
     assert "training stopped without saving" in err and "last good checkpoint" in err and "optim.lr" in err
     assert "loss is nan" in err or "loss is inf" in err or "gradient norm is" in err
-    from llama2.train.checkpoints import latest_checkpoint, list_checkpoints
+    from llama2.checkpoint.runs import latest_checkpoint, list_checkpoints
 
     latest = latest_checkpoint(run)
     bad_step = int(err.split(" at step ")[1].split(":")[0])

@@ -147,7 +147,8 @@ def test_init_from_starts_from_exactly_the_checkpoint(tmp_path, recipe_file):  #
 
     from llama2.checkpoint import save_model
     from llama2.stages.pretrain import build_pretraining
-    from llama2.train.config import PretrainRecipe, load_recipe
+    from llama2.train.config import PretrainRecipe
+    from llama2.recipe import load_recipe
 
     torch.manual_seed(123)
     save_model(Transformer(ModelConfig.from_name("tiny", max_seq_len=32, vocab_size=1000)), tmp_path / "init")

@@ -8,50 +8,16 @@ A dialogue is a list of ``{"role": ..., "content": ...}`` messages: an optional 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 from .errors import Llama2Error
-
-if TYPE_CHECKING:
-    from .tokenizer import TokenizerLike
+from .tokenizer import TokenizerLike
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
-
-# Meta's `chat_completion`  as a Hugging Face chat template. A system message is merged into
-# the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
-# "<s>[INST] {user} [/INST] {assistant} </s>", the final user turn "<s>[INST] {user} [/INST]". A conversation that
-# ends with an assistant message renders that pair completed (useful for training data).
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
-    "{%- if tag in message['content'] -%}"
-    "{{- raise_exception('message content must not contain the special tag ' + tag) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endfor -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
-    "{{- raise_exception('a system message must be followed by a user message') -}}"
-    "{%- endif -%}"
-    "{%- set dialog = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
-    " + messages[1]['content']}] + messages[2:] -%}"
-    "{%- else -%}"
-    "{%- set dialog = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in dialog -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' + (message['content'] | trim) + ' [/INST]' -}}"
-    "{%- else -%}"
-    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
+# The same format as a Hugging Face chat template: llama2.tokenizer.LLAMA2_CHAT_TEMPLATE (tokenizer_config.json).
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 TrainOn = Literal["all_assistant", "last_assistant"]

@@ -17,6 +17,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from .errors import Llama2Error
 from .model import Linear
+from .recipe import check
 
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every projection except the output head
@@ -56,6 +58,34 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                "down": "down_proj"}  # a recipe's short names
+
+
+@dataclass
+class LoRASpec:
+    """A recipe's `lora` section: LoRA on the frozen base (rank 0 = full fine-tuning); targets in short names."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA: an NF4 base (bitsandbytes, CPU or CUDA)
+
+    def validate(self, prefix: str = "lora") -> None:
+        check(self.rank >= 0, f"{prefix}.rank", self.rank, "an integer >= 0 (0 = full fine-tuning)")
+        check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive number")
+        check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
+        for t in self.targets:
+            check(t in LORA_TARGETS or t in LORA_TARGETS.values(), f"{prefix}.targets", self.targets,
+                  f"a list of {', '.join(LORA_TARGETS)}")
+        check(bool(self.targets), f"{prefix}.targets", self.targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(LORA_TARGETS.get(t, t) for t in self.targets)
 
 
 def resolve_targets(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -132,18 +162,18 @@ class NF4Linear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        bnb = _bitsandbytes()
+        bnb = bitsandbytes()
         self.out_features, self.in_features = weight.shape
         packed, self.quant_state = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=64,
                                                                 quant_type="nf4", compress_statistics=True)
         self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _bitsandbytes().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
+        return bitsandbytes().matmul_4bit(x, self.packed.t(), quant_state=self.quant_state)
 
     def dequantized(self) -> Tensor:
         """The weight as the forward sees it (out x in)."""
-        return _bitsandbytes().functional.dequantize_4bit(self.packed, self.quant_state)
+        return bitsandbytes().functional.dequantize_4bit(self.packed, self.quant_state)
 
     def nbytes(self) -> int:
         """Bytes of the packed weights and their quantisation state."""
@@ -152,7 +182,7 @@ class NF4Linear(nn.Module):
         return self.packed.numel() * self.packed.element_size() + sum(t.numel() * t.element_size() for t in extra)
 
 
-def _bitsandbytes():
+def bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:

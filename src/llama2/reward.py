@@ -105,7 +105,7 @@ class RewardModel:
         (its latest checkpoint), with the tokenizer.model saved beside it."""
         from .checkpoint import detect_kind, load_checkpoint
         from .classifier import SequenceClassifier
-        from .stages.sft import load_tokenizer, resolve_base
+        from .checkpoint.runs import load_tokenizer, resolve_base
 
         ckpt = resolve_base(str(path))
         kind = detect_kind(ckpt)

@@ -24,6 +24,40 @@ N_SPECIAL = 3  # <unk>, <s>, </s>
 MAX_MODEL_BYTES = 256 * 2**20  # real tokenizer.model files are a few MiB
 
 
+# Meta's `chat_completion` (llama2.chat) as a Hugging Face chat template. A system message is merged into
+# the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
+# "<s>[INST] {user} [/INST] {assistant} </s>", the final user turn "<s>[INST] {user} [/INST]". A conversation that
+# ends with an assistant message renders that pair completed (useful for training data).
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
+    "{%- if tag in message['content'] -%}"
+    "{{- raise_exception('message content must not contain the special tag ' + tag) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
+    "{{- raise_exception('a system message must be followed by a user message') -}}"
+    "{%- endif -%}"
+    "{%- set dialog = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
+    " + messages[1]['content']}] + messages[2:] -%}"
+    "{%- else -%}"
+    "{%- set dialog = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in dialog -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- bos_token + '[INST] ' + (message['content'] | trim) + ' [/INST]' -}}"
+    "{%- else -%}"
+    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 class TokenizerLike(Protocol):
     """What the chat format and generation need of a tokenizer (Tokenizer provides it; tests may pass stubs)."""
 
@@ -128,8 +162,6 @@ class Tokenizer:
 
     def hf_config(self) -> dict:
         """tokenizer_config.json fields for Hugging Face's LlamaTokenizer."""
-        from .chat import LLAMA2_CHAT_TEMPLATE
-
         return {
             "tokenizer_class": "LlamaTokenizer",
             "bos_token": self.id_to_piece(self.bos_id),

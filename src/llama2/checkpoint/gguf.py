@@ -218,7 +218,7 @@ def save_gguf(model: Transformer, path: Path | str, tokenizer: Any, dtype: str |
     and written one at a time, so the file is never held in memory."""
     import gguf
 
-    from ..chat import LLAMA2_CHAT_TEMPLATE
+    from ..tokenizer import LLAMA2_CHAT_TEMPLATE
 
     if type(model) is not Transformer:
         raise Llama2Error(f"only a causal LM (Transformer) can be exported to GGUF, not {type(model).__name__}; "

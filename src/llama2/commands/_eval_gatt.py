@@ -29,7 +29,7 @@ def register(sub) -> None:
 def gatt_handler(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..errors import Llama2Error
-    from ..stages.gatt import adherence_plot, adherence_report, adherence_table
+    from ..eval.adherence import adherence_plot, adherence_report, adherence_table
 
     if args.turns < 1 or args.dialogues < 1:
         raise Llama2Error("--turns and --dialogues must be at least 1")
@@ -43,8 +43,9 @@ def gatt_handler(args: argparse.Namespace) -> int:
         adherence_plot({"model": report}, args.output.with_suffix(".png"))
     if args.attention is not None:
         from ..checkpoint import load_checkpoint
-        from ..stages.gatt import attention_figure, start_with
-        from ..stages.sft import load_tokenizer
+        from ..eval.adherence import attention_figure
+        from ..data.instructions import start_with
+        from ..checkpoint.runs import load_tokenizer
 
         ckpt = Path(report["checkpoint"])
         dialogue = [{"role": "system", "content": start_with("Well,").text},

@@ -48,34 +48,46 @@ def sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParam
         raise Llama2Error(msg) from None
 
 
-def add_stage_command(subparsers, name: str, *, help: str, description: str, example: str,
-                      run: Callable[[Any, bool], None]) -> argparse.ArgumentParser:
+def add_stage_command(subparsers, name: str, *, help: str, description: str, example: str, stage: str | None = None,
+                      after: Callable[[Any, bool], None] | None = None) -> argparse.ArgumentParser:
     """Register `llama2 NAME --config RECIPE.yaml [key=value ...] [--quiet]`, the shape every training stage
-    shares: `run((config, overrides), quiet)` loads the recipe (`load_recipe(Cls, *recipe)`) and runs the stage,
-    after stray options among the overrides were refused; the process group (torchrun) is shut down after."""
+    shares: the recipe is loaded, what it needs is built when missing and the stage runs (llama2.pipeline), after
+    stray options among the overrides were refused; `after(result, quiet)` may print a summary; the process group
+    (torchrun) is shut down after. `--keys` prints every recipe key with its allowed values and default."""
+    stage = stage or name
     p = subparsers.add_parser(
         name, help=help,
-        description=description + " key=value arguments override recipe keys (dotted for sections). Running the "
-                    "same command again resumes from the latest checkpoint in out_dir. Under `torchrun "
-                    "--nproc-per-node N` the model is sharded with FSDP2.")
-    p.add_argument("--config", "-c", required=True, help=f"recipe YAML, e.g. {example}")
+        description=description + " key=value arguments override recipe keys (dotted for sections; --keys lists "
+                    "them). Running the same command again resumes from the latest checkpoint in out_dir. Under "
+                    "`torchrun --nproc-per-node N` the model is sharded with FSDP2.")
+    p.add_argument("--config", "-c", help=f"recipe YAML, e.g. {example} (required)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe overrides (dotted keys)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or notes")
+    p.add_argument("--keys", action="store_true", help="print the recipe's keys (allowed values, defaults) and exit")
 
     def handler(args: argparse.Namespace) -> int:
+        from .. import pipeline
         from ..errors import Llama2Error
+        from ..recipe import keys_table
         from ..train.distributed import shutdown
 
+        if args.keys:
+            print(keys_table(pipeline.STAGES[stage].recipe))
+            return 0
+        if args.config is None:
+            p.error("the following arguments are required: --config/-c")
         overrides = []
         for item in args.overrides:  # options may also follow the overrides
             if item in ("-q", "--quiet"):
                 args.quiet = True
             elif item.startswith("-"):
-                raise Llama2Error(f"unknown option {item!r} among the overrides; options: --config, --quiet")
+                raise Llama2Error(f"unknown option {item!r} among the overrides; options: --config, --quiet, --keys")
             else:
                 overrides.append(item)
         try:
-            run((args.config, overrides), args.quiet)
+            result = pipeline.run_recipe(stage, args.config, overrides, args.quiet)
+            if after is not None:
+                after(result, args.quiet)
         finally:
             shutdown()
         return 0

@@ -146,7 +146,7 @@ def dialogues_handler(args: argparse.Namespace) -> int:
 def comparisons_handler(args: argparse.Namespace) -> int:
     from ..data.comparisons import build_comparisons
     from ..data.dialogues import read_dialogues
-    from ..stages.sft import ensure_dialogues
+    from ..data.dialogues import ensure_dialogues
 
     train, val = ensure_dialogues(quiet=args.quiet)
     build_comparisons(args.output, train_dialogues=read_dialogues(train).dialogues,

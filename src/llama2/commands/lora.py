@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 def merge_handler(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..errors import Llama2Error
-    from ..stages.sft import load_tokenizer
+    from ..checkpoint.runs import load_tokenizer
 
     merged = merge_adapter(args.base, args.adapter)
     tokenizer = None

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report.plot import plot_run
+    from ..train.plots import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         if not args.quiet:

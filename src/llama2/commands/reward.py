@@ -6,7 +6,7 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    add_stage_command(subparsers, "reward", run=run, example="configs/tiny/reward-helpfulness.yaml",
+    add_stage_command(subparsers, "reward", example="configs/tiny/reward-helpfulness.yaml",
                       help="train a helpfulness or safety reward model on comparisons (resumes)",
                       description="Train a reward model from a chat checkpoint on preference comparisons as a YAML "
                                   "recipe says (paper section 5): scalar head on the chat model, binary ranking "
@@ -14,9 +14,3 @@ def register(subparsers) -> None:
                                   "held-out accuracy per rating level in eval.md (e.g. kind=safety "
                                   "data.path=c.jsonl data.val_path=c.val.jsonl max_steps=50 out_dir=runs/x).")
 
-
-def run(recipe: tuple[str, list[str]], quiet: bool) -> None:
-    from ..stages.reward import RewardRecipe, reward
-    from ..train.config import load_recipe
-
-    reward(load_recipe(RewardRecipe, *recipe), quiet=quiet)

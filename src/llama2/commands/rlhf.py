@@ -10,19 +10,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, safety context distillation",
                               description="RLHF stages of Llama 2-Chat (paper sections 6 and 8).")
     sub = p.add_subparsers(dest="rlhf_command", required=True, metavar="STAGE")
-    add_stage_command(sub, "rejection-sampling", run=run_rejection, example="configs/tiny/rejection.yaml",
+    add_stage_command(sub, "rejection-sampling", example="configs/tiny/rejection.yaml",
                       help="iterative rejection-sampling fine-tuning with the two reward models (resumes)",
                       description="For each prompt draw K answers from the policy, score them with the combined "
                                   "reward of the helpfulness and safety RMs, keep the best, fine-tune on them through "
                                   "the SFT stage; iterations V1..Vn in one run directory (e.g. iterations=3 "
                                   "samples_per_prompt=8 temperature=sweep pool=all).")
-    add_stage_command(sub, "ppo", run=run_ppo, example="configs/tiny/ppo.yaml",
+    add_stage_command(sub, "ppo", example="configs/tiny/ppo.yaml",
                       help="PPO against the combined reward with a KL penalty to the initial policy (resumes)",
                       description="Proximal policy optimisation (RLHF-V5): rollouts from the policy, the combined "
                                   "reward of the two RMs whitened after LOGIT, a per-token KL penalty to the frozen "
                                   "initial policy, GAE, clipped policy and value losses, a value model from the "
                                   "helpfulness RM (e.g. max_steps=200 beta=0.01 batch_size=512 mini_batch=64).")
-    add_stage_command(sub, "distill-safety", run=run_distill_safety, example="configs/tiny/distill-safety.yaml",
+    add_stage_command(sub, "distill-safety", example="configs/tiny/distill-safety.yaml",
                       help="safety context distillation: answers with a safety pre-prompt, kept where the safety "
                            "RM prefers them, fine-tuned in without it (resumes)",
                       description="For each adversarial prompt the model answers plainly and with a safety "
@@ -31,23 +31,3 @@ def register(subparsers) -> None:
                                   "stage fine-tunes the model on the kept answers without the pre-prompt; red-team "
                                   "evaluation before and after (e.g. preprompt=per_category prefill=true).")
 
-
-def run_rejection(recipe: tuple[str, list[str]], quiet: bool) -> None:
-    from ..stages.rejection import RejectionRecipe, rejection_sampling
-    from ..train.config import load_recipe
-
-    rejection_sampling(load_recipe(RejectionRecipe, *recipe), quiet=quiet)
-
-
-def run_ppo(recipe: tuple[str, list[str]], quiet: bool) -> None:
-    from ..stages.ppo import PPORecipe, ppo
-    from ..train.config import load_recipe
-
-    ppo(load_recipe(PPORecipe, *recipe), quiet=quiet)
-
-
-def run_distill_safety(recipe: tuple[str, list[str]], quiet: bool) -> None:
-    from ..stages.safety import DistillSafetyRecipe, distill_safety
-    from ..train.config import load_recipe
-
-    distill_safety(load_recipe(DistillSafetyRecipe, *recipe), quiet=quiet)

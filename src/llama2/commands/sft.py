@@ -6,15 +6,9 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    add_stage_command(subparsers, "sft", run=run, example="configs/tiny/sft.yaml",
+    add_stage_command(subparsers, "sft", example="configs/tiny/sft.yaml",
                       help="supervised fine-tuning on dialogues (resumes from the run's latest checkpoint)",
                       description="Fine-tune a base checkpoint on dialogues as a YAML recipe says (paper section "
                                   "3.1): packed dialogues, loss on the answers only, optional LoRA (e.g. base=ckpt/ "
                                   "data.path=d.jsonl lora.rank=8 max_steps=50 out_dir=runs/x).")
 
-
-def run(recipe: tuple[str, list[str]], quiet: bool) -> None:
-    from ..stages.sft import SFTRecipe, sft
-    from ..train.config import load_recipe
-
-    sft(load_recipe(SFTRecipe, *recipe), quiet=quiet)

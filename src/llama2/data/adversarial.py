@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .jsonl import OnBadLine, read_jsonl, write_jsonl
-from .prompts import _problem as prompt_problem
+from .prompts import prompt_problem
 
 RISK_CATEGORIES: dict[str, str] = {
     "illicit_criminal": "illicit and criminal activities",
@@ -159,10 +159,10 @@ def write_adversarial(path: Path | str, prompts: Iterable[AdversarialPrompt]) ->
 
 def styled(request: str, attack: str, key: str) -> str:
     """`request` in attack style `attack` (one of the style's phrasings, chosen by a stable hash of `key`)."""
-    from .dialogues import _stable
+    from .dialogues import stable_hash
 
     phrasings = _STYLE_PHRASINGS[attack]
-    p = phrasings[_stable("attack", attack, key) % len(phrasings)]
+    p = phrasings[stable_hash("attack", attack, key) % len(phrasings)]
     first = request.split(" ", 1)[0]
     lower = request if first in ("I", "I'm", "I've") else request[0].lower() + request[1:]
     return p.format(r=request, r_lower=lower)
@@ -198,13 +198,13 @@ def builtin_adversarial(seed: int = 0, val_fraction: float = 0.25) -> tuple[list
     attack style. Units the built-in safety comparisons hold out are held out here; the advice units by the same
     seeded hash rule."""
     from .comparisons import held_out_safety_units
-    from .dialogues import _stable
+    from .dialogues import stable_hash
 
     units = _units()
     held = held_out_safety_units(seed, val_fraction)
     for harmful in (True, False):
         advice = sorted({u for u, _, h, _, _ in units if h == harmful and u.startswith("advice:")},
-                        key=lambda u: _stable(seed, "advice", u))
+                        key=lambda u: stable_hash(seed, "advice", u))
         held.update(advice[:max(2, round(val_fraction * len(advice)))])
     train: list[AdversarialPrompt] = []
     val: list[AdversarialPrompt] = []
@@ -213,7 +213,7 @@ def builtin_adversarial(seed: int = 0, val_fraction: float = 0.25) -> tuple[list
             p = AdversarialPrompt([{"role": "user", "content": styled(request, attack, request)}], category,
                                   harmful, attack, reference=reference)
             (val if unit in held else train).append(p)
-    order = lambda p: _stable(seed, "adversarial", json.dumps(p.messages))  # noqa: E731 - a seeded mix
+    order = lambda p: stable_hash(seed, "adversarial", json.dumps(p.messages))  # noqa: E731 - a seeded mix
     return sorted(train, key=order), sorted(val, key=order)
 
 

@@ -45,8 +45,10 @@ from typing import Any
 from ..atomic import atomic_write_text
 from ..chat import SPECIAL_TAGS, validate_dialog
 from ..errors import Llama2Error
-from .dialogues import SAFETY_HELPFUL, SAFETY_REFUSALS, SYSTEM_MESSAGES, Dialogue, DialogueFile, _stable, held_out_path
-from .jsonl import BadLine, OnBadLine, _json_kind, field_problem, read_jsonl, skipped_summary
+from ..paths import cache_dir
+from .dialogues import (SAFETY_HELPFUL, SAFETY_REFUSALS, SYSTEM_MESSAGES, Dialogue, DialogueFile, ensure_dialogues,
+                        held_out_path, read_dialogues, stable_hash)
+from .jsonl import BadLine, OnBadLine, json_kind, field_problem, read_jsonl, skipped_summary
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")  # far -> near
 RATING_ALIASES = {"unsure": "negligibly_better", "negligibly_better/unsure": "negligibly_better",
@@ -107,7 +109,7 @@ def normalise_rating(value: Any) -> str | None:
 def _text_problem(key: str, text: Any) -> str | None:
     """Why an answer is not usable text, or None."""
     if not isinstance(text, str):
-        return f'"{key}" is {_json_kind(text)}, not a string'
+        return f'"{key}" is {json_kind(text)}, not a string'
     if not text.strip():
         return f'"{key}" is empty; give the answer text'
     for tag in SPECIAL_TAGS:
@@ -122,7 +124,7 @@ def _checked(prompt: Any, chosen: Any, rejected: Any, rating: Any = None, safety
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     elif not isinstance(prompt, list):
-        return f'"prompt" is {_json_kind(prompt)}, not a string or a list of messages'
+        return f'"prompt" is {json_kind(prompt)}, not a string or a list of messages'
     try:
         validate_dialog(prompt, complete=False)
     except Llama2Error as e:
@@ -140,7 +142,7 @@ def _checked(prompt: Any, chosen: Any, rejected: Any, rating: Any = None, safety
     except Llama2Error as e:
         return str(e)
     if safety is not None and not isinstance(safety, bool):
-        return f'"safety" is {_json_kind(safety)}, not true or false'
+        return f'"safety" is {json_kind(safety)}, not true or false'
     messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
     return Comparison(messages, chosen, rejected, rating, safety, source)
 
@@ -249,7 +251,7 @@ def _shuffled(text: str, key: int) -> str | None:
     if len(set(words)) < 2:
         return None
     for attempt in range(4):
-        order = sorted(range(len(words)), key=lambda i: _stable(key, "shuffle", attempt, i))
+        order = sorted(range(len(words)), key=lambda i: stable_hash(key, "shuffle", attempt, i))
         new = [words[i] for i in order]
         if new != words:
             break
@@ -267,7 +269,7 @@ def _truncated(text: str, key: int) -> str | None:
     if hi < lo:
         return None
     cuts = list(range(lo, hi + 1))
-    start = _stable(key, "cut") % len(cuts)
+    start = stable_hash(key, "cut") % len(cuts)
     cuts = cuts[start:] + cuts[:start]
     k = next((k for k in cuts if pairs[k - 1][0][-1].isalnum()), cuts[0])
     return _joined(lead, pairs[:k]).rstrip()
@@ -282,7 +284,7 @@ def _perturbed(text: str, key: int) -> str | None:
         return None
     words = [w for w, _ in pairs]
     for attempt in range(6):
-        h = _stable(key, "perturb", attempt)
+        h = stable_hash(key, "perturb", attempt)
         first = h % (n - 1)  # edits touch words 0 .. n-2 only
         positions = [first]
         far = [p for p in range(n - 1) if abs(p - first) >= 3]  # a second edit, apart from the first
@@ -290,7 +292,7 @@ def _perturbed(text: str, key: int) -> str | None:
             positions.append(far[(h >> 16) % len(far)])
         new = list(pairs)
         for p in sorted(positions, reverse=True):  # right to left, so earlier positions keep their index
-            kind = _stable(key, "edit", attempt, p) % 3
+            kind = stable_hash(key, "edit", attempt, p) % 3
             if kind == 2 and p + 1 <= n - 2 and words[p] != words[p + 1]:
                 new[p], new[p + 1] = (words[p + 1], pairs[p][1]), (words[p], pairs[p + 1][1])
             elif kind == 1:
@@ -314,7 +316,7 @@ def _other_answer(chosen: str, kind: str, key: int, pools: Sequence[dict[str, li
         for pool in (split_pools["docs" if kind == "stdlib" else "stdlib"], split_pools[kind]):
             if not pool:
                 continue
-            start = _stable(key, "other") % len(pool)
+            start = stable_hash(key, "other") % len(pool)
             for i in range(len(pool)):
                 answer = pool[(start + i) % len(pool)]
                 if answer.strip() != chosen.strip():
@@ -339,7 +341,7 @@ def _helpfulness(dialogues: Sequence[Dialogue], split: str, seed: int,
     skipped = 0
     for d in dialogues:
         prompt, chosen = d.messages[:-1], d.messages[-1]["content"]
-        key = _stable(seed, split, json.dumps(prompt, ensure_ascii=False), chosen)
+        key = stable_hash(seed, split, json.dumps(prompt, ensure_ascii=False), chosen)
         if split == "val":  # every rating, or none: the levels compare on the same prompts
             ratings = list(RATINGS)
         else:  # one rating by the hash; the next one when the answer is too short for it
@@ -490,16 +492,16 @@ def safety_prompts() -> list[_SafetyPrompt]:
     out = []
     for _, request, refusal in SAFETY_REFUSALS:
         out.append(_SafetyPrompt(f"table:{request}", True, request, refusal,
-                                 _two(COMPLIANT_ANSWERS, _stable("compliant", request))))
+                                 _two(COMPLIANT_ANSWERS, stable_hash("compliant", request))))
     for _, request, answer in SAFETY_HELPFUL:
         out.append(_SafetyPrompt(f"table:{request}", False, request, answer,
-                                 _two(NEEDLESS_REFUSALS, _stable("needless", request))))
+                                 _two(NEEDLESS_REFUSALS, stable_hash("needless", request))))
     for t in SAFETY_TEMPLATES:
         for harmful, phrasings, objects in ((True, t.harmful, t.harmful_objects), (False, t.benign, t.benign_objects)):
             for x in objects:
                 for phrasing in phrasings:
                     request = phrasing.format(x=x)
-                    h = _stable("template", request)
+                    h = stable_hash("template", request)
                     # the same answer styles are chosen for one kind of request and rejected for the other, so
                     # only the request tells them apart: a harmful request rejects a compliant answer and the helpful
                     # template (filled with its object), a benign one a needless refusal and the refusal template
@@ -519,8 +521,8 @@ def held_out_safety_units(seed: int, val_fraction: float) -> set[str]:
     prompts = safety_prompts()
     held: set[str] = set()
     for harmful in (True, False):
-        units = sorted({p.unit for p in prompts if p.harmful == harmful}, key=lambda u: _stable(seed, "safety", u))
-        below = sum(_stable(seed, "safety", u) / 2**64 < val_fraction for u in units)
+        units = sorted({p.unit for p in prompts if p.harmful == harmful}, key=lambda u: stable_hash(seed, "safety", u))
+        below = sum(stable_hash(seed, "safety", u) / 2**64 < val_fraction for u in units)
         held.update(units[:min(max(3, below), len(units) - 1)])
     return held
 
@@ -532,7 +534,7 @@ def _safety(seed: int, val_fraction: float) -> dict[str, list[tuple[Comparison, 
     out: dict[str, list[tuple[Comparison, bool]]] = {"train": [], "val": []}
     for p in prompts:
         messages = [{"role": "user", "content": p.request}]
-        h = _stable(seed, "system", p.request)
+        h = stable_hash(seed, "system", p.request)
         if h % 4 == 0:
             messages.insert(0, {"role": "system", "content": SAFETY_SYSTEM_MESSAGES[(h >> 8) % len(
                 SAFETY_SYSTEM_MESSAGES)]})
@@ -582,7 +584,7 @@ def build_comparisons(output: Path | str, *, train_dialogues: Sequence[Dialogue]
                               f"{len(dialogues[split])} usable dialogues (of source other than safety, answers of "
                               "at least 5 words); give more dialogues")
         items = helpful + [c for c, _ in safety[split]]
-        order = sorted(range(len(items)), key=lambda i: _stable(seed, "order", split, i))
+        order = sorted(range(len(items)), key=lambda i: stable_hash(seed, "order", split, i))
         items = [items[i] for i in order]
         path = output if split == "train" else held_out_path(output)
         write_comparisons(path, items)
@@ -606,6 +608,23 @@ def build_comparisons(output: Path | str, *, train_dialogues: Sequence[Dialogue]
     return stats
 
 
-__all__ = ["RATINGS", "SAFETY_TEMPLATES", "BadLine", "Comparison", "ComparisonFile", "build_comparisons",
+BUILTIN_COMPARISONS = "comparisons-builtin-v2"  # the cache directory of the built-in comparisons
+
+
+def ensure_comparisons(quiet: bool = False) -> tuple[Path, Path]:
+    """The train and held-out files of the built-in comparisons in the cache, built when missing."""
+    root = cache_dir() / BUILTIN_COMPARISONS
+    train = root / "comparisons.jsonl"
+    val = held_out_path(train)
+    if not (train.is_file() and val.is_file()):
+        d_train, d_val = ensure_dialogues(quiet=quiet)
+        if not quiet:
+            print(f"building the built-in comparisons into {root}", flush=True)
+        build_comparisons(train, train_dialogues=read_dialogues(d_train).dialogues,
+                          val_dialogues=read_dialogues(d_val).dialogues, quiet=quiet)
+    return train, val
+
+
+__all__ = ["BUILTIN_COMPARISONS", "ensure_comparisons", "RATINGS", "SAFETY_TEMPLATES", "BadLine", "Comparison", "ComparisonFile", "build_comparisons",
            "check_comparison", "held_out_path", "held_out_safety_units", "normalise_rating", "read_comparisons",
            "safety_prompts", "write_comparisons"]

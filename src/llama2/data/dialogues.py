@@ -41,6 +41,7 @@ from typing import Any, Literal
 from ..atomic import atomic_write_text
 from ..chat import ROLES, validate_dialog
 from ..errors import Llama2Error
+from ..paths import cache_dir
 from .jsonl import BadLine, OnBadLine, read_jsonl, skipped_summary
 
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -199,7 +200,7 @@ SYSTEM_MESSAGES = (
 )
 
 
-def _stable(*parts: object) -> int:
+def stable_hash(*parts: object) -> int:
     """A hash of the parts that is the same on every run and machine."""
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
 
@@ -246,7 +247,7 @@ class _Example:
 
 def _with_system(messages: list[dict[str, str]], key: str) -> list[dict[str, str]]:
     """Give about one dialogue in four a system message, chosen by a stable hash of `key`."""
-    h = _stable("system", key)
+    h = stable_hash("system", key)
     if h % 4:
         return messages
     return [{"role": "system", "content": SYSTEM_MESSAGES[(h >> 8) % len(SYSTEM_MESSAGES)]}] + messages
@@ -269,7 +270,7 @@ def stdlib_examples(root: Path | None = None) -> Iterator[_Example]:
         i = 0
         while i < len(functions):
             name, sig, answer = functions[i]
-            h = _stable("stdlib", name)
+            h = stable_hash("stdlib", name)
             question = FUNCTION_QUESTIONS[h % len(FUNCTION_QUESTIONS)].format(name=name, sig=sig)
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             if (h >> 16) % 5 == 0 and i + 1 < len(functions):
@@ -289,7 +290,7 @@ def pydoc_examples() -> Iterator[_Example]:
         text = topics[name]
         if any(tag in text for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")):
             continue
-        h = _stable("pydoc", name)
+        h = stable_hash("pydoc", name)
         head, rest = _clip(text)
         if not head:
             continue
@@ -465,7 +466,7 @@ def build_dialogues(output: Path | str, *, safety: bool = False, val_fraction: f
         for ex in examples:
             if dialogue_problem(ex.messages) is not None:
                 continue  # cannot happen for clean text; never write an invalid line
-            split = "val" if _stable(seed, ex.document) / 2**64 < val_fraction else "train"
+            split = "val" if stable_hash(seed, ex.document) / 2**64 < val_fraction else "train"
             splits[split].append(Dialogue(ex.messages, None, ex.source))
             c[split] += 1
             turns = sum(m["role"] == "user" for m in ex.messages)
@@ -474,7 +475,7 @@ def build_dialogues(output: Path | str, *, safety: bool = False, val_fraction: f
         raise Llama2Error(f"the built-in dialogues have {len(splits['train'])} training and {len(splits['val'])} "
                           "held-out dialogues; raise val_fraction or give more source text")
     for name, items in splits.items():  # a seeded order, so the first held-out dialogues span the sources
-        order = sorted(range(len(items)), key=lambda i: _stable(seed, name, i))
+        order = sorted(range(len(items)), key=lambda i: stable_hash(seed, name, i))
         splits[name] = [items[i] for i in order]
     output.parent.mkdir(parents=True, exist_ok=True)
     write_dialogues(output, splits["train"])
@@ -496,5 +497,21 @@ def dialogue_texts(dialogues: Sequence[Dialogue]) -> Iterator[str]:
             yield m["content"]
 
 
-__all__ = ["Dialogue", "DialogueFile", "BadLine", "ROLES", "read_dialogues", "write_dialogues", "check_dialogue",
+BUILTIN_DIALOGUES = "dialogues-builtin-v1"  # the cache directory of the built-in dialogues
+
+
+def ensure_dialogues(quiet: bool = False) -> tuple[Path, Path]:
+    """The train and held-out files of the built-in dialogues (with the synthetic safety set) in the cache,
+    built when missing (atomically: a killed build leaves nothing half-written)."""
+    root = cache_dir() / BUILTIN_DIALOGUES
+    train = root / "dialogues.jsonl"
+    val = held_out_path(train)
+    if not (train.is_file() and val.is_file()):
+        if not quiet:
+            print(f"building the built-in dialogues into {root}", flush=True)
+        build_dialogues(train, safety=True, quiet=quiet)
+    return train, val
+
+
+__all__ = ["BUILTIN_DIALOGUES", "ensure_dialogues", "Dialogue", "DialogueFile", "BadLine", "ROLES", "read_dialogues", "write_dialogues", "check_dialogue",
            "dialogue_problem", "build_dialogues", "held_out_path", "SAFETY_REFUSALS", "SAFETY_HELPFUL"]

@@ -105,7 +105,7 @@ class JsonlReader:
                     self.bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
                     continue
                 if not isinstance(obj, dict) and not (self.arrays and isinstance(obj, list)):
-                    self.bad(lineno, f"not a JSON object{' or array' if self.arrays else ''} (got {_json_kind(obj)})")
+                    self.bad(lineno, f"not a JSON object{' or array' if self.arrays else ''} (got {json_kind(obj)})")
                     continue
                 yield lineno, obj
 
@@ -148,11 +148,11 @@ def field_problem(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], 
         return f'no "{key}" field'
     value, kinds = obj[key], kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        return f'"{key}" is {_json_kind(value)}, not {what}'
+        return f'"{key}" is {json_kind(value)}, not {what}'
     return None
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """The JSON name of a decoded value's type, with an article."""
     if value is None:
         return "null"

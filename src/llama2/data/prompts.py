@@ -28,6 +28,10 @@ from typing import Any
 from ..chat import validate_dialog
 from ..errors import Llama2Error
 from .jsonl import OnBadLine, read_jsonl, write_jsonl
+from typing import Literal
+from ..recipe import check
+from ..paths import expand_path
+import hashlib
 
 HINT = ('each line must be a prompt: {"messages": [... ending with a user message], "safety": true|false}, '
         '{"prompt": "text"}, or a bare list of messages')
@@ -53,12 +57,12 @@ def check_prompt(messages: Any, safety: Any = False) -> PromptItem:
     """A PromptItem from in-memory messages (or text), checked; Llama2Error if invalid."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    if problem := _problem(messages, safety):
+    if problem := prompt_problem(messages, safety):
         raise Llama2Error(problem)
     return PromptItem([{"role": m["role"], "content": m["content"]} for m in messages], bool(safety))
 
 
-def _problem(messages: Any, safety: Any) -> str | None:
+def prompt_problem(messages: Any, safety: Any) -> str | None:
     if not isinstance(safety, bool):
         return f'"safety" must be true or false, got {safety!r}'
     try:
@@ -87,7 +91,7 @@ def read_prompts(path: Path | str, *, on_bad_line: OnBadLine = "error") -> list[
         else:
             reader.bad(lineno, 'no "messages" (or "prompt") field')
             continue
-        if problem := _problem(messages, safety):
+        if problem := prompt_problem(messages, safety):
             reader.bad(lineno, problem)
             continue
         out.append(PromptItem([{"role": m["role"], "content": m["content"]} for m in messages], safety))
@@ -101,10 +105,10 @@ def write_prompts(path: Path | str, prompts: Iterable[PromptItem]) -> Path:
 def builtin_prompts(quiet: bool = False) -> tuple[list[PromptItem], list[PromptItem]]:
     """(training prompts, held-out prompts) of the built-in data (module docstring), built into the cache when
     missing; each list in a fixed seeded order that mixes the sources."""
-    from ..stages.reward import ensure_comparisons
-    from ..stages.sft import ensure_dialogues
+    from .comparisons import ensure_comparisons
+    from .dialogues import ensure_dialogues
     from .comparisons import read_comparisons
-    from .dialogues import _stable, read_dialogues
+    from .dialogues import stable_hash, read_dialogues
 
     out = []
     for dialogue_path, comparison_path in zip(ensure_dialogues(quiet=quiet), ensure_comparisons(quiet=quiet)):
@@ -115,7 +119,7 @@ def builtin_prompts(quiet: bool = False) -> tuple[list[PromptItem], list[PromptI
         for c in read_comparisons(comparison_path).comparisons:
             if c.safety:
                 items.setdefault(json.dumps(c.prompt), PromptItem(list(c.prompt), True))
-        out.append(sorted(items.values(), key=lambda p: _stable("prompts", json.dumps(p.messages))))
+        out.append(sorted(items.values(), key=lambda p: stable_hash("prompts", json.dumps(p.messages))))
     return out[0], out[1]
 
 
@@ -125,3 +129,39 @@ def take(prompts: Sequence[PromptItem], n: int | None) -> list[PromptItem]:
 
 
 __all__ = ["PromptItem", "check_prompt", "read_prompts", "write_prompts", "builtin_prompts", "take"]
+
+
+def prompt_key(p: PromptItem) -> str:
+    """A prompt's identity across runs and files (its messages as canonical JSON)."""
+    return json.dumps(p.messages, sort_keys=True)
+
+
+def sample_seed(seed: int, iteration: int, prompt: str, k: int) -> int:
+    """A sample's seed, fixed by (run seed, iteration, prompt, sample index): independent of batching and resumes."""
+    h = hashlib.sha256(f"{seed}\x1f{iteration}\x1f{prompt}\x1f{k}".encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass
+class PromptsSpec:
+    """The prompt set (llama2.data.prompts): training prompts and held-out ones; unset: the built-in prompts."""
+
+    path: str | None = None
+    val_path: str | None = None
+    on_bad_line: Literal["error", "skip"] = "error"
+    held_out: int = 16  # held-out prompts answered greedily after each iteration
+
+    def validate(self, prefix: str = "prompts") -> None:
+        if self.val_path is not None and self.path is None:
+            raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not")
+        check(self.held_out >= 1, f"{prefix}.held_out", self.held_out, "an integer >= 1")
+
+
+
+def load_prompt_sets(spec: PromptsSpec, quiet: bool = False) -> tuple[list[PromptItem], list[PromptItem]]:
+    """The training and held-out prompts a recipe's `prompts` section names (unset: the built-in prompts)."""
+    if spec.path is None:
+        return builtin_prompts(quiet=quiet)
+    train = read_prompts(expand_path(spec.path), on_bad_line=spec.on_bad_line)
+    val = read_prompts(expand_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
+    return train, val

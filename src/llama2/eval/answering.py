@@ -59,7 +59,7 @@ def _load(model_or_checkpoint: Any, device: str) -> tuple[Any, Any]:
     if isinstance(model_or_checkpoint, tuple):
         return model_or_checkpoint
     from ..checkpoint import load_checkpoint
-    from ..stages.sft import load_tokenizer, resolve_base
+    from ..checkpoint.runs import load_tokenizer, resolve_base
 
     ckpt = resolve_base(str(model_or_checkpoint))
     return load_checkpoint(ckpt, kind="causal_lm", device=device).eval(), load_tokenizer(ckpt)

@@ -56,7 +56,7 @@ def checkpoint_hash(directory: Path) -> str:
 
 
 def _memo_file() -> Path:
-    from ..train.config import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "eval" / "hashes.json"
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..data.prompts import PromptItem
 from ..errors import Llama2Error
+from ..figures import pyplot, save_png
 
 TIE_MARGIN = 0.01
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -213,12 +214,8 @@ def compare_models(a: Path | str | Answerer, b: Path | str | Answerer, judge: An
 
 def comparison_plot(cmp: Comparison, path: Path | str) -> Path:
     """A horizontal stacked bar per prompt kind: A wins / tie / B wins as % of the prompts (PNG)."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_open
 
     rows = cmp.rows()
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(rows)))
@@ -238,9 +235,7 @@ def comparison_plot(cmp: Comparison, path: Path | str) -> Path:
     ax.set_title(f"judged by {Path(cmp.judge).name}: A = {Path(cmp.name_a).name}, B = {Path(cmp.name_b).name}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(rows)), ncol=3, fontsize=8, frameon=False)
     path = Path(path)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -21,6 +21,9 @@ from ..errors import Llama2Error
 from . import tasks as T
 from .answers import exact_match, last_number, majority, math_answer, token_f1
 from .records import read_records
+from ..checkpoint.runs import load_tokenizer, resolve_base
+from ..checkpoint import load_checkpoint
+from ..device import resolve_device, resolve_dtype
 
 CACHE_VERSION = 1
 
@@ -68,13 +71,13 @@ class Settings:
 
 
 def default_data_dir() -> Path:
-    from ..train.config import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "eval" / "data"
 
 
 def results_cache_dir() -> Path:
-    from ..train.config import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "eval" / "results"
 
@@ -416,7 +419,7 @@ def evaluate(checkpoint: Path | str, names: Sequence[str], settings: Settings | 
 
     s = settings or Settings()
     s.check()
-    ckpt = _checkpoint_dir(checkpoint)
+    ckpt = existing_checkpoint(checkpoint)
     task_list = [T.TASKS[n] for n in T.expand(list(names))]
     for t in task_list:
         if t.kind == T.CLASSIFY and s.classifier is None:
@@ -438,7 +441,7 @@ def evaluate(checkpoint: Path | str, names: Sequence[str], settings: Settings | 
         else:
             todo.append(t)
     if todo:
-        evaluator = Evaluator(*_load(ckpt, s), s)
+        evaluator = Evaluator(*load_for_eval(ckpt, s), s)
         for t in todo:
             t0 = time.perf_counter()
             with _bar(t.name, s.quiet) as bar:
@@ -455,20 +458,16 @@ def evaluate(checkpoint: Path | str, names: Sequence[str], settings: Settings | 
                                              for t in task_list})}
 
 
-def _checkpoint_dir(checkpoint: Path | str) -> Path:
-    from ..stages.sft import resolve_base
-
+def existing_checkpoint(checkpoint: Path | str) -> Path:
+    """The checkpoint directory `checkpoint` names (itself or a run's latest); an error when there is none."""
     p = resolve_base(str(checkpoint))
     if not p.is_dir():
         raise Llama2Error(f"checkpoint {p} does not exist; give a checkpoint directory or a training run")
     return p
 
 
-def _load(ckpt: Path, s: Settings) -> tuple[Any, Any]:
-    from ..checkpoint import load_checkpoint
-    from ..device import resolve_device, resolve_dtype
-    from ..stages.sft import load_tokenizer
-
+def load_for_eval(ckpt: Path, s: Settings) -> tuple[Any, Any]:
+    """The causal LM (on the settings' device and dtype, in eval mode) and its tokenizer."""
     device = resolve_device(s.device)
     model = load_checkpoint(ckpt, kind="causal_lm", device=device, dtype=resolve_dtype(s.dtype, device)).eval()
     return model, load_tokenizer(ckpt)

@@ -95,12 +95,12 @@ def run_lm_eval(checkpoint: Path | str, tasks: list[str], *, include_path: Path 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from .harness import Settings, _checkpoint_dir, _load
+    from .harness import Settings, existing_checkpoint, load_for_eval
 
     if include_path is not None and not Path(include_path).is_dir():
         raise Llama2Error(f"--include-path {include_path} is not a directory of lm-eval task YAML files")
-    ckpt = _checkpoint_dir(checkpoint)
-    model, tokenizer = _load(ckpt, Settings(device=device, dtype=dtype))
+    ckpt = existing_checkpoint(checkpoint)
+    model, tokenizer = load_for_eval(ckpt, Settings(device=device, dtype=dtype))
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -172,7 +172,7 @@ _tried = False
 
 
 def _cache_dir() -> Path:
-    from ..train.config import cache_dir
+    from ..paths import cache_dir
 
     return Path(os.environ.get("LLAMA2_KERNEL_CACHE") or cache_dir() / "kernels")
 

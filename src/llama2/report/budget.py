@@ -112,7 +112,7 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
     Returns (TrainResult, FitPlan). recipe.yaml in the run directory is rewritten with the final max_steps."""
     from tqdm import tqdm
 
-    from ..train.config import to_dict
+    from ..recipe import to_dict
 
     recipe = trainer.recipe
     inner = trainer.step_fn

@@ -145,7 +145,7 @@ def held_out_prompts(val_file: Path, n_doc: int = 4, n_code: int = 2) -> tuple[l
 def _figures(section: Section, run_dir: Path, out: Path, name: str, what: str, start_val: float | None = None
              ) -> list[Path]:
     """Plot the run's metrics.jsonl into out/figures/name and add its loss and learning-rate curves."""
-    from .plot import plot_run
+    from ..train.plots import plot_run
 
     written = plot_run(run_dir, out / "figures" / name)
     at_start = f" (held-out loss before training: {start_val:.3f})" if start_val is not None else ""
@@ -189,7 +189,8 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
 
     from ..data.corpus import STATS_FILE
     from ..stages.pretrain import build_pretraining, ensure_built_data
-    from ..train.config import PretrainRecipe, load_recipe
+    from ..train.config import PretrainRecipe
+    from ..recipe import load_recipe
     from ..train.distributed import shutdown
 
     if not RECIPE.is_file():
@@ -210,7 +211,7 @@ def pretrain_stage(ctx: DemoContext, section: Section) -> str:
     t0 = time.time()
     cached = False
     if recipe.data.build is not None:
-        from ..train.config import expand_path
+        from ..paths import expand_path
 
         built = expand_path(recipe.data.build.dir)
         cached = (built / "corpus" / "train.jsonl").is_file() and (built / "shards" / "manifest.json").is_file()
@@ -360,7 +361,7 @@ def sft_stage(ctx: DemoContext, section: Section) -> str:
     from ..data.dialogues import read_dialogues
     from ..eval.text_metrics import mean_measures
     from ..tokenizer import Tokenizer
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
     from ..train.distributed import shutdown
 
     ckpt = _need_checkpoint(ctx)
@@ -454,7 +455,7 @@ def reward_stage(ctx: DemoContext, section: Section) -> str:
     safety RM on harmful requests and benign look-alikes, score histograms."""
     from ..stages import reward as rm_mod
     from ..stages.reward import PAPER_TABLE_8, RATINGS
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
     from ..train.distributed import shutdown
 
     sft_ckpt = ctx.figures.get("sft_checkpoint")
@@ -543,7 +544,7 @@ def _safety_examples(ctx: DemoContext) -> tuple[list[str], dict[str, list[str]]]
     answer the comparisons hold for them."""
     from ..data.comparisons import COMPLIANT_ANSWERS, NEEDLESS_REFUSALS, read_comparisons
     from ..reward import RewardModel
-    from ..stages.reward import ensure_comparisons
+    from ..data.comparisons import ensure_comparisons
 
     val = read_comparisons(ensure_comparisons(quiet=True)[1]).comparisons
     picks: list[tuple[Any, str, str]] = []  # (prompt, refusal, helpful)
@@ -587,7 +588,7 @@ def rejection_stage(ctx: DemoContext, section: Section) -> str:
     from ..data.prompts import builtin_prompts
     from ..reward import CombinedReward, RewardModel
     from ..stages import rejection as rs
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
 
     sft_ckpt = ctx.figures.get("sft_checkpoint")
     rms = [ctx.figures.get(f"rm_{k}_checkpoint") for k in ("helpfulness", "safety")]
@@ -651,7 +652,7 @@ def ppo_stage(ctx: DemoContext, section: Section) -> str:
     """PPO from the rejection-sampling policy with the demo's RMs, as many iterations as the stage's time allows:
     reward and KL curves, the first and last iterations' numbers, held-out reward before and after."""
     from ..stages import ppo as ppo_mod
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
     from ..train.distributed import shutdown
 
     policy = ctx.figures.get("rs_policy")
@@ -714,7 +715,7 @@ def gatt_stage(ctx: DemoContext, section: Section) -> str:
     """Ghost Attention from the latest RLHF policy (PPO's, else rejection sampling's): adherence to each checkable
     system instruction at every turn, before and after."""
     from ..stages import gatt as g
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
 
     start = ctx.figures.get("ppo_policy") or ctx.figures.get("rs_policy") or ctx.figures.get("sft_checkpoint")
     if start is None:
@@ -771,9 +772,9 @@ def safety_stage(ctx: DemoContext, section: Section) -> str:
     """Safety context distillation from the latest chat model with the demo's safety RM: how many pre-prompted
     answers were kept per category, the safety RM's score distributions (Figure 16), violation and false-refusal
     rates before and after on held-out prompts, and sample answers."""
-    from ..eval.redteam import _pct as pct
+    from ..eval.redteam import percent as pct
     from ..stages import safety as sd
-    from ..train.config import load_recipe
+    from ..recipe import load_recipe
 
     start = (ctx.figures.get("gatt_checkpoint") or ctx.figures.get("ppo_policy") or ctx.figures.get("rs_policy")
              or ctx.figures.get("sft_checkpoint"))

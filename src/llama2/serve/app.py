@@ -3,6 +3,8 @@
 Every model request is checked here (protocol.py), prepared by the engine (validation and encoding only) and
 handed to the ModelWorker; the handlers only await the events it sends back, so the event loop never runs the
 model. A client that disconnects (streaming or not) has its requests cancelled at once, freeing their slots.
+
+`Api` holds the served model's state and has one method per endpoint; `create_app` wires them to routes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Llama2Error
 from ..inference.engine import Event
+from .metrics import Metrics
 from .protocol import (FINISH, ApiError, Defaults, Job, bad, chat_logprobs, completion_logprobs, parse_chat,
                        parse_completion, usage)
 from .worker import Handle, ModelWorker, QueueFull, WorkerStopped
@@ -38,109 +42,107 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
                manage_worker: bool = True) -> FastAPI:
     """The server for one model. worker: runs the engine (started and stopped with the app when
     manage_worker). api_key: required as `Authorization: Bearer KEY` on /v1/* and /metrics when set."""
-    defaults = defaults or Defaults()
-    tokenizer = worker.engine.tokenizer
-    context = worker.engine.max_len
-    metrics = worker.metrics
-    started = int(time.time())
+    api = Api(worker, model_name=model_name, api_key=api_key, defaults=defaults or Defaults(),
+              max_request_bytes=max_request_bytes, manage_worker=manage_worker)
+    app = FastAPI(title="llama2 serve", lifespan=api.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.add_middleware(_CountRequests, metrics=api.metrics)
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", api.model, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.metrics_text, methods=["GET"])
+    app.add_api_route("/", api.page, methods=["GET"])
+    return app
 
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if manage_worker:
-            worker.start()
+
+class Api:
+    """The endpoints over one worker: checking requests (key, size, JSON), running jobs on the worker (whole
+    or streamed, cancelled when the client leaves) and answering in OpenAI's shape."""
+
+    def __init__(self, worker: ModelWorker, *, model_name: str, api_key: str | None, defaults: Defaults,
+                 max_request_bytes: int, manage_worker: bool) -> None:
+        self.worker = worker
+        self.model_name = model_name
+        self.api_key = api_key
+        self.defaults = defaults
+        self.max_request_bytes = max_request_bytes
+        self.manage_worker = manage_worker
+        self.tokenizer = worker.engine.tokenizer
+        self.context: int = worker.engine.max_len
+        self.metrics: Metrics = worker.metrics
+        self.started = int(time.time())
+
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the worker with the app and stop it (off the event loop) at shutdown, when managed."""
+        if self.manage_worker:
+            self.worker.start()
         try:
             yield
         finally:
-            if manage_worker:
-                await asyncio.to_thread(worker.stop)
+            if self.manage_worker:
+                await asyncio.to_thread(self.worker.stop)
 
-    app = FastAPI(title="llama2 serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
+    # -- checking requests -----------------------------------------------------------------------------------
 
-    # -- errors in OpenAI's shape ----------------------------------------------------------------------------
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = {404: f"no such endpoint: {request.method} {request.url.path}",
-               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return JSONResponse(ApiError(e.status_code, msg).body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}").body(), status_code=500)
-
-    app.add_middleware(_CountRequests, metrics=metrics)
-
-    # -- helpers ---------------------------------------------------------------------------------------------
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
+    def authorize(self, request: Request) -> None:
+        """Raise 401 unless the request carries the API key (when one is set)."""
+        if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
             raise ApiError(401, "missing API key: send it as the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(self, request: Request) -> Any:
+        """The body as JSON: 413 past max_request_bytes (declared or read), 400 when it is not JSON."""
+        limit = self.max_request_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_request_bytes:
-            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {max_request_bytes}",
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}",
                            code="request_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_request_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {max_request_bytes} bytes",
-                               code="request_too_large")
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
-    def submit(job: Job) -> tuple[asyncio.Queue, list[Handle]]:
-        engine = worker.engine
+    # -- running jobs ----------------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> tuple[asyncio.Queue, list[Handle]]:
+        """Prepare the job's requests and queue them on the worker (429 when full, 503 when stopped)."""
+        engine = self.worker.engine
         per_prompt = len(job.params) // len(job.prompts)
         try:
             actives = [engine.prepare(job.prompts[i // per_prompt], p, stream=job.stream)
                        for i, p in enumerate(job.params)]
-            queue, handles = worker.submit(actives)
+            queue, handles = self.worker.submit(actives)
         except QueueFull as e:
             raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         except WorkerStopped as e:
             raise ApiError(503, str(e), code="unavailable") from None
         except Llama2Error as e:
             raise bad(str(e)) from None
-        metrics.prompt_tokens += job.prompt_tokens
+        self.metrics.prompt_tokens += job.prompt_tokens
         return queue, handles
 
-    async def until_disconnect(request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def collect(request: Request, job: Job) -> list[Event]:
+    async def collect(self, request: Request, job: Job) -> list[Event]:
         """Every choice's last event (with its Completion); cancels the requests if the client goes away."""
-        queue, handles = submit(job)
+        queue, handles = self.submit(job)
         last: list[Event | None] = [None] * len(handles)
-
-        async def drain() -> None:
-            left = len(handles)
-            while left:
-                i, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item.completion is not None:
-                    last[i] = item
-                    left -= 1
-
-        waiter = asyncio.ensure_future(drain())
+        waiter = asyncio.ensure_future(drain(queue, last))
         gone = asyncio.ensure_future(until_disconnect(request))
         try:
             await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -148,33 +150,23 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
             gone.cancel()
             if not waiter.done():
                 waiter.cancel()
-                worker.cancel(handles)
+                self.worker.cancel(handles)
         if not waiter.done() or waiter.cancelled():
             raise ApiError(499, "client disconnected")
         exc = waiter.exception()
         if exc is not None:
-            raise ApiError(503 if isinstance(exc, WorkerStopped) else 500, f"generation failed: {exc}")
+            raise generation_failed(exc)
         return last  # type: ignore[return-value]
 
-    def header(job: Job, obj: str) -> dict:
-        prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
-        return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model}
+    def streamed(self, job: Job) -> Response:
+        """The job as server-sent events; its requests are cancelled when the stream ends or the client leaves."""
+        queue, handles = self.submit(job)
+        return EventStream(self.chunks(job, queue, handles), on_close=lambda: self.worker.cancel(handles))
 
-    def completion_tokens(events: list[Event], job: Job) -> int:
-        n = 0
-        for ev in events:
-            c = ev.completion
-            n += len(c.tokens) - (len(c.prompt_tokens) if job.echo else 0)
-        return n
-
-    def streamed(request: Request, job: Job) -> Response:
-        queue, handles = submit(job)
-        return EventStream(_chunks(job, queue, handles), on_close=lambda: worker.cancel(handles))
-
-    async def _chunks(job: Job, queue: asyncio.Queue, handles: list[Handle]) -> AsyncIterator[str]:
+    async def chunks(self, job: Job, queue: asyncio.Queue, handles: list[Handle]) -> AsyncIterator[str]:
+        """The stream's events: the role (chat), a chunk per piece of text, the usage if asked, then [DONE]."""
         chat = job.kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head = header(job, obj)
+        head = answer_head(job, "chat.completion.chunk" if chat else "text_completion")
         extra = {"usage": None} if job.include_usage else {}
         if chat:  # the role first, as OpenAI does
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -185,103 +177,166 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
         while left:
             i, ev = await queue.get()
             if isinstance(ev, Exception):
-                status = 503 if isinstance(ev, WorkerStopped) else 500
-                yield sse(ApiError(status, f"generation failed: {ev}").body())
+                yield sse(generation_failed(ev).body())
                 break
             if ev.token is not None:
                 generated += 1
-            lp = None
-            if job.logprobs and ev.token is not None:
-                raw = [ev.raw_logprob]
-                lp = (chat_logprobs(tokenizer, [ev.token], raw) if chat else
-                      completion_logprobs(tokenizer, [ev.token], raw, echo=False, offset=offsets[i]))
-            finish = None
+            choice = self.delta(job, i, ev, offsets[i])
             if ev.completion is not None:
-                finish = FINISH[ev.finish_reason]
                 left -= 1
-            if not ev.text and lp is None and finish is None:
+            if choice is None:
                 continue
             offsets[i] += len(ev.text)
-            if chat:
-                delta = {"content": ev.text} if ev.text else {}
-                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}
             yield sse({**head, "choices": [choice], **extra})
         else:
             if job.include_usage:
                 yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, generated)})
         yield "data: [DONE]\n\n"
 
-    # -- endpoints -------------------------------------------------------------------------------------------
+    def delta(self, job: Job, i: int, ev: Event, offset: int) -> dict | None:
+        """Choice i's streamed chunk for one event; None when it has no text, logprobs or finish reason."""
+        chat = job.kind == "chat"
+        lp = None
+        if job.logprobs and ev.token is not None:
+            raw = [ev.raw_logprob]
+            lp = (chat_logprobs(self.tokenizer, [ev.token], raw) if chat else
+                  completion_logprobs(self.tokenizer, [ev.token], raw, echo=False, offset=offset))
+        finish = FINISH[ev.finish_reason] if ev.completion is not None else None
+        if not ev.text and lp is None and finish is None:
+            return None
+        if chat:
+            delta = {"content": ev.text} if ev.text else {}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}
 
-    async def answer(request: Request, job: Any, obj: str, choice: Callable[[int, Any], dict]) -> Response:
+    async def answer(self, request: Request, job: Job, obj: str, choice: Callable[[int, Any], dict]) -> Response:
         """A streamed answer, or the whole one: one choice per completion, with usage."""
         if job.stream:
-            return streamed(request, job)
-        events = await collect(request, job)
-        return JSONResponse({**header(job, obj), "choices": [choice(i, ev.completion) for i, ev in enumerate(events)],
+            return self.streamed(job)
+        events = await self.collect(request, job)
+        return JSONResponse({**answer_head(job, obj),
+                             "choices": [choice(i, ev.completion) for i, ev in enumerate(events)],
                              "usage": usage(job.prompt_tokens, completion_tokens(events, job))})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        authorize(request)
-        job = parse_chat(await read_json(request), tokenizer, served=model_name, context=context,
-                         defaults=defaults)
+    # -- endpoints -------------------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        """POST /v1/chat/completions."""
+        self.authorize(request)
+        job = parse_chat(await self.read_json(request), self.tokenizer, served=self.model_name,
+                         context=self.context, defaults=self.defaults)
 
         def choice(i: int, c: Any) -> dict:
-            return {"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(tokenizer, c.tokens, c.raw_logprobs) if job.logprobs else None,
+            lp = chat_logprobs(self.tokenizer, c.tokens, c.raw_logprobs) if job.logprobs else None
+            return {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
                     "finish_reason": FINISH[c.finish_reason]}
 
-        return await answer(request, job, "chat.completion", choice)
+        return await self.answer(request, job, "chat.completion", choice)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        authorize(request)
-        job = parse_completion(await read_json(request), tokenizer, served=model_name, context=context,
-                               defaults=defaults)
+    async def completions(self, request: Request) -> Response:
+        """POST /v1/completions."""
+        self.authorize(request)
+        job = parse_completion(await self.read_json(request), self.tokenizer, served=self.model_name,
+                               context=self.context, defaults=self.defaults)
 
         def choice(i: int, c: Any) -> dict:
-            lp = completion_logprobs(tokenizer, c.tokens, c.raw_logprobs, echo=job.echo) if job.logprobs else None
+            lp = (completion_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, echo=job.echo)
+                  if job.logprobs else None)
             return {"index": i, "text": c.text, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]}
 
-        return await answer(request, job, "text_completion", choice)
+        return await self.answer(request, job, "text_completion", choice)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [_model_card(model_name, started, context)]})
+    async def models(self, request: Request) -> Response:
+        """GET /v1/models: the one served model."""
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request) -> Response:
-        authorize(request)
-        if name != model_name:
+    async def model(self, name: str, request: Request) -> Response:
+        """GET /v1/models/{name}: 404 for any other name."""
+        self.authorize(request)
+        if name != self.model_name:
             raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        return JSONResponse(_model_card(model_name, started, context))
+        return JSONResponse(self.model_card())
 
-    @app.get("/health")
-    async def health() -> Response:
+    async def health(self) -> Response:
+        """GET /health (no key needed): 200 while the worker runs, else 503."""
+        worker = self.worker
         ok = worker.alive
-        body = {"status": "ok" if ok else "unavailable", "model": model_name, "slots": worker.slots,
-                "busy_slots": worker.busy_slots, "queue_depth": worker.queue_depth, "context": context}
+        body = {"status": "ok" if ok else "unavailable", "model": self.model_name, "slots": worker.slots,
+                "busy_slots": worker.busy_slots, "queue_depth": worker.queue_depth, "context": self.context}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics_text(request: Request) -> Response:
-        authorize(request)
-        text = metrics.render(slots=worker.slots, busy=worker.busy_slots, running=worker.busy_slots)
+    async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics, in Prometheus' text format."""
+        self.authorize(request)
+        worker = self.worker
+        text = self.metrics.render(slots=worker.slots, busy=worker.busy_slots, running=worker.busy_slots)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
-    async def page() -> Response:
+    async def page(self) -> Response:
+        """GET /: the chat page."""
         return HTMLResponse(chat_page(), headers={"Cache-Control": "no-cache"})
 
-    return app
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "llama2",
+                "max_model_len": self.context}
 
 
-def _model_card(name: str, created: int, context: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "llama2", "max_model_len": context}
+# -- errors in OpenAI's shape --------------------------------------------------------------------------------
+
+
+async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    msg = {404: f"no such endpoint: {request.method} {request.url.path}",
+           405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+    return JSONResponse(ApiError(e.status_code, msg).body(), status_code=e.status_code)
+
+
+async def server_error(request: Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}").body(), status_code=500)
+
+
+def generation_failed(exc: BaseException) -> ApiError:
+    """The error for a job the worker failed: 503 when it stopped, else 500."""
+    return ApiError(503 if isinstance(exc, WorkerStopped) else 500, f"generation failed: {exc}")
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+async def drain(queue: asyncio.Queue, last: list[Event | None]) -> None:
+    """Fill last[i] with choice i's final event; raise the worker's error if it sends one."""
+    left = len(last)
+    while left:
+        i, item = await queue.get()
+        if isinstance(item, Exception):
+            raise item
+        if item.completion is not None:
+            last[i] = item
+            left -= 1
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def answer_head(job: Job, obj: str) -> dict:
+    """The id, object, created and model fields that start every answer and chunk."""
+    prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
+    return {"id": prefix + job.id, "object": obj, "created": job.created, "model": job.model}
+
+
+def completion_tokens(events: list[Event], job: Job) -> int:
+    n = 0
+    for ev in events:
+        c = ev.completion
+        n += len(c.tokens) - (len(c.prompt_tokens) if job.echo else 0)
+    return n
 
 
 def sse(obj: dict) -> str:
@@ -300,16 +355,16 @@ class _CountRequests:
     """ASGI middleware: count answered requests by endpoint and status (a plain wrapper of `send`, so streamed
     bodies pass through untouched). Unknown paths are counted as "other" (bounded label values)."""
 
-    def __init__(self, app, metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/":
             return await self.app(scope, receive, send)
         path = scope["path"]
         label = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
 
-        async def counted(message) -> None:
+        async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.request(label, message["status"])
             await send(message)
@@ -321,12 +376,12 @@ class EventStream(StreamingResponse):
     """Server-sent events that also watch for the client leaving: on disconnect (or any end) the stream stops
     and on_close runs at once, so the requests' slots are freed without waiting for the next token."""
 
-    def __init__(self, content: AsyncIterator[str], on_close) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 async def stream() -> None:

@@ -51,10 +51,12 @@ from ..errors import Llama2Error
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
-from ..train.config import OptimConfig, TrainRecipe, _check
+from ..train.config import OptimConfig, TrainRecipe
+from ..recipe import check
 from ..train.loop import LossOutput, Trainer, TrainResult
-from .rejection import PromptsSpec, _build_rm, _build_sft, load_prompt_sets, prompt_key, sample_seed
-from .sft import ensure_model
+from ..data.prompts import PromptsSpec, load_prompt_sets, prompt_key, sample_seed
+from ..figures import pyplot, save_png
+from ..checkpoint.runs import require_checkpoint
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 
@@ -228,22 +230,22 @@ class PPORecipe(TrainRecipe):
 
     def validate(self) -> None:
         for key in ("base", "helpfulness_rm", "safety_rm"):
-            _check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
+            check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
         super().validate()
-        _check(1 <= self.mini_batch <= self.batch_size, "mini_batch", self.mini_batch,
+        check(1 <= self.mini_batch <= self.batch_size, "mini_batch", self.mini_batch,
                f"an integer in 1..batch_size ({self.batch_size})")
-        _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
-        _check(self.beta >= 0, "beta", self.beta, "a number >= 0")
+        check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        check(self.beta >= 0, "beta", self.beta, "a number >= 0")
         for key in ("clip", "value_clip"):
-            _check(getattr(self, key) > 0, key, getattr(self, key), "a positive number")
-        _check(self.value_coef >= 0, "value_coef", self.value_coef, "a number >= 0")
-        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", (self.gamma, self.lam),
+            check(getattr(self, key) > 0, key, getattr(self, key), "a positive number")
+        check(self.value_coef >= 0, "value_coef", self.value_coef, "a number >= 0")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", (self.gamma, self.lam),
                "gamma and lam in [0, 1]")
-        _check(self.temperature > 0, "temperature", self.temperature, "a positive number")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
-        _check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
+        check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
+        check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
         self.prompts.validate()
 
 
@@ -320,47 +322,28 @@ def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
 # The stage
 
 
-def _build_policy(recipe_path: str, out: str) -> None:
-    """Build the starting policy: a rejection-sampling recipe runs into its own out_dir (whose last iteration's
-    policy `base` should name), any other recipe is an SFT recipe run into `base`."""
-    import yaml
-
-    from ..train.config import load_recipe
-    from .rejection import RejectionRecipe, rejection_sampling
-
-    data = yaml.safe_load(Path(recipe_path).read_text()) or {}
-    if "samples_per_prompt" not in data:
-        _build_sft(recipe_path, out)
-        return
-    result = rejection_sampling(load_recipe(RejectionRecipe, recipe_path), quiet=True)
-    if not Path(out).exists():
-        raise Llama2Error(f"the rejection-sampling recipe {recipe_path} finished with its policy at {result.policy}, "
-                          f"not at base {out}; set base to that run's last iteration (iter-N/sft)")
-
-
 class PPO:
     """Builds the Trainer (policy + value, reference pi_0, scorer) and runs PPO iterations as its step_fn."""
 
     def __init__(self, recipe: PPORecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
         from ..checkpoint import load_checkpoint, load_config
         from ..train.distributed import init_distributed
-        from .sft import load_tokenizer
+        from ..checkpoint.runs import load_tokenizer
 
         env = init_distributed(recipe.device)
         if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
             raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
                               f"the {env.world_size} processes (each takes an equal share of every batch)")
         self.recipe, self.quiet, self.env = recipe, quiet, env
-        self.base = ensure_model(recipe.base, recipe.base_recipe, "starting policy", _build_policy, quiet)
+        self.base = require_checkpoint(recipe.base, "starting policy")
         cfg = load_config(self.base)
         self.tokenizer = load_tokenizer(self.base)
         self.device = env.device
         h_path = None
         if scorer is None or recipe.value_init == "helpfulness_rm":
-            h_path = ensure_model(recipe.helpfulness_rm, recipe.helpfulness_rm_recipe, "helpfulness RM", _build_rm,
-                                  quiet)
+            h_path = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
         if scorer is None:
-            s_path = ensure_model(recipe.safety_rm, recipe.safety_rm_recipe, "safety RM", _build_rm, quiet)
+            s_path = require_checkpoint(recipe.safety_rm, "safety RM")
             scorer = CombinedReward(RewardModel.load(h_path, device=self.device),
                                     RewardModel.load(s_path, device=self.device), threshold=recipe.threshold)
         self.scorer = scorer
@@ -540,12 +523,8 @@ class PPO:
 
 def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """rewards.png: mean R_c, R_h and R_s of the rollouts per iteration, the held-out R_c, and the KL to pi_0."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_open
 
     rows = [r for r in records if "reward" in r]
     if not rows:
@@ -566,9 +545,7 @@ def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     kx.set_ylabel("KL to pi_0 (per answer)")
     kx.grid(alpha=0.3)
     fig.suptitle("PPO: reward and KL")
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -13,7 +13,8 @@ from ..atomic import atomic_directory
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
 from ..data.packing import PackedBatches, validation_windows
-from ..train.config import BuildConfig, PretrainRecipe, expand_path
+from ..train.config import BuildConfig, PretrainRecipe
+from ..paths import expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import flops_per_token

@@ -28,7 +28,6 @@ samples}, nested subsets of the same samples) and `median_by_k`; `reward_by_k.pn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -37,12 +36,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..atomic import atomic_open, atomic_write_text, make_dir
-from ..data.prompts import PromptItem, builtin_prompts, read_prompts, take
+from ..data.prompts import PromptItem, take
 from ..errors import Llama2Error
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
-from ..train.config import _check, expand_path, load_recipe, to_dict
+from ..recipe import check, load_recipe, to_dict
+from ..paths import expand_path
 from ..train.metrics import MetricsLog, read_metrics
-from .sft import _config_path, ensure_model
+from ..paths import config_path
+from ..figures import pyplot, save_png
+from .sft import FinetuneSpec
+from ..data.prompts import PromptsSpec, load_prompt_sets, prompt_key, sample_seed
+from ..checkpoint.runs import require_checkpoint
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 STATE = "state.json"
@@ -99,33 +103,8 @@ def pool_selection(per_iteration: Sequence[dict[str, Best]], pool: str) -> list[
     return list(merged.values())
 
 
-def prompt_key(p: PromptItem) -> str:
-    return json.dumps(p.messages, sort_keys=True)
-
-
-def sample_seed(seed: int, iteration: int, prompt: str, k: int) -> int:
-    """A sample's seed, fixed by (run seed, iteration, prompt, sample index): independent of batching and resumes."""
-    h = hashlib.sha256(f"{seed}\x1f{iteration}\x1f{prompt}\x1f{k}".encode()).digest()
-    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
-
-
-@dataclass
-class PromptsSpec:
-    """The prompt set (llama2.data.prompts): training prompts and held-out ones; unset: the built-in prompts."""
-
-    path: str | None = None
-    val_path: str | None = None
-    on_bad_line: Literal["error", "skip"] = "error"
-    held_out: int = 16  # held-out prompts answered greedily after each iteration
-
-    def validate(self, prefix: str = "prompts") -> None:
-        if self.val_path is not None and self.path is None:
-            raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not")
-        _check(self.held_out >= 1, f"{prefix}.held_out", self.held_out, "an integer >= 1")
 
 
 @dataclass
@@ -136,19 +115,9 @@ class SweepSpec:
     prompts: int = 8
 
     def validate(self, prefix: str = "sweep") -> None:
-        _check(bool(self.temperatures) and all(t > 0 for t in self.temperatures), f"{prefix}.temperatures",
+        check(bool(self.temperatures) and all(t > 0 for t in self.temperatures), f"{prefix}.temperatures",
                self.temperatures, "a non-empty list of positive numbers")
-        _check(self.prompts >= 1, f"{prefix}.prompts", self.prompts, "an integer >= 1")
-
-
-@dataclass
-class FinetuneSpec:
-    """How each iteration fine-tunes on its selection: an SFT recipe and overrides (base, out_dir, data are set by
-    the loop), from the previous iteration's policy or from the first one."""
-
-    recipe: str = "configs/tiny/sft.yaml"
-    overrides: list[str] = field(default_factory=list)
-    start: Literal["previous", "base"] = "previous"
+        check(self.prompts >= 1, f"{prefix}.prompts", self.prompts, "an integer >= 1")
 
 
 @dataclass
@@ -182,19 +151,19 @@ class RejectionRecipe:
 
     def validate(self) -> None:
         for key in ("base", "helpfulness_rm", "safety_rm"):
-            _check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
-        _check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
-        _check(self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
-        _check(self.samples_per_prompt >= 1, "samples_per_prompt", self.samples_per_prompt, "an integer >= 1 (K)")
-        _check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", self.max_prompts,
+            check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
+        check(self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt", self.samples_per_prompt, "an integer >= 1 (K)")
+        check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", self.max_prompts,
                "an integer >= 1 or null (all)")
-        _check(self.temperature == "sweep" or (isinstance(self.temperature, float) and self.temperature > 0),
+        check(self.temperature == "sweep" or (isinstance(self.temperature, float) and self.temperature > 0),
                "temperature", self.temperature, "a positive number or 'sweep'")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
-        _check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
+        check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
         self.prompts.validate()
         self.sweep.validate()
 
@@ -204,34 +173,10 @@ class RejectionRecipe:
         from .sft import SFTRecipe
 
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
-        return load_recipe(SFTRecipe, _config_path(self.finetune.recipe),
+        return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
                             f"out_dir={out_dir}", "data.path=null", "samples.count=0", f"seed={self.seed + iteration}",
                             f"device={self.device}"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building what the run needs
-
-
-def _build_sft(recipe_path: str, out: str) -> None:
-    from .sft import SFTRecipe, sft
-
-    sft(load_recipe(SFTRecipe, recipe_path, [f"out_dir={out}"]), quiet=True)
-
-
-def _build_rm(recipe_path: str, out: str) -> None:
-    from .reward import RewardRecipe, reward
-
-    reward(load_recipe(RewardRecipe, recipe_path, [f"out_dir={out}"]), quiet=True)
-
-
-def load_prompt_sets(spec: PromptsSpec, quiet: bool) -> tuple[list[PromptItem], list[PromptItem]]:
-    if spec.path is None:
-        return builtin_prompts(quiet=quiet)
-    train = read_prompts(expand_path(spec.path), on_bad_line=spec.on_bad_line)
-    val = read_prompts(expand_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
-    return train, val
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,17 +199,17 @@ class RejectionSampling:
         self.recipe, self.quiet = recipe, quiet
         self.out = make_dir(expand_path(recipe.out_dir))
         self.device = resolve_device(recipe.device)
-        self.base = ensure_model(recipe.base, recipe.base_recipe, "starting policy", _build_sft, quiet)
+        self.base = require_checkpoint(recipe.base, "starting policy")
         recipe.finetune_recipe(self.base, self.out / "check", 0)  # a bad finetune key fails now
         if scorer is None:
-            h = ensure_model(recipe.helpfulness_rm, recipe.helpfulness_rm_recipe, "helpfulness RM", _build_rm, quiet)
-            s = ensure_model(recipe.safety_rm, recipe.safety_rm_recipe, "safety RM", _build_rm, quiet)
+            h = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
+            s = require_checkpoint(recipe.safety_rm, "safety RM")
             scorer = CombinedReward(RewardModel.load(h, device=self.device), RewardModel.load(s, device=self.device),
                                     threshold=recipe.threshold)
         self.scorer = scorer
         self.sampler = None
         if recipe.sampler is not None:
-            self.sampler = ensure_model(recipe.sampler, None, "sampler", _build_sft, quiet)
+            self.sampler = require_checkpoint(recipe.sampler, "sampler")
         train, val = load_prompt_sets(recipe.prompts, quiet)
         self.train_prompts = take(train, recipe.max_prompts)
         if not val:
@@ -288,7 +233,7 @@ class RejectionSampling:
 
     def _load_policy(self, path: Path):
         from ..checkpoint import load_checkpoint
-        from .sft import load_tokenizer
+        from ..checkpoint.runs import load_tokenizer
 
         model = load_checkpoint(path, kind="causal_lm", device=self.device).eval()
         return model, load_tokenizer(path)
@@ -372,7 +317,8 @@ class RejectionSampling:
     # ------------------------------------------------------------ one iteration
 
     def iteration(self, i: int, state: dict[str, Any], selections: list[dict[str, Best]]) -> dict[str, Any]:
-        from .sft import resolve_base, sft
+        from ..checkpoint.runs import resolve_base
+        from .sft import sft
 
         r = self.recipe
         it_dir = make_dir(self.out / f"iter-{i}")
@@ -445,10 +391,7 @@ class RejectionSampling:
 
 def figure_7(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Mean best-of-K (solid) and median (dashed) reward against K, one curve per iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in records if "reward_by_k" in r]
     if not rows:
@@ -466,9 +409,7 @@ def figure_7(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     ax.set_title("Best-of-K reward (Figure 7)")
     ax.grid(alpha=0.3)
     ax.legend()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -40,16 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import atomic_open, atomic_write_text
+from ..atomic import atomic_write_text
 from ..data.comparisons import RATINGS, Comparison, read_comparisons
 from ..data.packing import Example, attention_mask, collate, pack_rows
-from ..data.dialogues import held_out_path
 from ..errors import Llama2Error
 from ..reward import RewardModel, encode_pair, pad_rows
-from ..train.config import FineTuneRecipe, OptimConfig, cache_dir, expand_path
+from ..train.config import FineTuneRecipe, OptimConfig
+from ..paths import expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from .sft import LoRASpec, WeightedSource, _base_exists, check_mix, ensure_model, load_tokenizer, resolve_base
+from ..lora import LoRASpec
+from ..data.mix import WeightedSource, check_mix
+from ..checkpoint.runs import load_tokenizer
+from ..figures import pyplot, save_png
+from ..data.mix import draw, epoch_counts
+from ..data.comparisons import ensure_comparisons
+from ..checkpoint.runs import require_checkpoint
 
 Kind = Literal["helpfulness", "safety"]
 MarginVariant = Literal["none", "small", "large"]
@@ -63,7 +69,6 @@ MARGINS: dict[str, dict[str, float]] = {
 PAPER_TABLE_8 = {"significantly_better": 80.7, "better": 67.5, "slightly_better": 60.9, "negligibly_better": 54.7,
                  "all": 63.2}
 BUILTIN = ("builtin:helpfulness", "builtin:safety")
-BUILTIN_COMPARISONS = "comparisons-builtin-v2"  # the cache directory of the built-in comparisons
 UNRATED = "unrated"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,24 +224,6 @@ class RewardRecipe(FineTuneRecipe):
 # Data: sources, the epoch mix, batches
 
 
-def ensure_comparisons(quiet: bool = False) -> tuple[Path, Path]:
-    """The train and held-out files of the built-in comparisons in the cache, built when missing."""
-    from ..data.comparisons import build_comparisons
-    from ..data.dialogues import read_dialogues
-    from .sft import ensure_dialogues
-
-    root = cache_dir() / BUILTIN_COMPARISONS
-    train = root / "comparisons.jsonl"
-    val = held_out_path(train)
-    if not (train.is_file() and val.is_file()):
-        d_train, d_val = ensure_dialogues(quiet=quiet)
-        if not quiet:
-            print(f"building the built-in comparisons into {root}", flush=True)
-        build_comparisons(train, train_dialogues=read_dialogues(d_train).dialogues,
-                          val_dialogues=read_dialogues(d_val).dialogues, quiet=quiet)
-    return train, val
-
-
 @dataclass
 class SourceData:
     label: str
@@ -273,20 +260,6 @@ def load_sources(data: ComparisonDataConfig, quiet: bool = False) -> list[Source
         weight = s.weight if s.weight is not None or s.share is not None else 1.0
         out.append(SourceData(s.label, train, held, weight, s.share))
     return out
-
-
-def epoch_counts(sizes: Sequence[int], weights: Sequence[float | None], shares: Sequence[float | None]) -> list[int]:
-    """Pairs per epoch from each source: round(weight x size); a share s of the mixed epoch gives
-    round(s x N) with N = (the weighted pairs) / (1 - the sum of shares)."""
-    weighted = [round(w * n) if w is not None else 0 for n, w in zip(sizes, weights)]
-    total = sum(weighted) / (1.0 - sum(s or 0.0 for s in shares))
-    return [round(s * total) if s is not None else c for c, s in zip(weighted, shares)]
-
-
-def draw(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` indices into range(size): every index count // size times, plus a random subset for the rest."""
-    full, rest = divmod(count, size)
-    return np.concatenate([np.tile(np.arange(size), full), rng.permutation(size)[:rest]]).astype(np.int64)
 
 
 @dataclass
@@ -448,10 +421,7 @@ def eval_markdown(kind: str, step: int, tables: dict[str, dict[str, tuple[float,
 
 def score_histogram(scored: dict[str, tuple[list[float], list[float]]], path: Path, title: str) -> Path:
     """A PNG histogram of chosen and rejected held-out scores, one panel per test set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(scored), figsize=(5.5 * len(scored), 3.6), squeeze=False)
     for ax, (name, (chosen, rejected)) in zip(axes[0], scored.items()):
@@ -463,26 +433,12 @@ def score_histogram(scored: dict[str, tuple[list[float], list[float]]], path: Pa
         ax.set_xlabel("reward score")
         ax.legend()
     fig.suptitle(title)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
-
-
-def ensure_sft_base(recipe: RewardRecipe, quiet: bool = False) -> Path:
-    """The chat model to start from; when missing and `base_recipe` is set, that SFT recipe is run with out_dir =
-    base first (it builds its own base and data when missing)."""
-    def build(recipe_path: str, out: str) -> None:
-        from ..train.config import load_recipe
-        from .sft import SFTRecipe, sft
-
-        sft(load_recipe(SFTRecipe, recipe_path, [f"out_dir={out}"]), quiet=quiet)
-
-    return ensure_model(recipe.base, recipe.base_recipe, "chat model", build, quiet)
 
 
 @dataclass
@@ -502,15 +458,10 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
     from ..train.metrics import flops_per_token
 
     env = env or init_distributed(recipe.device)
-    if env.enabled and not _base_exists(recipe.base):
-        raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; under torchrun it is not "
-                          "built: build it first in one process (run the same command without torchrun)")
-    if env.is_main:
-        ensure_sft_base(recipe, quiet=quiet)
-        if sources is None and any(s.path in BUILTIN for s in recipe.data.resolved()):
-            ensure_comparisons(quiet=quiet)
+    base = require_checkpoint(recipe.base, "chat model")
+    if env.is_main and sources is None and any(s.path in BUILTIN for s in recipe.data.resolved()):
+        ensure_comparisons(quiet=quiet)
     barrier(env)
-    base = resolve_base(recipe.base)
     cfg = load_config(base)
     tokenizer = load_tokenizer(base)
     seq_len = recipe.max_seq_len or cfg.max_seq_len

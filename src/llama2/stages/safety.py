@@ -46,10 +46,13 @@ from ..data.jsonl import write_jsonl
 from ..errors import Llama2Error
 from ..eval.answering import answer
 from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, markdown_table, red_team
-from ..train.config import _check, expand_path, load_recipe, to_dict
+from ..recipe import check, load_recipe, to_dict
+from ..paths import expand_path
 from ..train.metrics import MetricsLog, read_metrics
-from .rejection import FinetuneSpec, _build_rm, _build_sft
-from .sft import _config_path, ensure_model
+from .sft import FinetuneSpec
+from ..paths import config_path
+from ..figures import pyplot, save_png
+from ..checkpoint.runs import require_checkpoint
 
 GENERIC_PREPROMPT = ("You are a safe and responsible assistant. You never help anyone hurt people, break the law or "
                      "put themselves at risk; you decline such requests briefly and kindly and point to safe help. "
@@ -71,7 +74,7 @@ class SafetyPromptsSpec:
             raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not")
         for key in ("max_prompts", "held_out"):
             v = getattr(self, key)
-            _check(v is None or v >= 1, f"{prefix}.{key}", v, "an integer >= 1 or null (all)")
+            check(v is None or v >= 1, f"{prefix}.{key}", v, "an integer >= 1 or null (all)")
 
 
 def _distill_finetune() -> FinetuneSpec:
@@ -108,23 +111,23 @@ class DistillSafetyRecipe:
 
     def validate(self) -> None:
         for key in ("base", "safety_rm"):
-            _check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
-        _check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
-        _check(bool(self.preprompt.strip()), "preprompt", self.preprompt, "generic, per_category or a text")
-        _check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
-        _check(self.replay >= 0, "replay", self.replay, "an integer >= 0")
-        _check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
+            check(bool(getattr(self, key)), key, getattr(self, key), "a checkpoint directory or run")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
+        check(bool(self.preprompt.strip()), "preprompt", self.preprompt, "generic, per_category or a text")
+        check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
+        check(self.replay >= 0, "replay", self.replay, "an integer >= 0")
+        check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
         self.prompts.validate()
 
     def finetune_recipe(self, base: Path | str, out_dir: Path) -> Any:
         from .sft import SFTRecipe
 
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
-        return load_recipe(SFTRecipe, _config_path(self.finetune.recipe),
+        return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null", f"out_dir={out_dir}",
                             "data.path=null", "samples.count=0", f"seed={self.seed}", f"device={self.device}"])
 
@@ -204,17 +207,17 @@ class SafetyDistillation:
         self.recipe, self.quiet = recipe, quiet
         self.out = make_dir(expand_path(recipe.out_dir))
         self.device = str(resolve_device(recipe.device))
-        self.base = ensure_model(recipe.base, recipe.base_recipe, "chat model", _build_sft, quiet)
+        self.base = require_checkpoint(recipe.base, "chat model")
         recipe.finetune_recipe(self.base, self.out / "check")  # a bad finetune key fails now
         if judge is None:
-            rm = ensure_model(recipe.safety_rm, recipe.safety_rm_recipe, "safety RM", _build_rm, quiet)
+            rm = require_checkpoint(recipe.safety_rm, "safety RM")
             judge = RewardModelJudge.load(rm, device=self.device)
         self.judge = judge
         self.helpfulness = None
         if recipe.helpfulness_rm:
             from ..reward import RewardModel
 
-            h = ensure_model(recipe.helpfulness_rm, recipe.helpfulness_rm_recipe, "helpfulness RM", _build_rm, quiet)
+            h = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
             self.helpfulness = RewardModel.load(h, device=self.device)
         train, val = load_prompt_sets(recipe.prompts)
         adversarial = [p for p in train if p.safety]
@@ -294,7 +297,7 @@ class SafetyDistillation:
         if r.replay == 0:
             return []
         from ..data.dialogues import read_dialogues
-        from .sft import ensure_dialogues
+        from ..data.dialogues import ensure_dialogues
 
         path = expand_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
         dialogues = read_dialogues(path).dialogues
@@ -318,7 +321,8 @@ class SafetyDistillation:
     def run(self) -> DistillResult:
         import yaml
 
-        from .sft import resolve_base, sft
+        from ..checkpoint.runs import resolve_base
+        from .sft import sft
 
         r = self.recipe
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False))
@@ -366,7 +370,7 @@ def _record(report: RedTeamReport) -> dict[str, Any]:
 
 def _load_pair(checkpoint: Path, device: str) -> tuple[Any, Any]:
     from ..checkpoint import load_checkpoint
-    from .sft import load_tokenizer
+    from ..checkpoint.runs import load_tokenizer
 
     return load_checkpoint(checkpoint, kind="causal_lm", device=device).eval(), load_tokenizer(checkpoint)
 
@@ -374,12 +378,8 @@ def _load_pair(checkpoint: Path, device: str) -> tuple[Any, Any]:
 def figure_16(rows: Sequence[dict[str, Any]], before: RedTeamReport, after: RedTeamReport, path: Path) -> Path:
     """The paper's Figure 16: the safety RM's scores of the answers without and with the safety pre-prompt (the
     distillation set), and of the held-out adversarial answers before and after distillation."""
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..report.plot import _save
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     bins = [i / 20 for i in range(21)]
@@ -396,8 +396,7 @@ def figure_16(rows: Sequence[dict[str, Any]], before: RedTeamReport, after: RedT
         ax.set_xlabel("safety RM score")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("answers")
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

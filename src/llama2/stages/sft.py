@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,55 +33,27 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
 from ..chat import encode_dialog, encode_dialog_for_training
-from ..data.dialogues import Dialogue, check_dialogue, held_out_path, read_dialogues
+from ..data.dialogues import Dialogue, check_dialogue, read_dialogues
 from ..data.packing import Example, SFTBatches, attention_mask, validation_batches
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from ..train.config import FineTuneRecipe, OptimConfig, _check, cache_dir, expand_path
+from ..train.config import FineTuneRecipe, OptimConfig
+from ..recipe import check
+from ..paths import expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
+from ..lora import LoRASpec
+from ..data.mix import WeightedSource, check_mix
+from ..data.dialogues import ensure_dialogues
+from ..checkpoint.runs import load_tokenizer, require_checkpoint
 
 Mask = Literal["all_assistant", "last_assistant"]
-LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-                "down": "down_proj"}
-BUILTIN_DIALOGUES = "dialogues-builtin-v1"  # the cache directory of the built-in dialogues
 
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
 
 DIALOGUE_BUILTINS = ("builtin:dialogues", "builtin:safety")
-
-
-@dataclass
-class WeightedSource:
-    """One source of a data mix (dialogues here, comparisons in the reward stage): a file or a built-in set, its
-    held-out file, and how much of it the mix takes: `weight` x its size (a seeded subsample below 1, repeats
-    above), or a `share` of the mixed set."""
-
-    path: str = ""
-    val_path: str | None = None
-    weight: float | None = None
-    share: float | None = None
-
-    def validate(self, prefix: str, what: str = "a JSONL file") -> None:
-        _check(bool(self.path), f"{prefix}.path", self.path, what)
-        _check(self.weight is None or self.share is None, f"{prefix}.share", self.share,
-               "unset when weight is set (give one of weight, share)")
-        _check(self.weight is None or self.weight >= 0, f"{prefix}.weight", self.weight, "a number >= 0")
-        _check(self.share is None or 0 < self.share < 1, f"{prefix}.share", self.share, "a number in (0, 1)")
-
-
-def check_mix(sources: Sequence[WeightedSource], prefix: str, what: str) -> None:
-    """Each source valid, at least one weighted, and the shares leaving room for the weighted ones."""
-    for i, src in enumerate(sources):
-        src.validate(f"{prefix}.{i}", what)
-    if sources and all(src.share is not None for src in sources):
-        raise Llama2Error(f"every source of {prefix} has a share; give at least one a weight (the shares are "
-                          "fractions of the mix the weighted sources make)")
-    if sum(src.share or 0.0 for src in sources) >= 1:
-        raise Llama2Error(f"the shares of {prefix} add up to 1 or more; they must leave room for the weighted "
-                          "sources")
 
 
 @dataclass
@@ -111,30 +83,6 @@ class DialogueDataConfig:
 
 
 @dataclass
-class LoRASpec:
-    """LoRA on the frozen base (rank 0 = full fine-tuning). targets: short names q, k, v, o, gate, up, down."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA: an NF4 base (bitsandbytes, CPU or CUDA)
-
-    def validate(self, prefix: str = "lora") -> None:
-        _check(self.rank >= 0, f"{prefix}.rank", self.rank, "an integer >= 0 (0 = full fine-tuning)")
-        _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive number")
-        _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
-        for t in self.targets:
-            _check(t in LORA_TARGETS or t in LORA_TARGETS.values(), f"{prefix}.targets", self.targets,
-                   f"a list of {', '.join(LORA_TARGETS)}")
-        _check(bool(self.targets), f"{prefix}.targets", self.targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        return tuple(LORA_TARGETS.get(t, t) for t in self.targets)
-
-
-@dataclass
 class SamplesSpec:
     """Greedy answers written to out_dir/samples.jsonl at every evaluation. prompts: user messages; unset: the
     prompts of the first `count` held-out dialogues (with their answers as references)."""
@@ -144,12 +92,22 @@ class SamplesSpec:
     max_new_tokens: int = 64
 
     def validate(self, prefix: str = "samples") -> None:
-        _check(self.count >= 0, f"{prefix}.count", self.count, "an integer >= 0 (0 = no samples)")
-        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.count >= 0, f"{prefix}.count", self.count, "an integer >= 0 (0 = no samples)")
+        check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
 
 
 def _sft_optim() -> OptimConfig:
     return OptimConfig(lr=2e-5, weight_decay=0.1, warmup_steps=0, min_lr_ratio=0.0)
+
+
+@dataclass
+class FinetuneSpec:
+    """How a later stage (rejection sampling, GAtt, safety distillation) fine-tunes through this one: an SFT recipe
+    and overrides (base, out_dir, data are set by that stage), from the previous iteration's policy or the first."""
+
+    recipe: str = "configs/tiny/sft.yaml"
+    overrides: list[str] = field(default_factory=list)
+    start: Literal["previous", "base"] = "previous"
 
 
 @dataclass
@@ -265,92 +223,15 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
 # Data, base model and samples
 
 
-def ensure_dialogues(quiet: bool = False) -> tuple[Path, Path]:
-    """The train and held-out files of the built-in dialogues (with the synthetic safety set) in the cache,
-    built when missing (atomically: a killed build leaves nothing half-written)."""
-    from ..data.dialogues import build_dialogues
-
-    root = cache_dir() / BUILTIN_DIALOGUES
-    train = root / "dialogues.jsonl"
-    val = held_out_path(train)
-    if not (train.is_file() and val.is_file()):
-        if not quiet:
-            print(f"building the built-in dialogues into {root}", flush=True)
-        build_dialogues(train, safety=True, quiet=quiet)
-    return train, val
-
-
-def resolve_base(base: str) -> Path:
-    """The checkpoint directory of `base`: itself, or a training run's latest checkpoint."""
-    from ..train.checkpoints import latest_checkpoint
-
-    p = expand_path(base)
-    if (p / "checkpoints").is_dir() and not ((p / "config.json").is_file() or (p / "params.json").is_file()):
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise Llama2Error(f"base {p} is a training run without a checkpoint yet; finish that run first")
-        return ckpt
-    return p
-
-
-def _base_exists(base: str) -> bool:
-    p = expand_path(base)
-    return (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "checkpoints" / "latest").is_file()
-
-
-def _config_path(path: str) -> Path:
-    """A recipe path as given, else relative to the source checkout (configs/...)."""
-    p = expand_path(path)
-    if p.is_file():
-        return p
-    alt = Path(__file__).resolve().parents[3] / path
-    return alt if alt.is_file() else p
-
-
-def ensure_model(path: str, recipe_path: str | None, what: str, build: Callable[[str, str], Any],
-                 quiet: bool) -> Path:
-    """The checkpoint at `path` (a run's latest checkpoint, or a checkpoint directory), built by
-    `build(recipe_path, path)` when it is missing and a recipe is given."""
-    if not _base_exists(path):
-        if recipe_path is None:
-            raise Llama2Error(f"{what} {expand_path(path)} does not exist; give its checkpoint directory (HF or Meta "
-                              "layout, or a training run), or set the recipe key that builds it")
-        if not quiet:
-            print(f"building the {what}: {recipe_path} into {path}", flush=True)
-        build(str(_config_path(recipe_path)), path)
-    return resolve_base(path)
-
-
-def ensure_base(recipe: SFTRecipe, quiet: bool = False) -> Path:
-    """The base checkpoint; when it is missing and `base_recipe` is set, that pretraining recipe is run with
-    out_dir = base first (it builds its own data when missing, and resumes if killed)."""
-    def build(recipe_path: str, out: str) -> None:
-        from ..train.config import PretrainRecipe, load_recipe
-        from .pretrain import pretrain
-
-        pretrain(load_recipe(PretrainRecipe, recipe_path, [f"out_dir={out}"]), quiet=quiet)
-
-    return ensure_model(recipe.base, recipe.base_recipe, "base model", build, quiet)
-
-
-def load_tokenizer(base: Path) -> Any:
-    from ..tokenizer import Tokenizer
-
-    for d in (base, base.parent):  # Meta's download.sh puts tokenizer.model beside the model folders
-        if (d / "tokenizer.model").is_file():
-            return Tokenizer(d)
-    raise Llama2Error(f"no tokenizer.model in {base} (or its parent); copy the base's tokenizer.model there")
-
-
 def check_quantize(spec: LoRASpec, env: DistEnv | None = None) -> None:
     """QLoRA's 4-bit base: LoRA on, bitsandbytes importable, one process (not under FSDP2)."""
     if spec.quantize_base == "none":
         return
     if spec.rank == 0:
         raise Llama2Error("lora.quantize_base: 4bit needs LoRA (set lora.rank > 0): a 4-bit base cannot be trained")
-    from ..lora import _bitsandbytes
+    from ..lora import bitsandbytes
 
-    _bitsandbytes()
+    bitsandbytes()
     if env is not None and env.enabled:
         raise Llama2Error("lora.quantize_base: 4bit runs in one process (a 4-bit base cannot be sharded with "
                           "FSDP2 here); run without torchrun, or set lora.quantize_base=none")
@@ -444,7 +325,7 @@ def _source_dialogues(src: DialogueSource, on_bad_line: str, quiet: bool) -> tup
 def mix_sources(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], list[Dialogue]]:
     """The weighted mix of data.sources (training: each source's epoch_counts share, drawn with the recipe's
     seed; held-out: every source's held-out dialogues)."""
-    from .reward import draw, epoch_counts
+    from ..data.mix import draw, epoch_counts
 
     parts = [_source_dialogues(src, recipe.data.on_bad_line, quiet) for src in recipe.data.sources]
     for src, (train, _) in zip(recipe.data.sources, parts):
@@ -517,16 +398,10 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
 
     env = env or init_distributed(recipe.device)
     check_quantize(recipe.lora, env)
-    if env.enabled and not _base_exists(recipe.base):
-        raise Llama2Error(f"base checkpoint {expand_path(recipe.base)} does not exist; under torchrun it is not "
-                          "built: build it first in one process (run the same command without torchrun), or give "
-                          "an existing checkpoint")
-    if env.is_main:
-        ensure_base(recipe, quiet=quiet)
-        if dialogues is None and recipe.data.path is None:
-            ensure_dialogues(quiet=quiet)
+    base = require_checkpoint(recipe.base, "base checkpoint")
+    if env.is_main and dialogues is None and recipe.data.path is None:
+        ensure_dialogues(quiet=quiet)
     barrier(env)
-    base = resolve_base(recipe.base)
     cfg = load_config(base)
     tokenizer = load_tokenizer(base)
     if tokenizer.vocab_size > cfg.vocab_size:

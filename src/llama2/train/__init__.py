@@ -1,19 +1,12 @@
-"""Training: one shared loop (loop.Trainer) that every stage drives, and the pretraining stage.
+"""Training: the one loop every stage drives (loop.Trainer), its checkpoints, schedule, metrics, plots and the
+distributed (FSDP2) setup. The stages themselves live in llama2.stages.
 
-    from llama2.train import Trainer, LossOutput, load_recipe, PretrainRecipe, pretrain
+    from llama2.train import Trainer, LossOutput, TrainRecipe
 """
 
-from .config import OptimConfig, PretrainRecipe, TrainRecipe, load_recipe
 from .checkpoints import CheckpointIO, CheckpointManager, FnState
+from .config import OptimConfig, PretrainRecipe, TrainRecipe
 from .loop import HFCheckpointIO, LossOutput, NonFiniteLoss, StepTotals, Trainer, TrainResult
 
 __all__ = ["Trainer", "TrainResult", "LossOutput", "StepTotals", "HFCheckpointIO", "CheckpointIO",
-           "CheckpointManager", "FnState", "NonFiniteLoss", "TrainRecipe", "OptimConfig", "PretrainRecipe",
-           "load_recipe", "pretrain"]
-
-
-def pretrain(recipe: PretrainRecipe, quiet: bool = False) -> TrainResult:
-    """Run (or resume) pretraining; see llama2.stages.pretrain."""
-    from ..stages.pretrain import pretrain as _pretrain
-
-    return _pretrain(recipe, quiet=quiet)
+           "CheckpointManager", "FnState", "NonFiniteLoss", "TrainRecipe", "OptimConfig", "PretrainRecipe"]

@@ -38,15 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text, fsync_dir, fsync_tree
+from ..checkpoint.runs import (LATEST, TRAINING_STATE, checkpoints_dir, latest_checkpoint,
+                               list_checkpoints)
 from ..errors import Llama2Error
 from .distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TRAINING_STATE = "training_state.pt"
 MODEL = "model"  # the model part written at the top of the checkpoint directory
 OPTIMIZER = "optimizer"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 _PART_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
@@ -321,36 +319,6 @@ def check_plain(obj: Any, where: str) -> None:
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, or None when the run has none yet."""
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    path = checkpoints_dir(run_dir) / name
-    if not _STEP_RE.match(name) or not (path / TRAINING_STATE).is_file():
-        raise Llama2Error(f"{pointer} names {name!r}, which is not a complete checkpoint; point it at an existing "
-                          f"step-NNNNNN directory of {checkpoints_dir(run_dir)} or delete it to start over")
-    return path
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete step-NNNNNN directories, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def remove_stale(run_dir: Path) -> None:

@@ -1,37 +1,21 @@
-"""Training recipes: dataclasses validated on load, read from YAML plus dotted `key=value` overrides.
+"""Training recipes: the sections every stage shares, and pretraining's own.
 
 Every stage's recipe derives from `TrainRecipe` (the fields the shared loop reads: run directory, steps,
 batching, optimiser, precision, checkpointing, logging) and adds its own sections (model, data, ...).
-`load_recipe(PretrainRecipe, "configs/tiny/pretrain.yaml", ["optim.lr=1e-3", "max_steps=50"])` returns a
-validated instance; a wrong key or value raises Llama2Error naming the key and what is allowed.
+Loading and validation (YAML + `key=value` overrides) is `llama2.recipe.load_recipe`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
-
-import yaml
+from typing import Literal
 
 from ..config import PRESETS, ModelConfig
 from ..errors import Llama2Error
-
-T = TypeVar("T")
-
-
-def cache_dir() -> Path:
-    """Where built-in data (default corpus, tokenizer, shards) is cached: $LLAMA2_CACHE or ~/.cache/llama2."""
-    return Path(os.environ.get("LLAMA2_CACHE") or Path.home() / ".cache" / "llama2")
-
-
-def expand_path(path: str) -> Path:
-    """`{cache}` -> cache_dir(), then `~` and $VARS expanded."""
-    return Path(os.path.expanduser(os.path.expandvars(path.replace("{cache}", str(cache_dir())))))
+from ..paths import expand_path
+from ..recipe import check
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,16 +39,16 @@ class OptimConfig:
     fused: bool | None = None  # fused AdamW kernel; None = on for single-process runs, foreach under FSDP
 
     def validate(self, prefix: str = "optim") -> None:
-        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            _check(0 <= v < 1, f"{prefix}.{name}", v, "a number in [0, 1)")
-        _check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive number")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
-        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(0 <= self.warmup_ratio <= 1, f"{prefix}.warmup_ratio", self.warmup_ratio, "a number in [0, 1]")
-        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+            check(0 <= v < 1, f"{prefix}.{name}", v, "a number in [0, 1)")
+        check(self.eps > 0, f"{prefix}.eps", self.eps, "a positive number")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "a number >= 0")
+        check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(0 <= self.warmup_ratio <= 1, f"{prefix}.warmup_ratio", self.warmup_ratio, "a number in [0, 1]")
+        check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
 
 
 @dataclass
@@ -93,18 +77,18 @@ class TrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
-        _check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "a directory path")
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
-            _check(v >= 1, name, v, "an integer >= 1")
+            check(v >= 1, name, v, "an integer >= 1")
         for name in ("eval_every", "save_every"):
             v = getattr(self, name)
-            _check(v >= 0, name, v, "an integer >= 0 (0 = only at the end)")
-        _check(self.keep_last >= 1, "keep_last", self.keep_last, "an integer >= 1")
+            check(v >= 0, name, v, "an integer >= 0 (0 = only at the end)")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, "an integer >= 1")
         if self.global_batch_size is not None:
-            _check(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size,
+            check(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size,
                    "an integer >= 1 or null")
-        _check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
                "a positive number or null")
         self.optim.validate()
 
@@ -132,11 +116,11 @@ class FineTuneRecipe(TrainRecipe):
     max_seq_len: int | None = None
 
     def validate(self) -> None:
-        _check(bool(self.base), "base", self.base, "the starting checkpoint directory")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
+        check(bool(self.base), "base", self.base, "the starting checkpoint directory")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps,
                "an integer >= 1, or null for `epochs` passes over the data")
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
+        check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(self.max_seq_len is None or self.max_seq_len >= 8, "max_seq_len", self.max_seq_len,
                "an integer >= 8, or null for the base's context")
         steps = self.max_steps
         self.max_steps = steps or 1  # TrainRecipe checks the rest
@@ -195,7 +179,7 @@ class SourceConfig:
     name: str | None = None
 
     def validate(self, prefix: str = "data.sources") -> None:
-        _check(self.weight > 0, f"{prefix}.weight", self.weight, "a positive number")
+        check(self.weight > 0, f"{prefix}.weight", self.weight, "a positive number")
 
     @property
     def label(self) -> str:
@@ -212,9 +196,9 @@ class BuildConfig:
     val_fraction: float = 0.01
 
     def validate(self, prefix: str = "data.build") -> None:
-        _check(bool(self.corpus), f"{prefix}.corpus", self.corpus, "a non-empty list of corpus source names")
-        _check(self.vocab_size > 259, f"{prefix}.vocab_size", self.vocab_size, "an integer > 259")
-        _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "a number in (0, 1)")
+        check(bool(self.corpus), f"{prefix}.corpus", self.corpus, "a non-empty list of corpus source names")
+        check(self.vocab_size > 259, f"{prefix}.vocab_size", self.vocab_size, "an integer > 259")
+        check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "a number in (0, 1)")
 
 
 @dataclass
@@ -232,7 +216,7 @@ class DataConfig:
                               "(data.sources: [{path: DIR, weight: 1.0}]) or set data.build")
         if self.tokenizer is None and self.build is None:
             raise Llama2Error(f"{prefix}.tokenizer: not set; give the tokenizer directory the shards were made with")
-        _check(self.eval_sequences >= 0, f"{prefix}.eval_sequences", self.eval_sequences, "an integer >= 0")
+        check(self.eval_sequences >= 0, f"{prefix}.eval_sequences", self.eval_sequences, "an integer >= 0")
         names = [s.label for s in self.sources]
         if len(set(names)) != len(names):
             raise Llama2Error(f"{prefix}.sources: two sources share a name ({names}); give each a distinct `name`")
@@ -267,194 +251,3 @@ class PretrainRecipe(TrainRecipe):
         self.data.validate()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading: YAML + overrides -> validated dataclasses
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise Llama2Error(f"recipe key {key!r}: got {value!r}; allowed: {allowed}")
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Check/convert one value against a type annotation; raise Llama2Error naming the key on mismatch."""
-    origin = typing.get_origin(tp)
-    bad = Llama2Error(f"recipe key {key!r}: got {value!r}; allowed: {_type_name(tp)}")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except Llama2Error:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{key}.{i}") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise bad
-        return from_dict(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported recipe field type {tp!r} at {key}")
-
-
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict, checking every key and value."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    where = f"under {prefix!r}" if prefix else "at the top level"
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise Llama2Error(f"unknown recipe key {key!r}; allowed keys {where}: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        factory = fields[name].default_factory
-        if isinstance(value, dict) and factory is not dataclasses.MISSING:
-            default = factory()
-            if dataclasses.is_dataclass(default):  # a partial section keeps the stage's own defaults for the rest
-                value = _merged(to_dict(default), value)
-        kwargs[name] = _convert(hints[name], value, key)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise Llama2Error(f"recipe key {key!r} is required ({_type_name(hints[missing[0]])})")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None and prefix:
-        validate(prefix)
-    return obj
-
-
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def to_dict(obj: Any) -> Any:
-    """A recipe as plain YAML-able data."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """`a.b=3` -> (["a", "b"], 3); values are parsed as YAML (numbers, true/false, null, [lists], {maps})."""
-    out = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise Llama2Error(f"override {item!r} is not key=value (e.g. optim.lr=1e-3 or max_steps=100)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip().split("."), value))
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (list items by index: data.sources.0.weight=2)."""
-    for path, value in parse_overrides(overrides):
-        node: Any = data
-        for i, part in enumerate(path[:-1]):
-            where = ".".join(path[:i + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise Llama2Error(f"override {'.'.join(path)}: {where!r} is not an index of a list of "
-                                      f"{len(node)} item(s)")
-                node = node[int(part)]
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise Llama2Error(f"override {'.'.join(path)}: {where!r} is a value, not a section")
-        last = path[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise Llama2Error(f"override {'.'.join(path)}: not an index of a list of {len(node)} item(s)")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return data
-
-
-def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read a YAML recipe (or start from defaults), apply `key=value` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise Llama2Error(f"recipe not found: {p}; pass an existing YAML file, e.g. configs/tiny/pretrain.yaml")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise Llama2Error(f"recipe {p} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise Llama2Error(f"recipe {p} must be a YAML mapping of keys to values")
-        data = loaded or {}
-    data = apply_overrides(data, overrides or [])
-    recipe = from_dict(cls, data)
-    recipe.validate()  # type: ignore[attr-defined]
-    return recipe

@@ -45,7 +45,8 @@ from ..cpu import has_native_bf16
 from ..errors import Llama2Error
 from . import checkpoints as st
 from .checkpoints import CheckpointIO, CheckpointManager, FnState, RNGState
-from .config import TrainRecipe, to_dict
+from .config import TrainRecipe
+from ..recipe import to_dict
 from .distributed import (DistEnv, all_reduce_sum, apply_activation_checkpointing, apply_compile, barrier,
                           broadcast_object, broadcast_tensor, init_distributed, shard_model)
 from .metrics import MetricsLog, peak_tflops
@@ -627,8 +628,8 @@ class Trainer:
         return TrainResult(self.step, self.tokens_seen, self.last_record, last_ckpt, self.resumed_from)
 
     def plot(self) -> list[Path]:
-        """PNG curves of metrics.jsonl in the run directory (llama2.report.plot; written at the end of fit)."""
-        from ..report.plot import plot_run
+        """PNG curves of metrics.jsonl in the run directory (llama2.train.plots; written at the end of fit)."""
+        from .plots import plot_run
 
         try:
             return plot_run(self.run_dir)

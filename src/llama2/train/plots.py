@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open, make_dir
+from ..atomic import make_dir
+from ..figures import pyplot, save_png
 from ..errors import Llama2Error
+from .metrics import read_metrics
 
 SKIP = {"step", "tokens", "elapsed_s", "loss", "val_loss", "val_ppl"}
 
@@ -22,20 +24,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return xs, ys
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
-
-
 def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Path]:
     """Write loss.png (train and validation loss), lr.png, tokens_per_s.png and one PNG per other numeric
     metric into out_dir (default: the run directory); returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..train.metrics import read_metrics
+    plt = pyplot()
 
     run = Path(run_dir)
     path = run / "metrics.jsonl" if run.is_dir() else run
@@ -60,8 +52,7 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Pat
     ax.set_title(f"{run.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, out / "loss.png")
-    plt.close(fig)
+    save_png(fig, out / "loss.png")
     written.append(out / "loss.png")
 
     keys = sorted({k for r in records for k, v in r.items()
@@ -78,7 +69,6 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None) -> list[Pat
         ax.set_title(f"{run.name}: {key}")
         ax.grid(alpha=0.3)
         name = key.replace("/", "_") + ".png"
-        _save(fig, out / name)
-        plt.close(fig)
+        save_png(fig, out / name)
         written.append(out / name)
     return written
