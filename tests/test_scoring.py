@@ -10,9 +10,9 @@ import torch
 
 from conftest import random_hf_llama
 from llama2.errors import Llama2Error
-from llama2.inference import scoring
+from llama2 import fused_ops
 from llama2.inference.scoring import sequence_logprobs
-from test_generate import ours_from_hf
+from helpers import ours_from_hf
 
 VOCAB = 300
 
@@ -26,7 +26,7 @@ def pair():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """7 positions per chunk, so every test crosses chunk boundaries (and rows)."""
-    monkeypatch.setattr(scoring, "_rows_per_chunk", lambda n, vocab, device: 7)
+    monkeypatch.setattr(fused_ops, "scoring_rows_per_chunk", lambda n, vocab, device: 7)
     return 7
 
 

@@ -46,7 +46,7 @@ def has_native_bf16() -> bool:
 
 def cpu_banner() -> str:
     """One line for benchmark output: the CPU model, logical CPUs and which of KEY_FLAGS it has."""
-    import torch
+    import torch  # only the banner needs torch: the CPU's flags are read without it
 
     flags = cpu_flags()
     have = " ".join(f for f in KEY_FLAGS if f in flags) or "none of " + " ".join(KEY_FLAGS)

@@ -28,7 +28,7 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     """A dtype name (see llama2.dtypes); None/auto: bf16 on a GPU that supports it, else fp32."""
     import torch
 
-    from .dtypes import parse_dtype
+    from .dtypes import parse_dtype  # imports torch (see above)
 
     dtype = parse_dtype(name)
     if dtype is not None:

@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import Llama2Error
 
 IGNORE_INDEX = -100
 
@@ -136,6 +139,48 @@ class _Rope(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
         return _rotate(grad, cos, sin, sign=-1.0), None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probabilities of given targets, one chunk of positions at a time (scoring for PPO and evaluation)
+
+
+def scoring_rows_per_chunk(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Positions per chunk of chunked_target_logprobs: ~16 MiB of fp32 logits per chunk on CPU, ~256 MiB on accelerators."""
+    budget = 1 << (22 if device.type == "cpu" else 26)
+    return max(1, min(n_rows, max(budget // max(vocab, 1), 16)))
+
+
+def _chunk_logprobs(x: Tensor, targets: Tensor, head: nn.Module, temperature: float) -> Tensor:
+    logits = head(x).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return picked - torch.logsumexp(logits, dim=1)
+
+
+def chunked_target_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float = 1.0,
+                            chunk_rows: int | None = None) -> Tensor:
+    """log_softmax(head(hidden) / temperature) at targets, (B, T) in fp32, one chunk of positions at a time.
+
+    hidden (B, T, dim), targets (B, T); negative targets score token 0 (mask them afterwards)."""
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(hidden.shape)}")
+    if temperature <= 0:
+        raise Llama2Error(f"scoring: temperature must be > 0, got {temperature}")
+    x, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunk_rows or scoring_rows_per_chunk(x.shape[0], vocab, x.device)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, x.shape[0], chunk):
+        xc, tc = x[start:start + chunk], t[start:start + chunk]
+        if differentiable:  # keep only xc for backward; the chunk's logits are recomputed there
+            parts.append(checkpoint(_chunk_logprobs, xc, tc, head, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(xc, tc, head, temperature))
+    out = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float32)
+    return out.view(targets.shape)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:

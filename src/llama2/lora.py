@@ -68,10 +68,10 @@ LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gat
 class LoRASpec:
     """A recipe's `lora` section: LoRA on the frozen base (rank 0 = full fine-tuning); targets in short names."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # any of q k v o gate up down
     quantize_base: Literal["none", "4bit"] = "none"  # 4bit = QLoRA: an NF4 base (bitsandbytes, CPU or CUDA)
 
     def validate(self, prefix: str = "lora") -> None:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .fused_ops import IGNORE_INDEX, apply_rope, compute_dtype, linear_cross_entropy, rms_norm
+from .fused_ops import (IGNORE_INDEX, apply_rope, chunked_target_logprobs, compute_dtype, linear_cross_entropy,
+                        rms_norm)
 
 Device = torch.device | str | None
 
@@ -230,8 +231,6 @@ class Transformer(nn.Module):
         if output == "logprobs":
             if targets is None:
                 raise ValueError('output="logprobs" needs targets (the token ids to score, (B, T))')
-            from .inference.scoring import chunked_target_logprobs
-
             return chunked_target_logprobs(h, self.lm_head, targets, temperature)
         if output != "logits":
             raise ValueError(f"unknown output {output!r}; choose logits, last, hidden or logprobs")

@@ -214,16 +214,26 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the class's source (the recipe's documentation of that key)."""
+    """The comment of each field in the class's source, after it on its line or in the lines just above (the
+    recipe's documentation of that key)."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            source = inspect.getsource(klass)
+            lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
             continue
-        for m in re.finditer(r"^    (\w+): [^\n#]*?#\s*(.+)$", source, re.M):
-            if not m.group(2).startswith(("type:", "noqa")):
-                comments[m.group(1)] = m.group(2).strip()
+        for i, line in enumerate(lines):
+            m = re.match(r"^    (\w+): [^#]*?(?:#\s*(.+))?$", line)
+            if not m:
+                continue
+            above = []
+            for prev in reversed(lines[:i]):
+                if not prev.startswith("    # "):
+                    break
+                above.insert(0, prev[6:].strip())
+            text = m.group(2) if m.group(2) and not m.group(2).startswith(("type:", "noqa")) else " ".join(above)
+            if text:
+                comments[m.group(1)] = text
     return comments
 
 
@@ -251,5 +261,6 @@ def keys_table(cls: type) -> str:
     """recipe_keys as a Markdown table (`llama2 <stage> --keys`)."""
     out = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
     for key, allowed, default, comment in recipe_keys(cls):
-        out.append(f"| `{key}` | {allowed} | `{default}` | {comment} |".replace("``", "` `"))
+        cells = [f"`{key}`", allowed, f"`{default}`" if default else "`''`", comment]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out)

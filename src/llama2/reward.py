@@ -25,6 +25,7 @@ R_s < 0.15, else R_h (`combine_rewards`), and WHITEN(LOGIT(R_c)) with batch or r
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from .chat import Message, encode_dialog_for_training
+from .checkpoint import detect_kind, load_checkpoint
+from .checkpoint.runs import load_tokenizer, resolve_base
+from .classifier import SequenceClassifier
 from .errors import Llama2Error
 
 Prompt = str | Sequence[Message]
@@ -103,10 +107,6 @@ class RewardModel:
              **kwargs: Any) -> RewardModel:
         """A reward model from a checkpoint directory (LlamaForSequenceClassification layout) or a training run
         (its latest checkpoint), with the tokenizer.model saved beside it."""
-        from .checkpoint import detect_kind, load_checkpoint
-        from .classifier import SequenceClassifier
-        from .checkpoint.runs import load_tokenizer, resolve_base
-
         ckpt = resolve_base(str(path))
         kind = detect_kind(ckpt)
         model = load_checkpoint(ckpt, device=device, dtype=dtype) if kind != "causal_lm" else None
@@ -170,8 +170,6 @@ def sigmoid(x: float) -> float:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    import contextlib
-
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)

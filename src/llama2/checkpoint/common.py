@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import sys
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..atomic import atomic_directory as _atomic_directory
 from ..config import ModelConfig
@@ -92,7 +94,6 @@ def build_model(config: ModelConfig, plan: dict[str, Source], dtype: torch.dtype
         if name in plan and plan[name].shape != shape:
             raise Llama2Error(f"{plan[name].where}: tensor {name} has shape {list(plan[name].shape)} but the config "
                               f"implies {list(shape)}; the config does not match the weights")
-    from tqdm import tqdm
 
     total = sum(_numel(s.shape) * dtype.itemsize for s in plan.values())
     state: dict[str, Tensor] = {}
@@ -166,8 +167,6 @@ def atomic_directory(path: Path | str) -> contextlib.AbstractContextManager[Path
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON and fsync it (inside an atomic_directory, so no rename of its own is needed)."""
-    import json
-
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         f.flush()

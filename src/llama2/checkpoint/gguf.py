@@ -26,14 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from sentencepiece import sentencepiece_model_pb2
 from torch import Tensor
+from tqdm import tqdm
 
 from ..atomic import TMP_SUFFIX, fsync_dir
 from ..config import ModelConfig
 from ..errors import Llama2Error
+from ..inference.cpu_kernels import dequantize_blocks, quantize_blocks
+from ..lora import lora_config
 from ..model import Transformer
+from ..tokenizer import LLAMA2_CHAT_TEMPLATE, tokenizer_from_gguf
 from .common import Source, build_model, check_materialised, to_interleaved
 
 ARCH = "llama"
@@ -112,8 +119,7 @@ def from_interleaved(w: Tensor, n: int) -> Tensor:
 
 
 def _ggml_types():
-    from gguf import GGMLQuantizationType as T
-
+    T = GGMLQuantizationType
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}
 
 
@@ -137,8 +143,6 @@ def encode_tensor(t: Tensor, kind: str) -> np.ndarray:
     if kind == "bf16":
         return t.bfloat16().contiguous().view(torch.int16).numpy().view(np.uint8)
     if kind == "q8_0":
-        from ..inference.cpu_kernels import quantize_blocks
-
         rows, cols = t.shape
         q, scale = quantize_blocks(t.float())
         blocks = torch.cat([scale.view(torch.uint8).view(rows, cols // Q8_BLOCK, 2),
@@ -166,13 +170,11 @@ class Vocab:
 def vocab_of(tokenizer: Any, vocab_size: int) -> Vocab:
     """The GGUF vocabulary of a llama2 Tokenizer for a model with `vocab_size` rows; rows past the tokenizer's
     pieces (a padded embedding) become unused pieces "[PADn]", as llama.cpp's converter writes them."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     sp = getattr(tokenizer, "sp", None)
     if sp is None:
         raise Llama2Error(f"the tokenizer ({type(tokenizer).__name__}) is not a SentencePiece tokenizer; a GGUF file "
                           "needs the tokenizer.model the model was trained with")
-    proto = pb.ModelProto.FromString(sp.serialized_model_proto())
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
     n = len(proto.pieces)
     if n > vocab_size:
         raise Llama2Error(f"the tokenizer has {n} pieces but the model only {vocab_size} embedding rows; this is "
@@ -216,14 +218,9 @@ def save_gguf(model: Transformer, path: Path | str, tokenizer: Any, dtype: str |
 
     dtype: "f32", "f16", "bf16" or "q8_0" (None: the model's own dtype, f32 for fp32). Tensors are converted
     and written one at a time, so the file is never held in memory."""
-    import gguf
-
-    from ..tokenizer import LLAMA2_CHAT_TEMPLATE
-
     if type(model) is not Transformer:
         raise Llama2Error(f"only a causal LM (Transformer) can be exported to GGUF, not {type(model).__name__}; "
                           "merge LoRA adapters first (merge_lora)")
-    from ..lora import lora_config
 
     if lora_config(model) is not None:
         raise Llama2Error("the model has LoRA adapters; merge them first (llama2.lora.merge_lora) to export it")
@@ -280,7 +277,6 @@ def save_gguf(model: Transformer, path: Path | str, tokenizer: Any, dtype: str |
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            from tqdm import tqdm
 
             with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="writing GGUF",
                       disable=not progress, leave=False) as bar:
@@ -322,8 +318,6 @@ def is_gguf(path: Path | str) -> bool:
 
 def open_gguf(path: Path | str):
     """A gguf.GGUFReader over `path`, with one clear error for a missing, foreign or truncated file."""
-    from gguf import GGUFReader
-
     p = Path(path)
     if not p.is_file():
         raise Llama2Error(f"GGUF file not found: {p}" if not p.exists() else f"{p} is not a file; give a .gguf file")
@@ -392,8 +386,7 @@ def config_from_gguf(reader, where: Path) -> ModelConfig:
 
 def _decode(t, dtype: torch.dtype) -> Tensor:
     """One GGUF tensor (F32 / F16 / BF16 / Q8_0) as a torch tensor of `dtype`, in row-major (rows, cols) order."""
-    from gguf import GGMLQuantizationType as T
-
+    T = GGMLQuantizationType
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     kind = T(t.tensor_type)
     if kind in (T.F32, T.F16):
@@ -402,8 +395,6 @@ def _decode(t, dtype: torch.dtype) -> Tensor:
         raw = torch.from_numpy(np.array(t.data, copy=True).view(np.int16))
         return raw.view(torch.bfloat16).reshape(shape).to(dtype)
     if kind == T.Q8_0:
-        from ..inference.cpu_kernels import dequantize_blocks
-
         rows, cols = (int(np.prod(shape[:-1])), shape[-1]) if len(shape) > 1 else (1, shape[0])
         blocks = torch.from_numpy(np.array(t.data, copy=True)).reshape(rows, cols // Q8_BLOCK, Q8_BYTES)
         scale = blocks[..., :2].contiguous().view(torch.float16).reshape(rows, cols // Q8_BLOCK)
@@ -470,8 +461,6 @@ def _gguf_source(t, ours: str, cfg: ModelConfig, where: Path) -> Source:
 def gguf_tokenizer(path: Path | str, output_dir: Path | str | None = None):
     """The GGUF file's SentencePiece vocabulary as a llama2 Tokenizer (written into `output_dir`, else a temporary
     directory: the Tokenizer keeps its bytes and can be saved elsewhere); None if the file has no vocabulary."""
-    from ..tokenizer import tokenizer_from_gguf
-
     reader = open_gguf(path)
     if reader.fields.get("tokenizer.ggml.tokens") is None:
         return None

@@ -14,13 +14,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..classifier import DEFAULT_PAD_ID, SequenceClassifier, init_score_
 from ..config import ModelConfig
 from ..errors import Llama2Error
 from ..model import Transformer
-from .common import (HF_DTYPE_NAME, Source, atomic_directory, build_model, check_materialised, model_dtype,
-                     parse_dtype, write_json)
+from .common import (
+    HF_DTYPE_NAME,
+    Source,
+    atomic_directory,
+    build_model,
+    check_materialised,
+    model_dtype,
+    parse_dtype,
+    write_json,
+)
 from .safetensors_io import TensorInfo, read_header, read_tensor, write_safetensors
 
 CONFIG = "config.json"
@@ -326,7 +335,6 @@ def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_byt
     items = [(hf_name(n), t.detach()) for n, t in model.state_dict().items()]
     shards = _shard(items, dtype, max_shard_bytes)
     total = sum(t.numel() * dtype.itemsize for _, t in items)
-    from tqdm import tqdm
 
     by_hf = None if fetch is None else (lambda name: fetch(our_name(name)))
     with atomic_directory(path) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="saving",

@@ -15,12 +15,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..config import ModelConfig, ffn_hidden_size
 from ..errors import Llama2Error
 from ..model import Transformer
-from .common import (Source, atomic_directory, build_model, check_materialised, model_dtype, release_pages,
-                     to_interleaved, write_json)
+from .common import (
+    Source,
+    atomic_directory,
+    build_model,
+    check_materialised,
+    model_dtype,
+    release_pages,
+    to_interleaved,
+    write_json,
+)
 from .hf import read_json
 
 PARAMS = "params.json"
@@ -247,7 +256,6 @@ def save_meta(model: Transformer, path: Path | str, shards: int = 1, *, dtype: t
         names.update({f"layers.{i}.{meta}": (f"layers.{i}.{ours}", split, perm)
                       for meta, (ours, split, perm) in LAYER.items()})
     path = Path(path)
-    from tqdm import tqdm
 
     with atomic_directory(path) as tmp, tqdm(total=shards * len(names), unit="tensor", desc="saving",
                                              disable=not progress, leave=False) as bar:

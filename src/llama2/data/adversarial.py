@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .comparisons import SAFETY_TEMPLATES, held_out_safety_units, safety_prompts
+from .dialogues import SAFETY_HELPFUL, SAFETY_REFUSALS, held_out_path, stable_hash
 from .jsonl import OnBadLine, read_jsonl, write_jsonl
 from .prompts import prompt_problem
 
@@ -159,8 +161,6 @@ def write_adversarial(path: Path | str, prompts: Iterable[AdversarialPrompt]) ->
 
 def styled(request: str, attack: str, key: str) -> str:
     """`request` in attack style `attack` (one of the style's phrasings, chosen by a stable hash of `key`)."""
-    from .dialogues import stable_hash
-
     phrasings = _STYLE_PHRASINGS[attack]
     p = phrasings[stable_hash("attack", attack, key) % len(phrasings)]
     first = request.split(" ", 1)[0]
@@ -171,9 +171,6 @@ def styled(request: str, attack: str, key: str) -> str:
 def _units() -> list[tuple[str, str, bool, str, str | None]]:
     """(unit, category, harmful, request, reference answer) of every built-in request, before the attack styles;
     the references are the chosen answers of the built-in safety comparisons (none for the advice requests)."""
-    from .comparisons import SAFETY_TEMPLATES, safety_prompts
-    from .dialogues import SAFETY_HELPFUL, SAFETY_REFUSALS
-
     chosen = {p.request: p.chosen for p in safety_prompts()}
     out = []
     for harmful, table in ((True, SAFETY_REFUSALS), (False, SAFETY_HELPFUL)):
@@ -197,9 +194,6 @@ def builtin_adversarial(seed: int = 0, val_fraction: float = 0.25) -> tuple[list
     """(training prompts, held-out prompts) of the built-in set (module docstring): every request in every
     attack style. Units the built-in safety comparisons hold out are held out here; the advice units by the same
     seeded hash rule."""
-    from .comparisons import held_out_safety_units
-    from .dialogues import stable_hash
-
     units = _units()
     held = held_out_safety_units(seed, val_fraction)
     for harmful in (True, False):
@@ -228,8 +222,6 @@ def counts(prompts: Sequence[AdversarialPrompt]) -> dict[str, dict[str, int]]:
 
 def build_adversarial(output: Path | str, *, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     """Write the built-in set to OUTPUT and its held-out split beside it (`.val.jsonl`); returns the counts."""
-    from .dialogues import held_out_path
-
     train, val = builtin_adversarial(seed)
     output = Path(output)
     write_adversarial(output, train)

@@ -9,10 +9,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from ..atomic import atomic_open, atomic_write_json, make_dir
 from ..errors import Llama2Error
 from .dedup import NUM_PERM, SHINGLE_WORDS, DedupCounts, deduplicate, lsh_params
-from ..atomic import atomic_open, atomic_write_json, make_dir
 from .sources import expand_sources, source_documents
 
 TRAIN_FILE, VAL_FILE, STATS_FILE = "train.jsonl", "val.jsonl", "stats.json"
@@ -55,8 +56,6 @@ def build_corpus(sources: list[str], paths: list[Path], output: Path, *, val_fra
                  workers: int | None = None) -> dict:
     """Build a deduplicated corpus from sources ("default" = stdlib + pydoc, "stdlib", "pydoc", "python-docs",
     "files" with paths) into output; returns the stats also written to output/stats.json."""
-    from tqdm import tqdm
-
     names = expand_sources(list(sources))
     paths = [Path(p) for p in paths or []]
     if paths and "files" not in names:

@@ -36,6 +36,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any, Literal
 
 from ..atomic import atomic_write_text
@@ -43,6 +44,7 @@ from ..chat import ROLES, validate_dialog
 from ..errors import Llama2Error
 from ..paths import cache_dir
 from .jsonl import BadLine, OnBadLine, read_jsonl, skipped_summary
+from .sources import file_signatures, module_name, stdlib_files
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 MASKS = ("all_assistant", "last_assistant")
@@ -256,8 +258,6 @@ def _with_system(messages: list[dict[str, str]], key: str) -> list[dict[str, str
 def stdlib_examples(root: Path | None = None) -> Iterator[_Example]:
     """Signature -> docstring dialogues, one source document per module; about one in five is two-turn (a
     follow-up about the next function of the same module)."""
-    from .sources import file_signatures, module_name, stdlib_files
-
     for path in stdlib_files(root):
         if any(part.startswith("_") for part in module_name(path, root).split(".")):
             continue  # private modules (_collections_abc, ...) document implementation details
@@ -284,8 +284,6 @@ def stdlib_examples(root: Path | None = None) -> Iterator[_Example]:
 
 def pydoc_examples() -> Iterator[_Example]:
     """pydoc topic -> its text; topics longer than one answer continue over "tell me more" turns (up to 3)."""
-    from pydoc_data.topics import topics
-
     for name in sorted(topics):
         text = topics[name]
         if any(tag in text for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ..atomic import atomic_write_text
 from ..errors import Llama2Error
 
 T = TypeVar("T")
@@ -128,8 +129,6 @@ def skipped_summary(path: Path | str, skipped: int, reasons: list[str]) -> str:
 
 def write_jsonl(path: Path | str, records: Iterable[Any]) -> Path:
     """Write one JSON value per line (UTF-8, non-ASCII kept), atomically."""
-    from ..atomic import atomic_write_text
-
     atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return Path(path)
 

@@ -16,6 +16,7 @@ epochs of shuffled rows with a resumable position (`SFTBatches`).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from torch import Tensor
 
 from ..errors import Llama2Error
@@ -141,8 +141,6 @@ class Example:
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: indices of examples grouped into rows of at most `capacity` tokens (each example
     goes to the fullest row it still fits in). Deterministic: ties keep index order."""
-    import bisect
-
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free tokens, row), sorted

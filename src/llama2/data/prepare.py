@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from ..errors import Llama2Error
 from ..atomic import atomic_open, atomic_write_json, make_dir, remove_stale_temps
+from ..errors import Llama2Error
+from ..tokenizer import Tokenizer
 from .shards import FORMAT, MANIFEST, SPLITS, VERSION, dtype_name, index_name, load_manifest, shard_name, token_dtype
 from .sources import expand_paths, jsonl_texts
 
@@ -157,10 +159,6 @@ def prepare_shards(tokenizer_dir: Path | str, inputs: list[Path], output: Path, 
 
     Each document is stored as encode(text, bos=True, eos=True). `_max_shards` stops after that many new shards,
     leaving an unfinished manifest, as a kill would (for tests)."""
-    from tqdm import tqdm
-
-    from ..tokenizer import Tokenizer
-
     if shard_tokens < 1:
         raise Llama2Error(f"--shard-tokens {shard_tokens} must be positive")
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:

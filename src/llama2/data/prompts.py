@@ -19,19 +19,20 @@ held-out ones from the held-out files, so held-out rewards are measured on promp
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..chat import validate_dialog
 from ..errors import Llama2Error
-from .jsonl import OnBadLine, read_jsonl, write_jsonl
-from typing import Literal
-from ..recipe import check
 from ..paths import expand_path
-import hashlib
+from ..recipe import check
+from .comparisons import ensure_comparisons, read_comparisons
+from .dialogues import ensure_dialogues, read_dialogues, stable_hash
+from .jsonl import OnBadLine, read_jsonl, write_jsonl
 
 HINT = ('each line must be a prompt: {"messages": [... ending with a user message], "safety": true|false}, '
         '{"prompt": "text"}, or a bare list of messages')
@@ -105,11 +106,6 @@ def write_prompts(path: Path | str, prompts: Iterable[PromptItem]) -> Path:
 def builtin_prompts(quiet: bool = False) -> tuple[list[PromptItem], list[PromptItem]]:
     """(training prompts, held-out prompts) of the built-in data (module docstring), built into the cache when
     missing; each list in a fixed seeded order that mixes the sources."""
-    from .comparisons import ensure_comparisons
-    from .dialogues import ensure_dialogues
-    from .comparisons import read_comparisons
-    from .dialogues import stable_hash, read_dialogues
-
     out = []
     for dialogue_path, comparison_path in zip(ensure_dialogues(quiet=quiet), ensure_comparisons(quiet=quiet)):
         items: dict[str, PromptItem] = {}
@@ -146,9 +142,9 @@ def sample_seed(seed: int, iteration: int, prompt: str, k: int) -> int:
 class PromptsSpec:
     """The prompt set (llama2.data.prompts): training prompts and held-out ones; unset: the built-in prompts."""
 
-    path: str | None = None
-    val_path: str | None = None
-    on_bad_line: Literal["error", "skip"] = "error"
+    path: str | None = None  # training prompts (JSONL); unset: the built-in prompts
+    val_path: str | None = None  # held-out prompts (JSONL)
+    on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
     held_out: int = 16  # held-out prompts answered greedily after each iteration
 
     def validate(self, prefix: str = "prompts") -> None:

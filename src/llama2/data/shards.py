@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Llama2Error
+from ..tokenizer import Tokenizer
 
 FORMAT = "llama2-token-shards"
 VERSION = 1
@@ -191,8 +192,6 @@ class TokenShards:
         """Raise Llama2Error unless tokenizer (a Tokenizer, or a tokenizer.model path/directory) is the one these
         shards were prepared with (same sha256 of tokenizer.model)."""
         if isinstance(tokenizer, (str, Path)):
-            from ..tokenizer import Tokenizer
-
             tokenizer = Tokenizer(tokenizer)
         sha = getattr(tokenizer, "sha256", None)
         if sha != self.tokenizer_sha256:

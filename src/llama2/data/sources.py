@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 from ..errors import Llama2Error
@@ -102,8 +103,6 @@ def stdlib_documents(workers: int | None = None, root: Path | None = None) -> It
 
 def pydoc_documents() -> Iterator[str]:
     """One document per pydoc_data topic, sorted by topic name."""
-    from pydoc_data.topics import topics
-
     for name in sorted(topics):
         text = topics[name].strip()
         if text:

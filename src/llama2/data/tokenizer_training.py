@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+from tqdm import tqdm
 
 from ..errors import Llama2Error
 from ..tokenizer import N_BYTE_PIECES, N_SPECIAL, Tokenizer, save_model_bytes
@@ -62,8 +63,6 @@ def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | st
                     quiet: bool = False) -> Tokenizer:
     """Train a SentencePiece BPE tokenizer with the Llama 2 settings on .txt / .jsonl files
     and save it (tokenizer.model + Hugging Face config) into the output directory."""
-    from tqdm import tqdm
-
     paths = [Path(p) for p in inputs]
     if not paths:
         raise Llama2Error("no training input given; pass one or more .txt or .jsonl files")

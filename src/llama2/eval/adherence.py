@@ -15,11 +15,18 @@ from typing import Any
 
 import torch
 
-from ..data.dialogues import read_dialogues
+from ..chat import B_INST, B_SYS, encode_dialog
+from ..chat_session import ChatSession
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, resolve_base
+from ..data.dialogues import ensure_dialogues, read_dialogues
 from ..data.instructions import CHECKABLE, USER_FAMILIES, Instruction, instruction, user_turns
-from ..figures import pyplot, save_png
-from ..paths import expand_path
 from ..errors import Llama2Error
+from ..figures import pyplot, save_png
+from ..inference.generate import Generator, SamplingParams
+from ..model import Attention, apply_rope
+from ..paths import expand_path
+
 
 class TurnByTurn:
     """Greedy or sampled answers, one turn at a time, for many dialogues at once (the one generation path);
@@ -27,8 +34,6 @@ class TurnByTurn:
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, temperature: float = 0.0,
                  seed: int = 0) -> None:
-        from ..inference.generate import Generator
-
         self.model, self.tok = model, tokenizer
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.gen = Generator(model, tokenizer, max_batch_size=16)
@@ -36,9 +41,6 @@ class TurnByTurn:
     def answers(self, systems: Sequence[str | None], users: Sequence[Sequence[str]],
                 per_turn: Callable[[int, str], str] | None = None) -> list[list[str]]:
         """Answers to every dialogue's user turns (per_turn(i, user) rewrites the user message of turn i)."""
-        from ..chat_session import ChatSession
-        from ..inference.generate import SamplingParams
-
         sessions = [ChatSession(self.tok, self.model.config.max_seq_len, self.max_new_tokens, system=s)
                     for s in systems]
         out: list[list[str]] = [[] for _ in users]
@@ -77,10 +79,6 @@ def adherence(model: Any, tokenizer: Any, instructions: Sequence[Instruction], u
 def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0, max_new_tokens: int = 32,
                      device: str = "cpu", families: Sequence[str] | None = None) -> dict[str, Any]:
     """Adherence by turn for `ckpt` on held-out dialogues' user turns: {"turns", "families": {f: [per turn]}}."""
-    from ..checkpoint import load_checkpoint
-    from ..data.dialogues import ensure_dialogues
-    from ..checkpoint.runs import load_tokenizer, resolve_base
-
     p = expand_path(str(ckpt))
     if (p / "gatt_dialogues.jsonl").is_file():  # a `llama2 gatt` run: its fine-tuned model
         p = p / "sft"
@@ -143,8 +141,6 @@ def adherence_plot(reports: dict[str, dict[str, Any]], path: Path) -> Path:
 def attention_maps(model: Any, tokens: Sequence[int]) -> torch.Tensor:
     """(n_layers, T, T): each layer's attention probabilities for one sequence, averaged over heads (recomputed
     from each attention module's inputs: q and k with their rotary embeddings, causal softmax)."""
-    from ..model import Attention, apply_rope
-
     captured: list[tuple] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: captured.append((mod, args)))
              for m in model.modules() if isinstance(m, Attention)]
@@ -169,8 +165,6 @@ def attention_maps(model: Any, tokens: Sequence[int]) -> torch.Tensor:
 def system_attention(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[torch.Tensor, list[str]]:
     """For a dialogue ending with a user message (system message first): (n_layers, L) the attention mass each
     token of the last turn puts on the system message's tokens, per layer, and those L tokens' text."""
-    from ..chat import B_INST, B_SYS, encode_dialog
-
     if not messages or messages[0]["role"] != "system":
         raise Llama2Error("system_attention needs a dialogue that starts with a system message")
     ids = encode_dialog(tokenizer, messages)

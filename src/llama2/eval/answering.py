@@ -8,6 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from ..chat import encode_dialog
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, resolve_base
+from ..inference.generate import Generator, SamplingParams
+
 EVAL_TEMPERATURE, EVAL_TOP_P = 0.1, 0.9  # the paper's evaluation decoding
 
 
@@ -18,12 +26,6 @@ def answer(model_or_checkpoint: Any, prompts: Sequence[Any], *, max_new_tokens: 
     """A model's answers to each prompt through the one generation path (`system`: a system message put before
     each prompt's own messages, e.g. a safety pre-prompt; `prefill`: text the answer starts with, generation
     continues it); a checkpoint path is loaded first."""
-    import torch
-    from tqdm import tqdm
-
-    from ..chat import encode_dialog
-    from ..inference.generate import Generator, SamplingParams
-
     model, tok = _load(model_or_checkpoint, device)
     context = model.config.max_seq_len
     gen = Generator(model, tok, max_batch_size=min(batch_size, max(1, len(prompts))), quantize=quantize)
@@ -58,8 +60,6 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
 def _load(model_or_checkpoint: Any, device: str) -> tuple[Any, Any]:
     if isinstance(model_or_checkpoint, tuple):
         return model_or_checkpoint
-    from ..checkpoint import load_checkpoint
-    from ..checkpoint.runs import load_tokenizer, resolve_base
 
     ckpt = resolve_base(str(model_or_checkpoint))
     return load_checkpoint(ckpt, kind="causal_lm", device=device).eval(), load_tokenizer(ckpt)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, make_dir
+from ..paths import cache_dir
 
 _CHUNK = 1 << 20
 
@@ -56,8 +57,6 @@ def checkpoint_hash(directory: Path) -> str:
 
 
 def _memo_file() -> Path:
-    from ..paths import cache_dir
-
     return cache_dir() / "eval" / "hashes.json"
 
 

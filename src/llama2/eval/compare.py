@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from ..data.prompts import PromptItem
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
+from ..reward import RewardModel
+from .answering import answer as chat_answers
 
 TIE_MARGIN = 0.01
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -161,8 +164,6 @@ def checkpoint_answerer(path: Path | str, *, max_new_tokens: int = 128, temperat
                         quiet: bool = False) -> Answerer:
     """A function answering prompts with the checkpoint (or training run) at `path` through the Generator."""
     def answer(prompts: Sequence[PromptItem]) -> list[str]:
-        from .answering import answer as chat_answers
-
         return chat_answers(path, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, device=device, batch_size=batch_size, quiet=quiet)
 
@@ -176,8 +177,6 @@ def compare_models(a: Path | str | Answerer, b: Path | str | Answerer, judge: An
     """Answer `prompts` with A and with B (checkpoint paths, or functions prompts -> answers) and judge each answer
     with the reward model `judge` (its path, a RewardModel, or anything with RewardModel's `probs(prompts,
     responses)`). See the module docstring."""
-    from ..reward import RewardModel
-
     if not prompts:
         raise Llama2Error("no prompts to compare the models on")
     if not margin >= 0:
@@ -241,8 +240,6 @@ def comparison_plot(cmp: Comparison, path: Path | str) -> Path:
 
 def write_comparison(cmp: Comparison, output: Path | str) -> list[Path]:
     """FILE.md (the table), FILE.png (the bars) and FILE.jsonl (every prompt's answers, scores, outcome)."""
-    from ..atomic import atomic_write_text
-
     output = Path(output)
     atomic_write_text(output, f"# Model comparison\n\n{cmp.markdown()}")
     jsonl = output.with_suffix(".jsonl")

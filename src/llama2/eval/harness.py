@@ -17,13 +17,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, resolve_base
+from ..data.jsonl import field_problem, read_jsonl
+from ..data.shards import TokenShards, load_manifest
+from ..device import resolve_device, resolve_dtype
 from ..errors import Llama2Error
+from ..inference.generate import Generator
+from ..inference.quantize import quantize_int8
+from ..inference.sampling import SamplingParams
+from ..paths import cache_dir
+from . import code as C
+from . import results as R
 from . import tasks as T
 from .answers import exact_match, last_number, majority, math_answer, token_f1
+from .cache import ResultCache, checkpoint_hash, content_hash
+from .loglikelihood import Scorer
 from .records import read_records
-from ..checkpoint.runs import load_tokenizer, resolve_base
-from ..checkpoint import load_checkpoint
-from ..device import resolve_device, resolve_dtype
 
 CACHE_VERSION = 1
 
@@ -71,14 +84,10 @@ class Settings:
 
 
 def default_data_dir() -> Path:
-    from ..paths import cache_dir
-
     return cache_dir() / "eval" / "data"
 
 
 def results_cache_dir() -> Path:
-    from ..paths import cache_dir
-
     return cache_dir() / "eval" / "results"
 
 
@@ -162,13 +171,9 @@ class Evaluator:
     """Runs tasks on one loaded model: log-likelihoods through a Scorer, generations through a Generator."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: Settings) -> None:
-        from .loglikelihood import Scorer
-
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         scoring_model = model
         if settings.quantize == "int8":
-            from ..inference.quantize import quantize_int8
-
             scoring_model = quantize_int8(model)
         self.scorer = Scorer(scoring_model, batch_size=settings.batch_size)
         self._generator = None
@@ -178,8 +183,6 @@ class Evaluator:
     @property
     def generator(self) -> Any:
         if self._generator is None:
-            from ..inference.generate import Generator
-
             q = None if self.settings.quantize == "none" else self.settings.quantize
             self._generator = Generator(self.model, self.tokenizer, max_batch_size=self.settings.batch_size,
                                         quantize=q)
@@ -228,8 +231,6 @@ class Evaluator:
 
     def generate(self, prompts: list[str], task: T.Task, bar: Any, per_item: int | None = None) -> list[list[str]]:
         """`samples` completions per prompt (greedy when samples is 1), cut at the task's stop strings."""
-        from ..inference.sampling import SamplingParams
-
         s = self.settings
         k = per_item or s.samples
         # a small model's context keeps room for its prompt (long prompts keep their last tokens: truncate)
@@ -257,8 +258,6 @@ class Evaluator:
                 "toxic_pct": 100.0 * sum(x > 0.5 for x in scores) / len(scores)}
 
     def code(self, task: T.Task, path: Path | None, shots: int, bar: Any) -> dict[str, float]:
-        from . import code as C
-
         problems = C.read_problems(path) if task.name == "humaneval" else C.read_mbpp(path)
         items = list(problems.values())[:self.settings.limit] if self.settings.limit else list(problems.values())
         bar.reset(total=len(items))
@@ -316,14 +315,8 @@ def mbpp_prefix(demos: Sequence[dict[str, Any]]) -> str:
 def read_documents(path: Path, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
     """Perplexity documents as token ids (no BOS): a .txt file (one document), a .jsonl of {"text"}, or a token
     shards directory (its val split, else train; no text then)."""
-    import numpy as np
-
-    from ..data.jsonl import field_problem, read_jsonl
-
     path = Path(path)
     if path.is_dir():
-        from ..data.shards import TokenShards, load_manifest
-
         manifest = load_manifest(path)
         split = "val" if manifest.get("splits", {}).get("val", {}).get("tokens") else "train"
         shards = TokenShards(path, split)
@@ -414,9 +407,6 @@ def evaluate(checkpoint: Path | str, names: Sequence[str], settings: Settings | 
     """Run the tasks (names may be groups) on the checkpoint; the report dict `--output` writes: results
     {task: {metric: value}}, groups (Table 3's averages in %), timing, settings, checkpoint. Every task's data
     is checked before the model loads; tasks already in the results cache are not run again."""
-    from . import results as R
-    from .cache import ResultCache, checkpoint_hash, content_hash
-
     s = settings or Settings()
     s.check()
     ckpt = existing_checkpoint(checkpoint)
@@ -493,8 +483,6 @@ class _bar:
     """A tqdm bar over a task's items (items/s), or a silent stand-in when quiet."""
 
     def __init__(self, desc: str, quiet: bool) -> None:
-        from tqdm import tqdm
-
         self.bar = tqdm(total=0, desc=desc, unit="item", dynamic_ncols=True, disable=quiet, file=sys.stderr,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Llama2Error
+from ..inference.generate import Generator
+from ..inference.sampling import SamplingParams
+from .harness import Settings, encode_pair, existing_checkpoint, load_for_eval
+from .loglikelihood import Scorer
 
 
 def _lm_base() -> type:
@@ -28,8 +32,6 @@ def _lm_base() -> type:
 def make_adapter(model: Any, tokenizer: Any, *, batch_size: int = 16, max_gen_toks: int = 256) -> Any:
     """A Llama2LM (an lm_eval.api.model.LM) over a loaded Transformer and its tokenizer."""
     LM = _lm_base()
-    from .harness import encode_pair
-    from .loglikelihood import Scorer
 
     class Llama2LM(LM):
         """lm-eval's LM interface on a llama2 Transformer (see the module docstring)."""
@@ -65,9 +67,6 @@ def make_adapter(model: Any, tokenizer: Any, *, batch_size: int = 16, max_gen_to
             return self.scorer.rolling(docs, self.tokenizer.bos_id, context_len=1)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            from ..inference.generate import Generator
-            from ..inference.sampling import SamplingParams
-
             if self._generator is None:
                 self._generator = Generator(self.model, self.tokenizer, max_batch_size=batch_size)
             prompts, params = [], []
@@ -94,8 +93,6 @@ def run_lm_eval(checkpoint: Path | str, tasks: list[str], *, include_path: Path 
     _lm_base()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-
-    from .harness import Settings, existing_checkpoint, load_for_eval
 
     if include_path is not None and not Path(include_path).is_dir():
         raise Llama2Error(f"--include-path {include_path} is not a directory of lm-eval task YAML files")

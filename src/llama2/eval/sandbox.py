@@ -46,10 +46,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+from tqdm import tqdm
 
 from ..errors import Llama2Error
 
@@ -528,8 +530,6 @@ def _status(rc: int, stderr: str, timed_out: bool) -> str:
 def run_programs(sources: Sequence[str], limits: Limits | None = None, *, workers: int | None = None,
                  progress: bool = True, desc: str = "running programs", guard: bool = True) -> list[SandboxResult]:
     """Run every source in its own sandbox, `workers` at a time (default: the CPU count); results in order."""
-    from tqdm import tqdm
-
     if workers is not None and workers < 1:
         raise Llama2Error(f"workers must be at least 1, got {workers}")
     workers = workers or max(1, len(os.sched_getaffinity(0)))
@@ -544,8 +544,6 @@ def run_programs(sources: Sequence[str], limits: Limits | None = None, *, worker
 
 
 def _as_completed(futures):
-    from concurrent.futures import as_completed
-
     return as_completed(futures)
 
 

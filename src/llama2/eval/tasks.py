@@ -9,9 +9,13 @@ excluded: fixed and deterministic, the same on every run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import Llama2Error
+from .answers import gsm8k_reference, math_answer
 
 MC, GEN, CODE, PPL, CLASSIFY = "multiple_choice", "generate", "code", "perplexity", "classifier"
 LETTERS = "ABCDEFGHIJ"
@@ -165,8 +169,6 @@ def parse_siqa(row: dict[str, Any]) -> Doc:
 
 
 def _hellaswag_clean(text: str) -> str:
-    import re
-
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -290,8 +292,6 @@ def parse_quac(row: dict[str, Any]) -> Doc:
 
 
 def parse_gsm8k(row: dict[str, Any]) -> Doc:
-    from .answers import gsm8k_reference
-
     answer = need(row, "answer")
     ref = gsm8k_reference(answer)
     if ref is None:
@@ -300,8 +300,6 @@ def parse_gsm8k(row: dict[str, Any]) -> Doc:
 
 
 def parse_math(row: dict[str, Any]) -> Doc:
-    from .answers import math_answer
-
     solution = need(row, "solution")
     ref = row.get("answer") if isinstance(row.get("answer"), str) else math_answer(solution)
     if ref is None:
@@ -421,8 +419,6 @@ PAPER_TABLE3: dict[str, dict[str, float]] = {
 def expand(names: list[str]) -> list[str]:
     """Task names from names, groups (commonsense, ...; `table3` = every group; `safety` = TruthfulQA, ToxiGen,
     BOLD) and aliases, in order, without repeats; an unknown name is a Llama2Error listing the known ones."""
-    from ..errors import Llama2Error
-
     out: list[str] = []
     for raw in names:
         name = ALIASES.get(raw.strip().lower(), raw.strip().lower())

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..cpu import cpu_flags
+from ..paths import cache_dir
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -172,8 +173,6 @@ _tried = False
 
 
 def _cache_dir() -> Path:
-    from ..paths import cache_dir
-
     return Path(os.environ.get("LLAMA2_KERNEL_CACHE") or cache_dir() / "kernels")
 
 

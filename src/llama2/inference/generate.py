@@ -19,7 +19,10 @@ import torch
 from ..errors import Llama2Error
 from ..model import Transformer
 from ..tokenizer import TokenizerLike
+from . import cpu_kernels
+from . import quantize as quantization  # not `quantize`: Generator's argument of that name
 from .engine import Engine, Event, Request, check_decoding_options
+from .fastlinear import ROWS, with_matvec_kernel
 from .sampling import Completion, SamplingParams, sample, sample_rows, top_k_filter, top_p_filter
 from .scoring import sequence_logprobs
 from .sharded import gathered_for_generation, is_fsdp
@@ -64,13 +67,10 @@ class Generator:
             if sharded:
                 raise Llama2Error("quantize='int8' needs a plain model, not an FSDP-sharded one; generate from the "
                                   "sharded model inside gathered_for_generation(model) without quantize")
-            from . import cpu_kernels
-            from .quantize import quantize_int8
-
             if model.embed_tokens.weight.device.type == "cpu" and not cpu_kernels.available():
                 warnings.warn("int8 decoding: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
                               "falling back to dequantised matmuls, which are slower than fp32", stacklevel=2)
-            model = quantize_int8(model)
+            model = quantization.quantize_int8(model)  # through the module: tests patch quantize_int8
         elif fast_fp32 is not False and not sharded:
             model = _fast_fp32(model, explicit=fast_fp32 is True)
         self.model = model
@@ -193,9 +193,6 @@ def _params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[Samp
 
 def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:
     """model wrapped for the fp32 matrix-vector kernel when it is an fp32 CPU model and the kernel builds."""
-    from . import cpu_kernels
-    from .fastlinear import ROWS, with_matvec_kernel
-
     w = model.embed_tokens.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return model

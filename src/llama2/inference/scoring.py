@@ -4,54 +4,16 @@
 in training) and works with or without gradients: PPO differentiates the policy's logprobs, evaluation and
 reward shaping do not. The LM head runs over chunks of positions (the idea of fused_ops.linear_cross_entropy):
 each chunk's logits are turned into log-probabilities of the targets and dropped, and under autograd each chunk
-is recomputed in backward (activation checkpointing), so the B x T x vocab fp32 logits are never held at once.
+is recomputed in backward (activation checkpointing), so the B x T x vocab fp32 logits are never held at once
+(fused_ops.chunked_target_logprobs, which the model's `output="logprobs"` uses too).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import Llama2Error
-
-
-def _rows_per_chunk(n_rows: int, vocab: int, device: torch.device) -> int:
-    """~16 MiB of fp32 logits per chunk on CPU, ~256 MiB on accelerators."""
-    budget = 1 << (22 if device.type == "cpu" else 26)
-    return max(1, min(n_rows, max(budget // max(vocab, 1), 16)))
-
-
-def _chunk_logprobs(x: Tensor, targets: Tensor, head: nn.Module, temperature: float) -> Tensor:
-    logits = head(x).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return picked - torch.logsumexp(logits, dim=1)
-
-
-def chunked_target_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float = 1.0,
-                            chunk_rows: int | None = None) -> Tensor:
-    """log_softmax(head(hidden) / temperature) at targets, (B, T) in fp32, one chunk of positions at a time.
-
-    hidden (B, T, dim), targets (B, T); negative targets score token 0 (mask them afterwards)."""
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden states {tuple(hidden.shape)}")
-    if temperature <= 0:
-        raise Llama2Error(f"scoring: temperature must be > 0, got {temperature}")
-    x, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-    chunk = chunk_rows or _rows_per_chunk(x.shape[0], vocab, x.device)
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters()))
-    parts = []
-    for start in range(0, x.shape[0], chunk):
-        xc, tc = x[start:start + chunk], t[start:start + chunk]
-        if differentiable:  # keep only xc for backward; the chunk's logits are recomputed there
-            parts.append(checkpoint(_chunk_logprobs, xc, tc, head, temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(xc, tc, head, temperature))
-    out = torch.cat(parts) if parts else x.new_zeros(0, dtype=torch.float32)
-    return out.view(targets.shape)
 
 
 def sequence_logprobs(model: nn.Module, tokens: Tensor, mask: Tensor | None = None, *,

@@ -30,7 +30,7 @@ def is_fsdp(model: nn.Module) -> bool:
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # ~1 s to import: not at module level
     except ImportError:
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

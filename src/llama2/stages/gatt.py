@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 
 from ..atomic import atomic_write_text, make_dir
-from ..data.dialogues import Dialogue, read_dialogues
-from ..errors import Llama2Error
-from ..recipe import check, load_recipe, to_dict
-from ..paths import expand_path
-from ..paths import config_path
-from ..checkpoint.runs import require_checkpoint
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
+from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, write_dialogues
 from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction, user_turns
+from ..device import resolve_device
+from ..errors import Llama2Error
 from ..eval.adherence import TurnByTurn
+from ..paths import config_path, expand_path
+from ..recipe import check, load_recipe, to_dict
+from .sft import SFTRecipe, sft
 
 # ---------------------------------------------------------------------------------------------------------------
 # The data transformation
@@ -67,8 +70,8 @@ def place_once(users: Sequence[str], answers: Sequence[str], inst: str, placemen
 
 @dataclass
 class GattFinetune:
-    recipe: str = "configs/tiny/sft.yaml"
-    overrides: list[str] = field(default_factory=list)
+    recipe: str = "configs/tiny/sft.yaml"  # the SFT recipe of the fine-tuning
+    overrides: list[str] = field(default_factory=list)  # key=value overrides for that recipe
 
 
 @dataclass
@@ -77,19 +80,21 @@ class GattRecipe:
 
     base: str = ""  # the latest RLHF (or SFT) checkpoint
     base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
-    out_dir: str = "runs/gatt"
+    out_dir: str = "runs/gatt"  # the run directory: gatt_dialogues.jsonl and the fine-tuning in sft/
+    # instruction families (checkable ones, the paper's hobby/language/figure, registered ones)
     families: list[str] = field(default_factory=lambda: list(CHECKABLE))
+    # keep the instruction once as the system message, or in the first user turn
     placement: Literal["system", "first_user"] = "system"
     turns: int = 3  # user turns per training dialogue (the last one is learned)
-    max_dialogues: int = 256
-    enforce: bool = True
-    filter: bool = False
-    temperature: float = 0.7
-    max_new_tokens: int = 32
+    max_dialogues: int = 256  # dialogues sampled
+    enforce: bool = True  # rewrite each sampled answer of a checkable instruction to pass its checker
+    filter: bool = False  # keep a dialogue only if every sampled answer passes
+    temperature: float = 0.7  # sampling of the replies
+    max_new_tokens: int = 32  # longest reply
     max_steps: int | None = None  # caps the fine-tuning steps (null: the finetune recipe's)
     data_path: str | None = None  # dialogues JSONL (null: the built-in dialogues)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # seeds instructions and sampling
+    device: str = "auto"  # auto, cpu or cuda
     finetune: GattFinetune = field(default_factory=GattFinetune)
 
     def validate(self) -> None:
@@ -141,21 +146,11 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
 def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
     """Build the GAtt dialogues from `base` and fine-tune it on them (SFT, last answer only); returns the new
     checkpoint. The dialogues are written to out_dir/gatt_dialogues.jsonl (built once: a rerun resumes the SFT)."""
-    from ..checkpoint import load_checkpoint
-    from ..data.dialogues import write_dialogues
-    from .sft import SFTRecipe, sft
-    from ..checkpoint.runs import load_tokenizer, resolve_base
-
-    import yaml
-
     out = make_dir(expand_path(recipe.out_dir))
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
     base = require_checkpoint(recipe.base, "starting model")
     data_file = out / "gatt_dialogues.jsonl"
     if not data_file.is_file():
-        from ..device import resolve_device
-        from ..data.dialogues import ensure_dialogues
-
         source = expand_path(recipe.data_path) if recipe.data_path else ensure_dialogues(quiet=quiet)[0]
         model = load_checkpoint(base, kind="causal_lm", device=resolve_device(recipe.device)).eval()
         data = build_gatt_data(recipe, model, load_tokenizer(base), read_dialogues(source).dialogues)

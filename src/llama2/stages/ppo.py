@@ -45,18 +45,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..chat import encode_dialog
+from ..checkpoint import load_checkpoint, load_config, read_rows_into, save_model
+from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..classifier import SequenceClassifier
-from ..data.prompts import PromptItem, take
+from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
 from ..errors import Llama2Error
+from ..figures import pyplot, save_png
+from ..inference.generate import Generator, SamplingParams, gathered_for_generation
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
+from ..recipe import check
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
 from ..train.config import OptimConfig, TrainRecipe
-from ..recipe import check
+from ..train.distributed import all_gather_object, all_reduce_sum, init_distributed
 from ..train.loop import LossOutput, Trainer, TrainResult
-from ..data.prompts import PromptsSpec, load_prompt_sets, prompt_key, sample_seed
-from ..figures import pyplot, save_png
-from ..checkpoint.runs import require_checkpoint
+from ..train.metrics import read_metrics
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 
@@ -106,8 +110,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, env: Any = None) -> Tensor:
     """(x - mean) / std over the True positions only (of every process's batch, with env under torchrun); masked
     positions become 0."""
-    from ..train.distributed import all_reduce_sum
-
     m = mask.to(x.dtype)
     total, square, count = (float(v) for v in ((x * m).sum(), (x * x * m).sum(), m.sum()))
     if env is not None and env.enabled:
@@ -172,16 +174,12 @@ class ActorCriticIO:
         self.tokenizer = tokenizer
 
     def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
-        from ..checkpoint import save_model
-
         for name, part, tok in (("policy", model.policy, self.tokenizer), ("value", model.value, None)):
             where = path if name == "policy" else path / "value"
             sub = None if fetch is None else (lambda n, p=name: fetch(f"{p}.{n}"))
             save_model(part, where, tokenizer=tok, fetch=sub)
 
     def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
-        from ..checkpoint import read_rows_into
-
         for name, where in (("policy", path), ("value", path / "value")):
             part = {k[len(name) + 1:]: v for k, v in targets.items() if k.startswith(name + ".")}
             read_rows_into(where, part)
@@ -202,28 +200,29 @@ class PPORecipe(TrainRecipe):
 
     base: str = ""  # the policy to start from: a rejection-sampling or SFT checkpoint (also pi_0)
     base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
-    helpfulness_rm: str = ""
-    helpfulness_rm_recipe: str | None = None
-    safety_rm: str = ""
-    safety_rm_recipe: str | None = None
+    helpfulness_rm: str = ""  # the helpfulness reward model (checkpoint or run)
+    helpfulness_rm_recipe: str | None = None  # a reward recipe that builds it when missing
+    safety_rm: str = ""  # the safety reward model (checkpoint or run)
+    safety_rm_recipe: str | None = None  # a reward recipe that builds it when missing
+    # the value model starts from the helpfulness RM, or from the policy
     value_init: Literal["helpfulness_rm", "policy"] = "helpfulness_rm"
     out_dir: str = "runs/ppo"
-    max_steps: int = 200
-    batch_size: int = 512
-    mini_batch: int = 64
-    ppo_epochs: int = 1
-    beta: float = 0.01
-    clip: float = 0.2
-    value_clip: float = 0.2
-    value_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: Literal["batch", "running"] = "running"
+    max_steps: int = 200  # PPO iterations (rollouts + updates)
+    batch_size: int = 512  # prompts per iteration
+    mini_batch: int = 64  # rollouts per gradient step
+    ppo_epochs: int = 1  # passes over each batch of rollouts
+    beta: float = 0.01  # KL penalty to the initial policy pi_0, on every response token
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value prediction clip
+    value_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # discount (GAE)
+    lam: float = 0.95  # GAE lambda
+    whiten: Literal["batch", "running"] = "running"  # whiten LOGIT(R_c) per batch, or with running statistics
     truncation_penalty: float = -1.0  # added to the whitened score of an answer cut by max_new_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    threshold: float = SAFETY_THRESHOLD
+    temperature: float = 1.0  # sampling temperature of the rollouts (and of every logprob)
+    top_p: float = 1.0  # nucleus sampling of the rollouts
+    max_new_tokens: int = 128  # longest answer
+    threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     patience: int = 0  # stop after this many evaluations without a better held-out reward (0 = never)
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     optim: OptimConfig = field(default_factory=_ppo_optim)
@@ -326,10 +325,6 @@ class PPO:
     """Builds the Trainer (policy + value, reference pi_0, scorer) and runs PPO iterations as its step_fn."""
 
     def __init__(self, recipe: PPORecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
-        from ..checkpoint import load_checkpoint, load_config
-        from ..train.distributed import init_distributed
-        from ..checkpoint.runs import load_tokenizer
-
         env = init_distributed(recipe.device)
         if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
             raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
@@ -385,9 +380,6 @@ class PPO:
     def generate(self, prompts: Sequence[PromptItem], temperature: float, step: int
                  ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
         """(prompt ids, response ids (+ EOS when the answer stopped on it), texts, cut by the length limit)."""
-        from ..chat import encode_dialog
-        from ..inference.generate import Generator, SamplingParams, gathered_for_generation
-
         r, tok = self.recipe, self.tokenizer
         policy = self.trainer.model.policy
         context = policy.config.max_seq_len
@@ -423,8 +415,6 @@ class PPO:
     def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:
         """This process's share of the batch (an equal contiguous slice under torchrun), scored; the score
         whitening, the advantage whitening and the logged means are over the whole batch."""
-        from ..train.distributed import all_gather_object, all_reduce_sum
-
         r, t, env = self.recipe, self.trainer, self.env
         per = len(prompts) // env.world_size
         prompts = list(prompts)[env.rank * per:(env.rank + 1) * per]
@@ -562,8 +552,6 @@ def evaluate_at_start(run: PPO) -> dict[str, float]:
 
 def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None) -> TrainResult:
     """Run (or resume) PPO as the recipe says; prints a one-line summary unless quiet."""
-    from ..train.metrics import read_metrics
-
     run = PPO(recipe, scorer=scorer, quiet=quiet)
     evaluate_at_start(run)
     result = run.trainer.fit()

@@ -10,11 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_directory
+from ..checkpoint import load_config, load_model
+from ..data.corpus import build_corpus
+from ..data.packing import PackedBatches, validation_windows
+from ..data.prepare import prepare_shards
+from ..data.shards import TokenShards
+from ..data.tokenizer_training import train_tokenizer
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from ..data.packing import PackedBatches, validation_windows
-from ..train.config import BuildConfig, PretrainRecipe
+from ..model import Transformer
 from ..paths import expand_path
+from ..tokenizer import Tokenizer
+from ..train.config import BuildConfig, PretrainRecipe
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import flops_per_token
@@ -53,10 +60,6 @@ def _complete(shards: Path) -> bool:
 
 def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
     """Build the corpus, tokenizer and shards of `data.build` into its dir where missing; returns the dir."""
-    from ..data.corpus import build_corpus
-    from ..data.prepare import prepare_shards
-    from ..data.tokenizer_training import train_tokenizer
-
     root = expand_path(build.dir)
     corpus, tok, shards = root / "corpus", root / "tokenizer", root / "shards"
     try:
@@ -82,10 +85,6 @@ def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
 
 def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet: bool = False) -> Trainer:
     """Everything `llama2 pretrain` sets up: data (built if needed), tokenizer check, model, batches, Trainer."""
-    from ..data.shards import TokenShards
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
-
     env = env or init_distributed(recipe.device)
     if recipe.data.build is not None:
         if env.is_main:
@@ -107,8 +106,6 @@ def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet:
         raise Llama2Error(f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
                           "leave model.vocab_size unset to use the tokenizer's")
     if recipe.init_from is not None:
-        from ..checkpoint import load_config
-
         init_cfg = load_config(expand_path(recipe.init_from))
         if init_cfg.vocab_size != cfg.vocab_size or init_cfg.dim != cfg.dim or init_cfg.n_layers != cfg.n_layers:
             raise Llama2Error(f"init_from {recipe.init_from} has shape dim={init_cfg.dim} n_layers={init_cfg.n_layers} "
@@ -142,8 +139,6 @@ def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet:
 
     initial = None
     if recipe.init_from is not None:
-        from ..checkpoint import load_model
-
         path = expand_path(recipe.init_from)
 
         def initial() -> dict[str, Tensor]:

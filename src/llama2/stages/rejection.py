@@ -35,18 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import yaml
+from tqdm import tqdm
+
 from ..atomic import atomic_open, atomic_write_text, make_dir
-from ..data.prompts import PromptItem, take
+from ..chat import encode_dialog
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
+from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
+from ..device import resolve_device
 from ..errors import Llama2Error
-from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
-from ..recipe import check, load_recipe, to_dict
-from ..paths import expand_path
-from ..train.metrics import MetricsLog, read_metrics
-from ..paths import config_path
 from ..figures import pyplot, save_png
-from .sft import FinetuneSpec
-from ..data.prompts import PromptsSpec, load_prompt_sets, prompt_key, sample_seed
-from ..checkpoint.runs import require_checkpoint
+from ..inference.generate import Generator, SamplingParams
+from ..paths import config_path, expand_path
+from ..recipe import check, load_recipe, to_dict
+from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
+from ..train.metrics import MetricsLog, read_metrics
+from .sft import FinetuneSpec, SFTRecipe, sft
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
 STATE = "state.json"
@@ -111,8 +117,8 @@ def pool_selection(per_iteration: Sequence[dict[str, Best]], pool: str) -> list[
 class SweepSpec:
     """`temperature: sweep`: the candidate temperatures and how many held-out prompts each is tried on."""
 
-    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3])
-    prompts: int = 8
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.3])  # candidate temperatures
+    prompts: int = 8  # held-out prompts each candidate is tried on
 
     def validate(self, prefix: str = "sweep") -> None:
         check(bool(self.temperatures) and all(t > 0 for t in self.temperatures), f"{prefix}.temperatures",
@@ -126,26 +132,27 @@ class RejectionRecipe:
 
     base: str = ""  # the policy to start from (V0): a chat model, HF or Meta layout, or an SFT run
     base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
-    helpfulness_rm: str = ""
+    helpfulness_rm: str = ""  # the helpfulness reward model (checkpoint or run)
     helpfulness_rm_recipe: str | None = None  # a reward recipe that builds it when missing
-    safety_rm: str = ""
-    safety_rm_recipe: str | None = None
+    safety_rm: str = ""  # the safety reward model (checkpoint or run)
+    safety_rm_recipe: str | None = None  # a reward recipe that builds it when missing
     sampler: str | None = None  # sample from this checkpoint instead of the current policy (distillation)
-    out_dir: str = "runs/rejection"
-    iterations: int = 2
+    out_dir: str = "runs/rejection"  # the run directory: one iter-N/ per iteration
+    iterations: int = 2  # RLHF versions V1..Vn
     samples_per_prompt: int = 8  # K
     max_prompts: int | None = None  # the first N training prompts (null: all)
+    # sampling temperature, or sweep: chosen on held-out prompts each iteration
     temperature: float | Literal["sweep"] = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling
     sweep: SweepSpec = field(default_factory=SweepSpec)
-    pool: Literal["latest", "all"] = "all"
-    max_new_tokens: int = 128
+    pool: Literal["latest", "all"] = "all"  # fine-tune on the best of this iteration (latest) or of all so far (all)
+    max_new_tokens: int = 128  # longest answer
     batch_prompts: int = 8  # prompts sampled together (batch_prompts x K sequences per generation batch)
     rollout_quantize: Literal["none", "int8"] = "none"  # int8: the K samples come from weight-only int8 layers
-    threshold: float = SAFETY_THRESHOLD
+    threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     max_steps: int | None = None  # caps each iteration's fine-tuning steps (null: the finetune recipe's)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # seeds every sample (fixed per prompt, iteration and index)
+    device: str = "auto"  # auto, cpu or cuda
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
 
@@ -170,8 +177,6 @@ class RejectionRecipe:
     def finetune_recipe(self, base: Path | str, out_dir: Path, iteration: int) -> Any:
         """The SFT recipe of one iteration's fine-tuning (checked when the recipe is loaded, so a bad key fails
         before any sampling)."""
-        from .sft import SFTRecipe
-
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
         return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
@@ -194,8 +199,6 @@ class RejectionSampling:
     """One run of the loop (module docstring); `run()` does (or resumes) every iteration."""
 
     def __init__(self, recipe: RejectionRecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
-        from ..device import resolve_device
-
         self.recipe, self.quiet = recipe, quiet
         self.out = make_dir(expand_path(recipe.out_dir))
         self.device = resolve_device(recipe.device)
@@ -232,9 +235,6 @@ class RejectionSampling:
     # ------------------------------------------------------------ sampling and scoring
 
     def _load_policy(self, path: Path):
-        from ..checkpoint import load_checkpoint
-        from ..checkpoint.runs import load_tokenizer
-
         model = load_checkpoint(path, kind="causal_lm", device=self.device).eval()
         return model, load_tokenizer(path)
 
@@ -242,12 +242,6 @@ class RejectionSampling:
                k: int, path: Path | None, desc: str) -> list[dict[str, Any]]:
         """K samples per prompt with their scores, batch by batch; with `path`, every finished batch is written
         (atomically) and a rerun continues after the last one."""
-        import torch
-        from tqdm import tqdm
-
-        from ..chat import encode_dialog
-        from ..inference.generate import Generator, SamplingParams
-
         done = [json.loads(x) for x in path.read_text().splitlines()] if path is not None and path.is_file() else []
         if len(done) >= len(prompts):
             return done[:len(prompts)]
@@ -317,9 +311,6 @@ class RejectionSampling:
     # ------------------------------------------------------------ one iteration
 
     def iteration(self, i: int, state: dict[str, Any], selections: list[dict[str, Best]]) -> dict[str, Any]:
-        from ..checkpoint.runs import resolve_base
-        from .sft import sft
-
         r = self.recipe
         it_dir = make_dir(self.out / f"iter-{i}")
         policy = Path(state["policies"][str(i - 1)])
@@ -352,8 +343,6 @@ class RejectionSampling:
         return {"record": record, "policy": str(new_policy)}
 
     def run(self) -> RejectionResult:
-        import yaml
-
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
         state = self.state()
         self.metrics.truncate(state["done"])

@@ -41,21 +41,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
-from ..data.comparisons import RATINGS, Comparison, read_comparisons
+from ..checkpoint import AdapterCheckpointIO, detect_layout, load_checkpoint, load_config
+from ..checkpoint.runs import load_tokenizer, require_checkpoint
+from ..classifier import DEFAULT_PAD_ID, SequenceClassifier
+from ..data.comparisons import RATINGS, Comparison, ensure_comparisons, read_comparisons
+from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, attention_mask, collate, pack_rows
 from ..errors import Llama2Error
+from ..figures import pyplot, save_png
+from ..lora import LoRASpec, apply_lora
+from ..paths import expand_path
 from ..reward import RewardModel, encode_pair, pad_rows
 from ..train.config import FineTuneRecipe, OptimConfig
-from ..paths import expand_path
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from ..lora import LoRASpec
-from ..data.mix import WeightedSource, check_mix
-from ..checkpoint.runs import load_tokenizer
-from ..figures import pyplot, save_png
-from ..data.mix import draw, epoch_counts
-from ..data.comparisons import ensure_comparisons
-from ..checkpoint.runs import require_checkpoint
+from ..train.metrics import flops_per_token
 
 Kind = Literal["helpfulness", "safety"]
 MarginVariant = Literal["none", "small", "large"]
@@ -177,10 +177,11 @@ class ComparisonSource(WeightedSource):
 class ComparisonDataConfig:
     """`path` (+ `val_path`): one comparisons file; else `sources`, a weighted mix (default: both built-in sets)."""
 
-    path: str | None = None
-    val_path: str | None = None
+    path: str | None = None  # training comparisons (JSONL); unset: the built-in helpfulness or safety set (by kind)
+    val_path: str | None = None  # held-out comparisons (JSONL)
+    # a weighted mix instead: [{path, val_path, weight | share, name}]; path may be builtin:helpfulness or builtin:safety
     sources: list[ComparisonSource] = field(default_factory=list)
-    on_bad_line: Literal["error", "skip"] = "error"
+    on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
 
     def validate(self, prefix: str = "data") -> None:
         if self.val_path is not None and self.path is None:
@@ -204,8 +205,9 @@ class RewardRecipe(FineTuneRecipe):
     reward-model training needs; see configs/*/reward-*.yaml. batch_size and global_batch_size count comparisons
     (each is two sequences, chosen and rejected); max_seq_len: longer comparisons are skipped (counted)."""
 
-    kind: Kind = "helpfulness"
-    out_dir: str = "runs/reward"
+    kind: Kind = "helpfulness"  # helpfulness or safety: the built-in data and the name in reports
+    out_dir: str = "runs/reward"  # the run directory: recipe.yaml, metrics.jsonl, eval.md, plots, checkpoints/
+    # the rating margin m(r) in the ranking loss: none, small or large (the paper's Table 27)
     margin: MarginVariant = "small"
     packing: bool = True  # pack each micro-batch's answers into rows of max_seq_len (else pad every answer)
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
@@ -452,11 +454,6 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
                  quiet: bool = False) -> RewardRun:
     """Everything `llama2 reward` sets up: the chat model (built if needed), the data mix, the classifier started
     from the chat model's backbone with a fresh head (LoRA adapters if asked), the evaluator, the Trainer."""
-    from ..checkpoint import detect_layout, load_checkpoint, load_config
-    from ..classifier import DEFAULT_PAD_ID, SequenceClassifier
-    from ..lora import apply_lora
-    from ..train.metrics import flops_per_token
-
     env = env or init_distributed(recipe.device)
     base = require_checkpoint(recipe.base, "chat model")
     if env.is_main and sources is None and any(s.path in BUILTIN for s in recipe.data.resolved()):
@@ -507,8 +504,6 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
         return clf.state_dict()
 
     if lora.rank > 0:
-        from ..checkpoint import AdapterCheckpointIO
-
         io: Any = AdapterCheckpointIO(base, tokenizer)
         fresh = ["*.lora_A.weight", "*.lora_B.weight"]
     else:

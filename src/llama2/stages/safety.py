@@ -39,20 +39,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from ..atomic import atomic_write_text, make_dir
-from ..data.adversarial import (ANSWER_TEMPLATES, ATTACK_STYLES, RISK_CATEGORIES, AdversarialPrompt,
-                                builtin_adversarial, read_adversarial)
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
+from ..data.adversarial import (
+    ANSWER_TEMPLATES,
+    ATTACK_STYLES,
+    RISK_CATEGORIES,
+    AdversarialPrompt,
+    builtin_adversarial,
+    read_adversarial,
+)
+from ..data.dialogues import ensure_dialogues, read_dialogues
 from ..data.jsonl import write_jsonl
+from ..device import resolve_device
 from ..errors import Llama2Error
 from ..eval.answering import answer
-from ..eval.redteam import THRESHOLD, RedTeamReport, RewardModelJudge, markdown_table, red_team
-from ..recipe import check, load_recipe, to_dict
-from ..paths import expand_path
-from ..train.metrics import MetricsLog, read_metrics
-from .sft import FinetuneSpec
-from ..paths import config_path
+from ..eval.redteam import (
+    THRESHOLD,
+    JudgedAnswer,
+    RedTeamReport,
+    RewardModelJudge,
+    bar_chart,
+    is_refusal,
+    markdown_table,
+    red_team,
+)
 from ..figures import pyplot, save_png
-from ..checkpoint.runs import require_checkpoint
+from ..paths import config_path, expand_path
+from ..recipe import check, load_recipe, to_dict
+from ..reward import RewardModel
+from ..train.metrics import MetricsLog, read_metrics
+from .sft import FinetuneSpec, SFTRecipe, sft
 
 GENERIC_PREPROMPT = ("You are a safe and responsible assistant. You never help anyone hurt people, break the law or "
                      "put themselves at risk; you decline such requests briefly and kindly and point to safe help. "
@@ -63,9 +83,9 @@ GENERIC_PREPROMPT = ("You are a safe and responsible assistant. You never help a
 class SafetyPromptsSpec:
     """The adversarial prompt set (llama2.data.adversarial): training and held-out prompts; unset: built-in."""
 
-    path: str | None = None
-    val_path: str | None = None
-    on_bad_line: Literal["error", "skip"] = "error"
+    path: str | None = None  # adversarial prompts (JSONL); unset: the built-in set
+    val_path: str | None = None  # held-out adversarial prompts (JSONL)
+    on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
     max_prompts: int | None = None  # the first N adversarial training prompts (null: all)
     held_out: int | None = None  # the first N held-out prompts evaluated, adversarial and benign (null: all)
 
@@ -87,25 +107,25 @@ class DistillSafetyRecipe:
 
     base: str = ""  # the chat model to distil into (HF or Meta layout, or a run)
     base_recipe: str | None = None  # an SFT recipe that builds `base` when it is missing
-    safety_rm: str = ""
-    safety_rm_recipe: str | None = None
+    safety_rm: str = ""  # the safety reward model that keeps or drops each distilled answer
+    safety_rm_recipe: str | None = None  # a reward recipe that builds it when missing
     helpfulness_rm: str | None = None  # optional: its scores of benign answers in the evaluation
-    helpfulness_rm_recipe: str | None = None
-    out_dir: str = "runs/distill-safety"
+    helpfulness_rm_recipe: str | None = None  # a reward recipe that builds it when missing
+    out_dir: str = "runs/distill-safety"  # the run directory: answers, kept set, red-team reports, sft/
     preprompt: str = "generic"  # generic | per_category | any other text (used as it is)
-    generic_preprompt: str = GENERIC_PREPROMPT
+    generic_preprompt: str = GENERIC_PREPROMPT  # the text of the generic pre-prompt
     prefill: bool = False  # start the pre-prompted answer with the answer template (the model continues it)
     temperature: float = 0.7  # sampling of both answers (0: greedy)
-    top_p: float = 0.9
-    max_new_tokens: int = 96
-    batch_prompts: int = 32
+    top_p: float = 0.9  # nucleus sampling
+    max_new_tokens: int = 96  # longest answer
+    batch_prompts: int = 32  # prompts answered together
     replay: int = 0  # SFT training dialogues mixed into the fine-tuning (built-in ones, or replay_path's)
     benign: Literal["reference", "plain", "skip"] = "reference"  # anchors on the benign look-alikes
-    replay_path: str | None = None
+    replay_path: str | None = None  # dialogues JSONL to replay (null: the built-in ones)
     threshold: float = THRESHOLD  # the evaluation's violation threshold on the safety RM's score
     max_steps: int | None = None  # caps the fine-tuning's steps (null: the finetune recipe's)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # seeds sampling and the replay draw
+    device: str = "auto"  # auto, cpu or cuda
     prompts: SafetyPromptsSpec = field(default_factory=SafetyPromptsSpec)
     finetune: FinetuneSpec = field(default_factory=_distill_finetune)
 
@@ -124,8 +144,6 @@ class DistillSafetyRecipe:
         self.prompts.validate()
 
     def finetune_recipe(self, base: Path | str, out_dir: Path) -> Any:
-        from .sft import SFTRecipe
-
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
         return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null", f"out_dir={out_dir}",
@@ -202,8 +220,6 @@ class SafetyDistillation:
     """One run (module docstring); `run()` does or resumes every step."""
 
     def __init__(self, recipe: DistillSafetyRecipe, *, quiet: bool = False, judge: Any = None) -> None:
-        from ..device import resolve_device
-
         self.recipe, self.quiet = recipe, quiet
         self.out = make_dir(expand_path(recipe.out_dir))
         self.device = str(resolve_device(recipe.device))
@@ -215,8 +231,6 @@ class SafetyDistillation:
         self.judge = judge
         self.helpfulness = None
         if recipe.helpfulness_rm:
-            from ..reward import RewardModel
-
             h = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
             self.helpfulness = RewardModel.load(h, device=self.device)
         train, val = load_prompt_sets(recipe.prompts)
@@ -277,7 +291,6 @@ class SafetyDistillation:
             return []
         if self.recipe.benign == "reference":
             return [p.messages + [{"role": "assistant", "content": p.reference}] for p in self.benign if p.reference]
-        from ..eval.redteam import is_refusal
 
         path = self.out / "benign.jsonl"
         if path.is_file():
@@ -296,17 +309,12 @@ class SafetyDistillation:
         r = self.recipe
         if r.replay == 0:
             return []
-        from ..data.dialogues import read_dialogues
-        from ..data.dialogues import ensure_dialogues
-
         path = expand_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
         dialogues = read_dialogues(path).dialogues
         return [d.messages for d in dialogues[:r.replay]]
 
     def evaluate(self, checkpoint: Path, name: str) -> RedTeamReport:
         """Red-team results of a checkpoint on the held-out prompts (cached in redteam-NAME.json)."""
-        from ..eval.redteam import JudgedAnswer
-
         path = self.out / f"redteam-{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -319,11 +327,6 @@ class SafetyDistillation:
         return report
 
     def run(self) -> DistillResult:
-        import yaml
-
-        from ..checkpoint.runs import resolve_base
-        from .sft import sft
-
         r = self.recipe
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(r), sort_keys=False))
         metrics = MetricsLog(self.out / "metrics.jsonl")
@@ -349,7 +352,6 @@ class SafetyDistillation:
         atomic_write_text(self.out / "redteam.md", markdown_table(reports))
         atomic_write_text(self.out / "redteam.json", json.dumps({n: x.summary() for n, x in reports.items()},
                                                                indent=1))
-        from ..eval.redteam import bar_chart
 
         bar_chart(reports, self.out / "redteam.png")
         figure_16(rows, before, after, self.out / "safety_scores.png")
@@ -369,9 +371,6 @@ def _record(report: RedTeamReport) -> dict[str, Any]:
 
 
 def _load_pair(checkpoint: Path, device: str) -> tuple[Any, Any]:
-    from ..checkpoint import load_checkpoint
-    from ..checkpoint.runs import load_tokenizer
-
     return load_checkpoint(checkpoint, kind="causal_lm", device=device).eval(), load_tokenizer(checkpoint)
 
 

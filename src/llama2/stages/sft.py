@@ -33,19 +33,23 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
 from ..chat import encode_dialog, encode_dialog_for_training
-from ..data.dialogues import Dialogue, check_dialogue, read_dialogues
+from ..checkpoint import AdapterCheckpointIO, detect_layout, load_config, load_model
+from ..checkpoint.runs import load_tokenizer, require_checkpoint
+from ..data.adversarial import builtin_adversarial
+from ..data.dialogues import Dialogue, check_dialogue, ensure_dialogues, read_dialogues
+from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, SFTBatches, attention_mask, validation_batches
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
-from ..train.config import FineTuneRecipe, OptimConfig
-from ..recipe import check
+from ..inference.generate import Generator, SamplingParams, gathered_for_generation
+from ..lora import LoRASpec, apply_lora, bitsandbytes, quantize_base_4bit
+from ..model import Transformer
 from ..paths import expand_path
+from ..recipe import check
+from ..train.config import FineTuneRecipe, OptimConfig
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
-from ..lora import LoRASpec
-from ..data.mix import WeightedSource, check_mix
-from ..data.dialogues import ensure_dialogues
-from ..checkpoint.runs import load_tokenizer, require_checkpoint
+from ..train.metrics import flops_per_token
 
 Mask = Literal["all_assistant", "last_assistant"]
 
@@ -68,9 +72,10 @@ class DialogueDataConfig:
     """Training and held-out dialogues (JSONL, see llama2.data.dialogues); unset: the built-in dialogues; or
     `sources`, a weighted mix (DialogueSource)."""
 
-    path: str | None = None
+    path: str | None = None  # training dialogues (JSONL); unset: the built-in dialogues
     val_path: str | None = None  # unset with path set: no held-out loss and samples only from samples.prompts
-    on_bad_line: Literal["error", "skip"] = "error"
+    on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
+    # a weighted mix instead: [{path, val_path, weight | share}]; path may be builtin:dialogues or builtin:safety
     sources: list[DialogueSource] = field(default_factory=list)
 
     def validate(self, prefix: str = "data") -> None:
@@ -87,9 +92,10 @@ class SamplesSpec:
     """Greedy answers written to out_dir/samples.jsonl at every evaluation. prompts: user messages; unset: the
     prompts of the first `count` held-out dialogues (with their answers as references)."""
 
+    # fixed prompts answered at each evaluation; empty: the first `count` held-out dialogues
     prompts: list[str] = field(default_factory=list)
-    count: int = 4
-    max_new_tokens: int = 64
+    count: int = 4  # held-out prompts answered (0 = no samples)
+    max_new_tokens: int = 64  # tokens per sample answer
 
     def validate(self, prefix: str = "samples") -> None:
         check(self.count >= 0, f"{prefix}.count", self.count, "an integer >= 0 (0 = no samples)")
@@ -105,8 +111,9 @@ class FinetuneSpec:
     """How a later stage (rejection sampling, GAtt, safety distillation) fine-tunes through this one: an SFT recipe
     and overrides (base, out_dir, data are set by that stage), from the previous iteration's policy or the first."""
 
-    recipe: str = "configs/tiny/sft.yaml"
-    overrides: list[str] = field(default_factory=list)
+    recipe: str = "configs/tiny/sft.yaml"  # the SFT recipe each fine-tuning runs
+    overrides: list[str] = field(default_factory=list)  # key=value overrides for that recipe
+    # previous: from the last iteration's policy; base: always from the first
     start: Literal["previous", "base"] = "previous"
 
 
@@ -116,11 +123,13 @@ class SFTRecipe(FineTuneRecipe):
     configs/*/sft.yaml. max_steps caps the optimiser steps (default: `epochs` passes over the data); batch_size
     counts packed rows of max_seq_len tokens (default: the base's context)."""
 
-    out_dir: str = "runs/sft"
+    out_dir: str = "runs/sft"  # the run directory: recipe.yaml, metrics.jsonl, samples.jsonl, plots, checkpoints/
     epochs: int = 2
     data: DialogueDataConfig = field(default_factory=DialogueDataConfig)
+    # all_assistant, or last_assistant (Ghost Attention); a dialogue's own "mask" overrides it
     mask: Mask = "all_assistant"
-    packing: bool = True
+    packing: bool = True  # pack dialogues into rows (attention kept inside each); false: one per row, right-padded
+    # truncate (drop the earliest exchanges, keep the system message) or skip
     overlong: Literal["truncate", "skip"] = "truncate"
     lora: LoRASpec = field(default_factory=LoRASpec)
     samples: SamplesSpec = field(default_factory=SamplesSpec)
@@ -229,7 +238,6 @@ def check_quantize(spec: LoRASpec, env: DistEnv | None = None) -> None:
         return
     if spec.rank == 0:
         raise Llama2Error("lora.quantize_base: 4bit needs LoRA (set lora.rank > 0): a 4-bit base cannot be trained")
-    from ..lora import bitsandbytes
 
     bitsandbytes()
     if env is not None and env.enabled:
@@ -239,8 +247,6 @@ def check_quantize(spec: LoRASpec, env: DistEnv | None = None) -> None:
 
 def quantize_after_load(trainer: Trainer) -> None:
     """Trainer.after_start hook of a QLoRA run: the frozen base to NF4 once its weights are loaded."""
-    from ..lora import quantize_base_4bit
-
     before, after = quantize_base_4bit(trainer.model)
     if trainer.env.is_main and not trainer.quiet:
         print(f"QLoRA: the LoRA layers' base weights in 4-bit NF4, {before / 2**20:.1f} MiB -> {after / 2**20:.1f} "
@@ -279,8 +285,6 @@ class SampleWriter:
         atomic_write_text(self.path, "".join(keep))
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
-        from ..inference.generate import Generator, SamplingParams, gathered_for_generation
-
         if not self.prompts:
             return {}
         model = trainer.model
@@ -310,8 +314,6 @@ def _as_dialogues(items: Sequence[Dialogue | Sequence[dict[str, str]]] | None) -
 
 def _source_dialogues(src: DialogueSource, on_bad_line: str, quiet: bool) -> tuple[list[Dialogue], list[Dialogue]]:
     if src.path == "builtin:safety":
-        from ..data.adversarial import builtin_adversarial
-
         return tuple([check_dialogue(p.messages + [{"role": "assistant", "content": p.reference}])  # type: ignore
                       for p in split if p.reference] for split in builtin_adversarial())
     if src.path == "builtin:dialogues":
@@ -325,8 +327,6 @@ def _source_dialogues(src: DialogueSource, on_bad_line: str, quiet: bool) -> tup
 def mix_sources(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], list[Dialogue]]:
     """The weighted mix of data.sources (training: each source's epoch_counts share, drawn with the recipe's
     seed; held-out: every source's held-out dialogues)."""
-    from ..data.mix import draw, epoch_counts
-
     parts = [_source_dialogues(src, recipe.data.on_bad_line, quiet) for src in recipe.data.sources]
     for src, (train, _) in zip(recipe.data.sources, parts):
         if not train:
@@ -392,10 +392,6 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
               quiet: bool = False) -> SFTRun:
     """Everything `llama2 sft` sets up: base (built if needed), dialogues (from the recipe unless given),
     tokenised and packed batches, the model (with LoRA adapters if asked), samples, the Trainer."""
-    from ..checkpoint import detect_layout, load_config, load_model
-    from ..lora import apply_lora
-    from ..model import Transformer
-
     env = env or init_distributed(recipe.device)
     check_quantize(recipe.lora, env)
     base = require_checkpoint(recipe.base, "base checkpoint")
@@ -451,8 +447,6 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
         return load_model(base, device="cpu").state_dict()
 
     if lora.rank > 0:
-        from ..checkpoint import AdapterCheckpointIO
-
         io: Any = AdapterCheckpointIO(base, tokenizer)
         fresh = ["*.lora_A.weight", "*.lora_B.weight"]
     else:
@@ -465,8 +459,6 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
         totals = t.backward(t.batches.next())
         counter.total += totals.count
         return {**totals.stats(), **t.optimizer_step(), "trained_tokens": counter.total}
-
-    from ..train.metrics import flops_per_token
 
     trainer = Trainer(run, build_model, sft_loss, batches, val_batches=val_fn, initial_weights=initial,
                       checkpoint_io=io, env=env, flops_per_token=flops_per_token(cfg, seq_len), quiet=quiet,

@@ -38,8 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text, fsync_dir, fsync_tree
-from ..checkpoint.runs import (LATEST, TRAINING_STATE, checkpoints_dir, latest_checkpoint,
-                               list_checkpoints)
+from ..checkpoint.runs import LATEST, TRAINING_STATE, checkpoints_dir, latest_checkpoint, list_checkpoints
 from ..errors import Llama2Error
 from .distributed import DistEnv, all_gather_object, barrier, broadcast_object
 
@@ -174,6 +173,7 @@ class CheckpointManager:
         barrier(env)  # the staging directory exists for everyone
         for name, part in self.parts.items():
             if isinstance(part, _OptimizerPart):
+                # torch.distributed.checkpoint and .tensor take ~1 s to import: only when needed
                 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
                 osd = get_optimizer_state_dict(part.model, part.optimizer)
@@ -282,7 +282,7 @@ def _load_weights(part: _ModelPart, path: Path, name: str) -> None:
 
 
 def _load_optimizer(part: _OptimizerPart, ckpt: Path, name: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict  # ~1 s
 
     osd = load_optimizer_rows(ckpt, get_optimizer_state_dict(part.model, part.optimizer), name)
     try:
@@ -376,7 +376,7 @@ def local_rows(t: Tensor) -> tuple[Tensor, int, tuple[int, ...]]:
     to_local = getattr(t, "to_local", None)
     if to_local is None:
         return t, 0, tuple(t.shape)
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard  # ~1 s to import: only for a sharded (DTensor) tensor
 
     mesh, local = t.device_mesh, to_local()
     if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):

@@ -26,14 +26,15 @@ from ..recipe import check
 class OptimConfig:
     """AdamW with a warm-up + cosine (or constant / linear) schedule; defaults are the paper's (paper section 2.2)."""
 
-    lr: float = 3e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-5  # AdamW epsilon
     weight_decay: float = 0.1  # applied to matrices only, never to norms or other 1-D parameters
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # after the warm-up: cosine or linear decay to min_lr_ratio * lr, or constant
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 2000
+    warmup_steps: int = 2000  # linear warm-up steps
     warmup_ratio: float = 0.0  # warm-up = max(warmup_steps, ceil(warmup_ratio * max_steps))
     min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
     fused: bool | None = None  # fused AdamW kernel; None = on for single-process runs, foreach under FSDP
@@ -55,18 +56,18 @@ class OptimConfig:
 class TrainRecipe:
     """What the shared training loop reads. Stages subclass it and add their own sections."""
 
-    out_dir: str = "runs/train"
-    max_steps: int = 1000
+    out_dir: str = "runs/train"  # the run directory: recipe.yaml, metrics.jsonl, plots, checkpoints/
+    max_steps: int = 1000  # optimiser steps
     batch_size: int = 8  # micro-batch (sequences) per process
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimiser step
     global_batch_size: int | None = None  # sequences per optimiser step; if set, grad_accum is derived
-    seed: int = 0
+    seed: int = 0  # seeds data order, initialisation, dropout and sampling
     device: str = "auto"  # auto, cpu, cuda (under torchrun each process takes cuda:LOCAL_RANK)
     # bf16: autocast to bf16 for compute, fp32 master weights, gradients and optimizer state. auto: bf16 on CUDA
     # GPUs with bf16 and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo, checked at run
     # time), fp32 otherwise
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    log_every: int = 1
+    log_every: int = 1  # steps between lines of metrics.jsonl
     eval_every: int = 0  # 0 = evaluate only at the end (if there is validation data)
     save_every: int = 0  # 0 = save only at the end
     keep_last: int = 3  # checkpoints kept (oldest deleted first)
@@ -109,11 +110,13 @@ class FineTuneRecipe(TrainRecipe):
     layout, or a run directory: its latest checkpoint), `base_recipe` (builds `base` when missing), `epochs` over
     the stage's data with `max_steps` as a cap (null: the epochs decide), `max_seq_len` (null: the base's context)."""
 
-    base: str = ""
+    base: str = ""  # the starting checkpoint: HF or Meta layout, or a run directory (its latest checkpoint)
+    # a recipe that builds `base` when it is missing (the llama2 command runs it first)
     base_recipe: str | None = None
+    # a cap on the optimiser steps; null: `epochs` passes over the data decide
     max_steps: int | None = None  # type: ignore[assignment]
-    epochs: int = 1
-    max_seq_len: int | None = None
+    epochs: int = 1  # passes over the stage's data
+    max_seq_len: int | None = None  # row length in tokens; null: the base's context
 
     def validate(self) -> None:
         check(bool(self.base), "base", self.base, "the starting checkpoint directory")
@@ -138,18 +141,18 @@ class FineTuneRecipe(TrainRecipe):
 class ModelSpec:
     """A model shape: a preset name plus field overrides; vocab_size defaults to the tokenizer's."""
 
-    preset: str | None = None
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    vocab_size: int | None = None
-    multiple_of: int | None = None
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float | None = None
-    rope_theta: float | None = None
-    max_seq_len: int | None = None
-    hidden_dim: int | None = None
+    preset: str | None = None  # a named shape (7B, 13B, 34B, 70B, tiny ...); the keys below override its fields
+    dim: int | None = None  # model width
+    n_layers: int | None = None  # transformer blocks
+    n_heads: int | None = None  # query heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention when fewer than n_heads)
+    vocab_size: int | None = None  # null: the tokenizer's
+    multiple_of: int | None = None  # the feed-forward width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # scales the feed-forward width (70B: 1.3)
+    norm_eps: float | None = None  # RMSNorm epsilon
+    rope_theta: float | None = None  # rotary embedding base
+    max_seq_len: int | None = None  # context length
+    hidden_dim: int | None = None  # the feed-forward width itself (overrides the rule above)
 
     def validate(self, prefix: str = "model") -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -191,9 +194,9 @@ class BuildConfig:
     """Build the corpus, tokenizer and shards into `dir` when they are missing (`dir/{corpus,tokenizer,shards}`)."""
 
     corpus: list[str] = field(default_factory=lambda: ["default"])  # build_corpus source names
-    vocab_size: int = 4096
-    dir: str = "{cache}/pretrain-default-v4096"
-    val_fraction: float = 0.01
+    vocab_size: int = 4096  # pieces of the tokenizer trained on the corpus
+    dir: str = "{cache}/pretrain-default-v4096"  # where corpus/, tokenizer/ and shards/ are built
+    val_fraction: float = 0.01  # share of the corpus held out for validation
 
     def validate(self, prefix: str = "data.build") -> None:
         check(bool(self.corpus), f"{prefix}.corpus", self.corpus, "a non-empty list of corpus source names")
@@ -205,9 +208,9 @@ class BuildConfig:
 class DataConfig:
     """The training mixture: prepared sources sampled by weight, the tokenizer they were made with."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
-    tokenizer: str | None = None
-    build: BuildConfig | None = None
+    sources: list[SourceConfig] = field(default_factory=list)  # prepared shard directories, each {path, weight, name}
+    tokenizer: str | None = None  # the tokenizer.model the shards were made with
+    build: BuildConfig | None = None  # build the corpus, tokenizer and shards when missing (instead of sources)
     eval_sequences: int = 64  # fixed validation sequences (split evenly over the sources' val splits)
 
     def validate(self, prefix: str = "data") -> None:

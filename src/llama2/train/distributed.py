@@ -17,9 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..device import resolve_device
 from ..errors import Llama2Error
+from ..model import Block
 
 
 @dataclass
@@ -118,14 +120,10 @@ def barrier(env: DistEnv) -> None:
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: the unit of sharding, recomputation and compilation."""
-    from ..model import Block
-
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
 def _checkpointed(module: nn.Module, forward, *args: Any, **kwargs: Any) -> Tensor:
-    from torch.utils.checkpoint import checkpoint
-
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -150,7 +148,7 @@ def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None 
     Parameters stay fp32 (the master weights); with param_dtype=bf16 they are gathered in bf16 for compute
     and gradients are reduced in fp32. training=False (a frozen reference model, forward only): every block
     is resharded after its forward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # ~1 s to import: only when sharding
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..config import ModelConfig
+from ..data.jsonl import read_jsonl
 
 # Dense (no sparsity) peak TFLOP/s per GPU: (bf16/fp16, tf32).
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -115,6 +116,4 @@ def _jsonable(v: Any) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; bad lines (a torn last line of a killed run) are skipped."""
-    from ..data.jsonl import read_jsonl
-
     return [rec for _, rec in read_jsonl(path, on_bad_line="skip")]
