@@ -1,9 +1,9 @@
 """Shared fixtures: a real SentencePiece tokenizer with the Llama 2 settings, the real Llama 2 vocabulary
-from llama-cpp-python's sdist, and random transformers models."""
+from llama-cpp-python's sdist, random transformers models, and token shards with a tiny pretraining recipe.
+Plain helpers shared by test modules are in helpers.py."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-CACHE = Path(os.environ.get("LLAMA2_TEST_CACHE", Path.home() / ".cache" / "llama2-tests"))
+from helpers import CACHE, write_token_shards  # plain helpers live in helpers.py (CACHE: also `from conftest`)
+
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 
 
@@ -129,3 +130,48 @@ def fruit_policy(d: Path, sp_model_path: Path, cfg, words: int) -> Path:
                                       "optim.warmup_steps=5", "samples.count=0", "peak_tflops=1", "save_every=0"]),
         quiet=True, dialogues=dialogues)
     return d / "policy"
+
+
+# ------------------------------------------------------------------------------------------------ pretraining data
+
+
+@pytest.fixture(scope="module")
+def tok_dir(sp_model_path, tmp_path_factory) -> Path:
+    """A directory holding the test tokenizer's files (tokenizer.model, tokenizer_config.json)."""
+    from llama2.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    Tokenizer(sp_model_path).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def shards(tok_dir, tmp_path_factory) -> Path:
+    """Real text (pydoc topics) tokenised with the 1000-piece tokenizer; the last 8 documents are the val split."""
+    import numpy as np
+    from pydoc_data.topics import topics
+
+    from llama2.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_dir)
+    docs = [np.array(tok.encode(topics[k], bos=True, eos=True)) for k in sorted(topics)]
+    return write_token_shards(tmp_path_factory.mktemp("shards"), {"train": docs[:-8], "val": docs[-8:]},
+                              tok.sha256, tok.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, shards, tok_dir) -> Path:
+    """A tiny pretraining recipe over `shards` (context 32, batch 4, 6 steps)."""
+    path = tmp_path_factory.mktemp("recipe") / "pretrain.yaml"
+    path.write_text(f"""
+model: {{preset: tiny, max_seq_len: 32}}
+data:
+  tokenizer: {tok_dir}
+  sources: [{{path: {shards}}}]
+  eval_sequences: 8
+optim: {{lr: 3.0e-3, warmup_steps: 2}}
+batch_size: 4
+max_steps: 6
+log_every: 1
+""")
+    return path

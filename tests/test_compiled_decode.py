@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import random_hf_llama
-from test_generate import ours_from_hf
+from helpers import ours_from_hf
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine
 from llama2.inference.generate import Generator, SamplingParams

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import SUB_ENV, losses, recipe_file, shards, tok_dir  # noqa: F401 - fixtures
+from helpers import SUB_ENV, losses
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def _rewind(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-def test_fsdp_two_processes_match_one_and_checkpoints_cross_load(tmp_path, recipe_file):  # noqa: F811
+def test_fsdp_two_processes_match_one_and_checkpoints_cross_load(tmp_path, recipe_file):
     one, two = tmp_path / "one", tmp_path / "two"
     _wait(_start(1, recipe_file, one), _start(2, recipe_file, two))
     a, b = losses(one), losses(two)
@@ -105,7 +105,8 @@ from torch.distributed.tensor import DTensor
 
 from llama2.model import Transformer
 from llama2.train.loop import Trainer
-from test_trainer_stages import CFG, KLController, ListBatches, lm_loss, ppo_like, recipe, token_steps
+from helpers import TRAINER_CFG as CFG, KLController, ListBatches, lm_loss, ppo_like, token_steps
+from helpers import train_recipe as recipe
 
 out = Path(sys.argv[1])
 torch.manual_seed(5)

@@ -12,7 +12,7 @@ from conftest import random_hf_llama
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine, Request
 from llama2.inference.generate import Generator, SamplingParams
-from test_generate import TEXTS, VOCAB, ours_from_hf
+from helpers import TEXTS, VOCAB, ours_from_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -116,7 +116,7 @@ def test_eval_gatt_cli_prints_table_30_and_writes_json_and_png(tmp_path, sp_mode
     import subprocess
     import sys
 
-    from test_train import SUB_ENV
+    from helpers import SUB_ENV
 
     from llama2.checkpoint import save_model
     from llama2.model import Transformer

@@ -16,19 +16,9 @@ from llama2.inference.generate import Completion, Generator, SamplingParams, sam
 from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
 
-VOCAB = 1000  # the sp_model_path fixture's vocabulary
+from helpers import TEXTS, VOCAB, ours_from_hf
+
 GREEDY = dict(temperature=0.0, stop_ids=[])
-TEXTS = ["The quick brown fox", "Return the value of", "A", "If the object is a class instance, the method"]
-
-
-def ours_from_hf(hf) -> Transformer:
-    c = hf.config
-    cfg = ModelConfig(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
-                      norm_eps=c.rms_norm_eps, max_seq_len=c.max_position_embeddings)
-    model = Transformer(cfg)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
-    return model.eval()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from test_eval_harness import mmlu_jsonl
+from helpers import mmlu_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: datasets and the hub never go online

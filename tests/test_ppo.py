@@ -13,9 +13,9 @@ import torch
 
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
-from llama2.reward import CombinedScores
 
 from conftest import fruit_policy  # noqa: E402
+from helpers import AScorer, make_ppo_recipe as make_recipe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,17 +83,6 @@ def test_pad_rollout_marks_only_response_targets():
 # Tiny runs with a reward a program computes
 
 
-def a_share(text: str) -> float:
-    letters = [c for c in text.lower() if c.isalpha()]
-    return letters.count("a") / len(letters) if letters else 0.0
-
-
-class AScorer:
-    def __call__(self, prompts, responses, is_safety):
-        r = [min(max(a_share(t), 0.01), 0.99) for t in responses]
-        return CombinedScores(r, r, r)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sp_model_path):
     d = tmp_path_factory.mktemp("ppo")
@@ -103,19 +92,6 @@ def setup(tmp_path_factory, sp_model_path):
     (d / "val.jsonl").write_text("".join(json.dumps({"prompt": f"Name some fruit, please ({i})."}) + "\n"
                                          for i in range(500, 508)))
     return d
-
-
-def make_recipe(d: Path, out: Path, overrides=()):
-    from llama2.stages.ppo import PPORecipe
-    from llama2.recipe import load_recipe
-
-    return load_recipe(PPORecipe, None, [f"base={d / 'policy'}",
-                                         f"helpfulness_rm={d / 'none'}", f"safety_rm={d / 'none'}", "value_init=policy",
-                                         f"out_dir={out}", "max_steps=20", "batch_size=16", "mini_batch=8",
-                                         "max_new_tokens=10", "temperature=1.0", "beta=0.05", "optim.lr=2e-3",
-                                         f"prompts.path={d / 'train.jsonl'}", f"prompts.val_path={d / 'val.jsonl'}",
-                                         "prompts.held_out=8", "device=cpu", "precision=fp32", "peak_tflops=1",
-                                         "log_every=1", "eval_every=10", "save_every=10", *overrides])
 
 
 def test_kl_is_exactly_zero_while_the_policy_is_the_reference(tmp_path, setup):
@@ -192,7 +168,7 @@ DRIVER = """
 import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_ppo import AScorer, make_recipe
+from helpers import AScorer, make_ppo_recipe as make_recipe
 from llama2.stages.ppo import ppo
 from llama2.train.distributed import shutdown
 try:
@@ -211,7 +187,7 @@ def test_two_gloo_processes_match_one(tmp_path, setup):
     import subprocess
     import sys
 
-    from test_train import SUB_ENV
+    from helpers import SUB_ENV
 
     from llama2.train.metrics import read_metrics
 

@@ -327,7 +327,7 @@ def test_recipe_errors_name_the_key(tmp_path, base_dir, data_files):
 
 
 def test_score_cli_prints_raw_and_sigmoid_and_json_lines(tmp_path, base_dir, data_files):
-    from test_train import SUB_ENV
+    from helpers import SUB_ENV
 
     from llama2.stages.reward import reward
 

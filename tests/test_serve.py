@@ -15,28 +15,18 @@ import pytest
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-import torch  # noqa: E402
-
 from llama2.chat import encode_dialog  # noqa: E402
-from llama2.config import ModelConfig  # noqa: E402
 from llama2.inference.generate import Generator, SamplingParams  # noqa: E402
-from llama2.model import Transformer  # noqa: E402
-from llama2.serve import BackgroundServer, ServeOptions, build_app  # noqa: E402
-from llama2.serve.protocol import Defaults  # noqa: E402
+
+from helpers import SERVE_CONTEXT as CONTEXT, SERVE_KEY as KEY, SERVE_NAME as NAME  # noqa: E402
+from helpers import serve_model, slowed, start_server as start  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KEY = "test-key"
-NAME = "tiny"
-CONTEXT = 128
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=1000,
-                      max_seq_len=CONTEXT)
-    return Transformer(cfg).eval()
+    return serve_model()
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +34,11 @@ def oracle(model, tok):
     return Generator(model, tok, max_batch_size=4)
 
 
-def start(model, tok, **kw) -> BackgroundServer:
-    opts = dict(model_name=NAME, max_batch=4, max_queue=4, api_key=KEY, defaults=Defaults(max_tokens=16),
-                max_request_bytes=64 * 1024)
-    opts.update(kw)
-    return BackgroundServer(build_app(model, tok, ServeOptions(**opts))).start()
-
-
 @pytest.fixture(scope="module")
 def server(model, tok):
     s = start(model, tok)
     yield s
     s.stop()
-
-
-def slowed(s: BackgroundServer, seconds: float) -> BackgroundServer:
-    """Each engine step of this server takes at least `seconds` (so a request outlives the test's moves)."""
-    engine = s.app.state.worker.engine
-    step = engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-
-    engine.step = slow_step
-    return s
 
 
 @pytest.fixture(scope="module")

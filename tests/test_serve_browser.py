@@ -17,7 +17,7 @@ import playwright.sync_api as sync_api  # noqa: E402
 
 import httpx  # noqa: E402
 
-from test_serve import NAME, model, slowed, start  # noqa: E402,F401  (model: a fixture)
+from helpers import SERVE_NAME as NAME, serve_model, slowed, start_server as start  # noqa: E402
 
 CHROMIUM = os.environ.get("LLAMA2_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -29,7 +29,12 @@ def test_a_chromium_binary_is_installed():
 
 
 @pytest.fixture(scope="module")
-def page_server(model, tok):  # noqa: F811
+def model():
+    return serve_model()
+
+
+@pytest.fixture(scope="module")
+def page_server(model, tok):
     s = slowed(start(model, tok, api_key=None), 0.03)  # ~30 ms a token: streaming is visible, stop lands mid-way
     yield s
     s.stop()

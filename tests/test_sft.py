@@ -422,7 +422,7 @@ def test_fsdp_two_processes_match_one_with_samples_from_rank_0(tmp_path, base_di
     import subprocess
     import sys
 
-    from test_train import SUB_ENV
+    from helpers import SUB_ENV
 
     from llama2.train.metrics import read_metrics
 

@@ -138,7 +138,7 @@ def test_generate_with_a_draft_prints_the_target_greedy_text(tmp_path, sp_model_
     import subprocess
     import sys
 
-    from test_train import SUB_ENV
+    from helpers import SUB_ENV
 
     from llama2.checkpoint import save_model
     from llama2.tokenizer import Tokenizer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -24,85 +23,17 @@ from llama2.model import Transformer
 from llama2.train.config import OptimConfig, PretrainRecipe, TrainRecipe
 from llama2.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-
+from helpers import ROOT, SUB_ENV, ListBatches, losses, write_token_shards
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def write_token_shards(out: Path, splits: dict[str, list[np.ndarray]], sha256: str, vocab_size: int,
-                       shard_tokens: int = 4096) -> Path:
-    """A prepared directory in TokenShards' format (manifest.json + .bin + .idx.npy), written directly."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": "llama2-token-shards", "version": 1, "tokenizer_sha256": sha256,
-                "vocab_size": vocab_size, "dtype": "uint16", "bos_id": 1, "eos_id": 2, "splits": {},
-                "complete": True}
-    for split, docs in splits.items():
-        stream = np.concatenate(docs).astype("<u2")
-        starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
-        shards = []
-        for i, lo in enumerate(range(0, len(stream), shard_tokens)):
-            part = stream[lo:lo + shard_tokens]
-            name = f"{split}-{i:05d}.bin"
-            part.tofile(out / name)
-            s = starts[(starts >= lo) & (starts < lo + len(part))] - lo
-            np.save(out / name.replace(".bin", ".idx.npy"), s.astype(np.uint64))
-            shards.append({"file": name, "tokens": int(len(part)), "documents": int(len(s))})
-        manifest["splits"][split] = {"tokens": int(len(stream)), "documents": len(docs), "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok_dir(sp_model_path, tmp_path_factory) -> Path:
-    from llama2.tokenizer import Tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    Tokenizer(sp_model_path).save(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def shards(tok_dir, tmp_path_factory) -> Path:
-    """Real text (pydoc topics) tokenised with the 1000-piece tokenizer; the last 8 documents are the val split."""
-    from pydoc_data.topics import topics
-
-    from llama2.tokenizer import Tokenizer
-
-    tok = Tokenizer(tok_dir)
-    docs = [np.array(tok.encode(topics[k], bos=True, eos=True)) for k in sorted(topics)]
-    return write_token_shards(tmp_path_factory.mktemp("shards"), {"train": docs[:-8], "val": docs[-8:]},
-                              tok.sha256, tok.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def recipe_file(tmp_path_factory, shards, tok_dir) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "pretrain.yaml"
-    path.write_text(f"""
-model: {{preset: tiny, max_seq_len: 32}}
-data:
-  tokenizer: {tok_dir}
-  sources: [{{path: {shards}}}]
-  eval_sequences: 8
-optim: {{lr: 3.0e-3, warmup_steps: 2}}
-batch_size: 4
-max_steps: 6
-log_every: 1
-""")
-    return path
+# (write_token_shards, ListBatches, losses and the tok_dir / shards / recipe_file fixtures are shared: helpers.py,
+# conftest.py)
 
 
 def cli(*args: str) -> int:
     from llama2.cli import main
 
     return main(list(args))
-
-
-def losses(run: Path) -> dict[int, float]:
-    from llama2.train.metrics import read_metrics
-
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
 
 
 def paper_lr(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -187,21 +118,6 @@ def test_schedule_is_the_papers():
 
 
 # ------------------------------------------------------------------------------------------------ the loop's maths
-
-
-class ListBatches:
-    def __init__(self, steps: list[list[torch.Tensor]]) -> None:
-        self.steps, self.i = steps, 0
-
-    def next(self) -> list[torch.Tensor]:
-        self.i += 1
-        return self.steps[self.i - 1]
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.i = s["i"]
 
 
 def test_trainer_matches_a_hand_written_adamw_loop(tmp_path):

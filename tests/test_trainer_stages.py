@@ -16,36 +16,16 @@ from torch import nn
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
 from llama2.model import Transformer
-from llama2.train.config import OptimConfig, TrainRecipe
 from llama2.train.loop import LossOutput, Trainer
 
-from test_train import ListBatches, losses, recipe_file, shards, tok_dir  # noqa: F401 - fixtures
-
-CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-def token_steps(n: int, batch: int = 4, micro: int = 1, seed: int = 0, cfg: ModelConfig = CFG) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), generator=g) for _ in range(micro)]
-            for _ in range(n)]
-
-
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> LossOutput:
-    n = batch[:, 1:].numel()
-    return LossOutput(model(batch[:, :-1], targets=batch[:, 1:]) / n, n, perplexity=True)
+from helpers import TRAINER_CFG as CFG, KLController, ListBatches, lm_loss, losses, ppo_like
+from helpers import token_steps, train_recipe as recipe
 
 
 def reference_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy from the logits, the textbook way."""
     logits = model(batch[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-
-
-def recipe(tmp_path: Path, name: str = "run", **kw) -> TrainRecipe:
-    base = dict(out_dir=str(tmp_path / name), max_steps=2, batch_size=4, device="cpu", precision="fp32", seed=3,
-                optim=OptimConfig(lr=1e-2, warmup_steps=1))
-    base.update(kw)
-    return TrainRecipe(**base)
 
 
 def cpu_bf16_flags() -> bool:
@@ -142,7 +122,7 @@ def test_init_on_meta_initialises_like_init_weights(tmp_path):
     trainer.fit()  # and it trains
 
 
-def test_init_from_starts_from_exactly_the_checkpoint(tmp_path, recipe_file):  # noqa: F811
+def test_init_from_starts_from_exactly_the_checkpoint(tmp_path, recipe_file):
     from safetensors.torch import load_file
 
     from llama2.checkpoint import save_model
@@ -278,41 +258,6 @@ def test_reference_model_is_frozen_and_not_saved_unless_asked(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a stage's own step, state, eval
-
-
-class KLController:
-    """An adaptive KL coefficient (a PPO stage's state): a tensor and a counter."""
-
-    def __init__(self) -> None:
-        self.beta, self.updates = torch.tensor([0.1], dtype=torch.float64), 0
-
-    def update(self, kl: float) -> None:
-        self.beta *= 1.0 + 0.1 * math.tanh(kl - 1.0)
-        self.updates += 1
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta.clone(), "updates": self.updates}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.beta, self.updates = s["beta"].clone(), s["updates"]
-
-
-def ppo_like(kl: KLController, counters: dict, crash_at: int | None = None):
-    """A rollout per step, then 3 epochs over shuffled mini-batches of 2 (torch RNG), one update each."""
-
-    def step(trainer: Trainer) -> dict:
-        if trainer.step + 1 == crash_at:
-            raise RuntimeError("killed")
-        rollout = trainer.batches.next()[0]
-        counters["rollouts"] = counters.get("rollouts", 0) + 1
-        for _ in range(3):
-            for idx in torch.randperm(len(rollout)).split(2):
-                totals = trainer.backward([rollout[idx]])
-                stats = trainer.optimizer_step()
-        kl.update(totals.loss)
-        return {**totals.stats(), **stats, "beta": float(kl.beta), "tokens": rollout[:, 1:].numel()}
-
-    return step
 
 
 def test_custom_step_with_several_epochs_resumes_bit_exactly(tmp_path):

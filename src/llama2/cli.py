@@ -4,6 +4,7 @@ subcommand."""
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import importlib.util
 import pkgutil
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llama2: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`llama2 ... | head`): stop quietly, as a killed writer would
+        sys.stdout = open(os.devnull, "w")
+        return 141
+    except OSError as e:  # a file the command reads or writes: name it and the reason, never a traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(f"llama2: error: cannot use{where}: {e.strerror or e}; check the path and its permissions",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

