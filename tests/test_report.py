@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from llama2.report.budget import Budget, ThreadChooser, fit_within
-from llama2.report.demo import held_out_prompts
+from llama2.report.sections.common import Demo, sized
+from llama2.report.sections.pretrain import held_out_prompts
 from llama2.report.report import Report, fmt, md_escape
 
 EVIL = 'if a < b and c > d: <script>alert("x")</script> | *bold* _it_ `code` &amp;\n\n\nend'
@@ -165,6 +166,25 @@ def test_budget_deadlines_are_cumulative_shares():
         b.deadline("d")
 
 
+def test_budget_counts_the_builds_and_keeps_the_later_floors():
+    shares = {"a": 0.5, "b": 0.3, "c": 0.2}
+    b = Budget(100.0, shares, start=1000.0, fixed_s=20.0)  # the builds took 20 s: the shares split 80
+    assert (b.deadline("a"), b.deadline("b"), b.deadline("c")) == (1060.0, 1084.0, 1100.0)
+    b = Budget(100.0, shares, start=1000.0, fixed_s=20.0, floors={"b": 5.0, "c": 5.0}, pace=2.0)
+    assert (b.deadline("a"), b.deadline("b"), b.deadline("c")) == (1060.0, 1084.0, 1100.0)  # room enough
+    b.pace = 6.0  # a slow machine: b and c need 30 s each at their smallest
+    assert (b.deadline("a"), b.deadline("b"), b.deadline("c")) == (1040.0, 1070.0, 1100.0)
+
+
+def test_sections_shrink_with_the_time_they_have(tmp_path):
+    demo = Demo(tmp_path, Budget(100.0, {"a": 1.0}))
+    assert demo.fraction("a", 20.0, 220.0) == pytest.approx(0.4, abs=0.01)  # 100 s left: 80 of the 200 s more
+    assert demo.fraction("a", 20.0, 60.0) == 1.0 and demo.fraction("a", 120.0, 200.0) == 0.0
+    demo.budget.pace = 2.0  # a machine twice as slow: the floor and the full size cost twice the seconds
+    assert demo.fraction("a", 20.0, 220.0) == pytest.approx(0.15, abs=0.01)
+    assert (sized(400, 16, 0.0), sized(400, 16, 0.5), sized(400, 16, 1.0), sized(8, 16, 0.5)) == (16, 208, 400, 8)
+
+
 class _RandomBatches:
     def __init__(self, vocab, seq):
         self.g = torch.Generator().manual_seed(0)
@@ -212,6 +232,46 @@ def test_fit_within_respects_the_cap(tmp_path):
     t = _trainer(tmp_path)
     result, plan = fit_within(t, time.time() + 3600, cap=5, quiet=True)
     assert result.step == plan.steps == 5 and not plan.stopped_by_deadline
+
+
+def test_step_hook_that_stops_ends_the_run_with_a_checkpoint(tmp_path):
+    t = _trainer(tmp_path, max_steps=50)
+    seen = []
+
+    def hook(trainer, info):
+        assert trainer is t and info.step == t.step and info.seconds >= 0 and info.started <= time.time()
+        seen.append((info.step, "loss" in info.stats))
+        return info.step == 4
+
+    result = t.fit(on_step=hook)
+    assert result.step == t.step == 4 and seen == [(s, True) for s in (1, 2, 3, 4)]
+    assert result.checkpoint is not None and result.checkpoint.name == "step-000004"
+    assert (result.checkpoint / "model.safetensors").is_file()
+    assert t.recipe.max_steps == 50  # stopping leaves the planned length (and the schedule) alone
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4
+
+
+def test_step_hook_that_changes_max_steps_is_obeyed(tmp_path):
+    t = _trainer(tmp_path, max_steps=3)
+    calls = []
+
+    def extend(trainer, info):
+        calls.append(info.step)
+        if info.step == 3 and trainer.recipe.max_steps == 3:
+            trainer.recipe.max_steps = 7
+
+    result = t.fit(on_step=[extend])
+    assert result.step == 7 and calls == [1, 2, 3, 4, 5, 6, 7] and result.checkpoint.name == "step-000007"
+
+    t = _trainer(tmp_path / "short", max_steps=100)
+
+    def shorten(trainer, info):
+        if info.step == 2:
+            trainer.recipe.max_steps = 1  # below the current step: this step is the last
+
+    result = t.fit(on_step=shorten)
+    assert result.step == 2 and result.checkpoint is not None and result.checkpoint.name == "step-000002"
 
 
 def test_thread_chooser_switches_to_the_faster_count():

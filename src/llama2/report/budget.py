@@ -1,23 +1,32 @@
 """A wall-clock budget shared by the demo's stages, and training to a deadline with the shared loop.
 
-Each stage owns a fixed share of the total; shares are cumulative, so a stage must be done by
-start + total x (its share + the shares before it): time an earlier stage leaves unused passes on to the next,
-and an overrun is taken from the later ones. A training stage turns its time into steps with `fit_within`:
-it measures the seconds per optimiser step over the run's first steps (after the first, which pays one-off
-costs) and sets max_steps = steps done + time left / seconds per step; it measures again as it trains (over the
-last 50 steps, evaluations included when they fall in them) and re-plans whenever the projected finish is
-more than 3% of the stage's time late or 10% early (the learning-rate schedule follows the new length from then on; warm-up does
-not depend on it), and always stops in time.
+Work done before the stages (the demo's data builds) comes out of the total first; each stage owns a fixed
+share of the rest. Shares are cumulative, so a stage must be done by start + builds + rest x (its share + the
+shares before it): time an earlier stage leaves unused passes on to the next, and an overrun is taken from the
+later ones. On a small budget a stage's deadline comes earlier where the stages after it need their floors
+(the seconds they take at their smallest size, times how much slower this machine is than the reference).
+
+A training stage turns its time into steps with `fit_within`, a step hook of the Trainer
+(`Trainer.fit(on_step=...)`): it measures the seconds per optimiser step over the run's first steps (after the
+first, which pays one-off costs) and sets max_steps = steps done + time left / seconds per step; it measures
+again as it trains (over the last 50 steps, evaluations included when they fall in them) and re-plans whenever
+the projected finish is more than 3% of the stage's time late or 10% early (the learning-rate schedule follows
+the new length from then on; warm-up does not depend on it), and always stops in time.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
 
 from ..atomic import atomic_write_text
+from ..recipe import to_dict
+from ..train.loop import StepInfo, Trainer, TrainResult
 
 REPLAN_TOLERANCE = 0.10  # re-plan when the projected finish is this fraction of the stage's time early ...
 LATE_TOLERANCE = 0.03  # ... or this fraction late
@@ -29,20 +38,30 @@ WINDOW = 50  # the seconds per step are measured over the last this many steps (
 
 @dataclass
 class Budget:
-    """`total_s` seconds from `start`, split by `shares` (stage name -> fraction, in stage order)."""
+    """`total_s` seconds from `start`: the first `fixed_s` of them go to work done before the stages (the demo's
+    data builds, set once they are done), and `shares` (stage name -> fraction, in stage order) split the rest.
+    `floors` (stage name -> seconds) are what each stage takes at its smallest size on the reference machine,
+    `pace` how much slower this machine is now: a stage's deadline leaves pace x the floors of the stages after
+    it, so that on a small budget the early, elastic stages (training to a deadline) make room for the fixed
+    costs of the later ones."""
 
     total_s: float
     shares: dict[str, float]
     start: float = field(default_factory=time.time)
+    fixed_s: float = 0.0
+    floors: dict[str, float] = field(default_factory=dict)
+    pace: float = 1.0
 
     def deadline(self, stage: str) -> float:
-        """The time (time.time()) by which `stage` must be done: start + total x cumulative share."""
-        cum = 0.0
-        for name, share in self.shares.items():
-            cum += share
-            if name == stage:
-                return self.start + self.total_s * min(cum, 1.0)
-        raise KeyError(f"no budget share for stage {stage!r}; shares: {list(self.shares)}")
+        """The time (time.time()) by which `stage` must be done: start + fixed_s + the rest x cumulative share,
+        or earlier where the later stages' floors need the time."""
+        if stage not in self.shares:
+            raise KeyError(f"no budget share for stage {stage!r}; shares: {list(self.shares)}")
+        names = list(self.shares)
+        cum = sum(self.shares[n] for n in names[:names.index(stage) + 1])
+        rest = max(self.total_s - self.fixed_s, 0.0)
+        later = sum(self.floors.get(n, 0.0) for n in names[names.index(stage) + 1:])
+        return min(self.start + self.fixed_s + rest * min(cum, 1.0), self.start + self.total_s - self.pace * later)
 
     def left(self, stage: str) -> float:
         """Seconds until `stage`'s deadline (negative when it has passed)."""
@@ -72,8 +91,6 @@ class ThreadChooser:
     the second of them is more than 15% faster than the median of the last steps with the current count."""
 
     def __init__(self, every: int = THREAD_PROBE_EVERY, first: int = 3) -> None:
-        import torch
-
         self.full = torch.get_num_threads()
         self.current = self.full
         self.every, self.first = every, first
@@ -100,31 +117,25 @@ class ThreadChooser:
         return self.current
 
 
-def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.0, quiet: bool = False,
+def fit_within(trainer: Trainer, deadline: float, *, cap: int, reserve_s: float = 0.0, quiet: bool = False,
                desc: str = "train", evals: int = 5, min_steps: int = 1,
-               choose_threads: bool = True) -> tuple[Any, FitPlan]:
+               choose_threads: bool = True) -> tuple[TrainResult, FitPlan]:
     """Run trainer.fit() so that training (with its evaluations and saves) ends by `deadline` - `reserve_s`
-    (time.time() seconds), with at most `cap` steps and at least `min_steps`. Wraps the trainer's step
-    (its step_fn, or the default backward + optimizer_step) to time steps and re-plan max_steps, draws one
-    progress bar (the loop's own is turned off) and sets eval_every to give about `evals` evaluations and
-    log_every for about LOG_POINTS logged steps. choose_threads (on CPU): a ThreadChooser picks the faster thread
-    count as it runs, and leaves it set.
+    (time.time() seconds), with at most `cap` steps and at least `min_steps`. A step hook (Trainer.fit(on_step=))
+    times the steps and re-plans max_steps, draws one progress bar (the loop's own is turned off) and sets
+    eval_every to give about `evals` evaluations and log_every for about LOG_POINTS logged steps. choose_threads
+    (on CPU): a ThreadChooser picks the faster thread count as it runs, and leaves it set.
     Returns (TrainResult, FitPlan). recipe.yaml in the run directory is rewritten with the final max_steps."""
-    from tqdm import tqdm
-
-    from ..recipe import to_dict
-
     recipe = trainer.recipe
-    inner = trainer.step_fn
     chooser = ThreadChooser() if choose_threads and trainer.device.type == "cpu" else None
     plan = FitPlan()
     start = time.time()
-    marks: list[tuple[int, float]] = []  # (steps done, time) at the start of each step
+    marks: list[tuple[int, float]] = []  # (steps done, time) at the end of each step = the start of the next
     planned: list[int] = []  # steps at which the length was (re)computed
     end_at = deadline - reserve_s
 
     def set_steps(n: int) -> bool:
-        n = max(min(n, cap), min_steps, trainer.step + 1)
+        n = max(min(n, cap), min_steps, trainer.step)  # trainer.step: this step is the last
         changed = n != recipe.max_steps
         recipe.max_steps = n
         if bar.total != n:
@@ -132,15 +143,16 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
             bar.refresh()
         return changed
 
-    def step(t: Any) -> Mapping[str, float]:
-        import torch
-
+    def on_step(t: Trainer, info: StepInfo) -> None:
         now = time.time()
+        if not marks:
+            marks.append((t.step - 1, info.started))
         if chooser is not None:
-            if marks:
-                chooser.record(marks[-1][0], now - marks[-1][1])
-            torch.set_num_threads(chooser.threads_for(t.step))
+            chooser.record(marks[-1][0], now - marks[-1][1])
         marks.append((t.step, now))
+        if "loss" in info.stats:
+            bar.set_postfix(loss=f"{info.stats['loss']:.3f}", refresh=False)
+        bar.update(1)
         if t.step >= FIRST_PLAN_STEP:
             s0, t0 = marks[max(1, len(marks) - 1 - WINDOW)]  # the recent steps, never the first
             sps = (now - t0) / max(t.step - s0, 1)
@@ -152,41 +164,32 @@ def fit_within(trainer: Any, deadline: float, *, cap: int, reserve_s: float = 0.
                 if set_steps(t.step + max(int((end_at - now) / sps), 0)) or not planned:
                     plan.replans += 1
                 planned.append(t.step)
-                recipe.eval_every = max(1, recipe.max_steps // max(evals, 1))
+                recipe.eval_every = max(1, math.ceil(recipe.max_steps / max(evals, 1)))  # at most `evals`
                 recipe.log_every = max(1, recipe.max_steps // LOG_POINTS)
         elif now >= end_at and t.step >= min_steps:
-            set_steps(t.step + 1)  # out of time before the first measurement: this is the last step
-        if inner is not None:
-            stats = dict(inner(t))
-        else:
-            totals = t.backward(t.batches.next())
-            stats = {**totals.stats(), **t.optimizer_step()}
-        if "loss" in stats:
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
-        bar.update(1)
-        return stats
+            set_steps(t.step)  # out of time before the first measurement: this step is the last
+        if chooser is not None:
+            torch.set_num_threads(chooser.threads_for(t.step))  # for the next step
 
     recipe.max_steps = max(cap, min_steps, trainer.step + 1)  # until the first plan
     recipe.log_every = 1  # the first steps are logged one by one; then about LOG_POINTS records in all
     bar = tqdm(total=None, initial=trainer.step, unit="step", desc=desc, disable=quiet,  # total: once planned
                dynamic_ncols=True)
+    if chooser is not None:
+        torch.set_num_threads(chooser.threads_for(trainer.step))
     quiet_before = trainer.quiet
-    trainer.quiet, trainer.step_fn = True, step
+    trainer.quiet = True  # the bar above replaces the loop's
     try:
-        result = trainer.fit()
+        result = trainer.fit(on_step=on_step)
     finally:
-        trainer.quiet, trainer.step_fn = quiet_before, inner
+        trainer.quiet = quiet_before
         bar.close()
     plan.steps = result.step
     plan.wall_s = time.time() - start
     if chooser is not None:
-        import torch
-
         torch.set_num_threads(chooser.current)
         plan.threads, plan.thread_switches = chooser.current, chooser.switches
     plan.stopped_by_deadline = result.step < cap
     if trainer.env.is_main:
-        import yaml
-
         atomic_write_text(trainer.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
     return result, plan

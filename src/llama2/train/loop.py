@@ -20,6 +20,15 @@ A stage hands the Trainer:
   - optionally extra checkpointed state (`state={name: obj}` or `trainer.add_state`) and frozen reference
     models (`trainer.add_reference_model`).
 
+Whoever runs the loop may watch it step by step: `trainer.fit(on_step=hook)` (one hook or a list) calls
+`hook(trainer, info)` after every optimiser step, before that step's logging, evaluation and checkpoint, with
+a `StepInfo` (steps done, the step's stats, when it started and how long it took). A hook may change the run's
+length by setting `trainer.recipe.max_steps` (raised: the run goes on; lowered to the current step or below:
+this step is the last), or return True to stop after this step; either way the last step is logged, evaluated
+and saved like the step at max_steps. Stopping leaves max_steps alone (the learning-rate schedule and a later
+resume follow it). With several processes every process runs the hooks, and they must decide alike (broadcast
+a decision taken on rank 0). The demo's budget planner (`report.budget.fit_within`) is such a hook.
+
 The Trainer owns precision (bf16 autocast, fp32 master weights), FSDP2 sharding, AdamW + schedule, gradient
 accumulation and clipping, NaN/inf detection, metrics.jsonl + progress bar, and atomic checkpoints with exact
 resume (checkpoints.CheckpointManager).
@@ -109,6 +118,19 @@ class TrainResult:
     resumed_from: int | None
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What a step hook (Trainer.fit(on_step=...)) is told after each optimiser step."""
+
+    step: int  # steps done, this one included (trainer.step)
+    stats: Mapping[str, float]  # what the step returned: loss, lr, grad_norm, tokens, the stage's own
+    started: float  # time.time() when the step began
+    seconds: float  # the step's wall time (data, forward, backward, update; not the logging, eval or save after)
+
+
+StepHook = Callable[["Trainer", StepInfo], "bool | None"]  # True: stop after this step
+
+
 @dataclass
 class StepTotals:
     """What Trainer.backward measured over the global batch: mean loss and metrics over `count` items."""
@@ -192,7 +214,8 @@ def match_weights(model_shapes: Mapping[str, tuple[int, ...]], weights: Mapping[
 
 
 class Trainer:
-    """The shared loop; see the module docstring. `fit()` trains to recipe.max_steps, resuming if possible.
+    """The shared loop; see the module docstring. `fit()` trains to recipe.max_steps, resuming if possible;
+    `fit(on_step=hook)` lets a hook extend, shorten or stop the run after any step.
 
     What a stage calls: start(), fit(), train_step(), backward(micro, loss_fn), optimizer_step(), evaluate(),
     save(), autocast(), add_state(name, obj), add_reference_model(name, build, weights), load_full_state(...).
@@ -554,10 +577,12 @@ class Trainer:
             self._peak = broadcast_object(peak_tflops(self.device, dtype, self.recipe.peak_tflops), self.env)
         return self.flops_per_token * tokens_per_s / (self._peak * 1e12 * self.env.world_size)
 
-    def fit(self) -> TrainResult:
-        """Train until recipe.max_steps (from the latest checkpoint if there is one)."""
+    def fit(self, on_step: StepHook | Sequence[StepHook] | None = None) -> TrainResult:
+        """Train until recipe.max_steps (from the latest checkpoint if there is one). on_step: hooks called after
+        each optimiser step, which may extend, shorten or stop the run (see the module docstring)."""
         from tqdm import tqdm
 
+        hooks = [] if on_step is None else [on_step] if callable(on_step) else list(on_step)
         self.start()
         r = self.recipe
         last_ckpt = self.checkpoints.latest()
@@ -572,6 +597,7 @@ class Trainer:
         window = {"steps": 0, "tokens": 0.0, "loss": 0.0, "losses": 0}
         try:
             while self.step < r.max_steps:
+                started = time.time()
                 try:
                     stats = self.train_step()
                 except NonFiniteLoss as e:
@@ -586,9 +612,17 @@ class Trainer:
                     window["loss"] += float(stats["loss"])
                     window["losses"] += 1
                 step = self.step
-                do_eval = evaluates and ((r.eval_every and step % r.eval_every == 0) or step == r.max_steps)
-                do_save = (r.save_every and step % r.save_every == 0) or step == r.max_steps
-                if step % r.log_every == 0 or step == r.max_steps or do_eval:
+                stop = False
+                if hooks:
+                    info = StepInfo(step, stats, started, time.time() - started)
+                    for hook in hooks:
+                        stop = bool(hook(self, info)) or stop
+                    if bar.total != r.max_steps:
+                        bar.total = r.max_steps
+                last = stop or step >= r.max_steps
+                do_eval = evaluates and ((r.eval_every and step % r.eval_every == 0) or last)
+                do_save = (r.save_every and step % r.save_every == 0) or last
+                if step % r.log_every == 0 or last or do_eval:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
@@ -621,6 +655,8 @@ class Trainer:
                 if do_save:
                     last_ckpt = self.save()
                     window_t0 = time.perf_counter()
+                if stop:
+                    break
         finally:
             bar.close()
         if self.env.is_main:

@@ -1,0 +1,78 @@
+"""8. Ghost Attention from the latest RLHF policy (PPO's, else rejection sampling's): adherence to each checkable
+system instruction at every turn, before and after, and where the last turn's attention goes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ...checkpoint import load_checkpoint
+from ...data.instructions import start_with
+from ...eval.adherence import (
+    adherence_plot,
+    adherence_report,
+    adherence_rows,
+    attention_figure,
+)
+from ...recipe import load_recipe
+from ...stages.gatt import GattRecipe, gatt
+from ...tokenizer import Tokenizer
+from ..report import Section
+from .artifacts import ChatModel, Policy
+from .common import CONFIGS, Demo, Done, need, sized
+
+RECIPE = CONFIGS / "gatt.yaml"
+TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most) of this many turns per family
+FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
+
+
+def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:
+    base = need(start, "Ghost Attention needs a chat model, and none finished").checkpoint
+    run_dir = demo.run_dir("gatt")
+    overrides = [f"base={base}", f"out_dir={run_dir}", "base_recipe=null"]
+    full = load_recipe(GattRecipe, RECIPE, overrides)
+    # short of time: fewer dialogues to build and train on, fewer held-out dialogues to measure adherence on
+    f = demo.fraction("gatt", FLOOR_S, FULL_S)
+    recipe = load_recipe(GattRecipe, RECIPE, [*overrides, f"max_dialogues={sized(full.max_dialogues, 16, f)}"])
+    dialogues = sized(DIALOGUES, 2, f)
+    t0 = time.time()
+    before = adherence_report(base, TURNS, dialogues, max_new_tokens=48)
+    after_ckpt = gatt(recipe, quiet=True)
+    after = adherence_report(run_dir, TURNS, dialogues, max_new_tokens=48)
+    seconds = time.time() - t0
+    kept = json.loads((run_dir / "gatt_data.json").read_text())
+    reports = {"without GAtt": before, "with GAtt": after}
+    fig = demo.out / "figures" / "gatt"
+    fig.mkdir(parents=True, exist_ok=True)
+    adherence_plot(reports, fig / "adherence.png")
+    section.text(
+        f"Ghost Attention (`llama2.stages.gatt`, `configs/tiny/gatt.yaml`) from the latest RLHF policy, in "
+        f"{seconds:.0f} s: {kept['kept']} dialogues of {recipe.turns} built-in user turns, a checkable instruction "
+        "appended to every user turn while the model answered, each answer rewritten to follow it (the tiny model "
+        "cannot yet), the instruction then kept once as the system message, and the SFT stage trained on the last "
+        f"answer only. Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
+        f"{TURNS} turns per family, greedy answers, the share that pass the instruction's checker.")
+    headers, rows = adherence_rows(reports, turns=(1, 2, 4, 6))
+    section.table(headers, rows, caption="Adherence (%) to the system instruction by turn")
+    section.figure(fig / "adherence.png", "Adherence to the system instruction at each turn, per family, without "
+                                          "and with GAtt (the paper's Table 30 reports turns 2, 4, 6, 20)")
+    users = [m["content"] for m in json.loads((run_dir / "gatt_dialogues.jsonl").read_text().splitlines()[0])
+             ["messages"] if m["role"] == "user"]
+    dialogue = [{"role": "system", "content": start_with("Well,").text}]
+    for u in users[:2]:
+        dialogue += [{"role": "user", "content": u}, {"role": "assistant", "content": "Well, ..."}]
+    dialogue.append({"role": "user", "content": users[-1]})
+    models = {"without GAtt": load_checkpoint(base, kind="causal_lm").eval(),
+              "with GAtt": load_checkpoint(after_ckpt, kind="causal_lm").eval()}
+    attention_figure(models, Tokenizer(after_ckpt), dialogue, fig / "attention.png")
+    section.figure(fig / "attention.png", "Attention mass that each token of the last turn puts on the system "
+                                          "message, per layer, without and with GAtt (the paper's Figure 10)")
+
+    def mean_at(r: dict, t: int) -> float:
+        return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
+
+    demo.results.update({"gatt_turn6_before": mean_at(before, TURNS), "gatt_turn6_after": mean_at(after, TURNS),
+                         "gatt_checkpoint": str(after_ckpt)})
+    return Done(f"gatt: mean adherence at turn {TURNS} {100 * mean_at(before, TURNS):.0f}% -> "
+                f"{100 * mean_at(after, TURNS):.0f}% over {len(after['families'])} instruction families",
+                Policy(after_ckpt, "gatt"))

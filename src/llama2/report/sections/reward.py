@@ -1,0 +1,177 @@
+"""5. Reward models: the helpfulness and safety reward models trained from the SFT model on the built-in
+comparisons, each within its part of the section's budget; Table 8 per rating level beside the paper's, before
+and after training, the safety RM on harmful requests and benign look-alikes, score histograms."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ...data.comparisons import (
+    COMPLIANT_ANSWERS,
+    NEEDLESS_REFUSALS,
+    RATINGS,
+    ensure_comparisons,
+    read_comparisons,
+)
+from ...errors import Llama2Error
+from ...recipe import load_recipe
+from ...reward import RewardModel
+from ...stages.reward import (
+    PAPER_TABLE_8,
+    RewardRecipe,
+    build_reward,
+    evaluate_at_start,
+)
+from ...train.distributed import shutdown
+from ..budget import FitPlan, fit_within
+from ..report import Section
+from .artifacts import ChatModel, RewardModels
+from .common import (
+    CONFIGS,
+    Demo,
+    Done,
+    copy_figure,
+    need,
+    pct,
+    plan_steps,
+    run_figures,
+    run_metrics,
+)
+
+RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
+RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the section's time
+FLOOR_S = 16.0  # seconds at its smallest (a step or two each, the held-out evaluations), 2 idle cores
+
+
+def table_8_rows(records: list[dict[str, Any]], kind: str) -> list[list[Any]]:
+    """Table 8 rows of one RM's run: each held-out set's accuracy per rating level, before and after training."""
+    first = next((r for r in records if r.get("step") == 0 and "val_accuracy" in r), {})
+    last = [r for r in records if "val_accuracy" in r][-1]
+    sets = sorted({k.split("/")[1] for k in last if k.startswith("val_accuracy/")})
+    rows = []
+    for name in sets:
+        for label, rec in (("before", first), ("after", last)):
+            cells = [pct(rec.get(f"val_accuracy/{name}/{r}")) for r in RATINGS]
+            rows.append([f"{kind} RM, {name} held-out, {label} training", *cells, pct(rec.get(f"val_accuracy/{name}"))])
+    return rows
+
+
+def safety_examples(rms: RewardModels) -> tuple[list[str], dict[str, list[str]]] | None:
+    """Two held-out harmful requests and two benign look-alikes, each RM's probability for the refusal and the
+    helpful answer the comparisons hold for them."""
+    val = read_comparisons(ensure_comparisons(quiet=True)[1]).comparisons
+    picks: list[tuple[Any, str, str]] = []  # (prompt, refusal, helpful)
+    for source, n in (("safety:harmful", 2), ("safety:benign", 2)):
+        seen = set()
+        for c in val:
+            text = c.prompt[-1]["content"]
+            if c.source != source or text in seen:
+                continue
+            others = [d for d in val if d.prompt == c.prompt]
+            if source == "safety:harmful":  # chosen: the refusal; rejected: compliant or helpful-style
+                refusal, helpful = c.chosen, others[-1].rejected
+                if helpful in COMPLIANT_ANSWERS:
+                    continue  # a request of the fixed table: no helpful-style answer to show
+            else:  # chosen: the helpful answer; rejected: a needless refusal or the refusal template
+                refusal, helpful = others[-1].rejected, c.chosen
+                if refusal in NEEDLESS_REFUSALS:
+                    continue
+            seen.add(text)
+            picks.append((c.prompt, refusal, helpful))
+            if len(seen) == n:
+                break
+    if not picks:
+        return None
+    cols: dict[str, list[str]] = {}
+    for kind, path in (("helpfulness", rms.helpfulness), ("safety", rms.safety)):
+        rm = RewardModel.load(path)
+        p = [x[0] for x in picks]
+        refusal = rm.probs(p, [x[1] for x in picks])
+        helpful = rm.probs(p, [x[2] for x in picks])
+        cols[f"{kind} RM: refusal / helpful"] = [f"{r:.2f} / {h:.2f}" for r, h in zip(refusal, helpful)]
+    cols["refusal"] = [x[1] for x in picks]
+    cols["helpful answer"] = [x[2] for x in picks]
+    return [("(harmful) " if i < 2 else "(benign) ") + x[0][-1]["content"] for i, x in enumerate(picks)], cols
+
+
+def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardModels]:
+    sft = need(chat, "the reward models start from the SFT model, and SFT did not finish").checkpoint
+    for path in RECIPES.values():
+        if not path.is_file():
+            raise Llama2Error(f"the demo recipe {path} is missing; run the demo from a source checkout")
+    ensure_comparisons(quiet=demo.quiet)
+    stage_start, stage_end = time.time(), demo.budget.deadline("reward")
+    plans: dict[str, FitPlan] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    checkpoints: dict[str, Path] = {}
+    for kind, path in RECIPES.items():
+        run_dir = demo.run_dir(f"rm-{kind}")
+        recipe = load_recipe(RewardRecipe, path, [f"base={sft}", f"out_dir={run_dir}", "save_every=0",
+                                                  "keep_last=1", "max_steps=null"])
+        share_end = stage_start + (stage_end - stage_start) * (RM_SHARES["helpfulness"] if kind == "helpfulness"
+                                                               else 1.0)
+        try:
+            rm_run = build_reward(recipe, quiet=True)
+            cap = rm_run.trainer.recipe.max_steps
+            evaluate_at_start(rm_run)
+            result, plans[kind] = fit_within(rm_run.trainer, share_end, cap=cap, quiet=demo.quiet,
+                                             desc=f"{kind} RM", evals=3)
+        finally:
+            shutdown()
+        if result.checkpoint is None:
+            raise Llama2Error(f"the demo's {kind} RM saved no checkpoint")
+        records[kind] = run_metrics(run_dir)
+        checkpoints[kind] = Path(result.checkpoint)
+        demo.results[f"rm_{kind}_checkpoint"] = str(result.checkpoint)
+    rms = RewardModels(checkpoints["helpfulness"], checkpoints["safety"])
+    help_last = [r for r in records["helpfulness"] if "val_accuracy" in r][-1]
+    safe_last = [r for r in records["safety"] if "val_accuracy" in r][-1]
+    by_rating = {r: help_last.get(f"val_accuracy/helpfulness/{r}") for r in RATINGS}
+    demo.results.update({f"rm_helpfulness_{r}": v for r, v in by_rating.items()})
+    demo.results["rm_safety_on_safety"] = safe_last.get("val_accuracy/safety")
+    section.text(
+        "Two reward models (`llama2.stages.reward`, `configs/tiny/reward-helpfulness.yaml` and "
+        "`reward-safety.yaml`), each the SFT model with its LM head replaced by a scalar head, trained with the binary "
+        "ranking loss and the paper's small margin m(r) (Table 27) on the built-in comparisons: a real answer against, "
+        "from far to near, an answer to another question (significantly better), its words shuffled (better), its "
+        "first half (slightly better) and a one- or two-word edit (negligibly better); and the synthetic safety set "
+        "(a refusal preferred for harmful requests, a helpful answer preferred over a needless refusal for benign "
+        "look-alikes that share their words, the same answer styles chosen for one and rejected for the other). "
+        "The helpfulness RM's epoch is the helpfulness comparisons plus 15% safety ones; the safety RM's is the "
+        "safety comparisons plus 10% helpfulness ones (the paper's 90/10). Training: "
+        + "; ".join(f"{kind} RM {plan_steps(plans[kind])}" for kind in RECIPES) + ".")
+    rows = table_8_rows(records["helpfulness"], "helpfulness") + table_8_rows(records["safety"], "safety")
+    rows.append(["paper: Helpfulness RM, Meta Helpful test set", *[f"{PAPER_TABLE_8[r]:.1f}" for r in RATINGS],
+                 f"{PAPER_TABLE_8['all']:.1f}"])
+    section.table(["reward model, test set", *[r.replace("_", " ") for r in RATINGS], "all"], rows,
+                  caption="Held-out accuracy (%) of preferring the chosen answer, per preference rating (the paper's "
+                          "Table 8; ties count as half). Before training the head is fresh (scores near zero); both "
+                          "RMs start from the same SFT model and the same seeded head, so their rows before training "
+                          "agree. The safety comparisons are all rated significantly better.")
+    breakdown = []
+    for kind in RECIPES:
+        lines = [json.loads(x) for x in (demo.out / f"rm-{kind}" / "heldout_scores.jsonl").read_text().splitlines()]
+        cells = []
+        for source in ("safety:harmful", "safety:benign"):
+            mine = [x for x in lines if x["source"] == source]
+            right = sum(x["chosen"] > x["rejected"] for x in mine)
+            cells.append(f"{right} of {len(mine)}")
+        breakdown.append([f"{kind} RM", *cells])
+    section.table(["reward model", "harmful request: refusal preferred", "benign look-alike: helpful answer preferred"],
+                  breakdown, caption="Held-out safety prompts (requests never trained on), after training")
+    for kind in RECIPES:
+        copy_figure(section, demo.out / f"rm-{kind}" / "score_histogram.png", demo.out, f"rm-{kind}",
+                    f"{kind} RM: held-out scores of the chosen and rejected answers")
+        run_figures(section, demo.out / f"rm-{kind}", demo.out, f"rm-{kind}", f"{kind} RM")
+    examples = safety_examples(rms)
+    if examples:
+        prompts, cols = examples
+        section.samples(prompts, cols, caption="Held-out safety prompts: each RM's sigmoid score of a refusal and of "
+                                               "a helpful answer")
+    return Done(f"reward models: helpfulness RM held-out accuracy {pct(help_last.get('val_accuracy/helpfulness'))}% "
+                f"(significantly better {pct(by_rating['significantly_better'])}%, negligibly "
+                f"{pct(by_rating['negligibly_better'])}%), safety RM on held-out safety pairs "
+                f"{pct(safe_last.get('val_accuracy/safety'))}%", rms)
