@@ -50,15 +50,26 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
+from ..checkpoint import read_rows_into, save_model
 from ..cpu import has_native_bf16
 from ..errors import Llama2Error
+from ..recipe import to_dict
 from . import checkpoints as st
 from .checkpoints import CheckpointIO, CheckpointManager, FnState, RNGState
 from .config import TrainRecipe
-from ..recipe import to_dict
-from .distributed import (DistEnv, all_reduce_sum, apply_activation_checkpointing, apply_compile, barrier,
-                          broadcast_object, broadcast_tensor, init_distributed, shard_model)
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    apply_compile,
+    barrier,
+    broadcast_object,
+    broadcast_tensor,
+    init_distributed,
+    shard_model,
+)
 from .metrics import MetricsLog, peak_tflops
+from .plots import plot_run
 from .schedule import lr_at
 
 Batch = Any
@@ -94,14 +105,10 @@ class HFCheckpointIO:
         self.tokenizer = tokenizer
 
     def save(self, model: nn.Module, path: Path, fetch: Callable[[str], Tensor] | None = None) -> None:
-        from ..checkpoint import save_model
-
         save_model(model, path, tokenizer=self.tokenizer, fetch=fetch)
 
     def load_into(self, path: Path, targets: dict[str, tuple[Tensor, int]]) -> None:
         """Fill each (tensor, first row) in place, reading only those rows from disk (see read_rows_into)."""
-        from ..checkpoint import read_rows_into
-
         read_rows_into(path, targets)
 
 
@@ -665,8 +672,6 @@ class Trainer:
 
     def plot(self) -> list[Path]:
         """PNG curves of metrics.jsonl in the run directory (llama2.train.plots; written at the end of fit)."""
-        from .plots import plot_run
-
         try:
             return plot_run(self.run_dir)
         except Llama2Error:  # nothing logged yet
