@@ -26,7 +26,7 @@ helpfulness RM (`value_init: helpfulness_rm`) or from the policy's backbone with
 checkpoint directory holds the policy in the HF causal-LM layout and the value model in `value/`.
 
     recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml")
-    result = ppo(recipe)                     # builds the SFT model and both RMs when missing
+    result = pipeline.run(recipe)            # builds the SFT model and both RMs when missing, then ppo(recipe)
     result = ppo(recipe, scorer=my_scorer)   # any (prompts, responses, is_safety) -> CombinedScores
 """
 

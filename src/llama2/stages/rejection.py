@@ -22,7 +22,7 @@ policy's held-out reward), with `reward_by_k` ({K: the mean over prompts of the 
 samples}, nested subsets of the same samples) and `median_by_k`; `reward_by_k.png` is the paper's Figure 7.
 
     recipe = load_recipe(RejectionRecipe, "configs/tiny/rejection.yaml")
-    result = rejection_sampling(recipe)     # builds the SFT model and both RMs when missing
+    result = pipeline.run(recipe)           # builds the SFT model and both RMs when missing, then this stage
     result = rejection_sampling(recipe, scorer=my_scorer)   # any (prompts, responses, is_safety) -> CombinedScores
 """
 

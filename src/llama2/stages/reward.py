@@ -22,7 +22,7 @@ paper's Table 8 (ties count as half right; TRL counts them as wrong), in metrics
 scores) and per pair in `heldout_scores.jsonl`. The run is evaluated once before the first step (step 0).
 
     recipe = load_recipe(RewardRecipe, "configs/tiny/reward-helpfulness.yaml")
-    result = reward(recipe)            # builds the tiny SFT model and the built-in comparisons when missing
+    result = reward(recipe)            # builds the built-in comparisons when missing (pipeline.run: the SFT model too)
     rm = RewardModel.load(recipe.out_dir)
 """
 
@@ -179,7 +179,7 @@ class ComparisonDataConfig:
 
     path: str | None = None  # training comparisons (JSONL); unset: the built-in helpfulness or safety set (by kind)
     val_path: str | None = None  # held-out comparisons (JSONL)
-    # a weighted mix instead: [{path, val_path, weight | share, name}]; path may be builtin:helpfulness or builtin:safety
+    # a weighted mix: [{path, val_path, weight | share, name}]; path may be builtin:helpfulness or builtin:safety
     sources: list[ComparisonSource] = field(default_factory=list)
     on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
 
@@ -452,7 +452,7 @@ class RewardRun:
 
 def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None = None, env: DistEnv | None = None,
                  quiet: bool = False) -> RewardRun:
-    """Everything `llama2 reward` sets up: the chat model (built if needed), the data mix, the classifier started
+    """Everything `llama2 reward` sets up: the chat model, the data mix, the classifier started
     from the chat model's backbone with a fresh head (LoRA adapters if asked), the evaluator, the Trainer."""
     env = env or init_distributed(recipe.device)
     base = require_checkpoint(recipe.base, "chat model")

@@ -27,7 +27,7 @@ plus the distillation's counts. Rerunning continues: answers, the fine-tuning ru
 reused once written.
 
     recipe = load_recipe(DistillSafetyRecipe, "configs/tiny/distill-safety.yaml")
-    result = distill_safety(recipe)        # builds the chat model and the safety RM when missing
+    result = pipeline.run(recipe)          # builds the chat model and the safety RM when missing, then this stage
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ exactly as it would be alone (the tests check losses and gradients against one-d
 Paper settings (configs/7B/sft.yaml): cosine schedule from lr 2e-5, weight decay 0.1, batch 64 x 4096, 2 epochs.
 
     recipe = load_recipe(SFTRecipe, "configs/tiny/sft.yaml", ["max_steps=50"])
-    result = sft(recipe)                       # builds the tiny base / built-in dialogues when missing
+    result = sft(recipe)                       # builds the built-in dialogues when missing (pipeline.run: the base too)
     result = sft(recipe, dialogues=[...])      # later stages: dialogues in memory (Dialogue or message lists)
 
 `mask: last_assistant` (or a dialogue's own "mask") trains only the final answer (Ghost Attention). `lora.rank
@@ -390,7 +390,7 @@ class SFTRun:
 def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict]] | None = None,
               val_dialogues: Sequence[Dialogue | Sequence[dict]] | None = None, env: DistEnv | None = None,
               quiet: bool = False) -> SFTRun:
-    """Everything `llama2 sft` sets up: base (built if needed), dialogues (from the recipe unless given),
+    """Everything `llama2 sft` sets up: the base, dialogues (from the recipe unless given),
     tokenised and packed batches, the model (with LoRA adapters if asked), samples, the Trainer."""
     env = env or init_distributed(recipe.device)
     check_quantize(recipe.lora, env)
@@ -471,8 +471,8 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
 
 def sft(recipe: SFTRecipe, quiet: bool = False, *, dialogues: Sequence[Dialogue | Sequence[dict]] | None = None,
         val_dialogues: Sequence[Dialogue | Sequence[dict]] | None = None) -> TrainResult:
-    """Run (or resume) supervised fine-tuning as the recipe says (building the base and the built-in dialogues
-    when missing); prints a one-line summary unless quiet. Later stages may pass `dialogues` (and
+    """Run (or resume) supervised fine-tuning as the recipe says (building the built-in dialogues when missing;
+    llama2.pipeline builds a missing base); prints a one-line summary unless quiet. Later stages may pass `dialogues` (and
     `val_dialogues`) in memory: Dialogue objects or lists of {"role", "content"} messages."""
     run = build_sft(recipe, dialogues=dialogues, val_dialogues=val_dialogues, quiet=quiet)
     run.trainer.start()
