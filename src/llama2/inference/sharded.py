@@ -17,6 +17,7 @@ modules passes through unchanged. Memory: the full weights are resident on every
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,11 +30,12 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torch.distributed.fsdp import FSDPModule  # ~1 s to import: not at module level
-    except ImportError:
+    # A model can only be sharded once torch.distributed.fsdp was imported (fully_shard lives there); that import
+    # takes ~1 s, so an unsharded model (every single-process run) never pays it.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
         return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
 
 
 def _reshard_after_forward(module: nn.Module) -> bool:
