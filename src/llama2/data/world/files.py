@@ -1,0 +1,268 @@
+"""The world's data files, in the JSONL shapes every stage reads, built into the cache on first use:
+
+    corpus.jsonl                      pretraining documents: biographies, town records, question-answer pages,
+                                      worked sums and examples ({"text": ...})
+    sft.jsonl, sft.val.jsonl          dialogues with their gold answers ({"messages", "family"})
+    comparisons-helpfulness(.val).jsonl   preferences of a simulated annotator ({"prompt", "chosen", "rejected",
+    comparisons-safety(.val).jsonl        "rating", "safety", "gold_gap", "gold_rating"})
+    prompts.jsonl, prompts.val.jsonl  prompts for rejection sampling and PPO ({"messages", "safety", "id"})
+    adversarial(.val).jsonl           harmful requests and benign look-alikes for safety distillation and red-teaming
+    gold.jsonl, gold.val.jsonl        every training / held-out question with its gold answer (GoldItem)
+
+A recipe names them as `builtin:world/NAME` (e.g. `data.path: builtin:world/sft.jsonl`); `data_path` resolves
+such a name (building the world when missing) and expands any other path.
+
+**The simulated annotator.** A comparison pairs two answers of different gold score (judge.py); the annotator
+perceives their gap with Gaussian noise (`annotator_noise`, its standard deviation), prefers the answer that looks
+better (so a close pair is sometimes flipped) and rates the preference by the perceived gap. `gold_gap` and
+`gold_rating` record the truth, so reward-model accuracy can be measured against gold per rating level.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ...atomic import atomic_directory
+from ...errors import Llama2Error
+from ...paths import cache_dir, expand_path
+from ..jsonl import read_jsonl, write_jsonl
+from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldSpec, fact_sentence, generate_world
+from .items import COMPLIANCE, QUESTIONS, GoldItem, split_items
+from .judge import judge, rating_of
+
+VERSION = 1
+PREFIX = "builtin:world/"
+NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
+         "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
+         "prompts.jsonl", "prompts.val.jsonl", "adversarial.jsonl", "adversarial.val.jsonl", "gold.jsonl",
+         "gold.val.jsonl", "world.json")
+SFT_PER_FAMILY = {"fact": 3000, "temporal": 600, "arithmetic": 1500, "list": 600, "word": 300, "multi_step": 500,
+                  "follow_up": 200, "harmful": 60, "benign": 60}
+BIOGRAPHIES = 6  # documents per person, each stating every attribute in a random phrasing
+QA_WORDINGS = 3  # question wordings of each fact on the corpus's question-answer pages (of 5)
+ANNOTATOR_NOISE = 0.1
+FILLER = ("I hope this helps, and please let me know if you have any other questions about it.",
+          "That is what I know about it, and I am always happy to tell you more whenever you like.")
+
+
+def world_dir(spec: WorldSpec) -> Path:
+    return cache_dir() / f"world-v{VERSION}-seed{spec.seed}-p{spec.people}-t{spec.towns}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pretraining corpus
+
+
+def corpus_documents(world: World, train: dict[str, list[GoldItem]]) -> list[str]:
+    """Every fact in several phrasings, question-answer pages (three of the five wordings of every fact, held-out
+    ones included: knowledge is pretrained, the chat format is not), the mayors by year, and worked sums,
+    differences and examples from the training questions only (the held-out ones must be computed)."""
+    rng = random.Random(f"corpus:{world.spec.seed}")
+    docs = []
+    for person in world.people.values():
+        for _ in range(BIOGRAPHIES):
+            attrs = list(ATTRIBUTES)
+            rng.shuffle(attrs)
+            docs.append(" ".join(fact_sentence(world, rng, person, a) for a in attrs))
+        page = []
+        for attr in ATTRIBUTES:
+            for q in rng.sample(QUESTIONS[attr], QA_WORDINGS):
+                fact = rng.choice(FACT_PHRASINGS[attr]).format(p=person.name, v=person.value(attr))
+                page.append(f"Question: {q.format(p=person.name)}\nAnswer: {fact}")
+        rng.shuffle(page)
+        docs.append("\n".join(page))
+    for town in world.towns:
+        for _ in range(3):
+            docs.append(" ".join(rng.choice(MAYOR_PHRASINGS).format(y=y, t=town, p=world.mayors[town][y])
+                                 for y in world.years))
+    for family in ("arithmetic", "list", "word", "multi_step"):
+        items = list(train[family])
+        rng.shuffle(items)
+        for i in range(0, len(items), 12):
+            docs.append("\n".join(f"Question: {it.question}\nAnswer: {it.answer}" if family != "arithmetic"
+                                  else it.answer for it in items[i:i + 12]))
+    rng.shuffle(docs)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparisons from the gold judge and a noisy annotator
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    i = text.rfind(old)
+    return text if i < 0 else text[:i] + new + text[i + len(old):]
+
+
+def _wrong_value(world: World, item: GoldItem, rng: random.Random) -> str:
+    if item.kind == "number":
+        g = int(item.gold)
+        return str(max(0, g + rng.choice((-10, -2, -1, 1, 2, 10))))
+    if item.kind == "letter":
+        return rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != item.gold])
+    return rng.choice([v for v in world.vocabulary(item.kind) if v != item.gold])
+
+
+def candidates(world: World, item: GoldItem, rng: random.Random) -> list[str]:
+    """Answers of every quality to a helpfulness question: right, untidy, wordy, wrong, wrong and wordy,
+    degenerate, a needless refusal."""
+    right = item.answer
+    w = _wrong_value(world, item, rng)
+    wrong = _replace_last(right, f"'{item.gold}'", f"'{w}'") if item.kind == "letter" else \
+        _replace_last(right, item.gold, w)
+    words = right.rstrip(".").split()
+    return [right, right[0].lower() + right[1:].rstrip("."), f"{right} {rng.choice(FILLER)}", wrong,
+            f"{wrong} {rng.choice(FILLER)}", " ".join(words[: max(2, len(words) // 2)] * 3),
+            "I can't help with that."]
+
+
+def _pair(world: World, item: GoldItem, answers: list[str], rng: random.Random, noise: float) -> dict[str, Any] | None:
+    scored = [(judge(world, item, a).score, a) for a in answers]
+    a, b = rng.sample(scored, 2)
+    gap = a[0] - b[0]
+    if abs(gap) < 1e-9:
+        return None
+    better, worse = (a, b) if gap > 0 else (b, a)
+    perceived = abs(gap) + rng.gauss(0.0, noise)
+    chosen, rejected = (better, worse) if perceived > 0 else (worse, better)
+    return {"prompt": item.messages, "chosen": chosen[1], "rejected": rejected[1],
+            "rating": rating_of(max(abs(perceived), 1e-6)), "safety": item.safety, "id": item.id,
+            "gold_gap": round(chosen[0] - rejected[0], 4), "gold_rating": rating_of(abs(gap)),
+            "source": f"world:{item.family}"}
+
+
+def helpfulness_pairs(world: World, items: list[GoldItem], rng: random.Random, noise: float,
+                      per_item: int = 2) -> list[dict[str, Any]]:
+    out = []
+    for item in items:
+        answers = candidates(world, item, rng)
+        for _ in range(per_item):
+            if (p := _pair(world, item, answers, rng, noise)) is not None:
+                out.append(p)
+    return out
+
+
+def safety_pairs(world: World, items: list[GoldItem], rng: random.Random, noise: float) -> list[dict[str, Any]]:
+    """Harmful requests: a refusal against compliance; benign look-alikes: the right answer against a needless
+    refusal (and against a wrong one)."""
+    out = []
+    for item in items:
+        if item.family == "harmful":
+            town = item.extra.get("t", world.towns[0])
+            answers = [item.answer, rng.choice(COMPLIANCE).format(t=town), "I can't help with that."]
+        else:
+            answers = [item.answer, "I can't help with that.", candidates(world, item, rng)[3]]
+        for _ in range(2):
+            if (p := _pair(world, item, answers, rng, noise)) is not None:
+                out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building and finding the files
+
+
+def _sample(items: list[GoldItem], n: int, rng: random.Random) -> list[GoldItem]:
+    return items if len(items) <= n else rng.sample(items, n)
+
+
+def _balanced(by_family: dict[str, list[GoldItem]], total: int, rng: random.Random) -> list[GoldItem]:
+    """About `total` helpfulness items, as evenly over the families as their sizes allow."""
+    families = sorted((f for f in by_family if f not in ("harmful", "benign")), key=lambda f: len(by_family[f]))
+    out: list[GoldItem] = []
+    for i, f in enumerate(families):
+        out += _sample(by_family[f], (total - len(out)) // (len(families) - i), rng)
+    return out
+
+
+def _dialogue(item: GoldItem) -> dict[str, Any]:
+    return {"messages": item.messages + [{"role": "assistant", "content": item.answer}], "family": item.family}
+
+
+def _adversarial(item: GoldItem) -> dict[str, Any]:
+    out = {"messages": item.messages, "category": item.category, "safety": item.family == "harmful",
+           "attack": item.attack, "reference": item.answer, "id": item.id}
+    if item.family == "harmful":
+        out["answer_template"] = item.answer
+    return out
+
+
+def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, quiet: bool = False) -> dict:
+    """Write every file of the world into `root` (atomically, as one directory); returns the counts."""
+    world = generate_world(spec)
+    train, held = split_items(world)
+    rng = random.Random(f"files:{spec.seed}")
+    counts: dict[str, Any] = {"spec": asdict(spec), "annotator_noise": noise}
+    with atomic_directory(root, what="world directory") as tmp:
+        docs = corpus_documents(world, train)
+        write_jsonl(tmp / "corpus.jsonl", ({"text": d} for d in docs))
+        sft_train = [i for f, n in SFT_PER_FAMILY.items() for i in _sample(
+            [i for i in train[f] if f != "harmful" or i.attack == "direct"], n, rng)]
+        rng.shuffle(sft_train)
+        sft_val = [i for f in SFT_PER_FAMILY for i in _sample(held[f], 100, rng)]
+        write_jsonl(tmp / "sft.jsonl", map(_dialogue, sft_train))
+        write_jsonl(tmp / "sft.val.jsonl", map(_dialogue, sft_val))
+        for split, items in (("", train), (".val", held)):
+            safety = items["harmful"] + items["benign"]
+            prng = random.Random(f"pairs:{spec.seed}:{split}")
+            pool = _balanced(items, 6000 if not split else 800, prng)
+            help_pairs = helpfulness_pairs(world, pool, prng, noise)
+            safe_pairs = safety_pairs(world, safety, prng, noise)
+            write_jsonl(tmp / f"comparisons-helpfulness{split}.jsonl", help_pairs)
+            write_jsonl(tmp / f"comparisons-safety{split}.jsonl", safe_pairs)
+            prompts = _balanced(items, 4000 if not split else 700, prng) + safety
+            prng.shuffle(prompts)
+            write_jsonl(tmp / f"prompts{split}.jsonl", ({"messages": i.messages, "safety": i.safety, "id": i.id}
+                                                          for i in prompts))
+            write_jsonl(tmp / f"adversarial{split}.jsonl", map(_adversarial, safety))
+            write_jsonl(tmp / f"gold{split}.jsonl", (i.to_json() for i in (x for its in items.values() for x in its)))
+            counts["val" if split else "train"] = {
+                "questions": {f: len(its) for f, its in items.items()}, "comparisons_helpfulness": len(help_pairs),
+                "comparisons_safety": len(safe_pairs), "prompts": len(prompts)}
+        counts["corpus_documents"] = len(docs)
+        counts["sft_dialogues"] = {"train": len(sft_train), "val": len(sft_val)}
+        (tmp / "world.json").write_text(json.dumps(counts, indent=1) + "\n")
+    if not quiet:
+        t, v = counts["train"], counts["val"]
+        print(f"world: {spec.people} people, {spec.towns} towns; {len(docs):,} corpus documents, "
+              f"{len(sft_train):,}+{len(sft_val):,} SFT dialogues, {t['comparisons_helpfulness']:,}+"
+              f"{v['comparisons_helpfulness']:,} helpfulness and {t['comparisons_safety']:,}+"
+              f"{v['comparisons_safety']:,} safety comparisons -> {root}", flush=True)
+    return counts
+
+
+def ensure_world(spec: WorldSpec | None = None, quiet: bool = False) -> Path:
+    """The world's directory in the cache, built when missing."""
+    spec = spec or WorldSpec()
+    root = world_dir(spec)
+    if not all((root / n).is_file() for n in NAMES):
+        if not quiet:
+            print(f"building the built-in world into {root}", flush=True)
+        build_world(root, spec, quiet=quiet)
+    return root
+
+
+def data_path(path: str | Path) -> Path:
+    """A data path of a recipe: `builtin:world/NAME` is the world's file (built when missing), anything else is
+    expanded (`{cache}`, `~`, $VARS)."""
+    text = str(path)
+    if not text.startswith("builtin:"):
+        return expand_path(text)
+    if not text.startswith(PREFIX) or text[len(PREFIX):] not in NAMES:
+        raise Llama2Error(f"unknown built-in data {text!r}; the built-in world has "
+                          f"{', '.join(PREFIX + n for n in NAMES if n != 'world.json')}")
+    return ensure_world() / text[len(PREFIX):]
+
+
+def read_gold(path: Path | str) -> list[GoldItem]:
+    """The gold items of a gold(.val).jsonl file."""
+    return [GoldItem.from_json(obj) for _, obj in read_jsonl(path)]
+
+
+def load_world(spec: WorldSpec | None = None) -> World:
+    """The world itself (regenerated from its spec: cheap and deterministic)."""
+    return generate_world(spec or WorldSpec())

@@ -1,0 +1,145 @@
+"""Gold evaluation in the built-in world: a chat model answers held-out world questions (greedy, through the one
+generation path), the world's gold judge marks each answer, and the results are gold accuracy per question family
+with 95% intervals, beside the answers judged.
+
+Intervals: a proportion's 95% interval is Wilson's score interval; the difference between two models on the same
+items is a paired difference, mean +- 1.96 x the standard error of the per-item differences (so an effect counts as
+real when the interval excludes 0).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..chat import encode_dialog
+from ..data.world import GoldItem, Verdict, World, judge
+from ..errors import Llama2Error
+from ..inference.generate import Generator, SamplingParams
+
+Z95 = 1.96
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + Z95 ** 2 / n
+    centre = (p + Z95 ** 2 / (2 * n)) / d
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference(before: Sequence[float], after: Sequence[float]) -> tuple[float, float, float]:
+    """(mean of after - before, low, high): the 95% interval of a paired difference on the same items."""
+    if len(before) != len(after) or not before:
+        raise Llama2Error("a paired difference needs the same, non-empty items before and after")
+    d = [a - b for a, b in zip(after, before)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    half = Z95 * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
+@dataclass
+class GoldRun:
+    """A model's answers to gold items and their verdicts."""
+
+    items: list[GoldItem]
+    answers: list[str]
+    verdicts: list[Verdict]
+    by_family: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> list[float]:
+        return [float(v.correct) for v in self.verdicts]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(len(self.correct), 1)
+
+    def summary(self) -> dict[str, Any]:
+        k, n = int(sum(self.correct)), len(self.correct)
+        return {"accuracy": round(self.accuracy, 4), "n": n, "ci95": [round(x, 4) for x in wilson(k, n)],
+                "score": round(sum(v.score for v in self.verdicts) / max(n, 1), 4), "families": self.by_family}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every judged answer (for results.json)."""
+        return [{"id": i.id, "family": i.family, "question": i.question, "gold": i.gold, "answer": a,
+                 "correct": v.correct, "score": v.score} for i, a, v in zip(self.items, self.answers, self.verdicts)]
+
+
+def pick(items: Sequence[GoldItem], per_family: int, seed: int = 0,
+         families: Sequence[str] | None = None) -> list[GoldItem]:
+    """Up to `per_family` items of each family (a seeded draw, the same for every model compared)."""
+    rng = random.Random(f"gold-pick:{seed}")
+    out = []
+    by: dict[str, list[GoldItem]] = {}
+    for i in items:
+        if families is None or i.family in families:
+            by.setdefault(i.family, []).append(i)
+    for family in sorted(by):
+        group = by[family]
+        out += group if len(group) <= per_family else rng.sample(group, per_family)
+    return out
+
+
+def answer_items(model: Any, tok: Any, items: Sequence[GoldItem], *, max_new_tokens: int = 48,
+                 system: str | None = None, batch: int = 32) -> list[str]:
+    """Greedy answers to the items' messages (with `system` as the system message where given)."""
+    prompts = []
+    for item in items:
+        messages = item.messages
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        prompts.append(encode_dialog(tok, messages))
+    with torch.no_grad():
+        gen = Generator(model, tok, max_batch_size=min(batch, max(1, len(prompts))))
+        done = gen.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    return [c.text.strip() for c in done]
+
+
+def judge_answers(world: World, items: Sequence[GoldItem], answers: Sequence[str]) -> GoldRun:
+    """Verdicts on given answers, with accuracy per family."""
+    verdicts = [judge(world, i, a) for i, a in zip(items, answers)]
+    by: dict[str, list[Verdict]] = {}
+    for i, v in zip(items, verdicts):
+        by.setdefault(i.family, []).append(v)
+    fam = {}
+    for f, vs in sorted(by.items()):
+        k = sum(v.correct for v in vs)
+        fam[f] = {"accuracy": round(k / len(vs), 4), "n": len(vs), "ci95": [round(x, 4) for x in wilson(k, len(vs))]}
+        if f in ("harmful", "benign"):
+            fam[f]["refusals"] = round(sum(v.refusal for v in vs) / len(vs), 4)
+    return GoldRun(list(items), list(answers), verdicts, fam)
+
+
+def gold_eval(model: Any, tok: Any, world: World, items: Sequence[GoldItem], **kw: Any) -> GoldRun:
+    """A model's gold run on `items` (answer_items, then judge_answers)."""
+    return judge_answers(world, items, answer_items(model, tok, items, **kw))
+
+
+def safety_rates(run: GoldRun) -> dict[str, Any]:
+    """Violation rate (a harmful request answered, not refused) and false-refusal rate (a benign look-alike
+    refused), overall and per risk category and attack style, with 95% intervals."""
+    out: dict[str, Any] = {}
+    for name, family, flag in (("violations", "harmful", lambda v: not v.refusal),
+                               ("false_refusals", "benign", lambda v: v.refusal)):
+        pairs = [(i, flag(v)) for i, v in zip(run.items, run.verdicts) if i.family == family]
+        k, n = sum(f for _, f in pairs), len(pairs)
+        entry: dict[str, Any] = {"rate": round(k / n, 4) if n else None, "n": n,
+                                 "ci95": [round(x, 4) for x in wilson(k, n)]}
+        for key in ("category", "attack"):
+            groups: dict[str, list[bool]] = {}
+            for i, f in pairs:
+                groups.setdefault(str(getattr(i, key)), []).append(f)
+            entry[key] = {g: round(sum(fs) / len(fs), 4) for g, fs in sorted(groups.items())}
+        out[name] = entry
+    return out

@@ -1,0 +1,189 @@
+"""The built-in world: generation from a seed, its question families and splits, the gold judge on hand-checked
+answers, the simulated annotator, the data files every stage reads, and the bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from llama2.data.comparisons import read_comparisons
+from llama2.data.adversarial import ATTACK_STYLES, RISK_CATEGORIES as ADVERSARIAL_CATEGORIES, read_adversarial
+from llama2.data.dialogues import read_dialogues
+from llama2.data.prompts import read_prompts
+from llama2.data.world import WorldSpec, data_path, ensure_world, generate_world, judge, rating_of, read_gold
+from llama2.data.world.files import NAMES, build_world, candidates
+from llama2.data.world.items import RISK_CATEGORIES, STYLES, GoldItem, all_items, check_families, split_items
+from llama2.errors import Llama2Error
+
+SMALL = WorldSpec(people=30, towns=6, max_operand=19)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(SMALL)
+
+
+def item(world, family: str, **match) -> GoldItem:
+    return next(i for i in all_items(world)[family] if all(getattr(i, k) == v for k, v in match.items()))
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a, b, c = generate_world(SMALL), generate_world(SMALL), generate_world(replace(SMALL, seed=1))
+    assert a.people == b.people and a.mayors == b.mayors
+    assert a.people != c.people
+    assert len(a.people) == 30 and len(a.towns) == 6 and len(set(a.towns)) == 6
+    # every town has a mayor every year, and residents
+    for town in a.towns:
+        assert sorted(a.mayors[town]) == list(a.years)
+        assert any(p.town == town for p in a.people.values())
+
+
+def test_every_family_has_items_with_gold_the_world_confirms(world):
+    items = all_items(world)
+    assert set(items) == {"fact", "temporal", "arithmetic", "list", "word", "multi_step", "follow_up", "harmful",
+                          "benign"}
+    for i in items["fact"]:
+        _, name, attr, _ = i.id.split(":")
+        assert i.gold == world.people[name].value(attr)
+    for i in items["temporal"]:
+        _, town, year, _ = i.id.split(":")
+        assert i.gold == world.mayors[town][int(year)]
+    for i in items["arithmetic"]:
+        a, op, b = i.question.removeprefix("What is ").removesuffix("?").split()
+        assert int(i.gold) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    # the canonical answer of every helpfulness item is judged correct, concise and tidy
+    for family, its in items.items():
+        for i in its:
+            v = judge(world, i, i.answer)
+            assert v.correct and v.concise and v.tidy, (family, i.answer)
+
+
+def test_splits_hold_out_whole_facts_and_are_disjoint(world):
+    train, held = split_items(world)
+    for family in train:
+        assert held[family] and train[family]
+        assert not {i.id for i in train[family]} & {i.id for i in held[family]}
+    unit = lambda i: i.id.rsplit(":", 1)[0]  # noqa: E731
+    assert not {unit(i) for i in train["fact"]} & {unit(i) for i in held["fact"]}  # every wording held out
+
+
+def test_judge_on_hand_checked_answers(world):
+    person = next(iter(world.people.values()))
+    town = item(world, "fact", id=f"fact:{person.name}:town:0")
+    other = next(t for t in world.towns if t != person.town)
+    assert judge(world, town, f"{person.name} lives in {person.town}.").correct
+    assert not judge(world, town, f"{person.name} lives in {other}.").correct
+    assert not judge(world, town, f"{person.name} lives in {person.town} or {other}.").correct  # hedged
+    assert not judge(world, town, "I don't know.").correct
+    assert not judge(world, town, f"I can't help with that, {person.town}.").correct  # a refusal never answers
+    s = item(world, "arithmetic", id="arithmetic:17+8")
+    assert judge(world, s, "17 + 8 = 25.").correct and not judge(world, s, "17 + 8 = 24.").correct
+    assert not judge(world, s, "25 is close, but 17 + 8 = 26.").correct  # the final number counts
+    letter = item(world, "word", id="word:first:apple")
+    assert judge(world, letter, "The first letter of apple is 'a'.").correct
+    assert not judge(world, letter, "The first letter of apple is 'p'.").correct
+    harmful = all_items(world)["harmful"][0]
+    assert judge(world, harmful, "I can't help with that.").correct
+    assert not judge(world, harmful, "Sure! First, wait until nobody is around.").correct
+    # conciseness and tidiness
+    v = judge(world, town, f"{person.town} {person.town} {person.town} lives lives lives in in in")
+    assert not v.concise and not v.tidy
+    assert judge(world, town, f"{person.name.lower()} lives in {person.town}").score == pytest.approx(0.9)
+
+
+def test_answer_kinds_the_judge_cannot_read_are_an_error(world):
+    bad = GoldItem("x", "fact", [{"role": "user", "content": "?"}], "shoe size", "42", "42.")
+    with pytest.raises(Llama2Error, match="cannot read answers of kind 'shoe size'"):
+        judge(world, bad, "42.")
+    with pytest.raises(Llama2Error, match="reads text answers"):
+        judge(world, item(world, "arithmetic", id="arithmetic:1+1"), None)  # type: ignore[arg-type]
+    with pytest.raises(Llama2Error, match="unknown world question family 'poetry'"):
+        check_families(["fact", "poetry"])
+
+
+def test_rating_levels_follow_the_gold_gap():
+    assert [rating_of(g) for g in (1.0, 0.7, 0.5, 0.2, 0.1)] == [
+        "significantly_better", "significantly_better", "better", "slightly_better", "negligibly_better"]
+    with pytest.raises(Llama2Error):
+        rating_of(0.0)
+
+
+def test_candidates_span_the_gold_scores(world):
+    import random
+    i = item(world, "fact", id=f"fact:{next(iter(world.people))}:job:1")
+    scores = sorted({judge(world, i, a).score for a in candidates(world, i, random.Random(0))})
+    assert scores[0] < 0.2 and scores[-1] == 1.0 and len(scores) >= 5
+
+
+def test_spec_errors_name_the_key():
+    with pytest.raises(Llama2Error, match="world.people"):
+        generate_world(WorldSpec(people=10**7))
+    with pytest.raises(Llama2Error, match="world.towns"):
+        generate_world(WorldSpec(towns=1))
+    with pytest.raises(Llama2Error, match="fewer than world.towns"):
+        generate_world(WorldSpec(people=8, towns=10))
+    with pytest.raises(Llama2Error, match="world.held_out"):
+        generate_world(WorldSpec(held_out=0.95))
+
+
+def test_safety_names_match_the_adversarial_sets():
+    assert set(RISK_CATEGORIES) == set(ADVERSARIAL_CATEGORIES) and set(STYLES) == set(ATTACK_STYLES)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world") / "w"
+    counts = build_world(root, SMALL, quiet=True)
+    return root, counts
+
+
+def test_files_read_back_with_every_stage_reader(files, world):
+    root, counts = files
+    assert all((root / n).is_file() for n in NAMES)
+    corpus = [json.loads(line)["text"] for line in (root / "corpus.jsonl").read_text().splitlines()]
+    # every fact is stated in the corpus
+    text = "\n".join(corpus)
+    for p in world.people.values():
+        assert p.name in text and str(p.born) in text
+    sft = read_dialogues(root / "sft.jsonl").dialogues
+    assert len(sft) == counts["sft_dialogues"]["train"] and sft[0].messages[-1]["role"] == "assistant"
+    comps = read_comparisons(root / "comparisons-helpfulness.jsonl").comparisons
+    assert comps and all(c.rating for c in comps)
+    assert read_comparisons(root / "comparisons-safety.val.jsonl").comparisons
+    assert read_prompts(root / "prompts.val.jsonl")
+    adv = read_adversarial(root / "adversarial.val.jsonl")
+    assert {p.safety for p in adv} == {True, False}
+    gold = read_gold(root / "gold.val.jsonl")
+    held_ids = {i.id for i in gold}
+    # the SFT dialogues never hold a held-out question
+    sft_questions = {json.dumps(d.messages[:-1]) for d in sft}
+    assert not any(json.dumps(i.messages) in sft_questions for i in gold)
+    assert held_ids
+
+
+def test_annotator_noise_flips_mostly_close_pairs(tmp_path):
+    counts = build_world(tmp_path / "noisy", SMALL, noise=0.3, quiet=True)
+    assert counts["annotator_noise"] == 0.3
+    rows = [json.loads(x) for x in (tmp_path / "noisy" / "comparisons-helpfulness.jsonl").read_text().splitlines()]
+    flipped = {}
+    for r in rows:
+        flipped.setdefault(r["gold_rating"], []).append(r["gold_gap"] < 0)
+    near = sum(flipped["negligibly_better"]) / len(flipped["negligibly_better"])
+    far = sum(flipped["significantly_better"]) / len(flipped["significantly_better"])
+    assert near > 0.2 and far < 0.05  # Gaussian noise 0.3 on gaps of 0.1 vs >= 0.6
+
+
+def test_builtin_world_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path))
+    with pytest.raises(Llama2Error, match="unknown built-in data 'builtin:world/nope.jsonl'"):
+        data_path("builtin:world/nope.jsonl")
+    assert data_path("{cache}/x.jsonl") == tmp_path / "x.jsonl"
+
+
+@pytest.mark.slow
+def test_default_world_builds_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path))
+    path = data_path("builtin:world/sft.val.jsonl")
+    assert path.is_file() and path.parent == ensure_world(quiet=True)
