@@ -360,6 +360,42 @@ def test_missing_directory_and_unknown_layout(tmp_path):
         load_model(tmp_path / "download")
 
 
+def test_a_training_run_and_its_latest_pointer_stand_for_the_latest_checkpoint(tmp_path, sp_model_path):
+    """load_model, load_config, Tokenizer and resolve_base take a run directory, its checkpoints/ directory or
+    checkpoints/latest as the checkpoint `latest` names: the same logits as transformers on that checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    from llama2.checkpoint.runs import base_exists, resolve_base
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.checkpoints import commit_checkpoint, staging_dir
+
+    run = tmp_path / "run"
+    for step in (1, 2):  # two checkpoints written as the training loop writes them; `latest` names step 2
+        staging = staging_dir(run, step)
+        random_hf_llama(step).save_pretrained(staging)
+        Tokenizer(sp_model_path).save(staging)
+        (staging / "training_state.pt").write_bytes(b"state")
+        last = commit_checkpoint(run, staging, step, keep_last=2)
+    assert last.name == "step-000002" and (run / "checkpoints" / "step-000001").is_dir()
+    want = hf_logits(LlamaForCausalLM.from_pretrained(last))
+    for given in (run, run / "checkpoints", run / "checkpoints" / "latest", str(run / "checkpoints" / "latest")):
+        assert max_diff(our_logits(load_model(given)), want) <= 1e-4, given
+        assert load_config(given) == load_config(last)
+        assert Tokenizer(given).model_path == last / "tokenizer.model"
+        assert resolve_base(str(given)) == last and base_exists(str(given))
+    assert Tokenizer(sp_model_path.parent).model_path == sp_model_path  # a directory holding one: itself
+    (run / "checkpoints" / "latest").write_text("step-000009\n")
+    for load in (load_model, Tokenizer):
+        with pytest.raises(Llama2Error, match="names 'step-000009', which is not a complete checkpoint"):
+            load(run)
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    for load in (load_model, load_config, Tokenizer):
+        with pytest.raises(Llama2Error, match="training run without a checkpoint yet"):
+            load(fresh)
+    assert not base_exists(str(fresh))
+
+
 def _cut(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])

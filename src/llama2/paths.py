@@ -1,10 +1,17 @@
-"""Where things live: the cache of built-in data and models, user paths with `{cache}`, `~` and $VARS, and recipe
-paths relative to the source checkout."""
+"""Where things live: the cache of built-in data and models, user paths with `{cache}`, `~` and $VARS, recipe
+paths relative to the source checkout, and a training run's latest checkpoint:
+
+    RUN/checkpoints/step-000100/   one complete checkpoint (the model in the HF layout, training state beside it)
+    RUN/checkpoints/latest         the name of the newest complete checkpoint
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from .errors import Llama2Error
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding configs/ (for an editable install)
 
@@ -26,3 +33,65 @@ def config_path(path: str) -> Path:
         return p
     alt = SOURCE_ROOT / path
     return alt if alt.is_file() else p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A training run's checkpoints (written by llama2.train.checkpoints; read everywhere a path may name a run)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINING_STATE = "training_state.pt"
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def read_latest(pointer: Path) -> Path:
+    """The checkpoint a `latest` pointer file names (a complete step-NNNNNN directory beside it)."""
+    pointer = Path(pointer)
+    name = pointer.read_text().strip()
+    path = pointer.parent / name
+    if not STEP_RE.match(name) or not (path / TRAINING_STATE).is_file():
+        raise Llama2Error(f"{pointer} names {name!r}, which is not a complete checkpoint; point it at an existing "
+                          f"step-NNNNNN directory of {pointer.parent} or delete it to start over")
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when the run has none yet."""
+    pointer = checkpoints_dir(run_dir) / LATEST
+    return read_latest(pointer) if pointer.exists() else None
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run (it has checkpoints/) that is not itself a checkpoint (config.json or params.json)."""
+    p = Path(path)
+    return (p / CHECKPOINTS).is_dir() and not ((p / "config.json").is_file() or (p / "params.json").is_file())
+
+
+def latest_pointer(path: Path) -> Path | None:
+    """The `latest` pointer file `path` stands for: itself, a run's checkpoints/ directory's or a training run's;
+    None for anything else (or a run without a checkpoint yet)."""
+    p = Path(path)
+    if p.name == LATEST and p.parent.name == CHECKPOINTS and p.is_file():
+        return p
+    if p.name == CHECKPOINTS and is_run_dir(p.parent) and (p / LATEST).is_file():
+        return p / LATEST
+    if is_run_dir(p) and (p / CHECKPOINTS / LATEST).is_file():
+        return p / CHECKPOINTS / LATEST
+    return None
+
+
+def resolve_checkpoint(path: Path | str) -> Path:
+    """The checkpoint directory `path` stands for: a training run, its checkpoints/ directory or its `latest`
+    pointer -> the latest checkpoint; anything else -> itself (unchecked)."""
+    p = Path(path)
+    pointer = latest_pointer(p)
+    if pointer is not None:
+        return read_latest(pointer)
+    if is_run_dir(p):
+        raise Llama2Error(f"{p} is a training run without a checkpoint yet; finish that run first, or give a "
+                          "checkpoint directory")
+    return p

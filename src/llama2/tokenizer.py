@@ -14,6 +14,7 @@ import sentencepiece as spm
 
 from .atomic import atomic_write_bytes, make_dir
 from .errors import Llama2Error
+from .paths import resolve_checkpoint
 
 MODEL_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -70,12 +71,16 @@ class TokenizerLike(Protocol):
 
 
 def _resolve_model_file(path: Path | str) -> Path:
+    """The tokenizer.model of a file, a directory, or a training run / its `latest` pointer (the latest
+    checkpoint's)."""
     p = Path(path)
+    if not (p / MODEL_FILE).is_file():
+        p = resolve_checkpoint(p)
     if p.is_dir():
         p = p / MODEL_FILE
         if not p.is_file():
-            raise Llama2Error(f"no {MODEL_FILE} in directory {path}; point at a tokenizer.model file or a "
-                              f"directory holding one (train one with `llama2 tokenizer train`)")
+            raise Llama2Error(f"no {MODEL_FILE} in directory {p}; point at a tokenizer.model file, a directory "
+                              f"holding one or a training run (train one with `llama2 tokenizer train`)")
     elif not p.is_file():
         raise Llama2Error(f"tokenizer not found: {path} does not exist; give a tokenizer.model file or its directory")
     return p

@@ -2,6 +2,7 @@
 
     model = load_model("llama-2-7b")              # Meta download dir (params.json + consolidated.*.pth)
     model = load_model("Llama-2-7b-hf", dtype="bf16")   # HF dir (config.json + model*.safetensors)
+    model = load_model("runs/sft")                # a training run (or RUN/checkpoints/latest): its latest checkpoint
     save_model(model, "out", tokenizer=tok)       # HF layout, atomically
     save_meta(model, "out-meta", shards=2)        # Meta layout, 2 model-parallel ranks
 
@@ -32,6 +33,7 @@ from ..device import resolve_device
 from ..errors import Llama2Error
 from ..lora import lora_config
 from ..model import Transformer
+from ..paths import resolve_checkpoint
 from . import adapter, hf, meta
 from .common import parse_dtype
 from .meta import save_meta as _save_meta
@@ -46,7 +48,8 @@ _DESCRIBED = {CAUSAL_LM: "a causal LM (LlamaForCausalLM)", CLASSIFIER: "a sequen
 
 
 def _existing_dir(path: Path | str) -> Path:
-    p = Path(path).expanduser()
+    """The checkpoint directory `path` names (a training run or its `latest` pointer: the latest checkpoint)."""
+    p = resolve_checkpoint(Path(path).expanduser())
     if not p.exists():
         raise Llama2Error(f"checkpoint directory {p} does not exist; check the path")
     if not p.is_dir():
@@ -84,7 +87,7 @@ def detect_kind(path: Path | str) -> str:
 
 def load_config(path: Path | str) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (reads only configs, and for Meta's vocab_size -1 one shape)."""
-    p = Path(path).expanduser()
+    p = _existing_dir(path)
     if detect_layout(p) == "hf":
         return hf.config_from_hf(hf.read_json(p / hf.CONFIG), p / hf.CONFIG)
     params = hf.read_json(p / meta.PARAMS)

@@ -3,40 +3,22 @@
     RUN/checkpoints/step-000100/   one complete checkpoint (the model in the HF layout, training state beside it)
     RUN/checkpoints/latest         the name of the newest complete checkpoint
 
-A recipe's `base` is a checkpoint directory (HF or Meta layout) or a training run, meaning its latest checkpoint.
-Writing checkpoints is llama2.train.checkpoints; this module only reads the layout.
+A recipe's `base` is a checkpoint directory (HF or Meta layout) or a training run (or its `latest` pointer),
+meaning its latest checkpoint. Writing checkpoints is llama2.train.checkpoints; this module only reads the layout.
+Reading the `latest` pointer is llama2.paths (resolve_checkpoint), which the tokenizer and the loaders share.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import Llama2Error
-from ..paths import expand_path
+from ..paths import (CHECKPOINTS, LATEST, STEP_RE, TRAINING_STATE, checkpoints_dir, expand_path,
+                     latest_checkpoint, latest_pointer, resolve_checkpoint)
 from ..tokenizer import Tokenizer
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TRAINING_STATE = "training_state.pt"
-STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, or None when the run has none yet."""
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    path = checkpoints_dir(run_dir) / name
-    if not STEP_RE.match(name) or not (path / TRAINING_STATE).is_file():
-        raise Llama2Error(f"{pointer} names {name!r}, which is not a complete checkpoint; point it at an existing "
-                          f"step-NNNNNN directory of {checkpoints_dir(run_dir)} or delete it to start over")
-    return path
+__all__ = ["CHECKPOINTS", "LATEST", "STEP_RE", "TRAINING_STATE", "checkpoints_dir", "latest_checkpoint",
+           "list_checkpoints", "resolve_base", "base_exists", "load_tokenizer", "require_checkpoint"]
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -53,20 +35,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resolve_base(base: str) -> Path:
-    """The checkpoint directory of `base`: itself, or a training run's latest checkpoint."""
-    p = expand_path(base)
-    if (p / "checkpoints").is_dir() and not ((p / "config.json").is_file() or (p / "params.json").is_file()):
-        ckpt = latest_checkpoint(p)
-        if ckpt is None:
-            raise Llama2Error(f"base {p} is a training run without a checkpoint yet; finish that run first")
-        return ckpt
-    return p
+    """The checkpoint directory of `base`: itself, or a training run's latest checkpoint (resolve_checkpoint)."""
+    return resolve_checkpoint(expand_path(base))
 
 
 def base_exists(base: str) -> bool:
-    """Whether `base` names a checkpoint (HF or Meta layout) or a run with one."""
+    """Whether `base` names a checkpoint (HF or Meta layout) or a run with one (or its `latest` pointer)."""
     p = expand_path(base)
-    return (p / "config.json").is_file() or (p / "params.json").is_file() or (p / "checkpoints" / "latest").is_file()
+    return (p / "config.json").is_file() or (p / "params.json").is_file() or latest_pointer(p) is not None
 
 
 def load_tokenizer(base: Path) -> Tokenizer:
