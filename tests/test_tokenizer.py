@@ -328,6 +328,40 @@ def test_training_errors(corpus_file, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+RESERVED = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "Zebrafish"]
+
+
+def test_reserved_strings_encode_as_one_piece_each(corpus_file, trained, tmp_path, capsys):
+    """`llama2 tokenizer train --reserved`: SentencePiece itself (not our wrapper) encodes each reserved string as
+    one piece, in the chat format and alone, where the same training without them splits every one; text still
+    round-trips."""
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "500", "--output", str(out),
+                 "--quiet", "--reserved", *RESERVED]) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    plain = spm.SentencePieceProcessor(model_file=str(trained.model_path))
+    assert sp.get_piece_size() == 500
+    assert [sp.id_to_piece(i) for i in range(3, 3 + len(RESERVED))] == RESERVED  # after <unk> <s> </s>, in order
+    chat = "[INST] <<SYS>>\nBe terse.\n<</SYS>>\n\nWhat is a Zebrafish? [/INST] A fish. "
+    for r in RESERVED:
+        assert r in sp.encode(chat, out_type=str) and sp.encode(r, out_type=str) == ["▁", r]
+        assert r not in plain.encode(chat, out_type=str)  # without reserving, it is split
+    for text in [chat, corpus_file.read_text()[:5000], "Zebrafishes and [INST]x[/INST]y  😀"]:
+        assert sp.decode(sp.encode(text)) == text
+        assert Tokenizer(out).decode(Tokenizer(out).encode(text)) == text
+
+
+@pytest.mark.parametrize("reserved,match", [
+    (["hello world"], "whitespace"),
+    (["[INST]", "[INST]"], "twice"),
+    (["<s>"], "special piece"),
+    ([""], "non-empty"),
+])
+def test_reserved_errors(corpus_file, tmp_path, reserved, match):
+    with pytest.raises(Llama2Error, match=match):
+        train_tokenizer([corpus_file], 400, tmp_path / "x", reserved=reserved, quiet=True)
+
+
 # --- loading errors and GGUF errors ----------------------------------------------------------------------------------
 
 

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                    help="lines longer than this many bytes are skipped (default 16384)")
     t.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="at most this many sampled lines are used for training (0 = all; default 2,000,000)")
+    t.add_argument("--reserved", nargs="+", default=[], metavar="TEXT",
+                   help="strings kept as one piece each wherever they occur (SentencePiece user_defined_symbols; "
+                        "no spaces), e.g. whole words or the chat tags '[INST]' '[/INST]' '<<SYS>>' '<</SYS>>'")
     t.add_argument("--quiet", action="store_true", help="no progress bar or SentencePiece log")
     t.set_defaults(func=_train)
 
@@ -46,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     from ..data.tokenizer_training import train_tokenizer
 
     tok = train_tokenizer(args.input, args.vocab_size, args.output, max_sentence_length=args.max_sentence_length,
-                          input_sentence_size=args.input_sentence_size, quiet=args.quiet)
+                          input_sentence_size=args.input_sentence_size, reserved=args.reserved, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {tok.model_path} ({tok.vocab_size} pieces, sha256 {tok.sha256[:16]}...)")
     return 0

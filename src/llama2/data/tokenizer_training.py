@@ -1,12 +1,13 @@
 """Training a SentencePiece BPE tokenizer with the Llama 2 settings: BPE, byte fallback, digits split into single
-digits, identity normaliser, dummy prefix, unk 0 / BOS 1 / EOS 2 and no pad id."""
+digits, identity normaliser, dummy prefix, unk 0 / BOS 1 / EOS 2 and no pad id. Reserved strings (SentencePiece's
+user_defined_symbols: whole words, the chat tags [INST] [/INST] <<SYS>> <</SYS>>) always encode as one piece."""
 
 from __future__ import annotations
 
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -58,21 +59,46 @@ def _training_error(e: RuntimeError, vocab_size: int) -> Llama2Error:
     return Llama2Error(f"SentencePiece training failed: {msg.strip()[:300]}")
 
 
+SPECIAL_PIECES = ("<unk>", "<s>", "</s>")
+
+
+def check_reserved(reserved: Sequence[str], what: str = "--reserved") -> list[str]:
+    """The reserved strings as a list; a Llama2Error for an empty, duplicated, special or whitespace-holding one
+    (SentencePiece matches them after spaces become "▁", so a string with a space would never match)."""
+    out: list[str] = []
+    for r in reserved:
+        if not isinstance(r, str) or not r:
+            raise Llama2Error(f"{what}: {r!r} is not a non-empty string; give the exact text to keep as one piece")
+        if any(c.isspace() for c in r):
+            raise Llama2Error(f"{what}: {r!r} holds whitespace; a reserved string must be one word or tag without "
+                              "spaces (SentencePiece never matches a space inside one)")
+        if r in SPECIAL_PIECES:
+            raise Llama2Error(f"{what}: {r!r} is already a special piece of every Llama 2 tokenizer; leave it out")
+        if r in out:
+            raise Llama2Error(f"{what}: {r!r} is given twice; list each reserved string once")
+        out.append(r)
+    return out
+
+
 def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | str, *,
                     max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
-                    quiet: bool = False) -> Tokenizer:
+                    reserved: Sequence[str] = (), quiet: bool = False) -> Tokenizer:
     """Train a SentencePiece BPE tokenizer with the Llama 2 settings on .txt / .jsonl files
-    and save it (tokenizer.model + Hugging Face config) into the output directory."""
+    and save it (tokenizer.model + Hugging Face config) into the output directory. `reserved` strings
+    (user_defined_symbols: ids 3, 4, ... in order, before the byte pieces) each encode as one piece wherever they
+    occur."""
+    reserved = check_reserved(reserved)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise Llama2Error("no training input given; pass one or more .txt or .jsonl files")
     for p in paths:
         if not p.is_file():
             raise Llama2Error(f"training input not found: {p}")
-    minimum = N_BYTE_PIECES + N_SPECIAL
+    minimum = N_BYTE_PIECES + N_SPECIAL + len(reserved)
     if vocab_size <= minimum:
+        extra = f" + {len(reserved)} reserved pieces" if reserved else ""
         raise Llama2Error(f"--vocab-size {vocab_size} is too small: it must exceed the {N_BYTE_PIECES} byte pieces "
-                          f"+ {N_SPECIAL} special pieces ({minimum}) plus the characters of the text")
+                          f"+ {N_SPECIAL} special pieces{extra} ({minimum}) plus the characters of the text")
     if max_sentence_length < 1 or input_sentence_size < 0:
         raise Llama2Error("max_sentence_length must be positive and input_sentence_size non-negative")
 
@@ -98,6 +124,7 @@ def train_tokenizer(inputs: list[Path | str], vocab_size: int, output: Path | st
                 input_sentence_size=input_sentence_size,
                 shuffle_input_sentence=True,
                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                user_defined_symbols=reserved,
                 hard_vocab_limit=True,
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2 if quiet else 1,
