@@ -419,6 +419,60 @@ def test_flops_per_token_counts_every_matmul():
     assert flops_per_token(cfg, 100) == 6 * n + 12 * cfg.n_layers * cfg.dim * 100
 
 
+def test_data_build_reads_files_beside_named_sources_and_reserves_pieces(tmp_path):
+    """data.build.files joins the corpus (as the `files` source) beside the named ones; data.build.reserved
+    strings are single pieces of the trained tokenizer, checked with SentencePiece itself; missing files and a
+    dir built from other settings are one clear error each."""
+    import json as json_, sentencepiece as spm
+    import csv as m1, string as m2, textwrap as m3
+
+    from llama2.stages.pretrain import ensure_built_data
+
+    docs = [Path(m.__file__).read_text().strip() for m in (m1, m2, m3)]
+    (tmp_path / "a.jsonl").write_text("".join(json_.dumps({"text": d}) + "\n" for d in docs))
+    story = "[INST] What is a Zebrafish? [/INST] A Zebrafish is a small striped fish kept in laboratories."
+    (tmp_path / "b.txt").write_text(story)
+    reserved = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "Zebrafish"]
+
+    def recipe(*extra: str) -> PretrainRecipe:
+        return load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", [
+            "data.build.corpus=[pydoc]", f"data.build.files=[{tmp_path / 'a.jsonl'}, {tmp_path / 'b.txt'}]",
+            f"data.build.reserved=[{', '.join(repr(r) for r in reserved)}]", "data.build.vocab_size=600",
+            f"data.build.dir={tmp_path / 'built'}", *extra])
+
+    root = ensure_built_data(recipe().data.build, quiet=True)
+    stats = json.loads((root / "corpus" / "stats.json").read_text())
+    assert stats["sources"] == ["pydoc", "files"] and stats["documents_per_source"]["files"] == 4
+    assert stats["inputs"] == [str((tmp_path / n).resolve()) for n in ("a.jsonl", "b.txt")]
+    assert stats["documents_per_source"]["pydoc"] > 50  # the named source is still read
+    texts = {json.loads(x)["text"] for f in ("train.jsonl", "val.jsonl")
+             for x in (root / "corpus" / f).read_text().splitlines()}
+    assert set(docs) | {story} <= texts
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer" / "tokenizer.model"))
+    pieces = sp.encode(f"<<SYS>>\nBe brief.\n<</SYS>>\n\n{story}", out_type=str)
+    assert all(r in pieces for r in reserved) and sp.encode("Zebrafish", out_type=str) == ["▁", "Zebrafish"]
+    assert sp.decode(sp.encode(docs[0])) == docs[0]
+    assert json.loads((root / "shards" / "manifest.json").read_text())["complete"]
+    assert ensure_built_data(recipe().data.build, quiet=True) == root  # built: nothing to do
+
+    with pytest.raises(Llama2Error, match="holds a corpus built from"):  # other files, same dir
+        ensure_built_data(recipe(f"data.build.files=[{tmp_path / 'b.txt'}]").data.build, quiet=True)
+    with pytest.raises(Llama2Error, match="trained without reserving"):
+        ensure_built_data(recipe("data.build.reserved=['[INST]', Salmon]").data.build, quiet=True)
+    with pytest.raises(Llama2Error, match=r"data.build.files: .*missing.txt does not exist"):
+        ensure_built_data(recipe(f"data.build.files=[{tmp_path / 'missing.txt'}]",
+                                 f"data.build.dir={tmp_path / 'other'}").data.build, quiet=True)
+    for bad, match in [("data.build.reserved=['two words']", "data.build.reserved.*whitespace"),
+                       ("data.build.corpus=[wikipedia]", "data.build.corpus.: unknown corpus source .wikipedia."),
+                       ("data.build.files=[]", "data.build.corpus"),
+                       ("data.build.corpus=[files]", None)]:
+        if match is None:  # only files: the named sources may be left out
+            assert recipe(bad, "data.build.corpus=[]").data.build.sources()[0] == ["files"]
+            continue
+        with pytest.raises(Llama2Error, match=match):
+            recipe(bad, "data.build.corpus=[]" if bad == "data.build.files=[]" else "data.build.vocab_size=600")
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

@@ -52,9 +52,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise bad
-        for a in args:
-            if a is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]) and isinstance(value, dict):
+            return _convert(members[0], value, key)  # a section | None: the error names the bad key inside it
+        for a in members:
             try:
                 return _convert(a, value, key)
             except Llama2Error:
@@ -254,6 +255,9 @@ def recipe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         shown = "(required)" if default is dataclasses.MISSING else yaml.safe_dump(
             to_dict(default), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
         rows.append((key, _type_name(hints[f.name]), shown, comments.get(f.name, "")))
+        members = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        if default is None and len(members) == 1 and dataclasses.is_dataclass(members[0]):
+            rows.extend(recipe_keys(members[0], f"{key}."))  # an optional section: its keys once it is given
     return rows
 
 

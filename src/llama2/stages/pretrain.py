@@ -11,10 +11,11 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_directory
 from ..checkpoint import load_config, load_model
-from ..data.corpus import build_corpus
+from ..data.corpus import STATS_FILE, build_corpus
 from ..data.packing import PackedBatches, validation_windows
 from ..data.prepare import prepare_shards
 from ..data.shards import TokenShards
+from ..data.sources import expand_sources
 from ..data.tokenizer_training import train_tokenizer
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
@@ -58,10 +59,38 @@ def _complete(shards: Path) -> bool:
         return False
 
 
+def _check_built(build: BuildConfig, root: Path, names: list[str], files: list[Path]) -> None:
+    """A clear error when `dir` already holds a corpus or tokenizer built from other settings (the build only fills
+    in what is missing, so a changed recipe would silently train on the old data)."""
+    try:
+        stats = json.loads((root / "corpus" / STATS_FILE).read_text())
+    except (OSError, ValueError):
+        stats = None
+    want = (expand_sources(names), [str(f) for f in files])
+    if isinstance(stats, dict) and (stats.get("sources"), stats.get("inputs", [])) != want:
+        raise Llama2Error(f"data.build.dir {root} holds a corpus built from sources {stats.get('sources')} and files "
+                          f"{stats.get('inputs', [])}, not {want[0]} and {want[1]}; set data.build.dir to a new "
+                          "directory (or delete the old one)")
+    if build.reserved and (root / "tokenizer" / "tokenizer.model").is_file():
+        tok = Tokenizer(root / "tokenizer")
+        split = [r for r in build.reserved if r not in [tok.id_to_piece(i) for i in tok.encode(r, bos=False)]]
+        if split:
+            raise Llama2Error(f"the tokenizer in {root / 'tokenizer'} was trained without reserving {split}; set "
+                              "data.build.dir to a new directory (or delete the old one)")
+
+
 def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
-    """Build the corpus, tokenizer and shards of `data.build` into its dir where missing; returns the dir."""
+    """Build the corpus (named sources plus `files`), tokenizer (with the `reserved` pieces) and shards of
+    `data.build` into its dir where missing; returns the dir."""
     root = expand_path(build.dir)
     corpus, tok, shards = root / "corpus", root / "tokenizer", root / "shards"
+    names, files = build.sources()
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise Llama2Error(f"data.build.files: {missing[0]} does not exist; give .txt files (one document each), "
+                          ".jsonl files (a \"text\" field per line) or directories of them")
+    files = [f.resolve() for f in files]
+    _check_built(build, root, names, files)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -69,13 +98,14 @@ def ensure_built_data(build: BuildConfig, quiet: bool = False) -> Path:
             from None
     if not (corpus / "train.jsonl").is_file():
         if not quiet:
-            print(f"building the corpus {build.corpus} into {corpus}", flush=True)
-        _atomic_build(corpus, lambda d: build_corpus(list(build.corpus), [], d, val_fraction=build.val_fraction,
-                                                     quiet=quiet))
+            shown = names + [str(f) for f in files]
+            print(f"building the corpus {shown} into {corpus}", flush=True)
+        _atomic_build(corpus, lambda d: build_corpus(names, files, d, val_fraction=build.val_fraction, quiet=quiet))
     if not (tok / "tokenizer.model").is_file():
         if not quiet:
             print(f"training a {build.vocab_size}-piece tokenizer into {tok}", flush=True)
-        _atomic_build(tok, lambda d: train_tokenizer([corpus / "train.jsonl"], build.vocab_size, d, quiet=quiet))
+        _atomic_build(tok, lambda d: train_tokenizer([corpus / "train.jsonl"], build.vocab_size, d,
+                                                     reserved=build.reserved, quiet=quiet))
     if not _complete(shards):
         if not quiet:
             print(f"tokenising the corpus into {shards}", flush=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import PRESETS, ModelConfig
+from ..data.sources import expand_sources
+from ..data.tokenizer_training import check_reserved
 from ..errors import Llama2Error
 from ..paths import expand_path
 from ..recipe import check
@@ -193,15 +195,37 @@ class SourceConfig:
 class BuildConfig:
     """Build the corpus, tokenizer and shards into `dir` when they are missing (`dir/{corpus,tokenizer,shards}`)."""
 
-    corpus: list[str] = field(default_factory=lambda: ["default"])  # build_corpus source names
+    # corpus source names (default = stdlib + pydoc; the others: `llama2 data corpus --help`); [] for files only
+    corpus: list[str] = field(default_factory=lambda: ["default"])
+    # .txt (one document each) / .jsonl ("text" per line) files or directories of them, added to the corpus
+    files: list[str] = field(default_factory=list)
     vocab_size: int = 4096  # pieces of the tokenizer trained on the corpus
+    # strings the tokenizer keeps as one piece each (whole words, the chat tags [INST] [/INST] <<SYS>> <</SYS>>)
+    reserved: list[str] = field(default_factory=list)
     dir: str = "{cache}/pretrain-default-v4096"  # where corpus/, tokenizer/ and shards/ are built
     val_fraction: float = 0.01  # share of the corpus held out for validation
 
     def validate(self, prefix: str = "data.build") -> None:
-        check(bool(self.corpus), f"{prefix}.corpus", self.corpus, "a non-empty list of corpus source names")
-        check(self.vocab_size > 259, f"{prefix}.vocab_size", self.vocab_size, "an integer > 259")
+        check(bool(self.corpus or self.files), f"{prefix}.corpus", self.corpus,
+              f"a non-empty list of corpus source names (or [] with {prefix}.files)")
+        if "files" in self.corpus and not self.files:
+            raise Llama2Error(f"{prefix}.corpus names the `files` source but {prefix}.files is empty; list the "
+                              f"files in {prefix}.files")
+        if self.corpus:
+            try:
+                expand_sources(list(self.corpus))
+            except Llama2Error as e:
+                raise Llama2Error(f"recipe key '{prefix}.corpus': {e}") from None
+        check_reserved(self.reserved, f"{prefix}.reserved")
+        minimum = 259 + len(self.reserved)
+        check(self.vocab_size > minimum, f"{prefix}.vocab_size", self.vocab_size,
+              f"an integer > {minimum} (256 bytes, 3 special pieces, the reserved strings)")
         check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "a number in (0, 1)")
+
+    def sources(self) -> tuple[list[str], list[Path]]:
+        """(the corpus source names, with `files` when files are given; the files, expanded)."""
+        names = list(self.corpus) + (["files"] if self.files and "files" not in self.corpus else [])
+        return names, [expand_path(f) for f in self.files]
 
 
 @dataclass
