@@ -326,6 +326,21 @@ def test_recipe_errors_name_the_key(tmp_path, base_dir, data_files):
                               {"safety": None, "helpfulness": 0.1})
 
 
+def test_the_log_names_the_training_files_of_the_mix_and_the_held_out_sets(tmp_path, base_dir, data_files, capsys):
+    """The epoch-mix line names each source by its training file (the held-out file names only the test set)."""
+    from llama2.stages.reward import build_reward
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    (d / "extra.jsonl").write_text("".join(json.dumps(c) + "\n" for c in yes_no_comparisons(8, offset=200)))
+    sources = (f"data.sources=[{{path: {data_files[0]}, val_path: {data_files[1]}, weight: 1.0}}, "
+               f"{{path: {d / 'extra.jsonl'}, share: 0.2}}]")
+    recipe = make_recipe(tmp_path, base_dir, data_files, overrides=["data.path=null", "data.val_path=null", sources])
+    build_reward(recipe)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "an epoch mixes" in x)
+    assert "an epoch mixes train.jsonl 64 of 64, extra.jsonl 16 of 8 comparisons; held-out: val 16;" in line, line
+
+
 def test_score_cli_prints_raw_and_sigmoid_and_json_lines(tmp_path, base_dir, data_files):
     from helpers import SUB_ENV
 

@@ -172,6 +172,13 @@ class ComparisonSource(WeightedSource):
             return self.path.split(":", 1)[1]
         return Path(self.val_path or self.path).name.removesuffix(".jsonl")
 
+    @property
+    def train_label(self) -> str:
+        """How the training mix names this source: `name`, else the built-in set or the training file."""
+        if self.name or self.path in BUILTIN:
+            return self.label
+        return Path(self.path).name
+
 
 @dataclass
 class ComparisonDataConfig:
@@ -233,6 +240,7 @@ class SourceData:
     held_out: list[Comparison]
     weight: float | None
     share: float | None
+    train_label: str | None = None  # how the training mix names it (default: label)
 
 
 def load_sources(data: ComparisonDataConfig, quiet: bool = False) -> list[SourceData]:
@@ -260,7 +268,7 @@ def load_sources(data: ComparisonDataConfig, quiet: bool = False) -> list[Source
         if not train:
             raise Llama2Error(f"data source {s.path} has no training comparisons")
         weight = s.weight if s.weight is not None or s.share is not None else 1.0
-        out.append(SourceData(s.label, train, held, weight, s.share))
+        out.append(SourceData(s.label, train, held, weight, s.share, s.train_label))
     return out
 
 
@@ -488,7 +496,7 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
     total = recipe.epochs * batches.steps_per_epoch
     run = dataclasses.replace(recipe, max_steps=min(recipe.max_steps or total, total))
     if env.is_main and not quiet:
-        mix = ", ".join(f"{s.label} {c:,} of {len(e):,}" for s, c, e in zip(sources, counts, encoded))
+        mix = ", ".join(f"{s.train_label or s.label} {c:,} of {len(e):,}" for s, c, e in zip(sources, counts, encoded))
         tests = ", ".join(f"{k} {len(v):,}" for k, v in held.items() if v) or "none"
         print(f"{recipe.kind} RM: an epoch mixes {mix} comparisons; held-out: {tests}; {batches.steps_per_epoch} "
               f"steps per epoch of {batches.global_size} pairs; training {run.max_steps} steps", flush=True)
