@@ -468,3 +468,105 @@ def test_later_stages_hand_dialogues_in_memory(tmp_path, base_dir, data_files):
     assert trained == want
     with pytest.raises(Llama2Error, match="roles out of order"):
         sft(make_recipe(tmp_path, base_dir, data_files, "bad"), dialogues=[DIALOGUES[0][::-1]], quiet=True)
+
+
+# ------------------------------------------------------------------------------------------------ text replay
+
+
+def replay_docs() -> list[str]:
+    """Plain documents unlike the dialogues: paragraphs of the pydoc topics."""
+    from conftest import corpus_text
+
+    paras = [p.strip() for p in corpus_text(60_000).split("\n\n") if 300 < len(p.strip()) < 700]
+    return paras[:4]
+
+
+@pytest.fixture(scope="module")
+def replay_dir(tmp_path_factory) -> Path:
+    """Three documents in a .jsonl file and one in a .txt file."""
+    d = tmp_path_factory.mktemp("replay")
+    docs = replay_docs()
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:3]))
+    (d / "one.txt").write_text(docs[3])
+    return d
+
+
+def replay_chunks(sp_model_path: Path, max_seq_len: int = 96) -> list[tuple[int, ...]]:
+    """Each document as SentencePiece itself encodes it (BOS ... EOS), cut into rows of max_seq_len overlapping
+    by one token, so that every token after BOS is predicted once."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    out = []
+    for doc in replay_docs():
+        ids = [sp.bos_id(), *sp.encode(doc), sp.eos_id()]
+        out += [tuple(ids[lo:lo + max_seq_len]) for lo in range(0, len(ids) - 1, max_seq_len - 1)]
+    return out
+
+
+def test_text_replay_rows_hold_the_documents_with_every_token_in_the_loss(tmp_path, base_dir, data_files,
+                                                                          replay_dir, sp_model_path):
+    from llama2.recipe import load_recipe
+    from llama2.stages.sft import SFTRecipe, build_sft
+
+    off = build_sft(make_recipe(tmp_path, base_dir, data_files, "off", ["samples.count=0"]), quiet=True)
+    assert off.trainer.batches.replay_count == 0  # the default: no replay, the dialogues alone
+    run = build_sft(make_recipe(tmp_path, base_dir, data_files, "on", [
+        f"text_replay.path={replay_dir}", "text_replay.fraction=0.4", "samples.count=0"]), quiet=True)
+    b = run.trainer.batches
+    assert b.rows == off.trainer.batches.rows and b.replay_count == round(0.4 * len(b.rows) / 0.6)
+    chunks = replay_chunks(sp_model_path)
+    assert len(chunks) > len(replay_docs())  # the documents are longer than a row
+    seen, replay_rows, dialogue_rows = [], 0, 0
+    for _ in range(b.steps_per_epoch):
+        for mb in b.next():
+            for r in range(mb["tokens"].shape[0]):
+                kinds = set()
+                for s in range(int(mb["segments"][r].max()) + 1):
+                    at = mb["segments"][r] == s
+                    tokens, labels = mb["tokens"][r][at].tolist(), mb["labels"][r][at].tolist()
+                    if tuple(tokens) in chunks:
+                        kinds.add("text")
+                        seen.append(tuple(tokens))
+                        assert labels == tokens[1:] + [-100]  # every next token is in the loss
+                    else:
+                        kinds.add("dialogue")
+                        assert -100 in labels[:-1]  # the prompt is not trained
+                assert len(kinds) <= 1  # text rows are packed apart from dialogue rows
+                replay_rows += kinds == {"text"}
+                dialogue_rows += kinds == {"dialogue"}
+    assert (replay_rows, dialogue_rows) == (b.replay_count, len(b.rows))
+    assert b.replay_count >= len(b.replay_rows) and set(seen) == set(chunks)  # every document is replayed
+    with pytest.raises(Llama2Error, match="text_replay.path' is not set"):
+        load_recipe(SFTRecipe, None, [f"base={base_dir}", "text_replay.fraction=0.2"])
+    with pytest.raises(Llama2Error, match="text_replay.fraction"):
+        load_recipe(SFTRecipe, None, [f"base={base_dir}", f"text_replay.path={replay_dir}", "text_replay.fraction=1"])
+    with pytest.raises(Llama2Error, match="text_replay.path .*nowhere.jsonl does not exist"):
+        build_sft(make_recipe(tmp_path, base_dir, data_files, "x", [f"text_replay.path={tmp_path / 'nowhere.jsonl'}",
+                                                                    "text_replay.fraction=0.2"]), quiet=True)
+
+
+def test_text_replay_keeps_the_loss_on_the_documents_lower(tmp_path, base_dir, data_files, replay_dir,
+                                                          sp_model_path):
+    """Two short SFT runs, alike but for text_replay: transformers, loading each final checkpoint, gives the
+    documents a lower loss after the run that replayed them."""
+    from transformers import LlamaForCausalLM
+
+    from llama2.stages.sft import sft
+
+    args = ["max_steps=12", "samples.count=0", "optim.schedule=constant"]
+    plain = sft(make_recipe(tmp_path, base_dir, data_files, "plain", args), quiet=True)
+    replayed = sft(make_recipe(tmp_path, base_dir, data_files, "replayed", [
+        *args, f"text_replay.path={replay_dir}", "text_replay.fraction=0.3"]), quiet=True)
+
+    def doc_loss(checkpoint: Path) -> float:
+        hf = LlamaForCausalLM.from_pretrained(checkpoint).eval()
+        losses = []
+        with torch.no_grad():
+            for chunk in replay_chunks(sp_model_path):
+                x = torch.tensor([chunk])
+                losses.append(F.cross_entropy(hf(x).logits[0, :-1], x[0, 1:]).item())
+        return sum(losses) / len(losses)
+
+    with_replay, without = doc_loss(replayed.checkpoint), doc_loss(plain.checkpoint)
+    assert with_replay < without - 0.3, (with_replay, without)

@@ -11,14 +11,15 @@ state is the step it has reached, so resuming continues the exact same order.
 
 Dialogues (SFT and the stages that fine-tune through it): tokenised dialogues packed best-fit into rows of
 max_seq_len tokens, each dialogue kept to itself (positions restart, `attention_mask` is block-diagonal causal),
-epochs of shuffled rows with a resumable position (`SFTBatches`).
+epochs of shuffled rows with a resumable position (`SFTBatches`). Plain text may be replayed among them
+(`text_examples`: every token trained) as a fixed share of each epoch's rows.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
+from .mix import draw, epoch_counts
 
 
 class PackedBatches:
@@ -138,6 +140,20 @@ class Example:
     trained: np.ndarray  # bool (L,)
 
 
+def text_examples(tokenizer: Any, texts: Iterable[str], max_seq_len: int) -> list[Example]:
+    """Plain documents as examples with every token trained (a plain LM loss, no chat template): BOS + text + EOS,
+    cut into pieces of at most max_seq_len tokens that overlap by one, so every token after BOS is a target once."""
+    if max_seq_len < 2:
+        raise Llama2Error(f"max_seq_len {max_seq_len} is too short to train on text; give at least 2")
+    out = []
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=np.int64)
+        for lo in range(0, max(len(ids) - 1, 1), max_seq_len - 1):
+            piece = ids[lo:lo + max_seq_len]
+            out.append(Example(piece, np.ones(len(piece), dtype=bool)))
+    return out
+
+
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: indices of examples grouped into rows of at most `capacity` tokens (each example
     goes to the fullest row it still fits in). Deterministic: ties keep index order."""
@@ -193,36 +209,61 @@ class SFTBatches:
     epoch shuffled by a generator seeded with (seed, epoch). A step takes the next `global size` rows (batch_size
     x accum x processes); process r trains on its contiguous slice, in `accum` micro-batches; the last step of an
     epoch is filled with empty rows. The state is (epoch, position in the epoch), so a resumed run continues
-    with the exact same batches."""
+    with the exact same batches.
+
+    `replay` examples (text_examples), packed into rows of their own, make `replay_fraction` of each epoch's
+    rows: every epoch draws that many of them (each once before any repeats, seeded by (seed, epoch)) and shuffles
+    them in among the dialogue rows."""
 
     def __init__(self, examples: Sequence[Example], max_seq_len: int, batch_size: int, accum: int, *,
-                 packing: bool = True, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0) -> None:
+                 packing: bool = True, rank: int = 0, world_size: int = 1, seed: int = 0, pad_id: int = 0,
+                 replay: Sequence[Example] = (), replay_fraction: float = 0.0) -> None:
         if not examples:
             raise Llama2Error("no training dialogues left to train on (all were skipped as too long?); raise "
                               "max_seq_len, set overlong=truncate or give more data")
-        self.examples = list(examples)
+        if not 0 <= replay_fraction < 1:
+            raise Llama2Error(f"the text replay fraction {replay_fraction} must be in [0, 1)")
+        n = len(examples)
+        self.examples = list(examples) + (list(replay) if replay_fraction > 0 else [])
         self.batch_size, self.accum, self.rank, self.world_size = batch_size, accum, rank, world_size
         self.seed, self.pad_id = seed, pad_id
         self.global_size = batch_size * accum * world_size
         lengths = [len(e.ids) for e in self.examples]
-        self.rows = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
-        self.steps_per_epoch = math.ceil(len(self.rows) / self.global_size)
+
+        def rows_of(lo: int, hi: int) -> list[list[int]]:
+            if not packing:
+                return [[i] for i in range(lo, hi)]
+            return [[lo + i for i in row] for row in pack_rows(lengths[lo:hi], max_seq_len)]
+
+        self.rows = rows_of(0, n)
+        self.replay_rows = rows_of(n, len(self.examples))
+        self.replay_count = (epoch_counts([len(self.rows), len(self.replay_rows)], [1.0, None],
+                                          [None, replay_fraction])[1] if self.replay_rows else 0)
+        self.steps_per_epoch = math.ceil((len(self.rows) + self.replay_count) / self.global_size)
         self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None
+        self._epoch: tuple[int, list[list[int]], np.ndarray] | None = None
         self.fingerprint = int(np.sum(np.asarray(lengths, dtype=np.int64) * (np.arange(len(lengths)) % 997 + 1)))
 
+    def epoch_rows(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+        """(the rows of `epoch`: every dialogue row, then the replayed rows drawn for it; their shuffled order)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            rows = self.rows
+            if self.replay_count:
+                drawn = draw(len(self.replay_rows), self.replay_count, np.random.default_rng([self.seed, epoch, 1]))
+                rows = rows + [self.replay_rows[i] for i in drawn]
+            self._epoch = (epoch, rows, np.random.default_rng([self.seed, epoch]).permutation(len(rows)))
+        return self._epoch[1], self._epoch[2]
+
     def order(self, epoch: int) -> np.ndarray:
-        """The rows of `epoch` in their shuffled order."""
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
-        return self._order[1]
+        """The rows of `epoch` in their shuffled order (indices into epoch_rows(epoch)[0])."""
+        return self.epoch_rows(epoch)[1]
 
     def step_rows(self, epoch: int, position: int) -> list[list[int]]:
         """This process's rows of step `position` of `epoch` ([] = an empty padding row)."""
-        order = self.order(epoch)
+        rows, order = self.epoch_rows(epoch)
         per = self.batch_size * self.accum
         lo = position * self.global_size + self.rank * per
-        return [self.rows[order[j]] if j < len(order) else [] for j in range(lo, lo + per)]
+        return [rows[order[j]] if j < len(order) else [] for j in range(lo, lo + per)]
 
     def next(self) -> list[dict[str, Tensor]]:
         if self.position >= self.steps_per_epoch:
@@ -234,17 +275,18 @@ class SFTBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_size": self.global_size,
-                "rows": len(self.rows), "fingerprint": self.fingerprint}
+                "rows": len(self.rows), "fingerprint": self.fingerprint, "replay_rows": self.replay_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["global_size"]) != self.global_size:
             raise Llama2Error(f"the checkpoint was trained with a global batch of {state['global_size']} rows, this "
                               f"run has {self.global_size} (batch_size x grad_accum x processes); resume with the "
                               "same global batch (set global_batch_size)")
-        if (int(state["rows"]), int(state["fingerprint"])) != (len(self.rows), self.fingerprint):
-            raise Llama2Error("the checkpoint was trained on other data (its dialogues tokenise and pack "
-                              "differently); resume with the same data, tokenizer, max_seq_len and packing, or use a "
-                              "new out_dir")
+        if (int(state["rows"]), int(state["fingerprint"]), int(state.get("replay_rows", 0))) != (
+                len(self.rows), self.fingerprint, self.replay_count):
+            raise Llama2Error("the checkpoint was trained on other data (its dialogues or replayed text tokenise and "
+                              "pack differently); resume with the same data, text_replay, tokenizer, max_seq_len and "
+                              "packing, or use a new out_dir")
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
 
 

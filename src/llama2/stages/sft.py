@@ -11,6 +11,9 @@ Paper settings (configs/7B/sft.yaml): cosine schedule from lr 2e-5, weight decay
     result = sft(recipe)                       # builds the built-in dialogues when missing (pipeline.run: the base too)
     result = sft(recipe, dialogues=[...])      # later stages: dialogues in memory (Dialogue or message lists)
 
+`text_replay: {path, fraction}` replays plain text documents as that share of each epoch's rows, trained with the
+loss on all their tokens (no chat template), against forgetting what pretraining taught.
+
 `mask: last_assistant` (or a dialogue's own "mask") trains only the final answer (Ghost Attention). `lora.rank
 > 0` trains LoRA adapters on the frozen base and checkpoints only them, in PEFT's layout. Each evaluation writes
 the held-out assistant-token loss (val_loss) to metrics.jsonl and greedy answers to a few fixed held-out prompts
@@ -38,7 +41,8 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..data.adversarial import builtin_adversarial
 from ..data.dialogues import Dialogue, check_dialogue, ensure_dialogues, read_dialogues
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
-from ..data.packing import Example, SFTBatches, attention_mask, validation_batches
+from ..data.packing import Example, SFTBatches, attention_mask, text_examples, validation_batches
+from ..data.sources import file_documents
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
 from ..inference.generate import Generator, SamplingParams, gathered_for_generation
@@ -102,6 +106,25 @@ class SamplesSpec:
         check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
 
 
+@dataclass
+class TextReplaySpec:
+    """Plain text replayed among the dialogues against forgetting: documents as a `fraction` of each epoch's
+    training rows, trained with a plain LM loss on all their tokens (no chat template). Off unless both are set."""
+
+    path: str | None = None  # a .jsonl ("text" per line) or .txt (one document) file, or a directory; null: off
+    fraction: float = 0.0  # share of each epoch's training rows that are replayed text, in [0, 1); 0: off
+
+    def validate(self, prefix: str = "text_replay") -> None:
+        check(0 <= self.fraction < 1, f"{prefix}.fraction", self.fraction, "a number in [0, 1) (0 = off)")
+        if self.fraction > 0 and not self.path:
+            raise Llama2Error(f"recipe key '{prefix}.fraction' is {self.fraction} but '{prefix}.path' is not set; "
+                              "give the text to replay (or set the fraction to 0)")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.path) and self.fraction > 0
+
+
 def _sft_optim() -> OptimConfig:
     return OptimConfig(lr=2e-5, weight_decay=0.1, warmup_steps=0, min_lr_ratio=0.0)
 
@@ -131,6 +154,8 @@ class SFTRecipe(FineTuneRecipe):
     packing: bool = True  # pack dialogues into rows (attention kept inside each); false: one per row, right-padded
     # truncate (drop the earliest exchanges, keep the system message) or skip
     overlong: Literal["truncate", "skip"] = "truncate"
+    # plain text at a share of the rows, loss on all its tokens: {path, fraction}; null / 0: off
+    text_replay: TextReplaySpec = field(default_factory=TextReplaySpec)
     lora: LoRASpec = field(default_factory=LoRASpec)
     samples: SamplesSpec = field(default_factory=SamplesSpec)
     optim: OptimConfig = field(default_factory=_sft_optim)
@@ -138,6 +163,7 @@ class SFTRecipe(FineTuneRecipe):
     def validate(self) -> None:
         super().validate()
         self.data.validate()
+        self.text_replay.validate()
         self.lora.validate()
         self.samples.validate()
 
@@ -363,6 +389,20 @@ def load_data(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], l
     return files[0].dialogues, (files[1].dialogues if len(files) > 1 else [])
 
 
+def replay_examples(spec: TextReplaySpec, tokenizer: Any, max_seq_len: int) -> list[Example]:
+    """The documents of text_replay.path as examples with every token trained (llama2.data.packing.text_examples)."""
+    assert spec.path is not None
+    path = expand_path(spec.path)
+    if not path.exists():
+        raise Llama2Error(f"text_replay.path {path} does not exist; give a .jsonl file (a \"text\" field per line), "
+                          "a .txt file (one document) or a directory of them")
+    texts = [t for t in file_documents([path]) if t.strip()]
+    if not texts:
+        raise Llama2Error(f"text_replay.path {path} holds no text; give documents to replay or set "
+                          "text_replay.fraction=0")
+    return text_examples(tokenizer, texts, max_seq_len)
+
+
 class _TrainedTokens:
     """The running count of trained (assistant) tokens, checkpointed with the run."""
 
@@ -418,15 +458,21 @@ def build_sft(recipe: SFTRecipe, *, dialogues: Sequence[Dialogue | Sequence[dict
         train_d, val_d = _as_dialogues(dialogues) or [], _as_dialogues(val_dialogues) or []
     train_ex, train_stats = encode_dialogues(tokenizer, train_d, recipe.mask, seq_len, recipe.overlong)
     val_ex, val_stats = encode_dialogues(tokenizer, val_d, recipe.mask, seq_len, recipe.overlong)
+    replay = replay_examples(recipe.text_replay, tokenizer, seq_len) if recipe.text_replay.on else []
     accum = recipe.accumulation(env.world_size)
     batches = SFTBatches(train_ex, seq_len, recipe.batch_size, accum, packing=recipe.packing, rank=env.rank,
-                         world_size=env.world_size, seed=recipe.seed, pad_id=tokenizer.eos_id)
+                         world_size=env.world_size, seed=recipe.seed, pad_id=tokenizer.eos_id, replay=replay,
+                         replay_fraction=recipe.text_replay.fraction if replay else 0.0)
     total = recipe.epochs * batches.steps_per_epoch
     run = dataclasses.replace(recipe, max_steps=min(recipe.max_steps or total, total))
     if env.is_main and not quiet:
         print(train_stats.line("train", seq_len), flush=True)
         if val_d:
             print(val_stats.line("held-out", seq_len), flush=True)
+        if replay:
+            print(f"text replay: {recipe.text_replay.path}: {sum(len(e.ids) for e in replay):,} tokens in "
+                  f"{len(batches.replay_rows)} rows, {batches.replay_count} of each epoch's "
+                  f"{len(batches.rows) + batches.replay_count} rows", flush=True)
         print(f"{len(batches.rows)} {'packed ' if recipe.packing else ''}rows of <= {seq_len} tokens, "
               f"{batches.steps_per_epoch} steps per epoch of {batches.global_size} rows; training {run.max_steps} "
               f"steps", flush=True)
