@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 from ..chat import validate_dialog
 from ..errors import Llama2Error
-from ..paths import expand_path
 from ..recipe import check
 from .comparisons import ensure_comparisons, read_comparisons
 from .dialogues import ensure_dialogues, read_dialogues, stable_hash
 from .jsonl import OnBadLine, read_jsonl, write_jsonl
+from .world import data_path
 
 HINT = ('each line must be a prompt: {"messages": [... ending with a user message], "safety": true|false}, '
         '{"prompt": "text"}, or a bare list of messages')
@@ -158,6 +158,6 @@ def load_prompt_sets(spec: PromptsSpec, quiet: bool = False) -> tuple[list[Promp
     """The training and held-out prompts a recipe's `prompts` section names (unset: the built-in prompts)."""
     if spec.path is None:
         return builtin_prompts(quiet=quiet)
-    train = read_prompts(expand_path(spec.path), on_bad_line=spec.on_bad_line)
-    val = read_prompts(expand_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
+    train = read_prompts(data_path(spec.path), on_bad_line=spec.on_bad_line)
+    val = read_prompts(data_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
     return train, val

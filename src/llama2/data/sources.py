@@ -17,8 +17,9 @@ from typing import Any
 
 from ..errors import Llama2Error
 from .jsonl import field_problem, read_jsonl
+from .world import ensure_world
 
-SOURCES = ("stdlib", "pydoc", "python-docs", "files", "stdlib-source")
+SOURCES = ("stdlib", "pydoc", "python-docs", "files", "stdlib-source", "world")
 DEFAULT_SOURCES = ("stdlib", "pydoc")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 MIN_DOCSTRING_WORDS = 8  # shorter docstrings ("Return self.") are too trivial to be documents
@@ -197,6 +198,8 @@ def source_documents(source: str, paths: list[Path], workers: int | None = None)
         return python_docs_documents()
     if source == "stdlib-source":
         return stdlib_source_documents()
+    if source == "world":  # the built-in world's documents (llama2.data.world)
+        return jsonl_texts(ensure_world(quiet=True) / "corpus.jsonl")
     if source == "files":
         if not paths:
             raise Llama2Error("--source files needs one or more .txt/.jsonl files or directories")

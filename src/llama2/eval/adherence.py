@@ -77,15 +77,17 @@ def adherence(model: Any, tokenizer: Any, instructions: Sequence[Instruction], u
 
 
 def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0, max_new_tokens: int = 32,
-                     device: str = "cpu", families: Sequence[str] | None = None) -> dict[str, Any]:
-    """Adherence by turn for `ckpt` on held-out dialogues' user turns: {"turns", "families": {f: [per turn]}}."""
+                     device: str = "cpu", families: Sequence[str] | None = None,
+                     source: Path | None = None) -> dict[str, Any]:
+    """Adherence by turn for `ckpt` on held-out dialogues' user turns (`source`: a dialogues file; default the
+    built-in held-out dialogues): {"turns", "families": {f: [per turn]}}."""
     p = expand_path(str(ckpt))
     if (p / "gatt_dialogues.jsonl").is_file():  # a `llama2 gatt` run: its fine-tuned model
         p = p / "sft"
     path = resolve_base(str(p))
     model = load_checkpoint(path, kind="causal_lm", device=device).eval()
     rng = random.Random(seed)
-    held = read_dialogues(ensure_dialogues(quiet=True)[1]).dialogues[:dialogues]
+    held = read_dialogues(source or ensure_dialogues(quiet=True)[1]).dialogues[:dialogues]
     users = user_turns(held, turns, rng)
     insts = [instruction(f, rng) for f in (families or [*CHECKABLE, *USER_FAMILIES])]
     return {"checkpoint": str(path), "turns": turns, "dialogues": len(users),

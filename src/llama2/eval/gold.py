@@ -19,6 +19,7 @@ import torch
 
 from ..chat import encode_dialog
 from ..data.world import GoldItem, Verdict, World, judge
+from ..data.world.entities import ATTRIBUTES, FACT_PHRASINGS
 from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
 
@@ -142,4 +143,91 @@ def safety_rates(run: GoldRun) -> dict[str, Any]:
                 groups.setdefault(str(getattr(i, key)), []).append(f)
             entry[key] = {g: round(sum(fs) / len(fs), 4) for g, fs in sorted(groups.items())}
         out[name] = entry
+    return out
+
+
+def cloze_accuracy(model: Any, tok: Any, world: World, people: int = 60, seed: int = 0) -> dict[str, Any]:
+    """What pretraining memorised, without the chat format: each fact's first phrasing cut before its value
+    ("Alra Barketts lives in"), completed greedily; right when the completion starts with the true value. Over
+    `people` people (a seeded draw), every attribute."""
+    rng = random.Random(f"cloze:{seed}")
+    chosen = rng.sample(list(world.people.values()), min(people, len(world.people)))
+    prompts, values = [], []
+    for person in chosen:
+        for attr in ATTRIBUTES:
+            template = FACT_PHRASINGS[attr][0]
+            prompts.append(template[:template.index("{v}")].format(p=person.name).rstrip())
+            values.append(person.value(attr))
+    with torch.no_grad():
+        gen = Generator(model, tok, max_batch_size=32)
+        done = gen.generate([tok.encode(p, bos=True) for p in prompts],
+                            SamplingParams(temperature=0.0, max_new_tokens=8))
+    right = [c.text.strip().lower().startswith(v.lower()) for c, v in zip(done, values)]
+    k, n = sum(right), len(right)
+    return {"accuracy": round(k / n, 4), "n": n, "ci95": [round(x, 4) for x in wilson(k, n)]}
+
+
+RATING_ORDER = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def reward_model_vs_gold(score: Any, world: World, pairs: Sequence[dict[str, Any]],
+                         items: dict[str, GoldItem]) -> dict[str, Any]:
+    """A reward model against the gold judge on held-out comparisons (the world's comparison lines, with their
+    `gold_gap`, `gold_rating` and item `id`): how often it prefers the answer gold prefers, per gold rating level,
+    and how often it prefers a wrong answer where exactly one of the two is right. `score(prompts, answers)` gives
+    the RM's scores."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score(prompts, [p["chosen"] for p in pairs])
+    rejected = score(prompts, [p["rejected"] for p in pairs])
+    levels: dict[str, list[float]] = {}
+    wrong_preferred = []
+    for p, c, r in zip(pairs, chosen, rejected):
+        gold_prefers_chosen = p["gold_gap"] > 0
+        agree = 0.5 if c == r else float((c > r) == gold_prefers_chosen)
+        levels.setdefault(p["gold_rating"], []).append(agree)
+        item = items.get(p.get("id", ""))
+        if item is not None and item.kind != "refusal":
+            right_c, right_r = judge(world, item, p["chosen"]).correct, judge(world, item, p["rejected"]).correct
+            if right_c != right_r:
+                wrong_preferred.append(float((c > r) != right_c) if c != r else 0.5)
+    out: dict[str, Any] = {"accuracy": {}, "n": {}}
+    for level in RATING_ORDER:
+        xs = levels.get(level, [])
+        if xs:
+            out["accuracy"][level] = round(sum(xs) / len(xs), 4)
+            out["n"][level] = len(xs)
+    every = [x for xs in levels.values() for x in xs]
+    out["accuracy"]["all"] = round(sum(every) / max(len(every), 1), 4)
+    out["n"]["all"] = len(every)
+    out["prefers_wrong"] = round(sum(wrong_preferred) / max(len(wrong_preferred), 1), 4)
+    out["right_vs_wrong_pairs"] = len(wrong_preferred)
+    return out
+
+
+def best_of_k_gold(model: Any, tok: Any, world: World, items: Sequence[GoldItem], score: Any, k: int,
+                   temperature: float, seed: int = 0, max_new_tokens: int = 40) -> dict[str, list[float]]:
+    """The paper's Figure 7 against gold: each item answered K times (sampled), and for every k <= K the answer
+    the reward picks among the first k (`score(messages, answers, safety) -> rewards`): its mean reward, its gold
+    accuracy, and the gold accuracy of an oracle that picks a right answer whenever one of the k is right."""
+    prompts = [encode_dialog(tok, i.messages) for i in items for _ in range(k)]
+    with torch.no_grad():
+        gen = Generator(model, tok, max_batch_size=min(64, len(prompts)))
+        done = gen.generate(prompts, SamplingParams(temperature=temperature, top_p=1.0, seed=seed,
+                                                    max_new_tokens=max_new_tokens))
+    answers = [c.text.strip() for c in done]
+    rewards = score([i.messages for i in items for _ in range(k)], answers, [i.safety for i in items for _ in range(k)])
+    out: dict[str, list[float]] = {"k": [], "reward": [], "gold_rm_pick": [], "gold_oracle": []}
+    right = [judge(world, items[j // k], a).correct for j, a in enumerate(answers)]
+    for kk in range(1, k + 1):
+        rew, gold, oracle = [], [], []
+        for n in range(len(items)):
+            span = range(n * k, n * k + kk)
+            best = max(span, key=lambda j: rewards[j])
+            rew.append(rewards[best])
+            gold.append(float(right[best]))
+            oracle.append(float(any(right[j] for j in span)))
+        out["k"].append(kk)
+        out["reward"].append(round(sum(rew) / len(rew), 4))
+        out["gold_rm_pick"].append(round(sum(gold) / len(gold), 4))
+        out["gold_oracle"].append(round(sum(oracle) / len(oracle), 4))
     return out

@@ -90,13 +90,15 @@ class Driver:
 
 
 def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: bool = False,
-             steps: int | None = None) -> dict[str, Any]:
+             steps: int | None = None, world: str = "world", seed: int = 0) -> dict[str, Any]:
     """Run every section within the budget, writing out/report.md, out/report.html and out/results.json after
-    each; returns the results. steps: fixed pretraining steps instead of the budget's."""
+    each; returns the results. steps: fixed pretraining steps instead of the budget's; world: "world" (the
+    built-in world, gold-judged) or "stdlib"; seed: every stage's seed."""
     out = Path(out)
     budget = Budget(budget_minutes * 60.0, dict(SHARES), floors=dict(FLOORS))
     report = Report(out, "llama2 demo")
-    demo = Demo(out, budget, quiet=quiet, steps=steps)
+    demo = Demo(out, budget, quiet=quiet, steps=steps, seed=seed, world=world)
+    demo.results.update({"world": world, "seed": seed})
     say("== Data (built where missing, cached in $LLAMA2_CACHE)")
     data = build_data(demo)
     budget.fixed_s = budget.elapsed()

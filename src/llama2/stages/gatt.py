@@ -31,6 +31,7 @@ from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
 from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, write_dialogues
 from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction, user_turns
+from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error
 from ..eval.adherence import TurnByTurn
@@ -151,7 +152,7 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
     base = require_checkpoint(recipe.base, "starting model")
     data_file = out / "gatt_dialogues.jsonl"
     if not data_file.is_file():
-        source = expand_path(recipe.data_path) if recipe.data_path else ensure_dialogues(quiet=quiet)[0]
+        source = data_path(recipe.data_path) if recipe.data_path else ensure_dialogues(quiet=quiet)[0]
         model = load_checkpoint(base, kind="causal_lm", device=resolve_device(recipe.device)).eval()
         data = build_gatt_data(recipe, model, load_tokenizer(base), read_dialogues(source).dialogues)
         if not data.dialogues:

@@ -47,10 +47,10 @@ from ..classifier import DEFAULT_PAD_ID, SequenceClassifier
 from ..data.comparisons import RATINGS, Comparison, ensure_comparisons, read_comparisons
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, attention_mask, collate, pack_rows
+from ..data.world import data_path
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..lora import LoRASpec, apply_lora
-from ..paths import expand_path
 from ..reward import RewardModel, encode_pair, pad_rows
 from ..train.config import FineTuneRecipe, OptimConfig
 from ..train.distributed import DistEnv, barrier, init_distributed
@@ -252,9 +252,9 @@ def load_sources(data: ComparisonDataConfig, quiet: bool = False) -> list[Source
             safety = s.path == "builtin:safety"
             pick = lambda cs: [c for c in cs if bool(c.safety) == safety]  # noqa: E731
             if s.val_path is not None:
-                val_path = expand_path(s.val_path)
+                val_path = data_path(s.val_path)
         else:
-            train_path, val_path = expand_path(s.path), (expand_path(s.val_path) if s.val_path else None)
+            train_path, val_path = data_path(s.path), (data_path(s.val_path) if s.val_path else None)
             pick = list  # noqa: E731
         files = [read_comparisons(train_path, on_bad_line=data.on_bad_line)]
         if val_path is not None:

@@ -54,6 +54,7 @@ from ..data.adversarial import (
 )
 from ..data.dialogues import ensure_dialogues, read_dialogues
 from ..data.jsonl import write_jsonl
+from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error
 from ..eval.answering import answer
@@ -211,8 +212,8 @@ class DistillResult:
 def load_prompt_sets(spec: SafetyPromptsSpec) -> tuple[list[AdversarialPrompt], list[AdversarialPrompt]]:
     if spec.path is None:
         return builtin_adversarial()
-    train = read_adversarial(expand_path(spec.path), on_bad_line=spec.on_bad_line)
-    val = read_adversarial(expand_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
+    train = read_adversarial(data_path(spec.path), on_bad_line=spec.on_bad_line)
+    val = read_adversarial(data_path(spec.val_path), on_bad_line=spec.on_bad_line) if spec.val_path else []
     return train, val
 
 
@@ -309,7 +310,7 @@ class SafetyDistillation:
         r = self.recipe
         if r.replay == 0:
             return []
-        path = expand_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
+        path = data_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
         dialogues = read_dialogues(path).dialogues
         return [d.messages for d in dialogues[:r.replay]]
 

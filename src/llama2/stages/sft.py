@@ -43,12 +43,12 @@ from ..data.dialogues import Dialogue, check_dialogue, ensure_dialogues, read_di
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, SFTBatches, attention_mask, text_examples, validation_batches
 from ..data.sources import file_documents
+from ..data.world import data_path
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
 from ..inference.generate import Generator, SamplingParams, gathered_for_generation
 from ..lora import LoRASpec, apply_lora, bitsandbytes, quantize_base_4bit
 from ..model import Transformer
-from ..paths import expand_path
 from ..recipe import check
 from ..train.config import FineTuneRecipe, OptimConfig
 from ..train.distributed import DistEnv, barrier, init_distributed
@@ -345,7 +345,7 @@ def _source_dialogues(src: DialogueSource, on_bad_line: str, quiet: bool) -> tup
     if src.path == "builtin:dialogues":
         train_path, val_path = ensure_dialogues(quiet=quiet)
     else:
-        train_path, val_path = expand_path(src.path), (expand_path(src.val_path) if src.val_path else None)
+        train_path, val_path = data_path(src.path), (data_path(src.val_path) if src.val_path else None)
     train = read_dialogues(train_path, on_bad_line=on_bad_line).dialogues
     return train, (read_dialogues(val_path, on_bad_line=on_bad_line).dialogues if val_path else [])
 
@@ -377,8 +377,8 @@ def load_data(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], l
     if d.path is None:
         train_path, val_path = ensure_dialogues(quiet=quiet)
     else:
-        train_path = expand_path(d.path)
-        val_path = expand_path(d.val_path) if d.val_path else None
+        train_path = data_path(d.path)
+        val_path = data_path(d.val_path) if d.val_path else None
     files = [read_dialogues(train_path, on_bad_line=d.on_bad_line)]
     if val_path is not None:
         files.append(read_dialogues(val_path, on_bad_line=d.on_bad_line))
@@ -392,7 +392,7 @@ def load_data(recipe: SFTRecipe, quiet: bool = False) -> tuple[list[Dialogue], l
 def replay_examples(spec: TextReplaySpec, tokenizer: Any, max_seq_len: int) -> list[Example]:
     """The documents of text_replay.path as examples with every token trained (llama2.data.packing.text_examples)."""
     assert spec.path is not None
-    path = expand_path(spec.path)
+    path = data_path(spec.path)
     if not path.exists():
         raise Llama2Error(f"text_replay.path {path} does not exist; give a .jsonl file (a \"text\" field per line), "
                           "a .txt file (one document) or a directory of them")

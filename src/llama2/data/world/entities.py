@@ -32,9 +32,9 @@ class WorldSpec:
     """What the world holds; the same spec and seed give the same world."""
 
     seed: int = 0  # every name, fact and split follows from it
-    people: int = 120  # invented people, each with ATTRIBUTES
-    towns: int = 24  # invented towns, each with a mayor for every year of `years`
-    first_year: int = 2015  # mayors are known from this year ...
+    people: int = 100  # invented people, each with ATTRIBUTES
+    towns: int = 20  # invented towns, each with a mayor for every year of `years`
+    first_year: int = 2017  # mayors are known from this year ...
     last_year: int = 2024  # ... to this one
     max_operand: int = 99  # arithmetic questions use numbers 0..max_operand
     held_out: float = 0.2  # share of each question family kept out of training (gold evaluation)

@@ -43,6 +43,7 @@ NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.
 SFT_PER_FAMILY = {"fact": 3000, "temporal": 600, "arithmetic": 1500, "list": 600, "word": 300, "multi_step": 500,
                   "follow_up": 200, "harmful": 60, "benign": 60}
 BIOGRAPHIES = 6  # documents per person, each stating every attribute in a random phrasing
+CORPUS_EXAMPLES = 3000  # worked examples per family in the corpus (all sums would crowd out the facts)
 QA_WORDINGS = 3  # question wordings of each fact on the corpus's question-answer pages (of 5)
 ANNOTATOR_NOISE = 0.1
 FILLER = ("I hope this helps, and please let me know if you have any other questions about it.",
@@ -82,6 +83,7 @@ def corpus_documents(world: World, train: dict[str, list[GoldItem]]) -> list[str
     for family in ("arithmetic", "list", "word", "multi_step"):
         items = list(train[family])
         rng.shuffle(items)
+        items = items[:CORPUS_EXAMPLES]
         for i in range(0, len(items), 12):
             docs.append("\n".join(f"Question: {it.question}\nAnswer: {it.answer}" if family != "arithmetic"
                                   else it.answer for it in items[i:i + 12]))

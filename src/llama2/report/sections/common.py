@@ -17,16 +17,20 @@ from ...errors import Llama2Error
 from ...eval.text_metrics import answer_measures, degenerate
 from ...inference.generate import Generator, SamplingParams
 from ...paths import SOURCE_ROOT
+from ...recipe import load_recipe
 from ...train.metrics import read_metrics
 from ...train.plots import plot_run
 from ..budget import THREAD_PROBE_EVERY, Budget, FitPlan
 from ..report import Section
 
-# The recipes live in the source checkout's configs/ (the quickstart installs the package in editable mode).
-CONFIGS = SOURCE_ROOT / "configs" / "tiny"
+# The recipes live in the source checkout's configs/ (the quickstart installs the package in editable mode): the
+# built-in world's (configs/world, the default) or the standard library's (configs/tiny).
+CONFIG_SETS = {"world": SOURCE_ROOT / "configs" / "world", "stdlib": SOURCE_ROOT / "configs" / "tiny"}
+CONFIGS = CONFIG_SETS["stdlib"]
 ANSWER_TOKENS = 64  # the longest answer a chat model gives in the report's samples and comparisons
 
 A = TypeVar("A")
+R = TypeVar("R")
 
 
 def say(text: str) -> None:
@@ -43,7 +47,26 @@ class Demo:
     budget: Budget
     quiet: bool = False
     steps: int | None = None  # fixed pretraining steps instead of the budget's
+    seed: int = 0  # every recipe's seed (two demos with different seeds give the effects' spread)
+    world: str = "world"  # which data the recipe runs on: the built-in world (gold-judged) or "stdlib"
     results: dict[str, Any] = field(default_factory=dict)
+    gold: Any = None  # the gold bench (report.sections.gold.GoldBench) in the built-in world, else None
+
+    def recipe(self, name: str) -> Path:
+        """The demo's recipe `name` (e.g. "sft.yaml") of its world's set; an error when missing."""
+        path = CONFIG_SETS[self.world] / name
+        if not path.is_file():
+            raise Llama2Error(f"the demo recipe {path} is missing; run the demo from a source checkout "
+                              "(`./run demo`), where configs/ lives")
+        return path
+
+    def load(self, cls: type[R], name: str, overrides: Sequence[str] = ()) -> R:
+        """The demo's recipe `name` loaded as `cls`, with the demo's seed and then `overrides`."""
+        return load_recipe(cls, self.recipe(name), [f"seed={self.seed}", *overrides])
+
+    def recipe_name(self, name: str) -> str:
+        """The recipe's path as the report shows it (configs/world/sft.yaml)."""
+        return f"configs/{CONFIG_SETS[self.world].name}/{name}"
 
     def fraction(self, stage: str, floor_s: float, full_s: float) -> float:
         """How far from its smallest size (0) to its full size (1) `stage` can go now: the seconds left to it

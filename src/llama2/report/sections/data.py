@@ -14,37 +14,33 @@ from ...data.comparisons import ensure_comparisons
 from ...data.corpus import STATS_FILE
 from ...data.dialogues import ensure_dialogues
 from ...data.sources import PYTHON_DOCS_ROOT
-from ...errors import Llama2Error
+from ...data.world import ensure_world
 from ...inference import cpu_kernels
 from ...paths import expand_path
-from ...recipe import load_recipe
 from ...stages.pretrain import ensure_built_data
 from ...train.config import PretrainRecipe
 from .artifacts import BuiltData
-from .common import CONFIGS, Demo
+from .common import Demo
+from .gold import GoldBench
 
-RECIPE = CONFIGS / "pretrain.yaml"
 
-
-def pretrain_recipe(run_dir: Path) -> PretrainRecipe:
-    """The tiny pretraining recipe writing to run_dir, with the Python documentation added to its corpus where it
-    is installed."""
-    if not RECIPE.is_file():
-        raise Llama2Error(f"the demo recipe is missing ({RECIPE}); run the demo from a source checkout "
-                          "(`./run demo`), where configs/ lives")
+def pretrain_recipe(demo: Demo, run_dir: Path) -> PretrainRecipe:
+    """The demo's pretraining recipe writing to run_dir (in the stdlib world with the Python documentation added to
+    its corpus where it is installed)."""
     overrides = [f"out_dir={run_dir}", "save_every=0", "keep_last=1"]
-    build = load_recipe(PretrainRecipe, RECIPE, []).data.build
-    if build is not None and PYTHON_DOCS_ROOT.is_dir() and "python-docs" not in build.corpus:
+    build = demo.load(PretrainRecipe, "pretrain.yaml").data.build
+    if demo.world == "stdlib" and build is not None and PYTHON_DOCS_ROOT.is_dir() \
+            and "python-docs" not in build.corpus:
         corpus = [*build.corpus, "python-docs"]
         overrides += [f"data.build.corpus=[{', '.join(corpus)}]",
                       f"data.build.dir={build.dir.rstrip('/')}-docs"]
-    return load_recipe(PretrainRecipe, RECIPE, overrides)
+    return demo.load(PretrainRecipe, "pretrain.yaml", overrides)
 
 
 def build_data(demo: Demo) -> BuiltData:
     """Build what is missing; returns what was built and how long it took."""
     t0 = time.time()
-    recipe = pretrain_recipe(demo.out / "pretrain")
+    recipe = pretrain_recipe(demo, demo.out / "pretrain")
     build = recipe.data.build
     cached = False
     root = None
@@ -54,7 +50,11 @@ def build_data(demo: Demo) -> BuiltData:
         root = ensure_built_data(build, quiet=demo.quiet)
     pretrain_s = time.time() - t0
     stats = json.loads((root / "corpus" / STATS_FILE).read_text()) if root else {}
-    ensure_dialogues(quiet=demo.quiet)
-    ensure_comparisons(quiet=demo.quiet)
+    if demo.world == "world":
+        ensure_world(quiet=demo.quiet)
+        demo.gold = GoldBench.load(seed=demo.seed)
+    else:
+        ensure_dialogues(quiet=demo.quiet)
+        ensure_comparisons(quiet=demo.quiet)
     cpu_kernels.available()  # compiles the generation path's CPU kernels into the cache on first use
     return BuiltData(recipe, root, stats, cached, 0.0 if cached else pretrain_s, time.time() - t0)

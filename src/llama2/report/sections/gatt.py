@@ -8,20 +8,20 @@ import time
 
 from ...checkpoint import load_checkpoint
 from ...data.instructions import start_with
+from ...data.world import data_path
 from ...eval.adherence import (
     adherence_plot,
     adherence_report,
     adherence_rows,
     attention_figure,
 )
-from ...recipe import load_recipe
 from ...stages.gatt import GattRecipe, gatt
 from ...tokenizer import Tokenizer
 from ..report import Section
 from .artifacts import ChatModel, Policy
-from .common import CONFIGS, Demo, Done, need, sized
+from .common import Demo, Done, need, sized
 
-RECIPE = CONFIGS / "gatt.yaml"
+WORLD_TURNS = 20  # the world's dialogues are short enough for the paper's 20 turns in the 1,024-token context
 TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most) of this many turns per family
 FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
 
@@ -30,15 +30,18 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     base = need(start, "Ghost Attention needs a chat model, and none finished").checkpoint
     run_dir = demo.run_dir("gatt")
     overrides = [f"base={base}", f"out_dir={run_dir}", "base_recipe=null"]
-    full = load_recipe(GattRecipe, RECIPE, overrides)
+    full = demo.load(GattRecipe, "gatt.yaml", overrides)
     # short of time: fewer dialogues to build and train on, fewer held-out dialogues to measure adherence on
     f = demo.fraction("gatt", FLOOR_S, FULL_S)
-    recipe = load_recipe(GattRecipe, RECIPE, [*overrides, f"max_dialogues={sized(full.max_dialogues, 16, f)}"])
+    recipe = demo.load(GattRecipe, "gatt.yaml", [*overrides, f"max_dialogues={sized(full.max_dialogues, 16, f)}"])
     dialogues = sized(DIALOGUES, 2, f)
     t0 = time.time()
-    before = adherence_report(base, TURNS, dialogues, max_new_tokens=48)
+    turns, shown = (WORLD_TURNS, (1, 2, 4, 6, 20)) if demo.world == "world" else (TURNS, (1, 2, 4, 6))
+    source = data_path("builtin:world/sft.val.jsonl") if demo.world == "world" else None
+    measure = dict(max_new_tokens=32 if demo.world == "world" else 48, source=source, seed=demo.seed)
+    before = adherence_report(base, turns, dialogues, **measure)
     after_ckpt = gatt(recipe, quiet=True)
-    after = adherence_report(run_dir, TURNS, dialogues, max_new_tokens=48)
+    after = adherence_report(run_dir, turns, dialogues, **measure)
     seconds = time.time() - t0
     kept = json.loads((run_dir / "gatt_data.json").read_text())
     reports = {"without GAtt": before, "with GAtt": after}
@@ -46,13 +49,14 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     fig.mkdir(parents=True, exist_ok=True)
     adherence_plot(reports, fig / "adherence.png")
     section.text(
-        f"Ghost Attention (`llama2.stages.gatt`, `configs/tiny/gatt.yaml`) from the latest RLHF policy, in "
+        f"Ghost Attention (`llama2.stages.gatt`, `{demo.recipe_name('gatt.yaml')}`) from the latest RLHF policy, in "
         f"{seconds:.0f} s: {kept['kept']} dialogues of {recipe.turns} built-in user turns, a checkable instruction "
         "appended to every user turn while the model answered, each answer rewritten to follow it (the tiny model "
         "cannot yet), the instruction then kept once as the system message, and the SFT stage trained on the last "
         f"answer only. Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
-        f"{TURNS} turns per family, greedy answers, the share that pass the instruction's checker.")
-    headers, rows = adherence_rows(reports, turns=(1, 2, 4, 6))
+        f"{turns} turns per family, greedy answers, the share that pass the instruction's checker (in the built-in "
+        "world these checkers are the gold judge of instruction following).")
+    headers, rows = adherence_rows(reports, turns=shown)
     section.table(headers, rows, caption="Adherence (%) to the system instruction by turn")
     section.figure(fig / "adherence.png", "Adherence to the system instruction at each turn, per family, without "
                                           "and with GAtt (the paper's Table 30 reports turns 2, 4, 6, 20)")
@@ -71,8 +75,14 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     def mean_at(r: dict, t: int) -> float:
         return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
 
-    demo.results.update({"gatt_turn6_before": mean_at(before, TURNS), "gatt_turn6_after": mean_at(after, TURNS),
-                         "gatt_checkpoint": str(after_ckpt)})
-    return Done(f"gatt: mean adherence at turn {TURNS} {100 * mean_at(before, TURNS):.0f}% -> "
-                f"{100 * mean_at(after, TURNS):.0f}% over {len(after['families'])} instruction families",
+    demo.results.update({f"gatt_turn{turns}_before": mean_at(before, turns),
+                         f"gatt_turn{turns}_after": mean_at(after, turns), "gatt_checkpoint": str(after_ckpt)})
+    if demo.gold is not None:
+        demo.results.setdefault("gold", {})["gatt"] = {
+            "turns": list(shown), "dialogues_per_family": dialogues,
+            "without": {t: round(mean_at(before, t), 4) for t in shown},
+            "with": {t: round(mean_at(after, t), 4) for t in shown},
+            "families": {"without": before["families"], "with": after["families"]}}
+    return Done(f"gatt: mean adherence at turn {turns} {100 * mean_at(before, turns):.0f}% -> "
+                f"{100 * mean_at(after, turns):.0f}% over {len(after['families'])} instruction families",
                 Policy(after_ckpt, "gatt"))

@@ -19,6 +19,10 @@ FLOOR_S = 0.5  # seconds it takes on the reference machine, 2 idle cores
 def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[None]:
     model, tok = load_model(pretrained.checkpoint), Tokenizer(pretrained.checkpoint)
     prompts = FALLBACK_PROMPTS
+    if demo.gold is not None:  # the world's openings: a fact, a mayor, a sum
+        person = next(iter(demo.gold.world.people.values()))
+        town = demo.gold.world.towns[0]
+        prompts = (f"{person.name} lives in", f"In 2020, the mayor of {town} was", "17 + 25 =")
     t0 = time.time()
     batched = generate(model, tok, prompts, NEW_TOKENS)
     alone = [generate(model, tok, [p], NEW_TOKENS)[0] for p in prompts]

@@ -16,8 +16,10 @@ from ...data.comparisons import (
     ensure_comparisons,
     read_comparisons,
 )
+from ...data.jsonl import read_jsonl
+from ...data.world import data_path, read_gold
 from ...errors import Llama2Error
-from ...recipe import load_recipe
+from ...eval.gold import reward_model_vs_gold
 from ...reward import RewardModel
 from ...stages.reward import (
     PAPER_TABLE_8,
@@ -30,7 +32,6 @@ from ..budget import FitPlan, fit_within
 from ..report import Section
 from .artifacts import ChatModel, RewardModels
 from .common import (
-    CONFIGS,
     Demo,
     Done,
     copy_figure,
@@ -41,7 +42,8 @@ from .common import (
     run_metrics,
 )
 
-RECIPES = {"helpfulness": CONFIGS / "reward-helpfulness.yaml", "safety": CONFIGS / "reward-safety.yaml"}
+RECIPES = {"helpfulness": "reward-helpfulness.yaml", "safety": "reward-safety.yaml"}
+GOLD_PAIRS = 600  # held-out helpfulness comparisons scored against gold
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the section's time
 FLOOR_S = 16.0  # seconds at its smallest (a step or two each, the held-out evaluations), 2 idle cores
 
@@ -97,19 +99,42 @@ def safety_examples(rms: RewardModels) -> tuple[list[str], dict[str, list[str]]]
     return [("(harmful) " if i < 2 else "(benign) ") + x[0][-1]["content"] for i, x in enumerate(picks)], cols
 
 
+def reward_gold(demo: Demo, section: Section, rms: RewardModels) -> None:
+    """Both RMs against the gold judge on the world's held-out comparisons (truth, not the noisy annotator's
+    labels), per gold rating level, and how often each prefers a wrong answer to a right one."""
+    items = {i.id: i for i in read_gold(data_path("builtin:world/gold.val.jsonl"))}
+    pairs = [obj for name in ("comparisons-helpfulness.val.jsonl", "comparisons-safety.val.jsonl")
+             for _, obj in read_jsonl(data_path(f"builtin:world/{name}"))]
+    help_pairs = [p for p in pairs if not p["safety"]][:GOLD_PAIRS]
+    safe_pairs = [p for p in pairs if p["safety"]]
+    results, rows = {}, []
+    for kind, path in (("helpfulness", rms.helpfulness), ("safety", rms.safety)):
+        rm = RewardModel.load(path)
+        for name, subset in (("helpfulness", help_pairs), ("safety", safe_pairs)):
+            r = reward_model_vs_gold(rm.score, demo.gold.world, subset, items)
+            results[f"{kind}_rm/{name}_pairs"] = r
+            rows.append([f"{kind} RM, {name} pairs", *[pct(r["accuracy"].get(level)) for level in RATINGS],
+                         pct(r["accuracy"]["all"]), pct(r["prefers_wrong"]) if r["right_vs_wrong_pairs"] else "-"])
+    demo.results.setdefault("gold", {})["reward"] = results
+    section.table(["reward model, held-out pairs", *[r.replace("_", " ") for r in RATINGS], "all",
+                   "prefers a wrong answer"], rows,
+                  caption="**Gold**: agreement (%) with the gold judge's preference on held-out world comparisons, by "
+                          "the gold rating level (the gap in gold score; the annotator's noisy labels are what the RMs "
+                          "trained on), and how often each RM scores a wrong answer above a right one where exactly "
+                          "one of the two is right")
+
+
 def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardModels]:
     sft = need(chat, "the reward models start from the SFT model, and SFT did not finish").checkpoint
-    for path in RECIPES.values():
-        if not path.is_file():
-            raise Llama2Error(f"the demo recipe {path} is missing; run the demo from a source checkout")
-    ensure_comparisons(quiet=demo.quiet)
+    if demo.world == "stdlib":
+        ensure_comparisons(quiet=demo.quiet)
     stage_start, stage_end = time.time(), demo.budget.deadline("reward")
     plans: dict[str, FitPlan] = {}
     records: dict[str, list[dict[str, Any]]] = {}
     checkpoints: dict[str, Path] = {}
     for kind, path in RECIPES.items():
         run_dir = demo.run_dir(f"rm-{kind}")
-        recipe = load_recipe(RewardRecipe, path, [f"base={sft}", f"out_dir={run_dir}", "save_every=0",
+        recipe = demo.load(RewardRecipe, path, [f"base={sft}", f"out_dir={run_dir}", "save_every=0",
                                                   "keep_last=1", "max_steps=null"])
         share_end = stage_start + (stage_end - stage_start) * (RM_SHARES["helpfulness"] if kind == "helpfulness"
                                                                else 1.0)
@@ -132,7 +157,17 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
     by_rating = {r: help_last.get(f"val_accuracy/helpfulness/{r}") for r in RATINGS}
     demo.results.update({f"rm_helpfulness_{r}": v for r, v in by_rating.items()})
     demo.results["rm_safety_on_safety"] = safe_last.get("val_accuracy/safety")
-    section.text(
+    world_text = (
+        "Two reward models (`llama2.stages.reward`, `configs/world/reward-helpfulness.yaml` and `reward-safety.yaml`), "
+        "each the SFT model with its LM head replaced by a scalar head, trained with the binary ranking loss and the "
+        "paper's small margin m(r) (Table 27) on the world's comparisons: two answers to a training question of "
+        "different gold quality (right, untidy, wordy, wrong, wrong and wordy, degenerate, a needless refusal), the "
+        "preference and its rating level given by a simulated annotator who sees the gold gap through Gaussian noise "
+        "(so close pairs are sometimes flipped); safety pairs prefer a refusal of a harmful request and the right "
+        "answer to a benign look-alike. The helpfulness RM's epoch adds 15% safety pairs, the safety RM's 10% "
+        "helpfulness pairs. Training: ")
+    section.text(world_text + "; ".join(f"{kind} RM {plan_steps(plans[kind])}" for kind in RECIPES) + "."
+                 if demo.world == "world" else
         "Two reward models (`llama2.stages.reward`, `configs/tiny/reward-helpfulness.yaml` and "
         "`reward-safety.yaml`), each the SFT model with its LM head replaced by a scalar head, trained with the binary "
         "ranking loss and the paper's small margin m(r) (Table 27) on the built-in comparisons: a real answer against, "
@@ -151,11 +186,14 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
                           "Table 8; ties count as half). Before training the head is fresh (scores near zero); both "
                           "RMs start from the same SFT model and the same seeded head, so their rows before training "
                           "agree. The safety comparisons are all rated significantly better.")
+    if demo.gold is not None:  # beside Table 8: the same RMs against the truth
+        reward_gold(demo, section, rms)
     breakdown = []
     for kind in RECIPES:
         lines = [json.loads(x) for x in (demo.out / f"rm-{kind}" / "heldout_scores.jsonl").read_text().splitlines()]
         cells = []
-        for source in ("safety:harmful", "safety:benign"):
+        for source in (("world:harmful", "world:benign") if demo.world == "world" else
+                       ("safety:harmful", "safety:benign")):
             mine = [x for x in lines if x["source"] == source]
             right = sum(x["chosen"] > x["rejected"] for x in mine)
             cells.append(f"{right} of {len(mine)}")
@@ -166,7 +204,7 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
         copy_figure(section, demo.out / f"rm-{kind}" / "score_histogram.png", demo.out, f"rm-{kind}",
                     f"{kind} RM: held-out scores of the chosen and rejected answers")
         run_figures(section, demo.out / f"rm-{kind}", demo.out, f"rm-{kind}", f"{kind} RM")
-    examples = safety_examples(rms)
+    examples = safety_examples(rms) if demo.world == "stdlib" else None
     if examples:
         prompts, cols = examples
         section.samples(prompts, cols, caption="Held-out safety prompts: each RM's sigmoid score of a refusal and of "

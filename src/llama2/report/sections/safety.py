@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+from ...data.world import data_path, read_gold
+from ...eval.gold import judge_answers, safety_rates
 from ...eval.redteam import percent
-from ...recipe import load_recipe
 from ...stages.safety import DistillSafetyRecipe, distill_safety, kept_table
 from ..report import Section
 from .artifacts import ChatModel, Policy, RewardModels
-from .common import CONFIGS, Demo, Done, copy_figure, need, sized
+from .common import Demo, Done, copy_figure, need, sized
 
-RECIPE = CONFIGS / "distill-safety.yaml"
 SECONDS_PER_PROMPT = 0.25  # measured: both answers, scoring and the fine-tuning's share, per training prompt
 FLOOR_S, FULL_S = 11.0, 25.0  # seconds on 24 prompts, 48 held out, at the smallest (replay 32) and full size
 
@@ -29,16 +30,16 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
     overrides = [f"base={base}", f"safety_rm={rms.safety}", f"out_dir={run_dir}", "base_recipe=null",
                  "safety_rm_recipe=null", f"prompts.max_prompts={prompts}", f"prompts.held_out={held}",
                  f"helpfulness_rm={rms.helpfulness}", "helpfulness_rm_recipe=null"]
-    full = load_recipe(DistillSafetyRecipe, RECIPE, overrides)
+    full = demo.load(DistillSafetyRecipe, "distill-safety.yaml", overrides)
     # short of time: fewer SFT dialogues replayed in the fine-tuning (its length follows)
     replay = sized(full.replay, 32, demo.fraction("safety", FLOOR_S, FULL_S))
-    recipe = load_recipe(DistillSafetyRecipe, RECIPE, [*overrides, f"replay={replay}"])
+    recipe = demo.load(DistillSafetyRecipe, "distill-safety.yaml", [*overrides, f"replay={replay}"])
     t0 = time.time()
     result = distill_safety(recipe, quiet=True)
     seconds = time.time() - t0
     rows = [json.loads(x) for x in (run_dir / "distill.jsonl").read_text().splitlines()]
     section.text(
-        f"Safety context distillation (`llama2.stages.safety`, `configs/tiny/distill-safety.yaml`) from the latest "
+        f"Safety context distillation (`llama2.stages.safety`, `{demo.recipe_name('distill-safety.yaml')}`) from the latest "
         f"chat model, in {seconds:.0f} s: the model answered {len(rows)} adversarial training prompts of the "
         "built-in synthetic set (harmful requests and requests for unqualified advice, asked directly, in a "
         "role-play and as hypothetical fiction) plainly and with a per-category safety pre-prompt (the tiny recipe "
@@ -85,6 +86,13 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
                     notes={"before": [f"R_s {before[i]['safe_probability']:.2f}" for i in pick],
                            "after": [f"R_s {after[i]['safe_probability']:.2f}" for i in pick]},
                     caption="Held-out prompts: answers before and after, with the safety RM's score")
+    gold_text = ""
+    if demo.gold is not None:
+        rates = safety_gold(demo, section, before, after)
+        gold_text = (f"; gold: violations {percent(rates['before']['violations']['rate'])} -> "
+                     f"{percent(rates['after']['violations']['rate'])}, false refusals "
+                     f"{percent(rates['before']['false_refusals']['rate'])} -> "
+                     f"{percent(rates['after']['false_refusals']['rate'])}")
     demo.results.update({"safety_checkpoint": str(result.model),
                          "safety_before": b["mean_safety_score"], "safety_after": a["mean_safety_score"],
                          "false_refusals_before": b["false_refusal_rate"],
@@ -92,4 +100,33 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
     return Done(f"safety: kept {result.kept} of {len(rows)}; held-out safety RM {b['mean_safety_score']:.2f} -> "
                 f"{a['mean_safety_score']:.2f}, violations {percent(b['violation_rate'])} -> "
                 f"{percent(a['violation_rate'])}, false refusals {percent(b['false_refusal_rate'])} -> "
-                f"{percent(a['false_refusal_rate'])}", Policy(result.model, "safety"))
+                f"{percent(a['false_refusal_rate'])}{gold_text}", Policy(result.model, "safety"))
+
+
+def safety_gold(demo: Demo, section: Section, before: list[dict[str, Any]], after: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The red-team answers before and after, judged by gold labels: a harmful request not refused is a violation,
+    a benign look-alike refused is a false refusal (and its answer must still be right), per category and style."""
+    items = {json.dumps(i.messages[-1]["content"]): i for i in read_gold(data_path("builtin:world/gold.val.jsonl"))
+             if i.safety}
+    out: dict[str, Any] = {}
+    for name, answers in (("before", before), ("after", after)):
+        pairs = [(items[json.dumps(a["prompt"])], a["answer"]) for a in answers if json.dumps(a["prompt"]) in items]
+        run = judge_answers(demo.gold.world, [i for i, _ in pairs], [a for _, a in pairs])
+        out[name] = safety_rates(run) | {"benign_correct": run.by_family.get("benign", {}).get("accuracy")}
+    rows = []
+    for key, label in (("violations", "violations (harmful requests answered)"),
+                       ("false_refusals", "false refusals (benign look-alikes refused)")):
+        b, a = out["before"][key], out["after"][key]
+        rows.append([f"**{label}**", b["n"], percent(b["rate"]), percent(a["rate"])])
+        for group in ("category", "attack"):
+            for g in sorted(b[group]):
+                rows.append([f"  {group}: {g.replace('_', ' ')}", "", percent(b[group][g]),
+                             percent(a[group].get(g))])
+    rows.append(["benign look-alikes answered right", "", percent(out["before"]["benign_correct"]),
+                 percent(out["after"]["benign_correct"])])
+    section.table(["gold label", "n", "before", "after distillation"], rows,
+                  caption="**Gold**: the same held-out answers judged by the world's labels (a harmful request's "
+                          "right answer is a refusal; a benign look-alike's is the right fact, not a refusal)")
+    demo.results.setdefault("gold", {})["safety"] = out
+    return out

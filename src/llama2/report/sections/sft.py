@@ -8,9 +8,9 @@ import time
 from ...chat import encode_dialog
 from ...checkpoint import load_checkpoint, load_config, load_model
 from ...data.dialogues import ensure_dialogues, read_dialogues
+from ...data.world import data_path
 from ...errors import Llama2Error
 from ...eval.text_metrics import mean_measures
-from ...recipe import load_recipe
 from ...stages.sft import SFTRecipe, build_sft
 from ...tokenizer import Tokenizer
 from ...train.distributed import shutdown
@@ -19,7 +19,6 @@ from ..report import Section
 from .artifacts import ChatModel, Pretrained
 from .common import (
     ANSWER_TOKENS,
-    CONFIGS,
     Demo,
     Done,
     degenerate_count,
@@ -28,23 +27,22 @@ from .common import (
     plan_text,
     run_figures,
 )
+from .gold import effect, gold_table, helpful_accuracy, run_results
 
-RECIPE = CONFIGS / "sft.yaml"
 QUESTIONS = 8
 FLOOR_S = 12.0  # seconds at its smallest (the answers before and after, a few steps), 2 idle cores
 
 
 def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[ChatModel | None]:
-    if not RECIPE.is_file():
-        section.status = "skipped"
-        section.text(f"Not run: its recipe {RECIPE} is missing.")
-        return Done("sft: skipped (configs/tiny/sft.yaml is missing)", None)
     ckpt = pretrained.checkpoint
     run_dir = demo.run_dir("sft")
-    train_path, val_path = ensure_dialogues(quiet=demo.quiet)
     # max_steps=null: the recipe's epochs cap the steps; the budget sets them
-    recipe = load_recipe(SFTRecipe, RECIPE, [f"base={ckpt}", f"out_dir={run_dir}", "save_every=0", "keep_last=1",
-                                             "max_steps=null"])
+    recipe = demo.load(SFTRecipe, "sft.yaml", [f"base={ckpt}", f"out_dir={run_dir}", "save_every=0", "keep_last=1",
+                                               "max_steps=null"])
+    if recipe.data.path is not None and recipe.data.val_path is not None:
+        train_path, val_path = data_path(recipe.data.path), data_path(recipe.data.val_path)
+    else:
+        train_path, val_path = ensure_dialogues(quiet=demo.quiet)
     tok = Tokenizer(ckpt)
     context = load_config(ckpt).max_seq_len
     # held-out dialogues whose prompt leaves room for the answer in the context, spread over the file (it is
@@ -82,8 +80,8 @@ def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[ChatModel 
                          "sft_rouge_l_after": ma["rouge_l_f1"], "sft_val_loss_before": before_eval.get("val_loss"),
                          "sft_val_loss_after": result.last.get("val_loss"), "sft_checkpoint": str(result.checkpoint)})
     n_train = len(read_dialogues(train_path).dialogues)
-    section.text(f"Supervised fine-tuning (`llama2.stages.sft`, `configs/tiny/sft.yaml`) of the pretrained model on "
-                 f"{n_train:,} built-in training dialogues in the Llama 2 chat format, loss on the answer tokens "
+    section.text(f"Supervised fine-tuning (`llama2.stages.sft`, `{demo.recipe_name('sft.yaml')}`) of the pretrained "
+                 f"model on {n_train:,} {'world' if demo.world == 'world' else 'built-in'} training dialogues in the Llama 2 chat format, loss on the answer tokens "
                  f"only. Training: {plan_text(plan, budget_s, False)} (at most {cap} steps: the recipe's epochs).")
     section.table(["measure", "pretrained model", "after SFT"], [
         ["held-out answer-token loss", before_eval.get("val_loss"), result.last.get("val_loss")],
@@ -93,10 +91,22 @@ def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[ChatModel 
         ["degenerate answers", degenerate_count(b_rows), degenerate_count(a_rows)],
     ], caption="Held-out dialogues (never trained on), greedy answers of at most "
                f"{ANSWER_TOKENS} tokens")
+    gold = None
+    if demo.gold is not None:
+        gold = {"pretrained": demo.gold.measure(ckpt), "after SFT": demo.gold.measure(result.checkpoint)}
+        change = effect(gold["pretrained"], gold["after SFT"])
+        demo.results.setdefault("gold", {})["sft"] = {"before": run_results(gold["pretrained"]),
+                                                     "after": run_results(gold["after SFT"]), "change": change}
+        gold_table(section, gold, f"**Gold**: held-out world questions (facts, mayors and the rest never asked in "
+                                  f"SFT), greedy answers judged by the world's gold judge. Change over all helpfulness "
+                                  f"families: {change['points']:+.1f} points (95% interval {change['ci95'][0]:+.1f} "
+                                  f"to {change['ci95'][1]:+.1f}, paired)")
     run_figures(section, run_dir, demo.out, "sft", "SFT", before_eval.get("val_loss"))
     section.samples([q[-1]["content"] for q in questions], {"pretrained": before_text, "after SFT": after_text},
                     references=refs, notes={"pretrained": b_notes, "after SFT": a_notes},
                     caption="Held-out questions: the prompt is the whole dialogue up to the last user turn")
     section.text(f"Checkpoint: `{result.checkpoint}`.")
+    gold_text = "" if gold is None else (f", gold accuracy {100 * helpful_accuracy(gold['pretrained']):.1f}% -> "
+                                         f"{100 * helpful_accuracy(gold['after SFT']):.1f}%")
     return Done(f"sft: {result.step} steps in {plan.wall_s:.0f} s, ROUGE-L on {len(refs)} held-out questions "
-                f"{mb['rouge_l_f1']:.3f} -> {ma['rouge_l_f1']:.3f}", ChatModel(result.checkpoint))
+                f"{mb['rouge_l_f1']:.3f} -> {ma['rouge_l_f1']:.3f}{gold_text}", ChatModel(result.checkpoint))
