@@ -57,8 +57,9 @@ def handler(args: argparse.Namespace) -> int:
         lines.append(f"| {f} | {n} | " + " | ".join(cells) + " |")
     if {"harmful", "benign"} & set(fams):
         for key, label in (("violations", "violations"), ("false_refusals", "false refusals")):
-            lines.append(f"| {label} (%) | | " + " | ".join(
-                f"{100 * (safety_rates(r)[key]['rate'] or 0):.1f}" for r in runs.values()) + " |")
+            rates = [safety_rates(r)[key]["rate"] for r in runs.values()]
+            lines.append(f"| {label} (%) | | " + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in rates)
+                         + " |")
     sys.stdout.write("\n".join(lines) + "\n")
     if args.output is not None:
         atomic_write_text(args.output, json.dumps({n: {"summary": r.summary(), "safety": safety_rates(r),

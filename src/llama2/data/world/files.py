@@ -34,7 +34,7 @@ from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldS
 from .items import COMPLIANCE, QUESTIONS, GoldItem, split_items
 from .judge import judge, rating_of
 
-VERSION = 1
+VERSION = 2
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -214,6 +214,8 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             pool = _balanced(items, 6000 if not split else 800, prng)
             help_pairs = helpfulness_pairs(world, pool, prng, noise)
             safe_pairs = safety_pairs(world, safety, prng, noise)
+            prng.shuffle(help_pairs)  # families mixed: any prefix of the file is a fair sample
+            prng.shuffle(safe_pairs)
             write_jsonl(tmp / f"comparisons-helpfulness{split}.jsonl", help_pairs)
             write_jsonl(tmp / f"comparisons-safety{split}.jsonl", safe_pairs)
             prompts = _balanced(items, 4000 if not split else 700, prng) + safety

@@ -46,8 +46,12 @@ FOLLOW_UPS = {"town": "And where do they live?", "job": "And what is their job?"
               "colour": "And what is their favourite colour?", "born": "And when were they born?"}
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
-WORDS = ("apple", "river", "stone", "garden", "window", "candle", "bridge", "forest", "pencil", "ladder", "orange",
-         "button", "silver", "rocket", "market", "castle", "planet", "mirror", "tunnel", "violin")
+WORDS = ("apple", "river", "stone", "garden", "window", "candle", "bridge", "forest", "pencil", "ladder", "button",
+         "silver", "rocket", "market", "castle", "planet", "mirror", "tunnel", "violin", "basket", "cloud", "dragon",
+         "engine", "feather", "guitar", "hammer", "island", "jacket", "kettle", "lemon", "magnet", "needle", "ocean",
+         "pepper", "quartz", "rabbit", "saddle", "tiger", "umbrella", "valley", "wagon", "yogurt", "zebra", "anchor",
+         "blanket", "copper", "desert", "falcon", "goblet", "harbor", "insect", "jungle", "kitten", "lantern",
+         "meadow", "napkin", "otter", "puzzle", "riddle", "summit")
 
 REFUSALS = {
     "illicit_criminal": "I can't help with that. It would break the law and could hurt {x}.",

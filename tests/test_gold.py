@@ -1,0 +1,104 @@
+"""Gold evaluation: the intervals against scipy's, paired differences against numpy, reward models against the
+gold judge on hand-built pairs, the safety rates, and `llama2 eval gold` on a tiny model end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from llama2.data.world import WorldSpec, generate_world
+from llama2.data.world.items import all_items
+from llama2.eval.gold import judge_answers, paired_difference, reward_model_vs_gold, safety_rates, wilson
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (50, 60), (60, 60), (1, 1)])
+def test_wilson_interval_matches_scipy(k, n):
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson(k, n)
+    # scipy uses the exact normal quantile; ours 1.96
+    assert lo == pytest.approx(ci.low, abs=2e-4) and hi == pytest.approx(ci.high, abs=2e-4)
+
+
+def test_paired_difference_matches_numpy():
+    rng = np.random.default_rng(0)
+    before = rng.integers(0, 2, 200).astype(float)
+    after = np.clip(before + rng.integers(0, 2, 200) * (rng.random(200) < 0.3), 0, 1)
+    mean, lo, hi = paired_difference(list(before), list(after))
+    d = after - before
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half) and hi == pytest.approx(
+        d.mean() + half)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(WorldSpec(people=20, towns=4, max_operand=19))
+
+
+def test_reward_model_against_gold_on_hand_built_pairs(world):
+    items = all_items(world)
+    fact = items["fact"][0]
+    other = next(t for t in world.towns if t != fact.gold) if fact.kind == "town" else None
+    wrong = fact.answer.replace(fact.gold, other or "x")
+    pairs = [  # chosen/rejected as a noisy annotator gave them; gold_gap > 0 where gold agrees
+        {"prompt": fact.messages, "chosen": fact.answer, "rejected": wrong, "gold_gap": 0.7,
+         "gold_rating": "significantly_better", "id": fact.id},
+        {"prompt": fact.messages, "chosen": wrong, "rejected": fact.answer, "gold_gap": -0.7,
+         "gold_rating": "significantly_better", "id": fact.id},  # the annotator flipped this one
+        {"prompt": fact.messages, "chosen": fact.answer, "rejected": fact.answer + " I hope this helps a lot.",
+         "gold_gap": 0.2, "gold_rating": "slightly_better", "id": fact.id},
+    ]
+
+    def shortest_wins(prompts, answers):  # a "reward model" that likes short answers
+        return [-float(len(a)) for a in answers]
+
+    r = reward_model_vs_gold(shortest_wins, world, pairs, {fact.id: fact})
+    # pair 1: the right answer is as long as the wrong one (same-length town names tie at 0.5) or not;
+    # work the expected agreement out from the lengths directly
+    agree = []
+    for p in pairs[:2]:
+        c, rj = -len(p["chosen"]), -len(p["rejected"])
+        agree.append(0.5 if c == rj else float((c > rj) == (p["gold_gap"] > 0)))
+    assert r["accuracy"]["significantly_better"] == pytest.approx(sum(agree) / 2)
+    assert r["accuracy"]["slightly_better"] == 1.0  # the shorter, tidy answer is gold's choice
+    assert r["n"] == {"significantly_better": 2, "slightly_better": 1, "all": 3}
+    assert r["right_vs_wrong_pairs"] == 2  # the wordy pair has two right answers
+
+
+def test_safety_rates_by_category_and_style(world):
+    items = all_items(world)
+    harmful = items["harmful"][:6]
+    benign = items["benign"][:4]
+    answers = ["I can't help with that."] * 3 + ["Sure, here is how."] * 3 + [i.answer for i in benign[:3]] + [
+        "I can't help with that."]
+    run = judge_answers(world, harmful + benign, answers)
+    rates = safety_rates(run)
+    assert rates["violations"]["rate"] == 0.5 and rates["violations"]["n"] == 6
+    assert rates["false_refusals"]["rate"] == 0.25 and rates["false_refusals"]["n"] == 4
+    cats = {i.category for i in harmful}
+    assert set(rates["violations"]["category"]) == cats
+    assert run.by_family["benign"]["accuracy"] == 0.75
+
+
+@pytest.mark.slow
+def test_eval_gold_command_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys):
+    from helpers import serve_model
+
+    from llama2.checkpoint import save_model
+    from llama2.cli import main
+
+    tiny_checkpoint = tmp_path / "tiny"
+    save_model(serve_model(), tiny_checkpoint, tokenizer=tok)
+    monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "gold.json"
+    assert main(["eval", "gold", str(tiny_checkpoint), "--per-family", "3", "--families", "fact,arithmetic,harmful",
+                 "--max-new-tokens", "4", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())[str(tiny_checkpoint)]
+    assert data["summary"]["n"] == 9 and len(data["answers"]) == 9
+    assert set(data["summary"]["families"]) == {"fact", "arithmetic", "harmful"}
+    assert data["safety"]["false_refusals"]["rate"] is None  # no benign look-alikes asked
+    assert main(["eval", "gold", str(tiny_checkpoint), "--families", "poetry"]) == 2
+    assert "unknown world question family 'poetry'" in capsys.readouterr().err
