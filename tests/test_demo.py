@@ -26,9 +26,11 @@ def _row(md: str, label: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
+def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     env = {**os.environ, "LLAMA2_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "demo"
+    from llama2.data.world import data_path, judge, load_world, read_gold
+
     r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--budget-minutes",
                         str(BUDGET_MINUTES), "--quiet"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,7 +49,7 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
     assert last < first
     before, after = (float(c) for c in _row(md, "held-out loss (nats/token)"))
     assert after == pytest.approx([x for x in records if "val_loss" in x][-1]["val_loss"], abs=5e-4)
-    assert after < before and abs(before - 8.318) < 0.3  # random init: about ln(4096) = 8.318
+    assert after < before and abs(before - 6.931) < 0.3  # random init: about ln(1024) = 6.931 (the world's vocab)
     step = records[-1]["step"]
     assert (out / "pretrain" / "checkpoints" / f"step-{step:06d}" / "model.safetensors").is_file()
 
@@ -100,6 +102,30 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path):
         assert 0 < float(_row(md, label)[0]) < 8
     wins, ties, losses = (int(c) for c in _row(md, "final (GAtt + safety) vs SFT, judged by the helpfulness RM")[:3])
     assert wins + ties + losses == 48
+
+    # gold: every stage's figure from the built-in world, and each one is its judged answers' own
+    results = json.loads((out / "results.json").read_text())
+    assert results["world"] == "world"
+    gold = results["gold"]
+    assert set(gold) >= {"pretrain_cloze", "sft", "reward", "rejection", "ppo", "gatt", "safety", "models"}
+    world = load_world()
+    monkeypatch.setenv("LLAMA2_CACHE", env["LLAMA2_CACHE"])  # the world the demo built
+    items = {i.id: i for i in read_gold(data_path("builtin:world/gold.val.jsonl"))}
+    for name, run in gold["models"].items():
+        rows = run["answers"]
+        assert rows and all(r["correct"] == judge(world, items[r["id"]], r["answer"]).correct for r in rows), name
+        helpful = [r["correct"] for r in rows if r["family"] not in ("harmful", "benign")]
+        assert run["helpful_accuracy"] == pytest.approx(sum(helpful) / len(helpful), abs=1e-4)
+    sft_after = gold["sft"]["after"]["helpful_accuracy"]
+    assert gold["models"]["SFT"]["helpful_accuracy"] == pytest.approx(sft_after, abs=1e-4)
+    assert f"| {100 * sft_after:.1f} |" in md  # the SFT gold table's "all helpfulness families" cell
+    for kind in ("helpfulness", "safety"):
+        assert set(gold["reward"][f"{kind}_rm/helpfulness_pairs"]["accuracy"]) >= {"significantly_better", "all"}
+    assert gold["rejection"]["best_of_k"]["k"][0] == 1 and (out / "figures" / "rejection" / "gold_best_of_k.png"
+                                                            ).is_file()
+    assert len(gold["ppo"]["runs"]) == 2 and (out / "figures" / "ppo" / "gold.png").is_file()
+    assert 20 in [int(t) for t in gold["gatt"]["turns"]]
+    assert {"violations", "false_refusals"} <= set(gold["safety"]["after"])
 
     # figures: every image the report references exists, and report.html embeds them
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

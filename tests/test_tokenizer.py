@@ -349,6 +349,40 @@ def test_reserved_strings_encode_as_one_piece_each(corpus_file, trained, tmp_pat
     for text in [chat, corpus_file.read_text()[:5000], "Zebrafishes and [INST]x[/INST]y  😀"]:
         assert sp.decode(sp.encode(text)) == text
         assert Tokenizer(out).decode(Tokenizer(out).encode(text)) == text
+    # the chat tags held as single pieces are the generation engine's default stops; a vocabulary that spells
+    # them out of smaller pieces (Meta's) has none
+    assert Tokenizer(out).tag_ids == tuple(sp.piece_to_id(t) for t in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"))
+    assert Tokenizer(trained.model_path).tag_ids == ()
+
+
+def test_a_chat_tag_piece_ends_a_completion(corpus_file, tmp_path):
+    """With the chat tags reserved, a model that emits one has started a new turn: the default stop ends the
+    completion there (the tag is not in the text), as EOS does; explicit stop_ids replace the default."""
+    import torch
+
+    from llama2.config import ModelConfig
+    from llama2.inference.generate import Generator, SamplingParams
+    from llama2.model import Transformer
+
+    out = tmp_path / "tok"
+    train_tokenizer([corpus_file], 500, out, reserved=RESERVED, quiet=True)
+    tok = Tokenizer(out)
+    inst = tok.tag_ids[0]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, max_seq_len=64)).eval()
+    with torch.no_grad():  # the model's favourite next token, whatever the context: [INST]
+        for block in model.layers:  # the residual stream is the (positive) token embedding alone
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.embed_tokens.weight.abs_()
+        model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[inst] = 1.0
+    gen = Generator(model, tok)
+    done = gen.generate(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=8))[0]
+    assert done.tokens == [] and "[INST]" not in done.text
+    forced = gen.generate(["Hello"], SamplingParams(temperature=0.0, max_new_tokens=3, stop_ids=[tok.eos_id]))[0]
+    assert forced.tokens == [inst] * 3
 
 
 @pytest.mark.parametrize("reserved,match", [

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 from .errors import Llama2Error
-from .tokenizer import TokenizerLike
+from .tokenizer import CHAT_TAGS, TokenizerLike
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+SPECIAL_TAGS = CHAT_TAGS
 ROLES = ("system", "user", "assistant")
 # The same format as a Hugging Face chat template: llama2.tokenizer.LLAMA2_CHAT_TEMPLATE (tokenizer_config.json).
 

@@ -59,6 +59,8 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 
+CHAT_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")  # the Llama 2 chat format's tags
+
 class TokenizerLike(Protocol):
     """What the chat format and generation need of a tokenizer (Tokenizer provides it; tests may pass stubs)."""
 
@@ -130,6 +132,13 @@ class Tokenizer:
     @property
     def unk_id(self) -> int:
         return self.sp.unk_id()
+
+    @property
+    def tag_ids(self) -> tuple[int, ...]:
+        """The ids of the chat tags that this vocabulary holds as single pieces (a tokenizer trained with them
+        reserved); none for Meta's Llama 2 tokenizer, which spells them out of smaller pieces."""
+        ids = (self.sp.piece_to_id(tag) for tag in CHAT_TAGS)
+        return tuple(i for i in ids if i != self.sp.unk_id())
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of text, with BOS first / EOS last as asked. Special tags in text are plain text."""

@@ -448,7 +448,9 @@ class Engine:
                     + (", or truncate the prompt (truncate=True / --truncate)" if keep >= 1 else ""))
             bos = self.tokenizer.bos_id
             ids = [bos] + ids[len(ids) - keep + 1:] if ids[0] == bos and keep > 1 else ids[len(ids) - keep:]
-        stop_ids = set(params.stop_ids if params.stop_ids is not None else [self.tokenizer.eos_id])
+        # default: EOS, and a chat tag the vocabulary holds as one piece (a model starting a new turn is done)
+        stop_ids = set(params.stop_ids if params.stop_ids is not None else
+                       [self.tokenizer.eos_id, *getattr(self.tokenizer, "tag_ids", ())])
         gen = torch.Generator(device=self.device)
         if params.seed is not None:
             gen.manual_seed(params.seed)

@@ -24,7 +24,8 @@ class SamplingParams:
     """How to sample. temperature 0 is greedy; top_p 1 and top_k 0 turn those filters off.
 
     stop: strings that end the completion (the returned text excludes them); stop_ids: token ids that end it
-    (default: the tokenizer's EOS; they are not included in the output). echo: the output starts with the
+    (default: the tokenizer's EOS, and the chat tags where its vocabulary holds them as single pieces; they are not
+    included in the output). echo: the output starts with the
     prompt tokens (with their log-probabilities when logprobs is on; the first token, having no context, gets
     0.0 as in Meta's code). truncate: a prompt too long for the context keeps its last tokens (and its BOS)
     instead of raising.

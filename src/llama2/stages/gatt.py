@@ -166,7 +166,7 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
     extra = [f"max_steps={recipe.max_steps}"] if recipe.max_steps is not None else []
     sft_recipe = load_recipe(SFTRecipe, config_path(recipe.finetune.recipe),
                              [*recipe.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
-                              f"out_dir={out / 'sft'}", "data.path=null", "samples.count=0", f"seed={recipe.seed}",
+                              f"out_dir={out / 'sft'}", "data.path=null", "data.val_path=null", "samples.count=0", f"seed={recipe.seed}",
                               f"device={recipe.device}"])
     result = sft(sft_recipe, quiet=True, dialogues=dialogues)
     if not quiet:

@@ -180,7 +180,7 @@ class RejectionRecipe:
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
         return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
-                            f"out_dir={out_dir}", "data.path=null", "samples.count=0", f"seed={self.seed + iteration}",
+                            f"out_dir={out_dir}", "data.path=null", "data.val_path=null", "samples.count=0", f"seed={self.seed + iteration}",
                             f"device={self.device}"])
 
 

@@ -148,7 +148,7 @@ class DistillSafetyRecipe:
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
         return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null", f"out_dir={out_dir}",
-                            "data.path=null", "samples.count=0", f"seed={self.seed}", f"device={self.device}"])
+                            "data.path=null", "data.val_path=null", "samples.count=0", f"seed={self.seed}", f"device={self.device}"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

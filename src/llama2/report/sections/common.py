@@ -147,7 +147,9 @@ def run_figures(section: Section, run_dir: Path, out: Path, name: str, what: str
             section.figure(p, f"{what}: training loss (per logged step) and held-out loss at each evaluation"
                               + at_start)
         elif p.name == "lr.png":
-            section.figure(p, f"{what}: learning rate")
+            section.figure(p, f"{what}: learning rate, warm-up then decay over the run's planned length; the run's "
+                              "length is planned from its measured speed to fit the time budget, and where the planner "
+                              "changed it the schedule was recomputed for the new length (the jumps)")
     return written
 
 

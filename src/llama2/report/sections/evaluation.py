@@ -74,7 +74,7 @@ def run(demo: Demo, section: Section, models: Mapping[str, Model | None], rms: R
     if world:
         gold_runs = {name: demo.gold.measure(ckpt) for name, ckpt in ckpts.items()}
         demo.results.setdefault("gold", {})["models"] = {name: run_results(r) for name, r in gold_runs.items()}
-        gold_table(section, gold_runs, "**Gold**: every model of the recipe on the same held-out world questions "
+        gold_table(section, gold_runs, "Gold: every model of the recipe on the same held-out world questions "
                                        "(greedy answers, the gold judge), and the safety families' rates")
     section.text(
         "The evaluation tools (`llama2.eval`) on the demo's models. Perplexity: rolling windows over "

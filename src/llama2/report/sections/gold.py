@@ -67,8 +67,8 @@ def gold_table(section: Section, runs: dict[str, GoldRun], caption: str) -> None
     for f in families:
         rows.append([f.replace("_", " "), runs[names[0]].by_family[f]["n"],
                      *[f"{100 * r.by_family[f]['accuracy']:.0f}" for r in runs.values()]])
-    rows.append(["**all helpfulness**", sum(r[1] for r in rows),
-                 *[f"**{100 * helpful_accuracy(r):.1f}**" for r in runs.values()]])
+    rows.append(["all helpfulness families", sum(r[1] for r in rows),
+                 *[f"{100 * helpful_accuracy(r):.1f}" for r in runs.values()]])
     if "harmful" in next(iter(runs.values())).by_family:
         rates = [safety_rates(r) for r in runs.values()]
         rows.append(["harmful: violations (lower is better)", rates[0]["violations"]["n"],

@@ -3,6 +3,7 @@ allows: reward and KL curves, the first and last iterations' numbers, held-out r
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from ...errors import Llama2Error
 from ...figures import pyplot, save_png
 from ...stages.ppo import PPO, PPORecipe, evaluate_at_start, reward_curves
 from ...train.distributed import shutdown
-from ..budget import fit_within
+from ...train.loop import TrainResult
+from ..budget import FitPlan, fit_within
 from ..report import Section
 from .artifacts import Policy, RewardModels
 from .common import (
@@ -26,6 +28,8 @@ from .common import (
 from .gold import effect, gold_table, helpful_accuracy, run_results
 
 CAP = 40  # iterations at most (the budget usually decides)
+MAIN_SHARE = 0.6  # of the section's time for the recipe's run when a small-beta run follows (the world)
+SMALL_BETA = 0.001  # the over-optimisation run's KL coefficient
 GOLD_EVERY = 10  # PPO keeps a checkpoint every this many iterations, each measured against gold afterwards
 FLOOR_S, FULL_S = 4.0, 7.0  # seconds for 2 iterations at the smallest (8 prompts) and full size, 2 idle cores
 
@@ -37,7 +41,9 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
     # the tiny recipe's rate moves the tiny policy visibly in a few dozen iterations; beta keeps it near pi_0
     overrides = [f"base={policy}", f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}",
                  f"out_dir={run_dir}", "base_recipe=null",
-                 *((f"save_every={GOLD_EVERY}", "keep_last=100") if demo.gold is not None else ("save_every=0", "keep_last=1")), f"max_steps={CAP}",
+                 f"max_steps={CAP}",
+                 *((f"save_every={GOLD_EVERY}", "keep_last=100") if demo.gold is not None else
+                   ("save_every=0", "keep_last=1")),
                  "optim.lr=1e-4", "beta=0.02"]
     full = demo.load(PPORecipe, "ppo.yaml", overrides)
     # short of time: fewer prompts per iteration (as many gradient steps each) and fewer held-out prompts
@@ -46,13 +52,10 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
     overrides += [f"batch_size={batch}", f"mini_batch={max(1, full.mini_batch * batch // full.batch_size)}",
                   f"prompts.held_out={sized(full.prompts.held_out, 6, f)}"]
     recipe = demo.load(PPORecipe, "ppo.yaml", overrides)
-    try:
-        ppo_run = PPO(recipe, quiet=True)
-        evaluate_at_start(ppo_run)
-        result, plan = fit_within(ppo_run.trainer, demo.budget.deadline("ppo"), cap=CAP, min_steps=2,
-                                  quiet=demo.quiet, desc="ppo", evals=2, choose_threads=False)
-    finally:
-        shutdown()
+    deadline = demo.budget.deadline("ppo")
+    # in the world, a second run with a small beta shares the time: what the RMs allow without the KL penalty
+    own_end = time.time() + (deadline - time.time()) * (MAIN_SHARE if demo.gold is not None else 1.0)
+    result, plan = train(demo, recipe, own_end, "ppo")
     if result.checkpoint is None:
         raise Llama2Error("the demo's PPO saved no checkpoint")
     records = run_metrics(run_dir)
@@ -89,46 +92,63 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
                 "held-out R_c, and the KL to the starting policy, per iteration")
     gold_text = ""
     if demo.gold is not None:
-        curve = ppo_gold(demo, section, policy, run_dir, records)
-        gold_text = f", gold {curve['accuracy'][0]:.1%} -> {curve['accuracy'][-1]:.1%}"
+        small_dir = demo.run_dir("ppo-small-beta")
+        small = demo.load(PPORecipe, "ppo.yaml", [*overrides, f"out_dir={small_dir}", f"beta={SMALL_BETA}"])
+        train(demo, small, deadline, f"ppo beta {SMALL_BETA}")
+        runs = {f"beta {recipe.beta} (the recipe's)": (run_dir, records),
+                f"beta {SMALL_BETA}": (small_dir, run_metrics(small_dir))}
+        curves = ppo_gold(demo, section, policy, runs)
+        main = next(iter(curves.values()))
+        gold_text = f", gold {main['accuracy'][0]:.1%} -> {main['accuracy'][-1]:.1%}"
     return Done(f"ppo: {result.step} iterations, rollout R_c {table[0][1]:.3f} -> {table[1][1]:.3f}, KL to pi_0 "
                 f"{table[1][4]:.2f}{gold_text}", Policy(result.checkpoint, "ppo"))
 
 
-def ppo_gold(demo: Demo, section: Section, start: Path, run_dir: Path, records: list[dict[str, Any]]
-             ) -> dict[str, Any]:
-    """Gold accuracy of the starting policy and of every checkpoint PPO kept, beside the rollout reward at those
-    iterations: over-optimisation shows as reward up, gold down."""
+def train(demo: Demo, recipe: PPORecipe, deadline: float, desc: str) -> tuple[TrainResult, FitPlan]:
+    """One PPO run until `deadline` (its held-out reward measured before the first iteration)."""
+    try:
+        ppo_run = PPO(recipe, quiet=True)
+        evaluate_at_start(ppo_run)
+        return fit_within(ppo_run.trainer, deadline, cap=CAP, min_steps=2, quiet=demo.quiet, desc=desc, evals=2,
+                          choose_threads=False)
+    finally:
+        shutdown()
+
+
+def ppo_gold(demo: Demo, section: Section, start: Path, runs: dict[str, tuple[Path, list[dict[str, Any]]]]
+             ) -> dict[str, dict[str, Any]]:
+    """Gold accuracy of the starting policy and of every checkpoint each PPO run kept, beside its rollout reward:
+    over-optimisation shows as reward up, gold down."""
     bench = demo.gold
-    points = [(0, bench.measure(start))] + [(step, bench.measure(path)) for step, path in list_checkpoints(run_dir)]
-    rewards = {r["step"]: r["reward"] for r in records if "reward" in r}
-    steps = [s for s, _ in points]
-    curve = {"step": steps, "accuracy": [round(helpful_accuracy(r), 4) for _, r in points],
-             "reward": [rewards.get(s, rewards.get(min(rewards, key=lambda k: abs(k - s)), None)) if rewards else None
-                        for s in steps]}
-    change = effect(points[0][1], points[-1][1])
-    demo.results.setdefault("gold", {})["ppo"] = {"curve": curve, "change": change,
-                                                 "before": run_results(points[0][1]),
-                                                 "after": run_results(points[-1][1])}
-    gold_table(section, {"start (V2)": points[0][1], f"after {steps[-1]} iterations": points[-1][1]},
-               f"**Gold** on held-out world questions, before and after PPO: {change['points']:+.1f} points (95% "
-               f"interval {change['ci95'][0]:+.1f} to {change['ci95'][1]:+.1f}, paired)")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(steps, [100 * a for a in curve["accuracy"]], "o-", color="tab:blue", label="gold accuracy (held out)")
-    ax.set_xlabel("PPO iteration")
-    ax.set_ylabel("gold accuracy (%)")
-    ax.set_ylim(0, 100)
-    lines = ax.get_lines()
-    if rewards:
-        ax2 = ax.twinx()
-        xs = sorted(rewards)
-        ax2.plot(xs, [rewards[x] for x in xs], "-", color="tab:red", alpha=0.7, label="rollout R_c")
-        ax2.set_ylabel("rollout R_c", color="tab:red")
-        lines = lines + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8, framealpha=0.9)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    curves, finals = {}, {}
+    for (label, (run_dir, records)), colour in zip(runs.items(), ("tab:blue", "tab:orange")):
+        points = [(0, bench.measure(start))] + [(step, bench.measure(path))
+                                                for step, path in list_checkpoints(run_dir)]
+        rewards = {r["step"]: r["reward"] for r in records if "reward" in r}
+        steps = [step for step, _ in points]
+        change = effect(points[0][1], points[-1][1])
+        curves[label] = {"step": steps, "accuracy": [round(helpful_accuracy(r), 4) for _, r in points],
+                         "rollout_reward": [rewards.get(k) for k in sorted(rewards)],
+                         "rollout_steps": sorted(rewards), "change": change,
+                         "after": run_results(points[-1][1])}
+        finals[f"{label}, after {steps[-1]} iterations"] = points[-1][1]
+        ax.plot(steps, [100 * a for a in curves[label]["accuracy"]], "o-", color=colour, label=label)
+        ax2.plot(sorted(rewards), [rewards[k] for k in sorted(rewards)], "-", color=colour, label=label)
+    ax.set(xlabel="PPO iteration", ylabel="held-out gold accuracy (%)", title="gold", ylim=(0, 100))
+    ax2.set(xlabel="PPO iteration", ylabel="rollout R_c", title="what PPO optimises: the RMs' reward")
+    for a in (ax, ax2):
+        a.legend(fontsize=8, loc="lower left", framealpha=0.9)
     path = demo.out / "figures" / "ppo" / "gold.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    section.figure(save_png(fig, path), "PPO against gold: held-out gold accuracy of the checkpoints PPO kept, and "
-                                        "the rollout reward the policy was optimised for")
-    return curve
+    section.figure(save_png(fig, path), "PPO against gold, at the recipe's beta and at a small beta: held-out gold "
+                                        "accuracy of the checkpoints each run kept (left) beside the rollout reward "
+                                        "it was optimised for (right); over-optimisation is reward up, gold down")
+    first = next(iter(curves.values()))
+    demo.results.setdefault("gold", {})["ppo"] = {"runs": curves, "before": run_results(bench.measure(start))}
+    gold_table(section, {"start (V2)": bench.measure(start), **finals},
+               "Gold on held-out world questions, before and after PPO; at the recipe's beta: "
+               f"{first['change']['points']:+.1f} points (95% interval {first['change']['ci95'][0]:+.1f} to "
+               f"{first['change']['ci95'][1]:+.1f}, paired)")
+    return curves

@@ -36,7 +36,7 @@ def rejection_gold(demo: Demo, section: Section, sft: Path, rms: RewardModels, r
     runs = {("SFT (V0)" if i == 0 else f"V{i}"): bench.measure(path) for i, path in policies.items() if path}
     names = list(runs)
     change = effect(runs[names[0]], runs[names[-1]])
-    gold_table(section, runs, f"**Gold** per iteration on held-out world questions; {names[0]} -> {names[-1]}: "
+    gold_table(section, runs, f"Gold per iteration on held-out world questions; {names[0]} -> {names[-1]}: "
                               f"{change['points']:+.1f} points (95% interval {change['ci95'][0]:+.1f} to "
                               f"{change['ci95'][1]:+.1f}, paired)")
     scorer = CombinedReward(RewardModel.load(rms.helpfulness), RewardModel.load(rms.safety))

@@ -118,7 +118,7 @@ def reward_gold(demo: Demo, section: Section, rms: RewardModels) -> None:
     demo.results.setdefault("gold", {})["reward"] = results
     section.table(["reward model, held-out pairs", *[r.replace("_", " ") for r in RATINGS], "all",
                    "prefers a wrong answer"], rows,
-                  caption="**Gold**: agreement (%) with the gold judge's preference on held-out world comparisons, by "
+                  caption="Gold: agreement (%) with the gold judge's preference on held-out world comparisons, by "
                           "the gold rating level (the gap in gold score; the annotator's noisy labels are what the RMs "
                           "trained on), and how often each RM scores a wrong answer above a right one where exactly "
                           "one of the two is right")

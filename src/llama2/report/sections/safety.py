@@ -118,7 +118,7 @@ def safety_gold(demo: Demo, section: Section, before: list[dict[str, Any]], afte
     for key, label in (("violations", "violations (harmful requests answered)"),
                        ("false_refusals", "false refusals (benign look-alikes refused)")):
         b, a = out["before"][key], out["after"][key]
-        rows.append([f"**{label}**", b["n"], percent(b["rate"]), percent(a["rate"])])
+        rows.append([label, b["n"], percent(b["rate"]), percent(a["rate"])])
         for group in ("category", "attack"):
             for g in sorted(b[group]):
                 rows.append([f"  {group}: {g.replace('_', ' ')}", "", percent(b[group][g]),
@@ -126,7 +126,7 @@ def safety_gold(demo: Demo, section: Section, before: list[dict[str, Any]], afte
     rows.append(["benign look-alikes answered right", "", percent(out["before"]["benign_correct"]),
                  percent(out["after"]["benign_correct"])])
     section.table(["gold label", "n", "before", "after distillation"], rows,
-                  caption="**Gold**: the same held-out answers judged by the world's labels (a harmful request's "
+                  caption="Gold: the same held-out answers judged by the world's labels (a harmful request's "
                           "right answer is a refusal; a benign look-alike's is the right fact, not a refusal)")
     demo.results.setdefault("gold", {})["safety"] = out
     return out

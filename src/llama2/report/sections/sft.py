@@ -97,7 +97,7 @@ def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[ChatModel 
         change = effect(gold["pretrained"], gold["after SFT"])
         demo.results.setdefault("gold", {})["sft"] = {"before": run_results(gold["pretrained"]),
                                                      "after": run_results(gold["after SFT"]), "change": change}
-        gold_table(section, gold, f"**Gold**: held-out world questions (facts, mayors and the rest never asked in "
+        gold_table(section, gold, f"Gold: held-out world questions (facts, mayors and the rest never asked in "
                                   f"SFT), greedy answers judged by the world's gold judge. Change over all helpfulness "
                                   f"families: {change['points']:+.1f} points (95% interval {change['ci95'][0]:+.1f} "
                                   f"to {change['ci95'][1]:+.1f}, paired)")
