@@ -34,7 +34,7 @@ from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldS
 from .items import COMPLIANCE, QUESTIONS, GoldItem, split_items
 from .judge import judge, rating_of
 
-VERSION = 2
+VERSION = 3
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -222,7 +222,9 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             prng.shuffle(prompts)
             write_jsonl(tmp / f"prompts{split}.jsonl", ({"messages": i.messages, "safety": i.safety, "id": i.id}
                                                           for i in prompts))
-            write_jsonl(tmp / f"adversarial{split}.jsonl", map(_adversarial, safety))
+            mixed = list(safety)
+            prng.shuffle(mixed)  # harmful and benign mixed: the first N prompts of a file hold both
+            write_jsonl(tmp / f"adversarial{split}.jsonl", map(_adversarial, mixed))
             write_jsonl(tmp / f"gold{split}.jsonl", (i.to_json() for i in (x for its in items.values() for x in its)))
             counts["val" if split else "train"] = {
                 "questions": {f: len(its) for f, its in items.items()}, "comparisons_helpfulness": len(help_pairs),

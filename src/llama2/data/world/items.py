@@ -208,7 +208,7 @@ def word_items(world: World) -> list[GoldItem]:
 
 
 def multi_step_items(world: World, rng: random.Random) -> list[GoldItem]:
-    """Two steps: a person's age in a year (birth year, then a difference), and where a year's mayor lives."""
+    """Two steps: a person's age in a year (birth year, then a difference), and the job of a year's mayor."""
     out = []
     for person in world.people.values():
         year = rng.randint(2025, 2060)
@@ -216,13 +216,13 @@ def multi_step_items(world: World, rng: random.Random) -> list[GoldItem]:
         out.append(GoldItem(f"multi_step:age:{person.name}:{year}", "multi_step",
                             _user(f"How old is {person.name} in {year}?"), "number", str(age),
                             f"{person.name} was born in {person.born}, so in {year} {person.name} is {age} years old."))
-    for town in world.towns:
+    for town in world.towns:  # (not where the mayor lives: a mayor is almost always a resident of the town)
         for year in world.years:
             mayor = world.people[world.mayors[town][year]]
-            out.append(GoldItem(f"multi_step:mayor_home:{town}:{year}", "multi_step",
-                                _user(f"Where does the person who was mayor of {town} in {year} live?"), "town",
-                                mayor.town, f"The mayor of {town} in {year} was {mayor.name}, who lives in "
-                                            f"{mayor.town}."))
+            out.append(GoldItem(f"multi_step:mayor_job:{town}:{year}", "multi_step",
+                                _user(f"What is the job of the person who was mayor of {town} in {year}?"), "job",
+                                mayor.job, f"The mayor of {town} in {year} was {mayor.name}, who works as a "
+                                           f"{mayor.job}."))
     return out
 
 

@@ -44,7 +44,7 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
                  f"max_steps={CAP}",
                  *((f"save_every={GOLD_EVERY}", "keep_last=100") if demo.gold is not None else
                    ("save_every=0", "keep_last=1")),
-                 "optim.lr=1e-4", "beta=0.02"]
+                 *(() if demo.world == "world" else ("optim.lr=1e-4", "beta=0.02"))]  # the world: its recipe's
     full = demo.load(PPORecipe, "ppo.yaml", overrides)
     # short of time: fewer prompts per iteration (as many gradient steps each) and fewer held-out prompts
     f = demo.fraction("ppo", FLOOR_S, FULL_S)
