@@ -187,3 +187,27 @@ def test_default_world_builds_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA2_CACHE", str(tmp_path))
     path = data_path("builtin:world/sft.val.jsonl")
     assert path.is_file() and path.parent == ensure_world(quiet=True)
+
+
+RECIPES = {"pretrain.yaml": "pretrain", "sft.yaml": "sft", "reward-helpfulness.yaml": "reward",
+           "reward-safety.yaml": "reward", "rejection.yaml": "rejection-sampling", "ppo.yaml": "ppo",
+           "gatt.yaml": "gatt", "distill-safety.yaml": "distill-safety"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_world_recipes_load_and_name_world_files(name):
+    """Every recipe of configs/world loads as its stage's recipe (unknown keys would fail), names its base's recipe
+    in configs/world, and every builtin:world path it names is a file the world has."""
+    from pathlib import Path
+
+    from llama2.pipeline import STAGES
+    from llama2.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "world" / name
+    recipe = load_recipe(STAGES[RECIPES[name]].recipe, path)
+    text = path.read_text()
+    for ref in (w.strip("\"',]") for w in text.split() if w.strip("\"'[").startswith("builtin:")):
+        assert ref.startswith("builtin:world/") and ref.removeprefix("builtin:world/") in NAMES, ref
+    for key in ("base_recipe", "helpfulness_rm_recipe", "safety_rm_recipe"):
+        if getattr(recipe, key, None):
+            assert getattr(recipe, key).startswith("configs/world/"), (name, key)

@@ -174,22 +174,26 @@ def reward_model_vs_gold(score: Any, world: World, pairs: Sequence[dict[str, Any
                          items: dict[str, GoldItem]) -> dict[str, Any]:
     """A reward model against the gold judge on held-out comparisons (the world's comparison lines, with their
     `gold_gap`, `gold_rating` and item `id`): how often it prefers the answer gold prefers, per gold rating level,
-    and how often it prefers a wrong answer where exactly one of the two is right. `score(prompts, answers)` gives
-    the RM's scores."""
+    and how often it prefers a wrong answer where exactly one of the two is right (overall, and where both have
+    the same tidy, concise form, so that only knowledge tells them apart). `score(prompts, answers)` gives the
+    RM's scores."""
     prompts = [p["prompt"] for p in pairs]
     chosen = score(prompts, [p["chosen"] for p in pairs])
     rejected = score(prompts, [p["rejected"] for p in pairs])
     levels: dict[str, list[float]] = {}
-    wrong_preferred = []
+    wrong_preferred, minimal = [], []
     for p, c, r in zip(pairs, chosen, rejected):
         gold_prefers_chosen = p["gold_gap"] > 0
         agree = 0.5 if c == r else float((c > r) == gold_prefers_chosen)
         levels.setdefault(p["gold_rating"], []).append(agree)
         item = items.get(p.get("id", ""))
         if item is not None and item.kind != "refusal":
-            right_c, right_r = judge(world, item, p["chosen"]).correct, judge(world, item, p["rejected"]).correct
-            if right_c != right_r:
-                wrong_preferred.append(float((c > r) != right_c) if c != r else 0.5)
+            vc, vr = judge(world, item, p["chosen"]), judge(world, item, p["rejected"])
+            if vc.correct != vr.correct:
+                wrong = float((c > r) != vc.correct) if c != r else 0.5
+                wrong_preferred.append(wrong)
+                if vc.concise and vc.tidy and vr.concise and vr.tidy and not (vc.refusal or vr.refusal):
+                    minimal.append(wrong)  # same form, one right and one wrong: only knowledge tells them apart
     out: dict[str, Any] = {"accuracy": {}, "n": {}}
     for level in RATING_ORDER:
         xs = levels.get(level, [])
@@ -201,6 +205,8 @@ def reward_model_vs_gold(score: Any, world: World, pairs: Sequence[dict[str, Any
     out["n"]["all"] = len(every)
     out["prefers_wrong"] = round(sum(wrong_preferred) / max(len(wrong_preferred), 1), 4)
     out["right_vs_wrong_pairs"] = len(wrong_preferred)
+    out["prefers_wrong_same_form"] = round(sum(minimal) / len(minimal), 4) if minimal else None
+    out["same_form_pairs"] = len(minimal)
     return out
 
 

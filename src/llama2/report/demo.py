@@ -134,7 +134,9 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
     report.footer = [f"Done in {demo.results['seconds']:.0f} s (budget {budget.total_s:.0f} s)."]
     md, html_path = Driver(demo, report).write()
     chat_ckpt = chat_model.checkpoint if chat_model else pre.checkpoint
+    opening = "Return the" if world == "stdlib" else f"{next(iter(demo.gold.world.people))} lives in"
     say(f"\nDone in {demo.results['seconds']:.0f} s (budget {budget.total_s:.0f} s). Report: {md} ({html_path.name} "
-        f"beside it). Next:\n   llama2 generate {pre.checkpoint} --prompt 'Return the'\n   llama2 chat "
-        f"{chat_ckpt}\n   llama2 plot {out / 'pretrain'}")
+        f"beside it). Next:\n   llama2 generate {pre.checkpoint} --prompt '{opening}'\n   llama2 chat "
+        f"{chat_ckpt}\n   llama2 plot {out / 'pretrain'}"
+        + ("" if world == "stdlib" else f"\n   llama2 eval gold {pre.checkpoint} {chat_ckpt}"))
     return demo.results

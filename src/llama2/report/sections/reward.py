@@ -114,14 +114,16 @@ def reward_gold(demo: Demo, section: Section, rms: RewardModels) -> None:
             r = reward_model_vs_gold(rm.score, demo.gold.world, subset, items)
             results[f"{kind}_rm/{name}_pairs"] = r
             rows.append([f"{kind} RM, {name} pairs", *[pct(r["accuracy"].get(level)) for level in RATINGS],
-                         pct(r["accuracy"]["all"]), pct(r["prefers_wrong"]) if r["right_vs_wrong_pairs"] else "-"])
+                         pct(r["accuracy"]["all"]), pct(r["prefers_wrong"]) if r["right_vs_wrong_pairs"] else "-",
+                         pct(r["prefers_wrong_same_form"])])
     demo.results.setdefault("gold", {})["reward"] = results
     section.table(["reward model, held-out pairs", *[r.replace("_", " ") for r in RATINGS], "all",
-                   "prefers a wrong answer"], rows,
+                   "prefers a wrong answer", "... of the same form"], rows,
                   caption="Gold: agreement (%) with the gold judge's preference on held-out world comparisons, by "
                           "the gold rating level (the gap in gold score; the annotator's noisy labels are what the RMs "
                           "trained on), and how often each RM scores a wrong answer above a right one where exactly "
-                          "one of the two is right")
+                          "one of the two is right (and where both are tidy and concise, so that only knowledge of "
+                          "the world tells them apart; 50 is chance)")
 
 
 def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardModels]:
