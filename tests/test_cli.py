@@ -51,7 +51,7 @@ COVERED = {
     "data corpus": "test_data", "data prepare": "test_data", "data info": "test_data",
     "data dialogues": "test_dialogues", "data comparisons": "test_comparisons", "data adversarial": "test_cli",
     "eval run": "test_eval_harness", "eval compare": "test_eval_compare", "eval gatt": "test_gatt",
-    "eval redteam": "test_safety", "eval score-code": "test_eval_code", "eval gold": "test_gold",
+    "eval redteam": "test_safety", "eval score-code": "test_eval_code", "eval gold": "test_gold", "data world": "test_world",
     "rlhf rejection-sampling": "test_cli", "rlhf ppo": "test_cli", "rlhf distill-safety": "test_cli",
     "tokenizer train": "test_tokenizer", "tokenizer from-gguf": "test_tokenizer", "tokenizer encode": "test_tokenizer",
     "tokenizer decode": "test_tokenizer",

@@ -211,3 +211,16 @@ def test_world_recipes_load_and_name_world_files(name):
     for key in ("base_recipe", "helpfulness_rm_recipe", "safety_rm_recipe"):
         if getattr(recipe, key, None):
             assert getattr(recipe, key).startswith("configs/world/"), (name, key)
+
+
+def test_data_world_command_builds_a_world_from_a_spec(tmp_path, capsys):
+    from llama2.cli import main
+
+    out = tmp_path / "w"
+    assert main(["data", "world", "--output", str(out), "--people", "12", "--towns", "3", "--seed", "2",
+                 "--annotator-noise", "0.2", "--quiet"]) == 0
+    stats = json.loads((out / "world.json").read_text())
+    assert stats["spec"]["people"] == 12 and stats["spec"]["seed"] == 2 and stats["annotator_noise"] == 0.2
+    assert all((out / n).is_file() for n in NAMES)
+    assert main(["data", "world", "--output", str(tmp_path / "x"), "--people", "2", "--quiet"]) == 2
+    assert "world.people" in capsys.readouterr().err and not (tmp_path / "x").exists()  # nothing half-written

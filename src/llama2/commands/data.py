@@ -105,6 +105,21 @@ def register(subparsers) -> None:
     a.add_argument("--quiet", "-q", action="store_true", help="print nothing")
     a.set_defaults(func=adversarial_handler)
 
+    w = sub.add_parser("world", help="build a built-in world (questions with gold answers) from a spec",
+                       description="Writes every file of a built-in world (corpus, SFT dialogues, comparisons, "
+                                   "prompts, adversarial prompts, gold questions; see docs/world.md) into OUTPUT. "
+                                   "Recipes name the default world's files builtin:world/NAME; give these files' "
+                                   "paths instead to train in another world.")
+    w.add_argument("--output", type=Path, required=True, help="directory to write (replaced as a whole)")
+    w.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
+    w.add_argument("--people", type=int, default=100, help="invented people (default 100)")
+    w.add_argument("--towns", type=int, default=20, help="invented towns (default 20)")
+    w.add_argument("--held-out", type=float, default=0.2, help="share of each question family held out (0.2)")
+    w.add_argument("--annotator-noise", type=float, default=0.1,
+                   help="standard deviation of the simulated annotator's noise on gold gaps (default 0.1)")
+    w.add_argument("--quiet", "-q", action="store_true")
+    w.set_defaults(func=world_handler)
+
 
 def _sources(args: argparse.Namespace) -> list[str]:
     if args.source is None:
@@ -173,4 +188,16 @@ def adversarial_handler(args: argparse.Namespace) -> int:
     from ..data.adversarial import build_adversarial
 
     build_adversarial(args.output, seed=args.seed, quiet=args.quiet)
+    return 0
+
+
+def world_handler(args: argparse.Namespace) -> int:
+    from ..data.world import WorldSpec
+    from ..data.world.files import build_world
+    from ..errors import Llama2Error
+
+    if not 0 <= args.annotator_noise <= 1:
+        raise Llama2Error(f"--annotator-noise must be in [0, 1], got {args.annotator_noise}")
+    spec = WorldSpec(seed=args.seed, people=args.people, towns=args.towns, held_out=args.held_out)
+    build_world(args.output, spec, noise=args.annotator_noise, quiet=args.quiet)
     return 0
