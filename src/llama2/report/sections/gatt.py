@@ -24,6 +24,7 @@ from .common import Demo, Done, need, sized
 WORLD_TURNS = 20  # the world's dialogues are short enough for the paper's 20 turns in the 1,024-token context
 TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most) of this many turns per family
 FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
+WORLD_FLOOR_S, WORLD_FULL_S = 30.0, 140.0  # the same in the world: 5-turn dialogues, 20 turns measured
 
 
 def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:
@@ -32,7 +33,7 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     overrides = [f"base={base}", f"out_dir={run_dir}", "base_recipe=null"]
     full = demo.load(GattRecipe, "gatt.yaml", overrides)
     # short of time: fewer dialogues to build and train on, fewer held-out dialogues to measure adherence on
-    f = demo.fraction("gatt", FLOOR_S, FULL_S)
+    f = demo.fraction("gatt", *((WORLD_FLOOR_S, WORLD_FULL_S) if demo.world == "world" else (FLOOR_S, FULL_S)))
     recipe = demo.load(GattRecipe, "gatt.yaml", [*overrides, f"max_dialogues={sized(full.max_dialogues, 16, f)}"])
     dialogues = sized(DIALOGUES, 2, f)
     t0 = time.time()
