@@ -8,6 +8,7 @@ look: the attention mass on the system message, layer by layer.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -178,17 +179,19 @@ def system_attention(model: Any, tokenizer: Any, messages: Sequence[dict[str, st
 
 
 def attention_figure(models: dict[str, Any], tokenizer: Any, messages: Sequence[dict[str, str]], path: Path) -> Path:
-    """A PNG heatmap per model: layers x the last turn's tokens, the attention mass on the system message."""
+    """A PNG heatmap per model: layers x the last turn's tokens, the attention mass on the system message, on one
+    colour scale for all models (0 to the largest mass any of them puts there)."""
     plt = pyplot()
-
-
+    maps = {name: system_attention(model, tokenizer, messages) for name, model in models.items()}
+    top = max(float(mass.max()) for mass, _ in maps.values())
+    top = min(1.0, max(0.05, math.ceil(top * 20) / 20))  # up to the next 0.05
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.2), squeeze=False)
-    for ax, (name, model) in zip(axes[0], models.items()):
-        mass, words = system_attention(model, tokenizer, messages)
-        im = ax.imshow(mass.cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    for ax, (name, (mass, words)) in zip(axes[0], maps.items()):
+        im = ax.imshow(mass.cpu().numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=top)
         ax.set_title(f"{name}: attention on the system message")
         ax.set_ylabel("layer")
+        ax.set_yticks(range(mass.shape[0]))
         ax.set_xticks(range(len(words)), [w.strip() or "_" for w in words], rotation=90, fontsize=6)
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="share of attention")
     save_png(fig, path)
     return path
