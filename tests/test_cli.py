@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -102,12 +103,16 @@ def recipe_class(verb: str) -> type:
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     """Every key a recipe file may set, nested sections as dotted keys, in declaration order."""
     out = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        optional = [a for a in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(a)]
         if dataclasses.is_dataclass(default):
             out += dotted_keys(type(default), f"{prefix}{f.name}.")
+        elif default is None and optional:  # an optional section (`Section | None`): itself, then its keys
+            out += [f"{prefix}{f.name}", *dotted_keys(optional[0], f"{prefix}{f.name}.")]
         else:
             out.append(f"{prefix}{f.name}")
     return out
