@@ -7,7 +7,7 @@ import json
 import time
 
 from ...checkpoint import load_checkpoint
-from ...data.instructions import start_with
+from ...data.instructions import CHECKABLE, start_with
 from ...data.world import data_path
 from ...eval.adherence import (
     adherence_plot,
@@ -24,7 +24,7 @@ from .common import Demo, Done, need, sized
 WORLD_TURNS = 20  # the world's dialogues are short enough for the paper's 20 turns in the 1,024-token context
 TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most) of this many turns per family
 FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
-WORLD_FLOOR_S, WORLD_FULL_S = 30.0, 140.0  # the same in the world: 5-turn dialogues, 20 turns measured
+WORLD_FLOOR_S, WORLD_FULL_S = 15.0, 90.0  # the same in the world: 5-turn dialogues, 20 turns measured
 
 
 def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:
@@ -39,7 +39,8 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     t0 = time.time()
     turns, shown = (WORLD_TURNS, (1, 2, 4, 6, 20)) if demo.world == "world" else (TURNS, (1, 2, 4, 6))
     source = data_path("builtin:world/sft.val.jsonl") if demo.world == "world" else None
-    measure = dict(max_new_tokens=32 if demo.world == "world" else 48, source=source, seed=demo.seed)
+    measure = dict(max_new_tokens=32 if demo.world == "world" else 48, source=source, seed=demo.seed,
+                   families=[f for f in recipe.families if f in CHECKABLE])
     before = adherence_report(base, turns, dialogues, **measure)
     after_ckpt = gatt(recipe, quiet=True)
     after = adherence_report(run_dir, turns, dialogues, **measure)
