@@ -45,6 +45,7 @@ def handler(args: argparse.Namespace) -> int:
         model, tok = load_for_eval(path, Settings())
         runs[ckpt] = gold_eval(model, tok, world, items, max_new_tokens=args.max_new_tokens)
     names = list(runs)
+    rates = {n: safety_rates(r) for n, r in runs.items()}  # each run's violation and false-refusal rates, once
     fams = sorted({i.family for i in items})
     lines = ["| family | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for f in fams + ["all"]:
@@ -57,12 +58,12 @@ def handler(args: argparse.Namespace) -> int:
         lines.append(f"| {f} | {n} | " + " | ".join(cells) + " |")
     if {"harmful", "benign"} & set(fams):
         for key, label in (("violations", "violations"), ("false_refusals", "false refusals")):
-            rates = [safety_rates(r)[key]["rate"] for r in runs.values()]
-            lines.append(f"| {label} (%) | | " + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in rates)
+            cells = [rates[n][key]["rate"] for n in names]
+            lines.append(f"| {label} (%) | | " + " | ".join("-" if x is None else f"{100 * x:.1f}" for x in cells)
                          + " |")
     sys.stdout.write("\n".join(lines) + "\n")
     if args.output is not None:
-        atomic_write_text(args.output, json.dumps({n: {"summary": r.summary(), "safety": safety_rates(r),
+        atomic_write_text(args.output, json.dumps({n: {"summary": r.summary(), "safety": rates[n],
                                                        "answers": r.rows()} for n, r in runs.items()}, indent=1))
         print(f"wrote {args.output}")
     return 0

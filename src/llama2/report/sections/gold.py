@@ -43,14 +43,15 @@ class GoldBench:
         return self.runs[key]
 
 
+def helpful_correct(run: GoldRun) -> list[float]:
+    """1.0 / 0.0 per answer to a helpfulness question (the safety families left out)."""
+    return [float(v.correct) for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+
+
 def helpful_accuracy(run: GoldRun) -> float:
     """Gold accuracy over the helpfulness families only."""
-    xs = [float(v.correct) for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+    xs = helpful_correct(run)
     return sum(xs) / max(len(xs), 1)
-
-
-def helpful_correct(run: GoldRun) -> list[float]:
-    return [float(v.correct) for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
 
 
 def effect(before: GoldRun, after: GoldRun) -> dict[str, float]:
