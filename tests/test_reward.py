@@ -266,7 +266,7 @@ def test_reward_stage_learns_a_computable_preference_and_writes_table_8(tmp_path
     ours = rm.score([c["prompt"] for c in held], [c["chosen"] for c in held])
     assert ours == pytest.approx([s["chosen"] for s in scores], abs=1e-4)
     hf = LlamaForSequenceClassification.from_pretrained(result.checkpoint).eval()
-    ids = rm.encode([held[0]["prompt"]], [held[0]["chosen"]])
+    ids = [rm.encode([held[0]["prompt"]], [held[0]["chosen"]])[0][0]]
     with torch.no_grad():
         assert hf(input_ids=torch.tensor(ids)).logits.item() == pytest.approx(ours[0], abs=1e-4)
 
@@ -474,3 +474,101 @@ def test_a_missing_chat_model_is_built_by_its_sft_recipe(tmp_path, base_dir, dat
     assert f"building the chat model: {tmp_path / 'sft.yaml'}" in out
     assert (tmp_path / "chat" / "checkpoints" / "step-000002" / "model.safetensors").is_file()
     assert result.step == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The likelihood term (an extension: the RM adds w x log p(response) under the chat model's LM head)
+
+
+def hf_likelihood_scores(path: Path, sequences, starts, weight: float) -> list[float]:
+    """The oracle: transformers' classifier score (it ignores the extra tensors) plus w x the summed log-probs of
+    the response tokens from transformers' causal LM holding the same backbone and LM head."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    clf = LlamaForSequenceClassification.from_pretrained(path).eval()
+    lm = LlamaForCausalLM(LlamaConfig.from_pretrained(path)).eval()
+    state = load_file(str(path / "model.safetensors"))
+    lm.load_state_dict({k: v for k, v in state.items() if k.startswith(("model.", "lm_head."))}, strict=True)
+    out = []
+    with torch.no_grad():
+        for ids, start in zip(sequences, starts):
+            t = torch.tensor([ids])
+            logp = torch.log_softmax(lm(input_ids=t).logits[0].float(), -1)
+            term = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))
+            out.append(clf(input_ids=t).logits.item() + weight * term)
+    return out
+
+
+def test_likelihood_term_scores_equal_transformers_padded_packed_and_after_a_round_trip(tmp_path, base_dir,
+                                                                                         tokenizer):
+    """score = the scalar head at the final EOS + w x sum of log p(response token) (transformers' causal LM on the
+    same weights); packed rows give each answer the same score; the term survives save and load, config.json
+    says so, and PPO's value model (per_token) reads the scalar head only."""
+    from llama2.checkpoint import load_checkpoint, save_checkpoint
+    from llama2.classifier import LIKELIHOOD_INIT, SequenceClassifier
+    from llama2.data.comparisons import check_comparison
+    from llama2.data.packing import attention_mask
+    from llama2.reward import RewardModel
+    from llama2.stages.reward import collate_pairs, encode_comparisons
+
+    torch.manual_seed(3)
+    lm = load_checkpoint(base_dir)
+    rm = SequenceClassifier(lm.config, likelihood=True)
+    assert rm.likelihood_weight.item() == pytest.approx(LIKELIHOOD_INIT)
+    state = {k: v for k, v in lm.state_dict().items()}
+    state["score.weight"] = torch.randn(1, lm.config.dim)
+    state["likelihood_weight"] = torch.tensor([0.7])
+    rm.load_state_dict(state, strict=True)
+    save_checkpoint(rm, tmp_path / "rm", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["llama2_likelihood_term"] is True
+
+    comps = [check_comparison(c["prompt"], c["chosen"] + " and more" * i, c["rejected"], c["rating"])
+             for i, c in enumerate(yes_no_comparisons(4))]
+    pairs, _ = encode_comparisons(tokenizer, comps, 96)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    starts = [p.starts[0] for p in pairs] + [p.starts[1] for p in pairs]
+    assert all(tokenizer.decode(s[st:-1]).strip() in {c.chosen for c in comps} | {c.rejected for c in comps}
+               for s, st in zip(seqs, starts))
+    want = hf_likelihood_scores(tmp_path / "rm", seqs, starts, 0.7)
+
+    loaded = RewardModel.load(tmp_path / "rm", max_batch_tokens=64)
+    assert loaded.model.likelihood
+    got = loaded.score([c.prompt for c in comps] * 2, [c.chosen for c in comps] + [c.rejected for c in comps])
+    assert got == pytest.approx(want, abs=1e-4)
+    packed = collate_pairs([(p.chosen, p.rejected) for p in pairs], [0.0] * 4, 0, pack_len=96,
+                           starts=[p.starts for p in pairs])
+    with torch.no_grad():
+        scores = loaded.model(packed["tokens"], positions=packed["positions"],
+                              mask=attention_mask(packed["segments"]), read_at=packed["read_at"],
+                              response_from=packed["response_from"])
+    assert scores.tolist() == pytest.approx(want, abs=1e-4)
+    with pytest.raises(Llama2Error, match="response_from"):
+        loaded.model(torch.tensor([seqs[0]]))
+    with torch.no_grad():
+        values = loaded.model(torch.tensor([seqs[0]]), per_token=True)
+        head_only = loaded.model.score(loaded.model.hidden(torch.tensor([seqs[0]]))).squeeze(-1)
+    assert torch.allclose(values, head_only)
+
+
+def test_reward_stage_with_the_likelihood_term_trains_resumes_and_loads(tmp_path, base_dir, data_files):
+    """likelihood_term=true: the RM starts from the chat model's LM head and w = LIKELIHOOD_INIT, learns the
+    preference, saves w and the head, and a resumed run continues with the same losses."""
+    from llama2.reward import RewardModel
+    from llama2.stages.reward import reward
+    from llama2.train.metrics import read_metrics
+
+    args = ["likelihood_term=true", "optim.schedule=constant", "optim.warmup_steps=0", "optim.warmup_ratio=0",
+            "save_every=2", "eval_every=2"]
+    full = reward(make_recipe(tmp_path, base_dir, data_files, "full", ["max_steps=6", *args]), quiet=True)
+    reward(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=2", *args]), quiet=True)
+    resumed = reward(make_recipe(tmp_path, base_dir, data_files, "cut", ["max_steps=6", *args]), quiet=True)
+    assert resumed.resumed_from == 2
+    a = {r["step"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")}
+    assert [a[s]["loss"] for s in range(1, 7)] == pytest.approx([b[s]["loss"] for s in range(1, 7)], abs=1e-6)
+    assert a[6]["val_accuracy"] > a[0]["val_accuracy"]
+    rm = RewardModel.load(full.checkpoint)
+    assert rm.model.likelihood and rm.model.likelihood_weight.item() != 0.0
+    with pytest.raises(Llama2Error, match="lora.rank=0"):
+        make_recipe(tmp_path, base_dir, data_files, "lora", ["likelihood_term=true", "lora.rank=4"])

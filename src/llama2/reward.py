@@ -55,10 +55,17 @@ def prompt_messages(prompt: Prompt) -> list[Message]:
 
 def encode_pair(tokenizer: Any, prompt: Prompt, response: str) -> list[int]:
     """Token ids of (prompt, response) as the completed chat turn (see the module docstring)."""
+    return encode_scored(tokenizer, prompt, response)[0]
+
+
+def encode_scored(tokenizer: Any, prompt: Prompt, response: str) -> tuple[list[int], int]:
+    """(encode_pair's token ids, the position of the response's first token): what a reward model with the
+    likelihood term reads (llama2.classifier)."""
     if not isinstance(response, str):
         raise Llama2Error(f"a response must be text, got {type(response).__name__}")
     messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
-    return encode_dialog_for_training(tokenizer, messages)[0]
+    ids, trained = encode_dialog_for_training(tokenizer, messages, train_on="last_assistant")
+    return ids, trained.index(True)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -116,35 +123,40 @@ class RewardModel:
                               "`llama2 reward` or give its directory")
         return cls(model.eval(), load_tokenizer(ckpt), **kwargs)
 
-    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[list[int]]:
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], int]]:
         if isinstance(prompts, str) or isinstance(responses, str):
             raise Llama2Error("score() takes lists: score([prompt, ...], [response, ...])")
         if len(prompts) != len(responses):
             raise Llama2Error(f"score() got {len(prompts)} prompts and {len(responses)} responses; give one "
                               "response per prompt")
-        return [encode_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return [encode_scored(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """Raw scores (logits), one per (prompt, response), in input order."""
-        return self.score_ids(self.encode(prompts, responses))
+        encoded = self.encode(prompts, responses)
+        return self.score_ids([ids for ids, _ in encoded], [start for _, start in encoded])
 
     def probs(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """sigmoid(score) per pair: the probabilities the paper combines (R_h, R_s)."""
         return [sigmoid(s) for s in self.score(prompts, responses)]
 
     @torch.no_grad()
-    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
-        """Scores of already-encoded sequences (each ending with the EOS to score at), batched by length."""
+    def score_ids(self, sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[float]:
+        """Scores of already-encoded sequences (each ending with the EOS to score at), batched by length; `starts`:
+        where each response begins (encode_scored), needed by a model with the likelihood term."""
         if not sequences:
             return []
-        rows = []
-        for s in sequences:
+        rows, firsts = [], []
+        for n, s in enumerate(sequences):
             if not s:
                 raise Llama2Error("cannot score an empty token sequence")
+            start = starts[n] if starts is not None else 1
             if len(s) > self.max_seq_len:
                 self.truncated += 1
-                s = [s[0], *s[len(s) - self.max_seq_len + 1:]]
+                cut = len(s) - self.max_seq_len + 1
+                s, start = [s[0], *s[cut:]], max(1, start - cut + 1)
             rows.append(list(s))
+            firsts.append(start)
         device = next(self.model.parameters()).device
         out = [0.0] * len(rows)
         was_training = self.model.training
@@ -152,8 +164,10 @@ class RewardModel:
         try:
             for batch in length_buckets([len(r) for r in rows], self.max_batch_tokens):
                 tokens, lengths = pad_rows([rows[i] for i in batch], self.pad_id)
+                extra = {"response_from": torch.tensor([firsts[i] for i in batch], device=device)} \
+                    if starts is not None else {}
                 with _autocast(device, self.autocast_dtype):
-                    scores = self.model(tokens.to(device), lengths=lengths.to(device))
+                    scores = self.model(tokens.to(device), lengths=lengths.to(device), **extra)
                 for i, s in zip(batch, scores.float().tolist()):
                     out[i] = s
         finally:
@@ -267,5 +281,5 @@ class CombinedReward:
         return CombinedScores(r_h, r_s, r_c, white)
 
 
-__all__ = ["RewardModel", "encode_pair", "prompt_messages", "pad_rows", "length_buckets", "sigmoid", "logit",
-           "combine_rewards", "Whitener", "CombinedReward", "CombinedScores", "SAFETY_THRESHOLD"]
+__all__ = ["RewardModel", "encode_pair", "encode_scored", "prompt_messages", "pad_rows", "length_buckets", "sigmoid",
+           "logit", "combine_rewards", "Whitener", "CombinedReward", "CombinedScores", "SAFETY_THRESHOLD"]

@@ -150,11 +150,16 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def classifier_config(cfg: ModelConfig, dtype: torch.dtype, pad_id: int) -> dict[str, Any]:
+LIKELIHOOD_FLAG = "llama2_likelihood_term"  # config.json: the reward model has the likelihood term (classifier.py)
+
+
+def classifier_config(cfg: ModelConfig, dtype: torch.dtype, pad_id: int, likelihood: bool = False) -> dict[str, Any]:
     """config.json for a one-label LlamaForSequenceClassification (the reward model)."""
     d = hf_config(cfg, dtype)
     d.update(architectures=[ARCHITECTURE_OF[CLASSIFIER]], num_labels=1, id2label={"0": "LABEL_0"},
              label2id={"LABEL_0": 0}, pad_token_id=pad_id)
+    if likelihood:
+        d[LIKELIHOOD_FLAG] = True
     return d
 
 
@@ -246,9 +251,10 @@ def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None, progres
     make = fresh = None
     if kind == CLASSIFIER:
         pad = pad_id_of_config(d, cfg)
+        likelihood = stored == CLASSIFIER and d.get(LIKELIHOOD_FLAG) is True
 
         def make() -> Transformer:
-            return SequenceClassifier(cfg, pad_id=pad)
+            return SequenceClassifier(cfg, pad_id=pad, likelihood=likelihood)
 
         if stored == CAUSAL_LM:  # the declared-fresh case: a reward model started from a causal LM
             fresh = {"score.weight": lambda dt, dev: init_score_(torch.empty(1, cfg.dim, dtype=dt, device=dev))}
@@ -303,7 +309,8 @@ def fill_rows(path: Path, ours: dict[str, TensorInfo], targets: dict[str, tuple[
             dest.copy_(read_tensor(handles[info.path], piece))
 
 
-HEADS = ("lm_head.", "score.")  # top-level modules of the HF models; everything else lives under `model.`
+# top-level modules of the HF models (and the likelihood term's weight); everything else lives under `model.`
+HEADS = ("lm_head.", "score.", "likelihood_weight")
 
 
 def hf_name(name: str) -> str:
@@ -349,7 +356,7 @@ def save_hf(model: Transformer, path: Path, tokenizer: Any = None, max_shard_byt
                 weight_map.update({name: fname for name, _ in shard})
             write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if isinstance(model, SequenceClassifier):
-            write_json(tmp / CONFIG, classifier_config(model.config, dtype, model.pad_id))
+            write_json(tmp / CONFIG, classifier_config(model.config, dtype, model.pad_id, model.likelihood))
         else:
             write_json(tmp / CONFIG, hf_config(model.config, dtype))
             write_json(tmp / GENERATION_CONFIG, generation_config(model.config))

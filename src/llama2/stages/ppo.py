@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..chat import encode_dialog
 from ..checkpoint import load_checkpoint, load_config, read_rows_into, save_model
 from ..checkpoint.runs import load_tokenizer, require_checkpoint
-from ..classifier import SequenceClassifier
+from ..classifier import LIKELIHOOD_KEYS, SequenceClassifier
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
@@ -360,7 +360,8 @@ class PPO:
         def initial() -> dict[str, Tensor]:
             policy = load_checkpoint(self.base, kind="causal_lm").state_dict()
             value_src = h_path if recipe.value_init == "helpfulness_rm" else self.base
-            value = load_checkpoint(value_src, kind="classifier").state_dict()
+            value = {k: v for k, v in load_checkpoint(value_src, kind="classifier").state_dict().items()
+                     if k not in LIKELIHOOD_KEYS}  # the value model reads its scalar head only
             return {**{f"policy.{k}": v for k, v in policy.items()}, **{f"value.{k}": v for k, v in value.items()}}
 
         self.trainer = Trainer(recipe, build, lambda m, b: self._loss(m, b), self.batches, initial_weights=initial,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..atomic import atomic_write_text
 from ..checkpoint import AdapterCheckpointIO, detect_layout, load_checkpoint, load_config
 from ..checkpoint.runs import load_tokenizer, require_checkpoint
-from ..classifier import DEFAULT_PAD_ID, SequenceClassifier
+from ..classifier import DEFAULT_PAD_ID, LIKELIHOOD_INIT, SequenceClassifier
 from ..data.comparisons import RATINGS, Comparison, ensure_comparisons, read_comparisons
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, attention_mask, collate, pack_rows
@@ -51,7 +51,7 @@ from ..data.world import data_path
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..lora import LoRASpec, apply_lora
-from ..reward import RewardModel, encode_pair, pad_rows
+from ..reward import RewardModel, encode_scored, pad_rows
 from ..train.config import FineTuneRecipe, OptimConfig
 from ..train.distributed import DistEnv, barrier, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
@@ -113,11 +113,12 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     """The ranking loss of a micro-batch of n comparisons, all 2n answers scored in one forward: padded rows (rows
     0..n-1 the chosen answers, n..2n-1 the rejected ones, each read at its last real token) or packed rows
     (`read_at`: where each of the 2n sequences ends, chosen ones first)."""
+    extra = {"response_from": batch["response_from"]} if getattr(model, "likelihood", False) else {}
     if "read_at" in batch:
         scores = model(batch["tokens"], positions=batch["positions"], mask=attention_mask(batch["segments"]),
-                       read_at=batch["read_at"]).float()
+                       read_at=batch["read_at"], **extra).float()
     else:
-        scores = model(batch["tokens"], lengths=batch["lengths"]).float()
+        scores = model(batch["tokens"], lengths=batch["lengths"], **extra).float()
     n = batch["margin"].shape[0]
     chosen, rejected = scores[:n], scores[n:]
     loss = ranking_loss(chosen, rejected, batch["margin"]).mean()
@@ -127,28 +128,35 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
 
 
 def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], margin: Sequence[float], pad_id: int,
-                  pack_len: int | None = None) -> dict[str, Tensor]:
+                  pack_len: int | None = None, starts: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
     """n (chosen ids, rejected ids) -> margin (n,) and the 2n sequences (chosen first): right-padded rows,
     `tokens` (2n, T) and `lengths` (2n,); or, with pack_len, packed into rows of at most pack_len tokens (best-fit
     decreasing, each sequence attending only to itself with positions from 0: llama2.data.packing), `tokens`,
-    `positions`, `segments` (R, T), `read_at` (2n,) the flat index of each sequence's last token, and `lengths`."""
+    `positions`, `segments` (R, T), `read_at` (2n,) the flat index of each sequence's last token, and `lengths`.
+    starts: (chosen, rejected) response starts per pair -> `response_from` (2n,): positions in the padded rows, or
+    flat indices like read_at when packed (the likelihood term, llama2.classifier)."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    firsts = [c for c, _ in starts] + [r for _, r in starts] if starts is not None else [1] * len(seqs)
     out: dict[str, Tensor] = {"margin": torch.tensor(list(margin), dtype=torch.float32)}
     if pack_len is None:
         out["tokens"], out["lengths"] = pad_rows(seqs, pad_id)
+        out["response_from"] = torch.tensor(firsts, dtype=torch.long)
         return out
     examples = [Example(np.asarray(s, dtype=np.int64), np.zeros(len(s), dtype=bool)) for s in seqs]
     rows = pack_rows([len(s) for s in seqs], pack_len)
     packed = collate(examples, rows, pad_id)
     width = packed["tokens"].shape[1]
     read_at = torch.empty(len(seqs), dtype=torch.long)
+    response_from = torch.empty(len(seqs), dtype=torch.long)
     for r, row in enumerate(rows):
         t = 0
         for i in row:
+            response_from[i] = r * width + t + firsts[i]
             t += len(seqs[i])
             read_at[i] = r * width + t - 1
     out.update(tokens=packed["tokens"], positions=packed["positions"], segments=packed["segments"],
-               read_at=read_at, lengths=torch.tensor([len(s) for s in seqs], dtype=torch.long))
+               read_at=read_at, lengths=torch.tensor([len(s) for s in seqs], dtype=torch.long),
+               response_from=response_from)
     return out
 
 
@@ -217,6 +225,9 @@ class RewardRecipe(FineTuneRecipe):
     # the rating margin m(r) in the ranking loss: none, small or large (the paper's Table 27)
     margin: MarginVariant = "small"
     packing: bool = True  # pack each micro-batch's answers into rows of max_seq_len (else pad every answer)
+    # add w x log p(response) under the chat model's LM head to the score, w trained (llama2.classifier): lets the
+    # RM read the facts the chat model knows; an extension of ours, off in the paper's recipes
+    likelihood_term: bool = False
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
     optim: OptimConfig = field(default_factory=_reward_optim)
@@ -227,6 +238,8 @@ class RewardRecipe(FineTuneRecipe):
         self.lora.validate()
         if self.lora.quantize_base != "none":
             raise Llama2Error("lora.quantize_base is for SFT; reward models train on the full-precision base")
+        if self.likelihood_term and self.lora.rank > 0:
+            raise Llama2Error("likelihood_term trains every weight; set lora.rank=0 or likelihood_term=false")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +291,7 @@ class EncodedPair:
     rejected: list[int]
     rating: str | None
     source: str | None = None
+    starts: tuple[int, int] = (1, 1)  # where each answer's response starts (encode_scored)
 
     @property
     def longest(self) -> int:
@@ -289,8 +303,9 @@ def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_se
     """(the encoded pairs, how many were skipped as longer than max_seq_len)."""
     out, skipped = [], 0
     for c in comparisons:
-        p = EncodedPair(encode_pair(tokenizer, c.prompt, c.chosen), encode_pair(tokenizer, c.prompt, c.rejected),
-                        c.rating, c.source)
+        (chosen, c_start), (rejected, r_start) = (encode_scored(tokenizer, c.prompt, c.chosen),
+                                                  encode_scored(tokenizer, c.prompt, c.rejected))
+        p = EncodedPair(chosen, rejected, c.rating, c.source, (c_start, r_start))
         if p.longest > max_seq_len:
             skipped += 1
         else:
@@ -343,7 +358,8 @@ class PairBatches:
         mine = step[self.rank * per:(self.rank + 1) * per]
         table = MARGINS[self.margin]
         return [collate_pairs([(p.chosen, p.rejected) for p in chunk],
-                              [table[p.rating] if p.rating else 0.0 for p in chunk], self.pad_id, self.pack_len)
+                              [table[p.rating] if p.rating else 0.0 for p in chunk], self.pad_id, self.pack_len,
+                              [p.starts for p in chunk])
                 for chunk in (mine[a * self.batch_size:(a + 1) * self.batch_size] for a in range(self.accum))]
 
     def state_dict(self) -> dict[str, Any]:
@@ -385,7 +401,8 @@ class HeldOutEvaluator:
         tables: dict[str, dict[str, tuple[float, int]]] = {}
         scored: dict[str, tuple[list[float], list[float]]] = {}
         for name, pairs in self.sets.items():
-            scores = rm.score_ids([p.chosen for p in pairs] + [p.rejected for p in pairs])
+            scores = rm.score_ids([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                  [p.starts[0] for p in pairs] + [p.starts[1] for p in pairs])
             chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
             scored[name] = (chosen, rejected)
             c, r = torch.tensor(chosen), torch.tensor(rejected)
@@ -502,14 +519,21 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
               f"steps per epoch of {batches.global_size} pairs; training {run.max_steps} steps", flush=True)
 
     def build_model() -> nn.Module:
-        model = SequenceClassifier(cfg, pad_id=DEFAULT_PAD_ID)
+        model = SequenceClassifier(cfg, pad_id=DEFAULT_PAD_ID, likelihood=recipe.likelihood_term)
         if lora.rank > 0:
             apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.modules, base_model=str(base))
         return model
 
     def initial() -> dict[str, Tensor]:
         clf = load_checkpoint(base, kind="classifier", device="cpu")
-        return clf.state_dict()
+        state = clf.state_dict()
+        if recipe.likelihood_term:
+            if isinstance(clf, SequenceClassifier) and clf.likelihood:
+                return state
+            lm = load_checkpoint(base, kind="causal_lm", device="cpu")
+            state["lm_head.weight"] = lm.lm_head.weight
+            state["likelihood_weight"] = torch.full((1,), LIKELIHOOD_INIT, dtype=lm.lm_head.weight.dtype)
+        return state
 
     if lora.rank > 0:
         io: Any = AdapterCheckpointIO(base, tokenizer)
