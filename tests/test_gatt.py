@@ -77,6 +77,43 @@ def test_instruction_families():
         gatt.USER_FAMILIES.clear()
 
 
+@pytest.mark.parametrize("with_instruction", [True, False])
+def test_replies_are_sampled_with_or_without_the_instruction_and_always_enforced(monkeypatch, with_instruction):
+    """Step 1 (the instruction appended to every user turn while sampling) is the paper's; with
+    sample_with_instruction=false the model answers the plain turns. Either way the kept answers are enforced and
+    the instruction is kept once, as the system message."""
+    from llama2.data.dialogues import Dialogue
+    from llama2.recipe import load_recipe
+    from llama2.stages import gatt as g
+
+    seen: list[str] = []
+
+    class Echo:  # stands in for the model: answers each user turn with the text it was given
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def answers(self, systems, users, per_turn=None):
+            out = []
+            for turns in users:
+                texts = [per_turn(t, u) if per_turn else u for t, u in enumerate(turns)]
+                seen.extend(texts)
+                out.append([f"you said {x}" for x in texts])
+            return out
+
+    monkeypatch.setattr(g, "TurnByTurn", Echo)
+    recipe = load_recipe(g.GattRecipe, None, ["base=unused", "families=[upper_case]", "turns=2",
+                                              f"sample_with_instruction={str(with_instruction).lower()}"])
+    dialogues = [Dialogue([{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "A."},
+                           {"role": "user", "content": f"Next {i}?"}, {"role": "assistant", "content": "B."}])
+                 for i in range(3)]
+    data = g.build_gatt_data(recipe, None, None, dialogues)
+    inst = data.dialogues[0].messages[0]["content"]
+    assert data.dialogues[0].messages[0]["role"] == "system" and len(seen) == 6
+    assert all(inst in x for x in seen) == with_instruction and not any(inst in x for x in seen) != with_instruction
+    answers = [m["content"] for d in data.dialogues for m in d.messages if m["role"] == "assistant"]
+    assert answers and all(a == a.upper() and a.startswith("YOU SAID") for a in answers)
+
+
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
                                                                             tok):
     from llama2.checkpoint import load_checkpoint

@@ -12,7 +12,9 @@ Instructions come in families (llama2.data.instructions): the paper's (hobby, la
 random, half of them shortened) and checkable ones a program can verify (upper case, end with a word, ...).
 `enforce: true` rewrites each sampled answer of a checkable instruction to pass its checker (a tiny model cannot
 follow instructions yet, so the data would teach nothing); `filter: true` keeps a dialogue only if every sampled
-answer passes. Adherence over turns is measured in llama2.eval.adherence (`llama2 eval gatt`).
+answer passes. `sample_with_instruction: false` skips step 1 while sampling (the replies answer the plain user
+turns, then are enforced): a tiny model that never saw an instruction appended to a question answers it with a
+refusal or nonsense, and the data would teach those. Adherence over turns is measured in llama2.eval.adherence (`llama2 eval gatt`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class GattRecipe:
     turns: int = 3  # user turns per training dialogue (the last one is learned)
     max_dialogues: int = 256  # dialogues sampled
     enforce: bool = True  # rewrite each sampled answer of a checkable instruction to pass its checker
+    # step 1 while sampling (the paper); false: sample answers to the plain user turns (then enforce them)
+    sample_with_instruction: bool = True
     filter: bool = False  # keep a dialogue only if every sampled answer passes
     temperature: float = 0.7  # sampling of the replies
     max_new_tokens: int = 32  # longest reply
@@ -128,8 +132,9 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     answers: list[list[str]] = [[] for _ in users]
     for inst_text in sorted({i.text for i in insts}):  # one pass per distinct instruction: per_turn appends it
         idx = [k for k, i in enumerate(insts) if i.text == inst_text]
+        append = recipe.sample_with_instruction
         got = runner.answers([None] * len(idx), [users[k] for k in idx],
-                             per_turn=lambda t, u, text=inst_text: with_instruction(u, text))
+                             per_turn=lambda t, u, text=inst_text: with_instruction(u, text) if append else u)
         for k, a in zip(idx, got):
             answers[k] = a
     out = []
