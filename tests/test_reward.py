@@ -480,9 +480,9 @@ def test_a_missing_chat_model_is_built_by_its_sft_recipe(tmp_path, base_dir, dat
 # The likelihood term (an extension: the RM adds w x log p(response) under the chat model's LM head)
 
 
-def hf_likelihood_scores(path: Path, sequences, starts, weight: float) -> list[float]:
+def hf_likelihood_scores(path: Path, sequences, starts, weight: float, offset: float) -> list[float]:
     """The oracle: transformers' classifier score (it ignores the extra tensors) plus w x the summed log-probs of
-    the response tokens from transformers' causal LM holding the same backbone and LM head."""
+    the response tokens from transformers' causal LM holding the same backbone and LM head, plus b."""
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -496,7 +496,7 @@ def hf_likelihood_scores(path: Path, sequences, starts, weight: float) -> list[f
             t = torch.tensor([ids])
             logp = torch.log_softmax(lm(input_ids=t).logits[0].float(), -1)
             term = sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids)))
-            out.append(clf(input_ids=t).logits.item() + weight * term)
+            out.append(clf(input_ids=t).logits.item() + weight * term + offset)
     return out
 
 
@@ -515,10 +515,10 @@ def test_likelihood_term_scores_equal_transformers_padded_packed_and_after_a_rou
     torch.manual_seed(3)
     lm = load_checkpoint(base_dir)
     rm = SequenceClassifier(lm.config, likelihood=True)
-    assert rm.likelihood_weight.item() == pytest.approx(LIKELIHOOD_INIT)
+    assert rm.likelihood_weight.tolist() == pytest.approx([LIKELIHOOD_INIT, 0.0])
     state = {k: v for k, v in lm.state_dict().items()}
     state["score.weight"] = torch.randn(1, lm.config.dim)
-    state["likelihood_weight"] = torch.tensor([0.7])
+    state["likelihood_weight"] = torch.tensor([0.7, 2.5])
     rm.load_state_dict(state, strict=True)
     save_checkpoint(rm, tmp_path / "rm", tokenizer=tokenizer)
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["llama2_likelihood_term"] is True
@@ -530,7 +530,7 @@ def test_likelihood_term_scores_equal_transformers_padded_packed_and_after_a_rou
     starts = [p.starts[0] for p in pairs] + [p.starts[1] for p in pairs]
     assert all(tokenizer.decode(s[st:-1]).strip() in {c.chosen for c in comps} | {c.rejected for c in comps}
                for s, st in zip(seqs, starts))
-    want = hf_likelihood_scores(tmp_path / "rm", seqs, starts, 0.7)
+    want = hf_likelihood_scores(tmp_path / "rm", seqs, starts, 0.7, 2.5)
 
     loaded = RewardModel.load(tmp_path / "rm", max_batch_tokens=64)
     assert loaded.model.likelihood
@@ -552,9 +552,14 @@ def test_likelihood_term_scores_equal_transformers_padded_packed_and_after_a_rou
 
 
 def test_reward_stage_with_the_likelihood_term_trains_resumes_and_loads(tmp_path, base_dir, data_files):
-    """likelihood_term=true: the RM starts from the chat model's LM head and w = LIKELIHOOD_INIT, learns the
-    preference, saves w and the head, and a resumed run continues with the same losses."""
-    from llama2.reward import RewardModel
+    """likelihood_term=true: the RM starts from the chat model's LM head, w = LIKELIHOOD_INIT and b = -w x the mean
+    summed log-probability of the first 64 chosen training answers (transformers' causal LM on the base as the
+    oracle), learns the preference, keeps b, saves (w, b) and the head; a resumed run continues with the same
+    losses."""
+    from transformers import LlamaForCausalLM
+
+    from llama2.classifier import LIKELIHOOD_INIT
+    from llama2.reward import RewardModel, encode_scored
     from llama2.stages.reward import reward
     from llama2.train.metrics import read_metrics
 
@@ -569,6 +574,15 @@ def test_reward_stage_with_the_likelihood_term_trains_resumes_and_loads(tmp_path
     assert [a[s]["loss"] for s in range(1, 7)] == pytest.approx([b[s]["loss"] for s in range(1, 7)], abs=1e-6)
     assert a[6]["val_accuracy"] > a[0]["val_accuracy"]
     rm = RewardModel.load(full.checkpoint)
-    assert rm.model.likelihood and rm.model.likelihood_weight.item() != 0.0
+    w, b = rm.model.likelihood_weight.tolist()
+    assert rm.model.likelihood and w != LIKELIHOOD_INIT
+    hf = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    sums = []
+    with torch.no_grad():
+        for c in yes_no_comparisons(64):
+            ids, start = encode_scored(rm.tokenizer, c["prompt"], c["chosen"])
+            logp = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            sums.append(sum(logp[i - 1, ids[i]].item() for i in range(start, len(ids))))
+    assert b == pytest.approx(-LIKELIHOOD_INIT * sum(sums) / len(sums), rel=1e-4)
     with pytest.raises(Llama2Error, match="lora.rank=0"):
         make_recipe(tmp_path, base_dir, data_files, "lora", ["likelihood_term=true", "lora.rank=4"])

@@ -11,10 +11,13 @@ backbone from the first step (a zero head would pass none to it until the head i
 
 The likelihood term (`likelihood=True`, an extension of ours, off by default): the classifier keeps the chat
 model's LM head and adds w x (the summed log-probability of the response's tokens under that head) to the score,
-with w a trained scalar (`likelihood_weight`, starting at LIKELIHOOD_INIT). A scalar head read at one position
+plus a constant: `likelihood_weight` = (w, b), w trained (starting at LIKELIHOOD_INIT), b set once when training
+starts so that the term averages 0 over training answers (a sum of log-probabilities is negative and the ranking
+loss never moves a constant: without b every score, and sigmoid(score), sits far below 0). A scalar head read at
+one position
 learns an answer's form quickly but rarely whether its facts are right, although the LM head still predicts them:
 this term hands that knowledge to the reward. The response is given per row (`response_from`: where its first
-token is; it runs to the row's last real token). On disk the LM head and w are two extra tensors and config.json
+token is; it runs to the row's last real token). On disk the LM head and (w, b) are two extra tensors and config.json
 says `llama2_likelihood_term: true`; Hugging Face's LlamaForSequenceClassification ignores both (it reads the
 scalar head's part only).
 """
@@ -36,7 +39,7 @@ DEFAULT_PAD_ID = 0  # <unk> in Llama 2's vocabulary: the tokenizer never emits i
 
 
 SCORE_INIT_SCALE = 0.1  # the standard deviation of the starting scores
-LIKELIHOOD_INIT = 0.3  # w of the likelihood term at the start of reward-model training
+LIKELIHOOD_INIT = 0.3  # w of the likelihood term at the start of reward-model training (b is set from the data)
 LIKELIHOOD_KEYS = ("lm_head.weight", "likelihood_weight")  # the likelihood term's tensors in a state dict
 
 
@@ -69,7 +72,7 @@ class SequenceClassifier(Transformer):
         self.score = Linear(config.dim, 1, device="meta")
         self.likelihood = likelihood
         if likelihood:
-            self.likelihood_weight = nn.Parameter(torch.empty(1, device="meta"))
+            self.likelihood_weight = nn.Parameter(torch.empty(2, device="meta"))  # (w, b)
         self.pad_id = pad_id
         if target.type != "meta":
             self.to_empty(device=target)
@@ -95,7 +98,7 @@ class SequenceClassifier(Transformer):
         weight = getattr(self, "likelihood_weight", None)
         if weight is not None and not weight.is_meta:
             with torch.no_grad():
-                weight.fill_(LIKELIHOOD_INIT)
+                weight.copy_(torch.tensor([LIKELIHOOD_INIT, 0.0]))
 
     def make_cache(self, *args: object, **kwargs: object) -> NoReturn:
         raise Llama2Error("a sequence classifier scores whole sequences; it has no KV cache or generation "
@@ -174,7 +177,7 @@ class SequenceClassifier(Transformer):
         return scores
 
     def likelihood_term(self, hidden: Tensor, tokens: Tensor, first: Tensor, last: Tensor) -> Tensor:
-        """(N,) w x sum of log p(token_i | tokens before it) over flat positions first[n]..last[n] of the flat
+        """(N,) w x sum of log p(token_i | tokens before it) + b over flat positions first[n]..last[n] of the flat
         hidden states (N', dim) and tokens (N',); each token is predicted from the hidden state before it."""
         first, last = first.to(hidden.device).long(), last.to(hidden.device).long()
         counts = last - first + 1
@@ -185,4 +188,5 @@ class SequenceClassifier(Transformer):
         logits = self.lm_head(hidden[at - 1]).float()
         token_lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[at, None]).squeeze(1)
         summed = torch.zeros(len(counts), dtype=token_lp.dtype, device=hidden.device).index_add_(0, seq, token_lp)
-        return self.likelihood_weight.float() * summed
+        w, b = self.likelihood_weight.float()
+        return w * summed + b

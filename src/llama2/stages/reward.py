@@ -50,6 +50,7 @@ from ..data.packing import Example, attention_mask, collate, pack_rows
 from ..data.world import data_path
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
+from ..inference.scoring import sequence_logprobs
 from ..lora import LoRASpec, apply_lora
 from ..reward import RewardModel, encode_scored, pad_rows
 from ..train.config import FineTuneRecipe, OptimConfig
@@ -532,7 +533,8 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
                 return state
             lm = load_checkpoint(base, kind="causal_lm", device="cpu")
             state["lm_head.weight"] = lm.lm_head.weight
-            state["likelihood_weight"] = torch.full((1,), LIKELIHOOD_INIT, dtype=lm.lm_head.weight.dtype)
+            offset = -LIKELIHOOD_INIT * mean_answer_logprob(lm, [p for e in encoded for p in e][:CENTRING_ANSWERS])
+            state["likelihood_weight"] = torch.tensor([LIKELIHOOD_INIT, offset], dtype=lm.lm_head.weight.dtype)
         return state
 
     if lora.rank > 0:
@@ -545,6 +547,24 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
                       flops_per_token=flops_per_token(cfg, seq_len), quiet=quiet, fresh=fresh,
                       eval_fn=evaluator if evaluator.sets else None)
     return RewardRun(trainer, evaluator, tokenizer)
+
+
+CENTRING_ANSWERS = 64  # chosen training answers that set the likelihood term's constant b
+
+
+@torch.no_grad()
+def mean_answer_logprob(lm: nn.Module, pairs: Sequence[EncodedPair], batch: int = 16) -> float:
+    """The mean over the pairs' chosen answers of sum log p(answer tokens) under the causal LM `lm`: the level the
+    likelihood term's constant b cancels (llama2.classifier)."""
+    totals: list[float] = []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        tokens, lengths = pad_rows([p.chosen for p in chunk], DEFAULT_PAD_ID)
+        real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        logp = sequence_logprobs(lm, tokens, real)  # logp[:, j] is the log-probability of token j + 1
+        for row, p in zip(logp, chunk):
+            totals.append(float(row[p.starts[0] - 1:len(p.chosen) - 1].sum()))
+    return sum(totals) / max(len(totals), 1)
 
 
 def evaluate_at_start(run: RewardRun) -> dict[str, float]:
