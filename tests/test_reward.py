@@ -586,3 +586,34 @@ def test_reward_stage_with_the_likelihood_term_trains_resumes_and_loads(tmp_path
     assert b == pytest.approx(-LIKELIHOOD_INIT * sum(sums) / len(sums), rel=1e-4)
     with pytest.raises(Llama2Error, match="lora.rank=0"):
         make_recipe(tmp_path, base_dir, data_files, "lora", ["likelihood_term=true", "lora.rank=4"])
+
+
+def test_center_rewards_adds_trls_centring_penalty_to_the_ranking_loss(tmp_path, base_dir, tokenizer):
+    """center_rewards = c: loss = mean(-log sigmoid(r_c - r_r - m)) + c x mean((r_c + r_r)^2) (TRL's
+    center_rewards_coefficient), with every score taken from transformers' classifier reading each answer alone;
+    a negative c is refused naming the key."""
+    from transformers import LlamaForSequenceClassification
+
+    from llama2.checkpoint import load_checkpoint, save_checkpoint
+    from llama2.data.comparisons import check_comparison
+    from llama2.stages.reward import collate_pairs, encode_comparisons, reward_loss
+
+    torch.manual_seed(4)
+    rm = load_checkpoint(base_dir, kind="classifier")
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    save_checkpoint(rm, tmp_path / "rm", tokenizer=tokenizer)
+    comps = [check_comparison(c["prompt"], c["chosen"], c["rejected"], c["rating"]) for c in yes_no_comparisons(4)]
+    pairs, _ = encode_comparisons(tokenizer, comps, 96)
+    batch = collate_pairs([(p.chosen, p.rejected) for p in pairs], [0.5] * 4, 0, pack_len=96)
+    hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        c = torch.tensor([hf(input_ids=torch.tensor([p.chosen])).logits.item() for p in pairs])
+        r = torch.tensor([hf(input_ids=torch.tensor([p.rejected])).logits.item() for p in pairs])
+        got = reward_loss(rm, batch, center=0.25).loss.item()
+        plain = reward_loss(rm, batch).loss.item()
+    want_plain = (-torch.nn.functional.logsigmoid(c - r - 0.5)).mean().item()
+    assert plain == pytest.approx(want_plain, abs=1e-5)
+    assert got == pytest.approx(want_plain + 0.25 * ((c + r) ** 2).mean().item(), abs=1e-5)
+    with pytest.raises(Llama2Error, match="center_rewards"):
+        make_recipe(tmp_path, base_dir, ("a", "b"), "neg", ["center_rewards=-1"])

@@ -29,6 +29,7 @@ scores) and per pair in `heldout_scores.jsonl`. The run is evaluated once before
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,10 +111,11 @@ def _rating_rank(r: str) -> int:
     return RATINGS.index(r) if r in RATINGS else len(RATINGS)
 
 
-def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+def reward_loss(model: nn.Module, batch: dict[str, Tensor], center: float = 0.0) -> LossOutput:
     """The ranking loss of a micro-batch of n comparisons, all 2n answers scored in one forward: padded rows (rows
     0..n-1 the chosen answers, n..2n-1 the rejected ones, each read at its last real token) or packed rows
-    (`read_at`: where each of the 2n sequences ends, chosen ones first)."""
+    (`read_at`: where each of the 2n sequences ends, chosen ones first). center > 0 adds
+    center x mean((r_c + r_r)^2), which keeps the scores' level near 0 (`center_rewards`)."""
     extra = {"response_from": batch["response_from"]} if getattr(model, "likelihood", False) else {}
     if "read_at" in batch:
         scores = model(batch["tokens"], positions=batch["positions"], mask=attention_mask(batch["segments"]),
@@ -123,6 +125,8 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     n = batch["margin"].shape[0]
     chosen, rejected = scores[:n], scores[n:]
     loss = ranking_loss(chosen, rejected, batch["margin"]).mean()
+    if center:
+        loss = loss + center * ((chosen + rejected) ** 2).mean()
     metrics = {"accuracy": pair_accuracy(chosen, rejected).mean().detach(),
                "score_gap": (chosen - rejected).mean().detach()}
     return LossOutput(loss, n, tokens=batch["lengths"].sum(), metrics=metrics)
@@ -229,6 +233,9 @@ class RewardRecipe(FineTuneRecipe):
     # add w x log p(response) under the chat model's LM head to the score, w trained (llama2.classifier): lets the
     # RM read the facts the chat model knows; an extension of ours, off in the paper's recipes
     likelihood_term: bool = False
+    # c > 0 adds c x mean((r_chosen + r_rejected)^2) to the loss (TRL's center_rewards_coefficient): the ranking
+    # loss fixes only differences, this keeps scores near 0 so sigmoid(score) neither sits at 0 nor saturates at 1
+    center_rewards: float = 0.0
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
     optim: OptimConfig = field(default_factory=_reward_optim)
@@ -239,6 +246,8 @@ class RewardRecipe(FineTuneRecipe):
         self.lora.validate()
         if self.lora.quantize_base != "none":
             raise Llama2Error("lora.quantize_base is for SFT; reward models train on the full-precision base")
+        if self.center_rewards < 0:
+            raise Llama2Error(f"center_rewards must be >= 0 (0 turns it off), got {self.center_rewards}")
         if self.likelihood_term and self.lora.rank > 0:
             raise Llama2Error("likelihood_term trains every weight; set lora.rank=0 or likelihood_term=false")
 
@@ -543,7 +552,8 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
     else:
         io, fresh = HFCheckpointIO(tokenizer), []
     evaluator = HeldOutEvaluator(held, tokenizer, recipe.margin, recipe.kind, Path(run.out_dir), env)
-    trainer = Trainer(run, build_model, reward_loss, batches, initial_weights=initial, checkpoint_io=io, env=env,
+    loss = functools.partial(reward_loss, center=recipe.center_rewards) if recipe.center_rewards else reward_loss
+    trainer = Trainer(run, build_model, loss, batches, initial_weights=initial, checkpoint_io=io, env=env,
                       flops_per_token=flops_per_token(cfg, seq_len), quiet=quiet, fresh=fresh,
                       eval_fn=evaluator if evaluator.sets else None)
     return RewardRun(trainer, evaluator, tokenizer)
