@@ -10,16 +10,14 @@ ranking loss starts at about log 2 and sigmoid scores at about 0.5, yet not exac
 backbone from the first step (a zero head would pass none to it until the head itself had moved).
 
 The likelihood term (`likelihood=True`, an extension of ours, off by default): the classifier keeps the chat
-model's LM head and adds w x (the summed log-probability of the response's tokens under that head) to the score,
-plus a constant: `likelihood_weight` = (w, b), w trained (starting at LIKELIHOOD_INIT), b set once when training
-starts so that the term averages 0 over training answers (a sum of log-probabilities is negative and the ranking
-loss never moves a constant: without b every score, and sigmoid(score), sits far below 0). A scalar head read at
-one position
-learns an answer's form quickly but rarely whether its facts are right, although the LM head still predicts them:
-this term hands that knowledge to the reward. The response is given per row (`response_from`: where its first
-token is; it runs to the row's last real token). On disk the LM head and (w, b) are two extra tensors and config.json
-says `llama2_likelihood_term: true`; Hugging Face's LlamaForSequenceClassification ignores both (it reads the
-scalar head's part only).
+model's LM head and adds w x (the summed log-probability of the response's tokens under that head) plus a constant
+to the score: `likelihood_weight` = (w, b), w trained (starting at LIKELIHOOD_INIT), b set once when training
+starts so that the term averages 0 over training answers (a sum of log-probabilities is negative, and the ranking
+loss never moves a constant). A scalar head read at one position learns an answer's form quickly but rarely
+whether its facts are right, although the LM head still predicts them: this term hands that knowledge to the
+reward. The response is given per row (`response_from`: where its first token is; it runs to the row's last real
+token). On disk the LM head and (w, b) are two extra tensors and config.json says `llama2_likelihood_term: true`;
+Hugging Face's LlamaForSequenceClassification ignores both (it reads the scalar head's part only).
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .errors import Llama2Error
+from .fused_ops import chunked_target_logprobs
 from .model import Device, Linear, Transformer, causal_mask
 
 DEFAULT_PAD_ID = 0  # <unk> in Llama 2's vocabulary: the tokenizer never emits it for text, and it is not EOS (2)
@@ -185,8 +184,7 @@ class SequenceClassifier(Transformer):
         offsets = torch.arange(int(counts.sum()), device=hidden.device) - torch.repeat_interleave(
             counts.cumsum(0) - counts, counts)
         at = first[seq] + offsets
-        logits = self.lm_head(hidden[at - 1]).float()
-        token_lp = torch.log_softmax(logits, dim=-1).gather(1, tokens[at, None]).squeeze(1)
+        token_lp = chunked_target_logprobs(hidden[at - 1][None], self.lm_head, tokens[at][None])[0]
         summed = torch.zeros(len(counts), dtype=token_lp.dtype, device=hidden.device).index_add_(0, seq, token_lp)
         w, b = self.likelihood_weight.float()
         return w * summed + b

@@ -14,7 +14,8 @@ random, half of them shortened) and checkable ones a program can verify (upper c
 follow instructions yet, so the data would teach nothing); `filter: true` keeps a dialogue only if every sampled
 answer passes. `sample_with_instruction: false` skips step 1 while sampling (the replies answer the plain user
 turns, then are enforced): a tiny model that never saw an instruction appended to a question answers it with a
-refusal or nonsense, and the data would teach those. Adherence over turns is measured in llama2.eval.adherence (`llama2 eval gatt`).
+refusal or nonsense, and the data would teach those. Adherence over turns is measured in llama2.eval.adherence
+(`llama2 eval gatt`).
 """
 
 from __future__ import annotations
