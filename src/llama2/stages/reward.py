@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_write_text
-from ..checkpoint import AdapterCheckpointIO, detect_layout, load_checkpoint, load_config
+from ..checkpoint import AdapterCheckpointIO, detect_kind, detect_layout, load_checkpoint, load_config
 from ..checkpoint.runs import load_tokenizer, require_checkpoint
-from ..classifier import DEFAULT_PAD_ID, LIKELIHOOD_INIT, SequenceClassifier
+from ..classifier import DEFAULT_PAD_ID, LIKELIHOOD_INIT, SequenceClassifier, init_score_
 from ..data.comparisons import RATINGS, Comparison, ensure_comparisons, read_comparisons
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
 from ..data.packing import Example, attention_mask, collate, pack_rows
@@ -535,15 +535,15 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
         return model
 
     def initial() -> dict[str, Tensor]:
-        clf = load_checkpoint(base, kind="classifier", device="cpu")
-        state = clf.state_dict()
-        if recipe.likelihood_term:
-            if isinstance(clf, SequenceClassifier) and clf.likelihood:
-                return state
-            lm = load_checkpoint(base, kind="causal_lm", device="cpu")
-            state["lm_head.weight"] = lm.lm_head.weight
-            offset = -LIKELIHOOD_INIT * mean_answer_logprob(lm, [p for e in encoded for p in e][:CENTRING_ANSWERS])
-            state["likelihood_weight"] = torch.tensor([LIKELIHOOD_INIT, offset], dtype=lm.lm_head.weight.dtype)
+        if not recipe.likelihood_term or detect_kind(base) == "classifier":
+            return load_checkpoint(base, kind="classifier", device="cpu").state_dict()
+        # the chat model read once: its LM head stays, a fresh scalar head and (w, b) are added
+        lm = load_checkpoint(base, kind="causal_lm", device="cpu")
+        state = lm.state_dict()
+        dtype = lm.lm_head.weight.dtype
+        state["score.weight"] = init_score_(torch.empty(1, cfg.dim, dtype=dtype))
+        offset = -LIKELIHOOD_INIT * mean_answer_logprob(lm, [p for e in encoded for p in e][:CENTRING_ANSWERS])
+        state["likelihood_weight"] = torch.tensor([LIKELIHOOD_INIT, offset], dtype=dtype)
         return state
 
     if lora.rank > 0:
