@@ -114,6 +114,44 @@ def test_replies_are_sampled_with_or_without_the_instruction_and_always_enforced
     assert answers and all(a == a.upper() and a.startswith("YOU SAID") for a in answers)
 
 
+def test_reference_replies_need_no_sampling_and_every_answer_can_be_learned(monkeypatch):
+    """replies=reference takes each user turn's reply from the source dialogues (the model is sampled only for
+    turns without one); learn=every trains every enforced answer (mask all_assistant), learn=last the last only;
+    learn=every without enforce is refused (unenforced earlier answers would teach ignoring the instruction)."""
+    from llama2.data.dialogues import Dialogue
+    from llama2.errors import Llama2Error
+    from llama2.recipe import load_recipe
+    from llama2.stages import gatt as g
+
+    sampled: list[str] = []
+
+    class Recorder:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def answers(self, systems, users, per_turn=None):
+            sampled.extend(u for turns in users for u in turns)
+            return [[f"sampled {u}" for u in turns] for turns in users]
+
+    monkeypatch.setattr(g, "TurnByTurn", Recorder)
+    known = [Dialogue([{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."},
+                       {"role": "user", "content": f"R{i}?"}, {"role": "assistant", "content": f"B{i}."}])
+             for i in range(3)]
+    unknown = [Dialogue([{"role": "user", "content": "Lonely?"}, {"role": "user", "content": "Alone?"}])]
+    for learn, mask in (("every", "all_assistant"), ("last", "last_assistant")):
+        recipe = load_recipe(g.GattRecipe, None, ["base=unused", "families=[start_with]", "turns=2",
+                                                  "replies=reference", f"learn={learn}"])
+        sampled.clear()
+        data = g.build_gatt_data(recipe, None, None, known + unknown)
+        replies = [[m["content"] for m in d.messages if m["role"] == "assistant"] for d in data.dialogues]
+        p = [d.messages[0]["content"].split("'")[1] for d in data.dialogues]  # each start_with's phrase
+        assert replies == [[f"{p[i]} A{i}.", f"{p[i]} B{i}."] for i in range(3)] + [[f"{p[3]} sampled Lonely?",
+                                                                                     f"{p[3]} sampled Alone?"]]
+        assert sampled == ["Lonely?", "Alone?"] and {d.mask for d in data.dialogues} == {mask}
+    with pytest.raises(Llama2Error, match="learn"):
+        load_recipe(g.GattRecipe, None, ["base=unused", "learn=every", "enforce=false"])
+
+
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
                                                                             tok):
     from llama2.checkpoint import load_checkpoint

@@ -14,7 +14,11 @@ random, half of them shortened) and checkable ones a program can verify (upper c
 follow instructions yet, so the data would teach nothing); `filter: true` keeps a dialogue only if every sampled
 answer passes. `sample_with_instruction: false` skips step 1 while sampling (the replies answer the plain user
 turns, then are enforced): a tiny model that never saw an instruction appended to a question answers it with a
-refusal or nonsense, and the data would teach those. Adherence over turns is measured in llama2.eval.adherence
+refusal or nonsense, and the data would teach those. `replies: reference` takes each user turn's reply from the
+source dialogues instead of sampling (where they have one): the tiny world model's sampled replies to questions out
+of their dialogue are often wrong, and GAtt would teach those too. `learn: every` trains every answer of a dialogue,
+not only the last (each one follows the instruction once enforced; the paper's `last` learns one answer per
+dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is measured in llama2.eval.adherence
 (`llama2 eval gatt`).
 """
 
@@ -94,6 +98,10 @@ class GattRecipe:
     enforce: bool = True  # rewrite each sampled answer of a checkable instruction to pass its checker
     # step 1 while sampling (the paper); false: sample answers to the plain user turns (then enforce them)
     sample_with_instruction: bool = True
+    # sampled: replies sampled from `base` (the paper); reference: each user turn's reply in the source dialogues
+    # (no sampling; a turn without one is sampled)
+    replies: Literal["sampled", "reference"] = "sampled"
+    learn: Literal["last", "every"] = "last"  # the answers trained: the last (the paper) or every one
     filter: bool = False  # keep a dialogue only if every sampled answer passes
     temperature: float = 0.7  # sampling of the replies
     max_new_tokens: int = 32  # longest reply
@@ -113,6 +121,8 @@ class GattRecipe:
         check(self.max_dialogues >= 1, "max_dialogues", self.max_dialogues, "an integer >= 1")
         check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.learn != "every" or self.enforce, "learn", self.learn,
+              "'last' unless enforce: true (every earlier answer must follow the instruction to be learned)")
 
 
 @dataclass
@@ -122,22 +132,38 @@ class GattData:
     kept: int
 
 
+def reference_replies(dialogues: Sequence[Dialogue]) -> dict[str, str]:
+    """Each user message's reply in the dialogues (the first one seen), for `replies: reference`."""
+    out: dict[str, str] = {}
+    for d in dialogues:
+        for m, reply in zip(d.messages, d.messages[1:]):
+            if m["role"] == "user" and reply["role"] == "assistant":
+                out.setdefault(m["content"], reply["content"])
+    return out
+
+
 def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: Sequence[Dialogue]) -> GattData:
     """Steps 1-3 over the dialogues: an instruction each (families in turn), replies sampled with it on every
-    user turn, enforced or filtered, the instruction kept once; each dialogue trains its last answer only."""
+    user turn (or the dialogues' own replies), enforced or filtered, the instruction kept once; each dialogue
+    trains its last answer (or every answer)."""
     rng = random.Random(recipe.seed)
     dialogues = list(dialogues)[:recipe.max_dialogues]
     users = user_turns(dialogues, recipe.turns, rng)
     insts = [instruction(recipe.families[i % len(recipe.families)], rng) for i in range(len(users))]
-    runner = TurnByTurn(model, tokenizer, recipe.max_new_tokens, recipe.temperature, recipe.seed)
     answers: list[list[str]] = [[] for _ in users]
-    for inst_text in sorted({i.text for i in insts}):  # one pass per distinct instruction: per_turn appends it
-        idx = [k for k, i in enumerate(insts) if i.text == inst_text]
-        append = recipe.sample_with_instruction
-        got = runner.answers([None] * len(idx), [users[k] for k in idx],
-                             per_turn=lambda t, u, text=inst_text: with_instruction(u, text) if append else u)
-        for k, a in zip(idx, got):
-            answers[k] = a
+    if recipe.replies == "reference":
+        known = reference_replies(dialogues)
+        answers = [[known.get(x, "") for x in u] for u in users]
+    todo = [k for k, a in enumerate(answers) if not a or not all(a)]
+    if todo:
+        runner = TurnByTurn(model, tokenizer, recipe.max_new_tokens, recipe.temperature, recipe.seed)
+        for inst_text in sorted({insts[k].text for k in todo}):  # one pass per instruction: per_turn appends it
+            idx = [k for k in todo if insts[k].text == inst_text]
+            append = recipe.sample_with_instruction
+            got = runner.answers([None] * len(idx), [users[k] for k in idx],
+                                 per_turn=lambda t, u, text=inst_text: with_instruction(u, text) if append else u)
+            for k, a in zip(idx, got):
+                answers[k] = a
     out = []
     for u, a, inst in zip(users, answers, insts):
         if inst.enforce is not None and recipe.enforce:
@@ -146,7 +172,8 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
             continue
         if not all(x.strip() for x in a):
             continue
-        out.append(Dialogue(place_once(u, a, inst.text, recipe.placement), mask="last_assistant", source=inst.family))
+        mask = "last_assistant" if recipe.learn == "last" else "all_assistant"
+        out.append(Dialogue(place_once(u, a, inst.text, recipe.placement), mask=mask, source=inst.family))
     return GattData(out, len(users), len(out))
 
 

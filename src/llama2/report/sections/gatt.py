@@ -52,10 +52,13 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     adherence_plot(reports, fig / "adherence.png")
     section.text(
         f"Ghost Attention (`llama2.stages.gatt`, `{demo.recipe_name('gatt.yaml')}`) from the latest RLHF policy, in "
-        f"{seconds:.0f} s: {kept['kept']} dialogues of {recipe.turns} built-in user turns, a checkable instruction "
-        "appended to every user turn while the model answered, each answer rewritten to follow it (the tiny model "
-        "cannot yet), the instruction then kept once as the system message, and the SFT stage trained on the last "
-        f"answer only. Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
+        f"{seconds:.0f} s: {kept['kept']} dialogues of {recipe.turns} built-in user turns, "
+        + ("each answered by the dialogues' own reply" if recipe.replies == "reference" else
+           "each answered by the model" + (" with a checkable instruction appended" if
+                                            recipe.sample_with_instruction else ""))
+        + ", each answer rewritten to follow a checkable instruction (the tiny model cannot yet), the instruction "
+        "then kept once as the system message, and the SFT stage trained on "
+        + ("every answer" if recipe.learn == "every" else "the last answer only") + ". Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
         f"{turns} turns per family, greedy answers, the share that pass the instruction's checker (in the built-in "
         "world these checkers are the gold judge of instruction following).")
     headers, rows = adherence_rows(reports, turns=shown)
