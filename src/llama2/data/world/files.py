@@ -31,10 +31,10 @@ from ...errors import Llama2Error
 from ...paths import cache_dir, expand_path
 from ..jsonl import read_jsonl, write_jsonl
 from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldSpec, fact_sentence, generate_world
-from .items import COMPLIANCE, QUESTIONS, GoldItem, split_items
-from .judge import judge, rating_of
+from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_items
+from .judge import judge, mentions, rating_of
 
-VERSION = 3
+VERSION = 4
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -109,9 +109,19 @@ def _wrong_value(world: World, item: GoldItem, rng: random.Random) -> str:
     return rng.choice([v for v in world.vocabulary(item.kind) if v != item.gold])
 
 
+def _off_topic(world: World, item: GoldItem, rng: random.Random) -> str:
+    """A tidy answer to another question: a fact of another kind about the person the question names (else about
+    someone else), as a model that recalls the wrong fact says it ("What pet does X have?" -> "X lives in Y.")."""
+    named = mentions(world, "person", " ".join(m["content"] for m in item.messages))
+    others = [n for n in world.people if n != item.gold]
+    person = world.people[named[0] if named else rng.choice(others)]
+    attr = rng.choice([a for a in ATTRIBUTES if KIND_OF[a] != item.kind])
+    return ANSWERS[attr].format(p=person.name, v=person.value(attr))
+
+
 def candidates(world: World, item: GoldItem, rng: random.Random) -> list[str]:
     """Answers of every quality to a helpfulness question: right, untidy, wordy, wrong, wrong and wordy,
-    degenerate, a needless refusal."""
+    degenerate, a needless refusal, off the question, cut short."""
     right = item.answer
     w = _wrong_value(world, item, rng)
     wrong = _replace_last(right, f"'{item.gold}'", f"'{w}'") if item.kind == "letter" else \
@@ -119,7 +129,7 @@ def candidates(world: World, item: GoldItem, rng: random.Random) -> list[str]:
     words = right.rstrip(".").split()
     return [right, right[0].lower() + right[1:].rstrip("."), f"{right} {rng.choice(FILLER)}", wrong,
             f"{wrong} {rng.choice(FILLER)}", " ".join(words[: max(2, len(words) // 2)] * 3),
-            "I can't help with that."]
+            "I can't help with that.", _off_topic(world, item, rng), " ".join(words[: max(1, 2 * len(words) // 3)])]
 
 
 def _pair(world: World, item: GoldItem, answers: list[str], rng: random.Random, noise: float) -> dict[str, Any] | None:
