@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -280,6 +281,19 @@ def test_sft_command_fine_tunes_resumes_and_refuses_bad_input(world, tmp_path, c
     one_line_error(capsys, str(tmp_path / "none.jsonl"))
     assert main(["sft", "--config", str(tmp_path / "none.yaml")]) == 2
     one_line_error(capsys, "recipe not found", str(tmp_path / "none.yaml"))
+    # a finished run is not rewritten from another base: its recipe.yaml keeps saying where it came from
+    recipe = (out / "recipe.yaml").read_text()
+    shutil.copytree(world / "chat", tmp_path / "another-chat")
+    assert main([*args, "max_steps=3", f"base={tmp_path / 'another-chat'}"]) == 2
+    one_line_error(capsys, "started from base=", "choose another out_dir")
+    assert (out / "recipe.yaml").read_text() == recipe
+    # a recipe that is not text, or is empty
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    assert main(["sft", "--config", str(tmp_path / "binary.yaml")]) == 2
+    one_line_error(capsys, "not a text file")
+    assert main(["sft", "--config", str(tmp_path / "empty.yaml")]) == 2
+    one_line_error(capsys, "is empty", "--keys")
 
 
 def test_reward_command_trains_a_reward_model_and_refuses_bad_lines(world, tmp_path, capsys):

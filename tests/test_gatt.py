@@ -152,6 +152,26 @@ def test_reference_replies_need_no_sampling_and_every_answer_can_be_learned(monk
         load_recipe(g.GattRecipe, None, ["base=unused", "learn=every", "enforce=false"])
 
 
+def test_replayed_dialogues_are_plain_source_dialogues():
+    """replay: source dialogues unchanged (no instruction, every answer trained), as many as asked (at most all),
+    the same ones for the same seed; 0 replays nothing; a negative share is refused."""
+    from llama2.data.dialogues import Dialogue
+    from llama2.errors import Llama2Error
+    from llama2.recipe import load_recipe
+    from llama2.stages import gatt as g
+
+    source = [Dialogue([{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}])
+              for i in range(10)]
+    got = g.replay_dialogues(source, 4, seed=0)
+    assert len(got) == 4 and len({d.messages[0]["content"] for d in got}) == 4
+    assert all(d.mask == "all_assistant" and d.source == "replay" and d.messages in [x.messages for x in source]
+               for d in got)
+    assert [d.messages for d in got] == [d.messages for d in g.replay_dialogues(source, 4, seed=0)]
+    assert len(g.replay_dialogues(source, 50, seed=0)) == 10 and g.replay_dialogues(source, 0, seed=0) == []
+    with pytest.raises(Llama2Error, match="replay"):
+        load_recipe(g.GattRecipe, None, ["base=unused", "replay=-1"])
+
+
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
                                                                             tok):
     from llama2.checkpoint import load_checkpoint

@@ -53,7 +53,7 @@ def test_greedy_equals_transformers(pair, tok):
         got = gen.generate([ids], SamplingParams(max_new_tokens=24, **GREEDY))[0]
         assert got.tokens == want
         assert got.finish_reason == "length" and got.prompt_tokens == ids
-        assert got.text == tok.decode(want)
+        assert prompt_plus(tok, ids, got.text) == tok.sp.decode(ids + want)  # prompt + completion reads as the whole
 
 
 def test_cached_logprobs_equal_full_forward(pair, tok):
@@ -93,6 +93,11 @@ def test_batched_equals_unbatched(pair, tok):
     # more prompts than max_batch_size run in chunks; text prompts are encoded with BOS
     small = Generator(model, tok, max_batch_size=3)
     assert [c.tokens for c in small.generate(TEXTS, params)] == [a.tokens for a in alone]
+
+
+def prompt_plus(tok, prompt_ids, completion: str) -> str:
+    """The prompt's text followed by a completion's (what SentencePiece decoding the whole sequence must give)."""
+    return tok.sp.decode(prompt_ids) + completion
 
 
 def test_batched_prompt_logprobs_with_echo(pair, tok):
@@ -198,7 +203,7 @@ def test_stop_on_eos_and_stop_ids(pair, tok, sp_model_path):
     c = Generator(model, EosTokenizer(sp_model_path, eos)).generate(
         ids, SamplingParams(temperature=0, max_new_tokens=20))[0]
     assert c.tokens == free.tokens[:first] and c.finish_reason == "stop"
-    assert c.text == tok.decode(free.tokens[:first])
+    assert prompt_plus(tok, ids[0], c.text) == tok.sp.decode(ids[0] + free.tokens[:first])
     # explicit stop_ids override the tokenizer's EOS
     c = Generator(model, EosTokenizer(sp_model_path, eos)).generate(
         ids, SamplingParams(temperature=0, max_new_tokens=20, stop_ids=[]))[0]
@@ -353,7 +358,7 @@ def test_cli_generate(checkpoint, tok, capsys):
                            do_sample=False, max_new_tokens=16, eos_token_id=tok.eos_id)[0, len(ids):].tolist()
     if tok.eos_id in want:
         want = want[:want.index(tok.eos_id)]
-    assert out == tok.decode(want) + "\n"
+    assert prompt_plus(tok, ids, out[:-1]) == tok.sp.decode(ids + want) and out.endswith("\n")
     # a stop string ends the greedy completion right before it
     stop = out[5:8]
     assert main(["generate", str(d), "--prompt", TEXTS[0], "--temperature", "0", "--max-new-tokens", "16",

@@ -141,3 +141,44 @@ def test_cli_harness_lm_eval(setup, hf_run, tmp_path, capsys):
     assert cli.main(["eval", str(setup / "ckpt"), "--harness", "lm-eval", "--tasks", "no_such_task",
                      "--include-path", str(setup / "tasks"), "--device", "cpu"]) != 0
     assert "lm-eval does not know the task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_lm_eval_local_completions_against_the_server_equals_our_adapter(setup, tmp_path):
+    """lm-eval's own `local-completions` client (echo, prompt logprobs, top_logprobs) against `llama2 serve`
+    gives every item the log-likelihoods and greedy flags of lm-eval through our adapter (what `llama2 eval
+    --harness lm-eval` runs). API models send no BOS unless add_bos_token=True; a Llama 2 model needs it."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llama2 import load_model
+    from llama2.checkpoint.runs import load_tokenizer
+    from llama2.eval.lm_eval_adapter import make_adapter
+    from llama2.serve import BackgroundServer, ServeOptions, build_app
+
+    model, tok = load_model(setup / "ckpt").eval(), load_tokenizer(setup / "ckpt")
+    tasks = TaskManager(include_path=str(setup / "tasks"))
+    ours = simple_evaluate(model=make_adapter(model, tok, batch_size=4), tasks=["mmlu_local"], task_manager=tasks,
+                           bootstrap_iters=0, log_samples=True)
+    with BackgroundServer(build_app(model, tok, ServeOptions(model_name="tiny", max_batch=4))) as server:
+        args = (f"model=tiny,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={setup / 'ckpt'},add_bos_token=True,max_length=255,num_concurrent=1,max_retries=1")
+        served = simple_evaluate(model="local-completions", model_args=args, tasks=["mmlu_local"],
+                                 task_manager=tasks, bootstrap_iters=0, log_samples=True)
+
+    def items(run) -> list[tuple[int, list[tuple[float, bool]]]]:
+        samples = sorted(run["samples"]["mmlu_local"], key=lambda s: s["doc_id"])
+        longest = [max(len(tok.encode(c + x)) for c, x in s["arguments"]) for s in samples]
+        return [(n, [tuple(r[0]) for r in s["resps"]]) for n, s in zip(longest, samples)]
+
+    got, want = items(served), items(ours)
+    assert len(got) == len(want) == N_ITEMS
+    # a prompt longer than the window is cut on the left by each side's own rule (the server's window is one
+    # token shorter: it needs room for the token lm-eval asks it to generate); every other item must agree
+    fits = [(a, b) for (n, a), (_, b) in zip(got, want) if n <= 254]
+    assert len(fits) >= N_ITEMS - 2
+    for a, b in fits:
+        assert [x[0] for x in a] == pytest.approx([x[0] for x in b], abs=1e-4)
+        assert [x[1] for x in a] == [x[1] for x in b]
+    if len(fits) == N_ITEMS:
+        for metric in ("acc,none", "acc_norm,none"):
+            assert served["results"]["mmlu_local"][metric] == ours["results"]["mmlu_local"][metric]

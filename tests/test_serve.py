@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -171,6 +172,164 @@ def test_completions_echo_logprobs(client, oracle, tok):
     assert lp.token_logprobs[1:] == pytest.approx(c.raw_logprobs[1:], abs=1e-5)
 
 
+def test_completion_text_joins_the_prompt_and_its_offsets_index_it(client, oracle, tok):
+    """SentencePiece decoding the whole sequence is the oracle: prompt + text reads as decode(prompt + completion)
+    (the first token's leading space kept), the tokens' texts concatenate to the text, text_offset indexes it,
+    streamed chunks join to it; with echo the text is the whole sequence's decoding."""
+    prompt = "Return the value of"
+    ids = tok.encode(prompt)
+    c = want(oracle, tok, ids, temperature=0, max_new_tokens=8)
+    whole = tok.sp.decode(ids[1:] + c.tokens)
+    for echo in (False, True):
+        r = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, logprobs=0, echo=echo)
+        text, lp = r.choices[0].text, r.choices[0].logprobs
+        assert (text if echo else prompt + text) == whole
+        assert "".join(lp.tokens) == text
+        assert [text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    stream = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8, stream=True)
+    assert prompt + "".join(ch.choices[0].text for ch in stream if ch.choices) == whole
+
+
+def piece_text(piece: str) -> str:
+    """A SentencePiece piece as text inside a completion: U+2581 is a space, a byte piece <0xNN> that byte."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)]).decode("utf-8", "replace")
+    return piece.replace("\u2581", " ")
+
+
+def test_top_logprobs_equal_transformers(client, oracle, tok, model, tmp_path):
+    """top_logprobs (prompt positions with echo, and generated ones; completions and chat) are the k most likely
+    tokens of transformers' log_softmax at each position, with its values; lm-eval's greedy check (a token's
+    logprob equal to its position's best) holds where the token is the argmax."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llama2 import save_model
+
+    save_model(model, tmp_path / "hf", tok)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = "Return the value of"
+    ids = tok.encode(prompt)
+    c = want(oracle, tok, ids, temperature=0, max_new_tokens=4)
+    seq = ids + c.tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
+    r = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=4, echo=True, logprobs=5)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs[0] is None and len(lp.top_logprobs) == len(seq)
+    for pos in range(1, len(seq)):
+        values, top = ref[pos - 1].topk(5)
+        texts = [piece_text(tok.sp.id_to_piece(int(t))) for t in top]
+        got, want_top = lp.top_logprobs[pos], {}
+        for text, v in zip(texts, values.tolist()):  # two tokens with one text (say two stray bytes) show once
+            want_top.setdefault(text, v)
+        assert list(got) == list(want_top) and list(got.values()) == pytest.approx(list(want_top.values()), abs=1e-4)
+        assert (lp.token_logprobs[pos] == max(got.values())) == (seq[pos] == int(top[0]))
+    chat = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=0, max_tokens=3, logprobs=True,
+                                          top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) >= 1 and all(len(x.top_logprobs) == 3 for x in content)
+    assert content[0].top_logprobs[0].logprob == content[0].logprob  # greedy: the token is the best
+
+
+def test_penalties_and_logit_bias_follow_openai_s_definition(client, oracle, tok, model, tmp_path):
+    """Greedy decoding with logit_bias, presence_penalty and frequency_penalty equals transformers' logits
+    adjusted step by step by OpenAI's definition (bias added; each generated token's logit lowered by
+    presence + frequency x its count; the prompt does not count)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llama2 import save_model
+
+    save_model(model, tmp_path / "hf", tok)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = "Return the value of"
+    ids = tok.encode(prompt)
+    banned = want(oracle, tok, ids, temperature=0, max_new_tokens=1).tokens[0]
+    bias = {banned: -100.0, 500: 3.0}
+    stops = {tok.eos_id, *getattr(tok, "tag_ids", ())}
+    seq, counts = list(ids), {}
+    with torch.no_grad():
+        for _ in range(12):
+            logits = hf(torch.tensor([seq])).logits[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            for t, n in counts.items():
+                logits[t] -= 1.5 * n + 0.5
+            nxt = int(logits.argmax())
+            if nxt in stops:
+                break
+            seq.append(nxt)
+            counts[nxt] = counts.get(nxt, 0) + 1
+    r = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12, frequency_penalty=1.5,
+                                  presence_penalty=0.5, logit_bias={str(k): v for k, v in bias.items()})
+    assert prompt + r.choices[0].text == tok.sp.decode(seq[1:])
+    assert banned not in seq[len(ids):]
+    r = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=0, max_tokens=5,
+                                       logit_bias={"500": 100})
+    assert r.choices[0].message.content == piece_text(tok.sp.id_to_piece(500)) * 5
+
+
+def test_tokenize_and_detokenize(server):
+    """vLLM's /tokenize and /detokenize shapes; the SentencePiece model is the oracle."""
+    r = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert r["tokens"] == sp_ids(server, "Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == CONTEXT
+    plain = post(server, "/tokenize", {"prompt": "Hello world", "add_special_tokens": False}).json()["tokens"]
+    assert plain == r["tokens"][1:]
+    chat = post(server, "/tokenize", {"messages": MESSAGES}).json()["tokens"]
+    assert chat == encode_dialog(server.app.state.worker.engine.tokenizer, MESSAGES)
+    assert post(server, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+    error_of(post(server, "/detokenize", {"tokens": [10**6]}), 400)
+    error_of(post(server, "/tokenize", {"prompt": 3}), 400)
+    error_of(post(server, "/tokenize", {"prompt": "x"}, key=None), 401)
+
+
+def sp_ids(server, text: str) -> list[int]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(server.app.state.worker.engine.tokenizer.model_path))
+    return [sp.bos_id(), *sp.encode(text)]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z ]{1,12}$"},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                          "pets": {"type": "array", "items": {"enum": ["cat", "dog", "owl"]},
+                                                   "maxItems": 3}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+
+
+def test_structured_output_always_parses_and_validates(client):
+    """json_schema through the official client (strict, several seeds and n, sampled from a random model): every
+    answer that finished parses and validates against the schema (jsonschema is the oracle); json_object answers
+    parse as objects; guided_regex answers match whole."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    answers = []
+    for seed in range(4):
+        r = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=1.0, seed=seed, n=4,
+                                           max_tokens=80, response_format=fmt)
+        answers += [(c.message.content, c.finish_reason) for c in r.choices]
+    finished = [a for a, why in answers if why == "stop"]
+    assert len(finished) >= 12, answers
+    for a in finished:
+        jsonschema.validate(json.loads(a), PERSON)
+    r = client.completions.create(model=NAME, prompt="A record:", temperature=1.0, seed=3, n=4, max_tokens=80,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    for c in r.choices:
+        assert c.finish_reason == "length" or isinstance(json.loads(c.text), dict), c.text
+    pattern = r"(yes|no), [0-9]{1,3} (cats|dogs)\."
+    r = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=1.0, seed=5, n=4, max_tokens=30,
+                                       extra_body={"guided_regex": pattern})
+    for c in r.choices:
+        assert c.finish_reason == "stop" and re.fullmatch(pattern, c.message.content), c.message.content
+    stream = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=1.0, seed=6, max_tokens=80,
+                                            response_format=fmt, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+
+
 def test_concurrent_requests_share_steps_and_match_alone(server, oracle, tok):
     """Several requests at once (greedy and seeded): each equals Generator.generate alone; steps were batched."""
     prompts = ["Name a colour.", "Say hello", "What is 2+2?", "A list of fruits", "Tell me a story"]
@@ -249,9 +408,46 @@ def test_errors_in_openai_shape(server):
     error_of(post(server, chat, {"model": NAME, "messages": MESSAGES}, key="wrong"), 401, "invalid_api_key")
     error_of(post(server, chat, {"model": NAME, "messages": [{"role": "user", "content": "x" * 70_000}]}), 413)
     error_of(post(server, "/v1/completions", {"model": NAME, "prompt": "hi", "stream_options": {}}), 400)
-    error_of(post(server, "/v1/nothing", {}), 404)
+    error_of(post(server, "/v1/nothing", {}), 404, "unknown_url")
+    error_of(httpx.get(server.url + "/v1/completions"), 405, "method_not_allowed")
+    deep = b"[" * 2000 + b"]" * 2000
+    assert "too deeply" in error_of(post(server, chat, None, raw=deep), 400, "invalid_json")
+    for fmt in ({"type": "yaml"}, {"type": "json_schema", "json_schema": {"name": "x"}}, "json"):
+        r = post(server, chat, {"model": NAME, "messages": MESSAGES, "response_format": fmt})
+        assert "response_format" in error_of(r, 400) and r.json()["error"]["param"] == "response_format"
+    assert "not usable" in error_of(post(server, chat, {"model": NAME, "messages": MESSAGES,
+                                                        "guided_regex": "(unclosed"}), 400)
+    both = {"model": NAME, "messages": MESSAGES, "guided_regex": "a", "response_format": {"type": "json_object"}}
+    assert "one output constraint" in error_of(post(server, chat, both), 400)
+    assert post(server, chat, {"model": NAME, "messages": MESSAGES, "max_tokens": 1,
+                               "response_format": {"type": "text"}}).status_code == 200
+    for field, value in (("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("presence_penalty", 3),
+                         ("frequency_penalty", "high")):
+        r = post(server, chat, {"model": NAME, "messages": MESSAGES, field: value})
+        assert error_of(r, 400) and r.json()["error"]["param"] == field
+    assert "outside" in error_of(post(server, chat, {"model": NAME, "messages": MESSAGES,
+                                                     "logit_bias": {"999999": 1}}), 400)
+    r = post(server, chat, {"model": NAME, "messages": MESSAGES, "top_logprobs": 2})
+    assert "needs logprobs" in error_of(r, 400)
+    error_of(post(server, "/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}), 400)
     assert httpx.get(server.url + "/metrics").status_code == 401
     assert httpx.get(server.url + "/health").status_code == 200  # open, as the page is
+
+
+def test_an_unexpected_error_is_a_counted_500(server, monkeypatch):
+    """A bug in the server answers 500 in OpenAI's shape (no traceback to the client) and /metrics counts it."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    name = 'llama2_requests_total{endpoint="/v1/completions",status="500"}'
+    try:
+        before = metric(server, name)
+    except AssertionError:
+        before = 0.0
+    monkeypatch.setattr(server.app.state.worker.engine, "prepare", broken)
+    r = post(server, "/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 1})
+    assert "RuntimeError" in error_of(r, 500, "internal_error") and "a bug" not in r.text
+    assert metric(server, name) == before + 1
 
 
 def test_openai_client_raises_typed_errors(client):

@@ -127,3 +127,26 @@ def test_chat_page_shows_server_errors(page_server, browser):
     sync_api.expect(msg).to_have_attribute("data-state", "error")
     assert "[INST]" in msg.text_content()
     page.close()
+
+
+def test_chat_page_fits_the_model_context(page_server, browser):
+    """The page's defaults fit the context (no max_tokens sent: the server's default, cut to what the prompt
+    leaves), and a conversation longer than the context drops its oldest exchanges, marked on the page, as
+    `llama2 chat` does, instead of failing."""
+    page = browser.new_page()
+    requests: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and requests.append(r.post_data_json))
+    page.goto(page_server.url + "/")
+    page.fill("#temperature", "0")
+    for i in range(6):  # ~40 tokens a question: the 128-token context holds about two exchanges
+        page.fill("#input", f"Question {i}: " + "tell me more about that please " * 5)
+        page.click("#send")
+        sync_api.expect(page.locator(".msg.assistant").nth(i)).to_have_attribute("data-state", "done",
+                                                                                timeout=30_000)
+    assert "max_tokens" not in requests[0]
+    assert page.locator(".msg.error").count() == 0
+    dropped = page.locator(".msg.dropped").count()
+    assert dropped >= 4 and dropped % 2 == 0
+    last = requests[-1]["messages"]
+    assert last[-1]["content"].startswith("Question 5:") and len(last) == 2 * 5 - dropped + 1
+    page.close()

@@ -464,3 +464,20 @@ def test_cli_from_gguf_and_entry_point(sp_model_path, tmp_path, capsys):
     assert r.returncode == 0 and r.stdout.split() == ["<s>", *ref.encode("Hello world", out_type=str)]
     assert main(["tokenizer", "encode", str(tmp_path / "none"), "--text", "x"]) == 2
     assert capsys.readouterr().err.startswith("llama2: error: tokenizer not found")
+    # bytes that are not UTF-8 on the command line: replaced by U+FFFD (SentencePiece encodes that), no traceback
+    r = subprocess.run([str(exe), "tokenizer", "encode", str(out), "--text", b"caf\xc3\xa9 \xff!"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr
+    assert r.stdout.decode().split() == [str(i) for i in [1, *ref.encode("caf\u00e9 \ufffd!")]]
+
+
+def test_text_that_is_not_utf8_is_replaced_before_encoding(sp_model_path):
+    """Escaped bytes (how Python hands undecodable argv bytes and surrogateescape reads over) are decoded as
+    UTF-8 where they form it and replaced by U+FFFD where not; any other lone surrogate becomes U+FFFD.
+    SentencePiece encoding the repaired text is the oracle."""
+    ref = spm.SentencePieceProcessor(model_file=str(sp_model_path))
+    tok = Tokenizer(sp_model_path)
+    raw = b"caf\xc3\xa9 \xff end"
+    assert tok.encode(raw.decode("utf-8", "surrogateescape"), bos=False) == ref.encode("caf\u00e9 \ufffd end")
+    assert tok.encode("a\ud800b", bos=False) == ref.encode("a\ufffdb")
+    assert tok.encode_batch(["x\udcff"], bos=False) == [ref.encode("x\ufffd")]

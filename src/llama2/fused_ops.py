@@ -183,6 +183,27 @@ def chunked_target_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, te
     return out.view(targets.shape)
 
 
+def target_logprobs_and_top(hidden: Tensor, head: nn.Module, targets: Tensor, k: int,
+                            chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """log_softmax(head(hidden)) at targets (B, T) and its k largest values and their ids (B, T, k), one chunk
+    of positions at a time, without gradients; a target that is the most likely token gets exactly the top
+    value (both are the same logit minus the same log-sum-exp)."""
+    x, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunk_rows or scoring_rows_per_chunk(x.shape[0], vocab, x.device)
+    picked, values, ids = [], [], []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            logits = head(x[start:start + chunk]).float()
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            picked.append((logits.gather(1, t[start:start + chunk].clamp(min=0)[:, None]) - lse).squeeze(1))
+            top = logits.topk(min(k, vocab), dim=1)
+            values.append(top.values - lse)
+            ids.append(top.indices)
+    shape = (*targets.shape, min(k, vocab))
+    return torch.cat(picked).view(targets.shape), torch.cat(values).view(shape), torch.cat(ids).view(shape)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     """y = x * cos + rotate_half(x) * sin (sign 1), or the transpose map, for backward (sign -1).
 

@@ -202,12 +202,18 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not p.is_file():
             raise Llama2Error(f"recipe not found: {p}; pass an existing YAML file, e.g. configs/tiny/pretrain.yaml")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise Llama2Error(f"recipe {p} is not a text file (it is not UTF-8); pass a YAML recipe, e.g. "
+                              "configs/tiny/pretrain.yaml") from None
         except yaml.YAMLError as e:
             raise Llama2Error(f"recipe {p} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise Llama2Error(f"recipe {p} is empty; write the keys to set in it (`llama2 STAGE --keys` lists them), "
+                              "e.g. starting from configs/tiny/STAGE.yaml")
+        if not isinstance(loaded, dict):
             raise Llama2Error(f"recipe {p} must be a YAML mapping of keys to values")
-        data = loaded or {}
+        data = loaded
     data = apply_overrides(data, overrides or [])
     recipe = from_dict(cls, data)
     recipe.validate()  # type: ignore[attr-defined]

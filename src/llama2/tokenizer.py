@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -70,6 +71,33 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def decode_after(tokenizer: TokenizerLike, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text of `ids` as it reads after `context` (decoded together, the context's text cut off): a first
+    piece's leading space, which SentencePiece drops at the start of a text, is kept, so context text + this is
+    the whole. Falls back to decoding `ids` alone where the context's text is not a prefix (it ended inside a
+    multi-byte character)."""
+    head = tokenizer.decode(list(context)).rstrip("\ufffd")
+    whole = tokenizer.decode([*context, *ids])
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(list(ids))
+
+
+def valid_text(text: str) -> str:
+    """text with what is not valid UTF-8 replaced by U+FFFD: bytes that were not UTF-8 reach Python as lone
+    surrogates (command-line arguments, files read with surrogateescape), which SentencePiece cannot take."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        if _escaped_bytes(text):
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def _escaped_bytes(text: str) -> bool:
+    """Whether every lone surrogate of text is an escaped byte (U+DC80..U+DCFF), so the bytes can be restored."""
+    return all(0xDC80 <= ord(c) <= 0xDCFF for c in text if 0xD800 <= ord(c) <= 0xDFFF)
 
 
 def _resolve_model_file(path: Path | str) -> Path:
@@ -144,7 +172,7 @@ class Tokenizer:
         """Token ids of text, with BOS first / EOS last as asked. Special tags in text are plain text."""
         if not isinstance(text, str):
             raise Llama2Error(f"encode expects a str, got {type(text).__name__}")
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        return self.sp.encode(valid_text(text), add_bos=bos, add_eos=eos)
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False,
                      num_threads: int | None = None) -> list[list[int]]:
@@ -153,7 +181,7 @@ class Tokenizer:
         if not all(isinstance(t, str) for t in texts):
             raise Llama2Error("encode_batch expects a list of str")
         threads = num_threads if num_threads is not None else (os.cpu_count() or 1)
-        return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=threads)
+        return self.sp.encode([valid_text(t) for t in texts], add_bos=bos, add_eos=eos, num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids; control ids (BOS, EOS, ...) are skipped. An id outside the vocabulary is an error."""

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach the model as U+FFFD, not a traceback
+        sys.stdin.reconfigure(errors="replace")
     guard = InterruptGuard()
     if interactive:
         try:

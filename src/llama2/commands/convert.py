@@ -65,19 +65,21 @@ class CopyFiles:
 
 
 def tokenizer_for(src: Path, layout: str, to: str):
-    """What to carry along: HF tokenizer files as they are, else tokenizer.model from SRC or its parent."""
+    """What to carry along: HF tokenizer files as they are, else tokenizer.model from SRC or its parent; the
+    tokenizer.model is loaded first, so a corrupt one is an error here rather than in the converted checkpoint."""
+    from ..tokenizer import Tokenizer
+
     if to == "hf" and (src / "tokenizer_config.json").is_file() and (src / "tokenizer.model").is_file():
+        Tokenizer(src / "tokenizer.model")
         return CopyFiles([src / n for n in TOKENIZER_FILES if (src / n).is_file()])
     where = src / "tokenizer.model"
     if not where.is_file() and layout == "meta" and (src.parent / "tokenizer.model").is_file():
         where = src.parent / "tokenizer.model"  # Meta's download puts it beside the llama-2-* folders
     if not where.is_file():
         return None
-    if to == "hf":
-        from ..tokenizer import Tokenizer
-
-        return Tokenizer(where)  # writes tokenizer.model + tokenizer_config.json (with the chat template)
-    return CopyFiles([where])
+    tokenizer = Tokenizer(where)
+    # hf: writes tokenizer.model + tokenizer_config.json (with the chat template); meta: the file as it is
+    return tokenizer if to == "hf" else CopyFiles([where])
 
 
 def gguf_tokenizer_for(src: Path, layout: str, given: Path | None):

@@ -30,6 +30,11 @@ def register(subparsers) -> None:
                    help="speculative decoding with this smaller draft model (same tokenizer): the target's own output, "
                         "fewer target passes; prints the acceptance rate to stderr")
     p.add_argument("--draft-k", type=int, default=4, help="draft tokens proposed per target pass (default 4)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="the completion is a JSON object (constrained decoding)")
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="the completion is JSON valid against this JSON Schema file (constrained decoding)")
+    shape.add_argument("--regex", metavar="RE", default=None, help="the completion matches this regular expression")
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -45,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = sampling_params(args, truncate=args.truncate)
+    grammar = _grammar(args)
+    if grammar is not None:
+        if args.draft is not None:
+            raise Llama2Error("--json/--json-schema/--regex constrain the sampled distribution; drop --draft")
+        params = params.replace(grammar=grammar)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise Llama2Error(f"checkpoint directory {ckpt} does not exist; check the path")
@@ -78,6 +88,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grammar(args: argparse.Namespace):
+    """The constraint --json, --json-schema or --regex asks for (None without one)."""
+    from pathlib import Path
+
+    from ..errors import Llama2Error
+    from ..inference.grammar import Grammar
+
+    if args.json:
+        return Grammar("json_object")
+    if args.regex is not None:
+        return Grammar("regex", args.regex)
+    if args.json_schema is not None:
+        path = Path(args.json_schema)
+        if not path.is_file():
+            raise Llama2Error(f"--json-schema {path}: no such file; give a JSON Schema file")
+        try:
+            return Grammar("json_schema", path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise Llama2Error(f"--json-schema {path} is not a text file") from None
+    return None
+
+
 def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params, device, dtype) -> int:
     """--draft: decode with the target and a draft model (llama2.inference.speculative); the text at the end."""
     import dataclasses
@@ -86,6 +118,7 @@ def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params
     from ..checkpoint import load_model
     from ..errors import Llama2Error
     from ..inference.speculative import SpeculativeDecoder
+    from ..tokenizer import decode_after
 
     if args.stop or args.quantize != "none" or args.compile:
         raise Llama2Error("--draft decodes with the target's own weights and stops at EOS: drop --stop, --quantize "
@@ -94,8 +127,9 @@ def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params
         raise Llama2Error(f"draft checkpoint directory {args.draft} does not exist; check the path")
     draft = load_model(Path(args.draft), device, dtype)
     params = dataclasses.replace(params, stop_ids=[tokenizer.eos_id])
-    out = SpeculativeDecoder(model, draft, k=args.draft_k).generate(tokenizer.encode(prompt, bos=True), params)
-    sys.stdout.write(tokenizer.decode(out.tokens) + "\n")
+    ids = tokenizer.encode(prompt, bos=True)
+    out = SpeculativeDecoder(model, draft, k=args.draft_k).generate(ids, params)
+    sys.stdout.write(decode_after(tokenizer, ids[-4:], out.tokens) + "\n")
     sys.stdout.flush()
     print(f"speculative decoding: {out.accepted} of {out.proposed} draft tokens accepted "
           f"({out.acceptance_rate:.0%}), {out.tokens_per_target_call:.2f} tokens per target pass", file=sys.stderr)

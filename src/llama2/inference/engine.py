@@ -37,8 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import Llama2Error
+from ..fused_ops import target_logprobs_and_top
 from ..model import KVCache
-from ..tokenizer import TokenizerLike
+from ..tokenizer import TokenizerLike, decode_after
+from .grammar import Constrainer
 from .sampling import Completion, FinishReason, SamplingParams, sample_rows
 from .sharded import is_fsdp
 
@@ -67,6 +69,7 @@ class Event:
     raw_logprob: float | None = None
     finish_reason: FinishReason | None = None
     completion: Completion | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # the token's position's alternatives, when asked
 
 
 # ------------------------------------------------------------------------------------------- cache views
@@ -169,6 +172,9 @@ def _static_decode_step(model: nn.Module, meta: Tensor, key_pos: Tensor, views: 
 # ------------------------------------------------------------------------------------ per-request state
 
 
+TEXT_CONTEXT = 4  # prompt tokens decoded before the generated ones (their text is then cut off)
+
+
 class _Active:
     """One request's progress: its slot and cache length, generated tokens and logprobs, stop detection and
     stable streamed text. Text is decoded from the whole sequence (the prompt too with echo) so pieces join."""
@@ -190,10 +196,15 @@ class _Active:
         self.logprobs: list[float] = []
         self.raw_logprobs: list[float] = []
         self.prompt_logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []  # with params.top_logprobs: per token, (id, logprob) best first
+        self.prompt_top: list[list[tuple[int, float]]] = []
         self.finish: FinishReason | None = None
         self.cut: int | None = None  # where a stop string begins in the generated text
+        # The text is decoded after (a tail of) the prompt and read as the difference, so a first token's leading
+        # space (SentencePiece drops it at the start of a sequence) is kept and prompt + text reads as the whole.
         self._base = list(prompt) if params.echo else []
-        self._base_text = tokenizer.decode(self._base) if params.echo else ""
+        self._context = list(prompt) if params.echo else list(prompt[-TEXT_CONTEXT:])
+        self._base_text = tokenizer.decode(self._base).rstrip("\ufffd") if params.echo else ""  # echoed text
         self._gen_text: str | None = ""  # decoded generated text; None when stale
         self._searched = 0
         self._emitted = 0
@@ -201,6 +212,8 @@ class _Active:
         self._uniforms: list[float] = []
         self.created = time.perf_counter()  # when the request was accepted (prepared)
         self.first_token_at: float | None = None  # when its first token was sampled
+        self.matcher = None  # the grammar's matcher (params.grammar), fed every kept token
+        self.counts: dict[int, int] = {}  # generated tokens' counts, for the presence and frequency penalties
 
     def uniform(self) -> float:
         """The next uniform draw of this request's generator (drawn in blocks: one call per 64 tokens)."""
@@ -209,7 +222,8 @@ class _Active:
             self._uniforms = torch.rand(64, generator=g, device=g.device).tolist()[::-1]
         return self._uniforms.pop()
 
-    def push(self, token: int, logprob: float | None, raw_logprob: float | None) -> bool:
+    def push(self, token: int, logprob: float | None, raw_logprob: float | None,
+             top: list[tuple[int, float]] | None = None) -> bool:
         """Add a sampled token (False when it is a stop id, which ends the request and is not kept)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -220,7 +234,17 @@ class _Active:
         if logprob is not None:
             self.logprobs.append(logprob)
             self.raw_logprobs.append(raw_logprob)
+        if top is not None:
+            self.top.append(top)
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self.counts[token] = self.counts.get(token, 0) + 1
         self._gen_text = None
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token):
+                raise Llama2Error(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            if self.matcher.is_stopped():  # the text is complete and the grammar admits nothing more
+                self.finish = "stop"
+                return True
         if self.params.stop:
             text = self.gen_text()
             start = max(0, self._searched - self._longest_stop + 1)
@@ -237,7 +261,7 @@ class _Active:
     def gen_text(self) -> str:
         """The generated tokens' text (as it reads after the prompt with echo), before any stop cut."""
         if self._gen_text is None:
-            self._gen_text = self.tokenizer.decode(self._base + self.tokens)[len(self._base_text):]
+            self._gen_text = decode_after(self.tokenizer, self._context, self.tokens)
         return self._gen_text
 
     def text(self) -> str:
@@ -268,8 +292,45 @@ class _Active:
             lps, raw = list(self.logprobs), list(self.raw_logprobs)
             if self.params.echo:
                 lps, raw = self.prompt_logprobs + lps, self.prompt_logprobs + raw
+        top = None
+        if self.params.top_logprobs:
+            top = (self.prompt_top if self.params.echo else []) + self.top
         ttft = None if self.first_token_at is None else self.first_token_at - self.created
-        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw, ttft)
+        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw, ttft, top)
+
+
+def _adjust(logits: Tensor, rows: list[_Active], at: list[int]) -> Tensor:
+    """logits with each row's logit_bias added and its presence and frequency penalties subtracted (a copy)."""
+    out = logits.float().clone()
+    for i, r in zip(at, rows):
+        p = r.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=out.device)
+            out[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=out.dtype, device=out.device)
+        if r.counts:
+            ids = torch.tensor(list(r.counts), device=out.device)
+            n = torch.tensor(list(r.counts.values()), dtype=out.dtype, device=out.device)
+            out[i, ids] -= p.frequency_penalty * n + p.presence_penalty
+    return out
+
+
+def _top_logprobs(logits: Tensor, rows: list[_Active], tokens: Tensor, raws: list) -> list:
+    """Per row, the top_logprobs alternatives of its raw distribution ((id, logprob), best first), or None; the
+    raw logprob of each such row's token is recomputed alongside, so a most-likely token equals its top entry."""
+    want = [i for i, r in enumerate(rows) if r.params.top_logprobs]
+    out: list = [None] * len(rows)
+    if not want:
+        return out
+    sub = logits[want].float()
+    lse = torch.logsumexp(sub, dim=-1, keepdim=True)
+    top = sub.topk(min(max(rows[i].params.top_logprobs for i in want), sub.shape[-1]), dim=-1)
+    values, ids = (top.values - lse).tolist(), top.indices.tolist()
+    picked = (sub.gather(1, tokens[want][:, None].to(sub.device)) - lse).squeeze(1).tolist()
+    for j, i in enumerate(want):
+        k = rows[i].params.top_logprobs
+        out[i] = list(zip(ids[j][:k], values[j][:k]))
+        raws[i] = picked[j]
+    return out
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
@@ -328,6 +389,7 @@ class Engine:
         self.prefill_chunk = check_decoding_options(prefill_chunk, compile)
         self.model = model
         self.tokenizer = tokenizer
+        self._constrainer = Constrainer(tokenizer, model.config.vocab_size)
         self.max_slots = max_slots
         self.max_len = max_len or model.config.max_seq_len
         ref = model.embed_tokens.weight
@@ -403,6 +465,14 @@ class Engine:
             if greedy is not None and len(logits) > 1:  # rows prefilled this step have no precomputed argmax
                 greedy = None
             logits = logits[0] if len(logits) == 1 else torch.cat(logits)
+            adjusted = [i for i, r in enumerate(rows) if r.params.logit_bias or r.counts]
+            if adjusted:
+                logits = _adjust(logits, [rows[i] for i in adjusted], adjusted)
+                greedy = None
+            constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+            if constrained:
+                logits = self._constrainer.mask(logits, constrained, [rows[i].matcher for i in constrained])
+                greedy = None
             want = any(r.params.logprobs for r in rows)
             params = [r.params for r in rows]
             uniforms = [r.uniform() for r in rows if r.params.temperature > 0]
@@ -410,16 +480,17 @@ class Engine:
             n = len(rows)
             lps = lps.tolist() if want else [None] * n
             raws = raws.tolist() if want else [None] * n
-            for r, tok, lp, raw in zip(rows, tokens.tolist(), lps, raws):
+            tops = _top_logprobs(logits, rows, tokens, raws)
+            for r, tok, lp, raw, top in zip(rows, tokens.tolist(), lps, raws, tops):
                 if not r.params.logprobs:
                     lp = raw = None
-                kept = r.push(tok, lp, raw)
+                kept = r.push(tok, lp, raw, top)
                 if r.finish is not None:
                     events.append(self._finish(r, tok if kept else None, lp if kept else None,
-                                               raw if kept else None))
+                                               raw if kept else None, top if kept else None))
                 else:
                     r.pending = tok
-                    events.append(Event(r.slot, tok, r.new_text() if r.stream else "", lp, raw))
+                    events.append(Event(r.slot, tok, r.new_text() if r.stream else "", lp, raw, top_logprobs=top))
             return events
 
     def run(self) -> Iterator[list[Event]]:
@@ -438,6 +509,9 @@ class Engine:
         ids = self.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else \
             [int(i) for i in prompt]
         self._check_ids(ids)
+        if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
+            raise Llama2Error(f"logit_bias names token {max(params.logit_bias)}, outside the model's vocabulary "
+                              f"(0..{self.model.config.vocab_size - 1})")
         need = len(ids) + params.max_new_tokens
         if need > self.max_len:
             keep = self.max_len - params.max_new_tokens
@@ -456,7 +530,10 @@ class Engine:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        return _Active(ids, params, self.tokenizer, stop_ids, gen, stream)
+        active = _Active(ids, params, self.tokenizer, stop_ids, gen, stream)
+        if params.grammar is not None:
+            active.matcher = self._constrainer.matcher(params.grammar)
+        return active
 
     def _check_ids(self, ids: list) -> None:
         n = self.model.config.vocab_size
@@ -507,9 +584,10 @@ class Engine:
             while rows and rows[-1] is None:
                 rows.pop()
 
-    def _finish(self, r: _Active, token: int | None, lp: float | None = None, raw: float | None = None) -> Event:
+    def _finish(self, r: _Active, token: int | None, lp: float | None = None, raw: float | None = None,
+                top: list[tuple[int, float]] | None = None) -> Event:
         self._release(r)
-        return Event(r.slot, token, r.new_text(), lp, raw, r.finish, r.completion())
+        return Event(r.slot, token, r.new_text(), lp, raw, r.finish, r.completion(), top)
 
     def _prefill(self, joining: list[_Active], rows: list[_Active], logits: list[Tensor]) -> list[_Active]:
         """Fill the joining requests' slots with their prompts: requests with prompt scoring (echo and logprobs)
@@ -578,8 +656,15 @@ class Engine:
         T = toks.shape[1]
         out = None
         r.prompt_logprobs = [0.0]
+        r.prompt_top = [[]]
+        k = r.params.top_logprobs
         for s, e in self._chunks(0, T - 1):
-            lp = self.model(toks[:, s:e], s, views, targets=toks[:, s + 1:e + 1], output="logprobs")
+            if k:
+                h = self.model(toks[:, s:e], s, views, output="hidden")
+                lp, values, ids = target_logprobs_and_top(h, self.model.lm_head, toks[:, s + 1:e + 1], k)
+                r.prompt_top += [list(zip(i, v)) for i, v in zip(ids[0].tolist(), values[0].tolist())]
+            else:
+                lp = self.model(toks[:, s:e], s, views, targets=toks[:, s + 1:e + 1], output="logprobs")
             r.prompt_logprobs += lp[0].tolist()
         if r.params.max_new_tokens > 0:
             out = self.model(toks[:, -1:], T - 1, views, output="last")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Llama2Error
+from .grammar import Grammar
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -27,8 +28,13 @@ class SamplingParams:
     (default: the tokenizer's EOS, and the chat tags where its vocabulary holds them as single pieces; they are not
     included in the output). echo: the output starts with the
     prompt tokens (with their log-probabilities when logprobs is on; the first token, having no context, gets
-    0.0 as in Meta's code). truncate: a prompt too long for the context keeps its last tokens (and its BOS)
-    instead of raising.
+    0.0 as in Meta's code). top_logprobs: with logprobs, the k most likely tokens of each position's raw
+    distribution and their raw log-probabilities (prompt positions too with echo). truncate: a prompt too long
+    for the context keeps its last tokens (and its BOS) instead of raising. grammar: the text must match it (constrained decoding, llama2.inference.grammar); the
+    logprobs are then those of the masked distribution. logit_bias ({token id: -100..100}) is added to the
+    logits; presence_penalty and frequency_penalty (-2..2, OpenAI's definition) subtract, from each token's logit,
+    the presence penalty once it was generated and the frequency penalty times how often (the prompt does not
+    count); both change the distribution that is sampled and scored.
     """
 
     temperature: float = 0.6
@@ -41,6 +47,11 @@ class SamplingParams:
     logprobs: bool = False
     echo: bool = False
     truncate: bool = False
+    top_logprobs: int = 0
+    grammar: Grammar | None = None
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +77,20 @@ class SamplingParams:
             raise Llama2Error(f"sampling: top_k must be >= 0 (0 = off), got {self.top_k}")
         if integer("max_new_tokens") < 0:
             raise Llama2Error(f"sampling: max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if integer("top_logprobs") < 0 or (self.top_logprobs and not self.logprobs):
+            raise Llama2Error(f"sampling: top_logprobs must be >= 0, and > 0 only with logprobs, got "
+                              f"{self.top_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                raise Llama2Error(f"sampling: {name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float))
+                    and not isinstance(v, bool) and -100 <= v <= 100 for k, v in bias.items()):
+                raise Llama2Error(f"sampling: logit_bias must map token ids to numbers in [-100, 100], got {bias!r}")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise Llama2Error(f"sampling: grammar must be a Grammar, got {type(self.grammar).__name__}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -89,7 +114,9 @@ class Completion:
     not sampled: both lists give them the raw value (the first prompt token, without context, gets 0.0).
     finish_reason: "stop" (a stop id or string), "length" (max_new_tokens) or "cancelled" (Engine.cancel).
     ttft: seconds from the request's acceptance (Engine.prepare / add) to its first sampled token, queueing and
-    prefill included (None if it sampled nothing); not part of equality."""
+    prefill included (None if it sampled nothing); not part of equality. top_logprobs (with
+    SamplingParams.top_logprobs): per token, the (id, raw logprob) of the most likely tokens at that position,
+    most likely first (an echoed first prompt token, without context, has none)."""
 
     prompt_tokens: list[int]
     tokens: list[int]
@@ -98,6 +125,7 @@ class Completion:
     finish_reason: FinishReason
     raw_logprobs: list[float] | None = None
     ttft: float | None = field(default=None, compare=False)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- sampling

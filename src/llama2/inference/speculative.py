@@ -74,6 +74,12 @@ class SpeculativeDecoder:
         seq = [int(t) for t in prompt]
         if not seq:
             raise Llama2Error("speculative decoding needs a non-empty prompt (at least BOS)")
+        changed = [name for name, on in (("grammar", params.grammar is not None), ("logit_bias", params.logit_bias),
+                                         ("presence_penalty", params.presence_penalty),
+                                         ("frequency_penalty", params.frequency_penalty)) if on]
+        if changed:
+            raise Llama2Error(f"speculative decoding samples the model's own distribution; {', '.join(changed)} "
+                              "would change it: decode without a draft model for those")
         if len(seq) + params.max_new_tokens + self.k > self.cache_len:
             raise Llama2Error(f"prompt ({len(seq)}) + max_new_tokens ({params.max_new_tokens}) + k ({self.k}) "
                               f"exceed the context ({self.cache_len}); shorten the prompt or ask for fewer tokens")

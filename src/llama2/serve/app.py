@@ -46,12 +46,15 @@ def create_app(worker: ModelWorker, *, model_name: str, api_key: str | None = No
               max_request_bytes=max_request_bytes, manage_worker=manage_worker)
     app = FastAPI(title="llama2 serve", lifespan=api.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.state.metrics = api.metrics
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.add_middleware(_CountRequests, metrics=api.metrics)
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", api.detokenize, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", api.model, methods=["GET"])
     app.add_api_route("/health", api.health, methods=["GET"])
@@ -118,6 +121,9 @@ class Api:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise bad("the request body nests JSON too deeply; a request needs a few levels only",
+                      code="invalid_json") from None
 
     # -- running jobs ----------------------------------------------------------------------------------------
 
@@ -199,8 +205,9 @@ class Api:
         lp = None
         if job.logprobs and ev.token is not None:
             raw = [ev.raw_logprob]
-            lp = (chat_logprobs(self.tokenizer, [ev.token], raw) if chat else
-                  completion_logprobs(self.tokenizer, [ev.token], raw, echo=False, offset=offset))
+            top = [ev.top_logprobs] if job.top_logprobs else None
+            lp = (chat_logprobs(self.tokenizer, [ev.token], raw, top) if chat else
+                  completion_logprobs(self.tokenizer, [ev.token], raw, echo=False, offset=offset, top=top))
         finish = FINISH[ev.finish_reason] if ev.completion is not None else None
         if not ev.text and lp is None and finish is None:
             return None
@@ -227,7 +234,7 @@ class Api:
                          context=self.context, defaults=self.defaults)
 
         def choice(i: int, c: Any) -> dict:
-            lp = chat_logprobs(self.tokenizer, c.tokens, c.raw_logprobs) if job.logprobs else None
+            lp = chat_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, c.top_logprobs) if job.logprobs else None
             return {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
                     "finish_reason": FINISH[c.finish_reason]}
 
@@ -240,11 +247,43 @@ class Api:
                                context=self.context, defaults=self.defaults)
 
         def choice(i: int, c: Any) -> dict:
-            lp = (completion_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, echo=job.echo)
+            lp = (completion_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, echo=job.echo, top=c.top_logprobs,
+                                      at_start=not self.tokenizer.decode(c.prompt_tokens))
                   if job.logprobs else None)
             return {"index": i, "text": c.text, "logprobs": lp, "finish_reason": FINISH[c.finish_reason]}
 
         return await self.answer(request, job, "text_completion", choice)
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize (vLLM's shape): {"prompt", "add_special_tokens"} (BOS first, the default) or {"messages"}
+        (the chat format) -> {"tokens", "count", "max_model_len"}."""
+        self.authorize(request)
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        if "messages" in body:
+            ids = parse_chat({**body, "model": None, "max_tokens": 1}, self.tokenizer, served=self.model_name,
+                             context=10**9, defaults=self.defaults).prompts[0]
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise bad("prompt must be a string (or give messages)", "prompt")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise bad("add_special_tokens must be true or false", "add_special_tokens")
+            ids = self.tokenizer.encode(prompt, bos=special)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.context})
+
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        self.authorize(request)
+        body = await self.read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = self.worker.engine.model.config.vocab_size
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in tokens):
+            raise bad(f"tokens must be a list of token ids in 0..{vocab - 1}", "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models: the one served model."""
@@ -290,14 +329,22 @@ async def api_error(request: Request, e: ApiError) -> JSONResponse:
 
 
 async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    msg = {404: f"no such endpoint: {request.method} {request.url.path}",
-           405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-    return JSONResponse(ApiError(e.status_code, msg).body(), status_code=e.status_code)
+    msg, code = {404: (f"no such endpoint: {request.method} {request.url.path}; the endpoints are "
+                       f"{', '.join(ENDPOINTS)}", "unknown_url"),
+                 405: (f"method {request.method} is not allowed on {request.url.path}", "method_not_allowed")
+                 }.get(e.status_code, (str(e.detail), None))
+    return JSONResponse(ApiError(e.status_code, msg, code=code).body(), status_code=e.status_code)
 
 
 async def server_error(request: Request, e: Exception) -> JSONResponse:
+    """A 500 for an unexpected error, logged and counted in /metrics (Starlette answers it outside the
+    counting middleware)."""
     log.exception("unhandled error on %s", request.url.path)
-    return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}").body(), status_code=500)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request(_endpoint_label(request.url.path), 500)
+    return JSONResponse(ApiError(500, f"internal server error: {type(e).__name__}", code="internal_error").body(),
+                        status_code=500)
 
 
 def generation_failed(exc: BaseException) -> ApiError:
@@ -348,7 +395,12 @@ def chat_page() -> str:
     return resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics")
+
+
+def _endpoint_label(path: str) -> str:
+    """The /metrics label of a request path (unknown paths are "other": bounded label values)."""
+    return path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
 
 
 class _CountRequests:
@@ -361,8 +413,7 @@ class _CountRequests:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == "/":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        label = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+        label = _endpoint_label(scope["path"])
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -1,12 +1,18 @@
 """The OpenAI wire format: request bodies checked into engine requests, and response objects and chunks.
 
 Checks name the offending field (`param`) and answer in OpenAI's error shape with the right status: a bad field
-400, an unknown model 404. Unsupported options that would change the output (penalties, logit_bias, top
-alternatives) are refused rather than ignored.
+400, an unknown model 404. Unsupported options that would change the output (tools, suffix, best_of > n)
+are refused rather than ignored. Structured output (`response_format` json_object / json_schema, and vLLM's
+`guided_regex` / `guided_grammar`) becomes a Grammar the engine enforces (llama2.inference.grammar).
+
+Text joins: a completion's text is what decoding prompt + completion adds to the prompt's text (a first token's
+leading space kept), and each logprobs entry's token text is its piece as it reads there, so the texts of the
+tokens concatenate to the text and `text_offset` indexes it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,10 +20,13 @@ from typing import Any
 
 from ..chat import encode_dialog
 from ..errors import Llama2Error
+from ..inference.grammar import Grammar
 from ..inference.sampling import SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 
 
 class ApiError(Exception):
@@ -66,6 +75,7 @@ class Job:
     include_usage: bool = False
     logprobs: bool = False
     echo: bool = False
+    top_logprobs: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -121,12 +131,6 @@ def _stop(body: dict) -> list[str]:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name in ("frequency_penalty", "presence_penalty"):
-        v = body.get(name)
-        if v not in (None, 0, 0.0):
-            raise bad(f"{name} is not supported by this server; leave it out or set it to 0", name)
-    if body.get("logit_bias"):
-        raise bad("logit_bias is not supported by this server", "logit_bias")
     if body.get("tools") or body.get("functions"):
         raise bad("tools and function calling are not supported by this server", "tools")
     best_of = body.get("best_of")
@@ -134,6 +138,37 @@ def _refuse_unsupported(body: dict) -> None:
         raise bad("best_of is not supported by this server (only best_of == n)", "best_of")
     if body.get("suffix"):
         raise bad("suffix (insertion) is not supported by this server", "suffix")
+
+
+
+def _grammar(body: dict) -> Grammar | None:
+    """The structured-output constraint of a request: response_format (text, json_object, json_schema) or the
+    extensions guided_regex (a regular expression) and guided_grammar (a Lark grammar), at most one."""
+    fmt = body.get("response_format")
+    given = [name for name in ("guided_regex", "guided_grammar") if body.get(name) is not None]
+    if fmt is not None and fmt != {"type": "text"}:
+        given.insert(0, "response_format")
+    if len(given) > 1:
+        raise bad(f"give one output constraint, not {' and '.join(given)}", given[1])
+    for name, kind in (("guided_regex", "regex"), ("guided_grammar", "lark")):
+        if name in given:
+            if not isinstance(body[name], str) or not body[name]:
+                raise bad(f"{name} must be a non-empty string", name)
+            return Grammar(kind, body[name])
+    if not given:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return Grammar("json_object")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad("response_format json_schema needs json_schema.schema, a JSON Schema object",
+                      "response_format")
+        return Grammar("json_schema", json.dumps(schema))
+    raise bad(f"response_format must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got {fmt!r}",
+              "response_format")
 
 
 def _model(body: dict, served: str) -> str:
@@ -181,11 +216,29 @@ def _budget(prompt_len: int, max_tokens: int | None, context: int, default: int,
     return max_tokens
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    v = body.get("logit_bias")
+    if v is None or v == {}:
+        return None
+    if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids, got {v!r}", "logit_bias")
+    out = {}
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(bias, bool) or \
+                not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad(f"logit_bias maps token ids (as strings) to numbers in [-100, 100]; {key!r}: {bias!r} is not "
+                      "one", "logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
 def _sampling(body: dict, defaults: Defaults) -> dict:
     return dict(temperature=_number(body, "temperature", 0, 2, defaults.temperature),
                 top_p=_number(body, "top_p", 0, 1, defaults.top_p, open_lo=True),
                 top_k=_integer(body, "top_k", 0, None, defaults.top_k),
-                stop=_stop(body), seed=_integer(body, "seed", -2**63, 2**63 - 1, None))
+                stop=_stop(body), seed=_integer(body, "seed", -2**63, 2**63 - 1, None),
+                presence_penalty=_number(body, "presence_penalty", -2, 2, 0.0),
+                frequency_penalty=_number(body, "frequency_penalty", -2, 2, 0.0), logit_bias=_logit_bias(body))
 
 
 def _expand(prompts: list[list[int]], base: dict, budgets: list[int], n: int) -> list[SamplingParams]:
@@ -222,16 +275,17 @@ def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Def
         raise bad(str(e), "messages") from None
     n = _integer(body, "n", 1, MAX_N, 1)
     logprobs = _bool(body, "logprobs")
-    top = _integer(body, "top_logprobs", 0, 20, 0)
-    if top:
-        raise bad("top_logprobs > 0 is not supported (the sampled token's logprob is given)", "top_logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
+    if top and not logprobs:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 1, None, None)
     budget = _budget(len(ids), max_tokens, context, defaults.max_tokens, "messages")
     base = _sampling(body, defaults)
-    base["logprobs"] = logprobs
+    base.update(logprobs=logprobs, top_logprobs=top, grammar=_grammar(body))
     stream, usage = _stream_flags(body)
-    return Job("chat", model, [ids], _expand([ids], base, [budget], n), n, stream, usage, logprobs)
+    return Job("chat", model, [ids], _expand([ids], base, [budget], n), n, stream, usage, logprobs,
+               top_logprobs=top)
 
 
 def parse_completion(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
@@ -244,17 +298,17 @@ def parse_completion(body: Any, tokenizer, *, served: str, context: int, default
     n = _integer(body, "n", 1, MAX_N, 1)
     if n * len(prompts) > MAX_N:
         raise bad(f"n x prompts is at most {MAX_N}, got {n} x {len(prompts)}", "n")
-    lp = _integer(body, "logprobs", 0, 5, None)
+    lp = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS, None)
     echo = _bool(body, "echo")
     max_tokens = _integer(body, "max_tokens", 0, None, None)
     if max_tokens == 0 and not echo:
         raise bad("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
     budgets = [_budget(len(p), max_tokens, context, defaults.max_tokens, "prompt") for p in prompts]
     base = _sampling(body, defaults)
-    base.update(logprobs=lp is not None, echo=echo)
+    base.update(logprobs=lp is not None, echo=echo, top_logprobs=lp or 0, grammar=_grammar(body))
     stream, usage = _stream_flags(body)
     return Job("completion", model, prompts, _expand(prompts, base, budgets, n), n, stream, usage, lp is not None,
-               echo)
+               echo, lp or 0)
 
 
 def _prompts(v: Any, tokenizer) -> list[list[int]]:
@@ -313,16 +367,37 @@ def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     return text, list(text.encode("utf-8"))
 
 
-def chat_logprobs(tokenizer, tokens: list[int], logprobs: list[float]) -> dict:
+def _top_dict(tokenizer, row: list[tuple[int, float]]) -> dict[str, float]:
+    """{text: logprob} of a position's alternatives, best first (of two with the same text, the better)."""
+    out: dict[str, float] = {}
+    for t, lp in row:
+        out.setdefault(token_text(tokenizer, t)[0], lp)
+    return out
+
+
+def chat_logprobs(tokenizer, tokens: list[int], logprobs: list[float],
+                  top: list[list[tuple[int, float]]] | None = None) -> dict:
+    """OpenAI's chat `logprobs`: per token its text, logprob, UTF-8 bytes and top alternatives."""
     content = []
-    for t, lp in zip(tokens, logprobs):
+    for i, (t, lp) in enumerate(zip(tokens, logprobs)):
         text, b = token_text(tokenizer, t)
-        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": []})
+        alts = [{"token": a, "logprob": v, "bytes": list(a.encode("utf-8"))}
+                for a, v in ((token_text(tokenizer, x)[0], v) for x, v in (top[i] if top else []))]
+        content.append({"token": text, "logprob": lp, "bytes": b, "top_logprobs": alts})
     return {"content": content}
 
 
-def completion_logprobs(tokenizer, tokens: list[int], logprobs: list[float], *, echo: bool, offset: int = 0) -> dict:
+def completion_logprobs(tokenizer, tokens: list[int], logprobs: list[float], *, echo: bool, offset: int = 0,
+                        top: list[list[tuple[int, float]]] | None = None, at_start: bool = False) -> dict:
+    """OpenAI's completion `logprobs`: tokens (their texts), token_logprobs, top_logprobs (a {text: logprob}
+    per position, None for an echoed first token; None throughout when no alternatives were asked) and
+    text_offset (where each token's text starts in the answer's text). at_start: the tokens begin the sequence
+    (echo), where SentencePiece drops the first piece's leading space."""
     texts = [token_text(tokenizer, t)[0] for t in tokens]
+    if echo or at_start:
+        first = next((i for i, t in enumerate(texts) if t), None)
+        if first is not None and texts[first].startswith(" "):
+            texts[first] = texts[first][1:]
     offsets, pos = [], offset
     for t in texts:
         offsets.append(pos)
@@ -330,7 +405,10 @@ def completion_logprobs(tokenizer, tokens: list[int], logprobs: list[float], *, 
     lps: list[float | None] = list(logprobs)
     if echo and lps:
         lps[0] = None  # the first prompt token has no context
-    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+    alts = None
+    if top is not None:
+        alts = [None if echo and i == 0 else _top_dict(tokenizer, row) for i, row in enumerate(top)]
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": alts, "text_offset": offsets}
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -16,7 +16,9 @@ answer passes. `sample_with_instruction: false` skips step 1 while sampling (the
 turns, then are enforced): a tiny model that never saw an instruction appended to a question answers it with a
 refusal or nonsense, and the data would teach those. `replies: reference` takes each user turn's reply from the
 source dialogues instead of sampling (where they have one): the tiny world model's sampled replies to questions out
-of their dialogue are often wrong, and GAtt would teach those too. `learn: every` trains every answer of a dialogue,
+of their dialogue are often wrong, and GAtt would teach those too. `replay` adds plain dialogues of the source (no
+instruction, as a share of the GAtt ones) to the fine-tuning, as the paper mixes GAtt data into its RLHF data, so
+the model keeps answering plainly when no instruction is given. `learn: every` trains every answer of a dialogue,
 not only the last (each one follows the instruction once enforced; the paper's `last` learns one answer per
 dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is measured in llama2.eval.adherence
 (`llama2 eval gatt`).
@@ -102,6 +104,9 @@ class GattRecipe:
     # (no sampling; a turn without one is sampled)
     replies: Literal["sampled", "reference"] = "sampled"
     learn: Literal["last", "every"] = "last"  # the answers trained: the last (the paper) or every one
+    # plain dialogues of the source (no instruction), as a share of the GAtt dialogues, trained alongside them so
+    # that the model keeps answering plainly when there is no instruction (0: GAtt dialogues only)
+    replay: float = 0.0
     filter: bool = False  # keep a dialogue only if every sampled answer passes
     temperature: float = 0.7  # sampling of the replies
     max_new_tokens: int = 32  # longest reply
@@ -121,6 +126,7 @@ class GattRecipe:
         check(self.max_dialogues >= 1, "max_dialogues", self.max_dialogues, "an integer >= 1")
         check(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.replay >= 0, "replay", self.replay, "a number >= 0 (plain dialogues per GAtt dialogue)")
         check(self.learn != "every" or self.enforce, "learn", self.learn,
               "'last' unless enforce: true (every earlier answer must follow the instruction to be learned)")
 
@@ -177,6 +183,15 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     return GattData(out, len(users), len(out))
 
 
+def replay_dialogues(dialogues: Sequence[Dialogue], count: int, seed: int) -> list[Dialogue]:
+    """`count` of the source dialogues as they are (no instruction, every answer trained), drawn at random."""
+    if count <= 0:
+        return []
+    rng = random.Random(f"replay:{seed}")
+    chosen = rng.sample(list(dialogues), min(count, len(dialogues)))
+    return [Dialogue(d.messages, mask="all_assistant", source="replay") for d in chosen]
+
+
 def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
     """Build the GAtt dialogues from `base` and fine-tune it on them (SFT, last answer only); returns the new
     checkpoint. The dialogues are written to out_dir/gatt_dialogues.jsonl (built once: a rerun resumes the SFT)."""
@@ -191,8 +206,10 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
         if not data.dialogues:
             raise Llama2Error("no GAtt dialogue was kept (filter: true and no sample passed its checker); set "
                               "enforce: true or filter: false")
-        write_dialogues(data_file, data.dialogues)
-        atomic_write_text(out / "gatt_data.json", json.dumps({"sampled": data.sampled, "kept": data.kept}))
+        plain = replay_dialogues(read_dialogues(source).dialogues, round(recipe.replay * data.kept), recipe.seed)
+        write_dialogues(data_file, data.dialogues + plain)
+        atomic_write_text(out / "gatt_data.json", json.dumps({"sampled": data.sampled, "kept": data.kept,
+                                                               "replay": len(plain)}))
         if not quiet:
             print(f"gatt: {data.kept} of {data.sampled} dialogues kept, {recipe.turns} turns each", flush=True)
     dialogues = read_dialogues(data_file).dialogues

@@ -53,6 +53,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import read_rows_into, save_model
 from ..cpu import has_native_bf16
 from ..errors import Llama2Error
+from ..paths import expand_path
 from ..recipe import to_dict
 from . import checkpoints as st
 from .checkpoints import CheckpointIO, CheckpointManager, FnState, RNGState
@@ -413,6 +414,7 @@ class Trainer:
             self.checkpoints.add_state("rng", RNGState(), per_process=True)  # last: restored after the rest
         ckpt = self.checkpoints.latest()
         if ckpt is not None:
+            self._check_same_base()
             self.checkpoints.load(ckpt)
             self.metrics.truncate(self.step)
             self.resumed_from = self.step
@@ -432,6 +434,24 @@ class Trainer:
         for fn in self.after_start:  # e.g. QLoRA quantises the frozen base once its weights are in
             fn(self)
         self._started = True
+
+    def _check_same_base(self) -> None:
+        """A run resumes only from the base it started from: its checkpoints descend from that base, and
+        recipe.yaml must keep saying so."""
+        import yaml
+
+        base = getattr(self.recipe, "base", None)
+        saved = self.run_dir / "recipe.yaml"
+        if not base or not saved.is_file():
+            return
+        try:
+            before = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("base")
+        except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+            return
+        if before and _same_path(before) != _same_path(base):
+            raise Llama2Error(f"{self.run_dir} holds a run that started from base={before}, and this recipe says "
+                              f"base={base}; choose another out_dir for a run from the new base, or keep "
+                              f"base={before} to resume the run")
 
     # ---------------------------------------------------------------- one step
 
@@ -676,3 +696,8 @@ class Trainer:
             return plot_run(self.run_dir)
         except Llama2Error:  # nothing logged yet
             return []
+
+
+def _same_path(path: str) -> str:
+    """A path as compared across runs (variables and ~ expanded, absolute)."""
+    return str(Path(expand_path(str(path))).resolve())
