@@ -30,8 +30,8 @@ class SamplingParams:
     prompt tokens (with their log-probabilities when logprobs is on; the first token, having no context, gets
     0.0 as in Meta's code). top_logprobs: with logprobs, the k most likely tokens of each position's raw
     distribution and their raw log-probabilities (prompt positions too with echo). truncate: a prompt too long
-    for the context keeps its last tokens (and its BOS) instead of raising. grammar: the text must match it (constrained decoding, llama2.inference.grammar); the
-    logprobs are then those of the masked distribution. logit_bias ({token id: -100..100}) is added to the
+    for the context keeps its last tokens (and its BOS) instead of raising. grammar: the text must match it
+    (constrained decoding, llama2.inference.grammar); the logprobs are then those of the masked distribution. logit_bias ({token id: -100..100}) is added to the
     logits; presence_penalty and frequency_penalty (-2..2, OpenAI's definition) subtract, from each token's logit,
     the presence penalty once it was generated and the frequency penalty times how often (the prompt does not
     count); both change the distribution that is sampled and scored.

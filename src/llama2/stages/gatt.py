@@ -20,8 +20,8 @@ of their dialogue are often wrong, and GAtt would teach those too. `replay` adds
 instruction, as a share of the GAtt ones) to the fine-tuning, as the paper mixes GAtt data into its RLHF data, so
 the model keeps answering plainly when no instruction is given. `learn: every` trains every answer of a dialogue,
 not only the last (each one follows the instruction once enforced; the paper's `last` learns one answer per
-dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is measured in llama2.eval.adherence
-(`llama2 eval gatt`).
+dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is measured in
+llama2.eval.adherence (`llama2 eval gatt`).
 """
 
 from __future__ import annotations
@@ -216,7 +216,8 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
     extra = [f"max_steps={recipe.max_steps}"] if recipe.max_steps is not None else []
     sft_recipe = load_recipe(SFTRecipe, config_path(recipe.finetune.recipe),
                              [*recipe.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
-                              f"out_dir={out / 'sft'}", "data.path=null", "data.val_path=null", "samples.count=0", f"seed={recipe.seed}",
+                              f"out_dir={out / 'sft'}", "data.path=null", "data.val_path=null", "samples.count=0",
+                              f"seed={recipe.seed}",
                               f"device={recipe.device}"])
     result = sft(sft_recipe, quiet=True, dialogues=dialogues)
     if not quiet:

@@ -60,7 +60,8 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
         "then kept once as the system message, and the SFT stage trained on "
         + ("every answer" if recipe.learn == "every" else "the last answer only")
         + (f", with {kept['replay']} plain dialogues of the source replayed alongside (no instruction)"
-           if kept.get("replay") else "") + ". Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
+           if kept.get("replay") else "")
+        + f". Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
         f"{turns} turns per family, greedy answers, the share that pass the instruction's checker (in the built-in "
         "world these checkers are the gold judge of instruction following).")
     headers, rows = adherence_rows(reports, turns=shown)
