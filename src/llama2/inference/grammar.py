@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -126,12 +127,16 @@ class Constrainer:
         llg = _llguidance()
         bits = llg.torch.allocate_token_bitmask(len(rows), self.vocab_size)
         llg.torch.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bits)
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(len(rows), -1)[:, :logits.shape[-1]]
-        out = logits.clone()
-        idx = torch.tensor(rows, device=logits.device)
-        out[idx] = out[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
-        return out
+        # bit j of word w is token 32w + j: little-endian bytes, each unpacked low bit first (0/1 bytes: bools)
+        vocab = logits.shape[-1]
+        allowed = torch.from_numpy(np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+                                   .view(np.bool_)[:, :vocab])
+        if len(rows) < logits.shape[0]:  # unconstrained rows allow everything
+            every = torch.ones(logits.shape, dtype=torch.bool)
+            every[torch.tensor(rows)] = allowed
+            allowed = every
+        return torch.where(allowed.to(logits.device), logits, torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                            device=logits.device))
 
 
 __all__ = ["Grammar", "Constrainer", "KINDS"]
