@@ -66,6 +66,7 @@ class Driver:
 
     def __init__(self, demo: Demo, report: Report) -> None:
         self.demo, self.report = demo, report
+        self.threads = torch.get_num_threads()
 
     def write(self) -> tuple[Path, Path]:
         paths = self.report.write()  # creates out/
@@ -82,6 +83,9 @@ class Driver:
             section.text("Its share of the budget was used up before it started (by the data builds and the "
                          "sections before it, on this machine at this moment): it ran at its smallest size.")
         self.write()
+        # every section starts on all threads: a training stage's ThreadChooser may have left one set (it was
+        # faster there, for a while), and a section without a chooser (GAtt's fine-tuning) would keep it
+        torch.set_num_threads(self.threads)
         try:
             done = body(section)
         except BaseException as e:
