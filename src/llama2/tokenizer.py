@@ -73,6 +73,17 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+def piece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece's bytes as it reads inside a text: a byte-fallback piece <0xNN> is that byte, and
+    U+2581 is a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 def decode_after(tokenizer: TokenizerLike, context: Sequence[int], ids: Sequence[int]) -> str:
     """The text of `ids` as it reads after `context` (decoded together, the context's text cut off): a first
     piece's leading space, which SentencePiece drops at the start of a text, is kept, so context text + this is

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Llama2Error
+from ..tokenizer import piece_bytes
 
 KINDS = ("json_object", "json_schema", "regex", "lark")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -32,8 +33,8 @@ def _llguidance():
         import llguidance
         import llguidance.torch  # noqa: F401  (the bitmask helpers)
     except ImportError:
-        raise Llama2Error("constrained decoding needs llguidance: pip install 'llguidance==1.9.1' (or install "
-                          "llama2 with its [serve] extra)") from None
+        raise Llama2Error("constrained decoding needs llguidance, a dependency of llama2: reinstall it "
+                          "(pip install -e .) or pip install 'llguidance==1.9.1'") from None
     return llguidance
 
 
@@ -82,13 +83,10 @@ class _SentencePieceVocabulary:
                 self.special_token_ids.append(i)
                 continue
             piece = sp.id_to_piece(i)
-            if sp.is_control(i) or sp.is_unknown(i):
-                self.tokens.append(piece.encode())
+            special = sp.is_control(i) or sp.is_unknown(i)
+            self.tokens.append(piece.encode() if special else piece_bytes(piece))
+            if special:
                 self.special_token_ids.append(i)
-            elif sp.is_byte(i):
-                self.tokens.append(bytes([int(piece[3:5], 16)]))
-            else:
-                self.tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
         self._sp = sp
         self._newline = sp.encode("\n")
 

@@ -22,6 +22,7 @@ from ..chat import encode_dialog
 from ..errors import Llama2Error
 from ..inference.grammar import Grammar
 from ..inference.sampling import SamplingParams
+from ..tokenizer import piece_bytes
 
 MAX_N = 16
 MAX_STOP = 4
@@ -355,16 +356,10 @@ def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     """A token's text and UTF-8 bytes as OpenAI's logprobs list them (SentencePiece's ▁ is a space; a
     byte-fallback piece <0xNN> is that byte)."""
     piece = tokenizer.id_to_piece(token) if hasattr(tokenizer, "id_to_piece") else tokenizer.decode([token])
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        try:
-            b = bytes([int(piece[3:5], 16)])
-            return b.decode("utf-8", errors="replace"), list(b)
-        except ValueError:
-            pass
     if getattr(tokenizer, "sp", None) is not None and tokenizer.sp.IsControl(token):
         return "", []
-    text = piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    b = piece_bytes(piece)
+    return b.decode("utf-8", errors="replace"), list(b)
 
 
 def _top_dict(tokenizer, row: list[tuple[int, float]]) -> dict[str, float]:
