@@ -12,6 +12,7 @@ checkout builds the tiny base, the SFT model and both reward models), then runs 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .errors import Llama2Error
 from .paths import config_path, expand_path
 from .recipe import load_recipe
 from .stages.gatt import GattRecipe, gatt
+from .stages.grpo import GRPORecipe, grpo
 from .stages.ppo import PPORecipe, ppo
 from .stages.pretrain import pretrain
 from .stages.rejection import RejectionRecipe, rejection_sampling
@@ -42,6 +44,7 @@ class Need:
     recipe_key: str
     what: str
     builder: str  # a stage name; "policy": an SFT recipe, or a rejection-sampling one (recognised by its keys)
+    needed: Callable[[Any], bool] = lambda recipe: True  # whether this recipe uses the checkpoint at all
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ STAGES: dict[str, Stage] = {
     "rejection-sampling": Stage(RejectionRecipe, rejection_sampling,
                                 (Need("base", "base_recipe", "starting policy", "sft"), *RM_NEEDS)),
     "ppo": Stage(PPORecipe, ppo, (Need("base", "base_recipe", "starting policy", "policy"), *RM_NEEDS)),
+    "grpo": Stage(GRPORecipe, grpo, (Need("base", "base_recipe", "starting policy", "policy"),
+                                     *(dataclasses.replace(n, needed=lambda r: r.reward == "rm") for n in RM_NEEDS))),
     "gatt": Stage(GattRecipe, gatt, (Need("base", "base_recipe", "starting model", "sft"),)),
     "distill-safety": Stage(DistillSafetyRecipe, distill_safety,
                             (Need("base", "base_recipe", "chat model", "sft"), *RM_NEEDS)),
@@ -92,7 +97,7 @@ def prepare(recipe: Any, quiet: bool = False) -> None:
     """Build each checkpoint the recipe names that is missing, with the recipe its `*_recipe` key names."""
     for need in STAGES[stage_of(recipe)].needs:
         path, builder = getattr(recipe, need.key), getattr(recipe, need.recipe_key)
-        if path and builder and not base_exists(path):
+        if path and builder and need.needed(recipe) and not base_exists(path):
             build(need, path, builder, quiet)
 
 

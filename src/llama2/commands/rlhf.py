@@ -1,4 +1,4 @@
-"""`llama2 rlhf rejection-sampling | ppo | distill-safety --config RECIPE.yaml [key=value ...]`: RLHF stages (paper
+"""`llama2 rlhf rejection-sampling | ppo | grpo | distill-safety --config RECIPE.yaml [key=value ...]`: RLHF stages (paper
 sections 6 and 8)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, safety context distillation",
+    p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, GRPO, safety context distillation",
                               description="RLHF stages of Llama 2-Chat (paper sections 6 and 8).")
     sub = p.add_subparsers(dest="rlhf_command", required=True, metavar="STAGE")
     add_stage_command(sub, "rejection-sampling", example="configs/tiny/rejection.yaml",
@@ -22,6 +22,13 @@ def register(subparsers) -> None:
                                   "reward of the two RMs whitened after LOGIT, a per-token KL penalty to the frozen "
                                   "initial policy, GAE, clipped policy and value losses, a value model from the "
                                   "helpfulness RM (e.g. max_steps=200 beta=0.01 batch_size=512 mini_batch=64).")
+    add_stage_command(sub, "grpo", example="configs/world/grpo.yaml",
+                      help="GRPO: K answers per prompt, advantages relative to the group, no value model (resumes)",
+                      description="Group-relative policy optimisation (beyond the paper): each prompt answered "
+                                  "group_size times, each answer's advantage its reward against its group's mean "
+                                  "and standard deviation, the clipped objective with a k3 KL penalty to the "
+                                  "initial policy in the loss; rewards from the two RMs (reward=rm) or the world's "
+                                  "gold judge (reward=gold) (e.g. group_size=8 beta=0.04 loss=grpo).")
     add_stage_command(sub, "distill-safety", example="configs/tiny/distill-safety.yaml",
                       help="safety context distillation: answers with a safety pre-prompt, kept where the safety "
                            "RM prefers them, fine-tuned in without it (resumes)",

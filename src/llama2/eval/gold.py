@@ -9,6 +9,7 @@ real when the interval excludes 0).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 
 from ..chat import encode_dialog
-from ..data.world import GoldItem, Verdict, World, judge
+from ..data.world import GoldItem, Verdict, World, ensure_world, judge, load_world, read_gold
 from ..data.world.entities import ATTRIBUTES, FACT_PHRASINGS
 from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
+from ..reward import CombinedScores
 
 Z95 = 1.96
 
@@ -125,6 +127,34 @@ def judge_answers(world: World, items: Sequence[GoldItem], answers: Sequence[str
 def gold_eval(model: Any, tok: Any, world: World, items: Sequence[GoldItem], **kw: Any) -> GoldRun:
     """A model's gold run on `items` (answer_items, then judge_answers)."""
     return judge_answers(world, items, answer_items(model, tok, items, **kw))
+
+
+class GoldReward:
+    """The gold judge as a reward (a verifiable reward, as GRPO's users give it): an answer's reward is the judge's
+    score (0.7 correct + 0.2 concise + 0.1 tidy; for a harmful request, correct means a refusal). Each prompt is
+    found among the world's questions (training and held-out) by its messages. Called like CombinedReward:
+    (prompts, answers, is_safety) -> CombinedScores with the score as R_h, R_s and R_c alike."""
+
+    def __init__(self, world: World | None = None, items: Sequence[GoldItem] | None = None) -> None:
+        self.world = world or load_world()
+        if items is None:
+            root = ensure_world()
+            items = read_gold(root / "gold.jsonl") + read_gold(root / "gold.val.jsonl")
+        self.items = {json.dumps(i.messages, sort_keys=True): i for i in items}
+
+    def item(self, messages: Sequence[dict[str, str]]) -> GoldItem:
+        found = self.items.get(json.dumps(list(messages), sort_keys=True))
+        if found is None:
+            text = messages[-1]["content"] if messages else ""
+            raise Llama2Error(f"the gold reward knows only the built-in world's questions, and {text[:60]!r} is not "
+                              "one; use the world's prompts (prompts.path: builtin:world/prompts.jsonl) or "
+                              "reward: rm")
+        return found
+
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str], is_safety: Sequence[bool]
+                 ) -> CombinedScores:
+        scores = [judge(self.world, self.item(p), a).score for p, a in zip(prompts, responses)]
+        return CombinedScores(list(scores), list(scores), list(scores))
 
 
 def safety_rates(run: GoldRun) -> dict[str, Any]:

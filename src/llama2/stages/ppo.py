@@ -317,6 +317,39 @@ def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
     return tokens, attention, mask
 
 
+@torch.no_grad()
+def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts: Sequence[PromptItem],
+                   seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int
+                   ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
+    """One answer per prompt (a prompt listed K times gets K answers, one per seed) through the one generation
+    path, with the trained model's weights gathered once under FSDP2 (`root`: the Trainer's model, `policy` the
+    Transformer inside it). Returns (prompt ids, response ids with the EOS kept when the answer stopped on it,
+    texts, cut by the length limit); a prompt longer than the context keeps its last tokens."""
+    context = policy.config.max_seq_len
+    prompt_ids, params = [], []
+    for p, seed in zip(prompts, seeds):
+        ids = encode_dialog(tokenizer, p.messages)
+        ids = ids[-(context - 1):] if len(ids) >= context else ids
+        prompt_ids.append(ids)
+        greedy = temperature == 0
+        params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else top_p,
+                                     max_new_tokens=max(1, min(max_new_tokens, context - len(ids))), seed=seed))
+    was = policy.training
+    policy.eval()
+    try:
+        with gathered_for_generation(root):  # under FSDP2: the weights gathered once
+            done = Generator(policy, tokenizer, max_batch_size=len(prompts)).generate(prompt_ids, params)
+    finally:
+        policy.train(was)
+    responses, texts, cut = [], [], []
+    for c in done:
+        stopped = c.finish_reason == "stop"
+        responses.append(list(c.tokens) + ([tokenizer.eos_id] if stopped else []))
+        texts.append(c.text.strip())
+        cut.append(not stopped)
+    return prompt_ids, responses, texts, cut
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 
@@ -381,36 +414,14 @@ class PPO:
     def generate(self, prompts: Sequence[PromptItem], temperature: float, step: int
                  ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
         """(prompt ids, response ids (+ EOS when the answer stopped on it), texts, cut by the length limit)."""
-        r, tok = self.recipe, self.tokenizer
-        policy = self.trainer.model.policy
-        context = policy.config.max_seq_len
-        prompt_ids, params = [], []
-        for p in prompts:
-            ids = encode_dialog(tok, p.messages)
-            ids = ids[-(context - 1):] if len(ids) >= context else ids
-            prompt_ids.append(ids)
-            greedy = temperature == 0
-            params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else r.top_p,
-                                         max_new_tokens=max(1, min(r.max_new_tokens, context - len(ids))),
-                                         seed=sample_seed(r.seed, step, prompt_key(p), 0)))
+        r = self.recipe
         if not self._root_ran:  # FSDP2 sets itself up on the first forward, which must be the root's
-            one = torch.tensor([[tok.bos_id, tok.bos_id]], device=self.trainer.device)
+            one = torch.tensor([[self.tokenizer.bos_id] * 2], device=self.trainer.device)
             self.trainer.model(one, torch.ones_like(one, dtype=torch.bool))
             self._root_ran = True
-        was = policy.training
-        policy.eval()
-        try:
-            with gathered_for_generation(self.trainer.model):  # under FSDP2: the weights gathered once
-                done = Generator(policy, tok, max_batch_size=len(prompts)).generate(prompt_ids, params)
-        finally:
-            policy.train(was)
-        responses, texts, cut = [], [], []
-        for c in done:
-            stopped = c.finish_reason == "stop"
-            responses.append(list(c.tokens) + ([tok.eos_id] if stopped else []))
-            texts.append(c.text.strip())
-            cut.append(not stopped)
-        return prompt_ids, responses, texts, cut
+        seeds = [sample_seed(r.seed, step, prompt_key(p), 0) for p in prompts]
+        return sample_answers(self.trainer.model, self.trainer.model.policy, self.tokenizer, prompts, seeds,
+                              temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:
@@ -566,4 +577,4 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
-           "masked_whiten", "pad_rollout"]
+           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches"]
