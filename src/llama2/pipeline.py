@@ -25,6 +25,7 @@ from .checkpoint.runs import base_exists
 from .errors import Llama2Error
 from .paths import config_path, expand_path
 from .recipe import load_recipe
+from .stages.dpo import DPORecipe, dpo
 from .stages.gatt import GattRecipe, gatt
 from .stages.grpo import GRPORecipe, grpo
 from .stages.ppo import PPORecipe, ppo
@@ -64,6 +65,7 @@ STAGES: dict[str, Stage] = {
     "rejection-sampling": Stage(RejectionRecipe, rejection_sampling,
                                 (Need("base", "base_recipe", "starting policy", "sft"), *RM_NEEDS)),
     "ppo": Stage(PPORecipe, ppo, (Need("base", "base_recipe", "starting policy", "policy"), *RM_NEEDS)),
+    "dpo": Stage(DPORecipe, dpo, (Need("base", "base_recipe", "chat model", "policy"),)),
     "grpo": Stage(GRPORecipe, grpo, (Need("base", "base_recipe", "starting policy", "policy"),
                                      *(dataclasses.replace(n, needed=lambda r: r.reward == "rm") for n in RM_NEEDS))),
     "gatt": Stage(GattRecipe, gatt, (Need("base", "base_recipe", "starting model", "sft"),)),

@@ -1,5 +1,5 @@
-"""`llama2 rlhf rejection-sampling | ppo | grpo | distill-safety --config RECIPE.yaml [key=value ...]`: RLHF stages (paper
-sections 6 and 8)."""
+"""`llama2 rlhf rejection-sampling | ppo | dpo | grpo | distill-safety --config RECIPE.yaml [key=value ...]`: RLHF
+stages (paper sections 6 and 8; DPO and GRPO beyond it)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from ._options import add_stage_command
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, GRPO, safety context distillation",
-                              description="RLHF stages of Llama 2-Chat (paper sections 6 and 8).")
+    p = subparsers.add_parser("rlhf", help="RLHF: rejection-sampling fine-tuning, PPO, DPO, GRPO, safety context "
+                                           "distillation",
+                              description="RLHF stages of Llama 2-Chat (paper sections 6 and 8), and DPO and GRPO.")
     sub = p.add_subparsers(dest="rlhf_command", required=True, metavar="STAGE")
     add_stage_command(sub, "rejection-sampling", example="configs/tiny/rejection.yaml",
                       help="iterative rejection-sampling fine-tuning with the two reward models (resumes)",
@@ -22,6 +23,14 @@ def register(subparsers) -> None:
                                   "reward of the two RMs whitened after LOGIT, a per-token KL penalty to the frozen "
                                   "initial policy, GAE, clipped policy and value losses, a value model from the "
                                   "helpfulness RM (e.g. max_steps=200 beta=0.01 batch_size=512 mini_batch=64).")
+    add_stage_command(sub, "dpo", example="configs/world/dpo.yaml",
+                      help="DPO: preference optimisation on the comparisons directly, against the frozen start "
+                           "(resumes)",
+                      description="Direct preference optimisation (beyond the paper): on the comparison files the "
+                                  "reward stage reads, the chosen answer's log-ratio to the frozen starting model "
+                                  "must exceed the rejected one's; the sigmoid (DPO) or squared (IPO) loss, the "
+                                  "paper's rating margins as an option, LoRA with the adapters disabled as the "
+                                  "reference (e.g. beta=0.1 loss=ipo margin=small length_normalize=true).")
     add_stage_command(sub, "grpo", example="configs/world/grpo.yaml",
                       help="GRPO: K answers per prompt, advantages relative to the group, no value model (resumes)",
                       description="Group-relative policy optimisation (beyond the paper): each prompt answered "

@@ -323,6 +323,24 @@ def encode_comparisons(tokenizer: Any, comparisons: Sequence[Comparison], max_se
     return out, skipped
 
 
+def encode_sources(sources: Sequence[SourceData], tokenizer: Any, seq_len: int, quiet: bool = False
+                   ) -> tuple[list[list[EncodedPair]], dict[str, list[EncodedPair]]]:
+    """(each source's encoded training pairs, {label: encoded held-out pairs}); comparisons longer than seq_len
+    are skipped (counted and printed unless quiet)."""
+    encoded, held = [], {}
+    for s in sources:
+        train, skipped = encode_comparisons(tokenizer, s.train, seq_len)
+        test, test_skipped = encode_comparisons(tokenizer, s.held_out, seq_len)
+        if not train:
+            raise Llama2Error(f"every training comparison of {s.label} is longer than max_seq_len {seq_len}")
+        encoded.append(train)
+        held[s.label] = test
+        if not quiet and (skipped or test_skipped):
+            print(f"{s.label}: skipped {skipped} training and {test_skipped} held-out comparisons longer than "
+                  f"max_seq_len {seq_len}", flush=True)
+    return encoded, held
+
+
 class PairBatches:
     """Epochs over the mixed comparisons: each epoch draws every source's count (epoch_counts) with a generator
     seeded by (seed, epoch, source) and shuffles the mix. A step takes the next global batch (batch_size x accum x
@@ -504,17 +522,7 @@ def build_reward(recipe: RewardRecipe, *, sources: Sequence[SourceData] | None =
         raise Llama2Error(f"LoRA needs the base in the Hugging Face layout; convert it first: llama2 convert {base} "
                           f"{base.name}-hf --to hf")
     sources = list(sources) if sources is not None else load_sources(recipe.data, quiet=quiet or not env.is_main)
-    encoded, held = [], {}
-    for s in sources:
-        train, skipped = encode_comparisons(tokenizer, s.train, seq_len)
-        test, test_skipped = encode_comparisons(tokenizer, s.held_out, seq_len)
-        if not train:
-            raise Llama2Error(f"every training comparison of {s.label} is longer than max_seq_len {seq_len}")
-        encoded.append(train)
-        held[s.label] = test
-        if env.is_main and not quiet and (skipped or test_skipped):
-            print(f"{s.label}: skipped {skipped} training and {test_skipped} held-out comparisons longer than "
-                  f"max_seq_len {seq_len}", flush=True)
+    encoded, held = encode_sources(sources, tokenizer, seq_len, quiet=quiet or not env.is_main)
     counts = epoch_counts([len(e) for e in encoded], [s.weight for s in sources], [s.share for s in sources])
     accum = recipe.accumulation(env.world_size)
     batches = PairBatches(encoded, counts, recipe.batch_size, accum, recipe.margin, rank=env.rank,
@@ -608,4 +616,5 @@ def summary_line(kind: str, result: TrainResult) -> str:
 
 
 __all__ = ["RewardRecipe", "reward", "build_reward", "ranking_loss", "margins", "accuracy_by_rating", "MARGINS",
-           "PAPER_TABLE_8", "ensure_comparisons", "epoch_counts", "PairBatches"]
+           "PAPER_TABLE_8", "ensure_comparisons", "epoch_counts", "PairBatches", "encode_sources", "load_sources",
+           "collate_pairs", "ComparisonDataConfig"]
