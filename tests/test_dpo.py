@@ -168,7 +168,7 @@ def test_dpo_learns_a_computable_preference_and_resumes_exactly(tmp_path, models
     first, last = rows[0], rows[-1]
     # at step 0 the policy is the reference: every log-ratio is 0, the loss log 2
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first["val_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert first["val_margin"] == pytest.approx(0.0, abs=1e-6) and first["val_accuracy"] == 0.5  # all ties
     assert last["step"] == 16 and last["val_accuracy"] == 1.0 and last["val_margin"] > 0.5
     assert {"accuracy", "margin", "reward_chosen", "reward_rejected"} <= set(rows[1])
     LlamaForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-000016")

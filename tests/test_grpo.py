@@ -162,3 +162,22 @@ def test_recipe_errors(tmp_path, setup):
     # the gold judge knows only the world's questions: refused before any rollout, naming the fix
     with pytest.raises(Llama2Error, match="built-in world's questions"):
         grpo(make_recipe(setup, tmp_path / "x", ["reward=gold"]), quiet=True)
+
+
+def test_one_update_per_iteration_skips_pi_olds_forward_and_changes_nothing(tmp_path, setup):
+    """With one optimiser step per iteration the update's own forward gives pi_old's log-probabilities (the policy
+    has not moved yet): the run equals one that computes them in a separate forward."""
+    from llama2.stages.grpo import GRPO
+
+    runs = {}
+    for skip in (True, False):
+        run = GRPO(make_recipe(setup, tmp_path / str(skip), ["max_steps=3", "mini_batch=32", "eval_every=0"]),
+                   scorer=AScorer(), quiet=True)
+        assert run.one_step
+        run.one_step = skip
+        run.trainer.start()
+        runs[skip] = [run.trainer.train_step() for _ in range(3)]
+    for a, b in zip(runs[True], runs[False]):
+        for key in ("reward", "loss", "kl", "entropy", "clip_frac", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert runs[True][0]["kl"] == 0.0 and runs[True][-1]["kl"] > 0

@@ -12,9 +12,9 @@ Delta = log pi_theta(y | x) - log pi_ref(y | x) summed over the answer's tokens 
 must be won by more. The data path is the reward stage's: the same comparison JSONL files and sources, packed
 micro-batches (each answer attends only to itself), the same epoch mix.
 
-metrics.jsonl gets, per step, the loss, accuracy (the chosen answer's implicit reward higher), margin (the mean
-implicit reward gap), reward_chosen and reward_rejected; every eval_every steps the same on each held-out set
-(val_accuracy/NAME ...).
+metrics.jsonl gets, per step, the loss, accuracy (the chosen answer's implicit reward higher; a tie counts half),
+margin (the mean implicit reward gap), reward_chosen and reward_rejected; every eval_every steps the same on each
+held-out set (val_accuracy/NAME ...).
 
     recipe = load_recipe(DPORecipe, "configs/world/dpo.yaml")
     result = pipeline.run(recipe)            # builds the SFT model when missing
@@ -221,7 +221,7 @@ class DPO:
                                      beta=r.beta, loss=r.loss, margin=batch["margin"], chosen_tokens=counts[:n],
                                      rejected_tokens=counts[n:], length_normalize=r.length_normalize)
         c, j = rewards["reward_chosen"], rewards["reward_rejected"]
-        metrics = {"accuracy": (c > j).float().mean(), "margin": (c - j).mean(), "reward_chosen": c.mean(),
+        metrics = {"accuracy": ((c > j).float() + 0.5 * (c == j).float()).mean(),  # ties half right, as the RMs "margin": (c - j).mean(), "reward_chosen": c.mean(),
                    "reward_rejected": j.mean()}
         return LossOutput(per_pair.mean(), n, tokens=batch["lengths"].sum(), metrics=metrics)
 

@@ -187,14 +187,15 @@ class Groups:
     tokens: Tensor
     attention: Tensor
     mask: Tensor
-    old_logprobs: Tensor
-    ref_logprobs: Tensor
+    old_logprobs: Tensor | None  # None: one update per iteration, the update's own forward gives them
+    ref_logprobs: Tensor | None  # None: beta 0, no reference model
     advantages: Tensor
     stats: dict[str, float]
 
     def rows(self, idx: Tensor) -> Groups:
-        return Groups(self.tokens[idx], self.attention[idx], self.mask[idx], self.old_logprobs[idx],
-                      self.ref_logprobs[idx], self.advantages[idx], {})
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return Groups(self.tokens[idx], self.attention[idx], self.mask[idx], pick(self.old_logprobs),
+                      pick(self.ref_logprobs), self.advantages[idx], {})
 
 
 class GRPO:
@@ -232,6 +233,9 @@ class GRPO:
         self.reference = self.trainer.add_reference_model("reference", lambda: Transformer(cfg)) \
             if recipe.beta > 0 else None
         self._root_ran = False
+        rows = recipe.batch_size * recipe.group_size
+        self.one_step = recipe.epochs == 1 and recipe.mini_batch >= rows  # one optimiser step per iteration
+        self.first_forward: tuple[Tensor, Tensor | None, Tensor] | None = None
 
     def reward_of(self, combined: float) -> float:
         """The reward GRPO optimises: the judge's score, or LOGIT(R_c) for the RMs."""
@@ -277,29 +281,42 @@ class GRPO:
         tokens, attention, mask = (x.to(t.device) for x in pad_rollout(prompt_ids, responses, pad_id=0))
         t.model.eval()
         with t.autocast():
-            old_lp = sequence_logprobs(t.model, tokens, attention, temperature=r.temperature).float()
+            # with one update per iteration the policy has not moved when the update's forward runs: that forward
+            # gives pi_old's log-probabilities, and this one is skipped (as TRL does)
+            old_lp = None if self.one_step else sequence_logprobs(t.model, tokens, attention,
+                                                                   temperature=r.temperature).float()
             ref_lp = (sequence_logprobs(self.reference, tokens, attention, temperature=r.temperature).float()
-                      if self.reference is not None else old_lp)
+                      if self.reference is not None else None)
         t.model.train()
-        q = (ref_lp - old_lp) * mask
-        kl = (q.exp() - q - 1) * mask
-        rows_n, kl_sum, length, n_cut, lp_sum, n_act = all_reduce_sum(
-            [float(len(cut)), float(kl.sum()), float(mask.sum()), float(sum(cut)), float((old_lp * mask).sum()),
-             float(mask.sum())], env)
+        rows_n, length, n_cut = all_reduce_sum([float(len(cut)), float(mask.sum()), float(sum(cut))], env)
         stats = {"reward": float(batch.mean()), "reward_std": float(grouped.std(dim=1).mean()),
-                 "uniform_groups": float((grouped.std(dim=1) == 0).float().mean()), "kl": kl_sum / rows_n,
-                 "response_length": length / rows_n, "truncated": n_cut / rows_n, "entropy": -lp_sum / max(n_act, 1),
+                 "uniform_groups": float((grouped.std(dim=1) == 0).float().mean()),
+                 "response_length": length / rows_n, "truncated": n_cut / rows_n,
                  "time_generate": generated - clock, "time_score": time.perf_counter() - generated}
         return Groups(tokens, attention, mask, old_lp, ref_lp, adv.float().to(t.device), stats)
+
+    def policy_stats(self, old_lp: Tensor, ref_lp: Tensor | None, mask: Tensor) -> dict[str, float]:
+        """kl (k3 to pi_0, summed per answer) and entropy (the sampled tokens' mean negative log-probability) of
+        the rollout's policy, over the whole batch."""
+        m = mask.to(old_lp.dtype)
+        q = (ref_lp - old_lp) * m if ref_lp is not None else torch.zeros_like(old_lp)
+        kl = (q.exp() - q - 1) * m
+        rows, kl_sum, lp_sum, n_act = all_reduce_sum(
+            [float(mask.shape[0]), float(kl.sum()), float((old_lp * m).sum()), float(m.sum())], self.env)
+        return {"kl": kl_sum / rows, "entropy": -lp_sum / max(n_act, 1.0)}
 
     # ------------------------------------------------------------ update
 
     def _loss(self, model: nn.Module, batch: Groups) -> LossOutput:
         r = self.recipe
         lp = sequence_logprobs(model, batch.tokens, batch.attention, temperature=r.temperature).float()
-        loss, stats = grpo_loss(lp, batch.old_logprobs, batch.ref_logprobs if self.reference is not None else None,
-                                batch.advantages, batch.mask, clip=r.clip, clip_high=r.clip_high or r.clip,
-                                beta=r.beta, form=r.loss, max_new_tokens=r.max_new_tokens)
+        old = batch.old_logprobs
+        if old is None:
+            old = lp.detach()
+            self.first_forward = (old, batch.ref_logprobs, batch.mask)
+        loss, stats = grpo_loss(lp, old, batch.ref_logprobs, batch.advantages, batch.mask, clip=r.clip,
+                                clip_high=r.clip_high or r.clip, beta=r.beta, form=r.loss,
+                                max_new_tokens=r.max_new_tokens)
         count = batch.mask.sum() if r.loss == "token" else batch.tokens.shape[0]
         return LossOutput(loss, count, tokens=batch.attention.sum(),
                           metrics={"policy_loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}})
@@ -322,7 +339,9 @@ class GRPO:
         out["time_update"] = time.perf_counter() - clock
         out["tokens"] = float(groups.attention.sum())
         out["iteration"] = float(t.step + 1)
-        return {**out, **groups.stats}
+        first = (groups.old_logprobs, groups.ref_logprobs, groups.mask) if groups.old_logprobs is not None \
+            else self.first_forward
+        return {**out, **groups.stats, **self.policy_stats(*first)}
 
     # ------------------------------------------------------------ held-out evaluation
 
