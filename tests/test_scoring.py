@@ -96,6 +96,27 @@ def test_gradients_equal_autograd_through_plain_log_softmax(pair, small_chunks):
     assert sorted(shapes) == [(5, VOCAB)] * 2 + [(7, VOCAB)] * 8
 
 
+def test_start_skips_the_positions_before_it_and_their_head_work(pair, small_chunks):
+    """start=k: the entries before k are 0 and never projected through the LM head, the rest equal transformers'
+    (right padding and left padding alike)."""
+    hf, model = pair
+    tokens, mask = batch()
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        got = sequence_logprobs(model, tokens, mask, start=5)
+        hook.remove()
+        full = sequence_logprobs(model, tokens, mask)
+    assert got.shape == full.shape and torch.all(got[:, :5] == 0)
+    torch.testing.assert_close(got[:, 5:], full[:, 5:], atol=1e-5, rtol=1e-5)
+    assert sum(a for a, _ in shapes) == 3 * (11 - 5)  # the head saw the kept positions only
+    left = mask.clone()
+    left[0, :2] = False
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(model, tokens, left, start=4)[:, 4:],
+                                   sequence_logprobs(model, tokens, left)[:, 4:], atol=1e-5, rtol=1e-5)
+
+
 def test_token_logprobs_convenience_and_errors(pair):
     hf, model = pair
     from llama2.inference.generate import Generator

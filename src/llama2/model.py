@@ -208,7 +208,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: list[KVCache] | None = None,
                 positions: Tensor | None = None, mask: Tensor | None = None,
                 targets: Tensor | None = None, *, output: str = "logits",
-                temperature: float = 1.0, index: Tensor | None = None) -> Tensor:
+                temperature: float = 1.0, index: Tensor | None = None, keep_from: int = 0) -> Tensor:
         """What `output` asks for; every caller (generation, scoring, training) goes through here, so hooks
         on the root module (FSDP2's all-gathers) run.
 
@@ -219,7 +219,8 @@ class Transformer(nn.Module):
         "hidden": the final-norm hidden states (B, T, dim).
         "logprobs": log_softmax(logits / temperature) at `targets` (B, T), computed over chunks of positions
         so the B x T x vocab fp32 logits never exist at once; differentiable (chunks are recomputed in
-        backward). Negative targets score token 0 (the caller masks them).
+        backward). Negative targets score token 0 (the caller masks them). `keep_from`: positions before it are
+        not projected through the LM head and get 0 (a caller that needs only the answers after a prompt).
         A cache whose `update` takes per-row write positions may get them as a LongTensor `start_pos`."""
         h = self.hidden(tokens, start_pos, cache, positions, mask)
         if output == "hidden":
@@ -231,7 +232,10 @@ class Transformer(nn.Module):
         if output == "logprobs":
             if targets is None:
                 raise ValueError('output="logprobs" needs targets (the token ids to score, (B, T))')
-            return chunked_target_logprobs(h, self.lm_head, targets, temperature)
+            if keep_from <= 0:
+                return chunked_target_logprobs(h, self.lm_head, targets, temperature)
+            kept = chunked_target_logprobs(h[:, keep_from:], self.lm_head, targets[:, keep_from:], temperature)
+            return F.pad(kept, (min(keep_from, h.shape[1]), 0))
         if output != "logits":
             raise ValueError(f"unknown output {output!r}; choose logits, last, hidden or logprobs")
         if targets is not None:

@@ -17,14 +17,15 @@ from ..errors import Llama2Error
 
 
 def sequence_logprobs(model: nn.Module, tokens: Tensor, mask: Tensor | None = None, *,
-                      temperature: float = 1.0) -> Tensor:
+                      temperature: float = 1.0, start: int = 0) -> Tensor:
     """log p(tokens[:, i + 1] | tokens[:, :i + 1]) under softmax(logits / temperature): (B, T - 1) fp32.
 
     model: a Transformer (or an FSDP2-sharded one; it is called through its root forward). tokens (B, T) ids.
     mask (B, T), True/1 for real tokens: right padding is free (causal attention keeps pads out of the real
     tokens); any other pattern (left padding) gets per-row rotary positions and an attention mask, so a row
     scores as it would alone. Entries whose token, or the token before it, is masked are 0. Gradients flow
-    when autograd is on (PPO's policy logprobs); wrap in torch.no_grad() for evaluation."""
+    when autograd is on (PPO's policy logprobs); wrap in torch.no_grad() for evaluation. `start`: entries before
+    it are not computed (0), e.g. the shortest prompt's length - 1 when only the answers matter."""
     if tokens.ndim != 2:
         raise Llama2Error(f"sequence_logprobs: tokens must be (batch, length), got shape {tuple(tokens.shape)}")
     B, T = tokens.shape
@@ -52,7 +53,8 @@ def sequence_logprobs(model: nn.Module, tokens: Tensor, mask: Tensor | None = No
             eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
             # a pad query attends to itself only: finite, and never seen by a real token
             attn = (causal & (m[:, None, :] | eye))[:, None]
-    lp = model(inputs, positions=positions, mask=attn, targets=targets, output="logprobs", temperature=temperature)
+    lp = model(inputs, positions=positions, mask=attn, targets=targets, output="logprobs", temperature=temperature,
+               keep_from=start)
     if valid is not None:
         lp = torch.where(valid, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
     return lp

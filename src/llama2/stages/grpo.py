@@ -111,6 +111,12 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | Non
     return loss, stats
 
 
+def answers_start(mask: Tensor) -> int:
+    """The first action position holding an answer token in any row (the shortest prompt's length - 1): the
+    log-probabilities before it are never needed."""
+    return int(mask.any(dim=0).float().argmax())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -283,10 +289,11 @@ class GRPO:
         with t.autocast():
             # with one update per iteration the policy has not moved when the update's forward runs: that forward
             # gives pi_old's log-probabilities, and this one is skipped (as TRL does)
-            old_lp = None if self.one_step else sequence_logprobs(t.model, tokens, attention,
+            start = answers_start(mask)
+            old_lp = None if self.one_step else sequence_logprobs(t.model, tokens, attention, start=start,
                                                                    temperature=r.temperature).float()
-            ref_lp = (sequence_logprobs(self.reference, tokens, attention, temperature=r.temperature).float()
-                      if self.reference is not None else None)
+            ref_lp = (sequence_logprobs(self.reference, tokens, attention, start=start,
+                                        temperature=r.temperature).float() if self.reference is not None else None)
         t.model.train()
         rows_n, length, n_cut = all_reduce_sum([float(len(cut)), float(mask.sum()), float(sum(cut))], env)
         stats = {"reward": float(batch.mean()), "reward_std": float(grouped.std(dim=1).mean()),
@@ -309,7 +316,8 @@ class GRPO:
 
     def _loss(self, model: nn.Module, batch: Groups) -> LossOutput:
         r = self.recipe
-        lp = sequence_logprobs(model, batch.tokens, batch.attention, temperature=r.temperature).float()
+        lp = sequence_logprobs(model, batch.tokens, batch.attention, start=answers_start(batch.mask),
+                               temperature=r.temperature).float()
         old = batch.old_logprobs
         if old is None:
             old = lp.detach()
