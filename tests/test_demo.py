@@ -136,3 +136,34 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     assert "weights identical after the round trip: True" in r.stdout
     assert sorted(p.name for p in (out / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
                                                                 "params.json"]
+
+    # compare-methods from the demo's SFT model and RMs: every method ran, and each row is its judged answers' own
+    methods = tmp_path / "methods"
+    r = subprocess.run([sys.executable, "-m", "llama2", "compare-methods", "--from", str(out), "--out", str(methods),
+                        "--budget-minutes", "1", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from llama2.report.sections.methods import LABELS
+
+    rows = json.loads((methods / "results.json").read_text())["gold"]["methods"]
+    assert list(rows) == ["SFT (the start)", *LABELS.values()]
+    md = (methods / "report.md").read_text()
+    for label, row in rows.items():
+        answers = row["gold"]["answers"]
+        assert all(a["correct"] == judge(world, items[a["id"]], a["answer"]).correct for a in answers), label
+        helpful = [a["correct"] for a in answers if a["family"] not in ("harmful", "benign")]
+        assert row["accuracy"] == pytest.approx(sum(helpful) / len(helpful), abs=1e-4)
+        assert _row(md, label)[0] == f"{100 * row['accuracy']:.1f}"
+    assert rows["SFT (the start)"]["accuracy"] == pytest.approx(sft_after, abs=1e-4)  # the demo's SFT model
+    assert (methods / "figures" / "methods" / "methods.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_methods_refuses_mixed_or_unknown_inputs(tmp_path, capsys):
+    from llama2.cli import main
+
+    assert main(["compare-methods", "--from", str(tmp_path), "--sft", str(tmp_path)]) != 0
+    assert "either --from" in capsys.readouterr().err
+    assert main(["compare-methods", "--methods", "ppo,kto", "--from", str(tmp_path)]) != 0
+    assert "unknown method(s) kto" in capsys.readouterr().err
+    assert main(["compare-methods", "--from", str(tmp_path / "nothing")]) != 0
+    err = capsys.readouterr().err
+    assert "SFT model" in err and "does not exist" in err

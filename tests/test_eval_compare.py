@@ -166,3 +166,34 @@ def test_compare_command_errors(tiny, capsys):
     assert main(["eval", "compare", str(tiny / "a"), str(tiny / "b"), "--judge", str(tiny / "a"),
                  "--prompts", str(tiny / "prompts.jsonl"), "--max-new-tokens", "2", "--quiet"]) != 0
     assert "not a reward model" in capsys.readouterr().err
+
+
+def test_sampled_kl_is_zero_to_itself_and_equals_transformers_on_the_same_samples(tiny):
+    """KL(a || b) on a's own samples: 0 for a model against itself; against another model, the mean over prompts
+    of the summed log-ratio of the sampled answer's tokens, here recomputed with transformers' log-softmax."""
+    from transformers import LlamaForCausalLM
+
+    from llama2.chat import encode_dialog
+    from llama2.checkpoint import load_checkpoint
+    from llama2.eval.compare import sampled_kl
+    from llama2.inference.generate import Generator, SamplingParams
+    from llama2.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny / "a")
+    a, b = (load_checkpoint(tiny / n).eval() for n in ("a", "b"))
+    prompts = [[{"role": "user", "content": f"Tell me about {t}."}] for t in ("lists", "files", "loops")]
+    assert sampled_kl(a, a, tok, prompts, max_new_tokens=12, seed=5) == 0.0
+    got = sampled_kl(a, b, tok, prompts, max_new_tokens=12, seed=5, batch=2)
+    ids = [encode_dialog(tok, m) for m in prompts]
+    done = Generator(a, tok).generate(ids, [SamplingParams(temperature=1.0, max_new_tokens=12, seed=5 + i)
+                                            for i in range(3)])
+    hf_a, hf_b = (LlamaForCausalLM.from_pretrained(tiny / n).eval() for n in ("a", "b"))
+    want = 0.0
+    for p, c in zip(ids, done):
+        seq = torch.tensor([p + list(c.tokens) + ([tok.eos_id] if c.finish_reason == "stop" else [])])
+        with torch.no_grad():
+            lp = [torch.log_softmax(m(seq).logits[0, :-1].float(), -1).gather(-1, seq[0, 1:, None])[:, 0]
+                  for m in (hf_a, hf_b)]
+        want += float((lp[0] - lp[1])[len(p) - 1:].sum())
+    assert got == pytest.approx(want / 3, rel=1e-4, abs=1e-4)
+    assert got > 0.01  # two random models differ

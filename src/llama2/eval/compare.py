@@ -27,11 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..atomic import atomic_write_text
+from ..chat import encode_dialog
 from ..data.prompts import PromptItem
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
-from ..reward import RewardModel
+from ..inference.generate import Generator, SamplingParams
+from ..inference.scoring import sequence_logprobs
+from ..reward import RewardModel, pad_rows
 from .answering import answer as chat_answers
 
 TIE_MARGIN = 0.01
@@ -247,5 +252,32 @@ def write_comparison(cmp: Comparison, output: Path | str) -> list[Path]:
     return [output, comparison_plot(cmp, output.with_suffix(".png")), jsonl]
 
 
+@torch.no_grad()
+def sampled_kl(model: Any, reference: Any, tok: Any, prompts: Sequence[Sequence[dict[str, str]]], *,
+               max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0, batch: int = 64) -> float:
+    """KL(model || reference) estimated on the model's own samples: one answer per prompt (chat messages), sampled
+    at `temperature` (prompt i with seed `seed + i`), and the mean over prompts of log model(answer) - log
+    reference(answer), summed over the answer's tokens (its EOS included when it stopped on one) with the
+    log-probabilities at the same temperature. Both models share the tokenizer."""
+    if not prompts:
+        raise Llama2Error("sampled_kl needs at least one prompt")
+    ids = [encode_dialog(tok, list(m)) for m in prompts]
+    params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
+              for i in range(len(ids))]
+    done = Generator(model, tok, max_batch_size=min(batch, len(ids))).generate(ids, params)
+    rows = [(p, list(c.tokens) + ([tok.eos_id] if c.finish_reason == "stop" else [])) for p, c in zip(ids, done)]
+    total = 0.0
+    for lo in range(0, len(rows), batch):
+        chunk = rows[lo:lo + batch]
+        tokens, lengths = pad_rows([p + a for p, a in chunk], 0)
+        positions = torch.arange(tokens.shape[1])[None, :]
+        real = positions < lengths[:, None]
+        answer = (positions[:, 1:] >= torch.tensor([len(p) for p, _ in chunk])[:, None]) & real[:, 1:]
+        ratio = (sequence_logprobs(model, tokens, real, temperature=temperature)
+                 - sequence_logprobs(reference, tokens, real, temperature=temperature))
+        total += float((ratio * answer).sum())
+    return total / len(rows)
+
+
 __all__ = ["TIE_MARGIN", "Comparison", "Tally", "outcome", "tally", "wilson_interval", "compare_models",
-           "checkpoint_answerer", "comparison_plot", "write_comparison"]
+           "checkpoint_answerer", "comparison_plot", "write_comparison", "sampled_kl"]

@@ -226,14 +226,20 @@ class DPO:
         return LossOutput(per_pair.mean(), n, tokens=batch["lengths"].sum(), metrics=metrics)
 
 
+def evaluate_at_start(run: DPO) -> None:
+    """Start the trainer (resuming if it can); a fresh run is evaluated on the held-out pairs as step 0."""
+    t = run.trainer
+    t.start()
+    if t.step == 0 and t.val_batches is not None:
+        t.metrics.append({"step": 0, **t.evaluate()})
+
+
 def dpo(recipe: DPORecipe, quiet: bool = False) -> TrainResult:
     """Train (or resume) DPO as the recipe says; evaluates the held-out comparisons before the first step and at
     every evaluation; prints a one-line summary unless quiet."""
     run = DPO(recipe, quiet=quiet)
     t = run.trainer
-    t.start()
-    if t.step == 0 and t.val_batches is not None:
-        t.metrics.append({"step": 0, **t.evaluate()})
+    evaluate_at_start(run)
     result = t.fit()
     if t.env.is_main and not quiet:
         last = result.last
@@ -243,4 +249,4 @@ def dpo(recipe: DPORecipe, quiet: bool = False) -> TrainResult:
     return result
 
 
-__all__ = ["DPORecipe", "DPO", "dpo", "dpo_loss", "response_logprobs"]
+__all__ = ["DPORecipe", "DPO", "dpo", "dpo_loss", "response_logprobs", "evaluate_at_start"]

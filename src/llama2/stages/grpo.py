@@ -386,13 +386,19 @@ def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def grpo(recipe: GRPORecipe, quiet: bool = False, *, scorer: Scorer | None = None) -> TrainResult:
-    """Run (or resume) GRPO as the recipe says; prints a one-line summary unless quiet."""
-    run = GRPO(recipe, scorer=scorer, quiet=quiet)
+def evaluate_at_start(run: GRPO) -> None:
+    """Start the trainer (resuming if it can); a fresh run's held-out reward is logged as step 0."""
     t = run.trainer
     t.start()
     if t.step == 0 and run.eval_prompts:
         t.metrics.append({"step": 0, **run.evaluate(t)})
+
+
+def grpo(recipe: GRPORecipe, quiet: bool = False, *, scorer: Scorer | None = None) -> TrainResult:
+    """Run (or resume) GRPO as the recipe says; prints a one-line summary unless quiet."""
+    run = GRPO(recipe, scorer=scorer, quiet=quiet)
+    t = run.trainer
+    evaluate_at_start(run)
     result = t.fit()
     if run.env.is_main:
         reward_curves(read_metrics(t.run_dir / "metrics.jsonl"), t.run_dir / "rewards.png")
@@ -403,4 +409,4 @@ def grpo(recipe: GRPORecipe, quiet: bool = False, *, scorer: Scorer | None = Non
     return result
 
 
-__all__ = ["GRPORecipe", "GRPO", "grpo", "group_advantages", "grpo_loss"]
+__all__ = ["GRPORecipe", "GRPO", "grpo", "group_advantages", "grpo_loss", "evaluate_at_start", "reward_curves"]

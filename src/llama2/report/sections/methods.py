@@ -1,0 +1,205 @@
+"""Methods compared (beyond the paper): from one SFT model, with the same time each, rejection sampling, PPO, DPO
+and GRPO (on the two reward models, and on the world's gold judge as a verifiable reward), every result measured
+against gold on the same held-out questions: gold accuracy and its paired change from SFT, the reward the RMs give
+the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and seconds spent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...checkpoint import load_checkpoint
+from ...eval.compare import sampled_kl
+from ...eval.gold import pick, safety_rates
+from ...figures import pyplot, save_png
+from ...reward import CombinedReward, RewardModel
+from ...stages import dpo, grpo, ppo
+from ...stages.rejection import RejectionRecipe, rejection_sampling
+from ...tokenizer import Tokenizer
+from ...train.distributed import shutdown
+from ..budget import fit_within
+from ..report import Section
+from .artifacts import ChatModel, RewardModels
+from .common import Demo, Done, need, say
+from .gold import effect, helpful_accuracy, run_results
+from .rejection import SECONDS_PER_PROMPT
+
+METHODS = ("rejection", "ppo", "dpo", "grpo-rm", "grpo-gold")
+LABELS = {"rejection": "rejection sampling (2 iterations)", "ppo": "PPO (RMs)", "dpo": "DPO (comparisons)",
+          "grpo-rm": "GRPO (RMs)", "grpo-gold": "GRPO (gold judge)"}
+CAP = 400  # steps at most for a training method (its time slice usually decides)
+KL_PER_FAMILY = 10  # held-out helpfulness questions per family the KL to the SFT model is estimated on
+MEASURE_S = 12.0  # seconds per method for its measurements (gold answers, R_c, the KL), kept out of its slice
+
+
+@dataclass
+class Outcome:
+    checkpoint: Path
+    seconds: float
+    samples: int  # answers the method generated (0 for DPO, which reads comparisons)
+    steps: int
+
+
+def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels | None,
+        methods: tuple[str, ...] = METHODS) -> Done[None]:
+    sft, rms = need(chat, "the comparison needs the SFT model").checkpoint, need(rms, "the comparison needs the RMs")
+    bench = need(demo.gold, "the comparison measures against gold: it runs in the built-in world")
+    runners: dict[str, Callable[[float, Path], Outcome]] = {
+        "rejection": lambda end, d: _rejection(demo, sft, rms, end, d),
+        "ppo": lambda end, d: _ppo(demo, sft, rms, end, d),
+        "dpo": lambda end, d: _dpo(demo, sft, end, d),
+        "grpo-rm": lambda end, d: _grpo(demo, sft, rms, "rm", end, d),
+        "grpo-gold": lambda end, d: _grpo(demo, sft, rms, "gold", end, d)}
+    scorer = CombinedReward(RewardModel.load(rms.helpfulness), RewardModel.load(rms.safety))
+    kl_prompts = [i.messages for i in pick(bench.helpful(), KL_PER_FAMILY, seed=demo.seed)]
+    sft_model = load_checkpoint(sft).eval()
+    tok = Tokenizer(sft)
+    base = bench.measure(sft)
+    rows: dict[str, dict[str, Any]] = {"SFT (the start)": _measures(base, base, scorer, 0.0)}
+    deadline = demo.budget.deadline("methods")
+    for n, name in enumerate(methods):
+        share = (deadline - time.time()) / (len(methods) - n)
+        end = time.time() + max(share - MEASURE_S * demo.budget.pace, 10.0)
+        done = runners[name](end, demo.run_dir(f"methods-{name}"))
+        after = bench.measure(done.checkpoint)
+        kl = sampled_kl(load_checkpoint(done.checkpoint).eval(), sft_model, tok, kl_prompts, seed=demo.seed)
+        rows[LABELS[name]] = {**_measures(base, after, scorer, kl), "samples": done.samples, "steps": done.steps,
+                              "seconds": round(done.seconds, 1), "checkpoint": str(done.checkpoint)}
+        say(f"   {LABELS[name]}: gold {rows[LABELS[name]]['change']['points']:+.1f} points in {done.seconds:.0f} s")
+    section.text(
+        "From the same SFT model and reward models, each method trains for the same share of the time (its length "
+        "re-planned as it runs to end on time) with its recipe in `configs/world/`: rejection sampling (best of "
+        "8 by the RMs' R_c, two iterations, as many prompts as the time allows), PPO (the recipe's beta), DPO (the "
+        "comparisons the RMs were trained on, no sampling), GRPO with LOGIT(R_c) as the reward, and GRPO with the "
+        "gold judge's score as the reward (a verifiable reward: an upper bound on what a perfect RM would give). "
+        "Each model then answers the same held-out questions greedily; the change is a paired difference on them. "
+        f"The KL to SFT is estimated on one sampled answer to each of {len(kl_prompts)} held-out questions.")
+    _write(demo, section, rows)
+    figure = _figure(rows, demo.out / "figures" / "methods" / "methods.png")
+    section.figure(figure, "Each method's change in held-out gold accuracy from the SFT model (95% paired "
+                           "intervals), and gold against the reward the RMs give the same answers")
+    best = max((k for k in rows if k != "SFT (the start)"), key=lambda k: rows[k]["change"]["points"])
+    return Done(f"methods: best {best} {rows[best]['change']['points']:+.1f} gold points "
+                f"[{rows[best]['change']['ci95'][0]:+.1f}, {rows[best]['change']['ci95'][1]:+.1f}]", None)
+
+
+def _measures(base: Any, after: Any, scorer: CombinedReward, kl: float) -> dict[str, Any]:
+    """Gold accuracy and its paired change from SFT, R_c of the held-out answers, the KL, safety rates."""
+    items = after.items
+    r_c = scorer([i.messages for i in items], after.answers, [i.safety for i in items]).combined
+    rates = safety_rates(after)
+    return {"accuracy": round(helpful_accuracy(after), 4), "change": effect(base, after),
+            "reward": round(sum(r_c) / len(r_c), 4), "kl": round(kl, 3),
+            "violations": rates["violations"]["rate"], "false_refusals": rates["false_refusals"]["rate"],
+            "gold": run_results(after)}
+
+
+def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]]) -> None:
+    """The table and results.json's part."""
+    table = []
+    for label, r in rows.items():
+        change = r["change"]
+        table.append([label, f"{100 * r['accuracy']:.1f}",
+                      "-" if label.startswith("SFT") else
+                      f"{change['points']:+.1f} [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}]",
+                      f"{r['reward']:.3f}", f"{r['kl']:.2f}", f"{100 * r['violations']:.0f}",
+                      f"{100 * r['false_refusals']:.0f}", r.get("samples", "-"), r.get("steps", "-"),
+                      r.get("seconds", "-")])
+    section.table(["method", "gold accuracy (%)", "change (points, 95%)", "R_c of the answers",
+                           "KL to SFT", "violations (%)", "false refusals (%)", "answers sampled", "steps",
+                           "seconds"], table, caption="Every method from the same SFT model with the same time, "
+                                                      "measured on the same held-out world questions")
+    demo.results.setdefault("gold", {})["methods"] = rows
+
+
+def _figure(rows: dict[str, dict[str, Any]], path: Path) -> Path:
+    plt = pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
+    methods = [k for k in rows if not k.startswith("SFT")]
+    ys = list(range(len(methods)))
+    points = [rows[k]["change"]["points"] for k in methods]
+    lows = [p - rows[k]["change"]["ci95"][0] for p, k in zip(points, methods)]
+    highs = [rows[k]["change"]["ci95"][1] - p for p, k in zip(points, methods)]
+    ax.errorbar(points, ys, xerr=[lows, highs], fmt="o", color="tab:blue", capsize=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(ys, methods)
+    ax.invert_yaxis()
+    ax.set(xlabel="change in held-out gold accuracy from SFT (points)", title="gold")
+    ax.grid(alpha=0.3, axis="x")
+    for k in rows:
+        bx.scatter(rows[k]["reward"], 100 * rows[k]["accuracy"], s=30)
+        bx.annotate(k, (rows[k]["reward"], 100 * rows[k]["accuracy"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    bx.set(xlabel="mean R_c the RMs give the held-out answers", ylabel="held-out gold accuracy (%)",
+           title="what the RMs reward against what is true")
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The methods, each until its end time
+
+
+def _trained(trainer: Any, end: float, desc: str, demo: Demo) -> tuple[Path, int]:
+    result, _ = fit_within(trainer, end, cap=CAP, min_steps=2, quiet=demo.quiet, desc=desc, evals=1,
+                           choose_threads=False)
+    return result.checkpoint, result.step
+
+
+def _ppo(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
+    t0 = time.time()
+    recipe = demo.load(ppo.PPORecipe, "ppo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
+                                                   f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}",
+                                                   "save_every=0", "keep_last=1", "prompts.held_out=8"])
+    try:
+        run = ppo.PPO(recipe, quiet=True)
+        ppo.evaluate_at_start(run)
+        checkpoint, steps = _trained(run.trainer, end, "ppo", demo)
+    finally:
+        shutdown()
+    return Outcome(checkpoint, time.time() - t0, steps * recipe.batch_size, steps)
+
+
+def _grpo(demo: Demo, sft: Path, rms: RewardModels, reward: str, end: float, out: Path) -> Outcome:
+    t0 = time.time()
+    recipe = demo.load(grpo.GRPORecipe, "grpo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
+                                                      f"reward={reward}", f"helpfulness_rm={rms.helpfulness}",
+                                                      f"safety_rm={rms.safety}", "save_every=0", "keep_last=1",
+                                                      "prompts.held_out=8"])
+    try:
+        run = grpo.GRPO(recipe, quiet=True)
+        grpo.evaluate_at_start(run)
+        checkpoint, steps = _trained(run.trainer, end, f"grpo ({reward})", demo)
+    finally:
+        shutdown()
+    return Outcome(checkpoint, time.time() - t0, steps * recipe.batch_size * recipe.group_size, steps)
+
+
+def _dpo(demo: Demo, sft: Path, end: float, out: Path) -> Outcome:
+    t0 = time.time()
+    recipe = demo.load(dpo.DPORecipe, "dpo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
+                                                   "save_every=0", "keep_last=1", "max_steps=null", "epochs=1"])
+    try:
+        run = dpo.DPO(recipe, quiet=True)
+        dpo.evaluate_at_start(run)
+        checkpoint, steps = _trained(run.trainer, end, "dpo", demo)
+    finally:
+        shutdown()
+    return Outcome(checkpoint, time.time() - t0, 0, steps)
+
+
+def _rejection(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
+    t0 = time.time()
+    prompts = int(min(256, max(8, (end - t0) / (SECONDS_PER_PROMPT * demo.budget.pace))))
+    recipe = demo.load(RejectionRecipe, "rejection.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
+                                                           f"helpfulness_rm={rms.helpfulness}",
+                                                           f"safety_rm={rms.safety}", f"max_prompts={prompts}",
+                                                           "prompts.held_out=8"])
+    result = rejection_sampling(recipe, quiet=True)
+    k, iterations = recipe.samples_per_prompt, recipe.iterations
+    return Outcome(Path(result.policy), time.time() - t0, prompts * k * iterations, iterations)
