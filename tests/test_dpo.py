@@ -210,3 +210,52 @@ def test_recipe_errors(tmp_path, models, data_files):
         make_recipe(tmp_path, models[0], data_files, overrides=["loss=ipo", "margin=small"])
     with pytest.raises(Llama2Error, match="unknown recipe key|'nonsense'"):
         make_recipe(tmp_path, models[0], data_files, overrides=["nonsense=1"])
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_dpo import make_recipe
+from llama2.stages.dpo import dpo
+from llama2.train.distributed import shutdown
+try:
+    data = (Path({train!r}), Path({val!r}))
+    dpo(make_recipe(Path(sys.argv[1]).parent, Path({base!r}), data, Path(sys.argv[1]).name,
+                    ["max_steps=3", "eval_every=3", "save_every=3", "batch_size=4"]), quiet=True)
+finally:
+    shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path, models, data_files):
+    """The same 3 steps on 1 process (batch 8) and on 2 (FSDP2 over gloo, 4 pairs each): the same losses and
+    held-out figures."""
+    import subprocess
+    import sys
+
+    from helpers import SUB_ENV
+
+    from llama2.train.metrics import read_metrics
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), base=str(models[0]), train=str(data_files[0]),
+                                    val=str(data_files[1])))
+    one = script.read_text().replace('"batch_size=4"', '"batch_size=8"')
+    (tmp_path / "driver1.py").write_text(one)
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver1.py"), str(tmp_path / "one")], env=SUB_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    for s in (1, 2, 3):
+        for key in ("loss", "accuracy", "margin"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
+    for key in ("val_loss", "val_accuracy", "val_margin"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key

@@ -181,3 +181,50 @@ def test_one_update_per_iteration_skips_pi_olds_forward_and_changes_nothing(tmp_
         for key in ("reward", "loss", "kl", "entropy", "clip_frac", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     assert runs[True][0]["kl"] == 0.0 and runs[True][-1]["kl"] > 0
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from helpers import AScorer
+from test_grpo import make_recipe
+from llama2.stages.grpo import grpo
+from llama2.train.distributed import shutdown
+try:
+    grpo(make_recipe(Path({setup!r}), Path(sys.argv[1]), ["max_steps=3", "mini_batch={mini}", "eval_every=3",
+                                                          "save_every=3"]), quiet=True, scorer=AScorer())
+finally:
+    shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mini", [32, 16])
+def test_two_gloo_processes_match_one(tmp_path, setup, mini):
+    """The same 3 iterations on 1 process and on 2 (FSDP2 over gloo, each process half of the groups; advantages
+    within groups, the logged means over the whole batch): the same rewards, KL and losses, with one update per
+    iteration (pi_old from the update's forward) and with two."""
+    import subprocess
+    import sys
+
+    from helpers import SUB_ENV
+
+    from llama2.train.metrics import read_metrics
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup), mini=mini))
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "one")], env=SUB_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    for s in (1, 2, 3):
+        for key in ("reward", "reward_std", "kl", "entropy", "loss", "response_length"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
+    assert b[3]["heldout_reward"] == pytest.approx(a[3]["heldout_reward"], abs=1e-6)

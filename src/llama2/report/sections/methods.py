@@ -25,7 +25,6 @@ from ..report import Section
 from .artifacts import ChatModel, RewardModels
 from .common import Demo, Done, need, say
 from .gold import effect, helpful_accuracy, run_results
-from .rejection import SECONDS_PER_PROMPT
 
 METHODS = ("rejection", "ppo", "dpo", "grpo-rm", "grpo-gold")
 LABELS = {"rejection": "rejection sampling (2 iterations)", "ppo": "PPO (RMs)", "dpo": "DPO (comparisons)",
@@ -33,6 +32,9 @@ LABELS = {"rejection": "rejection sampling (2 iterations)", "ppo": "PPO (RMs)", 
 CAP = 400  # steps at most for a training method (its time slice usually decides)
 KL_PER_FAMILY = 10  # held-out helpfulness questions per family the KL to the SFT model is estimated on
 MEASURE_S = 12.0  # seconds per method for its measurements (gold answers, R_c, the KL), kept out of its slice
+RS_FIXED_S, RS_PER_PROMPT_S = 15.0, 0.2  # rejection sampling's seconds: sweeps and start-up, and per training
+#   prompt (8 answers, scored, both iterations, fine-tuning included), measured on 2 idle cores: 256 prompts, 53 s
+RS_MAX_PROMPTS = 2048
 
 
 @dataclass
@@ -195,7 +197,8 @@ def _dpo(demo: Demo, sft: Path, end: float, out: Path) -> Outcome:
 
 def _rejection(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
     t0 = time.time()
-    prompts = int(min(256, max(8, (end - t0) / (SECONDS_PER_PROMPT * demo.budget.pace))))
+    pace = demo.budget.pace
+    prompts = int(min(RS_MAX_PROMPTS, max(8, (end - t0 - RS_FIXED_S * pace) / (RS_PER_PROMPT_S * pace))))
     recipe = demo.load(RejectionRecipe, "rejection.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
                                                            f"helpfulness_rm={rms.helpfulness}",
                                                            f"safety_rm={rms.safety}", f"max_prompts={prompts}",
