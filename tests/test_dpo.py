@@ -252,8 +252,11 @@ def test_two_gloo_processes_match_one(tmp_path, models, data_files):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    a: dict[int, dict] = {}
+    b: dict[int, dict] = {}
+    for merged, run in ((a, "one"), (b, "two")):
+        for r in read_metrics(tmp_path / run / "metrics.jsonl"):  # a step's training and evaluation records
+            merged.setdefault(r["step"], {}).update(r)
     for s in (1, 2, 3):
         for key in ("loss", "accuracy", "margin"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)

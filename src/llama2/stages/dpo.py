@@ -221,8 +221,8 @@ class DPO:
                                      beta=r.beta, loss=r.loss, margin=batch["margin"], chosen_tokens=counts[:n],
                                      rejected_tokens=counts[n:], length_normalize=r.length_normalize)
         c, j = rewards["reward_chosen"], rewards["reward_rejected"]
-        metrics = {"accuracy": ((c > j).float() + 0.5 * (c == j).float()).mean(),  # ties half right, as the RMs "margin": (c - j).mean(), "reward_chosen": c.mean(),
-                   "reward_rejected": j.mean()}
+        metrics = {"accuracy": ((c > j).float() + 0.5 * (c == j).float()).mean(),  # a tie counts half, as for RMs
+                   "margin": (c - j).mean(), "reward_chosen": c.mean(), "reward_rejected": j.mean()}
         return LossOutput(per_pair.mean(), n, tokens=batch["lengths"].sum(), metrics=metrics)
 
 
