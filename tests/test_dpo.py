@@ -51,7 +51,8 @@ def yes_no(n: int, offset: int = 0) -> list[dict]:
              "rating": RATINGS[i % 4]} for i in range(offset, offset + n)]
 
 
-def _trl_loss(loss_type: str, beta: float, policy, reference, pairs, tokenizer) -> torch.Tensor:
+def _trl_loss(loss_type: str | list, beta: float, policy, reference, pairs, tokenizer,
+              weights: list[float] | None = None) -> torch.Tensor:
     """TRL's DPOTrainer._compute_loss through transformers' models (with TRL's fused LM head) on its padded rows:
     the chosen answers, then the rejected ones."""
     from trl import DPOTrainer
@@ -78,7 +79,8 @@ def _trl_loss(loss_type: str, beta: float, policy, reference, pairs, tokenizer) 
         model=policy, ref_model=reference, accelerator=SimpleNamespace(device=torch.device("cpu"), gather=ident,
                                                                       gather_for_metrics=ident),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
+        loss_types=loss_type if isinstance(loss_type, list) else [loss_type], loss_weights=weights or [1.0],
+        beta=beta, use_weighting=False, label_smoothing=0.0,
         _total_train_tokens=0, _tp_size=1, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         args=SimpleNamespace(gradient_checkpointing_kwargs=None))
     inputs = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
@@ -87,13 +89,14 @@ def _trl_loss(loss_type: str, beta: float, policy, reference, pairs, tokenizer) 
 
 @pytest.mark.parametrize("ours,trls", [({"loss": "sigmoid"}, "sigmoid"),
                                        ({"loss": "sigmoid", "length_normalize": True}, "sigmoid_norm"),
-                                       ({"loss": "ipo"}, "ipo")])
+                                       ({"loss": "ipo"}, "ipo"),
+                                       ({"loss": "sigmoid", "sft_weight": 0.5}, ["sigmoid", "sft"])])
 def test_loss_and_gradient_equal_trls_dpo_trainer(models, tokenizer, ours, trls):
     from transformers import LlamaForCausalLM
 
     from llama2.checkpoint import load_checkpoint
     from llama2.reward import encode_scored
-    from llama2.stages.dpo import dpo_loss, response_logprobs
+    from llama2.stages.dpo import chosen_nll, dpo_loss, response_logprobs
     from llama2.stages.reward import collate_pairs
 
     pairs = yes_no(6)
@@ -109,13 +112,15 @@ def test_loss_and_gradient_equal_trls_dpo_trainer(models, tokenizer, ours, trls)
     with torch.no_grad():
         ref, _ = response_logprobs(reference, batch)
     n = len(pairs)
+    ours = dict(ours)
+    sft_weight = ours.pop("sft_weight", 0.0)
     per_pair, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, chosen_tokens=counts[:n],
                            rejected_tokens=counts[n:], **ours)
-    mine = per_pair.mean()
+    mine = per_pair.mean() + sft_weight * chosen_nll(logps[:n], counts[:n])
     mine.backward()
     hf_policy = LlamaForCausalLM.from_pretrained(models[0]).float().train()
     hf_ref = LlamaForCausalLM.from_pretrained(models[1]).float().eval()
-    theirs = _trl_loss(trls, beta, hf_policy, hf_ref, pairs, tokenizer)
+    theirs = _trl_loss(trls, beta, hf_policy, hf_ref, pairs, tokenizer, [1.0, sft_weight] if sft_weight else None)
     theirs.backward()
     assert float(mine) == pytest.approx(float(theirs.detach()), rel=1e-4, abs=1e-6)
     assert float(mine) != pytest.approx(math.log(2), abs=1e-3) or trls == "ipo"  # the models differ: a real test

@@ -9,7 +9,8 @@ chosen answer's implicit reward to exceed the rejected one's:
 Delta = log pi_theta(y | x) - log pi_ref(y | x) summed over the answer's tokens (its EOS included);
 `length_normalize` averages it over the answer's tokens instead (IPO always does). m(r) is the paper's rating margin
 (Table 27; `margin: none | small | large`, as the reward stage), our extension: a pair rated "significantly better"
-must be won by more. The data path is the reward stage's: the same comparison JSONL files and sources, packed
+must be won by more. `sft_weight` adds that weight x the chosen answers' mean token negative log-likelihood (RPO).
+The data path is the reward stage's: the same comparison JSONL files and sources, packed
 micro-batches (each answer attends only to itself), the same epoch mix.
 
 metrics.jsonl gets, per step, the loss, accuracy (the chosen answer's implicit reward higher; a tie counts half),
@@ -96,6 +97,12 @@ def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected:
     return per_pair, {"reward_chosen": beta * d_c.detach(), "reward_rejected": beta * d_r.detach()}
 
 
+def chosen_nll(chosen: Tensor, tokens: Tensor) -> Tensor:
+    """The chosen answers' mean token negative log-likelihood: summed log-probabilities (n,) over their token
+    counts (n,), as one mean over every token (RPO's term)."""
+    return -chosen.sum() / tokens.sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
@@ -115,6 +122,9 @@ class DPORecipe(FineTuneRecipe):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     margin: MarginVariant = "none"  # the paper's rating margin m(r) inside the sigmoid loss (none, small, large)
     length_normalize: bool = False  # average the log-ratios over the answers' tokens (IPO always does)
+    # add this x the chosen answers' mean token negative log-likelihood (RPO; TRL's loss_type [.., "sft"]): keeps
+    # the chosen answers likely, where DPO alone lowers both answers of a pair (refusals included)
+    sft_weight: float = 0.0
     packing: bool = True  # pack each micro-batch's answers into rows of max_seq_len (else pad every answer)
     data: ComparisonDataConfig = field(default_factory=ComparisonDataConfig)
     lora: LoRASpec = field(default_factory=LoRASpec)
@@ -123,6 +133,7 @@ class DPORecipe(FineTuneRecipe):
     def validate(self) -> None:
         super().validate()
         check(self.beta > 0, "beta", self.beta, "a positive number")
+        check(self.sft_weight >= 0, "sft_weight", self.sft_weight, "a number >= 0 (0 turns it off)")
         check(self.loss in ("sigmoid", "ipo"), "loss", self.loss, "sigmoid or ipo")
         check(self.margin in MARGINS, "margin", self.margin, f"one of {sorted(MARGINS)}")
         if self.loss == "ipo" and self.margin != "none":
@@ -220,10 +231,13 @@ class DPO:
         per_pair, rewards = dpo_loss(logps[:n].float(), logps[n:].float(), ref[:n].float(), ref[n:].float(),
                                      beta=r.beta, loss=r.loss, margin=batch["margin"], chosen_tokens=counts[:n],
                                      rejected_tokens=counts[n:], length_normalize=r.length_normalize)
+        loss = per_pair.mean()
+        if r.sft_weight:
+            loss = loss + r.sft_weight * chosen_nll(logps[:n], counts[:n])
         c, j = rewards["reward_chosen"], rewards["reward_rejected"]
         metrics = {"accuracy": ((c > j).float() + 0.5 * (c == j).float()).mean(),  # a tie counts half, as for RMs
                    "margin": (c - j).mean(), "reward_chosen": c.mean(), "reward_rejected": j.mean()}
-        return LossOutput(per_pair.mean(), n, tokens=batch["lengths"].sum(), metrics=metrics)
+        return LossOutput(loss, n, tokens=batch["lengths"].sum(), metrics=metrics)
 
 
 def evaluate_at_start(run: DPO) -> None:
@@ -249,4 +263,4 @@ def dpo(recipe: DPORecipe, quiet: bool = False) -> TrainResult:
     return result
 
 
-__all__ = ["DPORecipe", "DPO", "dpo", "dpo_loss", "response_logprobs", "evaluate_at_start"]
+__all__ = ["DPORecipe", "DPO", "dpo", "dpo_loss", "chosen_nll", "response_logprobs", "evaluate_at_start"]
