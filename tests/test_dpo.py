@@ -267,3 +267,16 @@ def test_two_gloo_processes_match_one(tmp_path, models, data_files):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
     for key in ("val_loss", "val_accuracy", "val_margin"):
         assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key
+
+
+def test_every_dpo_recipe_loads_with_its_settings():
+    from llama2.recipe import load_recipe
+    from llama2.stages.dpo import DPORecipe
+
+    root = Path(__file__).parents[1] / "configs"
+    recipes = {size: load_recipe(DPORecipe, root / size / "dpo.yaml") for size in ("tiny", "world", "7B", "13B", "70B")}
+    for size in ("7B", "13B", "70B"):  # the DPO paper's and Zephyr's beta, lr, warm-up and global batch
+        r = recipes[size]
+        assert (r.beta, r.optim.lr, r.optim.warmup_ratio, r.global_batch_size, r.loss) == (0.1, 5e-7, 0.1, 64,
+                                                                                          "sigmoid")
+    assert recipes["world"].data.sources[0].path == "builtin:world/comparisons-helpfulness.jsonl"

@@ -230,3 +230,16 @@ def test_two_gloo_processes_match_one(tmp_path, setup, epochs):
         for key in ("reward", "reward_std", "kl", "entropy", "loss", "response_length"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
     assert b[3]["heldout_reward"] == pytest.approx(a[3]["heldout_reward"], abs=1e-6)
+
+
+def test_every_grpo_recipe_loads_with_its_settings():
+    from llama2.recipe import load_recipe
+    from llama2.stages.grpo import GRPORecipe
+
+    root = Path(__file__).parents[1] / "configs"
+    recipes = {size: load_recipe(GRPORecipe, root / size / "grpo.yaml") for size in ("tiny", "world", "7B", "13B",
+                                                                                    "70B")}
+    assert recipes["world"].reward == "gold" and recipes["tiny"].reward == "rm"
+    for size in ("7B", "13B", "70B"):  # DeepSeekMath's beta, lr and clip; 16 answers per prompt
+        r = recipes[size]
+        assert (r.beta, r.optim.lr, r.clip, r.group_size, r.loss, r.precision) == (0.04, 1e-6, 0.2, 16, "grpo", "bf16")
