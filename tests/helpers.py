@@ -279,3 +279,27 @@ def make_ppo_recipe(d: Path, out: Path, overrides=()):
                                          f"prompts.path={d / 'train.jsonl'}", f"prompts.val_path={d / 'val.jsonl'}",
                                          "prompts.held_out=8", "device=cpu", "precision=fp32", "peak_tflops=1",
                                          "log_every=1", "eval_every=10", "save_every=10", *overrides])
+
+
+def one_and_two_processes(out: Path, one: list[str], two: list[str]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Run `one` (a command: python and its arguments) and `two` (a script and its arguments, under torchrun with 2
+    processes over gloo) side by side, writing to out / "one" and out / "two" (appended to each); returns each
+    run's metrics.jsonl records merged by step (a step's training and evaluation records in one dict)."""
+    import subprocess
+    import sys
+
+    from llama2.train.metrics import read_metrics
+
+    procs = [subprocess.Popen([sys.executable, *one, str(out / "one")], env=SUB_ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               *two, str(out / "two")], env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    merged: list[dict[int, dict]] = [{}, {}]
+    for by_step, run in zip(merged, ("one", "two")):
+        for r in read_metrics(out / run / "metrics.jsonl"):
+            by_step.setdefault(r["step"], {}).update(r)
+    return merged[0], merged[1]

@@ -237,31 +237,13 @@ finally:
 def test_two_gloo_processes_match_one(tmp_path, models, data_files):
     """The same 3 steps on 1 process (batch 8) and on 2 (FSDP2 over gloo, 4 pairs each): the same losses and
     held-out figures."""
-    import subprocess
-    import sys
-
-    from helpers import SUB_ENV
-
-    from llama2.train.metrics import read_metrics
+    from helpers import one_and_two_processes
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), base=str(models[0]), train=str(data_files[0]),
                                     val=str(data_files[1])))
-    one = script.read_text().replace('"batch_size=4"', '"batch_size=8"')
-    (tmp_path / "driver1.py").write_text(one)
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "driver1.py"), str(tmp_path / "one")], env=SUB_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    a: dict[int, dict] = {}
-    b: dict[int, dict] = {}
-    for merged, run in ((a, "one"), (b, "two")):
-        for r in read_metrics(tmp_path / run / "metrics.jsonl"):  # a step's training and evaluation records
-            merged.setdefault(r["step"], {}).update(r)
+    (tmp_path / "driver1.py").write_text(script.read_text().replace('"batch_size=4"', '"batch_size=8"'))
+    a, b = one_and_two_processes(tmp_path, [str(tmp_path / "driver1.py")], [str(script)])
     for s in (1, 2, 3):
         for key in ("loss", "accuracy", "margin"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)

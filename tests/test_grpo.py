@@ -207,25 +207,11 @@ def test_two_gloo_processes_match_one(tmp_path, setup, epochs):
     within groups, the logged means over the whole batch): the same rewards, KL and losses, with one update per
     iteration (pi_old from the update's forward) and with two (pi_old's own forward). Mini-batches smaller than
     the batch are drawn by each process from its own share, so they differ from one process's draws."""
-    import subprocess
-    import sys
-
-    from helpers import SUB_ENV
-
-    from llama2.train.metrics import read_metrics
+    from helpers import one_and_two_processes
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup), epochs=epochs))
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "one")], env=SUB_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    a, b = one_and_two_processes(tmp_path, [str(script)], [str(script)])
     for s in (1, 2, 3):
         for key in ("reward", "reward_std", "kl", "entropy", "loss", "response_length"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)

@@ -184,25 +184,11 @@ finally:
 def test_two_gloo_processes_match_one(tmp_path, setup):
     """The same 3 iterations on 1 process and on 2 (FSDP2 over gloo, each process half of every batch, the
     whitening and the logged means over the whole batch): the same rewards, KL and losses."""
-    import subprocess
-    import sys
-
-    from helpers import SUB_ENV
-
-    from llama2.train.metrics import read_metrics
+    from helpers import one_and_two_processes
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup)))
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "one")], env=SUB_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               str(script), str(tmp_path / "two")], env=SUB_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    a = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    a, b = one_and_two_processes(tmp_path, [str(script)], [str(script)])
     for s in (1, 2, 3):
         for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "response_length"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)

@@ -44,7 +44,6 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
 from ..errors import Llama2Error
 from ..eval.gold import GoldReward
-from ..figures import pyplot, save_png
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
@@ -53,7 +52,7 @@ from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum, init_distributed
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import PromptBatches, Scorer, pad_rollout, sample_answers
+from .ppo import PromptBatches, Scorer, pad_rollout, reward_kl_figure, sample_answers
 
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
 
@@ -363,27 +362,9 @@ class GRPO:
 
 def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """rewards.png: the answers' mean reward per iteration and the held-out reward; the KL to pi_0."""
-    rows = [r for r in records if "reward" in r]
-    if not rows:
-        return None
-    plt = pyplot()
-    fig, (ax, kx) = plt.subplots(1, 2, figsize=(11, 3.8))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward"] for r in rows], label="answers (sampled)")
-    held = [r for r in records if "heldout_reward" in r]
-    if held:
-        ax.plot([r["step"] for r in held], [r["heldout_reward"] for r in held], "ko--", label="held-out (greedy)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    kx.plot(steps, [r["kl"] for r in rows], color="tab:purple")
-    kx.set_xlabel("iteration")
-    kx.set_ylabel("KL to pi_0 (k3, per answer)")
-    kx.grid(alpha=0.3)
-    fig.suptitle("GRPO: reward and KL")
-    save_png(fig, path)
-    return path
+    return reward_kl_figure(records, path, (("reward", "answers (sampled)"),), ylabel="reward",
+                            held_label="held-out (greedy)", kl_label="KL to pi_0 (k3, per answer)",
+                            title="GRPO: reward and KL")
 
 
 def evaluate_at_start(run: GRPO) -> None:

@@ -523,32 +523,38 @@ class PPO:
                 "heldout_safety": statistics.fmean(s.safety)}
 
 
-def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """rewards.png: mean R_c, R_h and R_s of the rollouts per iteration, the held-out R_c, and the KL to pi_0."""
-    plt = pyplot()
-
-
+def reward_kl_figure(records: Sequence[dict[str, Any]], path: Path, series: Sequence[tuple[str, str]], *,
+                     ylabel: str, held_label: str, kl_label: str, title: str) -> Path | None:
+    """A two-panel PNG of an RL run's metrics: the reward `series` (metric key, label) per iteration with the
+    held-out reward (heldout_reward), and the KL to pi_0 (kl). None when no iteration was logged."""
     rows = [r for r in records if "reward" in r]
     if not rows:
         return None
+    plt = pyplot()
     fig, (ax, kx) = plt.subplots(1, 2, figsize=(11, 3.8))
     steps = [r["step"] for r in rows]
-    for key, label in (("reward", "R_c"), ("reward_helpfulness", "R_h"), ("reward_safety", "R_s")):
-        ax.plot(steps, [r[key] for r in rows], label=f"rollouts {label}")
+    for key, label in series:
+        ax.plot(steps, [r[key] for r in rows], label=label)
     held = [r for r in records if "heldout_reward" in r]
     if held:
-        ax.plot([r["step"] for r in held], [r["heldout_reward"] for r in held], "ko--", label="held-out R_c (greedy)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("reward (sigmoid)")
+        ax.plot([r["step"] for r in held], [r["heldout_reward"] for r in held], "ko--", label=held_label)
+    ax.set(xlabel="iteration", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     kx.plot(steps, [r["kl"] for r in rows], color="tab:purple")
-    kx.set_xlabel("iteration")
-    kx.set_ylabel("KL to pi_0 (per answer)")
+    kx.set(xlabel="iteration", ylabel=kl_label)
     kx.grid(alpha=0.3)
-    fig.suptitle("PPO: reward and KL")
+    fig.suptitle(title)
     save_png(fig, path)
     return path
+
+
+def reward_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """rewards.png: mean R_c, R_h and R_s of the rollouts per iteration, the held-out R_c, and the KL to pi_0."""
+    return reward_kl_figure(records, path, (("reward", "rollouts R_c"), ("reward_helpfulness", "rollouts R_h"),
+                                            ("reward_safety", "rollouts R_s")), ylabel="reward (sigmoid)",
+                            held_label="held-out R_c (greedy)", kl_label="KL to pi_0 (per answer)",
+                            title="PPO: reward and KL")
 
 
 def evaluate_at_start(run: PPO) -> dict[str, float]:
@@ -577,4 +583,4 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
-           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches"]
+           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches", "reward_kl_figure"]

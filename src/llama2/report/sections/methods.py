@@ -147,61 +147,54 @@ def _figure(rows: dict[str, dict[str, Any]], path: Path) -> Path:
 # The methods, each until its end time
 
 
-def _trained(trainer: Any, end: float, desc: str, demo: Demo) -> tuple[Path, int]:
-    result, _ = fit_within(trainer, end, cap=CAP, min_steps=2, quiet=demo.quiet, desc=desc, evals=1,
-                           choose_threads=False)
-    return result.checkpoint, result.step
+def _fit(demo: Demo, make: Callable[[], Any], start: Callable[[Any], None], end: float, desc: str
+         ) -> tuple[Path, int, float]:
+    """Build a stage's run (`make`), start it (`start`: its evaluate_at_start) and train it until `end`:
+    (checkpoint, steps, seconds)."""
+    t0 = time.time()
+    try:
+        run = make()
+        start(run)
+        result, _ = fit_within(run.trainer, end, cap=CAP, min_steps=2, quiet=demo.quiet, desc=desc, evals=1,
+                               choose_threads=False)
+    finally:
+        shutdown()
+    return result.checkpoint, result.step, time.time() - t0
+
+
+def _common(sft: Path, out: Path, rms: RewardModels | None = None) -> list[str]:
+    """The overrides every method's recipe gets: the start, the run directory, one checkpoint at the end."""
+    models = [f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}"] if rms is not None else []
+    return [f"base={sft}", "base_recipe=null", f"out_dir={out}", *models]
 
 
 def _ppo(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
-    t0 = time.time()
-    recipe = demo.load(ppo.PPORecipe, "ppo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
-                                                   f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}",
-                                                   "save_every=0", "keep_last=1", "prompts.held_out=8"])
-    try:
-        run = ppo.PPO(recipe, quiet=True)
-        ppo.evaluate_at_start(run)
-        checkpoint, steps = _trained(run.trainer, end, "ppo", demo)
-    finally:
-        shutdown()
-    return Outcome(checkpoint, time.time() - t0, steps * recipe.batch_size, steps)
+    recipe = demo.load(ppo.PPORecipe, "ppo.yaml", [*_common(sft, out, rms), "save_every=0", "keep_last=1",
+                                                   "prompts.held_out=8"])
+    checkpoint, steps, seconds = _fit(demo, lambda: ppo.PPO(recipe, quiet=True), ppo.evaluate_at_start, end, "ppo")
+    return Outcome(checkpoint, seconds, steps * recipe.batch_size, steps)
 
 
 def _grpo(demo: Demo, sft: Path, rms: RewardModels, reward: str, end: float, out: Path) -> Outcome:
-    t0 = time.time()
-    recipe = demo.load(grpo.GRPORecipe, "grpo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
-                                                      f"reward={reward}", f"helpfulness_rm={rms.helpfulness}",
-                                                      f"safety_rm={rms.safety}", "save_every=0", "keep_last=1",
-                                                      "prompts.held_out=8"])
-    try:
-        run = grpo.GRPO(recipe, quiet=True)
-        grpo.evaluate_at_start(run)
-        checkpoint, steps = _trained(run.trainer, end, f"grpo ({reward})", demo)
-    finally:
-        shutdown()
-    return Outcome(checkpoint, time.time() - t0, steps * recipe.batch_size * recipe.group_size, steps)
+    recipe = demo.load(grpo.GRPORecipe, "grpo.yaml", [*_common(sft, out, rms), f"reward={reward}", "save_every=0",
+                                                      "keep_last=1", "prompts.held_out=8"])
+    checkpoint, steps, seconds = _fit(demo, lambda: grpo.GRPO(recipe, quiet=True), grpo.evaluate_at_start, end,
+                                      f"grpo ({reward})")
+    return Outcome(checkpoint, seconds, steps * recipe.batch_size * recipe.group_size, steps)
 
 
 def _dpo(demo: Demo, sft: Path, end: float, out: Path) -> Outcome:
-    t0 = time.time()
-    recipe = demo.load(dpo.DPORecipe, "dpo.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
-                                                   "save_every=0", "keep_last=1", "max_steps=null", "epochs=1"])
-    try:
-        run = dpo.DPO(recipe, quiet=True)
-        dpo.evaluate_at_start(run)
-        checkpoint, steps = _trained(run.trainer, end, "dpo", demo)
-    finally:
-        shutdown()
-    return Outcome(checkpoint, time.time() - t0, 0, steps)
+    recipe = demo.load(dpo.DPORecipe, "dpo.yaml", [*_common(sft, out), "save_every=0", "keep_last=1",
+                                                   "max_steps=null", "epochs=1"])
+    checkpoint, steps, seconds = _fit(demo, lambda: dpo.DPO(recipe, quiet=True), dpo.evaluate_at_start, end, "dpo")
+    return Outcome(checkpoint, seconds, 0, steps)
 
 
 def _rejection(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
     t0 = time.time()
     pace = demo.budget.pace
     prompts = int(min(RS_MAX_PROMPTS, max(8, (end - t0 - RS_FIXED_S * pace) / (RS_PER_PROMPT_S * pace))))
-    recipe = demo.load(RejectionRecipe, "rejection.yaml", [f"base={sft}", "base_recipe=null", f"out_dir={out}",
-                                                           f"helpfulness_rm={rms.helpfulness}",
-                                                           f"safety_rm={rms.safety}", f"max_prompts={prompts}",
+    recipe = demo.load(RejectionRecipe, "rejection.yaml", [*_common(sft, out, rms), f"max_prompts={prompts}",
                                                            "prompts.held_out=8"])
     result = rejection_sampling(recipe, quiet=True)
     k, iterations = recipe.samples_per_prompt, recipe.iterations
