@@ -53,8 +53,10 @@ COVERED = {
     "data corpus": "test_data", "data prepare": "test_data", "data info": "test_data",
     "data dialogues": "test_dialogues", "data comparisons": "test_comparisons", "data adversarial": "test_cli",
     "eval run": "test_eval_harness", "eval compare": "test_eval_compare", "eval gatt": "test_gatt",
-    "eval redteam": "test_safety", "eval score-code": "test_eval_code", "eval gold": "test_gold", "data world": "test_world",
+    "eval redteam": "test_safety", "eval score-code": "test_eval_code", "eval gold": "test_gold",
+    "data world": "test_world",
     "rlhf rejection-sampling": "test_cli", "rlhf ppo": "test_cli", "rlhf distill-safety": "test_cli",
+    "rlhf dpo": "test_cli", "rlhf grpo": "test_cli", "compare-methods": "test_demo",
     "tokenizer train": "test_tokenizer", "tokenizer from-gguf": "test_tokenizer", "tokenizer encode": "test_tokenizer",
     "tokenizer decode": "test_tokenizer",
 }
@@ -64,6 +66,7 @@ STAGES = {  # stage command -> its recipe class (module, name), written out here
     "reward": ("llama2.stages.reward", "RewardRecipe"), "gatt": ("llama2.stages.gatt", "GattRecipe"),
     "rlhf rejection-sampling": ("llama2.stages.rejection", "RejectionRecipe"),
     "rlhf ppo": ("llama2.stages.ppo", "PPORecipe"),
+    "rlhf dpo": ("llama2.stages.dpo", "DPORecipe"), "rlhf grpo": ("llama2.stages.grpo", "GRPORecipe"),
     "rlhf distill-safety": ("llama2.stages.safety", "DistillSafetyRecipe"),
 }
 
@@ -243,6 +246,12 @@ def world(tmp_path_factory, sp_model_path):
     (d / "ppo.yaml").write_text(f"base: {d / 'chat'}\n{rms}{prompts}max_steps: 2\nbatch_size: 4\nmini_batch: 2\n"
                                 f"max_new_tokens: 4\neval_every: 2\nsave_every: 2\n"
                                 f"optim: {{lr: 1.0e-3, warmup_steps: 0}}\n{trained}")
+    (d / "dpo.yaml").write_text(f"base: {d / 'chat'}\ndata: {{path: {d / 'pairs.jsonl'}, val_path: "
+                                f"{d / 'pairs.val.jsonl'}}}\nmax_seq_len: 128\nbatch_size: 4\nmax_steps: 2\n"
+                                f"eval_every: 2\n{trained}")
+    (d / "grpo.yaml").write_text(f"base: {d / 'chat'}\n{rms}{prompts}max_steps: 2\nbatch_size: 2\ngroup_size: 2\n"
+                                 f"mini_batch: 4\nmax_new_tokens: 4\neval_every: 2\nsave_every: 2\n"
+                                 f"optim: {{lr: 1.0e-3, warmup_steps: 0}}\n{trained}")
     (d / "distill.yaml").write_text(f"base: {d / 'chat'}\nsafety_rm: {d / 'rm'}\nprompts: {{path: "
                                     f"{d / 'adversarial.jsonl'}, val_path: {d / 'adversarial.val.jsonl'}, "
                                     f"max_prompts: 3, held_out: 4}}\nmax_new_tokens: 4\nbatch_prompts: 8\n"
@@ -369,6 +378,40 @@ def test_ppo_command_trains_policy_and_value(world, tmp_path, capsys):
     assert main(["rlhf", "ppo", "--config", str(world / "ppo.yaml"), f"out_dir={tmp_path / 'x'}",
                  f"base={tmp_path / 'missing'}"]) == 2
     one_line_error(capsys, str(tmp_path / "missing"))
+
+
+def test_dpo_command_trains_against_the_reference_and_refuses_bad_keys(world, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    assert main(["rlhf", "dpo", "--config", str(world / "dpo.yaml"), f"out_dir={out}"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    records = metrics(out)
+    assert records[0]["step"] == 0 and records[0]["val_loss"] == pytest.approx(0.6931, abs=1e-3)  # pi = pi_ref
+    last = [r for r in records if "val_accuracy" in r][-1]
+    ckpt = out / "checkpoints" / "step-000002"
+    assert (ckpt / "model.safetensors").is_file()
+    assert summary == (f"dpo: 2 steps, loss {[r for r in records if 'loss' in r][-1]['loss']:.4f}, held-out accuracy "
+                       f"{100 * last['val_accuracy']:.1f}%; checkpoint {ckpt}")
+    assert main(["rlhf", "dpo", "--config", str(world / "dpo.yaml"), f"out_dir={tmp_path / 'x'}", "loss=ipo",
+                 "margin=large"]) == 2
+    one_line_error(capsys, "margin")
+
+
+def test_grpo_command_answers_in_groups(world, tmp_path, capsys):
+    out = tmp_path / "grpo"
+    assert main(["rlhf", "grpo", "--config", str(world / "grpo.yaml"), f"out_dir={out}"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    steps = {r["step"]: r for r in metrics(out) if "reward" in r}
+    assert sorted(steps) == [1, 2] and steps[1]["kl"] == 0.0
+    ckpt = out / "checkpoints" / "step-000002"
+    assert (ckpt / "model.safetensors").is_file() and (out / "rewards.png").is_file()
+    assert summary == (f"grpo: 2 iterations, reward {steps[2]['reward']:.3f} (rm), KL to pi_0 {steps[2]['kl']:.3f}; "
+                       f"checkpoint {ckpt}")
+    assert main(["rlhf", "grpo", "--config", str(world / "grpo.yaml"), f"out_dir={tmp_path / 'x'}",
+                 "group_size=1"]) == 2
+    one_line_error(capsys, "group_size")
+    assert main(["rlhf", "grpo", "--config", str(world / "grpo.yaml"), f"out_dir={tmp_path / 'x'}",
+                 "reward=gold"]) == 2
+    one_line_error(capsys, "prompts.path: builtin:world/prompts.jsonl")
 
 
 def test_distill_safety_command_keeps_preprompted_answers_the_rm_prefers(world, tmp_path, capsys):

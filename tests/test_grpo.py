@@ -160,7 +160,7 @@ def test_recipe_errors(tmp_path, setup):
     from llama2.stages.grpo import grpo
 
     # the gold judge knows only the world's questions: refused before any rollout, naming the fix
-    with pytest.raises(Llama2Error, match="built-in world's questions"):
+    with pytest.raises(Llama2Error, match="prompts.path: builtin:world/prompts.jsonl"):
         grpo(make_recipe(setup, tmp_path / "x", ["reward=gold"]), quiet=True)
 
 

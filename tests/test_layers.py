@@ -21,7 +21,10 @@ LAYERS = [  # bottom to top
     ("surfaces", {"report", "serve", "commands", "cli", "__main__", "__init__"}),
 ]
 RANK = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
-STAGE_IMPORTS_ALLOWED = {"rejection": {"sft"}, "gatt": {"sft"}, "safety": {"sft"}}  # they fine-tune through SFT
+# rejection sampling, GAtt and safety fine-tune through SFT; DPO reads the reward stage's comparison data path;
+# GRPO samples and batches prompts as PPO does
+STAGE_IMPORTS_ALLOWED = {"rejection": {"sft"}, "gatt": {"sft"}, "safety": {"sft"}, "dpo": {"reward"},
+                         "grpo": {"ppo"}}
 
 
 def modules() -> dict[str, Path]:

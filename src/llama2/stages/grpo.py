@@ -54,6 +54,7 @@ from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
 from .ppo import PromptBatches, Scorer, pad_rollout, reward_kl_figure, sample_answers
 
+WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +216,10 @@ class GRPO:
         self.base = require_checkpoint(recipe.base, "starting policy")
         cfg = load_config(self.base)
         self.tokenizer = load_tokenizer(self.base)
+        if recipe.reward == "gold" and scorer is None and not str(recipe.prompts.path or "").startswith(WORLD):
+            raise Llama2Error("reward: gold scores with the built-in world's judge, which knows only the world's "
+                              f"questions; set prompts.path: {WORLD}prompts.jsonl (and prompts.val_path: "
+                              f"{WORLD}prompts.val.jsonl) or reward: rm")
         if scorer is None:
             if recipe.reward == "gold":
                 scorer = GoldReward()
