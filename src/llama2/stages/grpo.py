@@ -39,8 +39,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint, load_config
-from ..checkpoint.runs import load_tokenizer, require_checkpoint
+from ..checkpoint import load_checkpoint
+from ..checkpoint.runs import require_checkpoint
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
 from ..errors import Llama2Error
 from ..eval.gold import GoldReward
@@ -49,10 +49,10 @@ from ..model import Transformer
 from ..recipe import check
 from ..reward import SAFETY_THRESHOLD, CombinedReward, RewardModel, logit
 from ..train.config import OptimConfig, TrainRecipe
-from ..train.distributed import all_gather_object, all_reduce_sum, init_distributed
+from ..train.distributed import all_gather_object, all_reduce_sum
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import PromptBatches, Scorer, pad_rollout, reward_kl_figure, sample_answers
+from .ppo import PromptBatches, Scorer, pad_rollout, policy_start, reward_kl_figure, sample_answers
 
 WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
@@ -208,14 +208,8 @@ class GRPO:
     """Builds the Trainer (the policy, pi_0 when beta > 0, the reward) and runs GRPO iterations as its step_fn."""
 
     def __init__(self, recipe: GRPORecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
-        env = init_distributed(recipe.device)
-        if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
-            raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
-                              f"the {env.world_size} processes (each takes an equal share of every batch)")
+        env, self.base, cfg, self.tokenizer = policy_start(recipe)
         self.recipe, self.quiet, self.env = recipe, quiet, env
-        self.base = require_checkpoint(recipe.base, "starting policy")
-        cfg = load_config(self.base)
-        self.tokenizer = load_tokenizer(self.base)
         if recipe.reward == "gold" and scorer is None and not str(recipe.prompts.path or "").startswith(WORLD):
             raise Llama2Error("reward: gold scores with the built-in world's judge, which knows only the world's "
                               f"questions; set prompts.path: {WORLD}prompts.jsonl (and prompts.val_path: "

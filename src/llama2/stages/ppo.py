@@ -350,6 +350,17 @@ def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts
     return prompt_ids, responses, texts, cut
 
 
+def policy_start(recipe: Any) -> tuple[Any, Path, Any, Any]:
+    """What PPO and GRPO set up first: the process group (batch_size and mini_batch split evenly over its
+    processes), then the starting policy's checkpoint, config and tokenizer."""
+    env = init_distributed(recipe.device)
+    if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
+        raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
+                          f"the {env.world_size} processes (each takes an equal share of every batch)")
+    base = require_checkpoint(recipe.base, "starting policy")
+    return env, base, load_config(base), load_tokenizer(base)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 
@@ -358,14 +369,8 @@ class PPO:
     """Builds the Trainer (policy + value, reference pi_0, scorer) and runs PPO iterations as its step_fn."""
 
     def __init__(self, recipe: PPORecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
-        env = init_distributed(recipe.device)
-        if recipe.batch_size % env.world_size or recipe.mini_batch % env.world_size:
-            raise Llama2Error(f"batch_size {recipe.batch_size} and mini_batch {recipe.mini_batch} must be multiples of "
-                              f"the {env.world_size} processes (each takes an equal share of every batch)")
+        env, self.base, cfg, self.tokenizer = policy_start(recipe)
         self.recipe, self.quiet, self.env = recipe, quiet, env
-        self.base = require_checkpoint(recipe.base, "starting policy")
-        cfg = load_config(self.base)
-        self.tokenizer = load_tokenizer(self.base)
         self.device = env.device
         h_path = None
         if scorer is None or recipe.value_init == "helpfulness_rm":
@@ -583,4 +588,4 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
-           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches", "reward_kl_figure"]
+           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches", "reward_kl_figure", "policy_start"]
