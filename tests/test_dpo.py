@@ -262,3 +262,33 @@ def test_every_dpo_recipe_loads_with_its_settings():
         assert (r.beta, r.optim.lr, r.optim.warmup_ratio, r.global_batch_size, r.loss) == (0.1, 5e-7, 0.1, 64,
                                                                                           "sigmoid")
     assert recipes["world"].data.sources[0].path == "builtin:world/comparisons-helpfulness.jsonl"
+
+
+def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, models, data_files):
+    """`llama2 rlhf dpo` killed (SIGKILL) while writing checkpoint 4, then rerun: it resumes from checkpoint 2 and
+    ends with an uninterrupted run's losses, bit for bit."""
+    import signal
+
+    from test_train import _launch
+
+    from llama2.train.metrics import read_metrics
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"base: {models[0]}\ndata: {{path: {data_files[0]}, val_path: {data_files[1]}}}\n"
+                      "max_seq_len: 96\nbatch_size: 8\nmax_steps: 6\nsave_every: 2\neval_every: 3\nlog_every: 1\n"
+                      "device: cpu\nprecision: fp32\npeak_tflops: 1\noptim: {lr: 3.0e-3}\n")
+    args = ["rlhf", "dpo", "--config", str(recipe), "--quiet"]
+    ref = _launch([*args, f"out_dir={tmp_path / 'ref'}"])
+    run = tmp_path / "run"
+    p = _launch([*args, f"out_dir={run}"], KILL_IN_SAVE="4")
+    p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    p = _launch([*args, f"out_dir={run}"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    a, b = ([(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(d / "metrics.jsonl")]
+            for d in (tmp_path / "ref", run))
+    assert b == a and [s for s, loss, _ in b if loss is not None] == list(range(1, 7))

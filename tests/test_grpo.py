@@ -229,3 +229,43 @@ def test_every_grpo_recipe_loads_with_its_settings():
     for size in ("7B", "13B", "70B"):  # DeepSeekMath's beta, lr and clip; 16 answers per prompt
         r = recipes[size]
         assert (r.beta, r.optim.lr, r.clip, r.group_size, r.loss, r.precision) == (0.04, 1e-6, 0.2, 16, "grpo", "bf16")
+
+
+def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, setup, sp_model_path):
+    """`llama2 rlhf grpo` killed (SIGKILL) while writing checkpoint 4, then rerun: it resumes from checkpoint 2 and
+    ends with the rewards, KL and losses of an uninterrupted run (the prompt order and every answer's seed are part
+    of the saved state)."""
+    import signal
+
+    from test_train import _launch
+
+    from llama2.checkpoint import save_model
+    from llama2.classifier import SequenceClassifier
+    from llama2.tokenizer import Tokenizer
+    from llama2.train.metrics import read_metrics
+
+    torch.manual_seed(0)
+    save_model(SequenceClassifier(CFG), tmp_path / "rm", Tokenizer(sp_model_path))
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(
+        f"base: {setup / 'policy'}\nhelpfulness_rm: {tmp_path / 'rm'}\nsafety_rm: {tmp_path / 'rm'}\n"
+        f"prompts: {{path: {setup / 'train.jsonl'}, val_path: {setup / 'val.jsonl'}, held_out: 4}}\n"
+        "max_steps: 6\nbatch_size: 4\ngroup_size: 2\nmini_batch: 4\nmax_new_tokens: 6\nsave_every: 2\n"
+        "eval_every: 0\nlog_every: 1\ndevice: cpu\nprecision: fp32\npeak_tflops: 1\noptim: {lr: 1.0e-3}\n")
+    args = ["rlhf", "grpo", "--config", str(recipe), "--quiet"]
+    ref = _launch([*args, f"out_dir={tmp_path / 'ref'}"])
+    run = tmp_path / "run"
+    p = _launch([*args, f"out_dir={run}"], KILL_IN_SAVE="4")
+    p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    p = _launch([*args, f"out_dir={run}"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    a, b = ({r["step"]: r for r in read_metrics(d / "metrics.jsonl")} for d in (tmp_path / "ref", run))
+    assert sorted(b) == sorted(a) == list(range(0, 7))  # step 0: the held-out reward before training
+    assert [b[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]
+    assert [b[s]["reward"] for s in range(1, 7)] == [a[s]["reward"] for s in range(1, 7)]
+    assert [b[s]["kl"] for s in range(1, 7)] == pytest.approx([a[s]["kl"] for s in range(1, 7)], abs=1e-7)
