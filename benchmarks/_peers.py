@@ -65,3 +65,42 @@ def step_clock(times: list[float]) -> Any:
             times.append(time.perf_counter() - self.start)
 
     return Clock()
+
+
+class TRLRolloutClock:
+    """Wraps a TRL online trainer's `_generate` (tokenise + generate + decode) and
+    `_generate_and_score_completions` to time each rollout; also records the prompts' token ids and the mean
+    answer length. parts(step_times) splits each optimiser step's seconds into generate, score and update."""
+
+    def __init__(self, trainer: Any) -> None:
+        import statistics
+        import time
+
+        self.generate_s: list[float] = []
+        self.rollout_s: list[float] = []
+        self.lengths: list[float] = []
+        self.prompt_ids: list[list[int]] = []
+        generate, gen_and_score = trainer._generate, trainer._generate_and_score_completions
+
+        def timed_generate(prompts):
+            s = time.perf_counter()
+            out = generate(prompts)
+            self.generate_s.append(time.perf_counter() - s)
+            self.prompt_ids.extend(list(p) for p in out[0])
+            self.lengths.append(statistics.fmean(len(c) for c in out[1]))
+            return out
+
+        def timed_rollout(inputs):
+            s = time.perf_counter()
+            out = gen_and_score(inputs)
+            self.rollout_s.append(time.perf_counter() - s)
+            return out
+
+        trainer._generate = timed_generate
+        trainer._generate_and_score_completions = timed_rollout
+
+    def parts(self, step_times: list[float]) -> dict[str, list[float]]:
+        k = len(step_times)
+        return {"generate": self.generate_s[:k],
+                "score": [b - a for a, b in zip(self.generate_s, self.rollout_s)][:k],
+                "update": [t - b for t, b in zip(step_times, self.rollout_s)]}

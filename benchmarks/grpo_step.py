@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
+from _peers import TRLRolloutClock, run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 from ppo_step import _summary, a_share, prepare
 
 
@@ -112,34 +112,12 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
     times: list[float] = []
     trainer = GRPOTrainer(model=model, reward_funcs=[a_reward], args=config, train_dataset=ds, processing_class=tok,
                           callbacks=[step_clock(times)])
-    gen_t: list[float] = []
-    gs_t: list[float] = []
-    lengths: list[float] = []
-    generate, gen_and_score = trainer._generate, trainer._generate_and_score_completions
-
-    def timed_generate(prompts):
-        s = time.perf_counter()
-        out = generate(prompts)
-        gen_t.append(time.perf_counter() - s)
-        lengths.append(statistics.fmean(len(c) for c in out[1]))
-        return out
-
-    def timed_gen_and_score(inputs):
-        s = time.perf_counter()
-        out = gen_and_score(inputs)
-        gs_t.append(time.perf_counter() - s)
-        return out
-
-    trainer._generate = timed_generate  # type: ignore[method-assign]
-    trainer._generate_and_score_completions = timed_gen_and_score  # type: ignore[method-assign]
+    clock = TRLRolloutClock(trainer)
     trainer.train()
-    k = len(times)
-    parts = {"generate": gen_t[:k], "score": [b - a for a, b in zip(gen_t, gs_t)][:k],
-             "update": [t - b for t, b in zip(times, gs_t)]}
-    out = _summary(times, args, parts, lengths, [data["prompt_len"]])
+    out = _summary(times, args, clock.parts(times), clock.lengths, [data["prompt_len"]])
     out.update({"trl": trl.__version__, "loss_type": trainer.loss_type, "beta": trainer.beta,
                 "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None,
-                "num_generations": trainer.num_generations, "rollouts": len(gs_t), "steps": k,
+                "num_generations": trainer.num_generations, "rollouts": len(clock.rollout_s), "steps": len(times),
                 "params": sum(p.numel() for p in model.parameters()), "reward": mean_rewards})
     return out
 

@@ -55,7 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
+from _peers import TRLRolloutClock, run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 
 SUBJECTS = ["apples", "rivers", "stars", "clouds", "bread", "music", "trains", "birds", "maps", "lamps", "boats",
             "coins", "roads", "trees", "books", "cats", "dogs", "shoes", "cars", "fish", "stones", "bells", "kites",
@@ -230,12 +230,6 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
     trainer = RLOOTrainer(model=model, reward_funcs=[a_reward], args=config, train_dataset=ds,
                           processing_class=tok, callbacks=[step_clock(times)])
-    gen_t: list[float] = []
-    gs_t: list[float] = []
-    lengths: list[float] = []
-    prompt_lens: list[int] = []
-    prompt_ids_seen: list[list[int]] = []
-    generate, gen_and_score = trainer._generate, trainer._generate_and_score_completions
     model_generate_calls = [0]
     hf_generate = model.generate
 
@@ -243,29 +237,10 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
         model_generate_calls[0] += 1
         return hf_generate(*a, **k)
 
-    def timed_generate(prompts):
-        s = time.perf_counter()
-        out = generate(prompts)
-        gen_t.append(time.perf_counter() - s)
-        prompt_lens.extend(len(p) for p in out[0])
-        prompt_ids_seen.extend(list(p) for p in out[0])
-        lengths.append(statistics.fmean(len(c) for c in out[1]))
-        return out
-
-    def timed_gen_and_score(inputs):
-        s = time.perf_counter()
-        out = gen_and_score(inputs)
-        gs_t.append(time.perf_counter() - s)
-        return out
-
     model.generate = counting_generate  # type: ignore[method-assign]
-    trainer._generate = timed_generate  # type: ignore[method-assign]
-    trainer._generate_and_score_completions = timed_gen_and_score  # type: ignore[method-assign]
+    clock = TRLRolloutClock(trainer)
     trainer.train()
-    k = len(times)
-    parts = {"generate": gen_t[:k], "score": [b - a for a, b in zip(gen_t, gs_t)][:k],
-             "update": [t - b for t, b in zip(times, gs_t)]}
-    out = _summary(times, args, parts, lengths, prompt_lens)
+    out = _summary(times, args, clock.parts(times), clock.lengths, [len(p) for p in clock.prompt_ids])
     known = {tuple(i) for i in data["ids"]}
     ref = trainer.ref_model
     out.update({"trl": trl.__version__, "optim": str(trainer.args.optim),
@@ -273,8 +248,8 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
                 "checkpointing": bool(trainer.args.gradient_checkpointing), "vllm": bool(trainer.use_vllm),
                 "steps_per_generation": trainer.args.steps_per_generation,
                 "generation_batch_size": trainer.args.generation_batch_size, "num_iterations": trainer.num_iterations,
-                "generate_calls": model_generate_calls[0], "score_calls": len(gs_t), "steps": k,
-                "same_prompt_ids": all(tuple(p) in known for p in prompt_ids_seen),
+                "generate_calls": model_generate_calls[0], "score_calls": len(clock.rollout_s), "steps": len(times),
+                "same_prompt_ids": all(tuple(p) in known for p in clock.prompt_ids),
                 "ref_model": ref is not None and type(ref).__name__, "beta": trainer.beta,
                 "params": sum(p.numel() for p in model.parameters()),
                 "reward": mean_rewards})

@@ -303,3 +303,49 @@ def one_and_two_processes(out: Path, one: list[str], two: list[str]) -> tuple[di
         for r in read_metrics(out / run / "metrics.jsonl"):
             by_step.setdefault(r["step"], {}).update(r)
     return merged[0], merged[1]
+
+
+SLOW_RUN = """
+import os, signal, sys, time
+import llama2.train.loop as loop, llama2.train.checkpoints as state
+kill_at = int(os.environ.get("KILL_IN_SAVE", "0"))
+train_step = loop.Trainer.train_step
+def slow(self, *args, **kwargs):
+    time.sleep(0.05)
+    return train_step(self, *args, **kwargs)
+loop.Trainer.train_step = slow
+fsync_tree = state.fsync_tree
+def fsync_or_die(path):
+    if kill_at and path.name.startswith(f".tmp-step-{kill_at:06d}"):
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-save: staged files written, nothing renamed yet
+    fsync_tree(path)
+state.fsync_tree = fsync_or_die
+from llama2.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch_slow(args: list[str], **env: str) -> subprocess.Popen:
+    """`llama2 ARGS` in a subprocess whose steps are slowed (to be killed mid-run); KILL_IN_SAVE=N kills it with
+    SIGKILL while it writes checkpoint N."""
+    return subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], env={**SUB_ENV, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def killed_mid_save_and_rerun(args: list[str], out: Path) -> tuple[Path, Path]:
+    """`llama2 ARGS out_dir=...` twice: uninterrupted (out / "ref"), and killed with SIGKILL while writing
+    checkpoint 4 (save_every 2: the latest stays step 2), then rerun to the end (out / "run"). Returns both."""
+    import signal
+
+    ref = launch_slow([*args, f"out_dir={out / 'ref'}"])
+    run = out / "run"
+    p = launch_slow([*args, f"out_dir={run}"], KILL_IN_SAVE="4")
+    p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    p = launch_slow([*args, f"out_dir={run}"])
+    for proc in (p, ref):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    return out / "ref", run
+

@@ -267,9 +267,7 @@ def test_every_dpo_recipe_loads_with_its_settings():
 def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, models, data_files):
     """`llama2 rlhf dpo` killed (SIGKILL) while writing checkpoint 4, then rerun: it resumes from checkpoint 2 and
     ends with an uninterrupted run's losses, bit for bit."""
-    import signal
-
-    from test_train import _launch
+    from helpers import killed_mid_save_and_rerun
 
     from llama2.train.metrics import read_metrics
 
@@ -277,18 +275,7 @@ def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, models, data_
     recipe.write_text(f"base: {models[0]}\ndata: {{path: {data_files[0]}, val_path: {data_files[1]}}}\n"
                       "max_seq_len: 96\nbatch_size: 8\nmax_steps: 6\nsave_every: 2\neval_every: 3\nlog_every: 1\n"
                       "device: cpu\nprecision: fp32\npeak_tflops: 1\noptim: {lr: 3.0e-3}\n")
-    args = ["rlhf", "dpo", "--config", str(recipe), "--quiet"]
-    ref = _launch([*args, f"out_dir={tmp_path / 'ref'}"])
-    run = tmp_path / "run"
-    p = _launch([*args, f"out_dir={run}"], KILL_IN_SAVE="4")
-    p.communicate(timeout=300)
-    assert p.returncode == -signal.SIGKILL
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    p = _launch([*args, f"out_dir={run}"])
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    _, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err[-3000:]
+    ref, run = killed_mid_save_and_rerun(["rlhf", "dpo", "--config", str(recipe), "--quiet"], tmp_path)
     a, b = ([(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(d / "metrics.jsonl")]
-            for d in (tmp_path / "ref", run))
+            for d in (ref, run))
     assert b == a and [s for s, loss, _ in b if loss is not None] == list(range(1, 7))

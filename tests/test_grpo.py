@@ -235,9 +235,7 @@ def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, setup, sp_mod
     """`llama2 rlhf grpo` killed (SIGKILL) while writing checkpoint 4, then rerun: it resumes from checkpoint 2 and
     ends with the rewards, KL and losses of an uninterrupted run (the prompt order and every answer's seed are part
     of the saved state)."""
-    import signal
-
-    from test_train import _launch
+    from helpers import killed_mid_save_and_rerun
 
     from llama2.checkpoint import save_model
     from llama2.classifier import SequenceClassifier
@@ -252,19 +250,8 @@ def test_sigkill_mid_save_then_resume_gives_the_same_run(tmp_path, setup, sp_mod
         f"prompts: {{path: {setup / 'train.jsonl'}, val_path: {setup / 'val.jsonl'}, held_out: 4}}\n"
         "max_steps: 6\nbatch_size: 4\ngroup_size: 2\nmini_batch: 4\nmax_new_tokens: 6\nsave_every: 2\n"
         "eval_every: 0\nlog_every: 1\ndevice: cpu\nprecision: fp32\npeak_tflops: 1\noptim: {lr: 1.0e-3}\n")
-    args = ["rlhf", "grpo", "--config", str(recipe), "--quiet"]
-    ref = _launch([*args, f"out_dir={tmp_path / 'ref'}"])
-    run = tmp_path / "run"
-    p = _launch([*args, f"out_dir={run}"], KILL_IN_SAVE="4")
-    p.communicate(timeout=300)
-    assert p.returncode == -signal.SIGKILL
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    p = _launch([*args, f"out_dir={run}"])
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    _, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err[-3000:]
-    a, b = ({r["step"]: r for r in read_metrics(d / "metrics.jsonl")} for d in (tmp_path / "ref", run))
+    ref, run = killed_mid_save_and_rerun(["rlhf", "grpo", "--config", str(recipe), "--quiet"], tmp_path)
+    a, b = ({r["step"]: r for r in read_metrics(d / "metrics.jsonl")} for d in (ref, run))
     assert sorted(b) == sorted(a) == list(range(0, 7))  # step 0: the held-out reward before training
     assert [b[s]["loss"] for s in range(1, 7)] == [a[s]["loss"] for s in range(1, 7)]
     assert [b[s]["reward"] for s in range(1, 7)] == [a[s]["reward"] for s in range(1, 7)]

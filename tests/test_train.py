@@ -23,7 +23,7 @@ from llama2.model import Transformer
 from llama2.train.config import OptimConfig, PretrainRecipe, TrainRecipe
 from llama2.recipe import load_recipe
 
-from helpers import ROOT, SUB_ENV, ListBatches, losses, write_token_shards
+from helpers import ROOT, SUB_ENV, ListBatches, launch_slow, losses, write_token_shards
 
 # ------------------------------------------------------------------------------------------------ helpers
 # (write_token_shards, ListBatches, losses and the tok_dir / shards / recipe_file fixtures are shared: helpers.py,
@@ -283,46 +283,21 @@ def test_clear_errors_for_bad_data(tmp_path, shards, tok_dir, recipe_file):
 # ------------------------------------------------------------------------------------------------ resume, NaN
 
 
-SLOW_RUN = """
-import os, signal, sys, time
-import llama2.train.loop as loop, llama2.train.checkpoints as state
-kill_at = int(os.environ.get("KILL_IN_SAVE", "0"))
-train_step = loop.Trainer.train_step
-def slow(self, *args, **kwargs):
-    time.sleep(0.05)
-    return train_step(self, *args, **kwargs)
-loop.Trainer.train_step = slow
-fsync_tree = state.fsync_tree
-def fsync_or_die(path):
-    if kill_at and path.name.startswith(f".tmp-step-{kill_at:06d}"):
-        os.kill(os.getpid(), signal.SIGKILL)  # mid-save: staged files written, nothing renamed yet
-    fsync_tree(path)
-state.fsync_tree = fsync_or_die
-from llama2.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _launch(args: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], env={**SUB_ENV, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_sigkill_anywhere_then_resume_gives_the_same_curve(tmp_path, recipe_file):
     base = ["pretrain", "--config", str(recipe_file), "--quiet", "max_steps=16", "save_every=4", "eval_every=4",
             "keep_last=2"]
-    ref = _launch(base + [f"out_dir={tmp_path / 'ref'}"])
+    ref = launch_slow(base + [f"out_dir={tmp_path / 'ref'}"])
     run = tmp_path / "run"
     args = base + [f"out_dir={run}"]
     # 1) killed in the middle of writing checkpoint 8
-    p = _launch(args, KILL_IN_SAVE="8")
+    p = launch_slow(args, KILL_IN_SAVE="8")
     p.communicate(timeout=300)
     assert p.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000004"
     assert any(c.name.startswith(".tmp-step-000008") for c in (run / "checkpoints").iterdir())
     assert max(losses(run)) == 8  # steps 5..8 were logged before the kill
     # 2) resumed, then killed (SIGKILL) at some point after checkpoint 12
-    p = _launch(args)
+    p = launch_slow(args)
     deadline = time.time() + 300
     while time.time() < deadline and max(losses(run), default=0) < 13:
         time.sleep(0.02)
@@ -331,7 +306,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_curve(tmp_path, recipe_file
     assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not any(c.name.startswith(".tmp") for c in (run / "checkpoints").iterdir())
     # 3) resumed to the end
-    p = _launch(args)
+    p = launch_slow(args)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     ref.communicate(timeout=300)
