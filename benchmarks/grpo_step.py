@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from _peers import TRLRolloutClock, run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
-from ppo_step import _summary, a_share, prepare
+from ppo_step import _summary, a_share, prepare, trl_inputs
 
 
 def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
@@ -79,25 +78,11 @@ def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
 
 def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
-    import torch
     import trl
-    from datasets import Dataset
-    from transformers import AutoTokenizer, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    tok = AutoTokenizer.from_pretrained(work / "tokenizer")
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # id 0: only ever left of a prompt or right of an answer, masked out
-    model = LlamaForCausalLM.from_pretrained(work / "policy", dtype=torch.float32, attn_implementation="sdpa")
+    tok, model, ds, a_reward, mean_rewards = trl_inputs(work, data)
     total = args.warmup + args.steps
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in data["texts"]]})
-    mean_rewards: list[float] = []
-
-    def a_reward(completions, **kwargs):
-        r = [a_share((c[0]["content"] if isinstance(c, list) else c).strip()) for c in completions]
-        mean_rewards.append(statistics.fmean(r))
-        return r
-
     n = args.batch * args.k
     config = GRPOConfig(output_dir=str(work / "trl-run"), max_steps=total, per_device_train_batch_size=n,
                         gradient_accumulation_steps=1, num_generations=args.k, num_iterations=1,

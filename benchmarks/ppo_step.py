@@ -54,6 +54,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _peers import TRLRolloutClock, run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
 
@@ -194,20 +195,19 @@ def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
     return out
 
 
-def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
+def trl_inputs(work: Path, data: dict) -> tuple[Any, Any, Any, Any, list[float]]:
+    """TRL's side of an online-RL benchmark: the tokenizer (pad = unk, id 0), the policy in transformers (fp32,
+    sdpa), the prompts as a conversational dataset, and the reward function (the share of 'a') with the list it
+    appends each batch's mean reward to."""
     import torch
-    import trl
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from trl import RLOOConfig, RLOOTrainer
 
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token  # id 0: only ever left of a prompt or right of an answer, masked out
     model = LlamaForCausalLM.from_pretrained(work / "policy", dtype=torch.float32, attn_implementation="sdpa")
-    total = args.warmup + args.steps
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in data["texts"]]})
-
     mean_rewards: list[float] = []
 
     def a_reward(completions, **kwargs):
@@ -215,6 +215,15 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
         mean_rewards.append(statistics.fmean(r))
         return r
 
+    return tok, model, ds, a_reward, mean_rewards
+
+
+def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
+    import trl
+    from trl import RLOOConfig, RLOOTrainer
+
+    tok, model, ds, a_reward, mean_rewards = trl_inputs(work, data)
+    total = args.warmup + args.steps
     n = args.batch * args.k
     bf16 = args.precision == "bf16"
     config = RLOOConfig(output_dir=str(work / "trl-run"), max_steps=total, per_device_train_batch_size=n,
