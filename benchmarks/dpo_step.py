@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from _peers import run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
-from ppo_step import SUBJECTS, prepare
+from ppo_step import SUBJECTS, add_common_args, passthrough, prepare
 
 
 def comparisons(texts: list[str], n: int) -> list[dict]:
@@ -111,18 +111,8 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
+    add_common_args(p, steps=8)  # ours packs rows of --seq tokens
     p.add_argument("--batch", type=int, default=16, help="comparisons per optimiser step")
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256, help="the model's context (ours packs rows of this length)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--only", choices=["ours", "trl"], default=None)
-    p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         run_worker(args, {"ours": run_ours, "trl": run_trl}, lambda work: json.loads((work / "data.json").read_text()))
@@ -139,9 +129,7 @@ def main() -> None:
               f"{args.seq}; {args.batch} comparisons per step, answers of 4-40 random words; beta 0.1, sigmoid loss, "
               f"reference model every step on both sides; fp32; {args.threads} thread(s); {args.steps} timed steps "
               f"after {args.warmup} warm-up", flush=True)
-        passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                       for k in ("threads", "batch", "prompts", "dim", "layers", "heads", "seq", "steps", "warmup")]
-        results = run_sides(__file__, work, passthrough, args.threads, args.only)
+        results = run_sides(__file__, work, passthrough(args), args.threads, args.only)
     for name, r in results.items():
         extra = f"TRL {r['trl']}, padding_free {r['padding_free']}" if name == "trl" else f"{r['rows']} packed rows"
         print(f"{name:5s}: {r['step_s']:7.3f} s/step (median), {r['tokens_per_s']:8.0f} tokens/s, "

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from _peers import TRLRolloutClock, run_sides, run_worker, step_clock  # benchmarks/ is on sys.path when run as a script
-from ppo_step import _summary, a_share, prepare, trl_inputs
+from ppo_step import _summary, a_share, add_common_args, passthrough, prepare, trl_inputs
 
 
 def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
@@ -109,21 +109,11 @@ def run_trl(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
+    add_common_args(p)
     p.add_argument("--batch", type=int, default=4, help="B: prompts per iteration (each answered K times)")
     p.add_argument("--k", type=int, default=8, help="K: answers per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256, help="the model's context")
-    p.add_argument("--steps", type=int, default=5, help="timed iterations (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--only", choices=["ours", "trl"], default=None)
-    p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.k < 2:
         p.error("--k must be >= 2 (a group's advantages compare its answers)")
@@ -141,10 +131,7 @@ def main() -> None:
               f"tokens; max_new_tokens {args.max_new_tokens}, temperature 1.0; beta 0.04 (reference model on both "
               f"sides), loss grpo, one AdamW step per iteration; {args.precision}; {args.threads} thread(s); median "
               f"of {args.steps} iterations after {args.warmup} warm-up", flush=True)
-        passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                       for k in ("threads", "batch", "k", "max_new_tokens", "prompts", "dim", "layers", "heads", "seq",
-                                 "steps", "warmup", "precision")]
-        results = run_sides(__file__, work, passthrough, args.threads, args.only)
+        results = run_sides(__file__, work, passthrough(args), args.threads, args.only)
     for name, r in results.items():
         s = r["split"]
         extra = (f"TRL {r['trl']}, loss {r['loss_type']}, beta {r['beta']}, reference {r['ref_model']}, "

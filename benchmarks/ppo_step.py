@@ -97,6 +97,28 @@ def find_tokenizer(work: Path) -> Path:
     return out
 
 
+def add_common_args(parser: argparse.ArgumentParser, steps: int = 5) -> None:
+    """The options every online-RL and preference benchmark shares: threads, the random policy's shape (read by
+    prepare), the timed steps, and the side-runner's (--only, and the hidden --worker / --work)."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256, help="the model's context")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", choices=["ours", "trl"], default=None)
+    parser.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    """The options a side's subprocess gets: all of them but the side-runner's own."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("only", "worker", "work") and v is not None]
+
+
 def prepare(work: Path, args: argparse.Namespace) -> dict:
     """The random policy (saved in the HF layout with the tokenizer), and --prompts chat prompts that all encode
     to the same number of tokens (written as our recipe's prompt file and kept for TRL)."""
@@ -271,22 +293,12 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
+    add_common_args(p)
     p.add_argument("--batch", type=int, default=8, help="B: prompts per iteration on TRL's side (x k answers)")
     p.add_argument("--k", type=int, default=4, help="answers per prompt for RLOO (>= 2); ours answers B*k prompts")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=64, help="size of the prompt pool")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256, help="the model's context")
-    p.add_argument("--steps", type=int, default=5, help="timed iterations (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: autocast on both sides (needs a CPU with native bf16)")
-    p.add_argument("--only", choices=["ours", "trl"], default=None)
-    p.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.k < 2:
         p.error("--k must be >= 2 (RLOO's leave-one-out baseline needs two answers per prompt)")
@@ -314,10 +326,7 @@ def main() -> None:
               f"after {args.warmup} warm-up", flush=True)
         print("TRL 1.16 has no PPO trainer: the comparison is with RLOOTrainer (REINFORCE leave-one-out, k answers "
               "per prompt, rollout-then-update), which trains no value model", flush=True)
-        passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                       for k in ("threads", "batch", "k", "max_new_tokens", "prompts", "dim", "layers", "heads", "seq",
-                                 "steps", "warmup", "precision")]
-        results = run_sides(__file__, work, passthrough, args.threads, args.only)
+        results = run_sides(__file__, work, passthrough(args), args.threads, args.only)
     for name, r in results.items():
         s = r["split"]
         print(f"{name:5s}: {r['iter_s']:7.3f} s/iteration (median; mean {r['iter_mean_s']:.3f}), "
