@@ -34,6 +34,9 @@ def test_group_advantages_by_hand():
                                torch.cat([want[:4] / (std + 1e-4), torch.zeros(4, dtype=torch.float64)]))
     batch_std = float(r.std())
     torch.testing.assert_close(group_advantages(r, 4, "batch"), want / (batch_std + 1e-4))
+    # under torchrun the batch spans processes: its standard deviation is given
+    torch.testing.assert_close(group_advantages(r, 4, "batch", batch_std=torch.tensor(2.0, dtype=torch.float64)),
+                               want / (2.0 + 1e-4))
     with pytest.raises(Llama2Error, match="groups of 3"):
         group_advantages(r, 3)
 

@@ -61,10 +61,11 @@ STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as
 # The pieces of the objective (tested against hand-computed examples and TRL's GRPOTrainer)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", batch_std: Tensor | None = None
+                     ) -> Tensor:
     """(N,) rewards of N = prompts x group_size answers, grouped consecutively -> (N,) advantages: the reward
     minus its group's mean, divided by the group's standard deviation (`group`, unbiased, + 1e-4), the whole
-    batch's (`batch`), or not at all (`none`)."""
+    batch's (`batch`: `batch_std` when the batch spans processes, else these rewards'), or not at all (`none`)."""
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise Llama2Error(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
@@ -75,7 +76,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group") -> 
         std = (grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1]))
         std = std.expand_as(grouped).reshape(-1)
     elif scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+        std = batch_std if batch_std is not None else rewards.std() if rewards.numel() > 1 else torch.zeros(())
     else:
         raise Llama2Error(f"scale_rewards must be group, batch or none, got {scale!r}")
     return centred / (std + STD_EPS)
@@ -276,11 +277,7 @@ class GRPO:
         rewards = torch.tensor([self.reward_of(x) for x in scores.combined], dtype=torch.float64)
         everyone = all_gather_object(rewards.tolist(), env)
         batch = torch.tensor([x for part in everyone for x in part], dtype=torch.float64)
-        if r.scale_rewards == "batch":
-            centred = group_advantages(rewards, K, "none")
-            adv = centred / (batch.std() + STD_EPS)
-        else:
-            adv = group_advantages(rewards, K, r.scale_rewards)
+        adv = group_advantages(rewards, K, r.scale_rewards, batch_std=batch.std())
         grouped = batch.view(-1, K)
         tokens, attention, mask = (x.to(t.device) for x in pad_rollout(prompt_ids, responses, pad_id=0))
         t.model.eval()
