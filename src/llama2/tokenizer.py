@@ -29,34 +29,82 @@ MAX_MODEL_BYTES = 256 * 2**20  # real tokenizer.model files are a few MiB
 # Meta's `chat_completion` (llama2.chat) as a Hugging Face chat template. A system message is merged into
 # the first user message, the merged content stripped as a whole (exactly as Meta does); every completed pair is
 # "<s>[INST] {user} [/INST] {assistant} </s>", the final user turn "<s>[INST] {user} [/INST]". A conversation that
-# ends with an assistant message renders that pair completed (useful for training data).
+# ends with an assistant message renders that pair completed (useful for training data). Tool use
+# (llama2.tools.format): `tools` are listed at the start of the system message; an assistant message's
+# `tool_calls` become "<call>...</call>", each `tool` message "<result>...</result>", and the assistant message
+# after them goes on in the same answer (a conversation ending with tool results leaves the answer open).
 LLAMA2_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
-    "{%- if tag in message['content'] -%}"
+    "{%- if tag in (message['content'] or '') -%}"
     "{{- raise_exception('message content must not contain the special tag ' + tag) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endfor -%}"
+    "{%- set ns = namespace(system=none, tools='', out='', last='', open=false, owed=0, first=true) -%}"
+    "{%- if tools -%}"
+    "{%- set ns.tools = 'You can call these tools:' -%}"
+    "{%- for tool in tools -%}"
+    "{%- set f = tool['function'] if 'function' in tool else tool -%}"
+    "{%- set line = f['name'] + '(' + (((f.get('parameters') or {}).get('properties') or {}) | list | join(', '))"
+    " + ')' -%}"
+    "{%- set about = (f.get('description') or '') | trim -%}"
+    "{%- set ns.tools = ns.tools + '\\n' + line + ((': ' + about) if about else '') -%}"
+    "{%- endfor -%}"
+    "{%- set ns.tools = ns.tools + '\\nCall one as <call>{\"name\": \"...\", \"arguments\": {...}}</call>.' -%}"
+    "{%- endif -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- if messages | length < 2 or messages[1]['role'] != 'user' -%}"
     "{{- raise_exception('a system message must be followed by a user message') -}}"
     "{%- endif -%}"
-    "{%- set dialog = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
-    " + messages[1]['content']}] + messages[2:] -%}"
+    "{%- set ns.system = (ns.tools + '\\n\\n' + messages[0]['content']) if ns.tools else messages[0]['content'] -%}"
+    "{%- set dialog = messages[1:] -%}"
     "{%- else -%}"
+    "{%- set ns.system = ns.tools if ns.tools else none -%}"
     "{%- set dialog = messages -%}"
     "{%- endif -%}"
     "{%- for message in dialog -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
+    "{%- set text = message['content'] or '' -%}"
+    "{%- set calls = namespace(text='', n=0) -%}"
+    "{%- for c in (message.get('tool_calls') or []) if message['role'] == 'assistant' -%}"
+    "{%- set f = c['function'] if 'function' in c else c -%}"
+    "{%- set args = f.get('arguments', {}) -%}"
+    "{%- set calls.text = calls.text + (', ' if calls.n else '') + '{\"name\": ' + (f['name'] | tojson)"
+    " + ', \"arguments\": ' + (args if args is string else (args | tojson)) + '}' -%}"
+    "{%- set calls.n = calls.n + 1 -%}"
+    "{%- endfor -%}"
+    "{%- set call_block = ('<call>' + (('[' + calls.text + ']') if calls.n > 1 else calls.text) + '</call>')"
+    " if calls.n else '' -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if ns.owed == 0 -%}"
+    "{{- raise_exception('a tool message must follow an assistant message with tool_calls, one per call') -}}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- bos_token + '[INST] ' + (message['content'] | trim) + ' [/INST]' -}}"
+    "{%- set ns.out = ns.out + '\\n<result>' + (text | replace('<call>', '\u2039call\u203a')"
+    " | replace('</call>', '\u2039/call\u203a') | replace('<result>', '\u2039result\u203a')"
+    " | replace('</result>', '\u2039/result\u203a')) + '</result>' + ('\\n' if ns.owed == 1 else '') -%}"
+    "{%- set ns.owed = ns.owed - 1 -%}"
+    "{%- elif ns.owed -%}"
+    "{{- raise_exception('every tool call needs its tool message before the next message') -}}"
+    "{%- elif message['role'] == 'assistant' and ns.open -%}"
+    "{%- set ns.out = ns.out + (text | trim) + call_block -%}"
+    "{%- set ns.owed, ns.open = calls.n, calls.n > 0 -%}"
+    "{%- elif (message['role'] == 'user') != (ns.last != 'user') -%}"
+    "{{- raise_exception('roles must be an optional system message, then user and assistant alternating') -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{%- if ns.last == 'assistant' -%}{%- set ns.out = ns.out + ' ' + eos_token -%}{%- endif -%}"
+    "{%- if ns.first and ns.system is not none -%}"
+    "{%- set text = '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' + text -%}"
+    "{%- endif -%}"
+    "{%- set ns.out = ns.out + bos_token + '[INST] ' + (text | trim) + ' [/INST]' -%}"
+    "{%- set ns.last, ns.first = 'user', false -%}"
     "{%- else -%}"
-    "{{- ' ' + (message['content'] | trim) + ' ' + eos_token -}}"
+    "{%- set ns.out = ns.out + ' ' + (text | trim) + call_block -%}"
+    "{%- set ns.last, ns.owed, ns.open = 'assistant', calls.n, calls.n > 0 -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if ns.owed -%}{{- raise_exception('every tool call needs its tool message') -}}{%- endif -%}"
+    "{%- if ns.last == 'assistant' and not ns.open -%}{%- set ns.out = ns.out + ' ' + eos_token -%}{%- endif -%}"
+    "{{- ns.out -}}"
 )
 
 
@@ -333,3 +381,12 @@ def tokenizer_from_gguf(gguf_path: Path | str, output_dir: Path | str) -> Tokeni
     ns.escape_whitespaces = True
 
     return save_model_bytes(proto.SerializeToString(), output_dir)
+
+
+def encode_continuation(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """The ids of `text` as it continues a text already encoded (no BOS, and no dummy-prefix space: SentencePiece
+    adds one at the start of a text, never inside it): encoded after a newline, which no piece spans, and the
+    newline's ids cut off."""
+    head = tokenizer.encode("\n", bos=False)
+    ids = tokenizer.encode("\n" + text, bos=False)
+    return ids[len(head):] if ids[:len(head)] == head else tokenizer.encode(text, bos=False)

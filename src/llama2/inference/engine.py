@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from ..errors import Llama2Error
 from ..fused_ops import target_logprobs_and_top
 from ..model import KVCache
-from ..tokenizer import TokenizerLike, decode_after
+from ..tokenizer import TokenizerLike, decode_after, encode_continuation
+from ..tools import ToolCall
+from ..tools.format import CALL_CLOSE, CALL_OPEN, last_call_block, parse_call_block, results_text
 from .grammar import Constrainer
 from .sampling import Completion, FinishReason, SamplingParams, sample_rows
 from .sharded import is_fsdp
@@ -173,6 +175,7 @@ def _static_decode_step(model: nn.Module, meta: Tensor, key_pos: Tensor, views: 
 
 
 TEXT_CONTEXT = 4  # prompt tokens decoded before the generated ones (their text is then cut off)
+TOOL_CONTEXT = 512  # prompt tokens searched for a call block the prompt opened (a prefilled call)
 
 
 class _Active:
@@ -214,6 +217,18 @@ class _Active:
         self.first_token_at: float | None = None  # when its first token was sampled
         self.matcher = None  # the grammar's matcher (params.grammar), fed every kept token
         self.counts: dict[int, int] = {}  # generated tokens' counts, for the presence and frequency penalties
+        self.calling = False  # the last token closed a tool call block (params.tools): run it before going on
+        self.extension: list[int] | None = None  # tokens to feed at the next step's prefill (after a tool call)
+        self.tool_calls: list[ToolCall] = []
+        self.tool_spans: list[tuple[int, int]] = []
+        self._call_prefix = ""  # a call block the prompt opened and left unclosed (a prefilled call), if any
+        self._call_searched = 0  # how much of _call_prefix + gen_text() was searched for a call's end
+        self._call_end = 0  # where the last call found ends in it
+        if params.tools is not None:
+            head = tokenizer.decode(list(prompt[-TOOL_CONTEXT:]))
+            start = head.rfind(CALL_OPEN)
+            if start >= 0 and CALL_CLOSE not in head[start:]:
+                self._call_prefix = head[start:]
 
     def uniform(self) -> float:
         """The next uniform draw of this request's generator (drawn in blocks: one call per 64 tokens)."""
@@ -245,6 +260,13 @@ class _Active:
             if self.matcher.is_stopped():  # the text is complete and the grammar admits nothing more
                 self.finish = "stop"
                 return True
+        if self.params.tools is not None and ">" in self.tokenizer.decode([token]):
+            text = self._call_prefix + self.gen_text()  # a call closed by this token (which may hold more text)
+            found = text.find(CALL_CLOSE, max(0, self._call_searched - len(CALL_CLOSE) + 1))
+            self._call_searched = len(text)
+            if found >= 0:
+                self.calling = True
+                self._call_end = found + len(CALL_CLOSE)
         if self.params.stop:
             text = self.gen_text()
             start = max(0, self._searched - self._longest_stop + 1)
@@ -257,6 +279,10 @@ class _Active:
         if len(self.tokens) >= self.params.max_new_tokens:
             self.finish = "length"
         return True
+
+    def call_block(self) -> str | None:
+        """The body of the call block just closed (it may have begun in the prompt)."""
+        return last_call_block((self._call_prefix + self.gen_text())[:self._call_end])
 
     def gen_text(self) -> str:
         """The generated tokens' text (as it reads after the prompt with echo), before any stop cut."""
@@ -296,7 +322,22 @@ class _Active:
         if self.params.top_logprobs:
             top = (self.prompt_top if self.params.echo else []) + self.top
         ttft = None if self.first_token_at is None else self.first_token_at - self.created
-        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw, ttft, top)
+        shift = len(self._base)
+        return Completion(list(self.prompt), tokens, self.text(), lps, self.finish, raw, ttft, top,
+                          list(self.tool_calls), [(a + shift, b + shift) for a, b in self.tool_spans])
+
+    def append_results(self, ids: list[int], calls: list[ToolCall]) -> None:
+        """Add a tool call block's results (token ids the model did not sample) to the output."""
+        start = len(self.tokens)
+        self.tokens += ids
+        if self.params.logprobs:
+            self.logprobs += [0.0] * len(ids)
+            self.raw_logprobs += [0.0] * len(ids)
+        if self.params.top_logprobs:
+            self.top += [[] for _ in ids]
+        self.tool_spans.append((start, len(self.tokens)))
+        self.tool_calls += calls
+        self._gen_text = None
 
 
 def _adjust(logits: Tensor, rows: list[_Active], at: list[int]) -> Tensor:
@@ -377,6 +418,7 @@ class Engine:
     # a group grows while its padded size stays within this factor of its tokens, up to prefill_chunk in all
     PREFILL_PADDING = 1.25
     PREFILL_CHUNK = 512
+    ANSWER_ROOM = 16  # tokens of max_new_tokens a tool result must leave for the answer after it
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
                  max_len: int | None = None, compile: bool | str | Callable = False,
@@ -485,11 +527,13 @@ class Engine:
                 if not r.params.logprobs:
                     lp = raw = None
                 kept = r.push(tok, lp, raw, top)
+                if r.calling and r.finish is None:
+                    self._run_tools(r, tok)
                 if r.finish is not None:
                     events.append(self._finish(r, tok if kept else None, lp if kept else None,
                                                raw if kept else None, top if kept else None))
                 else:
-                    r.pending = tok
+                    r.pending = tok if r.extension is None else None  # (else fed with the results)
                     events.append(Event(r.slot, tok, r.new_text() if r.stream else "", lp, raw, top_logprobs=top))
             return events
 
@@ -598,7 +642,10 @@ class Engine:
         done: list[_Active] = []
         plain: list[_Active] = []
         for r in joining:
-            if r.params.echo and r.params.logprobs:
+            if r.extension is not None:  # tool results after a call: fed at the request's own positions
+                rows.append(r)
+                logits.append(self._prefill_extension(r))
+            elif r.params.echo and r.params.logprobs:
                 out = self._prefill_scored(r)
                 (done.append(r) if out is None else (rows.append(r), logits.append(out)))
             elif r.params.max_new_tokens > 0:
@@ -648,6 +695,42 @@ class Engine:
             r.length, r.prefilled = len(r.prompt), True
         return out
 
+    def _prefill_extension(self, r: _Active) -> Tensor:
+        """Feed r.extension (the token that closed a call, then its results) at positions r.length on, chunk by
+        chunk, attending to the slot's cache; the last position's logits (1, vocab)."""
+        views = [_PrefillView(c, r.row) for c in self.cache]
+        toks = torch.tensor([r.extension], dtype=torch.long, device=self.device)
+        base = r.length
+        for s, e in self._chunks(base, base + toks.shape[1]):
+            out = self.model(toks[:, s - base:e - base], s, views, output="last")
+        r.length, r.prefilled, r.extension = base + toks.shape[1], True, None
+        return out
+
+    def _run_tools(self, r: _Active, token: int) -> None:
+        """Run the call block r just closed with its toolbox and queue the results for the next step (with the
+        closing token); a malformed block gets an error result. Results that would not leave room for the answer
+        in max_new_tokens are replaced by an error saying so; if even that does not fit, the request ends."""
+        r.calling = False
+        body = r.call_block()
+        try:
+            calls = r.params.tools.run(parse_call_block(body or ""))
+            results = [c.result or "" for c in calls]
+        except Llama2Error as e:
+            calls, results = [ToolCall("", {}, result=f"error: {e}", error=True)], [f"error: {e}"]
+        left = r.params.max_new_tokens - len(r.tokens) - 1  # room for the results and at least one token
+        ids = encode_continuation(self.tokenizer, results_text(results))
+        if len(ids) > left - self.ANSWER_ROOM:
+            note = f"error: the result ({len(ids)} tokens) does not fit in what is left of max_new_tokens"
+            ids = encode_continuation(self.tokenizer, results_text([note] * len(results)))
+            for c in calls:
+                c.result, c.error = note, True
+        if len(ids) > left:
+            r.finish = "length"
+            return
+        r.append_results(ids, calls)
+        r.extension = [token] + ids
+        r.prefilled = False
+
     def _prefill_scored(self, r: _Active) -> Tensor | None:
         """Prefill with prompt log-probabilities (echo and logprobs); the last position's logits (1, vocab), or
         None when the request generates nothing (it is then finished)."""
@@ -678,7 +761,7 @@ class Engine:
         in the order of rows, and (compiled steps only, else None) their argmax, computed on the device."""
         # cache rows < n without a fed request (only requests waiting for this step's prefill, which then
         # overwrites them, or, compiled, rows beyond the last request up to its bucket) write a token 0 at
-        # position 0 of their own row: no effect on the others
+        # position 0 of their own row (a request feeding tool results: where they will go): no effect on others
         n = rows[-1].row + 1
         if self.compile:  # fixed shapes: the rows in use rounded up to a power of two (at most max_slots)
             n = min(self.max_slots, 1 << (n - 1).bit_length())
@@ -687,6 +770,9 @@ class Engine:
             pos = [r.length for r in rows]
         else:
             toks, pos = [0] * n, [0] * n
+            for i, other in enumerate(self._rows[:n]):  # a request waiting to feed tool results: write where
+                if other is not None and other.extension is not None:  # they will go, not over its prompt
+                    pos[i] = other.length
             for r in rows:
                 toks[r.row], pos[r.row] = r.pending, r.length
         length = max(pos) + 1

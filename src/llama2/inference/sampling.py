@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Llama2Error
+from ..tools import ToolCall, Toolbox
 from .grammar import Grammar
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -34,7 +35,9 @@ class SamplingParams:
     (constrained decoding, llama2.inference.grammar); the logprobs are then those of the masked distribution. logit_bias ({token id: -100..100}) is added to the
     logits; presence_penalty and frequency_penalty (-2..2, OpenAI's definition) subtract, from each token's logit,
     the presence penalty once it was generated and the frequency penalty times how often (the prompt does not
-    count); both change the distribution that is sampled and scored.
+    count); both change the distribution that is sampled and scored. tools: the engine runs the calls the model
+    writes (`<call>...</call>`, llama2.tools.format) with this Toolbox and appends their results to the request,
+    which goes on in its slot; the appended tokens count towards max_new_tokens.
     """
 
     temperature: float = 0.6
@@ -52,6 +55,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    tools: Toolbox | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +95,8 @@ class SamplingParams:
                 raise Llama2Error(f"sampling: logit_bias must map token ids to numbers in [-100, 100], got {bias!r}")
         if self.grammar is not None and not isinstance(self.grammar, Grammar):
             raise Llama2Error(f"sampling: grammar must be a Grammar, got {type(self.grammar).__name__}")
+        if self.tools is not None and not isinstance(self.tools, Toolbox):
+            raise Llama2Error(f"sampling: tools must be a llama2.tools.Toolbox, got {type(self.tools).__name__}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -116,7 +122,9 @@ class Completion:
     ttft: seconds from the request's acceptance (Engine.prepare / add) to its first sampled token, queueing and
     prefill included (None if it sampled nothing); not part of equality. top_logprobs (with
     SamplingParams.top_logprobs): per token, the (id, raw logprob) of the most likely tokens at that position,
-    most likely first (an echoed first prompt token, without context, has none)."""
+    most likely first (an echoed first prompt token, without context, has none). tool_calls: the calls the
+    engine ran (SamplingParams.tools), each with its result; tool_spans: the [start, end) ranges of `tokens` that
+    the engine appended (tool results, not sampled: their logprobs are 0.0)."""
 
     prompt_tokens: list[int]
     tokens: list[int]
@@ -126,6 +134,8 @@ class Completion:
     raw_logprobs: list[float] | None = None
     ttft: float | None = field(default=None, compare=False)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
