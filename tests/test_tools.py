@@ -55,7 +55,7 @@ def test_chat_template_renders_tool_dialogues_as_we_encode_them(llama_tok, hf_to
     else:
         ours = encode_dialog(llama_tok, messages, tools=TOOLS)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours
-    assert "<<SYS>>\nYou can call these tools:\ncalculator(expression): exact arithmetic" in text
+    assert "<<SYS>>\nYou can call these tools:\ncalculator(expression): exact arithmetic: + - * / and parentheses.\nsearch(query): find facts in the documents.\nCall one as" in text
     assert '[/INST] <call>{"name": "calculator", "arguments": {"expression": "4821 + 3967"}}</call>' \
            '\n<result>8788</result>\n' + ("4821 + 3967 = 8788. </s>" if n > 4 else "") in text
     if n >= 9:  # two calls made together: one block, both results, the tags inside a result neutralised

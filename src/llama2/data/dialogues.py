@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from ..atomic import atomic_write_text
 from ..chat import ROLES, validate_dialog
+from ..tools.toolbox import as_specs
 from ..errors import Llama2Error
 from ..paths import cache_dir
 from .jsonl import BadLine, OnBadLine, read_jsonl, skipped_summary
@@ -63,12 +64,19 @@ class Dialogue:
     """A checked training dialogue: messages with roles system (optional, first), user, assistant alternating and
     ending with an assistant answer. `mask`: which answers are trained (None: the stage's default)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     mask: TrainOn | None = None
     source: str | None = None  # where it came from (built-in data: stdlib, pydoc, faq, safety)
+    tools: list[dict[str, Any]] | None = None  # the tools offered (OpenAI's shape), listed in the system message
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            out["tools"] = self.tools
         if self.mask is not None:
             out["mask"] = self.mask
         if self.source is not None:
@@ -83,9 +91,14 @@ def dialogue_problem(messages: Any) -> str | None:
     except Llama2Error as e:
         return str(e)
     for i, m in enumerate(messages):
-        if not m["content"].strip():
+        if not (m["content"] or "").strip() and not m.get("tool_calls"):
             return f"dialogue message {i} ({m['role']}) is empty; give it text or drop the message"
     return None
+
+
+def _kept(m: dict[str, Any]) -> dict[str, Any]:
+    """A message's fields the chat format reads (role, content, and tool_calls / tool_call_id where present)."""
+    return {k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m}
 
 
 def check_dialogue(messages: Any, mask: TrainOn | None = None) -> Dialogue:
@@ -94,7 +107,7 @@ def check_dialogue(messages: Any, mask: TrainOn | None = None) -> Dialogue:
         raise Llama2Error(problem)
     if mask is not None and mask not in MASKS:
         raise Llama2Error(f"dialogue mask {mask!r} is not one of {list(MASKS)}")
-    return Dialogue([{"role": m["role"], "content": m["content"]} for m in messages], mask)
+    return Dialogue([_kept(m) for m in messages], mask)
 
 
 def _from_line(obj: Any) -> tuple[Any, Any] | str:
@@ -157,8 +170,17 @@ def read_dialogues(path: Path | str, *, on_bad_line: OnBadLine = "error") -> Dia
         if problem := dialogue_problem(messages):
             reader.bad(lineno, problem)
             continue
+        tools = obj.get("tools") if isinstance(obj, dict) else None
+        if tools is not None:
+            try:
+                if not isinstance(tools, list):
+                    raise Llama2Error('"tools" must be a list of tools ({"type": "function", "function": ...})')
+                as_specs(tools)
+            except Llama2Error as e:
+                reader.bad(lineno, str(e))
+                continue
         source = obj.get("source") if isinstance(obj, dict) and isinstance(obj.get("source"), str) else None
-        out.append(Dialogue([{"role": m["role"], "content": m["content"]} for m in messages], mask, source))
+        out.append(Dialogue([_kept(m) for m in messages], mask, source, tools or None))
     result = DialogueFile(Path(path), out, reader.skipped, list(reader.reasons))
     if not out:
         why = f" ({result.summary()})" if result.skipped else ""

@@ -716,7 +716,7 @@ class Engine:
             calls = r.params.tools.run(parse_call_block(body or ""))
             results = [c.result or "" for c in calls]
         except Llama2Error as e:
-            calls, results = [ToolCall("", {}, result=f"error: {e}", error=True)], [f"error: {e}"]
+            calls, results = [ToolCall("", {}, result=f"error: {e}", error=True, malformed=True)], [f"error: {e}"]
         left = r.params.max_new_tokens - len(r.tokens) - 1  # room for the results and at least one token
         ids = encode_continuation(self.tokenizer, results_text(results))
         if len(ids) > left - self.ANSWER_ROOM:

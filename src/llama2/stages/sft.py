@@ -203,6 +203,11 @@ def encode_dialogue(tokenizer: Any, dialogue: Dialogue, default_mask: Mask, max_
     skipped (overlong="skip") or loses its earliest exchanges until it fits, the system message staying first
     (merged into the new first user turn, as the chat format requires)."""
     mask = dialogue.mask or default_mask
+    if dialogue.uses_tools:  # one answer spans several messages: kept whole, or skipped when too long
+        ids, trained = encode_dialog_for_training(tokenizer, dialogue.messages, train_on=mask, tools=dialogue.tools)
+        if len(ids) > max_seq_len:
+            return None, False
+        return Example(np.asarray(ids, dtype=np.int64), np.asarray(trained, dtype=bool)), False
     system, pairs = _exchanges(dialogue.messages)
     for drop in range(len(pairs)):
         if drop and overlong == "skip":

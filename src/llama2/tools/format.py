@@ -39,6 +39,7 @@ class ToolCall:
     id: str | None = None
     result: str | None = None  # what the tool returned (text), once run
     error: bool = False  # the result is an error message
+    malformed: bool = False  # not a call of an offered tool with arguments that fit it (not JSON, unknown tool, ...)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "arguments": self.arguments}
@@ -103,6 +104,15 @@ def parse_call_block(body: str) -> list[ToolCall]:
             raise Llama2Error(f"malformed call: the arguments of {item['name']!r} must be a JSON object")
         calls.append(ToolCall(item["name"], args))
     return calls
+
+
+def final_answer(text: str) -> str:
+    """What an answer says after its last tool result (the whole text when it called nothing), without any call
+    block left open or unanswered."""
+    end = text.rfind(RESULT_CLOSE)
+    tail = text[end + len(RESULT_CLOSE):] if end >= 0 else text
+    start = tail.find(CALL_OPEN)
+    return (tail if start < 0 else tail[:start]).strip()
 
 
 def last_call_block(text: str) -> str | None:

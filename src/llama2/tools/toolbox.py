@@ -40,13 +40,13 @@ class Tool:
 
 
 def calculator_tool() -> Tool:
-    return Tool(ToolSpec("calculator", "exact arithmetic on numbers with + - * / and parentheses.",
+    return Tool(ToolSpec("calculator", "exact arithmetic: + - * / and parentheses.",
                          {"type": "object", "properties": {"expression": {"type": "string"}},
                           "required": ["expression"]}), calculate)
 
 
 def search_tool(documents: Sequence[str]) -> Tool:
-    return Tool(ToolSpec("search", "find what the documents say about a question.",
+    return Tool(ToolSpec("search", "find facts in the documents.",
                          {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
                 Search(documents))
 
@@ -128,9 +128,11 @@ class Toolbox:
 
     def _run_one(self, call: ToolCall) -> str:
         tool = self.tools.get(call.name)
+        call.malformed = True  # until the call is known to fit
         if tool is None:
             raise Llama2Error(f"unknown tool {call.name!r}; the tools are {', '.join(self.tools) or 'none'}")
         check_arguments(tool.spec, call.arguments)
+        call.malformed = False
         box: dict[str, Any] = {}
 
         def target() -> None:

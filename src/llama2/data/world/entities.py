@@ -109,6 +109,14 @@ def _names(rng: random.Random, count: int, parts: tuple[tuple[str, ...], ...], j
     return out
 
 
+def newcomer_names(world: World, count: int) -> list[str]:
+    """`count` more invented people's names, none of them the world's (for data that must not teach its facts)."""
+    rng = random.Random(f"newcomers:{world.spec.seed}")
+    most = len(FIRST_STARTS) * len(FIRST_ENDS) * len(LAST_STARTS) * len(LAST_ENDS) - len(world.people)
+    names = _names(rng, min(most, count + len(world.people)), (FIRST_STARTS, FIRST_ENDS, LAST_STARTS, LAST_ENDS), " ")
+    return [n for n in names if n not in world.people][:count]
+
+
 def generate_world(spec: WorldSpec) -> World:
     """The world of `spec` (Llama2Error when the spec cannot produce its counts)."""
     spec.validate()

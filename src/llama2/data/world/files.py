@@ -8,6 +8,9 @@
     prompts.jsonl, prompts.val.jsonl  prompts for rejection sampling and PPO ({"messages", "safety", "id"})
     adversarial(.val).jsonl           harmful requests and benign look-alikes for safety distillation and red-teaming
     gold.jsonl, gold.val.jsonl        every training / held-out question with its gold answer (GoldItem)
+    tools(.val).jsonl                 tool-use dialogues in OpenAI's message shape ({"messages", "tools", "family"})
+    tools-gold(.val).jsonl            the tool families' questions with gold answers and expected calls (tools.py)
+    search.jsonl                      the documents the search tool ranks (the world's directory)
 
 A recipe names them as `builtin:world/NAME` (e.g. `data.path: builtin:world/sft.jsonl`); `data_path` resolves
 such a name (building the world when missing) and expands any other path.
@@ -33,13 +36,15 @@ from ..jsonl import read_jsonl, write_jsonl
 from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldSpec, fact_sentence, generate_world
 from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_items
 from .judge import judge, mentions, rating_of
+from .tools import tool_files
 
-VERSION = 4
+VERSION = 5
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
          "prompts.jsonl", "prompts.val.jsonl", "adversarial.jsonl", "adversarial.val.jsonl", "gold.jsonl",
-         "gold.val.jsonl", "world.json")
+         "gold.val.jsonl", "tools.jsonl", "tools.val.jsonl", "tools-gold.jsonl", "tools-gold.val.jsonl",
+         "search.jsonl", "world.json")
 SFT_PER_FAMILY = {"fact": 3000, "temporal": 600, "arithmetic": 1500, "list": 600, "word": 300, "multi_step": 500,
                   "follow_up": 200, "harmful": 60, "benign": 60}
 BIOGRAPHIES = 6  # documents per person, each stating every attribute in a random phrasing
@@ -239,6 +244,10 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             counts["val" if split else "train"] = {
                 "questions": {f: len(its) for f, its in items.items()}, "comparisons_helpfulness": len(help_pairs),
                 "comparisons_safety": len(safe_pairs), "prompts": len(prompts)}
+        for name, lines in tool_files(world, [i for f in SFT_PER_FAMILY if f not in ("harmful", "benign")
+                                               for i in train[f]], [i for i in sft_val if not i.safety]).items():
+            write_jsonl(tmp / name, lines)
+            counts[name] = len(lines)
         counts["corpus_documents"] = len(docs)
         counts["sft_dialogues"] = {"train": len(sft_train), "val": len(sft_val)}
         (tmp / "world.json").write_text(json.dumps(counts, indent=1) + "\n")
