@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "llama2"
 LAYERS = [  # bottom to top
     ("foundation", {"errors", "paths", "atomic", "recipe", "figures", "cpu", "dtypes", "device", "config"}),
-    ("core", {"model", "fused_ops", "tokenizer", "chat", "chat_session", "lora", "classifier"}),
+    ("core", {"model", "fused_ops", "tokenizer", "tools", "chat", "chat_session", "lora", "classifier"}),
     ("engines", {"inference", "checkpoint"}),
     ("data", {"data"}),
     ("training", {"train", "reward"}),

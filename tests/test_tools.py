@@ -197,3 +197,112 @@ def test_a_result_too_long_for_the_budget_becomes_an_error(tok, small_model):
     out = gen.generate([question], SamplingParams(temperature=0.0, max_new_tokens=90, tools=box,
                                                    grammar=forced_call('<call>{"name": "long", "arguments": {}}</call>')))
     assert "does not fit" in out[0].tool_calls[0].result and len(out[0].tokens) <= 90
+
+
+# --- serving: OpenAI's function calling through the official client ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tool_server(small_model, tok):
+    from helpers import start_server
+
+    s = start_server(small_model, tok)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tool_server):
+    import openai
+
+    from helpers import SERVE_KEY
+
+    return openai.OpenAI(base_url=tool_server.url + "/v1", api_key=SERVE_KEY, max_retries=0, timeout=60)
+
+
+def test_openai_function_calling_round_trip(client, small_model, tok):
+    """A named tool_choice makes the (random) model call the calculator with arguments that fit its schema; the
+    client runs it and sends the result back as a tool message; the next answer is the one our Generator gives for
+    that conversation encoded with the same tools (the server renders tool calls and results as the chat format)."""
+    from helpers import SERVE_NAME
+    from llama2.inference.generate import Generator, SamplingParams
+
+    calc = {"type": "function", "function": {  # (a short string: the random model would write on and on)
+        "name": "calculator", "description": "exact arithmetic.", "parameters": {
+            "type": "object", "properties": {"expression": {"type": "string", "maxLength": 12}},
+            "required": ["expression"]}}}
+    messages = [{"role": "user", "content": "What is 4821 + 3967?"}]
+    first = client.chat.completions.create(model=SERVE_NAME, messages=messages, tools=[calc], max_tokens=120,
+                                           tool_choice={"type": "function", "function": {"name": "calculator"}},
+                                           temperature=0, seed=1)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call, = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "calculator" and call.id.startswith("call_")
+    assert set(args) == {"expression"} and isinstance(args["expression"], str)
+    try:
+        result = calculator_tool().fn(**args)
+    except Llama2Error as e:  # a random model's expression
+        result = f"error: {e}"
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": str(result)}]
+    second = client.chat.completions.create(model=SERVE_NAME, messages=messages, tools=[calc], max_tokens=12,
+                                            temperature=0, seed=1)
+    ids = encode_dialog(tok, messages, tools=[calc])
+    want = Generator(small_model, tok).generate([ids], SamplingParams(temperature=0.0, max_new_tokens=12,
+                                                                      stop=["</call>"]))[0]
+    assert second.choices[0].message.content == want.text
+    assert second.usage.prompt_tokens == len(ids)
+
+
+def test_required_and_streamed_tool_calls(client):
+    from helpers import SERVE_NAME
+
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {arg: {"type": "string", "maxLength": 8}}, "required": [arg]}}}
+        for name, arg in (("calculator", "expression"), ("search", "query"))]
+    got = client.chat.completions.create(model=SERVE_NAME, messages=[{"role": "user", "content": "Find Ali."}],
+                                         tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                         max_tokens=120, temperature=0, seed=3)
+    call, = got.choices[0].message.tool_calls
+    spec = {t["function"]["name"]: t["function"]["parameters"] for t in tools}[call.function.name]
+    assert set(json.loads(call.function.arguments)) == set(spec["required"])
+    stream = client.chat.completions.create(model=SERVE_NAME, messages=[{"role": "user", "content": "Find Ali."}],
+                                            tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                            max_tokens=120, temperature=0, seed=3, stream=True)
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == \
+           [(call.function.name, call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(d.content or "" for d in deltas).count("<call>")  # the call block is not sent as text
+
+
+@pytest.mark.parametrize("body, param, match", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "letters, digits"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools",
+     "JSON Schema of an object"),
+    ({"tools": "calculator"}, "tools", "must be a list"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "not both"),
+    ({"functions": [{"name": "f"}]}, "functions", "legacy"),
+    ({"tools": TOOLS, "messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "1"}]},
+     "messages", "without a call"),
+])
+def test_bad_tool_requests_are_one_400(tool_server, body, param, match):
+    import httpx
+
+    from helpers import SERVE_KEY, SERVE_NAME
+
+    r = httpx.post(tool_server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {SERVE_KEY}"},
+                   json={"model": SERVE_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                         **body}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and match in err["message"], err
+    assert httpx.get(tool_server.url + "/health").status_code == 200

@@ -37,7 +37,7 @@ def validate_dialog(messages: Sequence[Message], *, complete: bool) -> None:
 
 
 def _message_text(m: Message, i: int) -> str:
-    content = m["content"]
+    content = m.get("content")
     if content is None and m["role"] == "assistant" and m.get("tool_calls"):
         return ""
     if not isinstance(content, str):
@@ -101,7 +101,7 @@ def _group(messages: Sequence[Message], *, complete: bool) -> list[Turn]:
         raise Llama2Error("dialogue is empty; give at least one user message "
                           "(a list of {'role': ..., 'content': ...} objects)")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise Llama2Error(f"dialogue message {i} must be an object with 'role' and 'content', got {m!r}")
         if m["role"] not in ROLES:
             raise Llama2Error(f"dialogue message {i} has unknown role {m['role']!r}; use one of {list(ROLES)}")

@@ -27,9 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Llama2Error
 from ..inference.engine import Event
+from ..tools import CALL_OPEN
 from .metrics import Metrics
 from .protocol import (FINISH, ApiError, Defaults, Job, bad, chat_logprobs, completion_logprobs, parse_chat,
-                       parse_completion, usage)
+                       parse_completion, tool_answer, usage)
 from .worker import Handle, ModelWorker, QueueFull, WorkerStopped
 
 log = logging.getLogger("llama2.serve")
@@ -180,6 +181,7 @@ class Api:
                        **extra})
         left, generated = len(handles), 0
         offsets = [0] * len(handles)
+        held = [ToolStream() for _ in handles] if chat and job.tools is not None else None
         while left:
             i, ev = await queue.get()
             if isinstance(ev, Exception):
@@ -187,7 +189,7 @@ class Api:
                 break
             if ev.token is not None:
                 generated += 1
-            choice = self.delta(job, i, ev, offsets[i])
+            choice = self.delta(job, i, ev, offsets[i]) if held is None else held[i].delta(job, i, ev)
             if ev.completion is not None:
                 left -= 1
             if choice is None:
@@ -235,8 +237,12 @@ class Api:
 
         def choice(i: int, c: Any) -> dict:
             lp = chat_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, c.top_logprobs) if job.logprobs else None
-            return {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
-                    "finish_reason": FINISH[c.finish_reason]}
+            content, calls = tool_answer(c.text, job.tools) if c.finish_reason == "stop" else (c.text, None)
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            return {"index": i, "message": message, "logprobs": lp,
+                    "finish_reason": "tool_calls" if calls else FINISH[c.finish_reason]}
 
         return await self.answer(request, job, "chat.completion", choice)
 
@@ -322,6 +328,38 @@ class Api:
 
 
 # -- errors in OpenAI's shape --------------------------------------------------------------------------------
+
+
+class ToolStream:
+    """One streamed chat choice of a request with tools: text is sent as content until a call block may begin
+    (a tail that could start `<call>` is held back); a call block is not sent as text but, once the answer ends,
+    as one `tool_calls` delta (the whole arguments at once) with finish_reason "tool_calls"."""
+
+    def __init__(self) -> None:
+        self.text, self.sent = "", 0
+
+    def delta(self, job: Job, i: int, ev: Event) -> dict | None:
+        self.text += ev.text
+        if ev.completion is None:
+            start = self.text.find(CALL_OPEN)
+            safe = len(self.text) - _held_back(self.text) if start < 0 else start
+            piece, self.sent = self.text[self.sent:max(safe, self.sent)], max(safe, self.sent)
+            return {"index": i, "delta": {"content": piece}, "logprobs": None, "finish_reason": None} \
+                if piece else None
+        c = ev.completion
+        content, calls = tool_answer(c.text, job.tools) if c.finish_reason == "stop" else (c.text, None)
+        before = c.text[:c.text.rfind(CALL_OPEN)] if calls else c.text
+        rest = before[self.sent:]
+        delta: dict[str, Any] = {"content": rest} if rest else {}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return {"index": i, "delta": delta, "logprobs": None,
+                "finish_reason": "tool_calls" if calls else FINISH[c.finish_reason]}
+
+
+def _held_back(text: str) -> int:
+    """Length of the longest tail of text that begins `<call>`."""
+    return next((n for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1) if text.endswith(CALL_OPEN[:n])), 0)
 
 
 async def api_error(request: Request, e: ApiError) -> JSONResponse:

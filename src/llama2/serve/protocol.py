@@ -1,9 +1,13 @@
 """The OpenAI wire format: request bodies checked into engine requests, and response objects and chunks.
 
 Checks name the offending field (`param`) and answer in OpenAI's error shape with the right status: a bad field
-400, an unknown model 404. Unsupported options that would change the output (tools, suffix, best_of > n)
-are refused rather than ignored. Structured output (`response_format` json_object / json_schema, and vLLM's
-`guided_regex` / `guided_grammar`) becomes a Grammar the engine enforces (llama2.inference.grammar).
+400, an unknown model 404. Unsupported options that would change the output (suffix, best_of > n, the legacy
+functions) are refused rather than ignored. Tools (chat only): `tools` are listed to the model in the system
+message (llama2.tools.format); an answer that ends in a call block comes back as `tool_calls` with finish_reason
+"tool_calls", for the client to run and answer with `role: tool` messages; tool_choice required or a named
+function constrains the answer to such a call (a grammar over the tools' schemas). Structured output
+(`response_format` json_object / json_schema, and vLLM's `guided_regex` / `guided_grammar`) becomes a Grammar the
+engine enforces (llama2.inference.grammar).
 
 Text joins: a completion's text is what decoding prompt + completion adds to the prompt's text (a first token's
 leading space kept), and each logprobs entry's token text is its piece as it reads there, so the texts of the
@@ -23,6 +27,7 @@ from ..errors import Llama2Error
 from ..inference.grammar import Grammar
 from ..inference.sampling import SamplingParams
 from ..tokenizer import piece_bytes
+from ..tools import CALL_CLOSE, CALL_OPEN, ToolSpec, as_specs, split_calls
 
 MAX_N = 16
 MAX_STOP = 4
@@ -77,6 +82,7 @@ class Job:
     logprobs: bool = False
     echo: bool = False
     top_logprobs: int = 0
+    tools: ToolUse | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -131,9 +137,12 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _refuse_unsupported(body: dict) -> None:
-    if body.get("tools") or body.get("functions"):
-        raise bad("tools and function calling are not supported by this server", "tools")
+def _refuse_unsupported(body: dict, chat: bool = False) -> None:
+    if body.get("functions") or body.get("function_call"):
+        raise bad("the legacy functions / function_call fields are not supported; use tools and tool_choice",
+                  "functions")
+    if not chat and (body.get("tools") or body.get("tool_choice")):
+        raise bad("tools are for /v1/chat/completions", "tools")
     best_of = body.get("best_of")
     if best_of not in (None, 1) and best_of != body.get("n", 1):
         raise bad("best_of is not supported by this server (only best_of == n)", "best_of")
@@ -170,6 +179,82 @@ def _grammar(body: dict) -> Grammar | None:
         return Grammar("json_schema", json.dumps(schema))
     raise bad(f"response_format must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got {fmt!r}",
               "response_format")
+
+
+@dataclass
+class ToolUse:
+    """A chat request's tools: the specs listed to the model, tool_choice ("auto", "required", or the name of the
+    one function to call) and whether several calls may come at once."""
+
+    specs: list[ToolSpec]
+    choice: str = "auto"
+    parallel: bool = True
+
+
+def _tool_use(body: dict) -> ToolUse | None:
+    """The request's tools (None when it has none, or tool_choice is "none": then no call is made or parsed)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none"):
+            raise bad("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise bad("tools must be a list of {type: function, function: {name, description, parameters}}", "tools")
+    try:
+        specs = as_specs(tools)
+    except Llama2Error as e:
+        raise bad(str(e), "tools") from None
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad(f"parallel_tool_calls must be true or false, got {parallel!r}", "parallel_tool_calls")
+    if choice is None or choice in ("auto", "required"):
+        return ToolUse(specs, choice or "auto", parallel)
+    if choice == "none":
+        return None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and \
+        choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise bad("tool_choice must be none, auto, required or {type: function, function: {name}}, got "
+                  f"{choice!r}", "tool_choice")
+    if name not in {s.name for s in specs}:
+        raise bad(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return ToolUse(specs, name, parallel)
+
+
+def call_grammar(use: ToolUse) -> Grammar:
+    """The output must be one call block (tool_choice required or a named function): a call of one of the
+    tools, or of the named one, with arguments that fit its schema (a list of such calls where parallel calls are
+    allowed and no function is named)."""
+    specs = use.specs if use.choice == "required" else [s for s in use.specs if s.name == use.choice]
+    one = {"anyOf": [{"type": "object", "properties": {"name": {"const": s.name}, "arguments": _closed(s.parameters)},
+                      "required": ["name", "arguments"], "additionalProperties": False} for s in specs]}
+    schema = {"anyOf": [one, {"type": "array", "items": one, "minItems": 2}]} \
+        if use.parallel and use.choice == "required" else one
+    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    return Grammar("lark", f'start: " {CALL_OPEN}" call "{CALL_CLOSE}"\ncall: %json {json.dumps(schema)}')
+
+
+def _closed(schema: dict) -> dict:
+    """An arguments schema that admits only its listed properties, unless it says otherwise (as the toolbox
+    checks arguments)."""
+    return schema if "additionalProperties" in schema or not schema.get("properties") else \
+        {**schema, "additionalProperties": False}
+
+
+def tool_answer(text: str, use: ToolUse | None) -> tuple[str | None, list[dict] | None]:
+    """(content, tool_calls) of a chat answer: the calls of a call block it ends with (the stop at `</call>` cut
+    the tag), with ids, when they parse and name the request's tools; else the whole text as content."""
+    if use is None:
+        return text, None
+    content, calls, _ = split_calls(text.removesuffix(CALL_CLOSE))
+    names = {s.name for s in use.specs}
+    if not calls or any(c.name not in names for c in calls):
+        return text, None
+    if not use.parallel:
+        calls = calls[:1]
+    return (content.strip() or None), [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
 
 
 def _model(body: dict, served: str) -> str:
@@ -260,7 +345,8 @@ def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Def
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     model = _model(body, served)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat=True)
+    use = _tool_use(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {role, content} objects", "messages")
@@ -269,9 +355,13 @@ def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Def
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        dialog.append({"role": role, "content": _content(m, i)})
+        if role == "assistant" and m.get("tool_calls"):
+            dialog.append({"role": role, "content": _content(m, i) if m.get("content") is not None else None,
+                           "tool_calls": m["tool_calls"]})
+        else:
+            dialog.append({"role": role, "content": _content(m, i)})
     try:
-        ids = encode_dialog(tokenizer, dialog)
+        ids = encode_dialog(tokenizer, dialog, tools=use.specs if use else None)
     except Llama2Error as e:
         raise bad(str(e), "messages") from None
     n = _integer(body, "n", 1, MAX_N, 1)
@@ -283,10 +373,18 @@ def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Def
     max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 1, None, None)
     budget = _budget(len(ids), max_tokens, context, defaults.max_tokens, "messages")
     base = _sampling(body, defaults)
-    base.update(logprobs=logprobs, top_logprobs=top, grammar=_grammar(body))
+    grammar = _grammar(body)
+    if use is not None:
+        if grammar is not None and use.choice != "auto":
+            raise bad("give tool_choice required (or a named function) or an output format, not both",
+                      "tool_choice")
+        base["stop"] = base["stop"] + [CALL_CLOSE]  # a call ends the answer: the client runs the tools
+        if use.choice != "auto":
+            grammar = call_grammar(use)
+    base.update(logprobs=logprobs, top_logprobs=top, grammar=grammar)
     stream, usage = _stream_flags(body)
     return Job("chat", model, [ids], _expand([ids], base, [budget], n), n, stream, usage, logprobs,
-               top_logprobs=top)
+               top_logprobs=top, tools=use)
 
 
 def parse_completion(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
