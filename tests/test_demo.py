@@ -14,7 +14,7 @@ import pytest
 BUDGET_MINUTES = 1.5
 SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
             "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Ghost Attention",
-            "9. Safety context distillation", "10. Evaluation", "11. Checkpoint formats"]
+            "9. Safety context distillation", "10. Evaluation", "11. Tool use", "12. Checkpoint formats"]
 
 
 def _row(md: str, label: str) -> list[str]:

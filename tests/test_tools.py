@@ -306,3 +306,107 @@ def test_bad_tool_requests_are_one_400(tool_server, body, param, match):
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == param and match in err["message"], err
     assert httpx.get(tool_server.url + "/health").status_code == 200
+
+
+# --- search, the world's tool data, the evaluation's readers and marking ------------------------------------------
+
+
+def test_bm25_ranks_by_the_usual_formula():
+    import math
+
+    docs = ["Elin Nesbrook lives at number 220 in Ivesmere.", "Olin Kesmond lives at number 590 in Elmwick.",
+            "Elin Kesmond keeps a cat."]
+    index = BM25Index(docs)
+    (best, doc), *_ = index.search("Elin Nesbrook")
+    assert doc == 0
+    # by hand: idf(w) = ln(1 + (N - n + 0.5) / (n + 0.5)); "elin" is in 2 documents, "nesbrook" in 1
+    n_docs, avg = 3, sum(len(d.split()) for d in docs) / 3
+    length = len(docs[0].split())
+
+    def term(n):
+        idf = math.log(1 + (n_docs - n + 0.5) / (n + 0.5))
+        return idf * 2.5 / (1 + 1.5 * (1 - 0.75 + 0.75 * length / avg))
+
+    assert best == pytest.approx(term(2) + term(1))
+    assert search_tool(docs).fn("Olin Kesmond") == "Olin Kesmond lives at number 590 in Elmwick."
+
+
+def test_world_tool_dialogues_use_the_real_tools_and_hold_out_their_people():
+    from llama2.data.jsonl import read_jsonl
+    from llama2.data.world import data_path, load_world
+    from llama2.data.world.tools import directory
+
+    world = load_world()
+    search = search_tool(directory(world))
+    dialogues = [o for _, o in read_jsonl(data_path("builtin:world/tools.jsonl"))]
+    held = [o for _, o in read_jsonl(data_path("builtin:world/tools-gold.val.jsonl"))]
+    checked = 0
+    for d in dialogues[:400]:
+        validate_dialog(d["messages"], complete=True)
+        for m, result in zip(d["messages"], d["messages"][1:]):
+            if m.get("tool_calls"):
+                f = m["tool_calls"][0]["function"]
+                args = json.loads(f["arguments"])
+                want = calculate(args["expression"]) if f["name"] == "calculator" else search.fn(args["query"])
+                assert result["role"] == "tool" and result["content"] == want
+                checked += 1
+    assert checked > 300
+    trained_people = {json.loads(m["tool_calls"][0]["function"]["arguments"])["query"]
+                      for d in dialogues for m in d["messages"] if m.get("tool_calls")
+                      and m["tool_calls"][0]["function"]["name"] == "search"}
+    held_people = {h["call"]["arguments"]["query"] for h in held if h["family"] == "lookup"}
+    assert held_people and held_people <= set(world.people) and not held_people & trained_people
+    assert all(h["gold"] == calculate(h["call"]["arguments"]["expression"]) for h in held
+               if h["family"] == "calculation")
+
+
+def test_problem_files_in_their_usual_shapes(tmp_path):
+    from llama2.eval.tools import number_correct, read_problems
+
+    (tmp_path / "ASDiv.xml").write_text(
+        '<?xml version="1.0"?><Machine-Reading-Corpus-File><ProblemSet>'
+        '<Problem ID="nluds-0001" Grade="1"><Body>Seven red apples and two green apples are in the basket.</Body>'
+        '<Question>How many apples are in the basket?</Question><Solution-Type>Addition</Solution-Type>'
+        '<Answer>9 (apples)</Answer><Formula>7+2=9</Formula></Problem>'
+        '<Problem ID="nluds-0002"><Body>x</Body><Question>Which is more?</Question><Answer>yes</Answer></Problem>'
+        '</ProblemSet></Machine-Reading-Corpus-File>')
+    (tmp_path / "SVAMP.json").write_text(json.dumps([{"ID": "chal-1", "Body": "Each pack has 3,000 pens.",
+                                                      "Question": "How many pens in 2 packs?",
+                                                      "Equation": "( 3000.0 * 2.0 )", "Answer": 6000.0}]))
+    (tmp_path / "mawps.jsonl").write_text(json.dumps({"iIndex": 7, "sQuestion": "Tom had 2.5 pies.",
+                                                      "lEquations": ["X=2.5"], "lSolutions": [2.5]}) + "\n")
+    asdiv, skipped = read_problems(tmp_path / "ASDiv.xml", "asdiv")
+    assert [(p.id, p.answer, skipped) for p in asdiv] == [("asdiv:nluds-0001", "9", 1)]
+    assert asdiv[0].question.endswith("basket. How many apples are in the basket?")
+    svamp, _ = read_problems(tmp_path / "SVAMP.json", "svamp")
+    mawps, _ = read_problems(tmp_path / "mawps.jsonl", "mawps")
+    assert (svamp[0].answer, mawps[0].answer) == ("6000", "2.5")
+    assert number_correct("That makes 6,000 pens.", "6000") and number_correct("2.50", "2.5")
+    assert not number_correct("6000 or 600", "6000") and not number_correct("no number", "1")
+    with pytest.raises(Llama2Error, match="sQuestion"):
+        read_problems(tmp_path / "SVAMP.json", "mawps")
+    with pytest.raises(Llama2Error, match="unknown problem format"):
+        read_problems(tmp_path / "SVAMP.json", "gsm8k")
+
+
+def test_an_answer_with_calls_goes_back_into_the_history_as_the_same_tokens(tok, small_model):
+    """What `llama2 chat --tools` keeps: the engine's text of an answer, turned back into messages, encodes to the
+    prompt + the answer's tokens (+ EOS) it came from."""
+    from llama2.chat import answer_messages
+    from llama2.inference.generate import Generator, SamplingParams
+
+    question = [{"role": "user", "content": "What is 4821 + 3967?"}]
+    prompt = encode_dialog(tok, question, tools=TOOLS[:1])
+    done = Generator(small_model, tok, fast_fp32=False).generate([prompt], SamplingParams(
+        temperature=0.0, max_new_tokens=100, tools=Toolbox([calculator_tool()]), grammar=forced_call(),
+        stop_ids=[tok.eos_id]))[0]
+    assert done.tool_calls
+    cut = done.text.index("</result>\n") + len("</result>\n") + 8  # the answer after the result, a few chars
+    answer = done.text[:cut]
+    history = question + answer_messages(answer)
+    ids, _ = encode_dialog_for_training(tok, history, tools=TOOLS[:1])
+    want = encode_dialog_for_training(tok, question + [{"role": "assistant", "content": "x"}], tools=TOOLS[:1])[0]
+    assert ids[:len(prompt)] == prompt == want[:len(prompt)]
+    assert tok.decode(ids[len(prompt):-1]).strip() == answer.strip()
+    (a, b), = done.tool_spans
+    assert ids[len(prompt):len(prompt) + b] == done.tokens[:b]  # the call and its result, token for token

@@ -18,7 +18,8 @@ from typing import Literal, Sequence
 
 from .errors import Llama2Error
 from .tokenizer import CHAT_TAGS, TokenizerLike, encode_continuation
-from .tools.format import CALL_CLOSE, CALL_OPEN, as_spec, result_text, with_tools_prompt
+from .tools.format import (CALL_CLOSE, CALL_OPEN, RESULT_CLOSE, RESULT_OPEN, as_spec, parse_call_block, result_text,
+                           with_tools_prompt)
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -28,6 +29,31 @@ ROLES = ("system", "user", "assistant", "tool")
 
 Message = dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str, "tool_calls": [...]}
 TrainOn = Literal["all_assistant", "last_assistant"]
+
+def answer_messages(answer: str) -> list[Message]:
+    """An answer's text as the engine wrote it (calls, their results, the rest) back in OpenAI's message shape,
+    so that a history holding it encodes to the same tokens: assistant messages with `tool_calls`, one `tool`
+    message per result, and the final assistant message. A text without calls is one assistant message."""
+    out: list[Message] = []
+    rest = answer
+    while (start := rest.find(CALL_OPEN)) >= 0 and (end := rest.find(CALL_CLOSE, start)) >= 0:
+        try:
+            calls = parse_call_block(rest[start + len(CALL_OPEN):end])
+        except Llama2Error:
+            break
+        after = rest[end + len(CALL_CLOSE):]
+        results = []
+        while after.startswith("\n" + RESULT_OPEN) and (stop := after.find(RESULT_CLOSE)) >= 0:
+            results.append(after[len(RESULT_OPEN) + 1:stop])
+            after = after[stop + len(RESULT_CLOSE):]
+        if len(results) != len(calls):
+            break
+        out.append({"role": "assistant", "content": rest[:start].strip(), "tool_calls": [
+            {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]})
+        out += [{"role": "tool", "content": r} for r in results]
+        rest = after.removeprefix("\n")
+    return out + [{"role": "assistant", "content": rest}]
+
 
 def validate_dialog(messages: Sequence[Message], *, complete: bool) -> None:
     """Check roles, order and content. ``complete=False``: the dialogue must end with a user message (a prompt

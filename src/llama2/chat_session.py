@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TextIO
 
-from .chat import Message, encode_dialog
+from .chat import Message, answer_messages, encode_dialog
 from .errors import Llama2Error
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class ChatSession:
     max_new_tokens: int
     system: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
+    tools: list | None = None  # ToolSpecs listed to the model (llama2.tools); its answers keep their calls
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,7 +62,7 @@ class ChatSession:
         """The dialogue as messages, optionally ending with a new user message."""
         out: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
         for u, a in self.history if history is None else history:
-            out += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+            out += [{"role": "user", "content": u}, *answer_messages(a)]
         if user is not None:
             out.append({"role": "user", "content": user})
         return out
@@ -71,7 +72,7 @@ class ChatSession:
         history = list(self.history)
         dropped = 0
         while True:
-            tokens = encode_dialog(self.tokenizer, self.messages(user, history))
+            tokens = encode_dialog(self.tokenizer, self.messages(user, history), tools=self.tools)
             if len(tokens) + self.max_new_tokens <= self.max_seq_len:
                 break
             if not history:

@@ -20,6 +20,12 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face layout with tokenizer.model)")
     p.add_argument("--system", default=None, help="system prompt (default: none, as Meta's reference code)")
     add_sampling_args(p, max_new_tokens=512, seed_help="random seed; answer i uses seed + i (default: random)")
+    p.add_argument("--tools", default=None,
+                   help="tools the model may call, run as it calls them and shown with their results: "
+                        "calculator, search, module:function (comma-separated)")
+    p.add_argument("--documents", default="builtin:world/search.jsonl",
+                   help="what the search tool searches: a JSONL file of {\"text\": ...} lines or a text file "
+                        "(default: the built-in world's directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while the checkpoint loads")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
@@ -37,18 +43,19 @@ def run(args: argparse.Namespace) -> int:
     from ..tokenizer import Tokenizer
 
     base = sampling_params(args)  # checks the flags before the model loads
+    toolbox = load_toolbox(args.tools, args.documents) if args.tools else None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = Tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, device, dtype, progress=not args.quiet)
     session = ChatSession(tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=args.max_new_tokens,
-                          system=args.system)
+                          system=args.system, tools=toolbox.specs if toolbox else None)
     generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
 
     def respond(tokens: list[int], index: int):
         """Stream the answer; say so on stderr when it was cut at --max-new-tokens rather than finished."""
         seed = None if args.seed is None else args.seed + index
-        params = dataclasses.replace(base, seed=seed)
+        params = dataclasses.replace(base, seed=seed, tools=toolbox)
         completion = yield from generator.stream(tokens, params)
         if completion.finish_reason == "length":
             note = f"[answer cut at --max-new-tokens {args.max_new_tokens}]"
@@ -79,3 +86,21 @@ def run(args: argparse.Namespace) -> int:
 
     return run_chat(session, respond, read_line=read_line, out=sys.stdout, err=sys.stderr,
                     interactive=interactive, guard=guard)
+
+
+def load_toolbox(names: str, documents: str):
+    """The tools of --tools; search reads --documents only when asked for."""
+    from ..data.jsonl import read_jsonl
+    from ..data.world.files import data_path
+    from ..errors import Llama2Error
+    from ..tools import load_tools
+
+    def texts() -> list[str]:
+        path = data_path(documents)
+        if not path.is_file():
+            raise Llama2Error(f"--documents {documents}: no such file")
+        if path.suffix == ".jsonl":
+            return [obj["text"] for _, obj in read_jsonl(path) if isinstance(obj, dict) and "text" in obj]
+        return [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+
+    return load_tools(names, documents=texts)

@@ -37,6 +37,7 @@ from .sections import (
     sft,
 )
 from .sections import methods as methods_section
+from .sections import tools as tools_section
 from .sections.artifacts import ChatModel, RewardModels
 from .sections.common import Demo, Done, say
 from .sections.data import build_data
@@ -44,19 +45,21 @@ from .sections.data import build_data
 # Each section's share of the budget left after the data builds (cumulative: unused time passes on). The demo
 # usually ends early by what SFT and the reward models leave when they reach their recipes' epochs.
 SHARES = {"pretrain": 0.41, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward": 0.10, "rejection": 0.10,
-          "ppo": 0.06, "gatt": 0.04, "safety": 0.06, "eval": 0.03, "formats": 0.03}
+          "ppo": 0.06, "gatt": 0.04, "safety": 0.06, "eval": 0.03, "tools": 0.0, "formats": 0.03}
 # In the built-in world SFT reaches its epochs in under a minute; the reward models need steps to read the facts,
 # PPO runs twice (the recipe's beta and a small one) and GAtt builds 5-turn dialogues and is measured over 20 turns
 # (at 6% it ran at its smallest size: 2 dialogues per family, too few to learn or to measure).
 # GAtt trains on 20-turn dialogues of up to 1,024 tokens: it needs ~100 s to hold an instruction for 20 turns; the
 # quick sections (generate, chat, eval, formats) and safety distillation give it theirs.
-WORLD_SHARES = {"pretrain": 0.40, "generate": 0.005, "chat": 0.005, "sft": 0.07, "reward": 0.14, "rejection": 0.08,
-                "ppo": 0.08, "gatt": 0.14, "safety": 0.05, "eval": 0.02, "formats": 0.01}
+# Tool use fine-tunes the SFT model on tool dialogues (a few hundred steps to copy numbers and names reliably) and
+# answers its questions twice; it comes last and inherits what the sections before it leave.
+WORLD_SHARES = {"pretrain": 0.37, "generate": 0.005, "chat": 0.005, "sft": 0.07, "reward": 0.13, "rejection": 0.08,
+                "ppo": 0.08, "gatt": 0.13, "safety": 0.05, "eval": 0.01, "tools": 0.06, "formats": 0.01}
 # The seconds each section takes at its smallest size on the reference machine (2 idle cores): the sections
 # before it leave this much, times the machine's pace measured by pretraining, for it.
 FLOORS = {name: module.FLOOR_S for name, module in (
     ("generate", generate), ("chat", chat), ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo),
-    ("gatt", gatt), ("safety", safety), ("eval", evaluation), ("formats", formats))}
+    ("gatt", gatt), ("safety", safety), ("eval", evaluation), ("tools", tools_section), ("formats", formats))}
 RESULTS = "results.json"
 
 A = TypeVar("A")
@@ -137,7 +140,8 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
     models = {"pretrained": pre, "SFT": chat_model, "RLHF (PPO)": ppo_policy, "+ GAtt": gatt_model,
               "final (GAtt + safety)": final}
     run("eval", "10. Evaluation", lambda s: evaluation.run(demo, s, models, rms, data.val_file))
-    run("formats", "11. Checkpoint formats", lambda s: formats.run(demo, s, pre))
+    run("tools", "11. Tool use", lambda s: tools_section.run(demo, s, chat_model))
+    run("formats", "12. Checkpoint formats", lambda s: formats.run(demo, s, pre))
 
     demo.results["seconds"] = round(budget.elapsed(), 1)
     report.footer = [f"Done in {demo.results['seconds']:.0f} s (budget {budget.total_s:.0f} s)."]

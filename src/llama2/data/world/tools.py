@@ -11,7 +11,7 @@ that show the calls (llama2.tools.format), for SFT and the tool evaluation (the 
   teaching any held-out person's number.
 
 Every tool dialogue offers both tools (listed in the system message); some ordinary world questions are offered
-the tools too and answered without a call, so a model learns when a call helps.
+the tools too and answered without a call, so a model learns when a call helps; some dialogues have two turns.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ LOOKUPS = ("What is the house number of {p}?", "At which number does {p} live?",
 
 
 NEWCOMERS = 1500
+VAL_DIALOGUES = 200
 
 
 def house_numbers(world: World) -> dict[str, tuple[int, str]]:
@@ -152,6 +153,13 @@ def tool_files(world: World, plain_train: list[GoldItem], plain_val: list[GoldIt
             out.append({"messages": it.messages + [{"role": "assistant", "content": it.answer}], "tools": tools,
                         "family": it.family})
         rng.shuffle(out)
+        # a fifth become second turns of another dialogue: calls after earlier turns (a chat goes on)
+        k = len(out) // 10
+        firsts, seconds, rest = out[:k], out[k:2 * k], out[2 * k:]
+        joined = [{**a, "messages": a["messages"] + b["messages"], "family": f"{a['family']}+{b['family']}"}
+                  for a, b in zip(firsts, seconds)]
+        out = rest + joined
+        rng.shuffle(out)
         return out
 
     def gold(items: list[GoldItem]) -> list[dict[str, Any]]:
@@ -159,6 +167,7 @@ def tool_files(world: World, plain_train: list[GoldItem], plain_val: list[GoldIt
 
     newcomers = set(house_numbers(world)) - set(world.people)
 
-    return {"tools.jsonl": dialogues(train, plain_train), "tools.val.jsonl": dialogues(held, plain_val),
+    # (a few hundred held-out dialogues are enough for a held-out loss; the gold file keeps every question)
+    return {"tools.jsonl": dialogues(train, plain_train), "tools.val.jsonl": dialogues(held, plain_val)[:VAL_DIALOGUES],
             "tools-gold.jsonl": gold(train), "tools-gold.val.jsonl": gold(held),
             "search.jsonl": [{"text": d} for d in docs]}

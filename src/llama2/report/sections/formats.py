@@ -1,4 +1,4 @@
-"""11. Checkpoint formats: Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, the weights checked
+"""12. Checkpoint formats: Hugging Face -> Meta (2 model-parallel shards) -> Hugging Face, the weights checked
 bit for bit."""
 
 from __future__ import annotations
