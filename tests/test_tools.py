@@ -410,3 +410,29 @@ def test_an_answer_with_calls_goes_back_into_the_history_as_the_same_tokens(tok,
     assert tok.decode(ids[len(prompt):-1]).strip() == answer.strip()
     (a, b), = done.tool_spans
     assert ids[len(prompt):len(prompt) + b] == done.tokens[:b]  # the call and its result, token for token
+
+
+# --- rollouts with tools: the results are not actions ------------------------------------------------------------
+
+
+def test_rollout_masks_tool_results_and_gae_carries_over_them():
+    """pad_rollout leaves the appended results out of the loss mask; GAE over a response with such a gap equals
+    GAE over the same response with the gap cut out (the call is credited with what follows its result)."""
+    import torch
+
+    from llama2.stages.ppo import gae, pad_rollout
+
+    tokens, attention, mask = pad_rollout([[1, 5, 6]], [[7, 8, 9, 10, 11, 12, 2]], pad_id=0, appended=[[(2, 5)]])
+    # targets are tokens 1..: the response's tokens 2, 3, 4 (ids 9, 10, 11) were appended
+    assert mask[0].tolist() == [False, False, True, True, False, False, False, True, True]
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 9), torch.randn(2, 9)
+    gapped = torch.tensor([[False, False, True, True, False, False, False, True, True]] * 2)
+    gapped[1, 8] = False  # a second row ending earlier (padding after it)
+    adv, ret = gae(rewards, values * gapped, gapped, gamma=0.9, lam=0.8)
+    for row in range(2):
+        keep = gapped[row]
+        a, r = gae(rewards[row, keep][None], (values * gapped)[row, keep][None], torch.ones(1, int(keep.sum()),
+                   dtype=torch.bool), gamma=0.9, lam=0.8)
+        assert torch.allclose(adv[row, keep], a[0]) and torch.allclose(ret[row, keep], r[0])
+        assert (adv[row, ~keep] == 0).all()

@@ -24,6 +24,7 @@ from ..data.world.entities import ATTRIBUTES, FACT_PHRASINGS
 from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
 from ..reward import CombinedScores
+from ..tools import final_answer
 
 Z95 = 1.96
 
@@ -132,14 +133,16 @@ def gold_eval(model: Any, tok: Any, world: World, items: Sequence[GoldItem], **k
 class GoldReward:
     """The gold judge as a reward (a verifiable reward, as GRPO's users give it): an answer's reward is the judge's
     score (0.7 correct + 0.2 concise + 0.1 tidy; for a harmful request, correct means a refusal). Each prompt is
-    found among the world's questions (training and held-out) by its messages. Called like CombinedReward:
+    found among the world's questions (training and held-out, the tool families' too) by its messages; an answer
+    that called tools is judged by what it says after its last tool result. Called like CombinedReward:
     (prompts, answers, is_safety) -> CombinedScores with the score as R_h, R_s and R_c alike."""
 
     def __init__(self, world: World | None = None, items: Sequence[GoldItem] | None = None) -> None:
         self.world = world or load_world()
         if items is None:
             root = ensure_world()
-            items = read_gold(root / "gold.jsonl") + read_gold(root / "gold.val.jsonl")
+            items = [i for name in ("gold.jsonl", "gold.val.jsonl", "tools-gold.jsonl", "tools-gold.val.jsonl")
+                     for i in read_gold(root / name)]
         self.items = {json.dumps(i.messages, sort_keys=True): i for i in items}
 
     def item(self, messages: Sequence[dict[str, str]]) -> GoldItem:
@@ -153,7 +156,7 @@ class GoldReward:
 
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str], is_safety: Sequence[bool]
                  ) -> CombinedScores:
-        scores = [judge(self.world, self.item(p), a).score for p, a in zip(prompts, responses)]
+        scores = [judge(self.world, self.item(p), final_answer(a)).score for p, a in zip(prompts, responses)]
         return CombinedScores(list(scores), list(scores), list(scores))
 
 

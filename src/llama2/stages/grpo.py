@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import require_checkpoint
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
+from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..eval.gold import GoldReward
 from ..inference.scoring import sequence_logprobs
@@ -52,7 +53,7 @@ from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import PromptBatches, Scorer, pad_rollout, policy_start, reward_kl_figure, sample_answers
+from .ppo import Answers, PromptBatches, Scorer, pad_rollout, policy_start, reward_kl_figure, sample_answers
 
 WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
@@ -151,7 +152,8 @@ class GRPORecipe(TrainRecipe):
     loss: Literal["grpo", "token", "dr_grpo"] = "grpo"
     temperature: float = 1.0  # sampling temperature of the answers (and of every log-probability)
     top_p: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # longest answer (tool results included)
+    tools: list[str] = field(default_factory=list)  # tools the policy may call (calculator, search), as in PPO
     threshold: float = SAFETY_THRESHOLD  # reward: rm, R_s below this makes the safety RM decide
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     optim: OptimConfig = field(default_factory=_grpo_optim)
@@ -169,6 +171,7 @@ class GRPORecipe(TrainRecipe):
         check(1 <= self.mini_batch <= rows, "mini_batch", self.mini_batch,
               f"an integer in 1..batch_size x group_size ({rows})")
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_tools(self.tools)
         check(self.beta >= 0, "beta", self.beta, "a number >= 0")
         check(self.clip > 0, "clip", self.clip, "a positive number")
         check(self.clip_high is None or self.clip_high > 0, "clip_high", self.clip_high, "a positive number or null")
@@ -238,6 +241,7 @@ class GRPO:
         self.reference = self.trainer.add_reference_model("reference", lambda: Transformer(cfg)) \
             if recipe.beta > 0 else None
         self._root_ran = False
+        self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         rows = recipe.batch_size * recipe.group_size
         self.one_step = recipe.epochs == 1 and recipe.mini_batch >= rows  # one optimiser step per iteration
         self.first_forward: tuple[Tensor, Tensor | None, Tensor] | None = None
@@ -249,8 +253,9 @@ class GRPO:
     # ------------------------------------------------------------ rollout
 
     def generate(self, prompts: Sequence[PromptItem], temperature: float, step: int, group: int
-                 ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
-        """Each prompt answered `group` times (consecutive rows), each answer its own seed."""
+                 ) -> Answers:
+        """Each prompt answered `group` times (consecutive rows), each answer its own seed (with the recipe's
+        tools, if any)."""
         r = self.recipe
         if not self._root_ran:  # FSDP2 sets itself up on the first forward, which must be the root's
             with torch.no_grad():
@@ -259,7 +264,8 @@ class GRPO:
         rows = [p for p in prompts for _ in range(group)]
         seeds = [sample_seed(r.seed, step, prompt_key(p), k) for p in prompts for k in range(group)]
         return sample_answers(self.trainer.model, self.trainer.model, self.tokenizer, rows, seeds,
-                              temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+                              temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              tools=self.tools)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Groups:
@@ -270,7 +276,8 @@ class GRPO:
         prompts = list(prompts)[env.rank * per:(env.rank + 1) * per]
         K = r.group_size
         clock = time.perf_counter()
-        prompt_ids, responses, texts, cut = self.generate(prompts, r.temperature, t.step, K)
+        answers = self.generate(prompts, r.temperature, t.step, K)
+        prompt_ids, responses, texts, cut = answers.prompt_ids, answers.responses, answers.texts, answers.cut
         generated = time.perf_counter()
         rows = [p for p in prompts for _ in range(K)]
         scores = self.scorer([p.messages for p in rows], texts, [p.safety for p in rows])
@@ -279,7 +286,8 @@ class GRPO:
         batch = torch.tensor([x for part in everyone for x in part], dtype=torch.float64)
         adv = group_advantages(rewards, K, r.scale_rewards, batch_std=batch.std())
         grouped = batch.view(-1, K)
-        tokens, attention, mask = (x.to(t.device) for x in pad_rollout(prompt_ids, responses, pad_id=0))
+        tokens, attention, mask = (x.to(t.device) for x in pad_rollout(prompt_ids, responses, pad_id=0,
+                                                                        appended=answers.appended))
         t.model.eval()
         with t.autocast():
             # with one update per iteration the policy has not moved when the update's forward runs: that forward
@@ -351,7 +359,7 @@ class GRPO:
     @torch.no_grad()
     def evaluate(self, t: Trainer) -> dict[str, float]:
         """Greedy answers to the held-out prompts: their mean reward (heldout_reward)."""
-        _, _, texts, _ = self.generate(self.eval_prompts, 0.0, 0, 1)
+        texts = self.generate(self.eval_prompts, 0.0, 0, 1).texts
         s = self.scorer([p.messages for p in self.eval_prompts], texts, [p.safety for p in self.eval_prompts])
         return {"heldout_reward": statistics.fmean(self.reward_of(x) for x in s.combined)}
 

@@ -50,6 +50,7 @@ from ..checkpoint import load_checkpoint, load_config, read_rows_into, save_mode
 from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..classifier import LIKELIHOOD_KEYS, SequenceClassifier
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
+from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams, gathered_for_generation
@@ -60,6 +61,7 @@ from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardMod
 from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum, init_distributed
 from ..train.loop import LossOutput, Trainer, TrainResult
+from ..tools import Toolbox
 from ..train.metrics import read_metrics
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
@@ -91,19 +93,23 @@ def last_real(mask: Tensor) -> Tensor:
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
         ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimates and returns (B, N) over each row's real positions (a contiguous span);
-    the value after the last real token is 0 (the episode ends), masked positions get 0."""
+    """Generalised advantage estimates and returns (B, N) over each row's real positions; the value after the last
+    real token is 0 (the episode ends), masked positions get 0. Masked positions inside a response (tool results
+    the engine appended, not actions) are skipped: the recursion carries over them, so a call is credited with
+    what comes after its result."""
     B, N = rewards.shape
     adv = torch.zeros_like(rewards)
     m = mask.to(rewards.dtype)
-    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    real = mask.bool()
+    inside = torch.arange(N, device=mask.device)[None, :] <= last_real(mask)[:, None]
+    zero = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    running, next_value = zero, zero
     for t in range(N - 1, -1, -1):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        running = running * m[:, t]  # positions after the response (padding) reset the recursion
-        adv[:, t] = running
-        next_value = values[:, t] * m[:, t]
+        # past a row's last real token (padding): reset; a gap inside it: carry on unchanged
+        running = torch.where(real[:, t], delta + gamma * lam * running, torch.where(inside[:, t], running, zero))
+        adv[:, t] = running * m[:, t]
+        next_value = torch.where(real[:, t], values[:, t], torch.where(inside[:, t], next_value, zero))
     return adv, (adv + values) * m
 
 
@@ -221,7 +227,10 @@ class PPORecipe(TrainRecipe):
     truncation_penalty: float = -1.0  # added to the whitened score of an answer cut by max_new_tokens
     temperature: float = 1.0  # sampling temperature of the rollouts (and of every logprob)
     top_p: float = 1.0  # nucleus sampling of the rollouts
-    max_new_tokens: int = 128  # longest answer
+    max_new_tokens: int = 128  # longest answer (tool results included)
+    # tools the policy may call in its rollouts (calculator, search: the world's), listed in every prompt; their
+    # results are masked out of the loss
+    tools: list[str] = field(default_factory=list)
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     patience: int = 0  # stop after this many evaluations without a better held-out reward (0 = never)
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
@@ -245,6 +254,7 @@ class PPORecipe(TrainRecipe):
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
         check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
+        check_tools(self.tools)
         self.prompts.validate()
 
 
@@ -301,10 +311,11 @@ class Rollout:
         return Rollout(**pick, stats={})
 
 
-def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int,
+                appended: Sequence[Sequence[tuple[int, int]]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(tokens (B, T) right-padded, attention (B, T) real tokens, mask (B, T-1) True where the target token
-    is a response token)."""
+    is a response token the policy sampled: `appended` [start, end) ranges of a response, the tool results the
+    engine added, are not)."""
     seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
     T = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -314,26 +325,41 @@ def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
         tokens[i, :len(s)] = torch.tensor(s)
         attention[i, :len(s)] = True
         mask[i, len(p) - 1:len(s) - 1] = True
+        for a, b in (appended[i] if appended else ()):
+            mask[i, len(p) + a - 1:len(p) + b - 1] = False
     return tokens, attention, mask
 
 
 @torch.no_grad()
+@dataclass
+class Answers:
+    """Sampled answers: prompt ids, response ids (with the EOS kept when the answer stopped on it), texts,
+    whether the length limit cut each, and the token ranges of each response that tools appended."""
+
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    texts: list[str]
+    cut: list[bool]
+    appended: list[list[tuple[int, int]]]
+
+
 def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts: Sequence[PromptItem],
-                   seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int
-                   ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
+                   seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int,
+                   tools: Toolbox | None = None) -> Answers:
     """One answer per prompt (a prompt listed K times gets K answers, one per seed) through the one generation
     path, with the trained model's weights gathered once under FSDP2 (`root`: the Trainer's model, `policy` the
-    Transformer inside it). Returns (prompt ids, response ids with the EOS kept when the answer stopped on it,
-    texts, cut by the length limit); a prompt longer than the context keeps its last tokens."""
+    Transformer inside it); a prompt longer than the context keeps its last tokens. tools: listed in each prompt
+    and run by the engine as the policy calls them."""
     context = policy.config.max_seq_len
     prompt_ids, params = [], []
     for p, seed in zip(prompts, seeds):
-        ids = encode_dialog(tokenizer, p.messages)
+        ids = encode_dialog(tokenizer, p.messages, tools=tools.specs if tools else None)
         ids = ids[-(context - 1):] if len(ids) >= context else ids
         prompt_ids.append(ids)
         greedy = temperature == 0
         params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else top_p,
-                                     max_new_tokens=max(1, min(max_new_tokens, context - len(ids))), seed=seed))
+                                     max_new_tokens=max(1, min(max_new_tokens, context - len(ids))), seed=seed,
+                                     tools=tools))
     was = policy.training
     policy.eval()
     try:
@@ -341,13 +367,14 @@ def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts
             done = Generator(policy, tokenizer, max_batch_size=len(prompts)).generate(prompt_ids, params)
     finally:
         policy.train(was)
-    responses, texts, cut = [], [], []
+    out = Answers(prompt_ids, [], [], [], [])
     for c in done:
         stopped = c.finish_reason == "stop"
-        responses.append(list(c.tokens) + ([tokenizer.eos_id] if stopped else []))
-        texts.append(c.text.strip())
-        cut.append(not stopped)
-    return prompt_ids, responses, texts, cut
+        out.responses.append(list(c.tokens) + ([tokenizer.eos_id] if stopped else []))
+        out.texts.append(c.text.strip())
+        out.cut.append(not stopped)
+        out.appended.append(list(c.tool_spans))
+    return out
 
 
 def policy_start(recipe: Any) -> tuple[Any, Path, Any, Any]:
@@ -410,6 +437,7 @@ class PPO:
             "reference", lambda: Transformer(cfg),
             weights=lambda: load_checkpoint(self.base, kind="causal_lm").state_dict())
         self._root_ran = False
+        self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         self.best_heldout: float | None = None
         self.bad_evals = 0
 
@@ -417,8 +445,8 @@ class PPO:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[PromptItem], temperature: float, step: int
-                 ) -> tuple[list[list[int]], list[list[int]], list[str], list[bool]]:
-        """(prompt ids, response ids (+ EOS when the answer stopped on it), texts, cut by the length limit)."""
+                 ) -> Answers:
+        """The prompts answered (with the recipe's tools, if any)."""
         r = self.recipe
         if not self._root_ran:  # FSDP2 sets itself up on the first forward, which must be the root's
             one = torch.tensor([[self.tokenizer.bos_id] * 2], device=self.trainer.device)
@@ -426,7 +454,8 @@ class PPO:
             self._root_ran = True
         seeds = [sample_seed(r.seed, step, prompt_key(p), 0) for p in prompts]
         return sample_answers(self.trainer.model, self.trainer.model.policy, self.tokenizer, prompts, seeds,
-                              temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+                              temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              tools=self.tools)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:
@@ -436,9 +465,10 @@ class PPO:
         per = len(prompts) // env.world_size
         prompts = list(prompts)[env.rank * per:(env.rank + 1) * per]
         clock = time.perf_counter()
-        prompt_ids, responses, texts, cut = self.generate(prompts, r.temperature, t.step)
+        answers = self.generate(prompts, r.temperature, t.step)
+        prompt_ids, responses, texts, cut = answers.prompt_ids, answers.responses, answers.texts, answers.cut
         generated = time.perf_counter()
-        tokens, attention, mask = pad_rollout(prompt_ids, responses, pad_id=0)
+        tokens, attention, mask = pad_rollout(prompt_ids, responses, pad_id=0, appended=answers.appended)
         dev = t.device
         tokens, attention, mask = tokens.to(dev), attention.to(dev), mask.to(dev)
         scores = self.scorer([p.messages for p in prompts], texts, [p.safety for p in prompts])
@@ -510,7 +540,7 @@ class PPO:
     @torch.no_grad()
     def evaluate(self, t: Trainer) -> dict[str, float]:
         """Greedy answers to the held-out prompts: mean R_c (heldout_reward), R_h, R_s; early stopping."""
-        _, _, texts, _ = self.generate(self.eval_prompts, 0.0, 0)
+        texts = self.generate(self.eval_prompts, 0.0, 0).texts
         s = self.scorer([p.messages for p in self.eval_prompts], texts, [p.safety for p in self.eval_prompts])
         reward = statistics.fmean(s.combined)
         if self.recipe.patience:
@@ -588,4 +618,5 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
-           "masked_whiten", "pad_rollout", "sample_answers", "PromptBatches", "reward_kl_figure", "policy_start"]
+           "masked_whiten", "pad_rollout", "Answers", "sample_answers", "PromptBatches", "reward_kl_figure",
+           "policy_start"]

@@ -40,10 +40,12 @@ import yaml
 from tqdm import tqdm
 
 from ..atomic import atomic_open, atomic_write_text, make_dir
-from ..chat import encode_dialog
+from ..chat import answer_messages, encode_dialog
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
+from ..data.dialogues import Dialogue
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
+from ..data.world.tools import check_tools, world_toolbox
 from ..device import resolve_device
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
@@ -146,7 +148,10 @@ class RejectionRecipe:
     top_p: float = 1.0  # nucleus sampling
     sweep: SweepSpec = field(default_factory=SweepSpec)
     pool: Literal["latest", "all"] = "all"  # fine-tune on the best of this iteration (latest) or of all so far (all)
-    max_new_tokens: int = 128  # longest answer
+    max_new_tokens: int = 128  # longest answer (tool results included)
+    # tools the samples may call (calculator, search: the world's), listed in every prompt; a kept answer is
+    # fine-tuned on with its calls, its results masked out of the loss
+    tools: list[str] = field(default_factory=list)
     batch_prompts: int = 8  # prompts sampled together (batch_prompts x K sequences per generation batch)
     rollout_quantize: Literal["none", "int8"] = "none"  # int8: the K samples come from weight-only int8 layers
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
@@ -168,6 +173,7 @@ class RejectionRecipe:
                "temperature", self.temperature, "a positive number or 'sweep'")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check_tools(self.tools)
         check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
         check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
@@ -210,6 +216,7 @@ class RejectionSampling:
             scorer = CombinedReward(RewardModel.load(h, device=self.device), RewardModel.load(s, device=self.device),
                                     threshold=recipe.threshold)
         self.scorer = scorer
+        self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         self.sampler = None
         if recipe.sampler is not None:
             self.sampler = require_checkpoint(recipe.sampler, "sampler")
@@ -257,13 +264,13 @@ class RejectionSampling:
                 batch = prompts[lo:lo + r.batch_prompts]
                 ids, params = [], []
                 for p in batch:
-                    prompt_ids = encode_dialog(tok, p.messages)
+                    prompt_ids = encode_dialog(tok, p.messages, tools=self.tools.specs if self.tools else None)
                     room = max(1, min(r.max_new_tokens, context - min(len(prompt_ids), context - 1)))
                     for j in range(k):
                         ids.append(prompt_ids)
                         params.append(SamplingParams(temperature=temperature, top_p=r.top_p, max_new_tokens=room,
                                                      seed=sample_seed(r.seed, iteration, prompt_key(p), j),
-                                                     truncate=True))
+                                                     truncate=True, tools=self.tools))
                 with torch.no_grad():
                     completions = gen.generate(ids, params)
                 texts = [c.text.strip() for c in completions]
@@ -323,7 +330,8 @@ class RejectionSampling:
         chosen = [b for b in pool_selection(selections, r.pool) if b.text]  # an empty answer teaches nothing
         if not chosen:
             raise Llama2Error(f"iteration {i}: every best sample is empty; raise max_new_tokens or the temperature")
-        dialogues = [b.prompt.messages + [{"role": "assistant", "content": b.text}] for b in chosen]
+        specs = [s.to_openai() for s in self.tools.specs] if self.tools else None
+        dialogues = [Dialogue(b.prompt.messages + answer_messages(b.text), tools=specs) for b in chosen]
         with atomic_open(it_dir / "selected.jsonl", "w") as f:
             for b in chosen:
                 f.write(json.dumps({"messages": b.prompt.messages, "answer": b.text, "reward": b.reward,

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from typing import Any
 
-from ...tools import Search, calculator_tool, search_tool
+from ...errors import Llama2Error
+from ...tools import Search, Toolbox, calculator_tool, search_tool
 from ...tools.calculator import calculate
-from .entities import World, newcomer_names
+from .entities import World, WorldSpec, generate_world, newcomer_names
 from .items import GoldItem
 
 TOOL_FAMILIES = ("calculation", "lookup")
@@ -53,6 +55,29 @@ def house_numbers(world: World) -> dict[str, tuple[int, str]]:
 def directory(world: World) -> list[str]:
     """The search tool's documents: one directory entry per person (house number and town)."""
     return [f"{name} lives at number {n} in {town}." for name, (n, town) in house_numbers(world).items()]
+
+
+WORLD_TOOLS = ("calculator", "search")
+
+
+def check_tools(names: Sequence[str], key: str = "tools") -> None:
+    """A recipe's `tools` key: names of the world's tools."""
+    if not isinstance(names, (list, tuple)) or any(n not in WORLD_TOOLS for n in names) or len(set(names)) < len(names):
+        raise Llama2Error(f"recipe key '{key}' is {names!r}; give a list of distinct tools from {list(WORLD_TOOLS)} "
+                          "([] for none)")
+
+
+def world_toolbox(names: Sequence[str] = ("calculator", "search"), spec: WorldSpec | None = None) -> Toolbox:
+    """The world's tools by name: the calculator, and search over the world's directory."""
+    box = Toolbox()
+    for name in names:
+        if name == "calculator":
+            box.register(calculator_tool())
+        elif name == "search":
+            box.register(search_tool(directory(generate_world(spec or WorldSpec()))))
+        else:
+            raise Llama2Error(f"unknown tool {name!r} in the world; use calculator or search")
+    return box
 
 
 def tool_specs(world: World) -> list[dict[str, Any]]:
