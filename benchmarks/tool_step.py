@@ -67,7 +67,7 @@ def main() -> None:
           f"greedy, at most {args.max_new_tokens} new tokens")
 
     spent = {"tools": 0.0}
-    run_tools, prefill_ext = Engine._run_tools, Engine._prefill_extension
+    run_tools, prefill_ext = Engine._run_tools, Engine._prefill_extensions
 
     def timed(fn):
         def wrapper(*a, **kw):
@@ -78,7 +78,7 @@ def main() -> None:
                 spent["tools"] += time.perf_counter() - t0
         return wrapper
 
-    Engine._run_tools, Engine._prefill_extension = timed(run_tools), timed(prefill_ext)
+    Engine._run_tools, Engine._prefill_extensions = timed(run_tools), timed(prefill_ext)
 
     def sampled(c) -> int:
         return len(c.tokens) - sum(b - a for a, b in c.tool_spans)
@@ -118,7 +118,7 @@ def main() -> None:
         rates["loop"].append(loop_n / loop_wall)
         ratios.append((n / wall) / (loop_n / loop_wall))
         shares.append(tool_s / (wall - tool_s))
-    Engine._run_tools, Engine._prefill_extension = run_tools, prefill_ext
+    Engine._run_tools, Engine._prefill_extensions = run_tools, prefill_ext
     calls = sum(len(c.tool_calls) for c in done)
     same = sum(a == b for a, b in zip(answers, loop_answers))
     print(f"calls made: {calls} in {len(done)} answers; final answers equal both ways: {same}/{len(done)}")

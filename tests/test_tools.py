@@ -436,3 +436,27 @@ def test_rollout_masks_tool_results_and_gae_carries_over_them():
                    dtype=torch.bool), gamma=0.9, lam=0.8)
         assert torch.allclose(adv[row, keep], a[0]) and torch.allclose(ret[row, keep], r[0])
         assert (adv[row, ~keep] == 0).all()
+
+
+def test_results_fed_together_into_several_slots_equal_fresh_prompts(tok, small_model):
+    """Three requests of different prompt lengths close their calls at the same step: their results are fed in one
+    right-padded forward, each at its own positions; each request then goes on as a fresh prompt would."""
+    from llama2.inference.generate import Generator, SamplingParams
+    from llama2.inference.grammar import Grammar
+
+    gen = Generator(small_model, tok, max_batch_size=4, fast_fp32=False)
+    box = Toolbox([calculator_tool(), tool_from_function(lambda: "a much longer result " * 3, name="long")])
+    questions = [[{"role": "user", "content": "What is 4821 + 3967?"}],
+                 [{"role": "system", "content": "Be brief, please."}, {"role": "user", "content": "Sum?"}],
+                 [{"role": "user", "content": "Go."}]]
+    calls = [CALL, CALL, '<call>{"name": "long", "arguments": {}}</call>']
+    prompts = [encode_dialog(tok, q, tools=TOOLS[:1]) for q in questions]
+    p = SamplingParams(temperature=0.0, max_new_tokens=110, logprobs=True, tools=box)
+    done = gen.generate(prompts, [p.replace(grammar=forced_call(c)) for c in calls])
+    rest = Grammar("regex", r"([^>][\s\S]*)?")
+    for prompt, d in zip(prompts, done):
+        (a, b), = d.tool_spans
+        fresh = gen.generate([prompt + d.tokens[:b]], p.replace(tools=None, grammar=rest,
+                                                                max_new_tokens=110 - b))[0]
+        assert d.tokens[b:] == fresh.tokens
+        assert d.raw_logprobs[b:] == pytest.approx(fresh.raw_logprobs, abs=1e-4)

@@ -105,6 +105,24 @@ class _BatchPrefillView:
         return k, v
 
 
+class _ExtensionView:
+    """Cache rows each written from its own position on (tool results fed into running requests, right-padded to
+    a common length): the keys and values go to their rows at their positions through one index_copy_ into the
+    flattened cache, and attention reads the rows' first `length` positions (the mask hides what is not each
+    row's own)."""
+
+    def __init__(self, cache: KVCache, rows: Tensor, index: Tensor, length: int) -> None:
+        d = cache.k.shape[-1]
+        self.flat_k, self.flat_v = cache.k.view(-1, d), cache.v.view(-1, d)
+        self.k, self.v, self.rows, self.index, self.length = cache.k, cache.v, rows, index, length
+
+    def update(self, start: Tensor | int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        d = k.shape[-1]
+        self.flat_k.index_copy_(0, self.index, k.reshape(-1, d))
+        self.flat_v.index_copy_(0, self.index, v.reshape(-1, d))
+        return self.k[self.rows, :, :self.length], self.v[self.rows, :, :self.length]
+
+
 class _StepState:
     """What every layer's decode view needs for one step (set once per step, shared by the views): how many
     positions attention reads, and where each (row, head)'s new key goes in the flattened cache (None: every
@@ -641,11 +659,14 @@ class Engine:
         asked)."""
         done: list[_Active] = []
         plain: list[_Active] = []
+        extending = [r for r in joining if r.extension is not None]  # tool results after a call
+        if extending:
+            logits.append(self._prefill_extensions(extending))
+            rows += extending
         for r in joining:
-            if r.extension is not None:  # tool results after a call: fed at the request's own positions
-                rows.append(r)
-                logits.append(self._prefill_extension(r))
-            elif r.params.echo and r.params.logprobs:
+            if r in extending:
+                continue
+            if r.params.echo and r.params.logprobs:
                 out = self._prefill_scored(r)
                 (done.append(r) if out is None else (rows.append(r), logits.append(out)))
             elif r.params.max_new_tokens > 0:
@@ -695,16 +716,41 @@ class Engine:
             r.length, r.prefilled = len(r.prompt), True
         return out
 
-    def _prefill_extension(self, r: _Active) -> Tensor:
-        """Feed r.extension (the token that closed a call, then its results) at positions r.length on, chunk by
-        chunk, attending to the slot's cache; the last position's logits (1, vocab)."""
-        views = [_PrefillView(c, r.row) for c in self.cache]
-        toks = torch.tensor([r.extension], dtype=torch.long, device=self.device)
-        base = r.length
-        for s, e in self._chunks(base, base + toks.shape[1]):
-            out = self.model(toks[:, s - base:e - base], s, views, output="last")
-        r.length, r.prefilled, r.extension = base + toks.shape[1], True, None
-        return out
+    def _prefill_extensions(self, group: list[_Active]) -> Tensor:
+        """Feed each request's extension (the token that closed its call, then the results) at its own positions
+        from r.length on, attending to its slot's cache: one right-padded forward for the requests whose padded
+        extension fits their slot and is at most prefill_chunk long, the others alone, chunk by chunk. Returns
+        the last real position's logits (len(group), vocab), in the order of group."""
+        T = max(len(r.extension) for r in group)
+        together = [r for r in group if r.length + T <= self.max_len] if T <= self.prefill_chunk else []
+        out: dict[int, Tensor] = {}
+        if len(together) > 1:
+            n, heads = len(together), self._heads
+            rows = torch.tensor([r.row for r in together], device=self.device)
+            starts = torch.tensor([r.length for r in together], device=self.device)
+            positions = starts[:, None] + torch.arange(T, device=self.device)[None, :]
+            index = ((rows[:, None, None] * heads + torch.arange(heads, device=self.device)[None, :, None])
+                     * self.max_len + positions[:, None, :]).reshape(-1)
+            length = int(starts.max()) + T
+            mask = self._key_pos[:length][None, None, :] <= positions[:, :, None]
+            toks = torch.tensor([r.extension + [0] * (T - len(r.extension)) for r in together], dtype=torch.long,
+                                device=self.device)
+            last = torch.tensor([len(r.extension) - 1 for r in together], device=self.device)
+            views = [_ExtensionView(c, rows, index, length) for c in self.cache]
+            logits = self.model(toks, starts, views, positions=positions, mask=mask[:, None], output="last",
+                                index=last)
+            for i, r in enumerate(together):
+                out[id(r)] = logits[i:i + 1]
+        for r in group:
+            if id(r) not in out:
+                views = [_PrefillView(c, r.row) for c in self.cache]
+                toks = torch.tensor([r.extension], dtype=torch.long, device=self.device)
+                base = r.length
+                for s, e in self._chunks(base, base + toks.shape[1]):
+                    out[id(r)] = self.model(toks[:, s - base:e - base], s, views, output="last")
+        for r in group:
+            r.length, r.prefilled, r.extension = r.length + len(r.extension), True, None
+        return torch.cat([out[id(r)] for r in group])
 
     def _run_tools(self, r: _Active, token: int) -> None:
         """Run the call block r just closed with its toolbox and queue the results for the next step (with the
