@@ -725,7 +725,7 @@ class Engine:
         together = [r for r in group if r.length + T <= self.max_len] if T <= self.prefill_chunk else []
         out: dict[int, Tensor] = {}
         if len(together) > 1:
-            n, heads = len(together), self._heads
+            heads = self._heads
             rows = torch.tensor([r.row for r in together], device=self.device)
             starts = torch.tensor([r.length for r in together], device=self.device)
             positions = starts[:, None] + torch.arange(T, device=self.device)[None, :]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import Llama2Error
-from ..tokenizer import piece_bytes
+from ..tokenizer import encode_continuation, piece_bytes
 
 KINDS = ("json_object", "json_schema", "regex", "lark")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -87,15 +87,12 @@ class _SentencePieceVocabulary:
             self.tokens.append(piece.encode() if special else piece_bytes(piece))
             if special:
                 self.special_token_ids.append(i)
-        self._sp = sp
-        self._newline = sp.encode("\n")
+        self._tokenizer = tokenizer
 
     def __call__(self, text: bytes | str) -> list[int]:
-        """Ids of a fragment in the middle of a text (SentencePiece would add a space before a text's start:
-        encode it after a newline and drop the newline's ids)."""
+        """Ids of a fragment in the middle of a text (no dummy-prefix space: encode_continuation)."""
         s = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        ids = self._sp.encode("\n" + s)
-        return ids[len(self._newline):] if ids[:len(self._newline)] == self._newline else ids
+        return encode_continuation(self._tokenizer, s)
 
 
 class Constrainer:

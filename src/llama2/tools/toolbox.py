@@ -31,8 +31,12 @@ _PY_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", li
 
 @dataclass
 class Tool:
+    """A tool: what the model is told (spec) and the function that runs it. bounded: the function limits its own
+    time and size (the built-in tools do), so it runs in the caller's thread, without the time limit's thread."""
+
     spec: ToolSpec
     fn: Callable[..., Any]
+    bounded: bool = False
 
     @property
     def name(self) -> str:
@@ -42,13 +46,13 @@ class Tool:
 def calculator_tool() -> Tool:
     return Tool(ToolSpec("calculator", "exact arithmetic: + - * / and parentheses.",
                          {"type": "object", "properties": {"expression": {"type": "string"}},
-                          "required": ["expression"]}), calculate)
+                          "required": ["expression"]}), calculate, bounded=True)
 
 
 def search_tool(documents: Sequence[str]) -> Tool:
     return Tool(ToolSpec("search", "find facts in the documents.",
                          {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
-                Search(documents))
+                Search(documents), bounded=True)
 
 
 def tool_from_function(fn: Callable[..., Any], name: str | None = None, description: str | None = None) -> Tool:
@@ -143,11 +147,14 @@ class Toolbox:
             except Exception as e:  # a user's tool failing is news for the model, not a crash of the request
                 box["error"] = f"{type(e).__name__}: {e}"
 
-        worker = threading.Thread(target=target, daemon=True, name=f"tool-{call.name}")
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():  # left to finish on its own (a thread cannot be killed); its result is dropped
-            raise Llama2Error(f"{call.name} took longer than {self.timeout_s:g} s")
+        if tool.bounded:
+            target()
+        else:
+            worker = threading.Thread(target=target, daemon=True, name=f"tool-{call.name}")
+            worker.start()
+            worker.join(self.timeout_s)
+            if worker.is_alive():  # left to finish on its own (a thread cannot be killed); its result is dropped
+                raise Llama2Error(f"{call.name} took longer than {self.timeout_s:g} s")
         if "error" in box:
             raise Llama2Error(box["error"])
         value = box.get("value")
