@@ -330,7 +330,6 @@ def pad_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
     return tokens, attention, mask
 
 
-@torch.no_grad()
 @dataclass
 class Answers:
     """Sampled answers: prompt ids, response ids (with the EOS kept when the answer stopped on it), texts,
@@ -343,6 +342,7 @@ class Answers:
     appended: list[list[tuple[int, int]]]
 
 
+@torch.no_grad()
 def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts: Sequence[PromptItem],
                    seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int,
                    tools: Toolbox | None = None) -> Answers:
