@@ -54,6 +54,7 @@ COVERED = {
     "data dialogues": "test_dialogues", "data comparisons": "test_comparisons", "data adversarial": "test_cli",
     "eval run": "test_eval_harness", "eval compare": "test_eval_compare", "eval gatt": "test_gatt",
     "eval redteam": "test_safety", "eval score-code": "test_eval_code", "eval gold": "test_gold",
+    "eval tools": "test_tools",
     "data world": "test_world",
     "rlhf rejection-sampling": "test_cli", "rlhf ppo": "test_cli", "rlhf distill-safety": "test_cli",
     "rlhf dpo": "test_cli", "rlhf grpo": "test_cli", "compare-methods": "test_demo",

@@ -460,3 +460,33 @@ def test_results_fed_together_into_several_slots_equal_fresh_prompts(tok, small_
                                                                 max_new_tokens=110 - b))[0]
         assert d.tokens[b:] == fresh.tokens
         assert d.raw_logprobs[b:] == pytest.approx(fresh.raw_logprobs, abs=1e-4)
+
+
+# --- the commands ------------------------------------------------------------------------------------------------
+
+
+def test_eval_tools_and_chat_tools_commands(tok, small_model, tmp_path, capsys):
+    from llama2.checkpoint import save_model
+    from llama2.cli import main
+
+    ckpt = save_model(small_model, tmp_path / "ckpt", tok)
+    problems = tmp_path / "SVAMP.json"
+    problems.write_text(json.dumps([{"ID": f"p{i}", "Body": f"Ann has {i} pens.", "Question": "How many pens?",
+                                     "Answer": float(i)} for i in range(3)]))
+    out = tmp_path / "tools.json"
+    assert main(["eval", "tools", str(ckpt), "--task", f"svamp:{problems}", "--per-family", "2",
+                 "--max-new-tokens", "8", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| svamp | 2 |" in table and "without tools" in table
+    saved = json.loads(out.read_text())[str(ckpt)]
+    assert [r["id"] for r in saved["answers"]] == ["svamp:p0", "svamp:p1"]
+    assert saved["summary"]["n"] == 2 and saved["summary"]["with"]["accuracy"] in (0.0, 0.5, 1.0)
+    for argv, words in ((["eval", "tools", str(ckpt), "--task", "gsm8k"], ("FORMAT:PATH",)),
+                        (["eval", "tools", str(ckpt), "--task", f"mawps:{problems}"], ("sQuestion",)),
+                        (["eval", "tools", str(ckpt), "--task", f"svamp:{problems}", "--tools", "abacus"],
+                         ("unknown tool", "abacus")),
+                        (["chat", str(ckpt), "--tools", "calculator,nosuch.module:fn"], ("cannot load tool",))):
+        assert main(argv) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("llama2: error:"), lines
+        assert all(w in lines[0] for w in words), lines[0]
