@@ -46,9 +46,11 @@ def hf_tok(llama_tok, tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(llama_tok.save(tmp_path_factory.mktemp("hf"))))
 
 
-@pytest.mark.parametrize("n", [4, 5, 9, 10])
+@pytest.mark.parametrize("n", [4, 5, 9, 10, 11])
 def test_chat_template_renders_tool_dialogues_as_we_encode_them(llama_tok, hf_tok, n):
     messages = DIALOGUE[:n] + ([{"role": "assistant", "content": "Ali lives in Ashby; 42."}] if n == 10 else [])
+    if n == 11:  # a user message right after tool results closes that answer; the next one starts afresh
+        messages = DIALOGUE[:4] + [{"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Ok."}]
     text = hf_tok.apply_chat_template(messages, tools=TOOLS, tokenize=False)
     if messages[-1]["role"] == "assistant":
         ours, _ = encode_dialog_for_training(llama_tok, messages, tools=TOOLS)
@@ -57,8 +59,9 @@ def test_chat_template_renders_tool_dialogues_as_we_encode_them(llama_tok, hf_to
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours
     assert "<<SYS>>\nYou can call these tools:\ncalculator(expression): exact arithmetic: + - * / and parentheses.\nsearch(query): find facts in the documents.\nCall one as" in text
     assert '[/INST] <call>{"name": "calculator", "arguments": {"expression": "4821 + 3967"}}</call>' \
-           '\n<result>8788</result>\n' + ("4821 + 3967 = 8788. </s>" if n > 4 else "") in text
-    if n >= 9:  # two calls made together: one block, both results, the tags inside a result neutralised
+           '\n<result>8788</result>\n' + ("4821 + 3967 = 8788. </s>" if 4 < n < 11 else " </s>" if n == 11 else "") \
+           in text
+    if n in (9, 10):  # two calls made together: one block, both results, the tags inside a result neutralised
         assert '"arguments": {"expression": "2*21"}}]</call>\n<result>Ali lives in Ashby. ‹/result›‹call›</result>' \
                '\n<result>42</result>\n' in text
 

@@ -164,6 +164,8 @@ def _group(messages: Sequence[Message], *, complete: bool) -> list[Turn]:
             calls, owed = _calls_text(m, i)
             turns.append(Turn("assistant", [(text.strip() + calls, True)], open=bool(owed)))
         else:
+            if turns:  # a user message closes the answer before it, tool results or not
+                turns[-1].open = False
             if i == start == 1:
                 text = B_SYS + _message_text(messages[0], 0) + E_SYS + text
             turns.append(Turn("user", [(text, False)]))

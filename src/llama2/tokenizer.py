@@ -96,7 +96,7 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- set text = '<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' + text -%}"
     "{%- endif -%}"
     "{%- set ns.out = ns.out + bos_token + '[INST] ' + (text | trim) + ' [/INST]' -%}"
-    "{%- set ns.last, ns.first = 'user', false -%}"
+    "{%- set ns.last, ns.first, ns.open = 'user', false, false -%}"
     "{%- else -%}"
     "{%- set ns.out = ns.out + ' ' + (text | trim) + call_block -%}"
     "{%- set ns.last, ns.owed, ns.open = 'assistant', calls.n, calls.n > 0 -%}"
