@@ -23,6 +23,12 @@ step moves one small tensor to the device (tokens and positions) and one back (t
 the stop rules and streamed text need on the host). Sampled rows are filtered and drawn on the device too,
 from uniforms drawn ahead on the host in blocks of 64 per request.
 
+Tools (SamplingParams.tools): when the text a request writes closes a tool call block (llama2.tools.format), the
+engine runs the calls with the request's Toolbox and queues the results (encoded as they continue the text) with
+the closing token; at the next step they are fed into the request's own slot at its own positions (the results of
+every request that called in the same step in one right-padded forward) and the request samples on from there, in
+the batch with the others. Completion.tool_calls and tool_spans say what ran and which tokens were appended.
+
 Every forward goes through the model's root `__call__` (so FSDP2's hooks run). A server calls add/step/cancel
 from its loop; `Generator.generate`/`stream` are thin loops over it.
 """
