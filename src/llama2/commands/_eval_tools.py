@@ -36,18 +36,14 @@ def handler(args: argparse.Namespace) -> int:
     from ..data.world.files import data_path
     from ..errors import Llama2Error
     from ..eval.harness import Settings, existing_checkpoint, load_for_eval
-    from ..eval.tools import Problem, read_problems, tool_eval
+    from ..eval.tools import read_problems, tool_eval, world_problems
     from ..tools import load_tools
 
     if args.per_family < 1:
         raise Llama2Error("--per-family must be at least 1")
     world = args.task == "world"
     if world:
-        rows = [obj for _, obj in read_jsonl(data_path("builtin:world/tools-gold.val.jsonl"))]
-        problems = []
-        for family in sorted({r["family"] for r in rows}):
-            problems += [Problem(r["id"], r["messages"][-1]["content"], r["gold"], family, r["messages"])
-                         for r in rows if r["family"] == family][:args.per_family]
+        problems = world_problems(args.per_family)
     else:
         fmt, sep, path = args.task.partition(":")
         if not sep:

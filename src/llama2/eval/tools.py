@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..chat import encode_dialog
 from ..data.jsonl import read_jsonl
+from ..data.world import data_path
 from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
 from ..tools import Toolbox, final_answer
@@ -130,6 +131,17 @@ def _leading_number(text: str) -> str | None:
         return None
     v = as_number(m.group(1))
     return str(v.numerator) if v.denominator == 1 else m.group(1).replace(",", "")
+
+
+def world_problems(per_family: int) -> list[Problem]:
+    """The first `per_family` held-out questions of each of the built-in world's tool families (calculation,
+    lookup): the same draw for every model."""
+    rows = [obj for _, obj in read_jsonl(data_path("builtin:world/tools-gold.val.jsonl"))]
+    out = []
+    for family in sorted({r["family"] for r in rows}):
+        out += [Problem(r["id"], r["messages"][-1]["content"], r["gold"], family, r["messages"])
+                for r in rows if r["family"] == family][:per_family]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- the run

@@ -6,14 +6,12 @@ numbers."""
 from __future__ import annotations
 
 from ...checkpoint import load_checkpoint
-from ...data.jsonl import read_jsonl
-from ...data.world import data_path
+from ...data.world.tools import world_toolbox
 from ...errors import Llama2Error
-from ...eval.tools import Problem, ToolRun, tool_eval
+from ...eval.tools import ToolRun, tool_eval, world_problems
 from ...figures import pyplot, save_png
 from ...stages.sft import SFTRecipe, build_sft
 from ...tokenizer import Tokenizer
-from ...tools import Toolbox, calculator_tool, search_tool
 from ...train.distributed import shutdown
 from ..budget import fit_within
 from ..report import Section
@@ -22,21 +20,6 @@ from .common import Demo, Done, plan_text, run_figures, sized
 
 FLOOR_S, FULL_S = 40.0, 240.0  # seconds at the smallest (50 steps, 20 problems a family) and full size, 2 idle cores
 SAMPLES = 4
-
-
-def world_problems(per_family: int) -> list[Problem]:
-    """The first `per_family` held-out questions of each tool family (the same draw for every model)."""
-    rows = [obj for _, obj in read_jsonl(data_path("builtin:world/tools-gold.val.jsonl"))]
-    out = []
-    for family in sorted({r["family"] for r in rows}):
-        out += [Problem(r["id"], r["messages"][-1]["content"], r["gold"], family, r["messages"])
-                for r in rows if r["family"] == family][:per_family]
-    return out
-
-
-def world_toolbox() -> Toolbox:
-    docs = [obj["text"] for _, obj in read_jsonl(data_path("builtin:world/search.jsonl"))]
-    return Toolbox([calculator_tool(), search_tool(docs)])
 
 
 def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[ChatModel | None]:
