@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                    help="tools the model may call, run as it calls them and shown with their results: "
                         "calculator, search, module:function (comma-separated)")
     p.add_argument("--documents", default="builtin:world/search.jsonl",
-                   help="what the search tool searches: a JSONL file of {\"text\": ...} lines or a text file "
-                        "(default: the built-in world's directory)")
+                   help="what the search tool searches: .jsonl files ({\"text\": ...} per line), .txt files (one "
+                        "document each) or a directory of them (default: the built-in world's directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while the checkpoint loads")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
@@ -89,18 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_toolbox(names: str, documents: str):
-    """The tools of --tools; search reads --documents only when asked for."""
-    from ..data.jsonl import read_jsonl
+    """The tools of --tools; search reads --documents (data.sources.file_documents) only when asked for."""
+    from ..data.sources import file_documents
     from ..data.world.files import data_path
-    from ..errors import Llama2Error
     from ..tools import load_tools
 
-    def texts() -> list[str]:
-        path = data_path(documents)
-        if not path.is_file():
-            raise Llama2Error(f"--documents {documents}: no such file")
-        if path.suffix == ".jsonl":
-            return [obj["text"] for _, obj in read_jsonl(path) if isinstance(obj, dict) and "text" in obj]
-        return [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
-
-    return load_tools(names, documents=texts)
+    return load_tools(names, documents=lambda: list(file_documents([data_path(documents)])))

@@ -41,9 +41,6 @@ class ToolCall:
     error: bool = False  # the result is an error message
     malformed: bool = False  # not a call of an offered tool with arguments that fit it (not JSON, unknown tool, ...)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "arguments": self.arguments}
-
 
 @dataclass
 class ToolSpec:
@@ -56,12 +53,6 @@ class ToolSpec:
     def to_openai(self) -> dict[str, Any]:
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.parameters}}
-
-
-def call_text(calls: list[ToolCall]) -> str:
-    """The text of one call block: a JSON object for one call, a list for several."""
-    body = calls[0].to_json() if len(calls) == 1 else [c.to_json() for c in calls]
-    return CALL_OPEN + json.dumps(body, ensure_ascii=False) + CALL_CLOSE
 
 
 def clean_result(text: str) -> str:

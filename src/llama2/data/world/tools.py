@@ -80,9 +80,9 @@ def world_toolbox(names: Sequence[str] = ("calculator", "search"), spec: WorldSp
     return box
 
 
-def tool_specs(world: World) -> list[dict[str, Any]]:
+def tool_specs() -> list[dict[str, Any]]:
     """The tools every tool dialogue offers, in OpenAI's shape."""
-    return [calculator_tool().spec.to_openai(), search_tool(directory(world)[:1]).spec.to_openai()]
+    return [t.spec.to_openai() for t in (calculator_tool(), search_tool([]))]
 
 
 def _operands(rng: random.Random, op: str) -> tuple[int, int]:
@@ -169,7 +169,7 @@ def tool_files(world: World, plain_train: list[GoldItem], plain_val: list[GoldIt
     train, held = split_tool_items(world, world.spec.held_out)
     train += newcomer_lookups(world, random.Random(f"newcomers:{world.spec.seed}"))
     docs = directory(world)
-    search, tools = Search(docs), tool_specs(world)
+    search, tools = Search(docs), tool_specs()
     rng = random.Random(f"tool-files:{world.spec.seed}")
 
     def dialogues(items: list[GoldItem], plain: list[GoldItem]) -> list[dict[str, Any]]:
