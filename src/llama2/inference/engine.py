@@ -49,6 +49,7 @@ from ..tokenizer import TokenizerLike, decode_after, encode_continuation
 from ..tools import ToolCall
 from ..tools.format import CALL_CLOSE, CALL_OPEN, last_call_block, parse_call_block, results_text
 from .grammar import Constrainer
+from .prefix_cache import PrefixCache
 from .sampling import Completion, FinishReason, SamplingParams, sample_rows
 from .sharded import is_fsdp
 
@@ -436,6 +437,12 @@ class Engine:
     the device inside the graph. prefill_chunk: most prompt positions one prefill forward computes (longer prompts
     are prefilled chunk by chunk, each chunk attending to the cache written by the ones before; requests joining
     together are grouped within that size too), so a long prompt never holds more than one chunk's activations.
+    share_prompts (default on): requests joining at the same step with the same prompt (the K samples of one
+    prompt) prefill it once; the others copy its keys and values and its last logits, then sample on their own.
+    prefix_cache: positions of keys and values kept across requests (0: none; see prefix_cache.py), in blocks
+    of 16: a prompt that begins with a stored prefix (a system prompt, an earlier turn and its answer) copies it
+    and prefills only the rest. Prompts are stored as they are prefilled, and prompt plus answer when a request
+    ends.
     """
 
     # requests joining at one step are prefilled together in groups of similar prompt lengths (right-padded):
@@ -446,7 +453,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
                  max_len: int | None = None, compile: bool | str | Callable = False,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: int = 0, share_prompts: bool = True) -> None:
         limit = 2 * model.config.max_seq_len  # the rotary table's length
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1:
             raise Llama2Error(f"max_slots must be an integer >= 1, got {max_slots!r}")
@@ -461,6 +468,8 @@ class Engine:
         ref = model.embed_tokens.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.cache = model.make_cache(max_slots, self.max_len, dtype=self.dtype, device=self.device)
+        self.share_prompts = share_prompts
+        self.prefix_cache = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
         self.compile = compile is not False
         self._backend = "inductor" if compile is True else compile
         self._compiled = None
@@ -630,6 +639,8 @@ class Engine:
     def _release(self, r: _Active) -> None:
         """Free r's slot and cache row. The row becomes a hole: a request added before the next step takes it
         (no copy); otherwise the next step packs the rows (see _pack)."""
+        if self.prefix_cache is not None and r.length:  # its prompt and answer, for a later turn that repeats them
+            self.prefix_cache.store((r.prompt + r.tokens)[:r.length], r.row, r.length)
         self._slots[r.slot] = None
         self._rows[r.row] = None
         while self._rows and self._rows[-1] is None:
@@ -680,6 +691,9 @@ class Engine:
             else:  # nothing to compute: it ends at once
                 r.prefilled, r.finish = True, "length"
                 done.append(r)
+        plain, copies = self._share_prompts(plain)
+        if self.prefix_cache is not None:
+            plain = self._load_prefixes(plain, rows, logits)
         plain.sort(key=lambda r: len(r.prompt))
         group: list[_Active] = []
         tokens = 0
@@ -694,8 +708,61 @@ class Engine:
             if group:
                 logits.append(self._prefill_group(group))
                 rows += group
+                if self.prefix_cache is not None:
+                    for g in group:
+                        self.prefix_cache.store(g.prompt, g.row, g.length)
             group, tokens = ([r], len(r.prompt)) if r is not None else ([], 0)
+        if copies:
+            self._copy_prompts(copies, rows, logits)
         return done
+
+    def _share_prompts(self, plain: list[_Active]) -> tuple[list[_Active], list[tuple[_Active, _Active]]]:
+        """Requests with the same prompt (the K samples of one prompt): the first of each is prefilled, the others
+        copy its keys and values (see _copy_prompts). Returns the requests to prefill and (copy, source) pairs."""
+        if not self.share_prompts or len(plain) < 2:
+            return plain, []
+        first: dict[tuple[int, ...], _Active] = {}
+        copies = []
+        for r in plain:
+            key = tuple(r.prompt)
+            if key in first:
+                copies.append((r, first[key]))
+            else:
+                first[key] = r
+        return list(first.values()), copies
+
+    def _copy_prompts(self, copies: list[tuple[_Active, _Active]], rows: list[_Active], logits: list[Tensor]) -> None:
+        """Give each copy its source's prompt keys and values (one row copy per layer) and last-position logits."""
+        for r, src in copies:
+            n = len(r.prompt)
+            for c in self.cache:
+                c.k[r.row, :, :n] = c.k[src.row, :, :n]
+                c.v[r.row, :, :n] = c.v[src.row, :, :n]
+            r.length, r.prefilled = n, True
+        at = {id(r): i for i, r in enumerate(rows)}
+        out = logits[0] if len(logits) == 1 else torch.cat(logits)
+        pick = torch.tensor([at[id(src)] for _, src in copies], device=out.device)
+        logits[:] = [out, out[pick]]
+        rows += [r for r, _ in copies]
+
+    def _load_prefixes(self, plain: list[_Active], rows: list[_Active], logits: list[Tensor]) -> list[_Active]:
+        """Requests whose prompt begins with a stored prefix: copy it into their rows and prefill only the rest,
+        as tool results are fed (one right-padded forward from each row's own position). Returns the others."""
+        cache = self.prefix_cache
+        hit: list[_Active] = []
+        for r in plain:
+            chain = cache.lookup(r.prompt, len(r.prompt) - 1)  # at least one position left to compute
+            if chain:
+                r.length = cache.load(chain, r.row)
+                r.extension = r.prompt[r.length:]
+                hit.append(r)
+        if not hit:
+            return plain
+        logits.append(self._prefill_extensions(hit))
+        rows += hit
+        for r in hit:
+            cache.store(r.prompt, r.row, r.length)
+        return [r for r in plain if r not in hit]
 
     def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
         """Positions start..end-1 in pieces of at most prefill_chunk."""

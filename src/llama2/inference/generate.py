@@ -48,13 +48,14 @@ class Generator:
     the C kernel builds): forwards of up to 8 rows (decode steps of up to 8 active requests, prompts of up to 8
     tokens) multiply by the fp32 weights through the kernels of cpu_kernels.py (fastlinear.py), exact fp32
     summed in another order; more rows use the normal matmul. The model is wrapped in a copy sharing its
-    parameters, not changed. An FSDP2-sharded model is used as it is (no quantize, no kernel): see
+    parameters, not changed. prefix_cache: positions of keys and values the engine keeps across calls (0: none;
+    see Engine), so a chat's next turn computes only what is new. An FSDP2-sharded model is used as it is (no quantize, no kernel): see
     `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
                  cache_len: int | None = None, quantize: str | None = None, compile: bool | str | Callable = False,
-                 fast_fp32: bool | None = None, prefill_chunk: int | None = None) -> None:
+                 fast_fp32: bool | None = None, prefill_chunk: int | None = None, prefix_cache: int = 0) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise Llama2Error(f"max_batch_size must be >= 1, got {max_batch_size}")
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -80,6 +81,7 @@ class Generator:
         check_decoding_options(prefill_chunk, compile)
         self.compile = compile
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self._engine: Engine | None = None
 
     @property
@@ -100,7 +102,8 @@ class Generator:
         if e is None or e.max_slots < want:
             self._engine = None  # free the old cache first
             self._engine = e = Engine(self.model, self.tokenizer, max_slots=want, max_len=self.context,
-                                      compile=self.compile, prefill_chunk=self.prefill_chunk)
+                                      compile=self.compile, prefill_chunk=self.prefill_chunk,
+                                      prefix_cache=self.prefix_cache)
         for slot in e.active:
             e.cancel(slot)
         return e
