@@ -15,7 +15,10 @@ concurrent requests in one engine; transformers: `generate` on a batch of B; lla
 `prefill`, one --prefill-tokens prompt (ours: the engine's chunked prefill, then the first token; transformers:
 one forward; llama.cpp: one `llama_decode` of the prompt), tokens/s of prompt.
 
-Peers: transformers (fp32); llama.cpp (llama-cpp-python, when importable) on GGUF f32 and q8_0 files written by
+Peers: transformers (fp32); vLLM on the CPU (fp32, its own virtual environment made by benchmarks/setup_vllm.sh,
+`.venv-vllm` or --vllm-python; it runs in a process of its own, benchmarks/_vllm_worker.py, loading the same weights
+from a Hugging Face checkpoint, and is sent each round's prompts over a pipe; greedy, EOS ignored, prefix caching
+as vLLM sets it); llama.cpp (llama-cpp-python, when importable) on GGUF f32 and q8_0 files written by
 our own exporter (`llama2 convert --to gguf`, llama2.checkpoint.gguf.save_gguf; --gguf-source ours, the default),
 by llama.cpp's convert_hf_to_gguf.py (--gguf-source llama.cpp; found in the llama-cpp-python sdist that
 tests/conftest.py caches) or both. Ours: fp32 (batch-1 steps through the fp32 matrix-vector kernel; fp32+torch:
@@ -146,6 +149,59 @@ def cpp_gguf_files(hf, name: str, kinds: list[str], quiet: bool) -> dict[str, Pa
     return out
 
 
+class VllmWorker:
+    """vLLM's LLM in its own Python, over a pipe (benchmarks/_vllm_worker.py): generate(prompts, n) -> token lists."""
+
+    def __init__(self, python: Path, checkpoint: Path, max_seqs: int, threads: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "_vllm_worker.py"), str(checkpoint),
+                                      "--max-seqs", str(max_seqs), "--max-len", "512", "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._read("READY")
+
+    def _read(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        raise RuntimeError(f"the vLLM worker ended before {tag} (exit code {self.proc.wait()})")
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        import json
+
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT"))["tokens"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+_VLLM: dict[str, VllmWorker] = {}
+
+
+def vllm_worker(hf, name: str, args) -> VllmWorker | None:
+    """The vLLM worker for this model (started once, on a Hugging Face copy of its weights), or None without vLLM."""
+    if args.no_vllm:
+        return None
+    if not args.vllm_python.exists():
+        log(f"no vLLM peer: {args.vllm_python} is missing (run benchmarks/setup_vllm.sh, or give --vllm-python)")
+        args.no_vllm = True
+        return None
+    if name not in _VLLM:
+        path = CACHE / f"{name}-hf"
+        if not (path / "config.json").exists():
+            hf.save_pretrained(path, safe_serialization=True)
+        log(f"starting vLLM on {path} ...", args.quiet)
+        _VLLM[name] = VllmWorker(args.vllm_python, path, max(int(b) for b in args.batches.split(",")), args.threads)
+    return _VLLM[name]
+
+
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -177,6 +233,12 @@ def runners(hf, name: str, n_tokens: int, args) -> dict[str, callable]:
             c = gen.generate([PROMPT], params)[0]
             assert len(c.tokens) == n_tokens
         out[label] = run
+    vllm = vllm_worker(hf, name, args)
+    if vllm is not None:
+        def vllm_run():
+            got = vllm.generate([PROMPT], n_tokens)
+            assert len(got[0]) == n_tokens
+        out["vllm fp32"] = vllm_run
     for kind, path in llama_cpp_files(hf, name, args).items():
         import llama_cpp
 
@@ -286,6 +348,12 @@ def batch_runners(hf, name: str, batch: int, n_tokens: int, args) -> dict[str, c
             got = gen.generate([PROMPT] * batch, params)
             assert all(len(c.tokens) == n_tokens for c in got)
         out[f"llama2 {variant}"] = run
+    vllm = vllm_worker(hf, name, args)
+    if vllm is not None:
+        def vllm_run():
+            got = vllm.generate([PROMPT] * batch, n_tokens)
+            assert len(got) == batch and all(len(t) == n_tokens for t in got)
+        out["vllm fp32"] = vllm_run
     for label, path in llama_cpp_files(hf, name, args).items():
         per_seq = -(-(len(PROMPT) + n_tokens + 8) // 256) * 256  # llama.cpp splits n_ctx evenly over sequences
         cpp = CppBatched(path, batch, n_ctx=batch * per_seq, threads=args.threads,
@@ -445,6 +513,9 @@ def main() -> None:
     ap.add_argument("--gguf-source", default="ours", choices=["ours", "llama.cpp", "both"],
                     help="who writes llama.cpp's GGUF files: llama2's exporter (default), convert_hf_to_gguf.py, or both")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python",
+                    help="vLLM's Python (default .venv-vllm, made by benchmarks/setup_vllm.sh)")
+    ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of our decoding")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -497,8 +568,23 @@ def main() -> None:
                   lambda k, v: v * prefill_flops(hf, args.prefill_tokens) / flops, "of matmul")
             del fns
             gc.collect()
+        worker = _VLLM.pop(name, None)
+        if worker is not None:
+            agreement(hf, worker, n_tokens)
+            worker.close()
         del hf
         gc.collect()
+
+
+def agreement(hf, worker: VllmWorker, n_tokens: int) -> None:
+    """How many of vLLM's greedy tokens equal ours on the batch-1 prompt (random weights: near-ties may differ)."""
+    from llama2.inference.generate import Generator, SamplingParams
+
+    ours = Generator(ours_sharing(hf), Tok(), max_batch_size=1, cache_len=512).generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_new_tokens=n_tokens, stop_ids=[]))[0].tokens
+    theirs = worker.generate([PROMPT], n_tokens)[0]
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    print(f"greedy tokens equal to vLLM's: the first {same} of {n_tokens}")
 
 
 if __name__ == "__main__":
