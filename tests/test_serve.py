@@ -376,6 +376,21 @@ def test_models_health_metrics(client, server):
     assert 0 < metric(server, "llama2_time_to_first_token_seconds_sum") < 600 * (count + 1)
 
 
+def test_a_conversation_s_next_turn_reuses_its_stored_prefix(client, server, oracle, tok):
+    """The second turn repeats the first turn's prompt and answer: the server copies them from its prefix cache
+    (the hit counter grows by at least the first prompt's whole blocks) and answers as the Generator does."""
+    system = {"role": "system", "content": "You answer questions about colours, shapes and numbers, briefly."}
+    first = [system, {"role": "user", "content": "Name a colour."}]
+    r1 = client.chat.completions.create(model=NAME, messages=first, temperature=0, max_tokens=10)
+    before = metric(server, "llama2_prefix_cache_hit_tokens_total")
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "And a shape?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=second, temperature=0, max_tokens=10)
+    assert metric(server, "llama2_prefix_cache_hit_tokens_total") - before >= len(encode_dialog(tok, first)) // 16 * 16
+    assert r2.choices[0].message.content == want(oracle, tok, encode_dialog(tok, second), temperature=0,
+                                                 max_new_tokens=10).text
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device, dtype, progress=not args.quiet)
     session = ChatSession(tokenizer, max_seq_len=model.config.max_seq_len, max_new_tokens=args.max_new_tokens,
                           system=args.system, tools=toolbox.specs if toolbox else None)
-    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile)
+    # the prefix cache keeps the conversation so far: each turn computes only its new message
+    generator = Generator(model, tokenizer, max_batch_size=1, quantize=args.quantize, compile=args.compile,
+                          prefix_cache=model.config.max_seq_len)
 
     def respond(tokens: list[int], index: int):
         """Stream the answer; say so on stderr when it was cut at --max-new-tokens rather than finished."""

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linear layers (faster decoding on CPU, approximate)")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--prefix-cache", type=int, default=None, metavar="POSITIONS",
+                   help="keys and values of prompt prefixes kept across requests (a shared system prompt, a chat's "
+                        "earlier turns), in positions (default: one context's worth; 0: none)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     add_sampling_args(p, max_new_tokens=256)
@@ -56,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise Llama2Error(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise Llama2Error(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.prefix_cache is not None and args.prefix_cache != 0 and args.prefix_cache < 16:
+        raise Llama2Error(f"--prefix-cache must be 0 (none) or at least 16 positions (one block), got "
+                          f"{args.prefix_cache}")
     if args.max_request_bytes < 1024:
         raise Llama2Error(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
     if base.max_new_tokens < 1:
@@ -88,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or ckpt.resolve().name
     options = ServeOptions(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                            context=args.context, quantize=None if args.quantize == "none" else args.quantize,
-                           compile=args.compile, api_key=api_key, max_request_bytes=args.max_request_bytes,
+                           compile=args.compile, prefix_cache=args.prefix_cache, api_key=api_key,
+                           max_request_bytes=args.max_request_bytes,
                            defaults=Defaults(base.temperature, base.top_p, base.top_k, base.max_new_tokens))
     app = build_app(model, tokenizer, options)
     host, port = sock.getsockname()[:2]

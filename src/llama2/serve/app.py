@@ -315,7 +315,8 @@ class Api:
         """GET /metrics, in Prometheus' text format."""
         self.authorize(request)
         worker = self.worker
-        text = self.metrics.render(slots=worker.slots, busy=worker.busy_slots, running=worker.busy_slots)
+        text = self.metrics.render(slots=worker.slots, busy=worker.busy_slots, running=worker.busy_slots,
+                                   prefix_cache=worker.engine.prefix_cache)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def page(self) -> Response:

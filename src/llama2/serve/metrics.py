@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Any
 
 
 class Metrics:
@@ -45,8 +46,8 @@ class Metrics:
         self.ttft_sum += seconds
         self.ttft_count += 1
 
-    def render(self, *, slots: int, busy: int, running: int) -> str:
-        """The Prometheus text format (version 0.0.4)."""
+    def render(self, *, slots: int, busy: int, running: int, prefix_cache: Any = None) -> str:
+        """The Prometheus text format (version 0.0.4); prefix_cache: the engine's PrefixCache, if it has one."""
         out: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
@@ -79,4 +80,13 @@ class Metrics:
         metric("llama2_time_to_first_token_seconds", "summary",
                "Time from submission to a request's first token (queueing and prefill included).",
                [("_sum", float(self.ttft_sum)), ("_count", self.ttft_count)])
+        if prefix_cache is not None:
+            metric("llama2_prefix_cache_queries_total", "counter", "Prompts looked up in the prefix cache.",
+                   [("", prefix_cache.lookups)])
+            metric("llama2_prefix_cache_hits_total", "counter", "Prompts that found a stored prefix.",
+                   [("", prefix_cache.hits)])
+            metric("llama2_prefix_cache_hit_tokens_total", "counter",
+                   "Prompt positions copied from the prefix cache instead of computed.", [("", prefix_cache.hit_positions)])
+            metric("llama2_prefix_cache_blocks", "gauge", "Blocks of 16 positions stored / the most it holds.",
+                   [('{state="stored"}', prefix_cache.stored_blocks), ('{state="capacity"}', prefix_cache.blocks)])
         return "\n".join(out) + "\n"

@@ -19,7 +19,8 @@ from .worker import ModelWorker
 @dataclass
 class ServeOptions:
     """How to serve: batching (max_batch slots, max_queue waiting requests), the context per request, the
-    defaults for omitted sampling fields, an optional API key and the request-size limit."""
+    prefix cache's size, the defaults for omitted sampling fields, an optional API key and the request-size
+    limit."""
 
     model_name: str = "llama2"
     max_batch: int = 8
@@ -27,6 +28,7 @@ class ServeOptions:
     context: int | None = None
     quantize: str | None = None
     compile: bool = False
+    prefix_cache: int | None = None  # positions of prefix keys and values kept (None: one context's worth; 0: none)
     api_key: str | None = None
     defaults: Defaults | None = None
     max_request_bytes: int = MAX_REQUEST_BYTES
@@ -40,8 +42,12 @@ def build_app(model, tokenizer, options: ServeOptions):
         raise Llama2Error(f"--max-queue must be >= 0, got {options.max_queue}")
     if options.api_key is not None and not options.api_key.strip():
         raise Llama2Error("--api-key is empty; give a key or leave the option out")
+    context = options.context or model.config.max_seq_len
+    prefix = context if options.prefix_cache is None else options.prefix_cache
+    if prefix and prefix < 16:
+        raise Llama2Error(f"--prefix-cache must be 0 (none) or at least 16 positions (one block), got {prefix}")
     generator = Generator(model, tokenizer, max_batch_size=options.max_batch, cache_len=options.context,
-                          quantize=options.quantize, compile=options.compile)
+                          quantize=options.quantize, compile=options.compile, prefix_cache=prefix)
     worker = ModelWorker(generator.engine(options.max_batch), max_queue=options.max_queue, metrics=Metrics())
     return create_app(worker, model_name=options.model_name, api_key=options.api_key, defaults=options.defaults,
                       max_request_bytes=options.max_request_bytes)
