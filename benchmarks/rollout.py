@@ -15,8 +15,9 @@ printed.
 
 Runners (each counted as N*K samples and N*K*max_new_tokens generated tokens over wall time, prefill included):
 - ours: one `Generator.generate(prompts repeated K times, one SamplingParams per sample with its own seed)` with
-  max_batch_size = N*K (every sample decodes in one forward per step); also with max_batch_size from
-  --batch-sizes (default 16,32: continuous batching in waves), each reported on its own line.
+  max_batch_size = N*K (every sample decodes in one forward per step; the K copies of a prompt prefill it once
+  and share its keys and values); also with max_batch_size from --batch-sizes (default 16,32: continuous
+  batching in waves), and without prompt sharing (each copy prefills its prompt), each on its own line.
 - transformers batched: the N prompts left-padded into one batch with an attention mask,
   `generate(do_sample=True, num_return_sequences=K, use_cache=True)` under torch.inference_mode.
 - transformers per prompt: the same, one prompt at a time (no padding), K return sequences each.
@@ -153,6 +154,12 @@ def main() -> None:
     head = f"ours (max_batch_size {n_samples})"
     runs = {head: ours(n_samples)}
     runs.update({f"ours (max_batch_size {b})": ours(b) for b in sizes[1:]})
+    unshared = Generator(model, Tok(), max_batch_size=n_samples, cache_len=cache_len)
+    unshared.engine(n_samples).share_prompts = False  # each of the K copies prefills its prompt itself
+
+    def ours_unshared():
+        return [c.tokens for c in unshared.generate(flat, params)]
+    runs["ours, prompts not shared"] = ours_unshared
     runs["transformers batched"] = hf_batched
     runs["transformers per prompt"] = hf_per_prompt
     peers = ["transformers batched", "transformers per prompt"]

@@ -1,5 +1,6 @@
 """Speculative decoding speed: a target model alone (llama2's Generator, greedy, batch 1) against
-`SpeculativeDecoder(target, draft, k)` with a smaller draft trained by our own pipeline on the same data,
+`SpeculativeDecoder(target, draft, k)` with a smaller draft trained by our own pipeline on the same data, or with
+prompt lookup (`--draft lookup`: proposals copied from the prompt and the output so far, no draft model),
 measured in the same run (interleaved rounds; the median is reported). Greedy outputs must be identical.
 
     # a draft: the tiny pretraining recipe with a smaller shape, briefly (about a minute on 2 cores)
@@ -8,8 +9,13 @@ measured in the same run (interleaved rounds; the median is reported). Greedy ou
     .venv/bin/python benchmarks/speculative.py --target runs/tiny-pretrain/checkpoints/step-000600 \\
         --draft /tmp/tiny-draft/checkpoints/step-000300 --k 2,4 --tokens 64 --threads 1
 
+    # prompt lookup on a chat model answering the built-in world's held-out questions (its answers restate them)
+    .venv/bin/python benchmarks/speculative.py --target DEMO/sft/checkpoints/latest --draft lookup --k 2,4 \
+        --prompts-file ~/.cache/llama2/world-v5-seed0-p100-t20/prompts.val.jsonl --prompts 48
+
 Prompts: the first words of a few held-out-like snippets of the tiny corpus (Python docstrings), --prompts of
-them. Reported: tokens/s of each runner (all prompts, new tokens over wall time), the ratio to the target
+them; or, with --prompts-file, the first --prompts conversations of a JSONL file of {"messages": [...]} in the chat
+format (a final assistant message is dropped), answered until EOS or --tokens. Reported: tokens/s of each runner (all prompts, new tokens over wall time), the ratio to the target
 alone, the draft's acceptance rate and tokens per target pass. This is a script, not a test: it only checks
 that the speculative outputs equal the target's own greedy ones.
 """
@@ -39,7 +45,9 @@ PROMPTS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", required=True, help="target checkpoint directory")
-    ap.add_argument("--draft", required=True, help="draft checkpoint directory (same tokenizer)")
+    ap.add_argument("--draft", required=True, help="draft checkpoint directory (same tokenizer), or 'lookup'")
+    ap.add_argument("--prompts-file", default=None, help="JSONL of chat conversations to answer instead")
+    ap.add_argument("--ngram", default="3:1", help="prompt lookup: longest:shortest n-gram searched (default 3:1)")
     ap.add_argument("--k", default="2,4", help="draft tokens per target pass, comma-separated")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
@@ -55,10 +63,23 @@ def main() -> None:
 
     print(f"CPU: {cpu_banner()}; torch {torch.__version__}, {args.threads} threads")
     tok = Tokenizer(args.target)
-    target, draft = load_model(args.target, "cpu", torch.float32), load_model(args.draft, "cpu", torch.float32)
-    n_t, n_d = (sum(p.numel() for p in m.parameters()) for m in (target, draft))
-    prompts = [tok.encode(p, bos=True) for p in PROMPTS[:args.prompts]]
-    params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, stop_ids=[])
+    target = load_model(args.target, "cpu", torch.float32)
+    draft = None if args.draft == "lookup" else load_model(args.draft, "cpu", torch.float32)
+    n_t = sum(p.numel() for p in target.parameters())
+    if args.prompts_file:
+        import json
+
+        from llama2.chat import encode_dialog
+
+        rows = [json.loads(line) for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
+        dialogs = [[m for m in r["messages"]][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"]
+                   for r in rows[:args.prompts]]
+        prompts = [encode_dialog(tok, d) for d in dialogs]
+        stops = [tok.eos_id]
+    else:
+        prompts = [tok.encode(p, bos=True) for p in PROMPTS[:args.prompts]]
+        stops = []
+    params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, stop_ids=stops)
     gen = Generator(target, tok, max_batch_size=1)
     want = [gen.generate([p], params)[0].tokens for p in prompts]
     total = sum(len(w) for w in want)
@@ -70,7 +91,8 @@ def main() -> None:
             gen.generate([p], params)
 
     def speculative(k: int):
-        spec = SpeculativeDecoder(target, draft, k=k)
+        longest, shortest = (int(x) for x in args.ngram.split(":"))
+        spec = SpeculativeDecoder(target, draft, k=k, ngram=longest, ngram_min=shortest)
 
         def run():
             proposed = accepted = calls = 0
@@ -91,8 +113,10 @@ def main() -> None:
             fn()
             rates[label].append(total / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"target {n_t / 1e6:.2f}M parameters, draft {n_d / 1e6:.2f}M; {len(prompts)} prompts x {args.tokens} new "
-          f"greedy tokens; median of {args.repeats}; outputs identical to the target's: yes")
+    drafting = "prompt lookup" if draft is None else \
+        f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters"
+    print(f"target {n_t / 1e6:.2f}M parameters, {drafting}; {len(prompts)} prompts, {total} new greedy tokens in "
+          f"all (at most {args.tokens} each); median of {args.repeats}; outputs identical to the target's: yes")
     print(f"  {'runner':18s} {'tok/s':>8s} {'vs alone':>9s} {'accepted':>9s} {'tok/pass':>9s}")
     for label, v in med.items():
         extra = ""

@@ -9,7 +9,7 @@ import torch
 from llama2.config import ModelConfig
 from llama2.errors import Llama2Error
 from llama2.inference.sampling import SamplingParams
-from llama2.inference.speculative import SpeculativeDecoder, distribution
+from llama2.inference.speculative import SpeculativeDecoder, distribution, lookup
 from llama2.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,6 +116,47 @@ def test_a_perfect_draft_is_always_accepted_when_sampling():
     assert len(res.tokens) == 20 and res.acceptance_rate == pytest.approx(1.0)
 
 
+def test_prompt_lookup_proposes_what_followed_the_latest_occurrence():
+    seq = [1, 2, 3, 9, 8, 1, 2, 3, 7, 5, 4, 1, 2, 3]
+    assert lookup(seq, 3, 2) == [7, 5]  # [1, 2, 3] last occurred at 5..7, followed by 7, 5
+    assert lookup(seq, 3, 9) == [7, 5, 4, 1, 2, 3]  # at most what follows (the tail itself included)
+    assert lookup([4, 6, 5, 6], 3, 2) == [5, 6]  # no [6, 5, 6] or [5, 6] before: the last token alone
+    assert lookup([4, 6, 5], 3, 2) == [] and lookup([7], 3, 2) == []
+    assert lookup([4, 6, 5, 6], 3, 2, ngram_min=2) == []  # a single token is not enough
+
+
+def test_prompt_lookup_keeps_the_target_s_greedy_output():
+    """No draft model: the proposals come from the text; the output is the target's own, in fewer passes when the
+    text repeats itself."""
+    target = model(0, 0.2)
+    prompt = [1, 5, 9, 3, 7, 5, 9, 3, 7, 5]
+    want = target_greedy(target, prompt, 40)
+    res = SpeculativeDecoder(target, None, k=4).generate(prompt, SamplingParams(temperature=0, max_new_tokens=40))
+    assert res.tokens == want and res.finish_reason == "length"
+    assert res.proposed > 0 and res.target_calls == 40 - res.accepted
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=3),
+                                    SamplingParams(temperature=0.7, top_p=0.9, top_k=4, max_new_tokens=3)])
+def test_prompt_lookup_samples_follow_the_target_distribution(params):
+    target = model(2, 0.3, vocab=6)
+    prompt = [1, 2, 3, 1, 2, 4, 1, 2]  # "1 2" is followed by 3 and by 4: proposals that are sometimes wrong
+    exact = exact_marginals(target, prompt, 3, params)
+    spec = SpeculativeDecoder(target, None, k=3, ngram=2)
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    counts = [torch.zeros(6, dtype=torch.float64) for _ in range(3)]
+    proposed = accepted = 0
+    for _ in range(n):
+        res = spec.generate(prompt, params, generator=gen)
+        for pos, t in enumerate(res.tokens):
+            counts[pos][t] += 1
+        proposed, accepted = proposed + res.proposed, accepted + res.accepted
+    tv = [0.5 * (c / n - e).abs().sum().item() for c, e in zip(counts, exact)]
+    assert max(tv) < 0.04, tv
+    assert 0 < accepted / proposed < 1
+
+
 def test_errors():
     with pytest.raises(Llama2Error, match="vocabulary"):
         SpeculativeDecoder(model(0, 0.2), model(1, 0.2, vocab=65))
@@ -123,6 +164,10 @@ def test_errors():
         SpeculativeDecoder(model(0, 0.2), model(1, 0.2), k=0)
     with pytest.raises(Llama2Error, match="exceed the context"):
         SpeculativeDecoder(model(0, 0.2), model(1, 0.2)).generate([1] * 100, SamplingParams(max_new_tokens=40))
+    with pytest.raises(Llama2Error, match="ngram"):
+        SpeculativeDecoder(model(0, 0.2), None, ngram=0)
+    with pytest.raises(Llama2Error, match="ngram_min"):
+        SpeculativeDecoder(model(0, 0.2), None, ngram=2, ngram_min=3)
     with pytest.raises(Llama2Error, match="non-empty"):
         SpeculativeDecoder(model(0, 0.2), model(1, 0.2)).generate([], SamplingParams())
 
@@ -159,5 +204,7 @@ def test_generate_with_a_draft_prints_the_target_greedy_text(tmp_path, sp_model_
     assert alone.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == alone.stdout and alone.stdout.strip()
     assert "draft tokens accepted" in spec.stderr
+    looked = subprocess.run(base + ["--draft", "lookup"], capture_output=True, text=True, env=SUB_ENV)
+    assert looked.returncode == 0 and looked.stdout == alone.stdout, looked.stderr
     bad = subprocess.run(base + ["--draft", str(tmp_path / "nowhere")], capture_output=True, text=True, env=SUB_ENV)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

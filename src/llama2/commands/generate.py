@@ -26,9 +26,10 @@ def register(subparsers) -> None:
                    help="compile the decode step with torch.compile (slow start, faster tokens; long outputs)")
     p.add_argument("--stats", action="store_true",
                    help="print prompt tokens, time to first token and decoding speed to stderr at the end")
-    p.add_argument("--draft", metavar="CKPT", default=None,
-                   help="speculative decoding with this smaller draft model (same tokenizer): the target's own output, "
-                        "fewer target passes; prints the acceptance rate to stderr")
+    p.add_argument("--draft", metavar="CKPT|lookup", default=None,
+                   help="speculative decoding with this smaller draft model (same tokenizer), or 'lookup' (proposals "
+                        "copied from the prompt and output so far: no draft model): the target's own output, fewer "
+                        "target passes; prints the acceptance rate to stderr")
     p.add_argument("--draft-k", type=int, default=4, help="draft tokens proposed per target pass (default 4)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="the completion is a JSON object (constrained decoding)")
@@ -111,7 +112,8 @@ def _grammar(args: argparse.Namespace):
 
 
 def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params, device, dtype) -> int:
-    """--draft: decode with the target and a draft model (llama2.inference.speculative); the text at the end."""
+    """--draft: decode with the target and a draft model or prompt lookup (llama2.inference.speculative); the text
+    at the end."""
     import dataclasses
     from pathlib import Path
 
@@ -123,9 +125,12 @@ def _speculative(args: argparse.Namespace, model, tokenizer, prompt: str, params
     if args.stop or args.quantize != "none" or args.compile:
         raise Llama2Error("--draft decodes with the target's own weights and stops at EOS: drop --stop, --quantize "
                           "and --compile")
-    if not Path(args.draft).is_dir():
-        raise Llama2Error(f"draft checkpoint directory {args.draft} does not exist; check the path")
-    draft = load_model(Path(args.draft), device, dtype)
+    draft = None
+    if args.draft != "lookup":
+        if not Path(args.draft).is_dir():
+            raise Llama2Error(f"draft checkpoint directory {args.draft} does not exist; check the path (or give "
+                              f"--draft lookup for prompt lookup)")
+        draft = load_model(Path(args.draft), device, dtype)
     params = dataclasses.replace(params, stop_ids=[tokenizer.eos_id])
     ids = tokenizer.encode(prompt, bos=True)
     out = SpeculativeDecoder(model, draft, k=args.draft_k).generate(ids, params)

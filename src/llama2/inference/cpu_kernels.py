@@ -129,9 +129,11 @@ void f32_matvec(const float* x, const float* w, float* y, int64_t N, int64_t K, 
 }
 
 /* y (M, N) = x (M, K) @ W (N, K)^T for a few rows M (a short prompt, a few requests decoded together), all
-   fp32: each weight row is read from memory once and multiplied by the rows of x four at a time (the weight
-   row stays in L1 for the later groups); one accumulator per row of x, a software prefetch as above. */
-void f32_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+   fp32, each weight row read from memory once. Two or three rows (bound by memory): one weight row at a time,
+   multiplied by the rows of x four at a time (the weight row stays in L1 for the later groups); one accumulator
+   per row of x, a software prefetch as above. */
+static void f32_rows_stream(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                            int threads) {
     const int64_t K8 = K & ~(int64_t)7;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t n = 0; n < N; n++) {
@@ -164,6 +166,65 @@ void f32_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, in
             if (R > 3) yn[3 * N] = hsum(a3) + t3;
         }
     }
+}
+
+/* Four or more rows (bound by arithmetic): tiles of two weight rows by four rows of x, eight accumulators, so
+   each weight vector loaded feeds four FMAs and each x vector two (the one-row-at-a-time loop above is bound by
+   its loads there); prefetch 2 KiB ahead on both weight streams (measured best of 0.25-4 KiB). 1.3-2.2x the loop above from 4 to 16 rows. */
+static void f32_rows_tiled(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                           int threads) {
+    const int64_t K8 = K & ~(int64_t)7;
+    const int64_t tiles = (N + 1) / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n0 = 2 * t;
+        const int C = N - n0 < 2 ? 1 : 2;
+        const float* wa = w + n0 * K;
+        const float* wb = wa + (C > 1 ? K : 0);  /* a last odd row is paired with itself (its copy is dropped) */
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t R = M - m0 < 4 ? M - m0 : 4;
+            const float* x0 = x + m0 * K;
+            const float* x1 = x0 + (R > 1 ? K : 0);
+            const float* x2 = x0 + (R > 2 ? 2 * K : 0);
+            const float* x3 = x0 + (R > 3 ? 3 * K : 0);
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+                   a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+                   b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k < K8; k += 8) {
+                if (m0 == 0) {
+                    _mm_prefetch((const char*)(wa + k + 512), _MM_HINT_T0);
+                    _mm_prefetch((const char*)(wb + k + 512), _MM_HINT_T0);
+                }
+                const __m256 va = _mm256_loadu_ps(wa + k), vb = _mm256_loadu_ps(wb + k);
+                __m256 xv = _mm256_loadu_ps(x0 + k);
+                a0 = _mm256_fmadd_ps(va, xv, a0); b0 = _mm256_fmadd_ps(vb, xv, b0);
+                xv = _mm256_loadu_ps(x1 + k);
+                a1 = _mm256_fmadd_ps(va, xv, a1); b1 = _mm256_fmadd_ps(vb, xv, b1);
+                xv = _mm256_loadu_ps(x2 + k);
+                a2 = _mm256_fmadd_ps(va, xv, a2); b2 = _mm256_fmadd_ps(vb, xv, b2);
+                xv = _mm256_loadu_ps(x3 + k);
+                a3 = _mm256_fmadd_ps(va, xv, a3); b3 = _mm256_fmadd_ps(vb, xv, b3);
+            }
+            float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
+            for (; k < K; k++) {
+                ta[0] += wa[k] * x0[k]; ta[1] += wa[k] * x1[k]; ta[2] += wa[k] * x2[k]; ta[3] += wa[k] * x3[k];
+                tb[0] += wb[k] * x0[k]; tb[1] += wb[k] * x1[k]; tb[2] += wb[k] * x2[k]; tb[3] += wb[k] * x3[k];
+            }
+            const float ra[4] = {hsum(a0) + ta[0], hsum(a1) + ta[1], hsum(a2) + ta[2], hsum(a3) + ta[3]};
+            const float rb[4] = {hsum(b0) + tb[0], hsum(b1) + tb[1], hsum(b2) + tb[2], hsum(b3) + tb[3]};
+            float* yn = y + m0 * N + n0;
+            for (int64_t r = 0; r < R; r++) {
+                yn[r * N] = ra[r];
+                if (C > 1) yn[r * N + 1] = rb[r];
+            }
+        }
+    }
+}
+
+void f32_rows(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M < 4) f32_rows_stream(x, w, y, M, N, K, threads);
+    else f32_rows_tiled(x, w, y, M, N, K, threads);
 }
 """
 

@@ -6,9 +6,10 @@ more threads; `cpu_kernels.f32_matvec` reads them at about the bandwidth of a pl
 over threads. The result is the same fp32 dot products summed in another order (differences at fp32
 rounding). `with_matvec_kernel(model)` returns a copy of the model whose nn.Linear layers are `MatvecLinear`,
 sharing every parameter with the original (no copy, in-place updates stay visible). One row goes through the
-kernel; with `max_rows` (the Generator uses ROWS = 8) up to that many rows (a short prompt, a few requests
-decoded together) go through `cpu_kernels.f32_rows`, which reads each weight once for all rows
-(MKL's sgemm reads fp32 weights at a half to a third of the bandwidth there). Inside a torch.compile'd decode
+kernel; with `max_rows` (the Generator uses ROWS = 8, and LARGE_ROWS = 32 for large weights) up to that many
+rows (a short prompt, a few requests decoded together, a speculative check) go through `cpu_kernels.f32_rows`,
+which reads each weight once for all rows (MKL's sgemm reads fp32 weights at a half to a third of the bandwidth
+there) and, from four rows on, multiplies them in register tiles. Inside a torch.compile'd decode
 step the kernels are called as the custom operator llama2::f32_rows. More rows, other dtypes or devices, and
 anything needing gradients go through F.linear as before.
 """
@@ -16,6 +17,7 @@ anything needing gradients go through F.linear as before.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,20 +69,36 @@ class MatvecLinear(nn.Module):
 
 
 ROWS = 8  # the generator's kernel rows: beyond this MKL's sgemm is as fast (measured on the 2-core box)
-# ... except for wide matrices (the LM head: many outputs, few inputs), where MKL's sgemm stays 1.6-2.5x slower
-# than the kernel up to 16-32 rows (32000 x 256 at 16 rows: 4.2 against 1.9 ms; 32000 x 2048: 37 against 24 ms)
-WIDE_ROWS, WIDE_OUT = 32, 16384
+# ... except for large weights (>= 1M elements: the LM head, the layers of a 1B model), where MKL's sgemm stays
+# slower than the tiled kernel up to 32 rows (2048 x 2048 at 16 rows: 1.4 against 0.8 ms; 32000 x 256: 4.2 against
+# 1.8 ms; at 32 rows 2.0 against 1.7 ms)
+LARGE_ROWS, LARGE_WEIGHT = 32, 1 << 20
 
 
 def with_matvec_kernel(model: nn.Module, max_rows: int = 1) -> nn.Module:
     """A copy of model whose nn.Linear layers are MatvecLinear (kernels for up to max_rows rows; with max_rows > 1,
-    up to WIDE_ROWS for layers of at least WIDE_OUT outputs). Every parameter and buffer is shared with model (the
-    same objects); model itself is unchanged."""
+    up to LARGE_ROWS for weights of at least LARGE_WEIGHT elements). Every parameter and buffer is shared with model
+    (the same objects); model itself is unchanged."""
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo)
     for name, m in list(out.named_modules()):
         if type(m) is not MatvecLinear and isinstance(m, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
-            rows = max(max_rows, WIDE_ROWS) if max_rows > 1 and m.out_features >= WIDE_OUT else max_rows
+            large = m.in_features * m.out_features >= LARGE_WEIGHT
+            rows = max(max_rows, LARGE_ROWS) if max_rows > 1 and large else max_rows
             setattr(out.get_submodule(parent_name) if parent_name else out, attr, MatvecLinear(m, rows))
     return out
+
+
+def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
+    """model wrapped for the fp32 kernels (up to ROWS rows, LARGE_ROWS for large weights) when it is an fp32 CPU model
+    and the kernel builds; else model itself (with a warning when the kernels were asked for explicitly)."""
+    w = model.embed_tokens.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return model
+    if not cpu_kernels.available():
+        if explicit:
+            warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
+                          "using PyTorch's matmuls", stacklevel=3)
+        return model
+    return with_matvec_kernel(model, ROWS)

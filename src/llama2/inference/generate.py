@@ -22,7 +22,7 @@ from ..tokenizer import TokenizerLike
 from . import cpu_kernels
 from . import quantize as quantization  # not `quantize`: Generator's argument of that name
 from .engine import Engine, Event, Request, check_decoding_options
-from .fastlinear import ROWS, with_matvec_kernel
+from .fastlinear import fast_fp32_model
 from .sampling import Completion, SamplingParams, sample, sample_rows, top_k_filter, top_p_filter
 from .scoring import sequence_logprobs
 from .sharded import gathered_for_generation, is_fsdp
@@ -46,11 +46,11 @@ class Generator:
     positions per prefill forward (default Engine.PREFILL_CHUNK, 512; longer prompts go chunk by chunk, so
     their activations stay one chunk's). fast_fp32 (default: on for an fp32 CPU model without quantize, where
     the C kernel builds): forwards of up to 8 rows (decode steps of up to 8 active requests, prompts of up to 8
-    tokens) multiply by the fp32 weights through the kernels of cpu_kernels.py (fastlinear.py), exact fp32
-    summed in another order; more rows use the normal matmul. The model is wrapped in a copy sharing its
-    parameters, not changed. prefix_cache: positions of keys and values the engine keeps across calls (0: none;
-    see Engine), so a chat's next turn computes only what is new. An FSDP2-sharded model is used as it is (no quantize, no kernel): see
-    `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
+    tokens; up to 32 for weights of 1M elements or more) multiply by the fp32 weights through the kernels of
+    cpu_kernels.py (fastlinear.py), exact fp32 summed in another order; more rows use the normal matmul. The
+    model is wrapped in a copy sharing its parameters, not changed. prefix_cache: positions of keys and values
+    the engine keeps across calls (0: none; see Engine), so a chat's next turn computes only what is new. An
+    FSDP2-sharded model is used as it is (no quantize, no kernel): see `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
@@ -73,7 +73,7 @@ class Generator:
                               "falling back to dequantised matmuls, which are slower than fp32", stacklevel=2)
             model = quantization.quantize_int8(model)  # through the module: tests patch quantize_int8
         elif fast_fp32 is not False and not sharded:
-            model = _fast_fp32(model, explicit=fast_fp32 is True)
+            model = fast_fp32_model(model, explicit=fast_fp32 is True)
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -192,17 +192,3 @@ def _params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[Samp
     if len(per) != len(prompts):
         raise Llama2Error(f"got {len(per)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
     return per
-
-
-def _fast_fp32(model: Transformer, explicit: bool) -> Transformer:
-    """model wrapped for the fp32 matrix-vector kernel when it is an fp32 CPU model and the kernel builds."""
-    w = model.embed_tokens.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
-        return model
-    if not cpu_kernels.available():
-        if explicit:
-            warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
-                          "using PyTorch's matmuls", stacklevel=3)
-        return model
-    return with_matvec_kernel(model, ROWS)
-

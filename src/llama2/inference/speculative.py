@@ -5,6 +5,12 @@ target model scores them all in one forward pass, and a prefix of them is kept.
     result = spec.generate(prompt_ids, SamplingParams(temperature=0, max_new_tokens=64))
     result.tokens, result.acceptance_rate
 
+Without a draft model (`SpeculativeDecoder(target, None, k=4)`), the proposals come from the text itself (prompt
+lookup, Saxena 2023): the last `ngram` tokens (down to `ngram_min`) are searched for earlier in the prompt and the
+output, and the k tokens that followed their latest occurrence are proposed. That pays where answers copy their
+context (quoting, editing, extracting, a tool result repeated); a proposal is a point mass, so the sampling rule
+below keeps it with probability p(x).
+
 Greedy (temperature 0): a draft token is kept while it equals the target's argmax at its position, and the first
 mismatch is replaced by the target's argmax, so the output is the target's own greedy output (up to
 floating-point ties: the target scores k + 1 positions at once instead of one). Sampling: the standard acceptance
@@ -24,6 +30,7 @@ from torch import Tensor
 
 from ..errors import Llama2Error
 from ..model import Transformer
+from .fastlinear import fast_fp32_model
 from .sampling import SamplingParams, top_k_filter, top_p_filter
 
 
@@ -53,17 +60,39 @@ def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
     return top_p_filter(torch.softmax(z, dim=-1), params.top_p)
 
 
-class SpeculativeDecoder:
-    """Decode with `target`, drafting `k` tokens at a time with `draft` (same vocabulary, smaller model)."""
+def lookup(seq: Sequence[int], ngram: int, k: int, ngram_min: int = 1) -> list[int]:
+    """Prompt-lookup proposals: the up to k tokens that followed the latest earlier occurrence of seq's last n
+    tokens, for the largest n in ngram_min..ngram that occurs; [] when none does."""
+    for n in range(min(ngram, len(seq) - 1), ngram_min - 1, -1):
+        tail = list(seq[-n:])
+        first = tail[0]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start] == first and list(seq[start:start + n]) == tail:
+                return list(seq[start + n:start + n + k])
+    return []
 
-    def __init__(self, target: Transformer, draft: Transformer, k: int = 4, cache_len: int | None = None) -> None:
+
+class SpeculativeDecoder:
+    """Decode with `target`, drafting `k` tokens at a time with `draft` (same vocabulary, smaller model), or, with
+    draft None, by prompt lookup over the last `ngram` tokens."""
+
+    def __init__(self, target: Transformer, draft: Transformer | None, k: int = 4, cache_len: int | None = None,
+                 ngram: int = 3, ngram_min: int = 1) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise Llama2Error(f"speculative decoding: k (draft tokens per step) must be a positive integer, got {k!r}")
-        if draft.config.vocab_size != target.config.vocab_size:
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (ngram, ngram_min)) \
+                or not 1 <= ngram_min <= ngram:
+            raise Llama2Error(f"prompt lookup: ngram and ngram_min must be integers with 1 <= ngram_min <= ngram, got "
+                              f"{ngram!r} and {ngram_min!r}")
+        if draft is not None and draft.config.vocab_size != target.config.vocab_size:
             raise Llama2Error(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                               f"({target.config.vocab_size}); the draft must use the target's tokenizer")
-        self.target, self.draft, self.k = target.eval(), draft.eval(), k
-        self.cache_len = cache_len or min(target.config.max_seq_len, draft.config.max_seq_len)
+        # fp32 CPU models score through the few-row kernels, as the Generator decodes (the k + 1 positions of a
+        # check fit them), so the two are compared on the same arithmetic
+        self.target, self.k, self.ngram, self.ngram_min = fast_fp32_model(target.eval()), k, ngram, ngram_min
+        self.draft = fast_fp32_model(draft.eval()) if draft is not None else None
+        self.cache_len = cache_len or min(target.config.max_seq_len,
+                                          draft.config.max_seq_len if draft is not None else target.config.max_seq_len)
 
     @torch.inference_mode()
     def generate(self, prompt: Sequence[int], params: SamplingParams | None = None,
@@ -89,7 +118,7 @@ class SpeculativeDecoder:
         greedy = params.temperature == 0
         stops = set(params.stop_ids or ())
         t_cache = self.target.make_cache(1, self.cache_len)
-        d_cache = self.draft.make_cache(1, self.cache_len)
+        d_cache = self.draft.make_cache(1, self.cache_len) if self.draft is not None else None
         t_len = d_len = 0  # tokens each cache holds (a prefix of seq)
         out: list[int] = []
         proposed = accepted = calls = 0
@@ -102,13 +131,20 @@ class SpeculativeDecoder:
 
         if len(seq) > 1:  # prefill all but the last prompt token: each round feeds the tokens a cache lacks
             step(self.target, t_cache, 0, seq[:-1])
-            step(self.draft, d_cache, 0, seq[:-1])
+            if self.draft is not None:
+                step(self.draft, d_cache, 0, seq[:-1])
             t_len = d_len = len(seq) - 1
         while len(out) < params.max_new_tokens:
             n_draft = min(self.k, params.max_new_tokens - len(out) - 1)
             drafts: list[int] = []
             qs: list[Tensor] = []
-            for _ in range(n_draft):
+            if self.draft is None:  # prompt lookup: proposals are point masses
+                drafts = lookup(seq, self.ngram, n_draft, self.ngram_min) if n_draft > 0 else []
+                n_draft = len(drafts)
+                if not greedy:
+                    vocab = self.target.config.vocab_size
+                    qs = [torch.nn.functional.one_hot(torch.tensor(d), vocab).float().to(dev) for d in drafts]
+            for _ in range(n_draft if self.draft is not None else 0):
                 ctx = seq + drafts
                 logits = step(self.draft, d_cache, d_len, ctx[d_len:])[-1]
                 d_len = len(ctx)
