@@ -534,7 +534,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in hf.parameters())
         head = f"{name}: {n_params / 1e6:.1f}M parameters ({n_params * 4 / 1e9:.2f} GB fp32)"
 
-        def bw_share(batch: int):
+        def bw_share(batch: int, hf=hf):  # hf bound now: the loop deletes its name later
             ctx = len(PROMPT) + n_tokens // 2
             return lambda k, v: v / (batch * bandwidth / step_bytes(hf, k, ctx))
 
@@ -565,7 +565,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in rates.items()}
             table(f"{head}, prefill of a {args.prefill_tokens}-token prompt, prompt tokens/s, median of "
                   f"{args.repeats}; share: of the fp32 matmul limit (block weights and attention FLOPs)", med,
-                  lambda k, v: v * prefill_flops(hf, args.prefill_tokens) / flops, "of matmul")
+                  lambda k, v, hf=hf: v * prefill_flops(hf, args.prefill_tokens) / flops, "of matmul")
             del fns
             gc.collect()
         worker = _VLLM.pop(name, None)

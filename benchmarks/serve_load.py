@@ -16,6 +16,10 @@ in this process, streaming /v1/chat/completions over httpx and parsing the serve
 2. Soak: --clients clients loop for --soak-seconds; each request disconnects after a random number of chunks
    with probability --disconnect. At the end: slots still busy once the clients stopped (leaked; goal 0), the
    server's RSS growth from the end of a warm-up to the end of the soak (goal < 5%), and 5xx answers (goal 0).
+3. With --vllm (vLLM's Python, default .venv-vllm made by benchmarks/setup_vllm.sh): after our server, vLLM's
+   OpenAI server (`python -m vllm.entrypoints.openai.api_server`, fp32, the same checkpoint, chat template and
+   requests, --clients sequences, the same threads) gets the same throughput run; the ratio of the concurrent
+   runs' tokens/s, ours over vLLM's (goal >= 1.0x), with both TTFT and ITL percentiles.
 This is a script, not a test: nothing is asserted, the goals are printed beside the figures.
 """
 
@@ -164,7 +168,36 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-async def throughput(url: str, n: int, clients: int, max_tokens: int) -> None:
+def start_vllm(python: Path, ckpt: Path, slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server on the same checkpoint, loopback, a free port; waits until /health answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2",
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_LOGGING_LEVEL": "WARNING"}
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--served-model-name",
+           "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-num-seqs", str(slots),
+           "--max-model-len", "512", "--seed", "0", "--disable-log-requests"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return p, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or p.poll() is not None:
+            p.kill()
+            raise SystemExit(f"vLLM's server did not start: {p.stderr.read()[-3000:]}")
+        time.sleep(1)
+
+
+async def throughput(url: str, n: int, clients: int, max_tokens: int, alone_too: bool = True) -> float:
+    """The throughput run (one at a time, unless alone_too is False, then concurrently); returns the concurrent
+    run's tokens/s."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         rng = random.Random(0)
@@ -172,7 +205,7 @@ async def throughput(url: str, n: int, clients: int, max_tokens: int) -> None:
         await stream_one(client, url, payloads[0])  # warm-up
 
         t0 = time.perf_counter()
-        alone = [await stream_one(client, url, p) for p in payloads]
+        alone = [await stream_one(client, url, p) for p in payloads] if alone_too else []
         t_alone = time.perf_counter() - t0
 
         queue: asyncio.Queue = asyncio.Queue()
@@ -200,9 +233,11 @@ async def throughput(url: str, n: int, clients: int, max_tokens: int) -> None:
         return rate
 
     print(f"\n-- throughput: {n} streaming chat requests of {max_tokens} tokens (seeded sampling)")
-    r1 = report("one at a time", alone, t_alone)
     rn = report(f"{clients} concurrent clients", together, t_together)
-    print(f"ratio concurrent / one at a time: {rn / r1:.2f}x (goal >= 6x at 16 clients)")
+    if alone_too:
+        r1 = report("one at a time", alone, t_alone)
+        print(f"ratio concurrent / one at a time: {rn / r1:.2f}x (goal >= 6x at 16 clients)")
+    return rn
 
 
 async def soak(url: str, pid: int, clients: int, seconds: float, disconnect: float, max_tokens: int) -> None:
@@ -268,6 +303,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1)")
     ap.add_argument("--dim", type=int, default=256, help="tiny model width (default 256)")
     ap.add_argument("--layers", type=int, default=4, help="tiny model layers (default 4)")
+    ap.add_argument("--vllm", action="store_true", help="also run the throughput against vLLM's OpenAI server")
+    ap.add_argument("--vllm-python", type=Path, default=Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin"
+                    / "python", help="vLLM's Python (default .venv-vllm, made by benchmarks/setup_vllm.sh)")
     args = ap.parse_args()
 
     print(f"CPU: {cpu_banner()}")
@@ -278,16 +316,32 @@ def main() -> None:
         proc, url = start_server(ckpt, args.clients, args.threads)
         print(f"server: {what}; {url}, {args.clients} slots, {args.threads} torch thread(s), pid {proc.pid}")
         try:
-            asyncio.run(throughput(url, args.requests, args.clients, args.max_tokens))
+            ours = asyncio.run(throughput(url, args.requests, args.clients, args.max_tokens))
             if args.soak_seconds > 0:
                 asyncio.run(soak(url, proc.pid, args.clients, args.soak_seconds, args.disconnect,
                                  args.max_tokens))
         finally:
-            proc.terminate()
+            stop(proc)
+        if args.vllm:
+            if not args.vllm_python.exists():
+                raise SystemExit(f"{args.vllm_python} is missing: run benchmarks/setup_vllm.sh or give --vllm-python")
+            proc, url = start_vllm(args.vllm_python, ckpt, args.clients, args.threads)
+            print(f"\nvLLM's OpenAI server on the same checkpoint: {url}, {args.clients} sequences, fp32, "
+                  f"{args.threads} thread(s)")
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                theirs = asyncio.run(throughput(url, args.requests, args.clients, args.max_tokens, alone_too=False))
+            finally:
+                stop(proc)
+            print(f"ratio ours / vLLM at {args.clients} concurrent clients: {ours / theirs:.2f}x tokens/s "
+                  "(goal >= 1.0x)")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 if __name__ == "__main__":
