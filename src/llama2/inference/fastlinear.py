@@ -17,6 +17,7 @@ anything needing gradients go through F.linear as before.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -37,35 +38,75 @@ def _(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-class MatvecLinear(nn.Module):
-    """An nn.Linear's weight (and bias), shared: up to max_rows fp32 CPU rows run through the C kernels (one
-    row: f32_matvec; a few: f32_rows, which reads each weight once for all of them), the rest through F.linear."""
+@functools.cache
+def onednn_available() -> bool:
+    """Whether PyTorch's oneDNN linear with a prepacked weight runs here (and gives x @ w.T)."""
+    try:
+        w, x = torch.randn(8, 8), torch.randn(3, 8)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.backends.mkldnn.is_available() and torch.allclose(y, x @ w.T, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
-    def __init__(self, linear: nn.Linear, max_rows: int = 1) -> None:
+
+PACK_ROWS = 16  # the row count oneDNN lays the packed weight out for (measured as fast from 2 to 512 rows)
+
+
+class MatvecLinear(nn.Module):
+    """An nn.Linear's weight (and bias), shared, for fp32 CPU inference: one row through f32_matvec; with
+    `packed`, two or more rows through oneDNN's linear on a prepacked copy of the weight (made on first use and
+    again whenever the weight changes); otherwise up to max_rows rows through f32_rows; the rest, anything
+    needing gradients and other dtypes or devices through F.linear."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int = 1, packed: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_kernel_rows = max_rows
+        self.packed = packed
         self.weight = linear.weight
         self.bias = linear.bias
+        self._packed: Tensor | None = None
+        self._packed_of: tuple[int, int] | None = None  # (data_ptr, version) of the weight packed
 
-    def _kernel_ok(self, x: Tensor) -> bool:
+    def _fp32_inference(self, x: Tensor) -> bool:
         w = self.weight
-        return (x.shape[-1] == self.in_features and x.numel() <= self.max_kernel_rows * self.in_features
-                and x.dtype == torch.float32 and w.dtype == torch.float32
+        return (x.shape[-1] == self.in_features and x.dtype == torch.float32 and w.dtype == torch.float32
                 and x.device.type == "cpu" and w.device.type == "cpu" and w.is_contiguous()
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)))
 
+    def packed_weight(self) -> Tensor:
+        """oneDNN's blocked copy of the weight, repacked when the weight was changed in place or replaced."""
+        w = self.weight
+        now = (w.data_ptr(), w._version)
+        if self._packed_of != now:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+            self._packed_of = now
+        return self._packed
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self._kernel_ok(x):
+        if not self._fp32_inference(x):
             return F.linear(x, self.weight, self.bias)
-        kernel = f32_rows_op if torch.compiler.is_compiling() else cpu_kernels.f32_rows
-        y = kernel(x.reshape(-1, self.in_features).contiguous(), self.weight)
+        rows = x.numel() // self.in_features
+        flat = x.reshape(-1, self.in_features).contiguous()
+        if torch.compiler.is_compiling():  # the kernels as an opaque operator inside a compiled decode step
+            if rows > self.max_kernel_rows:
+                return F.linear(x, self.weight, self.bias)
+            y = f32_rows_op(flat, self.weight)
+        elif rows > 1 and self.packed and onednn_available():
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight(), self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        elif rows <= self.max_kernel_rows:
+            y = cpu_kernels.f32_rows(flat, self.weight)
+        else:
+            return F.linear(x, self.weight, self.bias)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp32 kernels up to {self.max_kernel_rows} rows"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp32 kernels up to "
+                f"{self.max_kernel_rows} rows{', oneDNN packed from 2 rows' if self.packed else ''}")
 
 
 ROWS = 8  # the generator's kernel rows: beyond this MKL's sgemm is as fast (measured on the 2-core box)
@@ -75,10 +116,11 @@ ROWS = 8  # the generator's kernel rows: beyond this MKL's sgemm is as fast (mea
 LARGE_ROWS, LARGE_WEIGHT = 32, 1 << 20
 
 
-def with_matvec_kernel(model: nn.Module, max_rows: int = 1) -> nn.Module:
+def with_matvec_kernel(model: nn.Module, max_rows: int = 1, packed: bool = False) -> nn.Module:
     """A copy of model whose nn.Linear layers are MatvecLinear (kernels for up to max_rows rows; with max_rows > 1,
-    up to LARGE_ROWS for weights of at least LARGE_WEIGHT elements). Every parameter and buffer is shared with model
-    (the same objects); model itself is unchanged."""
+    up to LARGE_ROWS for weights of at least LARGE_WEIGHT elements; packed: two or more rows through oneDNN on a
+    packed copy of each weight). Every parameter and buffer is shared with model (the same objects); model itself
+    is unchanged."""
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo)
     for name, m in list(out.named_modules()):
@@ -86,7 +128,7 @@ def with_matvec_kernel(model: nn.Module, max_rows: int = 1) -> nn.Module:
             parent_name, _, attr = name.rpartition(".")
             large = m.in_features * m.out_features >= LARGE_WEIGHT
             rows = max(max_rows, LARGE_ROWS) if max_rows > 1 and large else max_rows
-            setattr(out.get_submodule(parent_name) if parent_name else out, attr, MatvecLinear(m, rows))
+            setattr(out.get_submodule(parent_name) if parent_name else out, attr, MatvecLinear(m, rows, packed))
     return out
 
 
@@ -101,4 +143,4 @@ def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
             warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
                           "using PyTorch's matmuls", stacklevel=3)
         return model
-    return with_matvec_kernel(model, ROWS)
+    return with_matvec_kernel(model, ROWS, packed=True)
