@@ -93,3 +93,36 @@ def tiny_model():
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=172, max_seq_len=64)
     return Transformer(cfg).eval()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 16, 33, 300])
+def test_row_kernels_and_packed_onednn_match_f_linear(rows: int) -> None:
+    """Several rows: the tiled row kernel (no packing) and oneDNN on the packed weight (packed=True) both give
+    F.linear's result to fp32 rounding, with a bias and an odd number of outputs."""
+    from llama2.inference.fastlinear import onednn_available
+
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(70, 33, bias=True)
+    x = torch.randn(rows, 70, generator=g)
+    with torch.no_grad():
+        want = lin(x)
+        rows_kernel = MatvecLinear(lin, max_rows=512)(x)
+        torch.testing.assert_close(rows_kernel, want, rtol=1e-5, atol=1e-5)
+        packed = MatvecLinear(lin, max_rows=8, packed=True)
+        torch.testing.assert_close(packed(x.view(1, rows, 70)), want.view(1, rows, 33), rtol=1e-5, atol=1e-5)
+        assert (packed._packed is not None) == onednn_available()
+
+
+def test_a_packed_weight_follows_in_place_updates() -> None:
+    """The packed copy is remade when the shared weight changes (an optimiser step between two rollouts)."""
+    lin = torch.nn.Linear(16, 8, bias=False)
+    m = MatvecLinear(lin, max_rows=8, packed=True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)
+        lin.weight.mul_(-2.0)  # in place, as an optimiser does
+        torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)
+        lin.weight = torch.nn.Parameter(torch.randn(8, 16))  # replaced: m still holds the old parameter object
+        m.weight = lin.weight
+        torch.testing.assert_close(m(x), lin(x), rtol=1e-5, atol=1e-5)
