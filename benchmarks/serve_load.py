@@ -179,7 +179,7 @@ def start_vllm(python: Path, ckpt: Path, slots: int, threads: int) -> tuple[subp
            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_LOGGING_LEVEL": "WARNING"}
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--served-model-name",
            "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-num-seqs", str(slots),
-           "--max-model-len", "512", "--seed", "0", "--disable-log-requests"]
+           "--max-model-len", "512", "--seed", "0"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
