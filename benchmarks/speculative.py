@@ -13,6 +13,10 @@ measured in the same run (interleaved rounds; the median is reported). Greedy ou
     .venv/bin/python benchmarks/speculative.py --target DEMO/sft/checkpoints/latest --draft lookup --k 2,4 \
         --prompts-file ~/.cache/llama2/world-v5-seed0-p100-t20/prompts.val.jsonl --prompts 48
 
+    # what a check of k + 1 tokens costs on a target whose steps are bound by its weights (random 1.1B weights:
+    # their greedy text repeats itself, so the acceptance here says little; the speed per pass is the point)
+    .venv/bin/python benchmarks/speculative.py --target 1.1b --draft lookup --k 4 --tokens 32 --prompts 2
+
 Prompts: the first words of a few held-out-like snippets of the tiny corpus (Python docstrings), --prompts of
 them; or, with --prompts-file, the first --prompts conversations of a JSONL file of {"messages": [...]} in the chat
 format (a final assistant message is dropped), answered until EOS or --tokens. Reported: tokens/s of each runner (all prompts, new tokens over wall time), the ratio to the target
@@ -28,6 +32,7 @@ import time
 
 import torch
 
+from decode import SHAPES  # benchmarks/ is on sys.path when run as a script
 from llama2.cpu import cpu_banner
 
 PROMPTS = [
@@ -44,7 +49,8 @@ PROMPTS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, help="target checkpoint directory")
+    ap.add_argument("--target", required=True, help="target checkpoint directory, or a shape of decode.py "
+                                                    "(tiny, 1.1b: random weights, token-id prompts; with --draft lookup)")
     ap.add_argument("--draft", required=True, help="draft checkpoint directory (same tokenizer), or 'lookup'")
     ap.add_argument("--prompts-file", default=None, help="JSONL of chat conversations to answer instead")
     ap.add_argument("--ngram", default="3:1", help="prompt lookup: longest:shortest n-gram searched (default 3:1)")
@@ -62,8 +68,14 @@ def main() -> None:
     from llama2.tokenizer import Tokenizer
 
     print(f"CPU: {cpu_banner()}; torch {torch.__version__}, {args.threads} threads")
-    tok = Tokenizer(args.target)
-    target = load_model(args.target, "cpu", torch.float32)
+    if args.target in SHAPES:  # random weights of decode.py's shape: what one check costs against one step
+        from decode import PROMPT, Tok, hf_model, ours_sharing
+
+        tok, target = Tok(), ours_sharing(hf_model(SHAPES[args.target]))
+        PROMPTS[:] = [PROMPT[:-1] + [PROMPT[-1] + i] for i in range(len(PROMPTS))]
+    else:
+        tok = Tokenizer(args.target)
+        target = load_model(args.target, "cpu", torch.float32)
     draft = None if args.draft == "lookup" else load_model(args.draft, "cpu", torch.float32)
     n_t = sum(p.numel() for p in target.parameters())
     if args.prompts_file:
@@ -77,7 +89,7 @@ def main() -> None:
         prompts = [encode_dialog(tok, d) for d in dialogs]
         stops = [tok.eos_id]
     else:
-        prompts = [tok.encode(p, bos=True) for p in PROMPTS[:args.prompts]]
+        prompts = [p if isinstance(p, list) else tok.encode(p, bos=True) for p in PROMPTS[:args.prompts]]
         stops = []
     params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, stop_ids=stops)
     gen = Generator(target, tok, max_batch_size=1)
