@@ -19,8 +19,9 @@ measured in the same run (interleaved rounds; the median is reported). Greedy ou
 
 Prompts: the first words of a few held-out-like snippets of the tiny corpus (Python docstrings), --prompts of
 them; or, with --prompts-file, the first --prompts conversations of a JSONL file of {"messages": [...]} in the chat
-format (a final assistant message is dropped), answered until EOS or --tokens. Reported: tokens/s of each runner (all prompts, new tokens over wall time), the ratio to the target
-alone, the draft's acceptance rate and tokens per target pass. This is a script, not a test: it only checks
+format (a final assistant message is dropped), answered until EOS or --tokens. Reported: tokens/s of each runner
+(all prompts, new tokens over wall time), the ratio to the target alone, the draft's acceptance rate and tokens per
+target pass. This is a script, not a test: it only checks
 that the speculative outputs equal the target's own greedy ones.
 """
 
@@ -49,8 +50,8 @@ PROMPTS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, help="target checkpoint directory, or a shape of decode.py "
-                                                    "(tiny, 1.1b: random weights, token-id prompts; with --draft lookup)")
+    ap.add_argument("--target", required=True, help="target checkpoint directory, or a shape of decode.py (tiny, "
+                                                    "1.1b: random weights, token-id prompts; with --draft lookup)")
     ap.add_argument("--draft", required=True, help="draft checkpoint directory (same tokenizer), or 'lookup'")
     ap.add_argument("--prompts-file", default=None, help="JSONL of chat conversations to answer instead")
     ap.add_argument("--ngram", default="3:1", help="prompt lookup: longest:shortest n-gram searched (default 3:1)")
