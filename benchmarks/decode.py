@@ -156,7 +156,8 @@ class VllmWorker:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "WARNING"}
         self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "_vllm_worker.py"), str(checkpoint),
                                       "--max-seqs", str(max_seqs), "--max-len", "512", "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)  # its own process group: vLLM's children go with it
         self._read("READY")
 
     def _read(self, tag: str) -> str:
@@ -173,13 +174,20 @@ class VllmWorker:
         return json.loads(self._read("RESULT"))["tokens"]
 
     def close(self) -> None:
+        """End the worker and every process vLLM started (its engine core and workers keep GBs otherwise)."""
+        import signal
+
         if self.proc.poll() is None:
             self.proc.stdin.write("\n")
             self.proc.stdin.flush()
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 _VLLM: dict[str, VllmWorker] = {}

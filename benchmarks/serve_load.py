@@ -180,7 +180,8 @@ def start_vllm(python: Path, ckpt: Path, slots: int, threads: int) -> tuple[subp
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--served-model-name",
            "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-num-seqs", str(slots),
            "--max-model-len", "512", "--seed", "0"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)  # its own process group: stop() ends vLLM's children too
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:
@@ -331,17 +332,25 @@ def main() -> None:
             try:
                 theirs = asyncio.run(throughput(url, args.requests, args.clients, args.max_tokens, alone_too=False))
             finally:
-                stop(proc)
+                stop(proc, group=True)
             print(f"ratio ours / vLLM at {args.clients} concurrent clients: {ours / theirs:.2f}x tokens/s "
                   "(goal >= 1.0x)")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, group: bool = False) -> None:
+    """End a server; group: also every process of the group it leads (vLLM's engine core and workers)."""
+    import signal
+
     proc.terminate()
     try:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":

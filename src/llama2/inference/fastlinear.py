@@ -132,9 +132,23 @@ def with_matvec_kernel(model: nn.Module, max_rows: int = 1, packed: bool = False
     return out
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
     """model wrapped for the fp32 kernels (up to ROWS rows, LARGE_ROWS for large weights) when it is an fp32 CPU model
-    and the kernel builds; else model itself (with a warning when the kernels were asked for explicitly)."""
+    and the kernel builds; else model itself (with a warning when the kernels were asked for explicitly). oneDNN's
+    packed copies (one more copy of every linear weight, made as layers first see two or more rows) are used when
+    they take at most a third of the memory still available."""
     w = model.embed_tokens.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return model
@@ -143,4 +157,6 @@ def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
             warnings.warn("fast_fp32: the C kernel could not be built here (needs gcc and an AVX2 CPU); "
                           "using PyTorch's matmuls", stacklevel=3)
         return model
-    return with_matvec_kernel(model, ROWS, packed=True)
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
+    free = available_memory()
+    return with_matvec_kernel(model, ROWS, packed=free is None or weights <= free // 3)

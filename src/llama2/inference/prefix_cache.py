@@ -41,8 +41,10 @@ class PrefixCache:
         _, heads, _, dim = caches[0].k.shape
         like = caches[0].k
         shape = (len(caches), heads, self.blocks, block, dim)
-        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        # empty, not zeros: on the CPU the pages of blocks never stored are never touched, so a pool sized for a
+        # whole context costs memory only as it fills (a chat's history grows into it)
+        self.k = torch.empty(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.empty(shape, dtype=like.dtype, device=like.device)
         self.caches = list(caches)
         self._index: dict[tuple[int, tuple[int, ...]], int] = {}  # (id before, block's tokens) -> pool block
         self._key: list[tuple[int, tuple[int, ...]] | None] = [None] * self.blocks  # pool block -> its key
