@@ -148,7 +148,7 @@ def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
     """model wrapped for the fp32 kernels (up to ROWS rows, LARGE_ROWS for large weights) when it is an fp32 CPU model
     and the kernel builds; else model itself (with a warning when the kernels were asked for explicitly). oneDNN's
     packed copies (one more copy of every linear weight, made as layers first see two or more rows) are used when
-    they take at most a third of the memory still available."""
+    they take at most half of the memory still available."""
     w = model.embed_tokens.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return model
@@ -159,4 +159,4 @@ def fast_fp32_model(model: nn.Module, explicit: bool = False) -> nn.Module:
         return model
     weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     free = available_memory()
-    return with_matvec_kernel(model, ROWS, packed=free is None or weights <= free // 3)
+    return with_matvec_kernel(model, ROWS, packed=free is None or weights <= free // 2)
