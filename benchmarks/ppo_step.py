@@ -193,8 +193,8 @@ def run_ours(args: argparse.Namespace, data: dict, work: Path) -> dict:
 
     def recording(prompts, temperature, step):
         out = gen(prompts, temperature, step)
-        prompt_lens.extend(len(p) for p in out[0])
-        same_ids.extend(list(i) == data["ids"][data["texts"].index(p.text)] for i, p in zip(out[0], prompts))
+        prompt_lens.extend(len(p) for p in out.prompt_ids)
+        same_ids.extend(list(i) == data["ids"][data["texts"].index(p.text)] for i, p in zip(out.prompt_ids, prompts))
         return out
 
     run.generate = recording  # type: ignore[method-assign]
