@@ -82,18 +82,22 @@ def start_server(ckpt: Path, slots: int, threads: int) -> tuple[subprocess.Popen
     if not m:
         p.kill()
         raise SystemExit(f"the server did not start: {line}{p.stderr.read()}")
-    url = m.group(1)
-    deadline = time.monotonic() + 120
+    return p, wait_healthy(p, m.group(1), 120, "the server did not become healthy")
+
+
+def wait_healthy(p: subprocess.Popen, url: str, seconds: float, failure: str) -> str:
+    """url once its /health answers 200; the process killed and SystemExit(failure + its stderr) otherwise."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return p, url
+                return url
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline or p.poll() is not None:
             p.kill()
-            raise SystemExit("the server did not become healthy")
-        time.sleep(0.1)
+            raise SystemExit(f"{failure}: {p.stderr.read()[-3000:]}")
+        time.sleep(0.2)
 
 
 def rss_bytes(pid: int) -> int:
@@ -182,18 +186,7 @@ def start_vllm(python: Path, ckpt: Path, slots: int, threads: int) -> tuple[subp
            "--max-model-len", "512", "--seed", "0"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)  # its own process group: stop() ends vLLM's children too
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return p, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or p.poll() is not None:
-            p.kill()
-            raise SystemExit(f"vLLM's server did not start: {p.stderr.read()[-3000:]}")
-        time.sleep(1)
+    return p, wait_healthy(p, f"http://127.0.0.1:{port}", 600, "vLLM's server did not start")
 
 
 async def throughput(url: str, n: int, clients: int, max_tokens: int, alone_too: bool = True) -> float:

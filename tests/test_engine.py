@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import random_hf_llama
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine, Request
 from llama2.inference.generate import Generator, SamplingParams
-from helpers import TEXTS, VOCAB, ours_from_hf
+from helpers import TEXTS, greedy_pair, hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,17 +20,7 @@ GREEDY = dict(temperature=0.0, stop_ids=[])
 
 @pytest.fixture(scope="module")
 def pair():
-    hf = random_hf_llama(seed=4, vocab_size=VOCAB, num_key_value_heads=2)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return hf, ours_from_hf(hf)
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
+    return greedy_pair(seed=4)
 
 
 def hf_logits(hf, seq: list[int]) -> torch.Tensor:

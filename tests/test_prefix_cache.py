@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_hf_llama
 from llama2.errors import Llama2Error
 from llama2.inference.engine import Engine
 from llama2.inference.generate import Generator, SamplingParams
 from llama2.inference.prefix_cache import PrefixCache
 from llama2.model import KVCache
-from helpers import VOCAB, ours_from_hf
+from helpers import VOCAB, greedy_pair, hf_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,17 +21,7 @@ GREEDY = dict(temperature=0.0, stop_ids=[])
 
 @pytest.fixture(scope="module")
 def pair():
-    hf = random_hf_llama(seed=7, vocab_size=VOCAB, num_key_value_heads=2)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return hf, ours_from_hf(hf)
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
+    return greedy_pair(seed=7)
 
 
 class Positions:

@@ -92,21 +92,26 @@ def test_sampled_tokens_follow_the_target_distribution(params):
     target, draft = model(2, 0.3, vocab=6), perturbed(model(2, 0.3, vocab=6), 0.1)
     prompt = [1, 2]
     exact = exact_marginals(target, prompt, 3, params)
-    spec = SpeculativeDecoder(target, draft, k=3)
+    tv, accepted, proposed = sampled_against_exact(SpeculativeDecoder(target, draft, k=3), prompt, params, exact)
+    assert max(tv) < 0.04, tv
+    draft_alone = exact_marginals(draft, prompt, 3, params)
+    assert max(0.5 * (d - e).abs().sum().item() for d, e in zip(draft_alone, exact)) > 0.15  # the draft differs
+    assert 0 < accepted / proposed < 1
+
+
+def sampled_against_exact(spec: SpeculativeDecoder, prompt: list[int], params: SamplingParams,
+                          exact: list[torch.Tensor], n: int = 3000) -> tuple[list[float], int, int]:
+    """n seeded runs of spec: the total variation distance of each position's token counts from the exact
+    marginals, and the draft tokens accepted and proposed in all."""
     gen = torch.Generator().manual_seed(0)
-    n = 3000
-    counts = [torch.zeros(6, dtype=torch.float64) for _ in range(3)]
+    counts = [torch.zeros(len(exact[0]), dtype=torch.float64) for _ in exact]
     proposed = accepted = 0
     for _ in range(n):
         res = spec.generate(prompt, params, generator=gen)
         for pos, t in enumerate(res.tokens):
             counts[pos][t] += 1
         proposed, accepted = proposed + res.proposed, accepted + res.accepted
-    tv = [0.5 * (c / n - e).abs().sum().item() for c, e in zip(counts, exact)]
-    assert max(tv) < 0.04, tv
-    draft_alone = exact_marginals(draft, prompt, 3, params)
-    assert max(0.5 * (d - e).abs().sum().item() for d, e in zip(draft_alone, exact)) > 0.15  # the draft differs
-    assert 0 < accepted / proposed < 1
+    return [0.5 * (c / n - e).abs().sum().item() for c, e in zip(counts, exact)], accepted, proposed
 
 
 def test_a_perfect_draft_is_always_accepted_when_sampling():
@@ -142,17 +147,8 @@ def test_prompt_lookup_samples_follow_the_target_distribution(params):
     target = model(2, 0.3, vocab=6)
     prompt = [1, 2, 3, 1, 2, 4, 1, 2]  # "1 2" is followed by 3 and by 4: proposals that are sometimes wrong
     exact = exact_marginals(target, prompt, 3, params)
-    spec = SpeculativeDecoder(target, None, k=3, ngram=2)
-    gen = torch.Generator().manual_seed(0)
-    n = 3000
-    counts = [torch.zeros(6, dtype=torch.float64) for _ in range(3)]
-    proposed = accepted = 0
-    for _ in range(n):
-        res = spec.generate(prompt, params, generator=gen)
-        for pos, t in enumerate(res.tokens):
-            counts[pos][t] += 1
-        proposed, accepted = proposed + res.proposed, accepted + res.accepted
-    tv = [0.5 * (c / n - e).abs().sum().item() for c, e in zip(counts, exact)]
+    tv, accepted, proposed = sampled_against_exact(SpeculativeDecoder(target, None, k=3, ngram=2), prompt, params,
+                                                   exact)
     assert max(tv) < 0.04, tv
     assert 0 < accepted / proposed < 1
 
