@@ -391,13 +391,17 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert re.search(r"top[-_]p", capsys.readouterr().err)
 
 
-def test_int8_kernel_matches_q8_0_arithmetic():
-    """The C kernel against the q8_0 arithmetic written out in float64: int8 weight and activation blocks of
-    32, exact integer block sums, scaled by the two block scales."""
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_kernel_matches_q8_0_arithmetic(vnni: bool):
+    """The C kernel (its AVX2 dot products, and its AVX-512 VNNI ones) against the q8_0 arithmetic written out in
+    float64: int8 weight and activation blocks of 32, exact integer block sums, scaled by the two block scales."""
     from llama2.inference import cpu_kernels
 
     if not cpu_kernels.available():
         pytest.skip("no C compiler or no AVX2/FMA/F16C on this machine")
+    if vnni and not cpu_kernels.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (avx512_vnni and avx512vl)")
+    lib = cpu_kernels.build(vnni=vnni)
     g = torch.Generator().manual_seed(0)
     for N, K, M in [(37, 64, 1), (50, 288, 3), (9, 2048, 16)]:  # K/32 with and without a multiple of 8 blocks
         w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
@@ -410,7 +414,7 @@ def test_int8_kernel_matches_q8_0_arithmetic():
         wq = q.reshape(N, K // 32, 32).double()
         block_sums = torch.einsum("mbi,nbi->mnb", xq.double(), wq)
         want = (block_sums * xd.double()[:, None, :] * scale.double()[None]).sum(-1)
-        got = cpu_kernels.q8_matmul(x.contiguous(), q, scale)
+        got = cpu_kernels.q8_matmul(x.contiguous(), q, scale, lib)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
