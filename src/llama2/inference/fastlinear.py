@@ -6,12 +6,13 @@ more threads; `cpu_kernels.f32_matvec` reads them at about the bandwidth of a pl
 over threads. The result is the same fp32 dot products summed in another order (differences at fp32
 rounding). `with_matvec_kernel(model)` returns a copy of the model whose nn.Linear layers are `MatvecLinear`,
 sharing every parameter with the original (no copy, in-place updates stay visible). One row goes through the
-kernel; with `max_rows` (the Generator uses ROWS = 8, and LARGE_ROWS = 32 for large weights) up to that many
-rows (a short prompt, a few requests decoded together, a speculative check) go through `cpu_kernels.f32_rows`,
-which reads each weight once for all rows (MKL's sgemm reads fp32 weights at a half to a third of the bandwidth
-there) and, from four rows on, multiplies them in register tiles. Inside a torch.compile'd decode
-step the kernels are called as the custom operator llama2::f32_rows. More rows, other dtypes or devices, and
-anything needing gradients go through F.linear as before.
+kernel. With `packed` (the Generator's choice when memory allows), two or more rows (a prompt, requests decoded
+together, a speculative check) go through oneDNN's linear on a prepacked copy of the weight, 2-3x the sgemm
+behind F.linear on the AMD CPUs measured. Without it, up to `max_rows` rows (the Generator uses ROWS = 8, and
+LARGE_ROWS = 32 for large weights) go through `cpu_kernels.f32_rows`, which reads each weight once for all rows
+and, from four rows on, multiplies them in register tiles. Inside a torch.compile'd decode step the kernels are
+called as the custom operator llama2::f32_rows. More rows, other dtypes or devices, and anything needing
+gradients go through F.linear as before.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class MatvecLinear(nn.Module):
                 f"{self.max_kernel_rows} rows{', oneDNN packed from 2 rows' if self.packed else ''}")
 
 
-ROWS = 8  # the generator's kernel rows: beyond this MKL's sgemm is as fast (measured on the 2-core box)
+ROWS = 8  # the generator's row-kernel rows (without packed weights): beyond this MKL's sgemm is as fast
 # ... except for large weights (>= 1M elements: the LM head, the layers of a 1B model), where MKL's sgemm stays
 # slower than the tiled kernel up to 32 rows (2048 x 2048 at 16 rows: 1.4 against 0.8 ms; 32000 x 256: 4.2 against
 # 1.8 ms; at 32 rows 2.0 against 1.7 ms)

@@ -144,16 +144,17 @@ class SpeculativeDecoder:
                 if not greedy:
                     vocab = self.target.config.vocab_size
                     qs = [torch.nn.functional.one_hot(torch.tensor(d), vocab).float().to(dev) for d in drafts]
-            for _ in range(n_draft if self.draft is not None else 0):
-                ctx = seq + drafts
-                logits = step(self.draft, d_cache, d_len, ctx[d_len:])[-1]
-                d_len = len(ctx)
-                if greedy:
-                    drafts.append(int(logits.argmax()))
-                else:
-                    q = distribution(logits, params)
-                    qs.append(q)
-                    drafts.append(draw(q))
+            else:
+                for _ in range(n_draft):
+                    ctx = seq + drafts
+                    logits = step(self.draft, d_cache, d_len, ctx[d_len:])[-1]
+                    d_len = len(ctx)
+                    if greedy:
+                        drafts.append(int(logits.argmax()))
+                    else:
+                        q = distribution(logits, params)
+                        qs.append(q)
+                        drafts.append(draw(q))
             logits = step(self.target, t_cache, t_len, seq[t_len:] + drafts)[-(n_draft + 1):]
             calls += 1
             proposed += n_draft
