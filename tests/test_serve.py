@@ -449,6 +449,17 @@ def test_errors_in_openai_shape(server):
     assert httpx.get(server.url + "/health").status_code == 200  # open, as the page is
 
 
+def test_oversized_headers_get_431_and_the_server_goes_on(server):
+    """A 200 KB header: one 431 the client reads (not a reset connection while it is still sending), a malformed
+    request line stays a 400, and the next request is served."""
+    r = httpx.get(server.url + "/health", headers={"X-Padding": "a" * 200_000}, timeout=30)
+    assert r.status_code == 431 and "exceed 32 KiB" in r.text
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(b"NOT A REQUEST\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.1 400")
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
 def test_an_unexpected_error_is_a_counted_500(server, monkeypatch):
     """A bug in the server answers 500 in OpenAI's shape (no traceback to the client) and /metrics counts it."""
     def broken(*args, **kwargs):

@@ -71,11 +71,53 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+MAX_HEADER_BYTES = 32 * 1024  # the request line and headers together; more is answered 431
+
+
+def _http_protocol():
+    """uvicorn's h11 protocol, except that a request line and headers over MAX_HEADER_BYTES get 431 (not 400), and
+    that a connection it refuses is closed only after the client has finished sending: the response goes out, the
+    write side is shut, and what still arrives is read and dropped for up to LINGER seconds. Closing at once, with
+    the client's bytes still unread, resets the connection before the client reads the answer."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderLimitedH11(H11Protocol):
+        LINGER = 2.0
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._refused = False
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:  # the answer is out: drop the rest of the request
+                return
+            super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            buffered = len(self.conn.trailing_data[0])
+            status = 431 if buffered > MAX_HEADER_BYTES else 400
+            if status == 431:
+                msg = (f"the request line and headers exceed {MAX_HEADER_BYTES // 1024} KiB; send smaller headers "
+                       "(put large values in the body)")
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=msg.encode()),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self._refused = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(self.LINGER, self.transport.close)
+
+    return HeaderLimitedH11
+
+
 def _uvicorn(app, log_level: str):
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=_http_protocol(),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return uvicorn.Server(config)
 
 
