@@ -118,13 +118,6 @@ class PrefixCache:
         if chain:
             self._touch(chain)
 
-    def clear(self) -> None:
-        """Forget every stored prefix (the pool stays allocated)."""
-        self._index.clear()
-        self._used.clear()
-        self._key = [None] * self.blocks
-        self._free = list(range(self.blocks - 1, -1, -1))
-
     def _touch(self, chain: list[int]) -> None:
         for at in reversed(chain):  # deepest first: the chain's first blocks end up most recently used
             self._used[at] = None
