@@ -152,10 +152,12 @@ def cpp_gguf_files(hf, name: str, kinds: list[str], quiet: bool) -> dict[str, Pa
 class VllmWorker:
     """vLLM's LLM in its own Python, over a pipe (benchmarks/_vllm_worker.py): generate(prompts, n) -> token lists."""
 
-    def __init__(self, python: Path, checkpoint: Path, max_seqs: int, threads: int) -> None:
+    def __init__(self, python: Path, checkpoint: Path, max_seqs: int, threads: int,
+                 extra: tuple[str, ...] = ()) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_LOGGING_LEVEL": "WARNING"}
         self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "_vllm_worker.py"), str(checkpoint),
-                                      "--max-seqs", str(max_seqs), "--max-len", "512", "--threads", str(threads)],
+                                      "--max-seqs", str(max_seqs), "--max-len", "512", "--threads", str(threads),
+                                      *extra],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)  # its own process group: vLLM's children go with it
         self._read("READY")
@@ -166,10 +168,12 @@ class VllmWorker:
                 return line[len(tag):].strip()
         raise RuntimeError(f"the vLLM worker ended before {tag} (exit code {self.proc.wait()})")
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_tokens: int, adapters: list[str | None] | None = None
+                 ) -> list[list[int]]:
         import json
 
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        req = {"prompts": prompts, "max_tokens": max_tokens, "adapters": adapters}
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return json.loads(self._read("RESULT"))["tokens"]
 

@@ -86,7 +86,7 @@ def read_adapter_config(path: Path) -> tuple[LoRAConfig, str]:
     if d.get("peft_type") != "LORA":
         raise Llama2Error(f"{where}: peft_type {d.get('peft_type')!r} is not supported; only LoRA adapters "
                           "(peft_type LORA) are read")
-    task = d.get("task_type")
+    task = d.get("task_type") or "CAUSAL_LM"  # PEFT writes null when its LoraConfig named no task: a plain model
     if task not in KIND_OF_TASK:
         raise Llama2Error(f"{where}: task_type {task!r} is not supported; use CAUSAL_LM (a causal LM) or SEQ_CLS "
                           "(a one-label sequence classifier)")
@@ -133,6 +133,13 @@ def _adapter_tensors(path: Path) -> dict[str, TensorInfo]:
                               f"({PEFT_PREFIX}...); this is not a PEFT LoRA adapter")
         out[name] = info
     return out
+
+
+def read_adapter_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of an adapter directory's weights file, by our parameter names (as saved: no dtype change)."""
+    tensors = _adapter_tensors(path)
+    with open(path / ADAPTER_WEIGHTS, "rb", buffering=0) as f:
+        return {name: read_tensor(f, info) for name, info in tensors.items()}
 
 
 def base_dir(path: Path, config: LoRAConfig, base: Path | str | None) -> Path:

@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-cache", type=int, default=None, metavar="POSITIONS",
                    help="keys and values of prompt prefixes kept across requests (a shared system prompt, a chat's "
                         "earlier turns), in positions (default: one context's worth; 0: none)")
+    p.add_argument("--lora", "--lora-modules", action="append", nargs="+", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter (PEFT layout; a LoRA run stands for its latest checkpoint) beside the "
+                        "model: "
+                        "requests whose model is NAME run with it, in the same batches as the others; repeat for "
+                        "more (vLLM's --lora-modules form is accepted too)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     add_sampling_args(p, max_new_tokens=256)
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise Llama2Error(f"--max-request-bytes must be >= 1024, got {args.max_request_bytes}")
     if base.max_new_tokens < 1:
         raise Llama2Error("--max-new-tokens must be >= 1 for a server")
+    adapters = adapter_options(args.lora)
     ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir():
         raise Llama2Error(f"checkpoint directory {ckpt} does not exist; check the path")
@@ -95,13 +101,38 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
                            context=args.context, quantize=None if args.quantize == "none" else args.quantize,
                            compile=args.compile, prefix_cache=args.prefix_cache, api_key=api_key,
-                           max_request_bytes=args.max_request_bytes,
+                           max_request_bytes=args.max_request_bytes, adapters=adapters,
                            defaults=Defaults(base.temperature, base.top_p, base.top_k, base.max_new_tokens))
     app = build_app(model, tokenizer, options)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"llama2 serve: model {name!r} on http://{shown}:{port} (chat page at /, OpenAI API at /v1, "
+    also = f", adapters {', '.join(repr(a) for a in adapters)}" if adapters else ""
+    print(f"llama2 serve: model {name!r}{also} on http://{shown}:{port} (chat page at /, OpenAI API at /v1, "
           f"{args.max_batch} slots{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr,
           flush=True)
     srv._uvicorn(app, args.log_level).run(sockets=[sock])
     return 0
+
+
+def adapter_options(values: list[list[str]]) -> dict:
+    """--lora NAME=PATH ... as {name: Path}; a malformed item, a repeated name or a path that is not an adapter
+    directory is an error."""
+    from pathlib import Path
+
+    from ..errors import Llama2Error
+    from ..paths import resolve_checkpoint
+
+    out: dict[str, Path] = {}
+    for item in (v for group in values for v in group):
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise Llama2Error(f"--lora takes NAME=PATH (an adapter directory), got {item!r}")
+        if name in out:
+            raise Llama2Error(f"--lora names {name!r} twice; give each adapter its own name")
+        where = resolve_checkpoint(Path(path).expanduser())  # a LoRA run stands for its latest checkpoint
+        if not (where / "adapter_config.json").is_file():
+            raise Llama2Error(f"--lora {name}: {where} is not a LoRA adapter directory (no adapter_config.json); "
+                              "give a LoRA run, or a checkpoint it saved")
+        out[name] = where
+    return out

@@ -35,6 +35,7 @@ from its loop; `Generator.generate`/`stream` are thin loops over it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from ..model import KVCache
 from ..tokenizer import TokenizerLike, decode_after, encode_continuation
 from ..tools import ToolCall
 from ..tools.format import CALL_CLOSE, CALL_OPEN, last_call_block, parse_call_block, results_text
+from .adapters import AdapterBank
 from .grammar import Constrainer
 from .prefix_cache import PrefixCache
 from .sampling import Completion, FinishReason, SamplingParams, sample_rows
@@ -249,6 +251,7 @@ class _Active:
         self._call_prefix = ""  # a call block the prompt opened and left unclosed (a prefilled call), if any
         self._call_searched = 0  # how much of _call_prefix + gen_text() was searched for a call's end
         self._call_end = 0  # where the last call found ends in it
+        self.adapter = 0  # the LoRA adapter's id in the engine's AdapterBank (0: the base model)
         if params.tools is not None:
             head = tokenizer.decode(list(prompt[-TOOL_CONTEXT:]))
             start = head.rfind(CALL_OPEN)
@@ -443,6 +446,10 @@ class Engine:
     of 16: a prompt that begins with a stored prefix (a system prompt, an earlier turn and its answer) copies it
     and prefills only the rest. Prompts are stored as they are prefilled, and prompt plus answer when a request
     ends.
+
+    adapters: an AdapterBank (adapters.py) whose `model` is `model`: each request runs with the LoRA adapter its
+    SamplingParams.adapter names, rows of different adapters in the same forwards (sharing and the prefix cache
+    keep each adapter's keys and values apart). Not with compile.
     """
 
     # requests joining at one step are prefilled together in groups of similar prompt lengths (right-padded):
@@ -453,14 +460,20 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike, *, max_slots: int = 8,
                  max_len: int | None = None, compile: bool | str | Callable = False,
-                 prefill_chunk: int | None = None, prefix_cache: int = 0, share_prompts: bool = True) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: int = 0, share_prompts: bool = True,
+                 adapters: AdapterBank | None = None) -> None:
         limit = 2 * model.config.max_seq_len  # the rotary table's length
+        if adapters is not None and adapters.model is not model:
+            raise Llama2Error("the engine's model must be its AdapterBank's model (bank.model)")
+        if adapters is not None and compile is not False:
+            raise Llama2Error("LoRA adapters and compile cannot be combined; serve adapters without --compile")
         if isinstance(max_slots, bool) or not isinstance(max_slots, int) or max_slots < 1:
             raise Llama2Error(f"max_slots must be an integer >= 1, got {max_slots!r}")
         if max_len is not None and not 0 < max_len <= limit:
             raise Llama2Error(f"max_len must be in 1..{limit} for this model, got {max_len}")
         self.prefill_chunk = check_decoding_options(prefill_chunk, compile)
         self.model = model
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self._constrainer = Constrainer(tokenizer, model.config.vocab_size)
         self.max_slots = max_slots
@@ -608,6 +621,10 @@ class Engine:
         else:
             gen.seed()
         active = _Active(ids, params, self.tokenizer, stop_ids, gen, stream)
+        if params.adapter is not None:
+            if self.adapters is None:
+                raise Llama2Error(f"adapter {params.adapter!r} asked for, but this engine has no LoRA adapters loaded")
+            active.adapter = self.adapters.id(params.adapter)
         if params.grammar is not None:
             active.matcher = self._constrainer.matcher(params.grammar)
         return active
@@ -640,7 +657,7 @@ class Engine:
         """Free r's slot and cache row. The row becomes a hole: a request added before the next step takes it
         (no copy); otherwise the next step packs the rows (see _pack)."""
         if self.prefix_cache is not None and r.length:  # its prompt and answer, for a later turn that repeats them
-            self.prefix_cache.store((r.prompt + r.tokens)[:r.length], r.row, r.length)
+            self.prefix_cache.store((r.prompt + r.tokens)[:r.length], r.row, r.length, r.adapter)
         self._slots[r.slot] = None
         self._rows[r.row] = None
         while self._rows and self._rows[-1] is None:
@@ -710,7 +727,7 @@ class Engine:
                 rows += group
                 if self.prefix_cache is not None:
                     for g in group:
-                        self.prefix_cache.store(g.prompt, g.row, g.length)
+                        self.prefix_cache.store(g.prompt, g.row, g.length, g.adapter)
             group, tokens = ([r], len(r.prompt)) if r is not None else ([], 0)
         if copies:
             self._copy_prompts(copies, rows, logits)
@@ -724,7 +741,7 @@ class Engine:
         first: dict[tuple[int, ...], _Active] = {}
         copies = []
         for r in plain:
-            key = tuple(r.prompt)
+            key = (r.adapter, *r.prompt)  # an adapter's keys and values are its own
             if key in first:
                 copies.append((r, first[key]))
             else:
@@ -751,7 +768,7 @@ class Engine:
         cache = self.prefix_cache
         hit: list[_Active] = []
         for r in plain:
-            chain = cache.lookup(r.prompt, len(r.prompt) - 1)  # at least one position left to compute
+            chain = cache.lookup(r.prompt, len(r.prompt) - 1, r.adapter)  # at least one position left to compute
             if chain:
                 r.length = cache.load(chain, r.row)
                 r.extension = r.prompt[r.length:]
@@ -761,8 +778,14 @@ class Engine:
         logits.append(self._prefill_extensions(hit))
         rows += hit
         for r in hit:
-            cache.store(r.prompt, r.row, r.length)
+            cache.store(r.prompt, r.row, r.length, r.adapter)
         return [r for r in plain if r not in hit]
+
+    def _routed(self, rows: Sequence[_Active | None]) -> contextlib.AbstractContextManager:
+        """The forwards within compute row i with rows[i]'s LoRA adapter (None: an empty row, the base)."""
+        if self.adapters is None or not self.adapters.names:
+            return contextlib.nullcontext()
+        return self.adapters.routed([0 if r is None else r.adapter for r in rows])
 
     def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
         """Positions start..end-1 in pieces of at most prefill_chunk."""
@@ -776,15 +799,17 @@ class Engine:
             r = group[0]
             views = [_PrefillView(c, r.row) for c in self.cache]
             toks = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
-            for s, e in self._chunks(0, toks.shape[1]):
-                out = self.model(toks[:, s:e], s, views, output="last")
+            with self._routed(group):
+                for s, e in self._chunks(0, toks.shape[1]):
+                    out = self.model(toks[:, s:e], s, views, output="last")
         else:  # only groups within prefill_chunk positions (see _prefill)
             T = max(len(r.prompt) for r in group)
             toks = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in group], dtype=torch.long,
                                 device=self.device)
             meta = torch.tensor([[r.row for r in group], [len(r.prompt) - 1 for r in group]], device=self.device)
             views = [_BatchPrefillView(c, meta[0]) for c in self.cache]
-            out = self.model(toks, 0, views, output="last", index=meta[1])
+            with self._routed(group):
+                out = self.model(toks, 0, views, output="last", index=meta[1])
         for r in group:
             r.length, r.prefilled = len(r.prompt), True
         return out
@@ -810,8 +835,9 @@ class Engine:
                                 device=self.device)
             last = torch.tensor([len(r.extension) - 1 for r in together], device=self.device)
             views = [_ExtensionView(c, rows, index, length) for c in self.cache]
-            logits = self.model(toks, starts, views, positions=positions, mask=mask[:, None], output="last",
-                                index=last)
+            with self._routed(together):
+                logits = self.model(toks, starts, views, positions=positions, mask=mask[:, None], output="last",
+                                    index=last)
             for i, r in enumerate(together):
                 out[id(r)] = logits[i:i + 1]
         for r in group:
@@ -819,8 +845,9 @@ class Engine:
                 views = [_PrefillView(c, r.row) for c in self.cache]
                 toks = torch.tensor([r.extension], dtype=torch.long, device=self.device)
                 base = r.length
-                for s, e in self._chunks(base, base + toks.shape[1]):
-                    out[id(r)] = self.model(toks[:, s - base:e - base], s, views, output="last")
+                with self._routed([r]):
+                    for s, e in self._chunks(base, base + toks.shape[1]):
+                        out[id(r)] = self.model(toks[:, s - base:e - base], s, views, output="last")
         for r in group:
             r.length, r.prefilled, r.extension = r.length + len(r.extension), True, None
         return torch.cat([out[id(r)] for r in group])
@@ -860,16 +887,17 @@ class Engine:
         r.prompt_logprobs = [0.0]
         r.prompt_top = [[]]
         k = r.params.top_logprobs
-        for s, e in self._chunks(0, T - 1):
-            if k:
-                h = self.model(toks[:, s:e], s, views, output="hidden")
-                lp, values, ids = target_logprobs_and_top(h, self.model.lm_head, toks[:, s + 1:e + 1], k)
-                r.prompt_top += [list(zip(i, v)) for i, v in zip(ids[0].tolist(), values[0].tolist())]
-            else:
-                lp = self.model(toks[:, s:e], s, views, targets=toks[:, s + 1:e + 1], output="logprobs")
-            r.prompt_logprobs += lp[0].tolist()
-        if r.params.max_new_tokens > 0:
-            out = self.model(toks[:, -1:], T - 1, views, output="last")
+        with self._routed([r]):
+            for s, e in self._chunks(0, T - 1):
+                if k:
+                    h = self.model(toks[:, s:e], s, views, output="hidden")
+                    lp, values, ids = target_logprobs_and_top(h, self.model.lm_head, toks[:, s + 1:e + 1], k)
+                    r.prompt_top += [list(zip(i, v)) for i, v in zip(ids[0].tolist(), values[0].tolist())]
+                else:
+                    lp = self.model(toks[:, s:e], s, views, targets=toks[:, s + 1:e + 1], output="logprobs")
+                r.prompt_logprobs += lp[0].tolist()
+            if r.params.max_new_tokens > 0:
+                out = self.model(toks[:, -1:], T - 1, views, output="last")
         r.length, r.prefilled = T, True
         if out is None:
             r.finish = "length"
@@ -910,21 +938,22 @@ class Engine:
             views = self._views.get(n)
             if views is None:  # one set of views per row count, reused; the step state says what changes
                 views = self._views[n] = [_DecodeView(c, n, self._state) for c in self.cache]
-            state = self._state
-            state.length = length
-            if uniform:
-                # every row at the same position (one request, say): no mask, one rotary slice, slice writes
-                state.index = None
-                logits = self.model(tokens, length - 1, views, output="last")
-            else:
-                base = self._head_base.get(n)
-                if base is None:
-                    base = self._head_base[n] = (torch.arange(n * self._heads, device=self.device)
-                                                 * self.max_len).view(n, self._heads)
-                state.index = (base + positions[:, None]).view(-1)
-                # an additive mask, made once for every layer: 0 where row i may attend (key <= its position)
-                mask = torch.where(self._key_pos[:length] <= positions[:, None], self._zero, self._neg_inf)
-                logits = _decode_forward(self.model, tokens, positions, mask[:, None, None, :], views)
+            with self._routed(rows if n == len(rows) else self._rows[:n]):
+                state = self._state
+                state.length = length
+                if uniform:
+                    # every row at the same position (one request, say): no mask, one rotary slice, slice writes
+                    state.index = None
+                    logits = self.model(tokens, length - 1, views, output="last")
+                else:
+                    base = self._head_base.get(n)
+                    if base is None:
+                        base = self._head_base[n] = (torch.arange(n * self._heads, device=self.device)
+                                                     * self.max_len).view(n, self._heads)
+                    state.index = (base + positions[:, None]).view(-1)
+                    # an additive mask, made once for every layer: 0 where row i may attend (key <= its position)
+                    mask = torch.where(self._key_pos[:length] <= positions[:, None], self._zero, self._neg_inf)
+                    logits = _decode_forward(self.model, tokens, positions, mask[:, None, None, :], views)
         for r in rows:
             r.length += 1
             r.pending = None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from ..model import Transformer
 from ..tokenizer import TokenizerLike
 from . import cpu_kernels
 from . import quantize as quantization  # not `quantize`: Generator's argument of that name
+from .adapters import AdapterBank
 from .engine import Engine, Event, Request, check_decoding_options
 from .fastlinear import fast_fp32_model
 from .sampling import Completion, SamplingParams, sample, sample_rows, top_k_filter, top_p_filter
@@ -50,12 +52,16 @@ class Generator:
     cpu_kernels.py (fastlinear.py), exact fp32 summed in another order; more rows use the normal matmul. The
     model is wrapped in a copy sharing its parameters, not changed. prefix_cache: positions of keys and values
     the engine keeps across calls (0: none; see Engine), so a chat's next turn computes only what is new. An
-    FSDP2-sharded model is used as it is (no quantize, no kernel): see `gathered_for_generation`. A Generator serves one call at a time (it owns one engine).
+    FSDP2-sharded model is used as it is (no quantize, no kernel): see `gathered_for_generation`. adapters: LoRA
+    adapters by name ({name: PEFT adapter directory}; an empty dict: none yet, `self.adapters.load` adds them),
+    served beside the base in the same batches: a request picks one with SamplingParams.adapter (see adapters.py).
+    A Generator serves one call at a time (it owns one engine).
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike, *, max_batch_size: int = 8,
                  cache_len: int | None = None, quantize: str | None = None, compile: bool | str | Callable = False,
-                 fast_fp32: bool | None = None, prefill_chunk: int | None = None, prefix_cache: int = 0) -> None:
+                 fast_fp32: bool | None = None, prefill_chunk: int | None = None, prefix_cache: int = 0,
+                 adapters: Mapping[str, str | Path] | None = None) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise Llama2Error(f"max_batch_size must be >= 1, got {max_batch_size}")
         limit = 2 * model.config.max_seq_len  # the rotary table's length
@@ -74,6 +80,16 @@ class Generator:
             model = quantization.quantize_int8(model)  # through the module: tests patch quantize_int8
         elif fast_fp32 is not False and not sharded:
             model = fast_fp32_model(model, explicit=fast_fp32 is True)
+        self.adapters: AdapterBank | None = None
+        if adapters is not None:
+            if sharded:
+                raise Llama2Error("LoRA adapters are served over a plain model, not an FSDP-sharded one")
+            if compile is not False:
+                raise Llama2Error("LoRA adapters and compile cannot be combined; leave compile off")
+            self.adapters = AdapterBank(model)
+            for name, path in adapters.items():
+                self.adapters.load(name, path)
+            model = self.adapters.model
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -103,7 +119,7 @@ class Generator:
             self._engine = None  # free the old cache first
             self._engine = e = Engine(self.model, self.tokenizer, max_slots=want, max_len=self.context,
                                       compile=self.compile, prefill_chunk=self.prefill_chunk,
-                                      prefix_cache=self.prefix_cache)
+                                      prefix_cache=self.prefix_cache, adapters=self.adapters)
         for slot in e.active:
             e.cancel(slot)
         return e

@@ -6,6 +6,10 @@ ids), so a block matches only where every token before it matched too, and match
 themselves (no hash can collide). Each stored block gets a fresh id, so the children of an evicted block are
 never found again; they are evicted in turn.
 
+Keys and values computed with a LoRA adapter are kept apart from the base model's: lookup and store take a
+`space` (the adapter's id, 0 for the base), and a chain's first block hangs from -space, so blocks of different
+spaces never match.
+
 `lookup(ids, limit)` returns the longest chain of stored blocks that begins `ids` and covers at most `limit`
 positions; `load` copies them into an engine's cache row; `store` copies a row's full blocks in (those already
 stored are only marked used). Eviction is least recently used, and a lookup marks a chain's blocks used deepest
@@ -58,11 +62,11 @@ class PrefixCache:
     def stored_blocks(self) -> int:
         return len(self._used)
 
-    def lookup(self, ids: Sequence[int], limit: int) -> list[int]:
+    def lookup(self, ids: Sequence[int], limit: int, space: int = 0) -> list[int]:
         """The pool blocks holding the longest stored prefix of ids that is at most `limit` positions long."""
         B = self.block
         chain: list[int] = []
-        parent = 0
+        parent = -space
         for start in range(0, min(limit, len(ids)) - B + 1, B):
             at = self._index.get((parent, tuple(ids[start:start + B])))
             if at is None:
@@ -86,14 +90,14 @@ class PrefixCache:
             c.v[row, :, :n] = self.v[layer][:, at].reshape(heads, n, dim)
         return n
 
-    def store(self, ids: Sequence[int], row: int, length: int) -> None:
+    def store(self, ids: Sequence[int], row: int, length: int, space: int = 0) -> None:
         """Keep the full blocks of positions 0..length-1 of `row`, which hold the keys and values of ids[:length].
         Blocks already stored are marked used; new ones take free pool blocks or evict the least recently used
         (never one of this chain's)."""
         B = self.block
         chain: list[int] = []
         new: list[tuple[int, int]] = []  # (pool block, first position)
-        parent = 0
+        parent = -space
         for start in range(0, min(length, len(ids)) - B + 1, B):
             key = (parent, tuple(ids[start:start + B]))
             at = self._index.get(key)

@@ -37,7 +37,9 @@ class SamplingParams:
     the presence penalty once it was generated and the frequency penalty times how often (the prompt does not
     count); both change the distribution that is sampled and scored. tools: the engine runs the calls the model
     writes (`<call>...</call>`, llama2.tools.format) with this Toolbox and appends their results to the request,
-    which goes on in its slot; the appended tokens count towards max_new_tokens.
+    which goes on in its slot; the appended tokens count towards max_new_tokens. adapter: the name of a LoRA adapter
+    loaded into the engine (`Generator(adapters=...)`, llama2.inference.adapters) that this request runs with
+    (None: the base model).
     """
 
     temperature: float = 0.6
@@ -56,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     tools: Toolbox | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +108,8 @@ class SamplingParams:
             raise Llama2Error(f"sampling: stop_ids must be non-negative token ids, got {self.stop_ids!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise Llama2Error(f"sampling: seed must be an integer or None, got {self.seed!r}")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            raise Llama2Error(f"sampling: adapter must be an adapter's name or None, got {self.adapter!r}")
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

@@ -233,7 +233,7 @@ class Api:
         """POST /v1/chat/completions."""
         self.authorize(request)
         job = parse_chat(await self.read_json(request), self.tokenizer, served=self.model_name,
-                         context=self.context, defaults=self.defaults)
+                         context=self.context, defaults=self.defaults, adapters=self.adapter_names)
 
         def choice(i: int, c: Any) -> dict:
             lp = chat_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, c.top_logprobs) if job.logprobs else None
@@ -250,7 +250,7 @@ class Api:
         """POST /v1/completions."""
         self.authorize(request)
         job = parse_completion(await self.read_json(request), self.tokenizer, served=self.model_name,
-                               context=self.context, defaults=self.defaults)
+                               context=self.context, defaults=self.defaults, adapters=self.adapter_names)
 
         def choice(i: int, c: Any) -> dict:
             lp = (completion_logprobs(self.tokenizer, c.tokens, c.raw_logprobs, echo=job.echo, top=c.top_logprobs,
@@ -292,16 +292,18 @@ class Api:
         return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
 
     async def models(self, request: Request) -> Response:
-        """GET /v1/models: the one served model."""
+        """GET /v1/models: the served model, then its LoRA adapters (each with `parent`: the base, as vLLM lists
+        them)."""
         self.authorize(request)
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in
+                                                        [self.model_name, *sorted(self.adapter_names)]]})
 
     async def model(self, name: str, request: Request) -> Response:
         """GET /v1/models/{name}: 404 for any other name."""
         self.authorize(request)
-        if name != self.model_name:
+        if name != self.model_name and name not in self.adapter_names:
             raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-        return JSONResponse(self.model_card())
+        return JSONResponse(self.model_card(name))
 
     async def health(self) -> Response:
         """GET /health (no key needed): 200 while the worker runs, else 503."""
@@ -323,9 +325,17 @@ class Api:
         """GET /: the chat page."""
         return HTMLResponse(chat_page(), headers={"Cache-Control": "no-cache"})
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "llama2",
+    @property
+    def adapter_names(self) -> list[str]:
+        bank = self.worker.engine.adapters
+        return list(bank.names) if bank is not None else []
+
+    def model_card(self, name: str) -> dict:
+        card = {"id": name, "object": "model", "created": self.started, "owned_by": "llama2",
                 "max_model_len": self.context}
+        if name != self.model_name:  # an adapter
+            card.update(root=str(self.worker.engine.adapters.paths[name]), parent=self.model_name)
+        return card
 
 
 # -- errors in OpenAI's shape --------------------------------------------------------------------------------

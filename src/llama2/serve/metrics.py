@@ -86,7 +86,8 @@ class Metrics:
             metric("llama2_prefix_cache_hits_total", "counter", "Prompts that found a stored prefix.",
                    [("", prefix_cache.hits)])
             metric("llama2_prefix_cache_hit_tokens_total", "counter",
-                   "Prompt positions copied from the prefix cache instead of computed.", [("", prefix_cache.hit_positions)])
+                   "Prompt positions copied from the prefix cache instead of computed.",
+                   [("", prefix_cache.hit_positions)])
             metric("llama2_prefix_cache_blocks", "gauge", "Blocks of 16 positions stored / the most it holds.",
                    [('{state="stored"}', prefix_cache.stored_blocks), ('{state="capacity"}', prefix_cache.blocks)])
         return "\n".join(out) + "\n"

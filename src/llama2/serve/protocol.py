@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,16 +258,20 @@ def tool_answer(text: str, use: ToolUse | None) -> tuple[str | None, list[dict] 
          "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
 
 
-def _model(body: dict, served: str) -> str:
+def _model(body: dict, served: str, adapters: Collection[str]) -> tuple[str, str | None]:
+    """The model a request names and the LoRA adapter it runs with (None: the base; omitted: the base)."""
     name = body.get("model")
     if name is None:
-        return served
+        return served, None
     if not isinstance(name, str):
         raise bad(f"model must be a string, got {name!r}", "model")
-    if name != served:
-        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'", param="model",
-                       code="model_not_found")
-    return name
+    if name == served:
+        return name, None
+    if name in adapters:
+        return name, name
+    also = f" and the adapters {', '.join(repr(a) for a in sorted(adapters))}" if adapters else ""
+    raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'{also}", param="model",
+                   code="model_not_found")
 
 
 def _content(m: dict, i: int) -> Any:
@@ -340,11 +345,12 @@ def _expand(prompts: list[list[int]], base: dict, budgets: list[int], n: int) ->
 # --------------------------------------------------------------------------------------------- the requests
 
 
-def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
+def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults,
+               adapters: Collection[str] = ()) -> Job:
     """A /v1/chat/completions body as a Job (prompt in the Llama 2 chat format)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    model = _model(body, served)
+    model, adapter = _model(body, served, adapters)
     _refuse_unsupported(body, chat=True)
     use = _tool_use(body)
     messages = body.get("messages")
@@ -381,17 +387,18 @@ def parse_chat(body: Any, tokenizer, *, served: str, context: int, defaults: Def
         base["stop"] = base["stop"] + [CALL_CLOSE]  # a call ends the answer: the client runs the tools
         if use.choice != "auto":
             grammar = call_grammar(use)
-    base.update(logprobs=logprobs, top_logprobs=top, grammar=grammar)
+    base.update(logprobs=logprobs, top_logprobs=top, grammar=grammar, adapter=adapter)
     stream, usage = _stream_flags(body)
     return Job("chat", model, [ids], _expand([ids], base, [budget], n), n, stream, usage, logprobs,
                top_logprobs=top, tools=use)
 
 
-def parse_completion(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults) -> Job:
+def parse_completion(body: Any, tokenizer, *, served: str, context: int, defaults: Defaults,
+               adapters: Collection[str] = ()) -> Job:
     """A /v1/completions body as a Job (text prompts are encoded with BOS)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    model = _model(body, served)
+    model, adapter = _model(body, served, adapters)
     _refuse_unsupported(body)
     prompts = _prompts(body.get("prompt"), tokenizer)
     n = _integer(body, "n", 1, MAX_N, 1)
@@ -404,7 +411,7 @@ def parse_completion(body: Any, tokenizer, *, served: str, context: int, default
         raise bad("max_tokens must be >= 1 (0 only with echo)", "max_tokens")
     budgets = [_budget(len(p), max_tokens, context, defaults.max_tokens, "prompt") for p in prompts]
     base = _sampling(body, defaults)
-    base.update(logprobs=lp is not None, echo=echo, top_logprobs=lp or 0, grammar=_grammar(body))
+    base.update(logprobs=lp is not None, echo=echo, top_logprobs=lp or 0, grammar=_grammar(body), adapter=adapter)
     stream, usage = _stream_flags(body)
     return Job("completion", model, prompts, _expand(prompts, base, budgets, n), n, stream, usage, lp is not None,
                echo, lp or 0)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import Llama2Error
 from ..inference.generate import Generator
@@ -19,8 +20,8 @@ from .worker import ModelWorker
 @dataclass
 class ServeOptions:
     """How to serve: batching (max_batch slots, max_queue waiting requests), the context per request, the
-    prefix cache's size, the defaults for omitted sampling fields, an optional API key and the request-size
-    limit."""
+    prefix cache's size, the defaults for omitted sampling fields, an optional API key, the request-size limit and
+    the LoRA adapters served beside the model ({name: adapter directory}; a request's `model` picks one)."""
 
     model_name: str = "llama2"
     max_batch: int = 8
@@ -32,6 +33,7 @@ class ServeOptions:
     api_key: str | None = None
     defaults: Defaults | None = None
     max_request_bytes: int = MAX_REQUEST_BYTES
+    adapters: dict[str, Path] = field(default_factory=dict)  # LoRA adapters by the model name clients send
 
 
 def build_app(model, tokenizer, options: ServeOptions):
@@ -46,8 +48,11 @@ def build_app(model, tokenizer, options: ServeOptions):
     prefix = context if options.prefix_cache is None else options.prefix_cache
     if prefix and prefix < 16:
         raise Llama2Error(f"--prefix-cache must be 0 (none) or at least 16 positions (one block), got {prefix}")
+    if options.model_name in options.adapters:
+        raise Llama2Error(f"the adapter name {options.model_name!r} is the served model's name; give it another")
     generator = Generator(model, tokenizer, max_batch_size=options.max_batch, cache_len=options.context,
-                          quantize=options.quantize, compile=options.compile, prefix_cache=prefix)
+                          quantize=options.quantize, compile=options.compile, prefix_cache=prefix,
+                          adapters=options.adapters or None)
     worker = ModelWorker(generator.engine(options.max_batch), max_queue=options.max_queue, metrics=Metrics())
     return create_app(worker, model_name=options.model_name, api_key=options.api_key, defaults=options.defaults,
                       max_request_bytes=options.max_request_bytes)
