@@ -10,8 +10,9 @@ llama2's engine (`Generator(adapters=...)`), against the peers a user would othe
 
 Random weights of the decode benchmark's shapes (--shape tiny | 1.1b), adapters of rank --rank on --targets, saved
 by PEFT. Tokens/s count the generated tokens over wall time (prefill included), median of --repeats interleaved
-rounds. Greedy tokens are compared between the engines (agreement printed). This is a script, not a test: nothing
-is asserted.
+rounds (vLLM's after the others, alone: with its worker processes alive our rounds ran up to 2x slower in one
+run). Greedy tokens are compared between the engines (agreement printed). This is a script, not a test: nothing is
+asserted.
 
     .venv/bin/python benchmarks/multi_lora.py --threads 2
     .venv/bin/python benchmarks/multi_lora.py --shape 1.1b --tokens 16 --repeats 2
@@ -20,6 +21,7 @@ is asserted.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -46,14 +48,26 @@ def make_adapters(hf, names: list[str], rank: int, targets: list[str], work: Pat
         if (path / "adapter_model.safetensors").exists():
             continue
         torch.manual_seed(100 + i)
-        m = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        m = get_peft_model(copy.deepcopy(hf), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.02)
         m.save_pretrained(path)
-        m.unload()  # the base modules back as they were
     return out
+
+
+def timed(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, after one warm-up each (kernels built, weights packed, graphs captured), in rounds."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for label, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -91,8 +105,6 @@ def main() -> None:
     plain = Generator(model, Tok(), max_batch_size=len(PROMPTS), cache_len=512)
     per_adapter = {}
     for name, path in paths.items():  # merged copies (a plain model each), for the one-server-per-adapter way
-        import copy
-
         merged = merge_lora(load_adapter(copy.deepcopy(model), path))
         per_adapter[name] = Generator(merged, Tok(), max_batch_size=len(PROMPTS), cache_len=512)
     greedy = [SamplingParams(temperature=0.0, max_new_tokens=n, stop_ids=[], adapter=a) for a in chosen]
@@ -114,7 +126,7 @@ def main() -> None:
             got.update({i: c.tokens for i, c in zip(idx, outs)})
         results["merged, one adapter at a time"] = [got[i] for i in range(len(PROMPTS))]
 
-    peft = PeftModel.from_pretrained(hf, paths[names[0]], adapter_name=names[0])
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf), paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft.load_adapter(paths[name], adapter_name=name)
     peft.eval()
@@ -130,8 +142,8 @@ def main() -> None:
 
     runs = {"llama2 multi-LoRA": ours, "llama2, no adapters": base_only,
             "merged, one adapter at a time": merged_one_by_one, "PEFT mixed batch": peft_mixed}
-    vllm = None
-    if not args.no_vllm and args.vllm_python.exists():
+    times = timed(runs, args.repeats)
+    if not args.no_vllm and args.vllm_python.exists():  # on its own, after ours: it starts processes of its own
         path = work / "base-hf"
         if not (path / "config.json").exists():
             hf.save_pretrained(path, safe_serialization=True)
@@ -143,21 +155,12 @@ def main() -> None:
         def vllm_run() -> None:
             results["vLLM multi-LoRA"] = vllm.generate(PROMPTS, n, chosen)
 
-        runs["vLLM multi-LoRA"] = vllm_run
+        try:
+            times.update(timed({"vLLM multi-LoRA": vllm_run}, args.repeats))
+        finally:
+            vllm.close()
     elif not args.no_vllm:
         print(f"no vLLM peer: {args.vllm_python} is missing (run benchmarks/setup_vllm.sh)")
-    try:
-        for fn in runs.values():  # warm-up (and the compiled kernels, packed weights, vLLM's graphs)
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.repeats):
-            for label, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[label].append(time.perf_counter() - t0)
-    finally:
-        if vllm is not None:
-            vllm.close()
     total = len(PROMPTS) * n
     rate = {k: total / statistics.median(v) for k, v in times.items()}
     for label, r in rate.items():

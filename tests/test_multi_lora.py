@@ -62,10 +62,16 @@ def oracle_logprobs(m, ids: list[int], tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("fast_fp32", [False, True], ids=["torch", "kernels"])
-def test_mixed_batch_equals_peft_with_each_adapter(adapters, base, tok, fast_fp32):
+@pytest.mark.parametrize("fast_fp32,stacked", [(False, True), (True, True), (False, False)],
+                         ids=["torch", "kernels", "grouped"])
+def test_mixed_batch_equals_peft_with_each_adapter(adapters, base, tok, fast_fp32, stacked, monkeypatch):
     """Base and adapter requests in one engine (the same prompt under three adapters, requests joining midway):
-    every request's greedy tokens are PEFT's with its adapter, and its log-probabilities PEFT's to 1e-4."""
+    every request's greedy tokens are PEFT's with its adapter, and its log-probabilities PEFT's to 1e-4. Mixed
+    batches through the stacked adapters, and through one adapter at a time (what many adapters take)."""
+    from llama2.inference.adapters import MultiLoRALinear
+
+    if not stacked:
+        monkeypatch.setattr(MultiLoRALinear, "STACK_LIMIT", 0.0)
     d, models = adapters
     gen = Generator(base, tok, max_batch_size=6, fast_fp32=fast_fp32, adapters={n: d / n for n in ADAPTERS})
     prompts = [tok.encode(t) for t in TEXTS]

@@ -6,9 +6,13 @@
         logits = bank.model(tokens, ...)
 
 Each projection some adapter targets becomes a `MultiLoRALinear`: the base projection runs once over all rows, then
-each adapter present in the batch adds scale * B(A(x)) to its own rows (gathered, multiplied, added back). That is
-PEFT's unmerged LoRA forward, so a row computes what the base with that one adapter computes. The engine routes
-every forward (decode steps, prefills, tool results) by its requests' `SamplingParams.adapter`.
+the adapters add scale * B(A(x)) to their own rows, PEFT's unmerged LoRA forward, so a row computes what the base
+with that one adapter computes. A batch of one adapter takes two small matmuls. A mixed batch takes two as well:
+x times every adapter's A at once (their A stacked, R = the ranks summed), a mask that keeps each row's own
+adapter's columns (times its scale; zeros elsewhere, which add nothing), then times every B at once. Small matmuls
+cost more in calls than in arithmetic here, so this beats one pair per adapter while R stays below the projection's
+width; past that, each adapter's rows are gathered and multiplied on their own. The engine routes every forward
+(decode steps, prefills, tool results) by its requests' `SamplingParams.adapter`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,23 +37,53 @@ BASE = 0  # the adapter id of the base model itself
 
 @dataclass(frozen=True)
 class Route:
-    """Which rows of the current forward use which adapter: `uniform` when every row uses the same one, else
-    `groups`, (adapter id, row indices) for each adapter other than the base."""
+    """Which rows of the current forward use which adapter: `uniform` when every row uses the same one, else `ids`
+    (each row's adapter id) and `groups`, (adapter id, row indices) for each adapter other than the base."""
 
     rows: int
     uniform: int | None
+    ids: Tensor | None = None
     groups: tuple[tuple[int, Tensor], ...] = ()
+    masks: dict = field(default_factory=dict, compare=False)  # a stacking's columns -> (rows, R) scaled mask
+
+    def mask(self, columns: Tensor, scales: Tensor) -> Tensor:
+        """(rows, R): scales[j] where column j belongs to the row's adapter (columns[j] is its id), else 0."""
+        key = (columns.data_ptr(), scales.data_ptr())
+        m = self.masks.get(key)
+        if m is None:
+            m = self.masks[key] = torch.where(self.ids[:, None] == columns[None, :], scales[None, :],
+                                              torch.zeros((), dtype=scales.dtype, device=scales.device))
+        return m
 
 
 class MultiLoRALinear(nn.Module):
     """A projection (any module: nn.Linear, the fp32 kernels' or int8's) plus the low-rank updates of the loaded
     adapters that target it, applied per row as the bank's current route says."""
 
+    STACK_LIMIT = 1.0  # mixed batches multiply by all adapters at once while their ranks sum to at most this x width
+
     def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
         super().__init__()
         self.base = base
         self._bank = [bank]  # in a list: not a submodule
         self.deltas: dict[int, tuple[Tensor, Tensor, float]] = {}  # adapter id -> (A r x in, B out x r, scale)
+        self._stacked: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A (R x in), B (out x R), ids, scales
+
+    def changed(self) -> None:
+        """The deltas changed: stack them again at the next mixed batch."""
+        self._stacked = None
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every adapter's A stacked (R x in), B side by side (out x R), and each column's adapter id and scale."""
+        if self._stacked is None:
+            ids = sorted(self.deltas)
+            a = torch.cat([self.deltas[i][0] for i in ids])
+            b = torch.cat([self.deltas[i][1] for i in ids], dim=1)
+            columns = torch.tensor([i for i in ids for _ in range(self.deltas[i][0].shape[0])], device=a.device)
+            scales = torch.tensor([self.deltas[i][2] for i in ids for _ in range(self.deltas[i][0].shape[0])],
+                                  dtype=a.dtype, device=a.device)
+            self._stacked = (a, b, columns, scales)
+        return self._stacked
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -64,6 +98,11 @@ class MultiLoRALinear(nn.Module):
                 a, b, scale = d
                 y = y + F.linear(F.linear(x, a), b) * scale
             return y
+        a, b, columns, scales = self.stacked()
+        if a.shape[0] <= self.STACK_LIMIT * max(self.base.in_features, self.base.out_features):
+            shrunk = F.linear(x, a)
+            mask = route.mask(columns, scales)
+            return y + F.linear(shrunk * mask.view(mask.shape[0], *[1] * (shrunk.dim() - 2), -1), b)
         for adapter, rows in route.groups:
             d = self.deltas.get(adapter)
             if d is not None:
@@ -115,18 +154,22 @@ class AdapterBank:
         ident = self._next
         self._next += 1
         for module, (a, b) in deltas.items():
-            self._wrapped(module).deltas[ident] = (a, b, config.scale)
+            wrapped = self._wrapped(module)
+            wrapped.deltas[ident] = (a, b, config.scale)
+            wrapped.changed()
         self.names[name] = ident
         self.paths[name] = path
+        self._routes.clear()  # their masks were made for the old stacking
         return ident
 
     def unload(self, name: str) -> None:
         """Forget an adapter (its id is never reused)."""
         ident = self.id(name)
         for m in self.model.modules():
-            if isinstance(m, MultiLoRALinear):
-                m.deltas.pop(ident, None)
+            if isinstance(m, MultiLoRALinear) and m.deltas.pop(ident, None) is not None:
+                m.changed()
         del self.names[name], self.paths[name]
+        self._routes.clear()
 
     @contextlib.contextmanager
     def routed(self, adapters: Sequence[int]) -> Iterator[None]:
@@ -146,7 +189,7 @@ class AdapterBank:
             device = next(self.model.parameters()).device
             groups = tuple((a, torch.tensor([i for i, b in enumerate(key) if b == a], device=device))
                            for a in sorted(set(key) - {BASE}))
-            route = Route(len(key), None, groups)
+            route = Route(len(key), None, torch.tensor(key, device=device), groups)
             if len(self._routes) > 4096:  # decode steps repeat their assignment; keep the cache bounded
                 self._routes.clear()
             self._routes[key] = route
