@@ -302,20 +302,38 @@ def make_ppo_recipe(d: Path, out: Path, overrides=()):
                                          "log_every=1", "eval_every=10", "save_every=10", *overrides])
 
 
-def one_and_two_processes(out: Path, one: list[str], two: list[str]) -> tuple[dict[int, dict], dict[int, dict]]:
+def two_process_launchers(nodes: bool = False) -> list[list[str]]:
+    """torchrun's arguments for a job of 2 gloo processes: one launcher with 2 processes (--standalone), or, with
+    nodes, two launchers of 1 process each, as two nodes would run (c10d rendezvous on 127.0.0.1, a free port);
+    start one process per returned list, each followed by the same module or script."""
+    import socket
+
+    run = ["-m", "torch.distributed.run"]
+    if not nodes:
+        return [[*run, "--standalone", "--nproc-per-node=2"]]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [[*run, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llama2-test"] for rank in (0, 1)]
+
+
+def one_and_two_processes(out: Path, one: list[str], two: list[str], nodes: bool = False
+                          ) -> tuple[dict[int, dict], dict[int, dict]]:
     """Run `one` (a command: python and its arguments) and `two` (a script and its arguments, under torchrun with 2
-    processes over gloo) side by side, writing to out / "one" and out / "two" (appended to each); returns each
-    run's metrics.jsonl records merged by step (a step's training and evaluation records in one dict)."""
+    processes over gloo; nodes: as two simulated nodes, see two_process_launchers) side by side, writing to
+    out / "one" and out / "two" (appended to each); returns each run's metrics.jsonl records merged by step (a
+    step's training and evaluation records in one dict)."""
     import subprocess
     import sys
 
     from llama2.train.metrics import read_metrics
 
     procs = [subprocess.Popen([sys.executable, *one, str(out / "one")], env=SUB_ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                               *two, str(out / "two")], env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)]
+                              stderr=subprocess.PIPE, text=True)]
+    procs += [subprocess.Popen([sys.executable, *launcher, *two, str(out / "two")], env=SUB_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for launcher in two_process_launchers(nodes)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

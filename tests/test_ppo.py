@@ -183,12 +183,13 @@ finally:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path, setup):
     """The same 3 iterations on 1 process and on 2 (FSDP2 over gloo, each process half of every batch, the
-    whitening and the logged means over the whole batch): the same rewards, KL and losses."""
+    whitening and the logged means over the whole batch; the 2 as two simulated nodes, torchrun --nnodes 2): the same
+    rewards, KL and losses."""
     from helpers import one_and_two_processes
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup)))
-    a, b = one_and_two_processes(tmp_path, [str(script)], [str(script)])
+    a, b = one_and_two_processes(tmp_path, [str(script)], [str(script)], nodes=True)
     for s in (1, 2, 3):
         for key in ("reward", "kl", "loss", "policy_loss", "value_loss", "response_length"):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)

@@ -422,24 +422,21 @@ def test_fsdp_two_processes_match_one_with_samples_from_rank_0(tmp_path, base_di
     import subprocess
     import sys
 
-    from helpers import SUB_ENV
+    from helpers import SUB_ENV, two_process_launchers
 
     from llama2.train.metrics import read_metrics
 
-    def start(n: int, out: Path) -> subprocess.Popen:
-        cmd = ["-m", "llama2", "sft", "--quiet", f"base={base_dir}", f"out_dir={out}", f"data.path={data_files[0]}",
-               f"data.val_path={data_files[1]}", "max_seq_len=96", "batch_size=1", "global_batch_size=4",
-               "max_steps=3", "eval_every=3", "device=cpu", "precision=fp32", "optim.lr=1e-2", "peak_tflops=1",
-               "samples.count=2", "samples.max_new_tokens=4"]
-        if n > 1:
-            cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cmd]
-        cmd.insert(cmd.index("sft") + 1, "--config")
-        cmd.insert(cmd.index("--config") + 1, str(tmp_path / "empty.yaml"))
+    def start(launcher: list[str], out: Path) -> subprocess.Popen:
+        cmd = [*launcher, "-m", "llama2", "sft", "--config", str(tmp_path / "empty.yaml"), "--quiet",
+               f"base={base_dir}", f"out_dir={out}", f"data.path={data_files[0]}", f"data.val_path={data_files[1]}",
+               "max_seq_len=96", "batch_size=1", "global_batch_size=4", "max_steps=3", "eval_every=3", "device=cpu",
+               "precision=fp32", "optim.lr=1e-2", "peak_tflops=1", "samples.count=2", "samples.max_new_tokens=4"]
         return subprocess.Popen([sys.executable, *cmd], env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
     (tmp_path / "empty.yaml").write_text("{}\n")
-    procs = [start(1, tmp_path / "one"), start(2, tmp_path / "two")]
+    # the 2 processes as two simulated nodes (torchrun --nnodes 2, two launchers)
+    procs = [start([], tmp_path / "one"), *(start(x, tmp_path / "two") for x in two_process_launchers(nodes=True))]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
