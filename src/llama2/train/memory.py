@@ -76,7 +76,7 @@ def parameters(cfg: ModelConfig, head: int | None = None) -> Parameters:
 
 def activation_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, checkpointing: bool) -> int:
     """Bytes saved for backward by a micro-batch of `tokens` positions (see the module docstring)."""
-    d, f, kv = cfg.dim, cfg.hidden_dim, (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
+    d = cfg.dim
     layer = layer_activation_bytes(cfg, compute_bytes)
     outside = 8 * d + compute_bytes * d
     if checkpointing:  # each block's fp32 input, and one block's activations while it is recomputed
