@@ -48,7 +48,7 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 
 COVERED = {
     "chat": "test_chat", "convert": "test_checkpoint", "demo": "test_demo", "generate": "test_generate",
-    "gatt": "test_cli", "lora merge": "test_sft", "plot": "test_train", "pretrain": "test_train",
+    "gatt": "test_cli", "lora merge": "test_sft", "plot": "test_train", "plan": "test_plan", "pretrain": "test_train",
     "reward": "test_cli", "score": "test_reward", "serve": "test_serve", "sft": "test_cli",
     "data corpus": "test_data", "data prepare": "test_data", "data info": "test_data",
     "data dialogues": "test_dialogues", "data comparisons": "test_comparisons", "data adversarial": "test_cli",

@@ -129,6 +129,7 @@ def test_plan_command_verdicts_and_errors(capsys):
                           (["--config", "configs/tiny/nothing.yaml", "--stage", "sft"], "recipe not found"),
                           (["--config", "configs/7B/sft.yaml", "--gpus", "0"], "--gpus and --nodes"),
                           (["--config", "configs/7B/sft.yaml", "--mfu", "2"], "--mfu"),
+                          (["--config", "configs/7B/sft.yaml", "--gpu", "v100"], "unknown --gpu"),
                           (["--config", "configs/7B/sft.yaml", "bogus=1"], "bogus"),
                           (["--config", "configs/tiny/gatt.yaml"], "plan that one")]:
         assert main(["plan", *argv]) == 2

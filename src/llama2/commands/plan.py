@@ -14,8 +14,6 @@ SIZES = ("7B", "13B", "34B", "70B")
 
 
 def register(subparsers) -> None:
-    from ..train.memory import GPUS
-
     p = subparsers.add_parser(
         "plan", help="per-GPU memory of a recipe (weights, gradients, optimizer, activations, frozen models, KV "
                      "cache), whether it fits, and its step time at a given MFU",
@@ -29,8 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, choices=SIZES,
                    help="the model shape when `base` is not a local checkpoint (default: the size in the recipe's "
                         "path, e.g. configs/70B/)")
-    p.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="the accelerator (default a100-80gb, "
-                                                                             "what the paper trained on)")
+    p.add_argument("--gpu", default="a100-80gb", help="the accelerator: a100-40gb, a100-80gb (default, what the paper "
+                                                       "trained on), h100-80gb, h200 or l40s")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="its memory, if not the table's")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
@@ -53,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise Llama2Error(f"a {stage} recipe fine-tunes with an SFT recipe (its finetune.recipe): plan that one")
     if not 0 < args.mfu <= 1 or not 0 <= args.headroom < 1:
         raise Llama2Error(f"--mfu must be in (0, 1] and --headroom in [0, 1), got {args.mfu} and {args.headroom}")
+    if args.gpu not in GPUS:
+        raise Llama2Error(f"unknown --gpu {args.gpu!r}; choose from {', '.join(GPUS)}, or give --gpu-memory GB")
     recipe = load_recipe(pipeline.STAGES[stage].recipe, args.config, args.overrides)
     layout = Layout(args.gpus, args.nodes, bf16=getattr(recipe, "precision", "bf16") != "fp32")
     layout.check()
