@@ -12,6 +12,9 @@ import sys
 import pytest
 
 BUDGET_MINUTES = 1.5
+# a hang guard, not a speed check: alone the 1.5-minute demo took 509 s from a fresh cache on a 2-core Xeon (data and
+# tokenizer built, every stage at its smallest size); beside the other pytest worker's heaviest tests, over 900 s
+DEMO_TIMEOUT = 1800
 SECTIONS = ["1. Pretraining", "2. Generating", "3. The Llama 2 chat format", "4. Supervised fine-tuning",
             "5. Reward models", "6. Rejection sampling", "7. PPO", "8. Ghost Attention",
             "9. Safety context distillation", "10. Evaluation", "11. Tool use", "12. Checkpoint formats"]
@@ -32,7 +35,7 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     from llama2.data.world import data_path, judge, load_world, read_gold
 
     r = subprocess.run([sys.executable, "-m", "llama2", "demo", "--out", str(out), "--budget-minutes",
-                        str(BUDGET_MINUTES), "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+                        str(BUDGET_MINUTES), "--quiet"], capture_output=True, text=True, env=env, timeout=DEMO_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     for title in SECTIONS:
         assert f"== {title}" in r.stdout
@@ -140,7 +143,7 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     # compare-methods from the demo's SFT model and RMs: every method ran, and each row is its judged answers' own
     methods = tmp_path / "methods"
     r = subprocess.run([sys.executable, "-m", "llama2", "compare-methods", "--from", str(out), "--out", str(methods),
-                        "--budget-minutes", "1", "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+                        "--budget-minutes", "1", "--quiet"], capture_output=True, text=True, env=env, timeout=DEMO_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     from llama2.report.sections.methods import LABELS
 
