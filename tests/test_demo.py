@@ -143,7 +143,8 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     # compare-methods from the demo's SFT model and RMs: every method ran, and each row is its judged answers' own
     methods = tmp_path / "methods"
     r = subprocess.run([sys.executable, "-m", "llama2", "compare-methods", "--from", str(out), "--out", str(methods),
-                        "--budget-minutes", "1", "--quiet"], capture_output=True, text=True, env=env, timeout=DEMO_TIMEOUT)
+                        "--budget-minutes", "1", "--quiet"], capture_output=True, text=True, env=env,
+                       timeout=DEMO_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     from llama2.report.sections.methods import LABELS
 
