@@ -302,10 +302,10 @@ def make_ppo_recipe(d: Path, out: Path, overrides=()):
                                          "log_every=1", "eval_every=10", "save_every=10", *overrides])
 
 
-def two_process_launchers(nodes: bool = False) -> list[list[str]]:
+def two_process_launchers(nodes: bool = False, per_node: int = 1) -> list[list[str]]:
     """torchrun's arguments for a job of 2 gloo processes: one launcher with 2 processes (--standalone), or, with
-    nodes, two launchers of 1 process each, as two nodes would run (c10d rendezvous on 127.0.0.1, a free port);
-    start one process per returned list, each followed by the same module or script."""
+    nodes, two launchers of `per_node` processes each, as two nodes would run (c10d rendezvous on 127.0.0.1, a free
+    port); start one process per returned list, each followed by the same module or script."""
     import socket
 
     run = ["-m", "torch.distributed.run"]
@@ -314,8 +314,8 @@ def two_process_launchers(nodes: bool = False) -> list[list[str]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [[*run, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llama2-test"] for rank in (0, 1)]
+    return [[*run, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", str(per_node), "--rdzv-backend",
+             "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llama2-test"] for rank in (0, 1)]
 
 
 def one_and_two_processes(out: Path, one: list[str], two: list[str], nodes: bool = False

@@ -2,7 +2,8 @@
 and a checkpoint saved by 2 processes resumes in 1 and the reverse (the weights are the plain HF layout; the
 optimizer state stays sharded, one file per process); a stage's frozen reference model is sharded and computes
 what the unsharded model does, and a stage's own step, frozen parameters and extra state resume bit-exactly. Two
-nodes simulated on this machine (two torchrun launchers, c10d rendezvous on 127.0.0.1) train as one process does."""
+nodes simulated on this machine (two torchrun launchers, c10d rendezvous on 127.0.0.1) train as one process does,
+sharding over all 2 processes (FSDP) or, 2 processes each, within each node and replicating across them (HSDP)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,34 @@ def test_two_simulated_nodes_match_one_process_and_resume_on_one(tmp_path, recip
     got = losses(resumed)
     for s in (3, 4):
         assert got[s] == pytest.approx(a[s], rel=1e-5, abs=0), s
+
+
+def test_hsdp_two_nodes_of_two_match_one_process_and_resume_on_one_and_on_fsdp(tmp_path, recipe_file):
+    """sharding=hsdp on 2 simulated nodes x 2 processes (the launch docs/pretraining.md gives, HOST 127.0.0.1):
+    each node's 2 processes shard the model, the nodes replicate it; the losses and gradient norms (clipped: the
+    norm is taken over the shard group, not summed over replicas) are one process's, only the first node writes
+    the optimizer shards, and the checkpoint resumes on one process and on 2 processes of plain FSDP."""
+    from helpers import two_process_launchers
+
+    one, hsdp = tmp_path / "one", tmp_path / "hsdp"
+    clip = "optim.grad_clip=0.5"
+    _wait(_start(1, recipe_file, one, clip), *(_start(4, recipe_file, hsdp, clip, "sharding=hsdp", launcher=x)
+                                               for x in two_process_launchers(nodes=True, per_node=2)))
+    a, b = losses(one), losses(hsdp)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=0)
+    norms = _metrics(one, "grad_norm")
+    assert max(norms.values()) > 0.5 and _metrics(hsdp, "grad_norm") == pytest.approx(norms, rel=1e-4)
+    assert _metrics(hsdp, "val_loss") == pytest.approx(_metrics(one, "val_loss"), rel=1e-5)
+    ckpt = hsdp / "checkpoints" / "step-000004"
+    assert sorted(ckpt.glob("optimizer-*")) == [ckpt / f"optimizer-0000{r}-of-00002.pt" for r in (0, 1)]
+    to_one, to_fsdp = _rewind(hsdp, tmp_path / "hsdp-to-one", 2), _rewind(hsdp, tmp_path / "hsdp-to-fsdp", 2)
+    _wait(_start(1, recipe_file, to_one, clip), _start(2, recipe_file, to_fsdp, clip))
+    for run in (to_one, to_fsdp):
+        got = losses(run)
+        for s in (3, 4):
+            assert got[s] == pytest.approx(a[s], rel=1e-5, abs=0), (run.name, s)
 
 
 STAGE_WORKER = """

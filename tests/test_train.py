@@ -37,7 +37,8 @@ def cli(*args: str) -> int:
 
 
 def paper_lr(step: int, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """The paper's schedule (section 2.2), written out independently: linear warm-up, then cosine down to 10% of the peak."""
+    """The paper's schedule (section 2.2), written out independently: linear warm-up, then cosine down to 10% of
+    the peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / (total - warmup - 1)
@@ -63,6 +64,8 @@ def test_recipe_overrides_and_errors(tmp_path):
         "optim.schedule=step": ["optim.schedule", "'cosine'"],
         "model.preset=9B": ["model.preset", "7B"],
         "colour=red": ["colour", "allowed keys at the top level"],
+        "sharding=zero": ["sharding", "'hsdp'"],
+        "shard_size=2": ["shard_size", "set sharding=hsdp"],
         "max_steps": ["key=value"],
     }
     for override, words in bad.items():
@@ -70,6 +73,9 @@ def test_recipe_overrides_and_errors(tmp_path):
             load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", [override])
         for w in words:
             assert w in str(e.value), (override, str(e.value))
+    with pytest.raises(Llama2Error, match="'shard_size'.*>= 1"):
+        load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", ["sharding=hsdp", "shard_size=0"])
+    assert load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", ["sharding=hsdp"]).shard_size is None
     two = tmp_path / "r.yaml"
     two.write_text("data: {tokenizer: t, sources: [{path: a}, {path: b, weight: 2}]}\n")
     r = load_recipe(PretrainRecipe, two, ["data.sources.1.weight=3.5"])
@@ -78,6 +84,22 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(PretrainRecipe, two, ["data.sources.0.weight=0"])
     with pytest.raises(Llama2Error, match="not an index"):
         load_recipe(PretrainRecipe, two, ["data.sources.5.weight=1"])
+
+
+def test_hsdp_needs_torchrun_and_a_shard_size_dividing_the_world(monkeypatch):
+    from llama2.train.distributed import DistEnv, with_sharding
+
+    assert with_sharding(DistEnv(), "fsdp") == DistEnv()
+    with pytest.raises(Llama2Error, match="needs several processes started by torchrun.*sharding=fsdp"):
+        with_sharding(DistEnv(), "hsdp")
+    with pytest.raises(Llama2Error, match="6 processes do not split into groups of shard_size 4; set shard_size"):
+        with_sharding(DistEnv(0, 6, 0), "hsdp", 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # the default shard_size: torchrun's processes per node
+    with pytest.raises(Llama2Error, match="shard_size 4"):
+        with_sharding(DistEnv(0, 6, 0), "hsdp")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with pytest.raises(Llama2Error, match="LOCAL_WORLD_SIZE .* set shard_size"):
+        with_sharding(DistEnv(0, 6, 0), "hsdp")
 
 
 def test_cli_reports_bad_recipe_in_one_line(capsys, recipe_file):
@@ -457,8 +479,9 @@ def test_tiny_recipe_from_a_fresh_checkout(tmp_path):
     $LLAMA2_CACHE, trains two steps, and writes a checkpoint that transformers opens."""
     env = {**SUB_ENV, "LLAMA2_CACHE": str(tmp_path / "cache")}
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "llama2", "pretrain", "--config", str(ROOT / "configs/tiny/pretrain.yaml"),
-                        "--quiet", f"out_dir={run}", "max_steps=2", "batch_size=2", "data.eval_sequences=4"],
+    p = subprocess.run([sys.executable, "-m", "llama2", "pretrain", "--config",
+                        str(ROOT / "configs/tiny/pretrain.yaml"), "--quiet", f"out_dir={run}", "max_steps=2",
+                        "batch_size=2", "data.eval_sequences=4"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     tiny = load_recipe(PretrainRecipe, ROOT / "configs/tiny/pretrain.yaml", [])

@@ -3,16 +3,18 @@
     RUN/checkpoints/step-000100/   config.json, model.safetensors, tokenizer files: the "model" part (the
                                    checkpoint format of llama2.checkpoint, through the stage's CheckpointIO)
                                    NAME/                        another model part (a saved reference model)
-                                   optimizer-RRRRR-of-WWWWW.pt  each process's rows of the "optimizer" part
+                                   optimizer-RRRRR-of-WWWWW.pt  each shard's rows of the "optimizer" part
                                    NAME-RRRRR-of-WWWWW.pt       ... of another optimizer part
                                    training_state.pt  every other part: step counters, data position, RNG
                                                       states (one per process), a stage's own state
     RUN/checkpoints/latest         the name of the newest complete checkpoint
 
 `CheckpointManager` holds the parts: models (weights written through a CheckpointIO; a sharded model is
-gathered one tensor at a time and written by rank 0), optimizers (never gathered: every process writes its own
-FSDP shard, rows of dim 0 keyed by parameter name with their offset and the full shape, and a resume with any
-number of processes reads the rows it owns from whichever files hold them, memory-mapped), and state parts
+gathered one tensor at a time and written by rank 0), optimizers (never gathered: every process of the first
+shard group writes its own FSDP shard, rows of dim 0 keyed by parameter name with their offset and the full
+shape, as file RRRRR of WWWWW = its place in the group of WWWWW; under FSDP that group is every process, under
+HSDP the other groups hold the same rows and write nothing; a resume with any number of processes and either
+sharding reads the rows it owns from whichever files hold them, memory-mapped), and state parts
 (anything with state_dict()/load_state_dict(), or a dict restored in place; plain data that
 `torch.load(weights_only=True)` reads: tensors, numbers, strings, lists, dicts).
 
@@ -135,7 +137,8 @@ class CheckpointManager:
         self.parts[name] = _ModelPart(model, io, skeleton)
 
     def add_optimizer(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """An optimizer over (some of) `model`'s parameters; each process writes its own shard."""
+        """An optimizer over (some of) `model`'s parameters; each process of the first shard group writes its own
+        shard."""
         self._claim(name)
         self.parts[name] = _OptimizerPart(model, optimizer)
 
@@ -177,7 +180,8 @@ class CheckpointManager:
                 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
                 osd = get_optimizer_state_dict(part.model, part.optimizer)
-                save_optimizer_shard(osd, staging / optimizer_shard_name(env.rank, env.world_size, name))
+                if env.first_replica:  # HSDP's other shard groups hold the same rows
+                    save_optimizer_shard(osd, staging / optimizer_shard_name(env.shard_rank, env.shards, name))
                 del osd
         shared: dict[str, Any] = {}
         per_process: dict[str, list[Any]] = {}
@@ -357,7 +361,7 @@ def commit_checkpoint(run_dir: Path, staging: Path, step: int, keep_last: int) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimizer state: one file per process, rows of dim 0
+# Optimizer state: one file per process of a shard group, rows of dim 0
 
 
 def optimizer_shard_name(rank: int, world_size: int, part: str = OPTIMIZER) -> str:
@@ -372,17 +376,19 @@ def _shard_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def local_rows(t: Tensor) -> tuple[Tensor, int, tuple[int, ...]]:
     """(this process's local tensor, its first row in the full tensor, the full shape) of a plain or
-    dim-0-sharded DTensor."""
+    dim-0-sharded DTensor (FSDP2's (Shard(0),), or HSDP's (Replicate(), Shard(0)))."""
     to_local = getattr(t, "to_local", None)
     if to_local is None:
         return t, 0, tuple(t.shape)
-    from torch.distributed.tensor import Shard  # ~1 s to import: only for a sharded (DTensor) tensor
+    from torch.distributed.tensor import Replicate, Shard  # ~1 s to import: only for a sharded (DTensor) tensor
 
     mesh, local = t.device_mesh, to_local()
-    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+    placements = tuple(t.placements)
+    if placements.count(Shard(0)) != 1 or any(p != Shard(0) and not isinstance(p, Replicate) for p in placements):
         raise Llama2Error(f"cannot checkpoint a tensor sharded as {t.placements} on a {mesh.ndim}-D mesh; "
-                          "only FSDP2's dim-0 sharding is supported")
-    start, end = _shard_rows(t.shape[0], mesh.get_local_rank(), mesh.size())
+                          "only FSDP2's dim-0 sharding (replicated across HSDP's groups) is supported")
+    dim = placements.index(Shard(0))
+    start, end = _shard_rows(t.shape[0], mesh.get_local_rank(dim), mesh.size(dim))
     if local.shape[0] != end - start:
         raise Llama2Error(f"unexpected FSDP shard: {local.shape[0]} rows, expected {end - start}")
     return local, start, tuple(t.shape)

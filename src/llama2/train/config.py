@@ -76,6 +76,10 @@ class TrainRecipe:
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
     init_on_meta: bool = False  # build the model on the meta device and initialise it after sharding (huge models)
+    # under torchrun: fsdp shards the model over all processes; hsdp shards it within groups of shard_size
+    # processes (a node) and replicates it across the groups (nodes). Each process trains on its own data either way
+    sharding: Literal["fsdp", "hsdp"] = "fsdp"
+    shard_size: int | None = None  # processes per hsdp shard group; null: torchrun's processes per node
     peak_tflops: float | None = None  # per-device peak for MFU; None = table for known GPUs, measured on CPU
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -93,6 +97,10 @@ class TrainRecipe:
                    "an integer >= 1 or null")
         check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
                "a positive number or null")
+        if self.shard_size is not None:
+            check(self.sharding == "hsdp", "shard_size", self.shard_size,
+                  "null with sharding=fsdp (set sharding=hsdp to shard within groups of shard_size processes)")
+            check(self.shard_size >= 1, "shard_size", self.shard_size, "an integer >= 1, or null")
         self.optim.validate()
 
     def accumulation(self, world_size: int) -> int:

@@ -1,13 +1,17 @@
-"""Process groups and model sharding (FSDP2), activation checkpointing and torch.compile per block.
+"""Process groups and model sharding (FSDP2 or HSDP), activation checkpointing and torch.compile per block.
 
 Launch: `torchrun --nproc-per-node N llama2 pretrain ...` on one machine, or on each of M machines
 `torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN llama2 ...`.
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything runs in one process, unsharded.
-Backends: NCCL on GPUs, gloo on CPU.
+Backends: NCCL on GPUs, gloo on CPU. Sharding (the recipe's `sharding`, `with_sharding`): fsdp shards every
+parameter over all processes; hsdp shards it within groups of `shard_size` consecutive ranks (a node) and
+replicates it across the groups (a 2-D DeviceMesh ("replicate", "shard")). Either way every process trains on
+its own slice of the data: the data-parallel degree is the whole world.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -32,6 +36,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    shard_size: int | None = None  # processes per shard group (HSDP); None: one group over the whole world
+    mesh: Any = None  # HSDP's 2-D DeviceMesh ("replicate", "shard"); None: FSDP2's default (the whole world)
 
     @property
     def enabled(self) -> bool:
@@ -40,6 +46,21 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shards(self) -> int:
+        """Processes a parameter is sharded over (the shard group's size)."""
+        return self.shard_size or self.world_size
+
+    @property
+    def shard_rank(self) -> int:
+        """This process's place in its shard group (which rows it holds)."""
+        return self.rank % self.shards
+
+    @property
+    def first_replica(self) -> bool:
+        """In the first shard group: the processes that write the sharded checkpoint files."""
+        return self.rank < self.shards
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -59,6 +80,28 @@ def init_distributed(device: str = "auto") -> DistEnv:
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, **kwargs)
     return DistEnv(rank, world, local_rank, dev)
+
+
+def with_sharding(env: DistEnv, sharding: str = "fsdp", shard_size: int | None = None) -> DistEnv:
+    """`env` for the recipe's `sharding`: fsdp leaves it as is (one shard group over the whole world); hsdp adds
+    the 2-D mesh: groups of `shard_size` consecutive ranks (default LOCAL_WORLD_SIZE, torchrun's processes per
+    node) shard, the groups replicate. Every process must call it (the mesh's process groups are collective)."""
+    if sharding == "fsdp":
+        return env
+    if not env.enabled:
+        raise Llama2Error("sharding=hsdp needs several processes started by torchrun (WORLD_SIZE is unset or 1); "
+                          "launch with torchrun --nnodes M --nproc-per-node N, or set sharding=fsdp")
+    size = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if size < 1:
+        raise Llama2Error("sharding=hsdp: LOCAL_WORLD_SIZE (set by torchrun) is missing; set shard_size to the "
+                          "processes per shard group")
+    if env.world_size % size:
+        raise Llama2Error(f"sharding=hsdp: {env.world_size} processes do not split into groups of shard_size {size}; "
+                          f"set shard_size to a divisor of {env.world_size} (e.g. the processes per node)")
+    from torch.distributed.device_mesh import init_device_mesh  # ~1 s to import: only when sharding
+
+    mesh = init_device_mesh(env.device.type, (env.world_size // size, size), mesh_dim_names=("replicate", "shard"))
+    return dataclasses.replace(env, shard_size=size, mesh=mesh)
 
 
 def shutdown() -> None:
@@ -143,7 +186,8 @@ def apply_compile(model: nn.Module) -> None:
 
 def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None,
                 training: bool = True) -> None:
-    """FSDP2: fully_shard each block, then the root (embeddings, final norm, head).
+    """FSDP2: fully_shard each block, then the root (embeddings, final norm, head), over env.mesh (HSDP: sharded
+    within each group, replicated across groups) or the whole world.
 
     Parameters stay fp32 (the master weights); with param_dtype=bf16 they are gathered in bf16 for compute
     and gradients are reduced in fp32. training=False (a frozen reference model, forward only): every block
@@ -152,6 +196,8 @@ def shard_model(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None 
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
+    if env.mesh is not None:
+        kwargs["mesh"] = env.mesh
     blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered

@@ -29,9 +29,9 @@ and saved like the step at max_steps. Stopping leaves max_steps alone (the learn
 resume follow it). With several processes every process runs the hooks, and they must decide alike (broadcast
 a decision taken on rank 0). The demo's budget planner (`report.budget.fit_within`) is such a hook.
 
-The Trainer owns precision (bf16 autocast, fp32 master weights), FSDP2 sharding, AdamW + schedule, gradient
-accumulation and clipping, NaN/inf detection, metrics.jsonl + progress bar, and atomic checkpoints with exact
-resume (checkpoints.CheckpointManager).
+The Trainer owns precision (bf16 autocast, fp32 master weights), FSDP2 or HSDP sharding (recipe.sharding), AdamW +
+schedule, gradient accumulation and clipping, NaN/inf detection, metrics.jsonl + progress bar, and atomic
+checkpoints with exact resume (checkpoints.CheckpointManager).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from .distributed import (
     broadcast_tensor,
     init_distributed,
     shard_model,
+    with_sharding,
 )
 from .metrics import MetricsLog, peak_tflops
 from .plots import plot_run
@@ -240,7 +241,7 @@ class Trainer:
                  eval_fn: Callable[[Trainer], Mapping[str, float]] | None = None,
                  state: Mapping[str, Any] | None = None) -> None:
         self.recipe = recipe
-        self.env = env or init_distributed(recipe.device)
+        self.env = with_sharding(env or init_distributed(recipe.device), recipe.sharding, recipe.shard_size)
         self.device = self.env.device
         self.loss_fn = loss_fn
         self.batches = batches
@@ -311,7 +312,7 @@ class Trainer:
             init = getattr(model, "init_weights", None)
             if init is None:
                 raise Llama2Error("init_on_meta needs a model with init_weights(); set init_on_meta=false")
-            torch.manual_seed(r.seed + env.rank)  # each shard draws its own numbers
+            torch.manual_seed(r.seed + env.shard_rank)  # each shard draws its own numbers, replicas the same
             with torch.no_grad():
                 init()
             torch.manual_seed(r.seed)
