@@ -388,3 +388,45 @@ def killed_mid_save_and_rerun(args: list[str], out: Path) -> tuple[Path, Path]:
         assert proc.returncode == 0, err[-3000:]
     return out / "ref", run
 
+
+# ------------------------------------------------------------------------------------ servers in subprocesses
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float, what: str) -> None:
+    """Wait until `url`/health answers 200; fails with the server's stderr if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise AssertionError(f"{what} did not start: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server and every process of its group (vLLM's engine core and workers)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
@@ -21,44 +17,13 @@ from llama2.checkpoint import save_model
 from llama2.config import ModelConfig
 from llama2.model import Transformer
 
+from helpers import free_port, stop, wait_healthy  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM = Path(os.environ.get("LLAMA2_VLLM_VENV", ROOT / ".venv-vllm")) / "bin"
 NAME = "tiny-chat"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise AssertionError(f"{what} did not start: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End a server and every process of its group (vLLM's engine core and workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def ask(url: str) -> dict:

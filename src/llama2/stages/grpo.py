@@ -45,6 +45,7 @@ from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key
 from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..eval.gold import GoldReward
+from ..inference.remote import check_rollout_engine
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
@@ -53,7 +54,8 @@ from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import Answers, PromptBatches, Scorer, pad_rollout, policy_start, reward_kl_figure, sample_answers
+from .ppo import (Answers, PromptBatches, RolloutServer, Scorer, pad_rollout, policy_start, reward_kl_figure,
+                  sample_answers)
 
 WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
@@ -154,6 +156,10 @@ class GRPORecipe(TrainRecipe):
     top_p: float = 1.0
     max_new_tokens: int = 128  # longest answer (tool results included)
     tools: list[str] = field(default_factory=list)  # tools the policy may call (calculator, search), as in PPO
+    # rollouts through our engine, or through a vLLM server started separately (llama2.inference.remote), whose
+    # weights the stage replaces after every update
+    rollout_engine: Literal["ours", "vllm"] = "ours"
+    vllm_url: str = "http://127.0.0.1:8000"
     threshold: float = SAFETY_THRESHOLD  # reward: rm, R_s below this makes the safety RM decide
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     optim: OptimConfig = field(default_factory=_grpo_optim)
@@ -172,6 +178,7 @@ class GRPORecipe(TrainRecipe):
               f"an integer in 1..batch_size x group_size ({rows})")
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check_tools(self.tools)
+        check_rollout_engine(self)
         check(self.beta >= 0, "beta", self.beta, "a number >= 0")
         check(self.clip > 0, "clip", self.clip, "a positive number")
         check(self.clip_high is None or self.clip_high > 0, "clip_high", self.clip_high, "a positive number or null")
@@ -242,6 +249,7 @@ class GRPO:
             if recipe.beta > 0 else None
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
+        self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None
         rows = recipe.batch_size * recipe.group_size
         self.one_step = recipe.epochs == 1 and recipe.mini_batch >= rows  # one optimiser step per iteration
         self.first_forward: tuple[Tensor, Tensor | None, Tensor] | None = None
@@ -263,9 +271,10 @@ class GRPO:
             self._root_ran = True
         rows = [p for p in prompts for _ in range(group)]
         seeds = [sample_seed(r.seed, step, prompt_key(p), k) for p in prompts for k in range(group)]
+        server = self.rollouts.sync(self.trainer.model, self.trainer.step) if self.rollouts else None
         return sample_answers(self.trainer.model, self.trainer.model, self.tokenizer, rows, seeds,
                               temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                              tools=self.tools)
+                              tools=self.tools, server=server)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Groups:

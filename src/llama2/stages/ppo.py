@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..chat import encode_dialog
+from ..atomic import atomic_directory
 from ..checkpoint import load_checkpoint, load_config, read_rows_into, save_model
 from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..classifier import LIKELIHOOD_KEYS, SequenceClassifier
@@ -54,12 +55,14 @@ from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams, gathered_for_generation
+from ..inference.remote import VllmServer, check_rollout_engine
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
 from ..train.config import OptimConfig, TrainRecipe
-from ..train.distributed import all_gather_object, all_reduce_sum, init_distributed
+from ..train.checkpoints import gathered_state
+from ..train.distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
 from ..train.loop import LossOutput, Trainer, TrainResult
 from ..tools import Toolbox
 from ..train.metrics import read_metrics
@@ -231,6 +234,10 @@ class PPORecipe(TrainRecipe):
     # tools the policy may call in its rollouts (calculator, search: the world's), listed in every prompt; their
     # results are masked out of the loss
     tools: list[str] = field(default_factory=list)
+    # rollouts through our engine, or through a vLLM server started separately (llama2.inference.remote), whose
+    # weights the stage replaces after every update
+    rollout_engine: Literal["ours", "vllm"] = "ours"
+    vllm_url: str = "http://127.0.0.1:8000"
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     patience: int = 0  # stop after this many evaluations without a better held-out reward (0 = never)
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
@@ -255,6 +262,7 @@ class PPORecipe(TrainRecipe):
         check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
         check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
         check_tools(self.tools)
+        check_rollout_engine(self)
         self.prompts.validate()
 
 
@@ -345,11 +353,12 @@ class Answers:
 @torch.no_grad()
 def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts: Sequence[PromptItem],
                    seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int,
-                   tools: Toolbox | None = None) -> Answers:
+                   tools: Toolbox | None = None, server: VllmServer | None = None) -> Answers:
     """One answer per prompt (a prompt listed K times gets K answers, one per seed) through the one generation
     path, with the trained model's weights gathered once under FSDP2 (`root`: the Trainer's model, `policy` the
     Transformer inside it); a prompt longer than the context keeps its last tokens. tools: listed in each prompt
-    and run by the engine as the policy calls them."""
+    and run by the engine as the policy calls them. server: a vLLM server generates instead (`RolloutServer`
+    keeps its weights current)."""
     context = policy.config.max_seq_len
     prompt_ids, params = [], []
     for p, seed in zip(prompts, seeds):
@@ -360,13 +369,16 @@ def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts
         params.append(SamplingParams(temperature=temperature, top_p=1.0 if greedy else top_p,
                                      max_new_tokens=max(1, min(max_new_tokens, context - len(ids))), seed=seed,
                                      tools=tools))
-    was = policy.training
-    policy.eval()
-    try:
-        with gathered_for_generation(root):  # under FSDP2: the weights gathered once
-            done = Generator(policy, tokenizer, max_batch_size=len(prompts)).generate(prompt_ids, params)
-    finally:
-        policy.train(was)
+    if server is not None:
+        done = server.generate(prompt_ids, params)
+    else:
+        was = policy.training
+        policy.eval()
+        try:
+            with gathered_for_generation(root):  # under FSDP2: the weights gathered once
+                done = Generator(policy, tokenizer, max_batch_size=len(prompts)).generate(prompt_ids, params)
+        finally:
+            policy.train(was)
     out = Answers(prompt_ids, [], [], [], [])
     for c in done:
         stopped = c.finish_reason == "stop"
@@ -375,6 +387,43 @@ def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts
         out.cut.append(not stopped)
         out.appended.append(list(c.tool_spans))
     return out
+
+
+class RolloutServer:
+    """`rollout_engine: vllm` for a training stage: a client of the vLLM server on every process, and the trained
+    policy's weights sent to it before the first rollout of every step: gathered (under FSDP2 every process takes
+    part), written by rank 0 as a Hugging Face checkpoint into OUT/rollout-weights (atomically), reloaded by the
+    server from there."""
+
+    def __init__(self, recipe: Any, tokenizer: Any, env: Any) -> None:
+        self.server = VllmServer(recipe.vllm_url, tokenizer)
+        self.tokenizer, self.env = tokenizer, env
+        self.dir = Path(recipe.out_dir) / "rollout-weights"
+        self.synced: int | None = None
+
+    def sync(self, policy: nn.Module, step: int) -> VllmServer:
+        """The server, holding `policy`'s weights of `step` (written and reloaded once per step)."""
+        if self.synced != step:
+            tensors = gathered_state(policy, self.env.is_main)
+            try:
+                if self.env.is_main:
+                    with atomic_directory(self.dir, what="rollout weights") as tmp:
+                        with torch.device("meta"):
+                            skeleton = Transformer(policy.config)
+                        save_model(skeleton, tmp, self.tokenizer, fetch=lambda name: _named(next(tensors), name))
+                    self.server.load_weights(self.dir)
+            finally:
+                for _ in tensors:  # every process must run every gather
+                    pass
+            barrier(self.env)
+            self.synced = step
+        return self.server
+
+
+def _named(item: tuple[str, Tensor], name: str) -> Tensor:
+    if item[0] != name:
+        raise Llama2Error(f"internal: gathered {item[0]!r} while writing {name!r}")
+    return item[1]
 
 
 def policy_start(recipe: Any) -> tuple[Any, Path, Any, Any]:
@@ -438,6 +487,7 @@ class PPO:
             weights=lambda: load_checkpoint(self.base, kind="causal_lm").state_dict())
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
+        self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None
         self.best_heldout: float | None = None
         self.bad_evals = 0
 
@@ -453,9 +503,10 @@ class PPO:
             self.trainer.model(one, torch.ones_like(one, dtype=torch.bool))
             self._root_ran = True
         seeds = [sample_seed(r.seed, step, prompt_key(p), 0) for p in prompts]
+        server = self.rollouts.sync(self.trainer.model.policy, self.trainer.step) if self.rollouts else None
         return sample_answers(self.trainer.model, self.trainer.model.policy, self.tokenizer, prompts, seeds,
                               temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                              tools=self.tools)
+                              tools=self.tools, server=server)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[PromptItem]) -> Rollout:

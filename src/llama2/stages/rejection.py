@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_open, atomic_write_text, make_dir
 from ..chat import answer_messages, encode_dialog
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, load_config
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
 from ..data.dialogues import Dialogue
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
@@ -50,6 +50,7 @@ from ..device import resolve_device
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams
+from ..inference.remote import VllmServer, check_rollout_engine
 from ..paths import config_path, expand_path
 from ..recipe import check, load_recipe, to_dict
 from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
@@ -154,6 +155,10 @@ class RejectionRecipe:
     tools: list[str] = field(default_factory=list)
     batch_prompts: int = 8  # prompts sampled together (batch_prompts x K sequences per generation batch)
     rollout_quantize: Literal["none", "int8"] = "none"  # int8: the K samples come from weight-only int8 layers
+    # samples from our engine, or from a vLLM server started separately (llama2.inference.remote), which loads
+    # each iteration's policy checkpoint before sampling from it
+    rollout_engine: Literal["ours", "vllm"] = "ours"
+    vllm_url: str = "http://127.0.0.1:8000"
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     max_steps: int | None = None  # caps each iteration's fine-tuning steps (null: the finetune recipe's)
     seed: int = 0  # seeds every sample (fixed per prompt, iteration and index)
@@ -174,6 +179,9 @@ class RejectionRecipe:
         check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         check_tools(self.tools)
+        check_rollout_engine(self)
+        check(self.rollout_quantize == "none" or self.rollout_engine == "ours", "rollout_quantize",
+              self.rollout_quantize, "none with rollout_engine=vllm (the server holds the weights)")
         check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
         check(0 < self.threshold < 1, "threshold", self.threshold, "a number in (0, 1)")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
@@ -217,6 +225,8 @@ class RejectionSampling:
                                     threshold=recipe.threshold)
         self.scorer = scorer
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
+        self.server: VllmServer | None = None  # rollout_engine: vllm
+        self.server_holds: Path | None = None  # the checkpoint the server last loaded
         self.sampler = None
         if recipe.sampler is not None:
             self.sampler = require_checkpoint(recipe.sampler, "sampler")
@@ -245,6 +255,15 @@ class RejectionSampling:
         model = load_checkpoint(path, kind="causal_lm", device=self.device).eval()
         return model, load_tokenizer(path)
 
+    def _server(self, policy: Path, tok: Any) -> VllmServer:
+        """The vLLM server (rollout_engine: vllm), holding `policy`'s weights."""
+        if self.server is None:
+            self.server = VllmServer(self.recipe.vllm_url, tok)
+        if self.server_holds != Path(policy):
+            self.server.load_weights(policy)
+            self.server_holds = Path(policy)
+        return self.server
+
     def sample(self, policy: Path, prompts: Sequence[PromptItem], iteration: int, temperature: float,
                k: int, path: Path | None, desc: str) -> list[dict[str, Any]]:
         """K samples per prompt with their scores, batch by batch; with `path`, every finished batch is written
@@ -252,11 +271,15 @@ class RejectionSampling:
         done = [json.loads(x) for x in path.read_text().splitlines()] if path is not None and path.is_file() else []
         if len(done) >= len(prompts):
             return done[:len(prompts)]
-        model, tok = self._load_policy(policy)
         r = self.recipe
-        context = model.config.max_seq_len
-        gen = Generator(model, tok, max_batch_size=min(r.batch_prompts, len(prompts)) * k,
-                        quantize=r.rollout_quantize)
+        if r.rollout_engine == "vllm":
+            tok, context = load_tokenizer(policy), load_config(policy).max_seq_len
+            gen = self._server(policy, tok)
+        else:
+            model, tok = self._load_policy(policy)
+            context = model.config.max_seq_len
+            gen = Generator(model, tok, max_batch_size=min(r.batch_prompts, len(prompts)) * k,
+                            quantize=r.rollout_quantize)
         bar = tqdm(total=len(prompts), initial=len(done), unit="prompt", desc=desc, disable=self.quiet,
                    dynamic_ncols=True)
         try:

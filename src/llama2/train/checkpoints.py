@@ -241,7 +241,7 @@ class CheckpointManager:
         return ts
 
 
-def _gathered(model: nn.Module, keep: bool):
+def gathered_state(model: nn.Module, keep: bool):
     """(name, full CPU tensor) for each state_dict entry of a sharded model, gathered one at a time; every
     process must run it to the end (each step is a collective); only `keep` processes get the tensors."""
     for name, t in model.state_dict().items():
@@ -254,7 +254,7 @@ def _save_weights(part: _ModelPart, path: Path | None, env: DistEnv) -> None:
     if not env.enabled:
         part.io.save(part.model, path)
         return
-    tensors = _gathered(part.model, env.is_main)
+    tensors = gathered_state(part.model, env.is_main)
 
     def fetch(name: str) -> Tensor:
         got, t = next(tensors)
