@@ -232,3 +232,73 @@ def test_fsdp_stage_reference_model_frozen_params_and_state_resume(tmp_path):
     names = {c.name for c in (tmp_path / "run" / "checkpoints" / "step-000004").iterdir()}
     assert {"optimizer-00000-of-00002.pt", "optimizer-00001-of-00002.pt", "training_state.pt"} <= names
     assert "pi0" not in names and (tmp_path / "run" / "checkpoints/step-000004/scorer/config.json").is_file()
+
+
+RM_WORKER = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from llama2.checkpoint import load_checkpoint
+from llama2.model import Transformer
+from llama2.reward import RewardModel
+from llama2.train.distributed import all_gather_object
+from llama2.train.loop import Trainer
+from helpers import TRAINER_CFG, ListBatches, lm_loss
+from helpers import train_recipe as recipe
+
+out = Path(sys.argv[1])
+rank = int(os.environ["RANK"])
+trainer = Trainer(recipe(out, "run"), lambda: Transformer(TRAINER_CFG), lm_loss, ListBatches([]), quiet=True)
+g = torch.Generator().manual_seed(0)
+rows = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (3, 17, 9, 5, 12, 7, 2, 14)]
+starts = [max(1, len(r) // 2) for r in rows]
+# each process its own rows, unequal: rank 0 several length buckets, rank 1 one, then none at all
+parts = [(slice(0, 7), slice(7, 8)), (slice(0, 3), slice(0, 0))]
+with torch.no_grad():
+    for name in ("plain", "likelihood"):
+        whole = RewardModel(load_checkpoint(out / name).eval(), None, max_batch_tokens=24)
+        sharded = RewardModel.load_sharded(out / name, trainer, name, max_batch_tokens=24)
+        assert trainer.references[name] is sharded.model and not sharded.model.training
+        assert all(isinstance(p, DTensor) and not p.requires_grad for p in sharded.model.parameters())
+        calls = []
+        sharded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+        for part in parts:
+            mine = part[rank]
+            want = whole.score_ids(rows[mine], starts[mine])
+            got = sharded.score_ids(rows[mine], starts[mine])
+            assert len(got) == len(want) and torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-5,
+                                                            atol=1e-5), (name, got, want)
+        counts = all_gather_object(len(calls), trainer.env)
+        assert counts[0] == counts[1] and counts[0] >= 4, counts  # the rank with fewer batches ran dummies
+del trainer, whole, sharded
+from llama2.train.distributed import shutdown
+shutdown()
+"""
+
+
+def test_sharded_reward_models_score_unequal_shares_as_whole_ones(tmp_path, sp_model_path):
+    """RewardModel.load_sharded on 2 gloo processes: an RM with and one without the likelihood term, sharded with
+    FSDP2 (each process reading only its rows of the checkpoint), scores each process's own rows (7 against 1, 3
+    against none) as the whole model does, every process running the same number of forwards."""
+    from llama2.checkpoint import save_model
+    from llama2.classifier import SequenceClassifier
+    from llama2.config import ModelConfig
+    from llama2.tokenizer import Tokenizer
+
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=16, max_seq_len=96)
+    torch.manual_seed(0)
+    for name, likelihood in (("plain", False), ("likelihood", True)):
+        rm = SequenceClassifier(cfg, likelihood=likelihood)
+        with torch.no_grad():
+            rm.score.weight.mul_(100)  # scores of a few units, so that a mismatch would show
+        save_model(rm, tmp_path / name, Tokenizer(sp_model_path))
+    script = tmp_path / "worker.py"
+    script.write_text(RM_WORKER)
+    env = {**SUB_ENV, "PYTHONPATH": os.pathsep.join([SUB_ENV["PYTHONPATH"], str(Path(__file__).parent)])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]

@@ -1,7 +1,8 @@
 """`llama2 plan`: parameter counts against transformers' Llama (7B, 13B, 70B on the meta device), activation bytes
 against what autograd saves for backward on our model (saved-tensor hooks, CPU, fp32 and bf16 autocast, with and
-without activation checkpointing), optimizer and gradient bytes against a real AdamW step, and the command's
-verdicts and errors."""
+without activation checkpointing), optimizer and gradient bytes against a real AdamW step, sharded reward models
+against a classifier's parameters, the vLLM rollout server's need against the model and the engine's cache, and the
+command's verdicts and errors."""
 
 from __future__ import annotations
 
@@ -114,16 +115,24 @@ def test_plan_command_verdicts_and_errors(capsys):
     assert main(["plan", "--config", "configs/7B/sft.yaml"]) == 0
     out = capsys.readouterr().out
     assert "6.74B parameters" in out and "fits in" in out and "s at 40% MFU" in out
-    # as implemented, PPO keeps both 70B reward models whole on every GPU: 8 x 8 A100-80GB cannot hold them
-    assert main(["plan", "--config", "configs/70B/ppo.yaml", "--nodes", "8"]) == 1
+    # with both 70B reward models whole on every GPU and the rollouts in the trainer, 8 x 8 A100-80GB cannot hold
+    # PPO; the recipe shards the RMs and leaves the rollouts to a vLLM server, and fits
+    assert main(["plan", "--config", "configs/70B/ppo.yaml", "--nodes", "8", "reward_models=whole",
+                 "rollout_engine=ours"]) == 1
     out = capsys.readouterr().out
-    assert "does NOT fit" in out and "reward models x 2" in out
+    assert "does NOT fit" in out and "reward models x 2" in out and "gathered for rollouts" in out
+    assert main(["plan", "--config", "configs/70B/ppo.yaml", "--nodes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "helpfulness RM: weights (fp32, sharded)" in out and "vLLM rollout server" in out
+    assert "reward models x 2" not in out and "gathered for rollouts" not in out
     # the training recipes of every size fit 8 nodes of 8 A100-80GB (the 70B reward and DPO micro-batches were
     # lowered to 1 comparison for it)
     for size in ("7B", "13B", "70B"):
         for stage in ("pretrain", "sft", "reward-helpfulness", "reward-safety", "dpo"):
             assert main(["plan", "--config", f"configs/{size}/{stage}.yaml", "--nodes", "8"]) == 0, (size, stage)
-    assert main(["plan", "--config", "configs/7B/ppo.yaml", "--nodes", "8"]) == 0
+    for size in ("7B", "13B", "70B"):
+        for stage in ("ppo", "grpo"):
+            assert main(["plan", "--config", f"configs/{size}/{stage}.yaml", "--nodes", "8"]) == 0, (size, stage)
     capsys.readouterr()
     for argv, message in [(["--config", "configs/tiny/nothing.yaml"], "cannot tell the stage"),
                           (["--config", "configs/tiny/nothing.yaml", "--stage", "sft"], "recipe not found"),
@@ -135,3 +144,66 @@ def test_plan_command_verdicts_and_errors(capsys):
         assert main(["plan", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("llama2: error:") and message in err and "Traceback" not in err, err
+
+
+def rl_plan(stage: str, *overrides: str, gpus: int = 4):
+    """The Plan of a small PPO or GRPO recipe (the test shape below) on one node of `gpus`."""
+    from llama2.commands.plan import plan_stage
+    from llama2.pipeline import STAGES
+    from llama2.recipe import load_recipe
+    from llama2.train.memory import Layout
+
+    group = ["group_size=2"] if stage == "grpo" else []
+    recipe = load_recipe(STAGES[stage].recipe, None, ["base=x", "helpfulness_rm=x", "safety_rm=x", "batch_size=8",
+                                                      "mini_batch=8", "max_new_tokens=32", *group, *overrides])
+    return plan_stage(stage, recipe, RL_CFG, Layout(gpus_per_node=gpus))
+
+
+RL_CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=256)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_sharded_reward_models_count_as_frozen_sharded_classifiers(stage):
+    """reward_models: sharded puts each RM's share on a GPU: its fp32 weights (a SequenceClassifier of the
+    policy's shape, counted on the meta device) over the 4 GPUs; whole, both RMs are on every GPU in bf16."""
+    from llama2.classifier import SequenceClassifier
+
+    classifier = sum(p.numel() for p in SequenceClassifier(RL_CFG, device="meta").parameters())
+    rows = dict(rl_plan(stage, "reward_models=sharded").rows)
+    for name in ("helpfulness RM", "safety RM"):
+        assert rows[f"{name}: weights (fp32, sharded)"] == 4 * classifier // 4  # 4 bytes each, over 4 GPUs
+    assert not any(label.startswith("reward models") for label in rows)
+    rows = dict(rl_plan(stage, "reward_models=whole").rows)
+    assert rows["reward models x 2, whole on every GPU (bf16)"] == 2 * 2 * classifier
+    assert not any(" RM: " in label for label in rows)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_vllm_rollouts_leave_no_rollout_part_on_the_trainer(stage):
+    """rollout_engine: vllm: no gathered policy and no KV cache on the trainer's GPUs (the update's activations
+    instead); the server needs the policy's bf16 weights (our Transformer's parameters) and a cache of the
+    engine's size for every answer of the iteration."""
+    big = ("batch_size=128", "mini_batch=4", "activation_checkpointing=true")  # rollouts outweigh the update
+    ours = rl_plan(stage, *big, "rollout_engine=ours")
+    assert any("gathered for rollouts" in label for label, _ in ours.rows) and ours.server is None
+    plan = rl_plan(stage, *big, "rollout_engine=vllm")
+    labels = [label for label, _ in plan.rows]
+    assert not any("rollout" in label or "KV cache" in label for label in labels), labels
+    assert any(label.startswith("activations") for label in labels)
+    weights = sum(p.numel() for p in Transformer(RL_CFG, device="meta").parameters())
+    answers = 128 * (2 if stage == "grpo" else 1)  # every answer of the iteration in flight at once
+    assert (plan.server.weights, plan.server.sequences) == (2 * weights, answers)
+    assert plan.server.per_sequence == kv_cache_bytes(RL_CFG, 1, 256, 2)  # prompt and answer, the model's context
+    assert any("vLLM server's own GPUs" in note for note in plan.notes)
+
+
+def test_rollout_server_tensor_parallel_size():
+    """The smallest tensor-parallel size that holds the weights and every answer's cache, else the largest size
+    and the answers that fit beside the weights (0 when the weights alone do not)."""
+    from llama2.train.memory import RolloutServer
+
+    server = RolloutServer(weights=100, per_sequence=10, sequences=10)
+    assert server.tensor_parallel(200) == (1, 10)
+    assert server.tensor_parallel(60) == (4, 10)  # 200 / 2 = 100 > 60, 200 / 4 = 50
+    assert server.tensor_parallel(20) == (8, 6)  # 8 x 20 = 160: 100 of weights, 6 answers of 10
+    assert server.tensor_parallel(12) == (8, 0)

@@ -158,6 +158,8 @@ def test_recipe_errors(tmp_path, setup):
         make_recipe(setup, tmp_path / "x", ["mini_batch=99"])
     with pytest.raises(Llama2Error, match="'whiten'"):
         make_recipe(setup, tmp_path / "x", ["whiten=median"])
+    with pytest.raises(Llama2Error, match="'reward_models'"):
+        make_recipe(setup, tmp_path / "x", ["reward_models=halves"])
     from llama2.stages.ppo import ppo
 
     with pytest.raises(Llama2Error, match="fewer than one batch"):
@@ -195,3 +197,60 @@ def test_two_gloo_processes_match_one(tmp_path, setup):
             assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
     assert b[3]["heldout_reward"] == pytest.approx(a[3]["heldout_reward"], abs=1e-6)
     assert (tmp_path / "two" / "checkpoints" / "step-000003" / "value" / "model.safetensors").is_file()
+
+
+RM_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from torch.distributed.tensor import DTensor
+from helpers import make_ppo_recipe as make_recipe
+from llama2.stages.ppo import PPO, evaluate_at_start
+from llama2.train.distributed import shutdown
+setup, rms, mode = Path({setup!r}), Path({rms!r}), sys.argv[1]
+try:
+    run = PPO(make_recipe(setup, Path(sys.argv[2]), ["max_steps=2", "batch_size=16", "mini_batch=16", "eval_every=2",
+                                                     "save_every=0", f"helpfulness_rm={{rms / 'helpfulness'}}",
+                                                     f"safety_rm={{rms / 'safety'}}", f"reward_models={{mode}}"]),
+              quiet=True)
+    sharded = [isinstance(p, DTensor) for rm in (run.scorer.helpfulness_rm, run.scorer.safety_rm)
+               for p in rm.model.parameters()]
+    assert all(sharded) if run.env.enabled else not any(sharded)
+    evaluate_at_start(run)
+    run.trainer.fit()
+finally:
+    shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_sharded_reward_models_match_one_with_whole_ones(tmp_path, setup, sp_model_path):
+    """PPO scored by two real reward models (the helpfulness one with the likelihood term): 2 gloo processes with
+    `reward_models: sharded` (each RM sharded with FSDP2, each process scoring its own half of the answers) give
+    the rewards, KL and losses of one process holding them whole."""
+    from helpers import one_and_two_processes
+
+    from llama2.checkpoint import save_model
+    from llama2.classifier import SequenceClassifier
+    from llama2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    for name, likelihood in (("helpfulness", True), ("safety", False)):
+        rm = SequenceClassifier(CFG, likelihood=likelihood)
+        with torch.no_grad():
+            rm.score.weight.mul_(30)  # scores of a few units: answers told apart, a mismatch would show
+            if likelihood:
+                rm.likelihood_weight.copy_(torch.tensor([0.05, 1.0]))
+        save_model(rm, tmp_path / "rms" / name, Tokenizer(sp_model_path))
+    script = tmp_path / "driver.py"
+    script.write_text(RM_DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup), rms=str(tmp_path / "rms")))
+    a, b = one_and_two_processes(tmp_path, [str(script), "whole"], [str(script), "sharded"])
+    for s in (1, 2):
+        for key in ("reward", "reward_helpfulness", "reward_safety"):
+            assert b[s][key] == pytest.approx(a[s][key], abs=1e-5), (s, key)
+        for key in ("kl", "loss", "policy_loss", "value_loss"):
+            assert b[s][key] == pytest.approx(a[s][key], rel=1e-4, abs=1e-5), (s, key)
+    for s in (0, 2):
+        assert b[s]["heldout_reward"] == pytest.approx(a[s]["heldout_reward"], abs=1e-5)
+    assert all(0.01 < a[s][key] < 0.99 for s in (1, 2) for key in ("reward_helpfulness", "reward_safety"))
+    assert a[2]["kl"] > 0 and a[2]["reward"] != a[1]["reward"]

@@ -16,6 +16,11 @@ Scoring is batched and length-bucketed: sequences are sorted by length and cut i
 order. A pair longer than the model's context keeps its BOS and its last `max_seq_len - 1` tokens (the response
 end, where the score is read) and is counted in `truncated`.
 
+A reward model too large to sit whole on every GPU is sharded with FSDP2 over a Trainer's processes like its
+frozen reference model (`RewardModel.load_sharded`: each process reads only its rows of every tensor). Each
+process then scores its own pairs; as every forward gathers the weights (a collective), the processes agree on
+the number of forwards first and those with fewer batches run one-row dummies, whose scores are dropped.
+
 The combined reward (paper section 6; rejection sampling and PPO): R_c = R_s if the prompt is a safety prompt or
 R_s < 0.15, else R_h (`combine_rewards`), and WHITEN(LOGIT(R_c)) with batch or running statistics (`Whitener`):
 
@@ -30,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +45,10 @@ from .checkpoint import detect_kind, load_checkpoint
 from .checkpoint.runs import load_tokenizer, resolve_base
 from .classifier import SequenceClassifier
 from .errors import Llama2Error
+
+if TYPE_CHECKING:
+    from .train.distributed import DistEnv
+    from .train.loop import Trainer
 
 Prompt = str | Sequence[Message]
 
@@ -97,11 +106,14 @@ class RewardModel:
     """A sequence classifier with its tokenizer, scoring (prompt, response) pairs; see the module docstring.
 
     `model` may be a plain SequenceClassifier or the one a Trainer is training (FSDP-wrapped too: every forward
-    goes through the module's own call, so under FSDP every process must score the same inputs)."""
+    goes through the module's own call, so under FSDP every process must score the same inputs), or one sharded
+    over `sharded_over`'s processes, each scoring its own inputs (load_sharded, the module docstring)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_tokens: int = 16_384,
-                 max_seq_len: int | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+                 max_seq_len: int | None = None, autocast_dtype: torch.dtype | None = None,
+                 sharded_over: DistEnv | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.sharded_over = sharded_over if sharded_over is not None and sharded_over.enabled else None
         self.max_batch_tokens = max_batch_tokens
         config = getattr(model, "config", None)
         self.max_seq_len = max_seq_len or (config.max_seq_len if config is not None else 4096)
@@ -123,6 +135,20 @@ class RewardModel:
                               "`llama2 reward` or give its directory")
         return cls(model.eval(), load_tokenizer(ckpt), **kwargs)
 
+    @classmethod
+    def load_sharded(cls, path: Path | str, trainer: Trainer, name: str, **kwargs: Any) -> RewardModel:
+        """A reward model sharded with FSDP2 over `trainer`'s processes as its frozen reference models are
+        (Trainer.add_reference_model, registered as `name`): built on the meta device in the checkpoint's dtype,
+        each process reading only its rows of every tensor; gathered in the compute dtype on GPUs. Every process
+        must load it, and score whenever another does. With one process: RewardModel.load, on the trainer's
+        device."""
+        ckpt = resolve_base(str(path))
+        if not trainer.env.enabled:
+            return cls.load(ckpt, device=trainer.device, **kwargs)
+        skeleton = reward_skeleton(ckpt)
+        model = trainer.add_reference_model(name, lambda: skeleton, checkpoint=ckpt)
+        return cls(model, load_tokenizer(ckpt), sharded_over=trainer.env, **kwargs)
+
     def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], int]]:
         if isinstance(prompts, str) or isinstance(responses, str):
             raise Llama2Error("score() takes lists: score([prompt, ...], [response, ...])")
@@ -143,8 +169,9 @@ class RewardModel:
     @torch.no_grad()
     def score_ids(self, sequences: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[float]:
         """Scores of already-encoded sequences (each ending with the EOS to score at), batched by length; `starts`:
-        where each response begins (encode_scored), needed by a model with the likelihood term."""
-        if not sequences:
+        where each response begins (encode_scored), needed by a model with the likelihood term. Sharded, every
+        process runs as many forwards as the one with the most batches (the module docstring)."""
+        if not sequences and self.sharded_over is None:
             return []
         rows, firsts = [], []
         for n, s in enumerate(sequences):
@@ -161,8 +188,17 @@ class RewardModel:
         out = [0.0] * len(rows)
         was_training = self.model.training
         self.model.eval()
+        batches = length_buckets([len(r) for r in rows], self.max_batch_tokens)
+        forwards = len(batches)
+        if self.sharded_over is not None:
+            from .train.distributed import all_gather_object
+
+            forwards = max(all_gather_object(forwards, self.sharded_over))
         try:
-            for batch in length_buckets([len(r) for r in rows], self.max_batch_tokens):
+            for _ in range(forwards - len(batches)):
+                with _autocast(device, self.autocast_dtype):
+                    self._dummy_forward(device)
+            for batch in batches:
                 tokens, lengths = pad_rows([rows[i] for i in batch], self.pad_id)
                 extra = {"response_from": torch.tensor([firsts[i] for i in batch], device=device)} \
                     if starts is not None else {}
@@ -173,6 +209,32 @@ class RewardModel:
         finally:
             self.model.train(was_training)
         return out
+
+    def _dummy_forward(self, device: torch.device) -> None:
+        """A forward of one two-token row, its score dropped: keeps a sharded model's collectives in step."""
+        tokens = torch.full((1, 2), self.pad_id, dtype=torch.long, device=device)
+        extra = {"response_from": torch.ones(1, dtype=torch.long, device=device)} \
+            if getattr(self.model, "likelihood", False) else {}
+        self.model(tokens, lengths=torch.full((1,), 2, device=device), **extra)
+
+
+def reward_skeleton(ckpt: Path) -> SequenceClassifier:
+    """The reward model in checkpoint directory `ckpt` (Hugging Face layout) on the meta device, in its stored
+    dtype (config.json is all that is read): what load_sharded fills."""
+    from .checkpoint import hf
+
+    kind = detect_kind(ckpt)
+    if kind != "classifier":
+        what = "a causal LM" if kind == "causal_lm" else "a LoRA adapter"
+        fix = "train one with `llama2 reward`" if kind == "causal_lm" else \
+            "merge it first (`llama2 lora merge`) or load the reward models whole (reward_models: whole)"
+        raise Llama2Error(f"{ckpt} holds {what}, not a full reward model (a sequence classifier) to shard; {fix}")
+    d = hf.read_json(ckpt / hf.CONFIG)
+    cfg = hf.config_from_hf(d, ckpt / hf.CONFIG)
+    with torch.device("meta"):
+        model = SequenceClassifier(cfg, pad_id=hf.pad_id_of_config(d, cfg),
+                                   likelihood=d.get(hf.LIKELIHOOD_FLAG) is True)
+    return model.to(hf.config_dtype(d) or torch.float32)
 
 
 def sigmoid(x: float) -> float:
@@ -281,5 +343,6 @@ class CombinedReward:
         return CombinedScores(r_h, r_s, r_c, white)
 
 
-__all__ = ["RewardModel", "encode_pair", "encode_scored", "prompt_messages", "pad_rows", "length_buckets", "sigmoid",
-           "logit", "combine_rewards", "Whitener", "CombinedReward", "CombinedScores", "SAFETY_THRESHOLD"]
+__all__ = ["RewardModel", "reward_skeleton", "encode_pair", "encode_scored", "prompt_messages", "pad_rows",
+           "length_buckets", "sigmoid", "logit", "combine_rewards", "Whitener", "CombinedReward", "CombinedScores",
+           "SAFETY_THRESHOLD"]

@@ -77,11 +77,36 @@ def run(args: argparse.Namespace) -> int:
         total = f"; {steps} steps: {sec * steps / 3600:.1f} h, {sec * steps * layout.world / 3600:,.0f} GPU-hours" \
             if steps else ""
         print(f"  time: {plan.step_flops:.3g} FLOPs per step, {sec:.2f} s at {args.mfu:.0%} MFU{total}")
-    if plan.rollout_tokens:
-        per_token = plan.rollout_bytes_per_token / (gpu.bandwidth_tbs * 1e12)
-        print(f"  rollouts: {plan.rollout_tokens} decode steps per iteration, at least {per_token * 1e3:.1f} ms each "
-              f"(weights and cache read at {gpu.bandwidth_tbs} TB/s): {per_token * plan.rollout_tokens:.1f} s")
+    steps, per_step = plan.rollout_tokens, plan.rollout_bytes_per_token
+    if plan.server is not None:
+        tp, held = server_lines(plan.server, usable, gpu.name)
+        waves = -(-plan.server.sequences // held) if held else 0  # vLLM queues what it cannot hold
+        steps, per_step = steps * waves, (plan.server.weights + held * plan.server.per_sequence) / tp
+    if steps:
+        per_token = per_step / (gpu.bandwidth_tbs * 1e12)
+        print(f"  rollouts: {steps} decode steps per iteration, at least {per_token * 1e3:.1f} ms each "
+              f"(weights and cache read at {gpu.bandwidth_tbs} TB/s): {per_token * steps:.1f} s")
     return 0 if plan.total <= usable else 1
+
+
+def server_lines(server, usable: float, gpu: str) -> tuple[int, int]:
+    """Print what the vLLM rollout server needs on GPUs of `usable` bytes (llama2.train.memory.RolloutServer);
+    returns its tensor-parallel size and the answers it holds at once (0: not even the weights fit)."""
+    from ..train.memory import GiB
+
+    tp, held = server.tensor_parallel(usable)
+    need = server.weights + server.sequences * server.per_sequence
+    print(f"  vLLM rollout server, on its own GPUs: the policy's weights {server.weights / GiB:.1f} GiB + KV cache "
+          f"{server.per_sequence / GiB:.2f} GiB per answer x {server.sequences} answers in flight = "
+          f"{need / GiB:.1f} GiB")
+    if held == server.sequences:
+        print(f"    tensor-parallel size {tp}: {need / tp / GiB:.1f} GiB per {gpu}, fits in {usable / GiB:.1f} GiB")
+    elif held:
+        print(f"    tensor-parallel size {tp}: the weights take {server.weights / tp / GiB:.1f} GiB per {gpu}, leaving "
+              f"room for {held} of the {server.sequences} answers at once (vLLM queues the rest)")
+    else:
+        print(f"    the weights alone need more than {tp} x {gpu}: add pipeline parallelism or larger GPUs")
+    return tp, held
 
 
 def size(nbytes: float) -> str:
@@ -190,10 +215,28 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
     if stage == "ppo" or recipe.beta > 0:
         m.frozen_sharded(plan, "reference (pi_0)", p, layout)
     if stage == "ppo" or recipe.reward == "rm":
-        plan.add("reward models x 2, whole on every GPU (bf16)", 2 * 2 * m.parameters(cfg, head=1).total)
+        rm = m.parameters(cfg, head=1)
+        if recipe.reward_models == "sharded":
+            for name in ("helpfulness RM", "safety RM"):
+                m.frozen_sharded(plan, name, rm, layout)
+        else:
+            plan.add("reward models x 2, whole on every GPU (bf16)", 2 * 2 * rm.total)
     rollout = cb * p.total + m.kv_cache_bytes(cfg, per_gpu, length, cb)
     mini = max(1, recipe.mini_batch // world)
     update = m.activation_bytes(cfg, mini * length, cb, ckpt) * (2 if stage == "ppo" else 1)
+    answers = recipe.batch_size * (recipe.group_size if stage == "grpo" else 1)
+    plan.step_flops = m.training_flops(p, cfg, answers * length, length) * (2 if stage == "ppo" else 1)
+    plan.rollout_tokens = recipe.max_new_tokens
+    if recipe.rollout_engine == "vllm":
+        from ..inference.remote import MAX_IN_FLIGHT
+
+        plan.add(f"activations ({mini} x {length} tokens{', checkpointed' if ckpt else ''})", update)
+        plan.server = m.RolloutServer(cb * p.total, m.kv_cache_bytes(cfg, 1, length, cb),
+                                      min(answers, world * min(per_gpu, MAX_IN_FLIGHT)),
+                                      tuple(t for t in (1, 2, 4, 8) if cfg.n_heads % t == 0))
+        plan.notes.append("rollout_engine vllm: the rollouts run on the vLLM server's own GPUs; these hold no "
+                          "gathered policy and no KV cache")
+        return plan
     if rollout >= update:
         plan.add("policy gathered for rollouts (bf16)", cb * p.total)
         plan.add(f"KV cache ({per_gpu} sequences of {length})", m.kv_cache_bytes(cfg, per_gpu, length, cb))
@@ -201,8 +244,5 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
                           f"{update / m.GiB:.1f} GiB")
     else:
         plan.add(f"activations ({mini} x {length} tokens{', checkpointed' if ckpt else ''})", update)
-    answers = recipe.batch_size * (recipe.group_size if stage == "grpo" else 1)
-    plan.step_flops = m.training_flops(p, cfg, answers * length, length) * (2 if stage == "ppo" else 1)
-    plan.rollout_tokens = recipe.max_new_tokens
     plan.rollout_bytes_per_token = cb * p.total + m.kv_cache_bytes(cfg, per_gpu, length, cb)
     return plan

@@ -49,13 +49,13 @@ from ..inference.remote import check_rollout_engine
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
-from ..reward import SAFETY_THRESHOLD, CombinedReward, RewardModel, logit
+from ..reward import SAFETY_THRESHOLD, logit
 from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import (Answers, PromptBatches, RolloutServer, Scorer, pad_rollout, policy_start, reward_kl_figure,
-                  sample_answers)
+from .ppo import (Answers, PromptBatches, RolloutServer, Scorer, check_reward_models, pad_rollout, policy_start,
+                  reward_kl_figure, reward_models, sample_answers)
 
 WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)
@@ -160,6 +160,8 @@ class GRPORecipe(TrainRecipe):
     # weights the stage replaces after every update
     rollout_engine: Literal["ours", "vllm"] = "ours"
     vllm_url: str = "http://127.0.0.1:8000"
+    # reward: rm, the two RMs whole on every process, or sharded with FSDP2 over the processes (as in PPO)
+    reward_models: Literal["whole", "sharded"] = "whole"
     threshold: float = SAFETY_THRESHOLD  # reward: rm, R_s below this makes the safety RM decide
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
     optim: OptimConfig = field(default_factory=_grpo_optim)
@@ -179,6 +181,7 @@ class GRPORecipe(TrainRecipe):
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check_tools(self.tools)
         check_rollout_engine(self)
+        check_reward_models(self)
         check(self.beta >= 0, "beta", self.beta, "a number >= 0")
         check(self.clip > 0, "clip", self.clip, "a positive number")
         check(self.clip_high is None or self.clip_high > 0, "clip_high", self.clip_high, "a positive number or null")
@@ -225,16 +228,12 @@ class GRPO:
             raise Llama2Error("reward: gold scores with the built-in world's judge, which knows only the world's "
                               f"questions; set prompts.path: {WORLD}prompts.jsonl (and prompts.val_path: "
                               f"{WORLD}prompts.val.jsonl) or reward: rm")
-        if scorer is None:
-            if recipe.reward == "gold":
-                scorer = GoldReward()
-            else:
-                device = env.device
-                scorer = CombinedReward(
-                    RewardModel.load(require_checkpoint(recipe.helpfulness_rm, "helpfulness RM"), device=device),
-                    RewardModel.load(require_checkpoint(recipe.safety_rm, "safety RM"), device=device),
-                    threshold=recipe.threshold)
-        self.scorer = scorer
+        rm_paths = None
+        if scorer is None and recipe.reward == "gold":
+            scorer = GoldReward()
+        elif scorer is None:
+            rm_paths = (require_checkpoint(recipe.helpfulness_rm, "helpfulness RM"),
+                        require_checkpoint(recipe.safety_rm, "safety RM"))
         train, val = load_prompt_sets(recipe.prompts, quiet)
         self.eval_prompts = val[:recipe.prompts.held_out]
         if recipe.reward == "gold" and isinstance(scorer, GoldReward):
@@ -247,6 +246,7 @@ class GRPO:
                                step_fn=self.iteration, eval_fn=self.evaluate if self.eval_prompts else None)
         self.reference = self.trainer.add_reference_model("reference", lambda: Transformer(cfg)) \
             if recipe.beta > 0 else None
+        self.scorer = scorer if rm_paths is None else reward_models(recipe, self.trainer, *rm_paths)
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None

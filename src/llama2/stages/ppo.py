@@ -23,7 +23,9 @@ iterations heldout_reward (greedy answers to held-out prompts, mean R_c), with e
 evaluations without a better one.
 The policy and the value model train together (`ActorCritic`, one optimiser); the value model starts from the
 helpfulness RM (`value_init: helpfulness_rm`) or from the policy's backbone with a fresh head (`policy`). The
-checkpoint directory holds the policy in the HF causal-LM layout and the value model in `value/`.
+checkpoint directory holds the policy in the HF causal-LM layout and the value model in `value/`. The two RMs are
+loaded whole on every process, or sharded over the processes with FSDP2 (`reward_models: sharded`, for models whose
+RMs do not fit whole beside the rest; `reward_models()`, llama2.reward).
 
     recipe = load_recipe(PPORecipe, "configs/tiny/ppo.yaml")
     result = pipeline.run(recipe)            # builds the SFT model and both RMs when missing, then ppo(recipe)
@@ -238,6 +240,9 @@ class PPORecipe(TrainRecipe):
     # weights the stage replaces after every update
     rollout_engine: Literal["ours", "vllm"] = "ours"
     vllm_url: str = "http://127.0.0.1:8000"
+    # the two RMs whole on every process, or sharded with FSDP2 over the processes (what the 13B and 70B recipes
+    # need: whole, they do not fit beside the rest; `llama2 plan`)
+    reward_models: Literal["whole", "sharded"] = "whole"
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     patience: int = 0  # stop after this many evaluations without a better held-out reward (0 = never)
     prompts: PromptsSpec = field(default_factory=PromptsSpec)
@@ -263,7 +268,24 @@ class PPORecipe(TrainRecipe):
         check(self.patience >= 0, "patience", self.patience, "an integer >= 0")
         check_tools(self.tools)
         check_rollout_engine(self)
+        check_reward_models(self)
         self.prompts.validate()
+
+
+def check_reward_models(recipe: Any) -> None:
+    """The recipe key `reward_models` (PPO, GRPO)."""
+    check(recipe.reward_models in ("whole", "sharded"), "reward_models", recipe.reward_models, "whole or sharded")
+
+
+def reward_models(recipe: Any, trainer: Trainer, helpfulness: Path, safety: Path) -> CombinedReward:
+    """The combined reward of a PPO or GRPO recipe's two RMs: each loaded whole on every process, or sharded over
+    the trainer's processes (`reward_models: sharded`, RewardModel.load_sharded)."""
+    def load(path: Path, name: str) -> RewardModel:
+        if recipe.reward_models == "sharded":
+            return RewardModel.load_sharded(path, trainer, name)
+        return RewardModel.load(path, device=trainer.device)
+
+    return CombinedReward(load(helpfulness, "helpfulness_rm"), load(safety, "safety_rm"), threshold=recipe.threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,14 +470,11 @@ class PPO:
         env, self.base, cfg, self.tokenizer = policy_start(recipe)
         self.recipe, self.quiet, self.env = recipe, quiet, env
         self.device = env.device
-        h_path = None
+        h_path = s_path = None
         if scorer is None or recipe.value_init == "helpfulness_rm":
             h_path = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
         if scorer is None:
             s_path = require_checkpoint(recipe.safety_rm, "safety RM")
-            scorer = CombinedReward(RewardModel.load(h_path, device=self.device),
-                                    RewardModel.load(s_path, device=self.device), threshold=recipe.threshold)
-        self.scorer = scorer
         self.whitener = Whitener(recipe.whiten)
         train, val = load_prompt_sets(recipe.prompts, quiet)
         self.eval_prompts = val[:recipe.prompts.held_out]
@@ -485,6 +504,7 @@ class PPO:
         self.reference = self.trainer.add_reference_model(
             "reference", lambda: Transformer(cfg),
             weights=lambda: load_checkpoint(self.base, kind="causal_lm").state_dict())
+        self.scorer = scorer if scorer is not None else reward_models(recipe, self.trainer, h_path, s_path)
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None
@@ -670,4 +690,4 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
            "masked_whiten", "pad_rollout", "Answers", "sample_answers", "PromptBatches", "reward_kl_figure",
-           "policy_start"]
+           "policy_start", "reward_models", "check_reward_models"]

@@ -292,9 +292,11 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _build(self, build: Callable[[], nn.Module], *, training: bool,
-               select: Callable[[nn.Module], None]) -> nn.Module:
+               select: Callable[[nn.Module], None], filled: bool = False) -> nn.Module:
+        """filled: the caller reads every tensor in after (from a checkpoint): built on the meta device and left
+        uninitialised, whatever init_on_meta says."""
         r, env = self.recipe, self.env
-        if r.init_on_meta:
+        if r.init_on_meta or filled:
             with torch.device("meta"):
                 model = build()
         else:
@@ -307,8 +309,9 @@ class Trainer:
         if env.enabled:
             gather_dtype = self.amp_dtype if self.device.type == "cuda" else None
             shard_model(model, env, param_dtype=gather_dtype, training=training)
-        if r.init_on_meta:
+        if r.init_on_meta or filled:
             model.to_empty(device=self.device)
+        if r.init_on_meta and not filled:
             init = getattr(model, "init_weights", None)
             if init is None:
                 raise Llama2Error("init_on_meta needs a model with init_weights(); set init_on_meta=false")
@@ -356,21 +359,27 @@ class Trainer:
 
     def add_reference_model(self, name: str, build: Callable[[], nn.Module],
                             weights: Callable[[], dict[str, Tensor]] | None = None, *, save: bool = False,
-                            io: CheckpointIO | None = None) -> nn.Module:
+                            io: CheckpointIO | None = None, checkpoint: Path | None = None) -> nn.Module:
         """A frozen model beside the trained one (PPO's initial policy, a reward model used for scoring):
         built and sharded like the trained model, in eval mode, no gradients, loaded strictly from `weights()`
-        (a full state dict read on rank 0; default: the Trainer's initial_weights). Not checkpointed unless
-        save=True (then written through `io`, default the Trainer's, into the checkpoint's subdirectory
-        `name`). Call it under torch.no_grad()."""
+        (a full state dict read on rank 0; default: the Trainer's initial_weights), or from the checkpoint
+        directory `checkpoint`, each process reading only its own rows (read_rows_into; built on the meta device,
+        so no process holds the model whole). Not checkpointed unless save=True (then written through `io`,
+        default the Trainer's, into the checkpoint's subdirectory `name`). Call it under torch.no_grad()."""
         if save:
             self._not_started("add_reference_model(save=True)")
         source = weights or self.initial_weights
-        if source is None:
+        if source is None and checkpoint is None:
             raise Llama2Error(f"reference model {name!r} has no weights: pass weights= (a function returning the "
                               "full state dict) or give the Trainer initial_weights=")
-        model = self._build(build, training=False, select=lambda m: [p.requires_grad_(False) for p in m.parameters()])
+        model = self._build(build, training=False, select=lambda m: [p.requires_grad_(False) for p in m.parameters()],
+                            filled=checkpoint is not None)
         model.eval()
-        self.load_full_state(model, source() if self.env.is_main else {})
+        if checkpoint is not None:
+            with torch.no_grad():
+                read_rows_into(checkpoint, {n: st.local_rows(t)[:2] for n, t in model.state_dict().items()})
+        else:
+            self.load_full_state(model, source() if self.env.is_main else {})
         if save:
             self.checkpoints.add_model(name, model, io or self.io, skeleton=build)
         self.references[name] = model

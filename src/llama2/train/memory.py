@@ -8,7 +8,8 @@ The accounting follows what the loop does (train/loop.py, train/distributed.py):
 - in bf16 FSDP2 gathers a block's weights in bf16 for compute: the block being computed, the next (prefetched),
   the last (kept for backward), and the embedding and head (the root);
 - a frozen reference model (PPO, DPO, GRPO) is sharded like a trained one, weights only; the reward models are
-  loaded whole on every GPU in bf16;
+  loaded whole on every GPU in bf16, or with `reward_models: sharded` (PPO, GRPO) sharded like the reference
+  (fp32, the dtype the reward stage saves them in);
 - activations saved for backward, per token of a micro-batch, per layer: 3 x dim + 2 x kv_dim + 4 x ffn_dim
   values in the compute dtype, and 3 x dim (the fp32 residual stream) + n_heads + 2 fp32 values (attention's
   log-sum-exp, the norms' 1/rms); outside the layers about 9-10 x dim bytes. With activation checkpointing each
@@ -16,7 +17,11 @@ The accounting follows what the loop does (train/loop.py, train/distributed.py):
   (tokens x vocab) logits. (The tests hold these counts within 10% of what autograd's saved-tensor hooks see on
   the model itself.)
 - rollouts (PPO, GRPO, rejection sampling) gather the whole policy on every GPU in the compute dtype and keep a
-  KV cache for each sequence generated there.
+  KV cache for each sequence generated there; with `rollout_engine: vllm` (PPO, GRPO) they run on the vLLM
+  server's own GPUs instead, and the trainer's GPUs hold neither. That server needs the policy's weights in the
+  compute dtype plus the KV cache of the answers in flight at once (every trainer process sends up to
+  MAX_IN_FLIGHT of its answers concurrently), split over its tensor-parallel GPUs (`RolloutServer`: the smallest
+  of 1, 2, 4, 8 GPUs that holds them all, else 8 holding as many answers as fit, vLLM queueing the rest).
 """
 
 from __future__ import annotations
@@ -96,6 +101,27 @@ def kv_cache_bytes(cfg: ModelConfig, sequences: int, length: int, compute_bytes:
     return 2 * cfg.n_layers * kv * length * sequences * compute_bytes
 
 
+@dataclass(frozen=True)
+class RolloutServer:
+    """What a vLLM rollout server needs (rollout_engine: vllm), all its GPUs together: the policy's weights, and
+    the KV cache of one answer times the answers in flight at once."""
+
+    weights: int
+    per_sequence: int
+    sequences: int
+    sizes: tuple[int, ...] = (1, 2, 4, 8)  # tensor-parallel sizes tried (dividing the policy's heads)
+
+    def tensor_parallel(self, usable: float) -> tuple[int, int]:
+        """(tensor-parallel size, answers held at once) on GPUs of `usable` bytes: the smallest size whose share of
+        the weights and of every answer's cache fits, else the largest size and the answers that fit beside the
+        weights there (0: not even the weights fit)."""
+        for tp in self.sizes:
+            if (self.weights + self.sequences * self.per_sequence) / tp <= usable:
+                return tp, self.sequences
+        tp = self.sizes[-1]
+        return tp, max(0, min(self.sequences, int((usable * tp - self.weights) // self.per_sequence)))
+
+
 @dataclass
 class Plan:
     """Per-GPU bytes of each part, in the phase that needs the most, and the time estimates."""
@@ -105,6 +131,7 @@ class Plan:
     step_flops: float = 0.0  # per optimiser step (or per iteration), all GPUs together
     rollout_bytes_per_token: float = 0.0  # weights and cache read per decoded token step, per GPU
     rollout_tokens: int = 0  # decode steps per iteration
+    server: RolloutServer | None = None  # rollout_engine: vllm, the rollouts' own GPUs
 
     def add(self, label: str, nbytes: float) -> None:
         if nbytes:
