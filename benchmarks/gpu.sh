@@ -4,6 +4,8 @@
 #   2. 7B-shape batch-1 decode against the HBM bandwidth bound (and transformers' generate)
 #   3. FSDP2 over NCCL under torchrun: the tiny pretraining recipe for a few steps, then resume
 #   4. each stage's step on CUDA: the tests marked `gpu` (they skip, saying so, on machines without CUDA)
+#   5. RLHF rollouts through a vLLM server against our engine, and the weight update's cost (rollout_engine:
+#      vllm), when VLLM_PYTHON names a Python with a CUDA vLLM (the machine has no internet to install one)
 # Usage (from the repository root, on the GPU machine, with a python that has a CUDA torch):
 #   bash benchmarks/gpu.sh [OUT_DIR]          # logs go to OUT_DIR (default: $OUT or ./gpu-results)
 # It uses the checkout's sources directly (PYTHONPATH=src): no install step, nothing downloaded.
@@ -34,6 +36,11 @@ step fsdp2_nccl 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1
     --config configs/tiny/pretrain.yaml device=cuda max_steps=40 save_every=20 out_dir="$run_dir" --quiet
 step fsdp2_resume 60 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llama2 pretrain \
     --config configs/tiny/pretrain.yaml device=cuda max_steps=60 save_every=20 out_dir="$run_dir" --quiet
+if [ -x "${VLLM_PYTHON:-}" ]; then
+  step vllm_rollout 240 $PY benchmarks/vllm_rollout.py --device cuda --shape 1.1b --vllm-python "$VLLM_PYTHON"
+else
+  echo "== vllm_rollout skipped: set VLLM_PYTHON to a Python with vLLM for CUDA"
+fi
 step stage_steps 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 echo "== done ($(date +%T)), status $status; logs in $out"
 exit $status

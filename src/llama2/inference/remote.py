@@ -77,6 +77,8 @@ class VllmServer:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, "return_token_ids": True,
                                 "skip_special_tokens": True}
+        if params.stop_ids == []:  # no stop id: run to max_new_tokens, as our engine does
+            body["ignore_eos"] = True
         if params.temperature > 0 and params.seed is not None:
             body["seed"] = int(params.seed) % 2**63
         choice = self._post("/v1/completions", body)["choices"][0]
