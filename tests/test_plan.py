@@ -197,6 +197,27 @@ def test_vllm_rollouts_leave_no_rollout_part_on_the_trainer(stage):
     assert any("vLLM server's own GPUs" in note for note in plan.notes)
 
 
+def test_rejection_sampling_with_vllm_holds_the_reward_models_only():
+    """Rejection sampling with rollout_engine: vllm: the sampling process keeps the two RMs whole (bf16) and neither
+    the policy nor a KV cache; the server needs the policy's bf16 weights and a cache for each sample in flight."""
+    from llama2.classifier import SequenceClassifier
+    from llama2.commands.plan import plan_stage
+    from llama2.recipe import load_recipe
+    from llama2.stages.rejection import RejectionRecipe
+    from llama2.train.memory import Layout
+
+    args = ["base=x", "helpfulness_rm=x", "safety_rm=x", "samples_per_prompt=4", "batch_prompts=3",
+            "max_new_tokens=32"]
+    classifier = sum(p.numel() for p in SequenceClassifier(RL_CFG, device="meta").parameters())
+    ours = plan_stage("rejection-sampling", load_recipe(RejectionRecipe, None, args), RL_CFG, Layout())
+    assert dict(ours.rows)["KV cache (12 sequences of 544)"] == kv_cache_bytes(RL_CFG, 12, 544, 2)
+    plan = plan_stage("rejection-sampling", load_recipe(RejectionRecipe, None, args + ["rollout_engine=vllm"]),
+                      RL_CFG, Layout())
+    assert plan.rows == [("reward models x 2, whole (bf16)", 2 * 2 * classifier)]
+    weights = sum(p.numel() for p in Transformer(RL_CFG, device="meta").parameters())
+    assert (plan.server.weights, plan.server.sequences) == (2 * weights, 12)
+
+
 def test_rollout_server_tensor_parallel_size():
     """The smallest tensor-parallel size that holds the weights and every answer's cache, else the largest size
     and the answers that fit beside the weights (0 when the weights alone do not)."""

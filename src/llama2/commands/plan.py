@@ -174,12 +174,21 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
     if stage == "rejection-sampling":
         k, length = recipe.samples_per_prompt, recipe.max_new_tokens + 512
         sequences = recipe.batch_prompts * k
-        plan.add("policy, gathered for sampling (bf16)", cb * p.total)
         plan.add("reward models x 2, whole (bf16)", 2 * 2 * m.parameters(cfg, head=1).total)
-        plan.add(f"KV cache ({sequences} sequences of {length})", m.kv_cache_bytes(cfg, sequences, length, cb))
         plan.notes.append("sampling phase; the fine-tuning of each iteration is its finetune recipe's plan "
                           "(an SFT recipe)")
         plan.rollout_tokens = recipe.max_new_tokens
+        if recipe.rollout_engine == "vllm":
+            from ..inference.remote import MAX_IN_FLIGHT
+
+            plan.server = m.RolloutServer(cb * p.total, m.kv_cache_bytes(cfg, 1, length, cb),
+                                          min(sequences, MAX_IN_FLIGHT),
+                                          tuple(t for t in (1, 2, 4, 8) if cfg.n_heads % t == 0))
+            plan.notes.append("rollout_engine vllm: the samples come from the vLLM server's own GPUs; this one "
+                              "holds the reward models only")
+            return plan
+        plan.add("policy, gathered for sampling (bf16)", cb * p.total)
+        plan.add(f"KV cache ({sequences} sequences of {length})", m.kv_cache_bytes(cfg, sequences, length, cb))
         plan.rollout_bytes_per_token = cb * p.total
         return plan
     trainable = p.total
