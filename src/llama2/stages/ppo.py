@@ -432,7 +432,7 @@ class RolloutServer:
                     with atomic_directory(self.dir, what="rollout weights") as tmp:
                         with torch.device("meta"):
                             skeleton = Transformer(policy.config)
-                        save_model(skeleton, tmp, self.tokenizer, fetch=lambda name: _named(next(tensors), name))
+                        save_model(skeleton, tmp, fetch=lambda name: _named(next(tensors), name))  # weights only
                     self.server.load_weights(self.dir)
             finally:
                 for _ in tensors:  # every process must run every gather
