@@ -126,6 +126,8 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
         assert set(gold["reward"][f"{kind}_rm/helpfulness_pairs"]["accuracy"]) >= {"significantly_better", "all"}
     assert gold["rejection"]["best_of_k"]["k"][0] == 1 and (out / "figures" / "rejection" / "gold_best_of_k.png"
                                                             ).is_file()
+    ranked = gold["rejection"]["best_of_k"]
+    assert (ranked["right_over_wrong"] is None) == (ranked["ranked_pairs"] == 0)
     assert len(gold["ppo"]["runs"]) == 2 and (out / "figures" / "ppo" / "gold.png").is_file()
     assert 20 in [int(t) for t in gold["gatt"]["turns"]]
     assert {"violations", "false_refusals"} <= set(gold["safety"]["after"])

@@ -11,7 +11,14 @@ from scipy import stats
 
 from llama2.data.world import WorldSpec, generate_world
 from llama2.data.world.items import all_items
-from llama2.eval.gold import judge_answers, paired_difference, reward_model_vs_gold, safety_rates, wilson
+from llama2.eval.gold import (
+    judge_answers,
+    paired_difference,
+    reward_model_vs_gold,
+    right_over_wrong,
+    safety_rates,
+    wilson,
+)
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (50, 60), (60, 60), (1, 1)])
@@ -36,6 +43,24 @@ def test_paired_difference_matches_numpy():
 @pytest.fixture(scope="module")
 def world():
     return generate_world(WorldSpec(people=20, towns=4, max_operand=19))
+
+
+def test_right_over_wrong_is_the_pooled_mann_whitney_statistic():
+    """The share of (right, wrong) sample pairs of one question that a reward ranks right-first, ties half, pooled
+    over questions: scipy's Mann-Whitney U summed over the questions, over the pairs counted."""
+    rng = np.random.default_rng(0)
+    k, questions = 6, 40
+    right = rng.random(k * questions) < 0.4
+    rewards = np.round(rng.normal(size=k * questions) + 0.5 * right, 1)  # rounded: ties happen
+    u = pairs = 0.0
+    for lo in range(0, k * questions, k):
+        good, bad = rewards[lo:lo + k][right[lo:lo + k]], rewards[lo:lo + k][~right[lo:lo + k]]
+        if len(good) and len(bad):
+            u += stats.mannwhitneyu(good, bad).statistic
+            pairs += len(good) * len(bad)
+    rate, n = right_over_wrong(right.tolist(), rewards.tolist(), k)
+    assert n == pairs and rate == pytest.approx(u / pairs, abs=1e-12)
+    assert right_over_wrong([True, True, False, False], [1.0, 2.0, 3.0, 4.0], 2) == (None, 0)
 
 
 def test_reward_model_against_gold_on_hand_built_pairs(world):

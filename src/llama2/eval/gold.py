@@ -243,11 +243,28 @@ def reward_model_vs_gold(score: Any, world: World, pairs: Sequence[dict[str, Any
     return out
 
 
+def right_over_wrong(right: Sequence[bool], rewards: Sequence[float], k: int) -> tuple[float | None, int]:
+    """How often a reward ranks a right answer above a wrong one to the same question (ties count half), over
+    every (right, wrong) pair among each question's `k` consecutive answers; 0.5 is chance. Returns the rate
+    (None without such pairs) and the number of pairs."""
+    wins, pairs = 0.0, 0
+    for lo in range(0, len(right), k):
+        good = [rewards[j] for j in range(lo, lo + k) if right[j]]
+        bad = [rewards[j] for j in range(lo, lo + k) if not right[j]]
+        for g in good:
+            for b in bad:
+                wins += 1.0 if g > b else 0.5 if g == b else 0.0
+                pairs += 1
+    return (wins / pairs if pairs else None), pairs
+
+
 def best_of_k_gold(model: Any, tok: Any, world: World, items: Sequence[GoldItem], score: Any, k: int,
-                   temperature: float, seed: int = 0, max_new_tokens: int = 40) -> dict[str, list[float]]:
+                   temperature: float, seed: int = 0, max_new_tokens: int = 40) -> dict[str, Any]:
     """The paper's Figure 7 against gold: each item answered K times (sampled), and for every k <= K the answer
     the reward picks among the first k (`score(messages, answers, safety) -> rewards`): its mean reward, its gold
-    accuracy, and the gold accuracy of an oracle that picks a right answer whenever one of the k is right."""
+    accuracy, and the gold accuracy of an oracle that picks a right answer whenever one of the k is right. Also
+    how often the reward ranks the model's own right answers above its wrong ones (`right_over_wrong`, over
+    `ranked_pairs` pairs): what the reward must do for best-of-K to gain gold."""
     prompts = [encode_dialog(tok, i.messages) for i in items for _ in range(k)]
     with torch.no_grad():
         gen = Generator(model, tok, max_batch_size=min(64, len(prompts)))
@@ -255,8 +272,11 @@ def best_of_k_gold(model: Any, tok: Any, world: World, items: Sequence[GoldItem]
                                                     max_new_tokens=max_new_tokens))
     answers = [c.text.strip() for c in done]
     rewards = score([i.messages for i in items for _ in range(k)], answers, [i.safety for i in items for _ in range(k)])
-    out: dict[str, list[float]] = {"k": [], "reward": [], "gold_rm_pick": [], "gold_oracle": []}
+    out: dict[str, Any] = {"k": [], "reward": [], "gold_rm_pick": [], "gold_oracle": []}
     right = [judge(world, items[j // k], a).correct for j, a in enumerate(answers)]
+    rate, pairs = right_over_wrong(right, rewards, k)
+    out["right_over_wrong"] = None if rate is None else round(rate, 4)
+    out["ranked_pairs"] = pairs
     for kk in range(1, k + 1):
         rew, gold, oracle = [], [], []
         for n in range(len(items)):

@@ -49,10 +49,19 @@ def rejection_gold(demo: Demo, section: Section, sft: Path, rms: RewardModels, r
     section.figure(figure, f"Figure 7 against gold: the SFT model's {recipe.samples_per_prompt} samples (temperature "
                            f"{temperature}) per held-out question ({len(items)} questions); for each K, the mean "
                            "reward of the answer the RMs pick among the first K, its gold accuracy, and the gold "
-                           "accuracy of an oracle that picks a right answer whenever there is one")
+                           "accuracy of an oracle that picks a right answer whenever there is one"
+                           "; among those samples " + ranking_text(curves))
     demo.results.setdefault("gold", {})["rejection"] = {
         "iterations": {n: run_results(r) for n, r in runs.items()}, "change": change,
         "accuracy": [round(helpful_accuracy(r), 4) for r in runs.values()], "best_of_k": curves}
+
+
+def ranking_text(curves: dict[str, Any]) -> str:
+    """Where best-of-K's gain must come from: how the RMs rank the policy's own right and wrong samples."""
+    if curves.get("right_over_wrong") is None:
+        return "no question had both a right and a wrong sample"
+    return (f"the RMs rank a right sample above a wrong one to the same question in {curves['right_over_wrong']:.0%} "
+            f"of {curves['ranked_pairs']} pairs (50% is chance)")
 
 
 def best_of_k_figure(curves: dict[str, list[float]], path: Path) -> Path:
@@ -102,8 +111,8 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
     demo.results.update({"rs_heldout_before": records[0]["heldout_reward"],
                          "rs_heldout_after": records[last]["heldout_reward"], "rs_policy": str(result.policy)})
     section.text(
-        f"Rejection-sampling fine-tuning (`llama2.stages.rejection`, `{demo.recipe_name('rejection.yaml')}`) from the SFT "
-        f"model, {recipe.iterations} iterations on the first {prompts} training prompts (the stage's time "
+        f"Rejection-sampling fine-tuning (`llama2.stages.rejection`, `{demo.recipe_name('rejection.yaml')}`) from the "
+        f"SFT model, {recipe.iterations} iterations on the first {prompts} training prompts (the stage's time "
         f"decides how many) in {seconds:.0f} s: at each iteration the temperature is re-tuned by a sweep over "
         f"{recipe.sweep.temperatures} on {recipe.sweep.prompts} held-out prompts, the policy draws K = {k} answers "
         "per prompt, the combined reward R_c of the two reward models above picks the best (the safety RM's score "
@@ -122,7 +131,9 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
         return Done(f"rejection sampling: {recipe.iterations} iterations on {prompts} prompts in {seconds:.0f} s, "
                     f"held-out R_c {records[0]['heldout_reward']:.3f} -> {records[last]['heldout_reward']:.3f}, gold "
                     f"{demo.results['gold']['rejection']['accuracy'][0]:.1%} -> "
-                    f"{demo.results['gold']['rejection']['accuracy'][-1]:.1%}", Policy(result.policy, "rejection"))
+                    f"{demo.results['gold']['rejection']['accuracy'][-1]:.1%}"
+                    + "; on the SFT model's samples " + ranking_text(demo.results["gold"]["rejection"]["best_of_k"]),
+                    Policy(result.policy, "rejection"))
     before = json.loads((run_dir / "heldout_answers.json").read_text())
     after = json.loads((run_dir / f"iter-{last}" / "heldout_answers.json").read_text())
     _, val = builtin_prompts(quiet=True)
