@@ -130,8 +130,16 @@ def test_plan_command_verdicts_and_errors(capsys):
     for size in ("7B", "13B", "70B"):
         for stage in ("pretrain", "sft", "reward-helpfulness", "reward-safety", "dpo"):
             assert main(["plan", "--config", f"configs/{size}/{stage}.yaml", "--nodes", "8"]) == 0, (size, stage)
+    # 70B rejection sampling: the two RMs whole (256 GiB) do not fit one GPU; the recipe shards them over the 64
+    # processes and samples from a vLLM server
+    assert main(["plan", "--config", "configs/70B/rejection.yaml", "--nodes", "8", "reward_models=whole"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "--config", "configs/70B/rejection.yaml", "--nodes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "safety RM: weights (fp32, sharded)" in out and "8.00 GiB   fits" in out and "vLLM rollout server" in out
+    assert "reward models x 2" not in out and "gathered for sampling" not in out
     for size in ("7B", "13B", "70B"):
-        for stage in ("ppo", "grpo"):
+        for stage in ("ppo", "grpo", "rejection"):
             assert main(["plan", "--config", f"configs/{size}/{stage}.yaml", "--nodes", "8"]) == 0, (size, stage)
     capsys.readouterr()
     for argv, message in [(["--config", "configs/tiny/nothing.yaml"], "cannot tell the stage"),
@@ -216,6 +224,20 @@ def test_rejection_sampling_with_vllm_holds_the_reward_models_only():
     assert plan.rows == [("reward models x 2, whole (bf16)", 2 * 2 * classifier)]
     weights = sum(p.numel() for p in Transformer(RL_CFG, device="meta").parameters())
     assert (plan.server.weights, plan.server.sequences) == (2 * weights, 12)
+    # reward_models: sharded: under torchrun on the 8 GPUs, the RMs' fp32 rows sharded over them; with our engine
+    # each process samples its share of a batch (1 of the 3 prompts), with vLLM all 8 send theirs at once
+    sharded = args + ["reward_models=sharded"]
+    ours = plan_stage("rejection-sampling", load_recipe(RejectionRecipe, None, sharded), RL_CFG, Layout())
+    rows = dict(ours.rows)
+    assert rows["helpfulness RM: weights (fp32, sharded)"] == rows["safety RM: weights (fp32, sharded)"] \
+        == 4 * classifier / 8
+    assert rows["KV cache (4 sequences of 544)"] == kv_cache_bytes(RL_CFG, 4, 544, 2)
+    assert "policy, gathered for sampling (bf16)" in rows
+    plan = plan_stage("rejection-sampling", load_recipe(RejectionRecipe, None, sharded + ["rollout_engine=vllm"]),
+                      RL_CFG, Layout())
+    assert [label for label, _ in plan.rows] == ["helpfulness RM: weights (fp32, sharded)",
+                                                 "safety RM: weights (fp32, sharded)"]
+    assert plan.server.sequences == 12
 
 
 def test_rollout_server_tensor_parallel_size():

@@ -247,7 +247,8 @@ def test_a_sampler_checkpoint_supplies_the_samples(tmp_path, setup):
                        quiet=True, scorer=LetterScorer())
 
     def samples(run):
-        return [t for x in (run / "iter-1" / "samples.jsonl").read_text().splitlines() for t in json.loads(x)["samples"]]
+        lines = (run / "iter-1" / "samples.jsonl").read_text().splitlines()
+        return [t for x in lines for t in json.loads(x)["samples"]]
 
     def fruity(texts):  # the share of samples with a fruit's first three letters in them
         return sum(any(f[:3] in t for f in FRUIT) for t in texts) / len(texts)
@@ -289,3 +290,77 @@ def test_rollout_quantize_samples_from_int8_layers(tmp_path, setup, monkeypatch)
     assert [s["samples"] for s in plain] != [s["samples"] for s in quantized]
     with pytest.raises(Llama2Error, match="rollout_quantize"):
         make_recipe(setup, tmp_path / "x", ["rollout_quantize=int4"])
+
+
+RS_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from torch.distributed.tensor import DTensor
+from test_rejection import make_recipe
+from llama2.stages.rejection import RejectionSampling
+from llama2.train.distributed import shutdown
+setup, rms, mode = Path({setup!r}), Path({rms!r}), sys.argv[1]
+try:
+    run = RejectionSampling(make_recipe(setup, Path(sys.argv[2]), [
+        f"helpfulness_rm={{rms / 'helpfulness'}}", f"safety_rm={{rms / 'safety'}}", f"reward_models={{mode}}",
+        "max_prompts=6", "samples_per_prompt=4", "batch_prompts=4", "max_steps=4",
+        f"finetune.recipe={{rms.parent / 'ft.yaml'}}"]), quiet=True)
+    sharded = [isinstance(p, DTensor) for rm in (run.scorer.helpfulness_rm, run.scorer.safety_rm)
+               for p in rm.model.parameters()]
+    assert all(sharded) if run.env.enabled else not any(sharded)
+    run.run()
+finally:
+    shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_sharded_reward_models_match_one_with_whole_ones(tmp_path, setup, sp_model_path):
+    """One RS iteration scored by two real reward models (the helpfulness one with the likelihood term): 2 gloo
+    processes under torchrun with `reward_models: sharded` (each samples and scores its own slice of every batch;
+    the last batch of 2 prompts leaves the second process an empty slice) give the samples, rewards, selection,
+    held-out rewards and fine-tuned weights of one process holding the RMs whole."""
+    import torch
+    from helpers import one_and_two_processes
+
+    from llama2.checkpoint import load_checkpoint, save_model
+    from llama2.checkpoint.runs import resolve_base
+    from llama2.classifier import SequenceClassifier
+    from llama2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    for name, likelihood in (("helpfulness", True), ("safety", False)):
+        rm = SequenceClassifier(CFG, likelihood=likelihood)
+        with torch.no_grad():
+            rm.score.weight.mul_(30)  # scores of a few units: answers told apart, a mismatch would show
+            if likelihood:
+                rm.likelihood_weight.copy_(torch.tensor([0.05, 1.0]))
+        save_model(rm, tmp_path / "rms" / name, Tokenizer(sp_model_path))
+    # the same global batch of 4 dialogues per step: 2 micro-batches of 2 in one process, 1 in each of 2
+    (tmp_path / "ft.yaml").write_text((setup / "ft.yaml").read_text().replace("batch_size: 4",
+                                                                              "batch_size: 2\nglobal_batch_size: 4"))
+    script = tmp_path / "driver.py"
+    script.write_text(RS_DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup),
+                                       rms=str(tmp_path / "rms")))
+    a, b = one_and_two_processes(tmp_path, [str(script), "whole"], [str(script), "sharded"])
+
+    def rows(run, name):
+        return [json.loads(x) for x in (tmp_path / run / "iter-1" / name).read_text().splitlines()]
+
+    one, two = rows("one", "samples.jsonl"), rows("two", "samples.jsonl")
+    assert len(one) == len(two) == 6
+    assert [d["samples"] for d in two] == [d["samples"] for d in one]
+    for key in ("reward", "helpfulness", "safety_score"):
+        assert [x for d in two for x in d[key]] == pytest.approx([x for d in one for x in d[key]], abs=1e-5), key
+    assert len({x for d in one for x in d["reward"]}) > 4  # the RMs tell the answers apart
+    assert [d["answer"] for d in rows("two", "selected.jsonl")] == [d["answer"] for d in rows("one", "selected.jsonl")]
+    for s in (0, 1):
+        assert b[s]["heldout_reward"] == pytest.approx(a[s]["heldout_reward"], abs=1e-5)
+    assert b[1]["finetune_steps"] == a[1]["finetune_steps"] > 0
+    assert b[1]["finetune_loss"] == pytest.approx(a[1]["finetune_loss"], rel=1e-4, abs=1e-5)
+    w1, w2 = (load_checkpoint(resolve_base(str(tmp_path / run / "iter-1" / "sft")), kind="causal_lm").state_dict()
+              for run in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)

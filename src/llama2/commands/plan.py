@@ -173,19 +173,29 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
     world, cb = layout.world, layout.compute_bytes
     if stage == "rejection-sampling":
         k, length = recipe.samples_per_prompt, recipe.max_new_tokens + 512
-        sequences = recipe.batch_prompts * k
-        plan.add("reward models x 2, whole (bf16)", 2 * 2 * m.parameters(cfg, head=1).total)
+        procs = world if recipe.reward_models == "sharded" else 1  # sharded: under torchrun on every GPU
+        sequences = -(-recipe.batch_prompts // procs) * k  # each process samples its share of a batch
+        rm = m.parameters(cfg, head=1)
+        if recipe.reward_models == "sharded":
+            for name in ("helpfulness RM", "safety RM"):
+                m.frozen_sharded(plan, name, rm, layout)
+        else:
+            plan.add("reward models x 2, whole (bf16)", 2 * 2 * rm.total)
         plan.notes.append("sampling phase; the fine-tuning of each iteration is its finetune recipe's plan "
                           "(an SFT recipe)")
+        if procs > 1:
+            plan.notes.append(f"reward_models sharded: run under torchrun on all {world} GPUs, each sampling its "
+                              "share of every batch; the sharded RMs stay loaded while each iteration fine-tunes "
+                              "(add them to the finetune recipe's plan)")
         plan.rollout_tokens = recipe.max_new_tokens
         if recipe.rollout_engine == "vllm":
             from ..inference.remote import MAX_IN_FLIGHT
 
             plan.server = m.RolloutServer(cb * p.total, m.kv_cache_bytes(cfg, 1, length, cb),
-                                          min(sequences, MAX_IN_FLIGHT),
+                                          min(recipe.batch_prompts * k, procs * min(sequences, MAX_IN_FLIGHT)),
                                           tuple(t for t in (1, 2, 4, 8) if cfg.n_heads % t == 0))
-            plan.notes.append("rollout_engine vllm: the samples come from the vLLM server's own GPUs; this one "
-                              "holds the reward models only")
+            plan.notes.append("rollout_engine vllm: the samples come from the vLLM server's own GPUs; these hold "
+                              "the reward models only")
             return plan
         plan.add("policy, gathered for sampling (bf16)", cb * p.total)
         plan.add(f"KV cache ({sequences} sequences of {length})", m.kv_cache_bytes(cfg, sequences, length, cb))

@@ -21,6 +21,14 @@ policy, as the paper samples with 70B). metrics.jsonl gets one record per iterat
 policy's held-out reward), with `reward_by_k` ({K: the mean over prompts of the best reward among the first K
 samples}, nested subsets of the same samples) and `median_by_k`; `reward_by_k.png` is the paper's Figure 7.
 
+Under torchrun (N processes; gloo on CPU, NCCL on GPUs) every process samples its own contiguous slice of each
+batch of prompts (our engine: the policy whole in each process; `rollout_engine: vllm`: each sends its slice to the
+server) and scores it; the rows are all-gathered, so every process holds every prompt's samples in prompt order
+(each sample's seed depends on (seed, iteration, prompt, index) only: the samples do not depend on N). The two RMs
+are whole in every process, or sharded over the processes with FSDP2 (`reward_models: sharded`, as PPO shards
+them: every process scores every batch, an empty slice too). Rank 0 writes the files; each iteration's
+fine-tuning is the SFT stage run in every process (FSDP2 over the same processes).
+
     recipe = load_recipe(RejectionRecipe, "configs/tiny/rejection.yaml")
     result = pipeline.run(recipe)           # builds the SFT model and both RMs when missing, then this stage
     result = rejection_sampling(recipe, scorer=my_scorer)   # any (prompts, responses, is_safety) -> CombinedScores
@@ -46,15 +54,18 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
 from ..data.dialogues import Dialogue
 from ..data.prompts import PromptItem, PromptsSpec, load_prompt_sets, prompt_key, sample_seed, take
 from ..data.world.tools import check_tools, world_toolbox
-from ..device import resolve_device
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams
 from ..inference.remote import VllmServer, check_rollout_engine
 from ..paths import config_path, expand_path
 from ..recipe import check, load_recipe, to_dict
-from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel
+from ..reward import SAFETY_THRESHOLD, CombinedScores
+from ..train.config import TrainRecipe
+from ..train.distributed import all_gather_object, barrier, broadcast_object, init_distributed
+from ..train.loop import FrozenModels
 from ..train.metrics import MetricsLog, read_metrics
+from .ppo import check_reward_models, reward_models
 from .sft import FinetuneSpec, SFTRecipe, sft
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
@@ -159,6 +170,9 @@ class RejectionRecipe:
     # each iteration's policy checkpoint before sampling from it
     rollout_engine: Literal["ours", "vllm"] = "ours"
     vllm_url: str = "http://127.0.0.1:8000"
+    # the two RMs whole in every process, or sharded with FSDP2 over the torchrun processes (the 70B recipe: two
+    # 70B RMs do not fit whole on one GPU); with one process sharded is whole
+    reward_models: Literal["whole", "sharded"] = "whole"
     threshold: float = SAFETY_THRESHOLD  # R_s below this makes the safety RM decide (the paper's 0.15)
     max_steps: int | None = None  # caps each iteration's fine-tuning steps (null: the finetune recipe's)
     seed: int = 0  # seeds every sample (fixed per prompt, iteration and index)
@@ -180,6 +194,7 @@ class RejectionRecipe:
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
         check_tools(self.tools)
         check_rollout_engine(self)
+        check_reward_models(self)
         check(self.rollout_quantize == "none" or self.rollout_engine == "ours", "rollout_quantize",
               self.rollout_quantize, "none with rollout_engine=vllm (the server holds the weights)")
         check(self.batch_prompts >= 1, "batch_prompts", self.batch_prompts, "an integer >= 1")
@@ -194,8 +209,8 @@ class RejectionRecipe:
         extra = [f"max_steps={self.max_steps}"] if self.max_steps is not None else []
         return load_recipe(SFTRecipe, config_path(self.finetune.recipe),
                            [*self.finetune.overrides, *extra, f"base={base}", "base_recipe=null",
-                            f"out_dir={out_dir}", "data.path=null", "data.val_path=null", "samples.count=0", f"seed={self.seed + iteration}",
-                            f"device={self.device}"])
+                            f"out_dir={out_dir}", "data.path=null", "data.val_path=null", "samples.count=0",
+                            f"seed={self.seed + iteration}", f"device={self.device}"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,15 +229,21 @@ class RejectionSampling:
 
     def __init__(self, recipe: RejectionRecipe, *, scorer: Scorer | None = None, quiet: bool = False) -> None:
         self.recipe, self.quiet = recipe, quiet
-        self.out = make_dir(expand_path(recipe.out_dir))
-        self.device = resolve_device(recipe.device)
+        self.env = init_distributed(recipe.device)
+        self.main = self.env.is_main
+        self.out = expand_path(recipe.out_dir)
+        if self.main:
+            make_dir(self.out)
+        barrier(self.env)
+        self.device = self.env.device
         self.base = require_checkpoint(recipe.base, "starting policy")
         recipe.finetune_recipe(self.base, self.out / "check", 0)  # a bad finetune key fails now
         if scorer is None:
             h = require_checkpoint(recipe.helpfulness_rm, "helpfulness RM")
             s = require_checkpoint(recipe.safety_rm, "safety RM")
-            scorer = CombinedReward(RewardModel.load(h, device=self.device), RewardModel.load(s, device=self.device),
-                                    threshold=recipe.threshold)
+            # RewardModel.load_sharded's holder: FSDP2 over this job's processes, as a Trainer shards its models
+            holder = FrozenModels(TrainRecipe(out_dir=str(self.out), device=recipe.device), self.env)
+            scorer = reward_models(recipe, holder, h, s)
         self.scorer = scorer
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
         self.server: VllmServer | None = None  # rollout_engine: vllm
@@ -238,7 +259,7 @@ class RejectionSampling:
         self.eval_prompts = val[:n]
         rest = val[n:] or val
         self.sweep_prompts = (rest * (recipe.sweep.prompts // len(rest) + 1))[:recipe.sweep.prompts]
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.main)
 
     # ------------------------------------------------------------ state
 
@@ -247,7 +268,14 @@ class RejectionSampling:
         return json.loads(path.read_text()) if path.is_file() else {"done": 0, "policies": {"0": str(self.base)}}
 
     def save_state(self, state: dict[str, Any]) -> None:
-        atomic_write_text(self.out / STATE, json.dumps(state, indent=1))
+        if self.main:
+            atomic_write_text(self.out / STATE, json.dumps(state, indent=1))
+        barrier(self.env)
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Rank 0 writes the file (atomically)."""
+        if self.main:
+            atomic_write_text(path, text)
 
     # ------------------------------------------------------------ sampling and scoring
 
@@ -260,31 +288,35 @@ class RejectionSampling:
         if self.server is None:
             self.server = VllmServer(self.recipe.vllm_url, tok)
         if self.server_holds != Path(policy):
-            self.server.load_weights(policy)
+            if self.main:  # one process reloads the server; the others wait for it
+                self.server.load_weights(policy)
+            barrier(self.env)
             self.server_holds = Path(policy)
         return self.server
 
     def sample(self, policy: Path, prompts: Sequence[PromptItem], iteration: int, temperature: float,
                k: int, path: Path | None, desc: str) -> list[dict[str, Any]]:
         """K samples per prompt with their scores, batch by batch; with `path`, every finished batch is written
-        (atomically) and a rerun continues after the last one."""
+        (atomically, by rank 0) and a rerun continues after the last one. Under torchrun every process must call
+        it: each samples and scores its own slice of every batch, and every process gets all the rows."""
         done = [json.loads(x) for x in path.read_text().splitlines()] if path is not None and path.is_file() else []
         if len(done) >= len(prompts):
             return done[:len(prompts)]
-        r = self.recipe
+        r, env = self.recipe, self.env
+        per = -(-min(r.batch_prompts, len(prompts)) // env.world_size)  # each process's share of a batch
         if r.rollout_engine == "vllm":
             tok, context = load_tokenizer(policy), load_config(policy).max_seq_len
             gen = self._server(policy, tok)
         else:
             model, tok = self._load_policy(policy)
             context = model.config.max_seq_len
-            gen = Generator(model, tok, max_batch_size=min(r.batch_prompts, len(prompts)) * k,
-                            quantize=r.rollout_quantize)
-        bar = tqdm(total=len(prompts), initial=len(done), unit="prompt", desc=desc, disable=self.quiet,
-                   dynamic_ncols=True)
+            gen = Generator(model, tok, max_batch_size=per * k, quantize=r.rollout_quantize)
+        bar = tqdm(total=len(prompts), initial=len(done), unit="prompt", desc=desc,
+                   disable=self.quiet or not self.main, dynamic_ncols=True)
         try:
             for lo in range(len(done), len(prompts), r.batch_prompts):
-                batch = prompts[lo:lo + r.batch_prompts]
+                whole = prompts[lo:lo + r.batch_prompts]
+                batch = whole[env.rank * per:(env.rank + 1) * per]  # may be empty: it still scores (a collective)
                 ids, params = [], []
                 for p in batch:
                     prompt_ids = encode_dialog(tok, p.messages, tools=self.tools.specs if self.tools else None)
@@ -295,21 +327,24 @@ class RejectionSampling:
                                                      seed=sample_seed(r.seed, iteration, prompt_key(p), j),
                                                      truncate=True, tools=self.tools))
                 with torch.no_grad():
-                    completions = gen.generate(ids, params)
+                    completions = gen.generate(ids, params) if ids else []
                 texts = [c.text.strip() for c in completions]
                 finished = [c.finish_reason == "stop" for c in completions]
                 flat_prompts = [p.messages for p in batch for _ in range(k)]
                 scores = self.scorer(flat_prompts, texts, [p.safety for p in batch for _ in range(k)])
+                mine = []
                 for i, p in enumerate(batch):
                     s = slice(i * k, (i + 1) * k)
-                    done.append({"prompt": p.messages, "safety": p.safety, "samples": texts[s],
+                    mine.append({"prompt": p.messages, "safety": p.safety, "samples": texts[s],
                                  "finished": finished[s], "reward": scores.combined[s],
                                  "helpfulness": scores.helpfulness[s], "safety_score": scores.safety[s]})
+                done += [row for part in all_gather_object(mine, env) for row in part]  # in prompt order
                 if path is not None:
-                    atomic_write_text(path, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in done))
-                bar.update(len(batch))
+                    self.write_text(path, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in done))
+                bar.update(len(whole))
         finally:
             bar.close()
+        barrier(env)  # the samples file is whole before any process reads it
         return done
 
     def evaluate(self, policy: Path) -> tuple[dict[str, float], list[str]]:
@@ -326,8 +361,8 @@ class RejectionSampling:
         if r.temperature != "sweep":
             return float(r.temperature), {}
         path = it_dir / "sweep.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
+        saved = broadcast_object(json.loads(path.read_text()) if self.main and path.is_file() else None, self.env)
+        if saved is not None:
             return float(saved["temperature"]), saved["best_of_k"]
         result = {}
         for t in r.sweep.temperatures:
@@ -335,14 +370,17 @@ class RejectionSampling:
                                f"sweep T={t:g}")
             result[f"{t:g}"] = statistics.fmean(best_of_k([d["reward"] for d in rows], r.samples_per_prompt))
         best = max(r.sweep.temperatures, key=lambda t: result[f"{t:g}"])
-        atomic_write_text(path, json.dumps({"temperature": best, "best_of_k": result}))
+        self.write_text(path, json.dumps({"temperature": best, "best_of_k": result}))
         return best, result
 
     # ------------------------------------------------------------ one iteration
 
     def iteration(self, i: int, state: dict[str, Any], selections: list[dict[str, Best]]) -> dict[str, Any]:
         r = self.recipe
-        it_dir = make_dir(self.out / f"iter-{i}")
+        it_dir = self.out / f"iter-{i}"
+        if self.main:
+            make_dir(it_dir)
+        barrier(self.env)
         policy = Path(state["policies"][str(i - 1)])
         sampler = self.sampler or policy
         temperature, sweep = self.choose_temperature(sampler, i, it_dir)
@@ -355,16 +393,19 @@ class RejectionSampling:
             raise Llama2Error(f"iteration {i}: every best sample is empty; raise max_new_tokens or the temperature")
         specs = [s.to_openai() for s in self.tools.specs] if self.tools else None
         dialogues = [Dialogue(b.prompt.messages + answer_messages(b.text), tools=specs) for b in chosen]
-        with atomic_open(it_dir / "selected.jsonl", "w") as f:
-            for b in chosen:
-                f.write(json.dumps({"messages": b.prompt.messages, "answer": b.text, "reward": b.reward,
-                                    "iteration": b.iteration}, ensure_ascii=False) + "\n")
+        if self.main:
+            with atomic_open(it_dir / "selected.jsonl", "w") as f:
+                for b in chosen:
+                    f.write(json.dumps({"messages": b.prompt.messages, "answer": b.text, "reward": b.reward,
+                                        "iteration": b.iteration}, ensure_ascii=False) + "\n")
         start = policy if r.finetune.start == "previous" else Path(state["policies"]["0"])
+        # every process runs the SFT stage (FSDP2 over the same processes under torchrun)
         result = sft(r.finetune_recipe(start, it_dir / "sft", i), quiet=True, dialogues=dialogues)
+        barrier(self.env)
         new_policy = resolve_base(str(it_dir / "sft"))
         by_k, median = reward_by_k(rewards)
         heldout, answers = self.evaluate(new_policy)
-        atomic_write_text(it_dir / "heldout_answers.json", json.dumps(answers, ensure_ascii=False))
+        self.write_text(it_dir / "heldout_answers.json", json.dumps(answers, ensure_ascii=False))
         record = {"step": i, "iteration": i, "temperature": temperature, "reward_by_k": by_k, "median_by_k": median,
                   **heldout, "selected": len(chosen), "selected_reward": statistics.fmean(b.reward for b in chosen),
                   "samples": sum(len(x) for x in rewards), "finetune_steps": result.step,
@@ -374,14 +415,15 @@ class RejectionSampling:
         return {"record": record, "policy": str(new_policy)}
 
     def run(self) -> RejectionResult:
-        atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
+        self.write_text(self.out / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
         state = self.state()
         self.metrics.truncate(state["done"])
+        barrier(self.env)
         path = self.out / "metrics.jsonl"
         logged = read_metrics(path) if path.is_file() else []
         if not any(x.get("iteration") == 0 for x in logged):
             heldout, answers = self.evaluate(self.base)
-            atomic_write_text(self.out / "heldout_answers.json", json.dumps(answers, ensure_ascii=False))
+            self.write_text(self.out / "heldout_answers.json", json.dumps(answers, ensure_ascii=False))
             self.metrics.append({"step": 0, "iteration": 0, **heldout})
         selections = self.previous_selections(state["done"])
         for i in range(state["done"] + 1, self.recipe.iterations + 1):
@@ -390,13 +432,15 @@ class RejectionSampling:
             state["done"] = i
             state["policies"][str(i)] = out["policy"]
             self.save_state(state)
-            if not self.quiet:
+            if not self.quiet and self.main:
                 rec = out["record"]
                 print(f"V{i}: best-of-{self.recipe.samples_per_prompt} reward "
                       f"{rec['reward_by_k'][self.recipe.samples_per_prompt]:.3f} (1 sample: "
                       f"{rec['reward_by_k'][1]:.3f}), held-out reward {rec['heldout_reward']:.3f}", flush=True)
+        barrier(self.env)
         records = read_metrics(self.out / "metrics.jsonl")
-        figure_7(records, self.out / "reward_by_k.png")
+        if self.main:
+            figure_7(records, self.out / "reward_by_k.png")
         return RejectionResult(state["done"], Path(state["policies"][str(state["done"])]), records)
 
     def previous_selections(self, done: int) -> list[dict[str, Best]]:
@@ -436,8 +480,9 @@ def figure_7(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
 def rejection_sampling(recipe: RejectionRecipe, quiet: bool = False, *, scorer: Scorer | None = None
                        ) -> RejectionResult:
     """Run (or resume) every iteration as the recipe says; prints a one-line summary unless quiet."""
-    result = RejectionSampling(recipe, scorer=scorer, quiet=quiet).run()
-    if not quiet:
+    run = RejectionSampling(recipe, scorer=scorer, quiet=quiet)
+    result = run.run()
+    if not quiet and run.main:
         first = next((r for r in result.records if r.get("iteration") == 0), {})
         last = result.records[-1] if result.records else {}
         print(f"rejection sampling: {result.iterations} iterations, held-out reward "

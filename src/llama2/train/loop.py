@@ -708,6 +708,31 @@ class Trainer:
             return []
 
 
+class FrozenModels:
+    """Frozen models sharded over the job's processes exactly as a Trainer's reference models are (the Trainer's
+    own add_reference_model: built on the meta device and read row by row from `checkpoint=`, or loaded from a
+    full state dict), with no model to train: what rejection sampling holds its sharded reward models in
+    (RewardModel.load_sharded takes a Trainer or this). `recipe` gives the device, precision, sharding and
+    compile settings; nothing is checkpointed."""
+
+    def __init__(self, recipe: TrainRecipe, env: DistEnv | None = None) -> None:
+        self.recipe = recipe
+        self.env = with_sharding(env or init_distributed(recipe.device), recipe.sharding, recipe.shard_size)
+        self.device = self.env.device
+        self.amp_dtype = autocast_dtype(recipe.precision, self.device)
+        self.initial_weights: Callable[[], dict[str, Tensor]] | None = None
+        self.references: dict[str, nn.Module] = {}
+
+    _build = Trainer._build
+    load_full_state = Trainer.load_full_state
+
+    def add_reference_model(self, name: str, build: Callable[[], nn.Module],
+                            weights: Callable[[], dict[str, Tensor]] | None = None, *,
+                            checkpoint: Path | None = None) -> nn.Module:
+        """As Trainer.add_reference_model (never saved). Every process must call it."""
+        return Trainer.add_reference_model(self, name, build, weights, checkpoint=checkpoint)  # type: ignore[arg-type]
+
+
 def _same_path(path: str) -> str:
     """A path as compared across runs (variables and ~ expanded, absolute)."""
     return str(Path(expand_path(str(path))).resolve())
