@@ -34,6 +34,7 @@ from ..errors import Llama2Error
 from ..recipe import check
 from ..tokenizer import decode_after
 from .sampling import Completion, SamplingParams
+from .colocate import VllmColocated  # vLLM in this process (vllm_mode: colocate); re-exported
 
 MAX_IN_FLIGHT = 64  # concurrent requests to the server
 
@@ -114,20 +115,48 @@ class VllmServer:
 
 
 ROLLOUT_ENGINES = ("ours", "vllm")
+VLLM_MODES = ("server", "colocate")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def server_url(recipe: Any) -> str:
+    """The vLLM server's address of a `vllm_mode: server` recipe (vllm_url, default http://127.0.0.1:8000)."""
+    return recipe.vllm_url or DEFAULT_URL
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def check_rollout_engine(recipe: Any) -> None:
-    """The recipe keys of `rollout_engine: vllm` (rejection sampling, PPO, GRPO): tools run in our engine only,
-    and the server reloads whole weights (not LoRA adapters)."""
+    """The recipe keys of `rollout_engine: vllm` (rejection sampling, PPO, GRPO): a server at vllm_url, or vLLM
+    colocated in the stage's own processes (vllm_mode); tools run in our engine only, and vLLM takes whole
+    weights (not LoRA adapters)."""
     check(recipe.rollout_engine in ROLLOUT_ENGINES, "rollout_engine", recipe.rollout_engine, "ours or vllm")
-    if recipe.rollout_engine == "vllm":
-        check(recipe.vllm_url.startswith(("http://", "https://")), "vllm_url", recipe.vllm_url,
+    check(recipe.vllm_mode in VLLM_MODES, "vllm_mode", recipe.vllm_mode, "server or colocate")
+    check(0 < recipe.vllm_gpu_memory <= 1, "vllm_gpu_memory", recipe.vllm_gpu_memory, "a fraction in (0, 1]")
+    if recipe.rollout_engine != "vllm":
+        check(recipe.vllm_mode == "server", "vllm_mode", recipe.vllm_mode,
+              "server (the default) with rollout_engine=ours; colocate needs rollout_engine=vllm")
+        return
+    if recipe.vllm_mode == "server":
+        check(server_url(recipe).startswith(("http://", "https://")), "vllm_url", recipe.vllm_url,
               "the vLLM server's address, e.g. http://127.0.0.1:8000")
-        check(not recipe.tools, "tools", recipe.tools, "no tools with rollout_engine=vllm (tool calls run in our "
-                                                        "engine; set rollout_engine=ours)")
-        lora = getattr(recipe, "lora", None)
-        check(lora is None or lora.rank == 0, "lora.rank", getattr(lora, "rank", 0),
-              "0 with rollout_engine=vllm (the server reloads whole weights; LoRA adapters are not sent)")
+    else:
+        check(recipe.vllm_url is None, "vllm_url", recipe.vllm_url,
+              "unset with vllm_mode=colocate (vLLM runs in the stage's own processes; no server)")
+        if not vllm_importable():
+            raise Llama2Error("vllm_mode=colocate runs vLLM inside this process, but vllm is not importable here: "
+                              "run the stage in an environment with vLLM (`pip install vllm`, or on the CPU "
+                              "`bash benchmarks/setup_vllm.sh` and .venv-vllm/bin/python), or use vllm_mode=server")
+    check(not recipe.tools, "tools", recipe.tools, "no tools with rollout_engine=vllm (tool calls run in our "
+                                                    "engine; set rollout_engine=ours)")
+    lora = getattr(recipe, "lora", None)
+    check(lora is None or lora.rank == 0, "lora.rank", getattr(lora, "rank", 0),
+          "0 with rollout_engine=vllm (vLLM takes whole weights; LoRA adapters are not sent)")
 
 
-__all__ = ["VllmServer", "MAX_IN_FLIGHT", "ROLLOUT_ENGINES", "check_rollout_engine"]
+__all__ = ["VllmServer", "VllmColocated", "MAX_IN_FLIGHT", "ROLLOUT_ENGINES", "VLLM_MODES", "DEFAULT_URL",
+           "check_rollout_engine", "server_url", "vllm_importable"]

@@ -156,10 +156,14 @@ class GRPORecipe(TrainRecipe):
     top_p: float = 1.0
     max_new_tokens: int = 128  # longest answer (tool results included)
     tools: list[str] = field(default_factory=list)  # tools the policy may call (calculator, search), as in PPO
-    # rollouts through our engine, or through a vLLM server started separately (llama2.inference.remote), whose
-    # weights the stage replaces after every update
+    # rollouts through our engine, or through vLLM (vllm_mode: a server, or colocated), whose weights the
+    # stage replaces after every update
     rollout_engine: Literal["ours", "vllm"] = "ours"
-    vllm_url: str = "http://127.0.0.1:8000"
+    # rollout_engine vllm: a vLLM server started separately (at vllm_url), or vLLM colocated in the stage's own
+    # processes (llama2.inference.colocate: the weights handed over in memory, asleep while training on a GPU)
+    vllm_mode: Literal["server", "colocate"] = "server"
+    vllm_url: str | None = None  # vllm_mode server: the server's address (unset: http://127.0.0.1:8000)
+    vllm_gpu_memory: float = 0.3  # colocate on CUDA: the share of each GPU's memory vLLM takes (weights, KV cache)
     # reward: rm, the two RMs whole on every process, or sharded with FSDP2 over the processes (as in PPO)
     reward_models: Literal["whole", "sharded"] = "whole"
     threshold: float = SAFETY_THRESHOLD  # reward: rm, R_s below this makes the safety RM decide
@@ -249,7 +253,8 @@ class GRPO:
         self.scorer = scorer if rm_paths is None else reward_models(recipe, self.trainer, *rm_paths)
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
-        self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None
+        self.rollouts = RolloutServer(recipe, self.tokenizer, env, self.base) if recipe.rollout_engine == "vllm" \
+            else None
         rows = recipe.batch_size * recipe.group_size
         self.one_step = recipe.epochs == 1 and recipe.mini_batch >= rows  # one optimiser step per iteration
         self.first_forward: tuple[Tensor, Tensor | None, Tensor] | None = None

@@ -57,7 +57,7 @@ from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams, gathered_for_generation
-from ..inference.remote import VllmServer, check_rollout_engine
+from ..inference.remote import VllmColocated, VllmServer, check_rollout_engine, server_url
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
@@ -236,10 +236,14 @@ class PPORecipe(TrainRecipe):
     # tools the policy may call in its rollouts (calculator, search: the world's), listed in every prompt; their
     # results are masked out of the loss
     tools: list[str] = field(default_factory=list)
-    # rollouts through our engine, or through a vLLM server started separately (llama2.inference.remote), whose
-    # weights the stage replaces after every update
+    # rollouts through our engine, or through vLLM (vllm_mode: a server, or colocated), whose weights the
+    # stage replaces after every update
     rollout_engine: Literal["ours", "vllm"] = "ours"
-    vllm_url: str = "http://127.0.0.1:8000"
+    # rollout_engine vllm: a vLLM server started separately (at vllm_url), or vLLM colocated in the stage's own
+    # processes (llama2.inference.colocate: the weights handed over in memory, asleep while training on a GPU)
+    vllm_mode: Literal["server", "colocate"] = "server"
+    vllm_url: str | None = None  # vllm_mode server: the server's address (unset: http://127.0.0.1:8000)
+    vllm_gpu_memory: float = 0.3  # colocate on CUDA: the share of each GPU's memory vLLM takes (weights, KV cache)
     # the two RMs whole on every process, or sharded with FSDP2 over the processes (what the 13B and 70B recipes
     # need: whole, they do not fit beside the rest; `llama2 plan`)
     reward_models: Literal["whole", "sharded"] = "whole"
@@ -375,7 +379,7 @@ class Answers:
 @torch.no_grad()
 def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts: Sequence[PromptItem],
                    seeds: Sequence[int], *, temperature: float, top_p: float, max_new_tokens: int,
-                   tools: Toolbox | None = None, server: VllmServer | None = None) -> Answers:
+                   tools: Toolbox | None = None, server: VllmServer | VllmColocated | None = None) -> Answers:
     """One answer per prompt (a prompt listed K times gets K answers, one per seed) through the one generation
     path, with the trained model's weights gathered once under FSDP2 (`root`: the Trainer's model, `policy` the
     Transformer inside it); a prompt longer than the context keeps its last tokens. tools: listed in each prompt
@@ -412,34 +416,58 @@ def sample_answers(root: nn.Module, policy: Transformer, tokenizer: Any, prompts
 
 
 class RolloutServer:
-    """`rollout_engine: vllm` for a training stage: a client of the vLLM server on every process, and the trained
-    policy's weights sent to it before the first rollout of every step: gathered (under FSDP2 every process takes
-    part), written by rank 0 as a Hugging Face checkpoint into OUT/rollout-weights (atomically), reloaded by the
-    server from there."""
+    """`rollout_engine: vllm` for a training stage, and the trained policy's weights sent to vLLM before the first
+    rollout of every step (gathered: under FSDP2 every process takes part).
+    vllm_mode server: a client of the vLLM server on every process; rank 0 writes the weights as a Hugging Face
+    checkpoint into OUT/rollout-weights (atomically), the server reloads them from there.
+    vllm_mode colocate: vLLM in every process (`VllmColocated`, started on `start`, the starting checkpoint); each
+    process streams the gathered tensors into its own engine in memory, nothing written to disk."""
 
-    def __init__(self, recipe: Any, tokenizer: Any, env: Any) -> None:
-        self.server = VllmServer(recipe.vllm_url, tokenizer)
+    def __init__(self, recipe: Any, tokenizer: Any, env: Any, start: Path | str | None = None) -> None:
+        self.colocated = recipe.vllm_mode == "colocate"
+        if self.colocated:
+            if start is None:
+                raise Llama2Error("internal: vllm_mode=colocate needs the starting checkpoint to start vLLM on")
+            self.server: VllmServer | VllmColocated = VllmColocated(
+                start, tokenizer, device=env.device, max_model_len=load_config(start).max_seq_len,
+                gpu_memory=recipe.vllm_gpu_memory, seed=recipe.seed)
+        else:
+            self.server = VllmServer(server_url(recipe), tokenizer)
         self.tokenizer, self.env = tokenizer, env
         self.dir = Path(recipe.out_dir) / "rollout-weights"
         self.synced: int | None = None
 
-    def sync(self, policy: nn.Module, step: int) -> VllmServer:
-        """The server, holding `policy`'s weights of `step` (written and reloaded once per step)."""
+    def sync(self, policy: nn.Module, step: int) -> VllmServer | VllmColocated:
+        """vLLM, holding `policy`'s weights of `step` (sent once per step)."""
         if self.synced != step:
-            tensors = gathered_state(policy, self.env.is_main)
-            try:
-                if self.env.is_main:
-                    with atomic_directory(self.dir, what="rollout weights") as tmp:
-                        with torch.device("meta"):
-                            skeleton = Transformer(policy.config)
-                        save_model(skeleton, tmp, fetch=lambda name: _named(next(tensors), name))  # weights only
-                    self.server.load_weights(self.dir)
-            finally:
-                for _ in tensors:  # every process must run every gather
-                    pass
+            if self.colocated:
+                self._stream(policy)
+            else:
+                self._write(policy)
             barrier(self.env)
             self.synced = step
         return self.server
+
+    def _stream(self, policy: nn.Module) -> None:
+        tensors = gathered_state(policy, True)  # every process feeds its own engine
+        try:
+            self.server.load_state(tensors)
+        finally:
+            for _ in tensors:  # every process must run every gather
+                pass
+
+    def _write(self, policy: nn.Module) -> None:
+        tensors = gathered_state(policy, self.env.is_main)
+        try:
+            if self.env.is_main:
+                with atomic_directory(self.dir, what="rollout weights") as tmp:
+                    with torch.device("meta"):
+                        skeleton = Transformer(policy.config)
+                    save_model(skeleton, tmp, fetch=lambda name: _named(next(tensors), name))  # weights only
+                self.server.load_weights(self.dir)
+        finally:
+            for _ in tensors:  # every process must run every gather
+                pass
 
 
 def _named(item: tuple[str, Tensor], name: str) -> Tensor:
@@ -507,7 +535,8 @@ class PPO:
         self.scorer = scorer if scorer is not None else reward_models(recipe, self.trainer, h_path, s_path)
         self._root_ran = False
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
-        self.rollouts = RolloutServer(recipe, self.tokenizer, env) if recipe.rollout_engine == "vllm" else None
+        self.rollouts = RolloutServer(recipe, self.tokenizer, env, self.base) if recipe.rollout_engine == "vllm" \
+            else None
         self.best_heldout: float | None = None
         self.bad_evals = 0
 

@@ -57,7 +57,7 @@ from ..data.world.tools import check_tools, world_toolbox
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams
-from ..inference.remote import VllmServer, check_rollout_engine
+from ..inference.remote import VllmColocated, VllmServer, check_rollout_engine, server_url
 from ..paths import config_path, expand_path
 from ..recipe import check, load_recipe, to_dict
 from ..reward import SAFETY_THRESHOLD, CombinedScores
@@ -166,10 +166,14 @@ class RejectionRecipe:
     tools: list[str] = field(default_factory=list)
     batch_prompts: int = 8  # prompts sampled together (batch_prompts x K sequences per generation batch)
     rollout_quantize: Literal["none", "int8"] = "none"  # int8: the K samples come from weight-only int8 layers
-    # samples from our engine, or from a vLLM server started separately (llama2.inference.remote), which loads
-    # each iteration's policy checkpoint before sampling from it
+    # samples from our engine, or from vLLM (vllm_mode: a server, or colocated), which loads each iteration's
+    # policy checkpoint before sampling from it
     rollout_engine: Literal["ours", "vllm"] = "ours"
-    vllm_url: str = "http://127.0.0.1:8000"
+    # rollout_engine vllm: a vLLM server started separately (at vllm_url), or vLLM colocated in the stage's own
+    # processes (llama2.inference.colocate: the weights handed over in memory, asleep while training on a GPU)
+    vllm_mode: Literal["server", "colocate"] = "server"
+    vllm_url: str | None = None  # vllm_mode server: the server's address (unset: http://127.0.0.1:8000)
+    vllm_gpu_memory: float = 0.3  # colocate on CUDA: the share of each GPU's memory vLLM takes (weights, KV cache)
     # the two RMs whole in every process, or sharded with FSDP2 over the torchrun processes (the 70B recipe: two
     # 70B RMs do not fit whole on one GPU); with one process sharded is whole
     reward_models: Literal["whole", "sharded"] = "whole"
@@ -246,7 +250,7 @@ class RejectionSampling:
             scorer = reward_models(recipe, holder, h, s)
         self.scorer = scorer
         self.tools = world_toolbox(recipe.tools) if recipe.tools else None
-        self.server: VllmServer | None = None  # rollout_engine: vllm
+        self.server: VllmServer | VllmColocated | None = None  # rollout_engine: vllm
         self.server_holds: Path | None = None  # the checkpoint the server last loaded
         self.sampler = None
         if recipe.sampler is not None:
@@ -283,12 +287,20 @@ class RejectionSampling:
         model = load_checkpoint(path, kind="causal_lm", device=self.device).eval()
         return model, load_tokenizer(path)
 
-    def _server(self, policy: Path, tok: Any) -> VllmServer:
-        """The vLLM server (rollout_engine: vllm), holding `policy`'s weights."""
+    def _server(self, policy: Path, tok: Any) -> VllmServer | VllmColocated:
+        """vLLM (rollout_engine: vllm), holding `policy`'s weights: the server (one process reloads it), or each
+        process's colocated engine (vllm_mode: colocate; started on the first policy, each reloads its own)."""
+        r = self.recipe
         if self.server is None:
-            self.server = VllmServer(self.recipe.vllm_url, tok)
+            if r.vllm_mode == "colocate":
+                self.server = VllmColocated(policy, tok, device=self.device,
+                                            max_model_len=load_config(policy).max_seq_len,
+                                            gpu_memory=r.vllm_gpu_memory, seed=r.seed)
+                self.server_holds = Path(policy)
+            else:
+                self.server = VllmServer(server_url(r), tok)
         if self.server_holds != Path(policy):
-            if self.main:  # one process reloads the server; the others wait for it
+            if self.main or r.vllm_mode == "colocate":  # one process reloads the server; the others wait for it
                 self.server.load_weights(policy)
             barrier(self.env)
             self.server_holds = Path(policy)
