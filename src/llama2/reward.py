@@ -45,6 +45,7 @@ from .checkpoint import detect_kind, load_checkpoint
 from .checkpoint.runs import load_tokenizer, resolve_base
 from .classifier import SequenceClassifier
 from .errors import Llama2Error
+from .recipe import check
 
 if TYPE_CHECKING:
     from .train.distributed import DistEnv
@@ -343,6 +344,22 @@ class CombinedReward:
         return CombinedScores(r_h, r_s, r_c, white)
 
 
-__all__ = ["RewardModel", "reward_skeleton", "encode_pair", "encode_scored", "prompt_messages", "pad_rows",
-           "length_buckets", "sigmoid", "logit", "combine_rewards", "Whitener", "CombinedReward", "CombinedScores",
-           "SAFETY_THRESHOLD"]
+def check_reward_models(recipe: Any) -> None:
+    """The recipe key `reward_models` (PPO, GRPO, rejection sampling)."""
+    check(recipe.reward_models in ("whole", "sharded"), "reward_models", recipe.reward_models, "whole or sharded")
+
+
+def reward_models(recipe: Any, trainer: Trainer, helpfulness: Path, safety: Path) -> CombinedReward:
+    """The combined reward of a recipe's two RMs (PPO, GRPO, rejection sampling): each loaded whole on every
+    process, or sharded over the trainer's processes (`reward_models: sharded`, RewardModel.load_sharded)."""
+    def load(path: Path, name: str) -> RewardModel:
+        if recipe.reward_models == "sharded":
+            return RewardModel.load_sharded(path, trainer, name)
+        return RewardModel.load(path, device=trainer.device)
+
+    return CombinedReward(load(helpfulness, "helpfulness_rm"), load(safety, "safety_rm"), threshold=recipe.threshold)
+
+
+__all__ = ["RewardModel", "reward_models", "check_reward_models", "reward_skeleton", "encode_pair", "encode_scored",
+           "prompt_messages", "pad_rows", "length_buckets", "sigmoid", "logit", "combine_rewards", "Whitener",
+           "CombinedReward", "CombinedScores", "SAFETY_THRESHOLD"]

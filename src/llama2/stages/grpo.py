@@ -49,13 +49,13 @@ from ..inference.remote import check_rollout_engine
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
-from ..reward import SAFETY_THRESHOLD, logit
+from ..reward import SAFETY_THRESHOLD, check_reward_models, logit, reward_models
 from ..train.config import OptimConfig, TrainRecipe
 from ..train.distributed import all_gather_object, all_reduce_sum
 from ..train.loop import HFCheckpointIO, LossOutput, Trainer, TrainResult
 from ..train.metrics import read_metrics
-from .ppo import (Answers, PromptBatches, RolloutServer, Scorer, check_reward_models, pad_rollout, policy_start,
-                  reward_kl_figure, reward_models, sample_answers)
+from .ppo import (Answers, PromptBatches, RolloutServer, Scorer, pad_rollout, policy_start, reward_kl_figure,
+                  sample_answers)
 
 WORLD = "builtin:world/"  # the gold reward's prompts come from the built-in world
 STD_EPS = 1e-4  # added to the standard deviation that scales the advantages (as TRL's GRPOTrainer)

@@ -61,7 +61,7 @@ from ..inference.remote import VllmColocated, VllmServer, check_rollout_engine, 
 from ..inference.scoring import sequence_logprobs
 from ..model import Transformer
 from ..recipe import check
-from ..reward import SAFETY_THRESHOLD, CombinedReward, CombinedScores, RewardModel, Whitener, logit
+from ..reward import SAFETY_THRESHOLD, CombinedScores, Whitener, check_reward_models, logit, reward_models
 from ..train.config import OptimConfig, TrainRecipe
 from ..train.checkpoints import gathered_state
 from ..train.distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
@@ -274,22 +274,6 @@ class PPORecipe(TrainRecipe):
         check_rollout_engine(self)
         check_reward_models(self)
         self.prompts.validate()
-
-
-def check_reward_models(recipe: Any) -> None:
-    """The recipe key `reward_models` (PPO, GRPO)."""
-    check(recipe.reward_models in ("whole", "sharded"), "reward_models", recipe.reward_models, "whole or sharded")
-
-
-def reward_models(recipe: Any, trainer: Trainer, helpfulness: Path, safety: Path) -> CombinedReward:
-    """The combined reward of a PPO or GRPO recipe's two RMs: each loaded whole on every process, or sharded over
-    the trainer's processes (`reward_models: sharded`, RewardModel.load_sharded)."""
-    def load(path: Path, name: str) -> RewardModel:
-        if recipe.reward_models == "sharded":
-            return RewardModel.load_sharded(path, trainer, name)
-        return RewardModel.load(path, device=trainer.device)
-
-    return CombinedReward(load(helpfulness, "helpfulness_rm"), load(safety, "safety_rm"), threshold=recipe.threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -719,4 +703,4 @@ def ppo(recipe: PPORecipe, quiet: bool = False, *, scorer: Scorer | None = None)
 
 __all__ = ["PPORecipe", "ppo", "PPO", "ActorCritic", "token_rewards", "gae", "policy_loss", "value_loss",
            "masked_whiten", "pad_rollout", "Answers", "sample_answers", "PromptBatches", "reward_kl_figure",
-           "policy_start", "reward_models", "check_reward_models"]
+           "policy_start"]

@@ -60,12 +60,11 @@ from ..inference.generate import Generator, SamplingParams
 from ..inference.remote import VllmColocated, VllmServer, check_rollout_engine, server_url
 from ..paths import config_path, expand_path
 from ..recipe import check, load_recipe, to_dict
-from ..reward import SAFETY_THRESHOLD, CombinedScores
+from ..reward import SAFETY_THRESHOLD, CombinedScores, check_reward_models, reward_models
 from ..train.config import TrainRecipe
 from ..train.distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from ..train.loop import FrozenModels
 from ..train.metrics import MetricsLog, read_metrics
-from .ppo import check_reward_models, reward_models
 from .sft import FinetuneSpec, SFTRecipe, sft
 
 Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[bool]], CombinedScores]
