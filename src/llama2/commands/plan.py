@@ -164,6 +164,19 @@ def pretrain_vocab(recipe: Any) -> int:
     return 32000
 
 
+def add_reward_models(plan, cfg, layout, mode: str, whole_label: str) -> None:
+    """A stage's two RMs: sharded over the GPUs as its frozen references are (`reward_models: sharded`), or
+    whole on every GPU in bf16."""
+    from ..train import memory as m
+
+    rm = m.parameters(cfg, head=1)
+    if mode == "sharded":
+        for name in ("helpfulness RM", "safety RM"):
+            m.frozen_sharded(plan, name, rm, layout)
+    else:
+        plan.add(whole_label, 2 * 2 * rm.total)
+
+
 def plan_stage(stage: str, recipe: Any, cfg, layout):
     """The Plan of a stage's recipe on the layout."""
     from ..train import memory as m
@@ -175,12 +188,7 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
         k, length = recipe.samples_per_prompt, recipe.max_new_tokens + 512
         procs = world if recipe.reward_models == "sharded" else 1  # sharded: under torchrun on every GPU
         sequences = -(-recipe.batch_prompts // procs) * k  # each process samples its share of a batch
-        rm = m.parameters(cfg, head=1)
-        if recipe.reward_models == "sharded":
-            for name in ("helpfulness RM", "safety RM"):
-                m.frozen_sharded(plan, name, rm, layout)
-        else:
-            plan.add("reward models x 2, whole (bf16)", 2 * 2 * rm.total)
+        add_reward_models(plan, cfg, layout, recipe.reward_models, "reward models x 2, whole (bf16)")
         plan.notes.append("sampling phase; the fine-tuning of each iteration is its finetune recipe's plan "
                           "(an SFT recipe)")
         if procs > 1:
@@ -234,12 +242,7 @@ def plan_stage(stage: str, recipe: Any, cfg, layout):
     if stage == "ppo" or recipe.beta > 0:
         m.frozen_sharded(plan, "reference (pi_0)", p, layout)
     if stage == "ppo" or recipe.reward == "rm":
-        rm = m.parameters(cfg, head=1)
-        if recipe.reward_models == "sharded":
-            for name in ("helpfulness RM", "safety RM"):
-                m.frozen_sharded(plan, name, rm, layout)
-        else:
-            plan.add("reward models x 2, whole on every GPU (bf16)", 2 * 2 * rm.total)
+        add_reward_models(plan, cfg, layout, recipe.reward_models, "reward models x 2, whole on every GPU (bf16)")
     rollout = cb * p.total + m.kv_cache_bytes(cfg, per_gpu, length, cb)
     mini = max(1, recipe.mini_batch // world)
     update = m.activation_bytes(cfg, mini * length, cb, ckpt) * (2 if stage == "ppo" else 1)
