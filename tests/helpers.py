@@ -430,3 +430,23 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def save_scaled_reward_models(cfg, directory, sp_model_path) -> None:
+    """A helpfulness RM (with the likelihood term) and a safety RM of shape `cfg`, seeded, their heads scaled so
+    that scores are a few units apart (a mismatch between two ways of scoring would show), saved under
+    directory/helpfulness and directory/safety."""
+    import torch
+
+    from llama2.checkpoint import save_model
+    from llama2.classifier import SequenceClassifier
+    from llama2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    for name, likelihood in (("helpfulness", True), ("safety", False)):
+        rm = SequenceClassifier(cfg, likelihood=likelihood)
+        with torch.no_grad():
+            rm.score.weight.mul_(30)
+            if likelihood:
+                rm.likelihood_weight.copy_(torch.tensor([0.05, 1.0]))
+        save_model(rm, Path(directory) / name, Tokenizer(sp_model_path))

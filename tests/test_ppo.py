@@ -228,20 +228,10 @@ def test_two_processes_with_sharded_reward_models_match_one_with_whole_ones(tmp_
     """PPO scored by two real reward models (the helpfulness one with the likelihood term): 2 gloo processes with
     `reward_models: sharded` (each RM sharded with FSDP2, each process scoring its own half of the answers) give
     the rewards, KL and losses of one process holding them whole."""
-    from helpers import one_and_two_processes
+    from helpers import one_and_two_processes, save_scaled_reward_models
 
-    from llama2.checkpoint import save_model
-    from llama2.classifier import SequenceClassifier
-    from llama2.tokenizer import Tokenizer
 
-    torch.manual_seed(0)
-    for name, likelihood in (("helpfulness", True), ("safety", False)):
-        rm = SequenceClassifier(CFG, likelihood=likelihood)
-        with torch.no_grad():
-            rm.score.weight.mul_(30)  # scores of a few units: answers told apart, a mismatch would show
-            if likelihood:
-                rm.likelihood_weight.copy_(torch.tensor([0.05, 1.0]))
-        save_model(rm, tmp_path / "rms" / name, Tokenizer(sp_model_path))
+    save_scaled_reward_models(CFG, tmp_path / "rms", sp_model_path)
     script = tmp_path / "driver.py"
     script.write_text(RM_DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup), rms=str(tmp_path / "rms")))
     a, b = one_and_two_processes(tmp_path, [str(script), "whole"], [str(script), "sharded"])

@@ -322,21 +322,12 @@ def test_two_processes_with_sharded_reward_models_match_one_with_whole_ones(tmp_
     the last batch of 2 prompts leaves the second process an empty slice) give the samples, rewards, selection,
     held-out rewards and fine-tuned weights of one process holding the RMs whole."""
     import torch
-    from helpers import one_and_two_processes
+    from helpers import one_and_two_processes, save_scaled_reward_models
 
-    from llama2.checkpoint import load_checkpoint, save_model
+    from llama2.checkpoint import load_checkpoint
     from llama2.checkpoint.runs import resolve_base
-    from llama2.classifier import SequenceClassifier
-    from llama2.tokenizer import Tokenizer
 
-    torch.manual_seed(0)
-    for name, likelihood in (("helpfulness", True), ("safety", False)):
-        rm = SequenceClassifier(CFG, likelihood=likelihood)
-        with torch.no_grad():
-            rm.score.weight.mul_(30)  # scores of a few units: answers told apart, a mismatch would show
-            if likelihood:
-                rm.likelihood_weight.copy_(torch.tensor([0.05, 1.0]))
-        save_model(rm, tmp_path / "rms" / name, Tokenizer(sp_model_path))
+    save_scaled_reward_models(CFG, tmp_path / "rms", sp_model_path)
     # the same global batch of 4 dialogues per step: 2 micro-batches of 2 in one process, 1 in each of 2
     (tmp_path / "ft.yaml").write_text((setup / "ft.yaml").read_text().replace("batch_size: 4",
                                                                               "batch_size: 2\nglobal_batch_size: 4"))
