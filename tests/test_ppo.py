@@ -230,7 +230,6 @@ def test_two_processes_with_sharded_reward_models_match_one_with_whole_ones(tmp_
     the rewards, KL and losses of one process holding them whole."""
     from helpers import one_and_two_processes, save_scaled_reward_models
 
-
     save_scaled_reward_models(CFG, tmp_path / "rms", sp_model_path)
     script = tmp_path / "driver.py"
     script.write_text(RM_DRIVER.format(tests=str(Path(__file__).parent), setup=str(setup), rms=str(tmp_path / "rms")))
