@@ -132,7 +132,8 @@ def run(demo: Demo, section: Section, data: BuiltData) -> Done[Pretrained]:
     demo.results.update({"pretrain_steps": result.step, "first_loss": first_loss, "last_loss": last_loss,
                          "val_loss_before": before.get("val_loss"), "val_loss_after": after_val,
                          "checkpoint": str(ckpt), "pretrain_distinct_1": ma.get("distinct_1"),
-                         "pretrain_degenerate": ma.get("degenerate"), "pretrain_seconds": round(plan.wall_s, 1)})
+                         "pretrain_degenerate": ma.get("degenerate"), "pretrain_seconds": round(plan.wall_s, 1),
+                         "pace": round(demo.budget.pace, 2)})  # x the reference machine's floors
 
     stats = data.stats
     per_source = stats.get("documents_per_source", {})
