@@ -221,7 +221,8 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
                               f"device={recipe.device}"])
     result = sft(sft_recipe, quiet=True, dialogues=dialogues)
     if not quiet:
-        print(f"gatt: fine-tuned {result.step} steps on the last answers; checkpoint {result.checkpoint}", flush=True)
+        learned = "the last answers" if recipe.learn == "last" else "every answer"
+        print(f"gatt: fine-tuned {result.step} steps on {learned}; checkpoint {result.checkpoint}", flush=True)
     return resolve_base(str(out / "sft"))
 
 
