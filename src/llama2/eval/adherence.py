@@ -67,13 +67,14 @@ def adherence(model: Any, tokenizer: Any, instructions: Sequence[Instruction], u
               max_new_tokens: int = 32) -> dict[str, list[float]]:
     """Per checkable family, the share of dialogues whose greedy answer at turn t passes the checker (t = 1..the
     dialogues' length), with the instruction as the system message."""
+    checked = [inst for inst in instructions if inst.check is not None]
+    # every instruction's dialogues in one batch per turn (greedy answers do not depend on the batch)
+    answers = TurnByTurn(model, tokenizer, max_new_tokens).answers(
+        [inst.text for inst in checked for _ in users], [u for _ in checked for u in users])
     fams: dict[str, list[list[bool]]] = {}
-    runner = TurnByTurn(model, tokenizer, max_new_tokens)
-    for inst in instructions:
-        if inst.check is None:
-            continue
-        answers = runner.answers([inst.text] * len(users), users)
-        fams.setdefault(inst.family, []).extend([[inst.check(a) for a in row] for row in answers])
+    for k, inst in enumerate(checked):
+        rows = answers[k * len(users):(k + 1) * len(users)]
+        fams.setdefault(inst.family, []).extend([[inst.check(a) for a in row] for row in rows])
     return {f: [sum(r[t] for r in rows) / len(rows) for t in range(len(rows[0]))] for f, rows in fams.items()}
 
 

@@ -60,6 +60,8 @@ WORLD_SHARES = {"pretrain": 0.37, "generate": 0.005, "chat": 0.005, "sft": 0.07,
 FLOORS = {name: module.FLOOR_S for name, module in (
     ("generate", generate), ("chat", chat), ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo),
     ("gatt", gatt), ("safety", safety), ("eval", evaluation), ("tools", tools_section), ("formats", formats))}
+# In the built-in world GAtt's smallest size is larger: 20-turn dialogues of up to 1,024 tokens, measured over 20 turns
+WORLD_FLOORS = {**FLOORS, "gatt": gatt.WORLD_FLOOR_S}
 RESULTS = "results.json"
 
 A = TypeVar("A")
@@ -112,7 +114,7 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
     built-in world, gold-judged) or "stdlib"; seed: every stage's seed."""
     out = Path(out)
     shares = WORLD_SHARES if world == "world" else SHARES
-    budget = Budget(budget_minutes * 60.0, dict(shares), floors=dict(FLOORS))
+    budget = Budget(budget_minutes * 60.0, dict(shares), floors=dict(WORLD_FLOORS if world == "world" else FLOORS))
     report = Report(out, "llama2 demo")
     demo = Demo(out, budget, quiet=quiet, steps=steps, seed=seed, world=world)
     demo.results.update({"world": world, "seed": seed})
