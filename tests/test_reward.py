@@ -413,15 +413,20 @@ def test_tiny_rms_on_the_builtin_comparisons_beat_chance_where_the_paper_says(tm
     assert accuracy(safety_rm, set="safety", source="safety:benign") > 0.75
 
 
-def test_packed_pairs_score_as_each_answer_alone_in_transformers(tmp_path, base_dir, tokenizer):
+@pytest.mark.parametrize("apart", [False, True], ids=["mask", "apart"])
+def test_packed_pairs_score_as_each_answer_alone_in_transformers(tmp_path, base_dir, tokenizer, monkeypatch, apart):
     """A packed micro-batch (several answers per row, attention kept inside each, positions from 0) gives every
-    answer the score transformers gives it alone, and the same loss and gradients as the padded batch."""
+    answer the score transformers gives it alone, and the same loss and gradients as the padded batch; both with
+    the block-diagonal mask and with the answers taken out of their rows (PackedRows)."""
     from transformers import LlamaForSequenceClassification
 
     from llama2.checkpoint import load_checkpoint, save_checkpoint
+    from llama2.data import packing
     from llama2.data.comparisons import check_comparison
-    from llama2.data.packing import attention_mask
+    from llama2.model import PackedRows
     from llama2.stages.reward import collate_pairs, encode_comparisons, reward_loss
+
+    monkeypatch.setattr(packing, "APART_FROM_CPU", 1 if apart else 10**9)
 
     torch.manual_seed(2)
     rm = load_checkpoint(base_dir, kind="classifier")
@@ -435,10 +440,10 @@ def test_packed_pairs_score_as_each_answer_alone_in_transformers(tmp_path, base_
     packed = collate_pairs(ids, [1.0] * 6, 0, pack_len=96)
     padded = collate_pairs(ids, [1.0] * 6, 0)
     assert packed["tokens"].shape[0] < 12 and packed["tokens"].numel() < padded["tokens"].numel()
+    attention = packing.packed_attention(packed["segments"])
+    assert isinstance(attention, PackedRows) == apart
     with torch.no_grad():
-        scores = rm(packed["tokens"], positions=packed["positions"],
-                    mask=attention_mask(packed["segments"]),
-                    read_at=packed["read_at"])
+        scores = rm(packed["tokens"], positions=packed["positions"], mask=attention, read_at=packed["read_at"])
     hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     seqs = [c for c, _ in ids] + [r for _, r in ids]
     with torch.no_grad():

@@ -102,10 +102,16 @@ def reference_sum(model, tokenizer, dialogues, mask="all_assistant") -> tuple[to
 # ------------------------------------------------------------------------------------------------ packing and loss
 
 
-def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer):
+@pytest.mark.parametrize("apart", [False, True], ids=["mask", "apart"])
+def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer, monkeypatch, apart):
+    """Both ways of keeping packed dialogues apart: the block-diagonal mask, and each dialogue taken out of its row
+    (PackedRows, grouped by length: the rows here hold dialogues of different lengths)."""
+    from llama2.data import packing
     from llama2.data.packing import collate, pack_rows
+    from llama2.model import PackedRows
     from llama2.stages.sft import sft_loss
 
+    monkeypatch.setattr(packing, "APART_FROM_CPU", 1 if apart else 10**9)
     torch.manual_seed(0)
     model = Transformer(CFG)
     ex = examples(tokenizer)
@@ -113,6 +119,10 @@ def test_packed_loss_and_gradients_equal_each_dialogue_alone(tokenizer):
     assert len(rows) < len(ex), "the test needs rows holding several dialogues"
     batch = collate(ex, rows)
     assert batch["packed"] and batch["tokens"].shape[1] <= 96
+    attention = packing.packed_attention(batch["segments"])
+    assert isinstance(attention, PackedRows) == apart
+    if apart:
+        assert len(attention.groups) > 1, "the test needs dialogues of different length groups"
     out = sft_loss(model, batch)
     (out.loss * out.count).backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import Llama2Error
 from .fused_ops import chunked_target_logprobs
-from .model import Device, Linear, Transformer, causal_mask
+from .model import Device, Linear, PackedRows, Transformer, causal_mask
 
 DEFAULT_PAD_ID = 0  # <unk> in Llama 2's vocabulary: the tokenizer never emits it for text, and it is not EOS (2)
 
@@ -127,7 +127,7 @@ class SequenceClassifier(Transformer):
 
     def forward(self, tokens: Tensor, lengths: Tensor | Sequence[int] | None = None,
                 attention_mask: Tensor | None = None, *, per_token: bool = False, positions: Tensor | None = None,
-                mask: Tensor | None = None, read_at: Tensor | None = None,
+                mask: Tensor | PackedRows | None = None, read_at: Tensor | None = None,
                 response_from: Tensor | Sequence[int] | None = None) -> Tensor:
         """(B,) one score per row, read at its last real token. per_token=True: (B, T) the head applied at
         every position (a per-token value estimate, as PPO's value model needs; padded positions hold

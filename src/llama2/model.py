@@ -8,6 +8,8 @@ checkpoints are permuted once at import (see checkpoint.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +96,11 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, device)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedRows | None,
                 cache: KVCache | None, start_pos: int) -> Tensor:
+        if isinstance(mask, PackedRows):
+            return self.o_proj(mask.attend(self.packed_attention, self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                           cos, sin))
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -110,6 +115,78 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def packed_attention(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Causal attention over a batch of whole sequences (N, L, heads x head_dim), each starting at position 0
+        and right-padded: PackedRows.attend's `attention`."""
+        N, L, _ = q.shape
+        q = apply_rope(q.view(N, L, self.n_heads, self.head_dim).transpose(1, 2), cos[:L], sin[:L])
+        k = apply_rope(k.view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2), cos[:L], sin[:L])
+        v = v.view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, enable_gqa=self.n_kv_heads != self.n_heads)
+        return y.transpose(1, 2).reshape(N, L, -1)
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows that pack several sequences, each attending only to itself, causally, with rotary positions restarting
+    at 0 (what SFT, the reward models and DPO train on), as attention computes them: every sequence taken out of
+    its row into a batch of sequences of about its length, causal attention over each batch (no (T, T) mask,
+    nothing computed across sequences, the plain rotary table instead of per-row position lookups), the results
+    put back. Exact: the same outputs as the block-diagonal causal mask over the packed rows, up to rounding.
+
+    Sequences are grouped by length (up to 32 tokens, then up to each power of two) so that padding costs at most about half of a
+    group's attention. `groups[g]`: (flat indices into the B x T positions, one (n_g, L_g) block per group: a
+    sequence's slots past its end repeat its last token, which causal attention never lets reach a real one);
+    `back` (B x T,): each position's row in the groups' outputs flattened one after another, or the row of zeros
+    after them for padding (segment -1), whose attention output is zero."""
+
+    groups: tuple[tuple[Tensor, int, int], ...]  # (indices (n * L,), n, L)
+    back: Tensor
+
+    @classmethod
+    def from_segments(cls, segments: Tensor) -> PackedRows:
+        """From `segments` (B, T): each position's sequence number within its row (contiguous runs), -1 on
+        padding (llama2.data.packing.collate)."""
+        B, T = segments.shape
+        device = segments.device
+        flat = segments.reshape(-1)
+        key = torch.arange(B, device=device).repeat_interleave(T) * (T + 1) + flat
+        _, owner, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        real = flat >= 0
+        is_seq = torch.zeros(counts.shape[0], dtype=torch.bool, device=device)
+        is_seq[owner[real]] = True  # runs of padding are not sequences
+        offset = torch.arange(B * T, device=device) - starts[owner]
+        bucket = torch.ceil(torch.log2(counts.clamp(min=32).double())).long()  # up to 32 tokens: one group
+        back = torch.full((B * T,), 0, dtype=torch.long, device=device)
+        groups, done = [], 0
+        for b in torch.unique(bucket[is_seq]).tolist():
+            members = torch.nonzero(is_seq & (bucket == b)).squeeze(1)
+            n, L = members.shape[0], int(counts[members].max())
+            slot = torch.full(counts.shape, -1, dtype=torch.long, device=device)
+            slot[members] = torch.arange(n, device=device)
+            mine = real & (slot[owner] >= 0)
+            back[mine] = done + slot[owner[mine]] * L + offset[mine]
+            j = torch.arange(L, device=device)
+            into = starts[members, None] + torch.minimum(j[None, :], counts[members, None] - 1)
+            groups.append((into.reshape(-1), n, L))
+            done += n * L
+        back[~real] = done  # the zero row
+        return cls(tuple(groups), back)
+
+    def attend(self, attention: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, cos: Tensor,
+               sin: Tensor) -> Tensor:
+        """`attention(q, k, v, cos, sin)` over each group of sequences ((n, L, width) projections; cos and sin
+        (positions, head_dim)); q, k, v (B, T, width) in the packed rows; the result (B, T, width of q)."""
+        B, T, _ = q.shape
+        q2, k2, v2 = (t.reshape(B * T, t.shape[-1]) for t in (q, k, v))
+        outs = []
+        for into, n, L in self.groups:
+            outs.append(attention(*(t.index_select(0, into).view(n, L, -1) for t in (q2, k2, v2)), cos, sin)
+                        .reshape(n * L, -1))
+        outs.append(q2.new_zeros(1, q2.shape[-1]))
+        return torch.cat(outs).index_select(0, self.back).view(B, T, -1)
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> Tensor:
@@ -137,7 +214,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.mlp = FeedForward(cfg, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedRows | None,
                 cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -148,7 +225,8 @@ class Transformer(nn.Module):
 
     Incremental decoding: pass `cache=model.make_cache(B, max_len)` and `start_pos` (the cache slot of the
     first token). `positions` (B, T) overrides rotary positions per row (left-padded batches), and `mask`
-    (B, 1, T, start_pos + T) booleans, True = may attend, overrides the causal mask.
+    (B, 1, T, start_pos + T) booleans, True = may attend, overrides the causal mask; `mask` may instead be
+    PackedRows (rows packing several sequences, each attending only to itself; `positions` is then not needed).
     """
 
     def __init__(self, config: ModelConfig, device: Device = None) -> None:
@@ -189,12 +267,16 @@ class Transformer(nn.Module):
                         dtype or ref.dtype, device or ref.device) for _ in range(cfg.n_layers)]
 
     def hidden(self, tokens: Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
-               positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+               positions: Tensor | None = None, mask: Tensor | PackedRows | None = None) -> Tensor:
         """Final-norm hidden states (B, T, dim): what the LM head and reward heads read."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         cos_t, sin_t = self.rope(x.device)
-        if positions is None:
+        if isinstance(mask, PackedRows):  # every sequence starts at position 0: attention reads the plain table
+            if cache is not None:
+                raise ValueError("packed rows are for training and scoring whole sequences, not with a KV cache")
+            cos, sin = cos_t[:T], sin_t[:T]
+        elif positions is None:
             if start_pos + T > cos_t.shape[0]:
                 raise ValueError(f"position {start_pos + T} beyond the rotary table ({cos_t.shape[0]})")
             cos, sin = cos_t[start_pos:start_pos + T][None, None], sin_t[start_pos:start_pos + T][None, None]
@@ -206,7 +288,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: list[KVCache] | None = None,
-                positions: Tensor | None = None, mask: Tensor | None = None,
+                positions: Tensor | None = None, mask: Tensor | PackedRows | None = None,
                 targets: Tensor | None = None, *, output: str = "logits",
                 temperature: float = 1.0, index: Tensor | None = None, keep_from: int = 0) -> Tensor:
         """What `output` asks for; every caller (generation, scoring, training) goes through here, so hooks

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import Llama2Error
 from ..fused_ops import IGNORE_INDEX
+from ..model import PackedRows
 from .mix import draw, epoch_counts
 
 
@@ -310,3 +311,19 @@ def attention_mask(segments: Tensor) -> Tensor:
     T = segments.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+# Below this row length, on a CPU, PyTorch's attention kernel runs the block-diagonal mask faster than the rows'
+# sequences taken apart (its cost there grows with the padded tokens, not their square). Measured forward + backward
+# of a 4-layer dim-256 model on 2 cores: rows of 256 tokens (5 sequences) mask 0.78 s, apart 1.03 s; rows of 512 (4)
+# 1.76 / 2.01 s; rows of 1,024 (2, 4 or 10 sequences) 2.41-2.81 / 2.02-2.28 s (benchmarks/packed_attention.py).
+APART_FROM_CPU = 1024
+
+
+def packed_attention(segments: Tensor) -> Tensor | PackedRows:
+    """How the model keeps packed dialogues apart (Transformer's `mask`): each sequence taken out of its row
+    (PackedRows) on a GPU, whose flash attention takes no mask, and for rows of APART_FROM_CPU tokens or more on a
+    CPU; otherwise the block-diagonal causal mask (attention_mask). The two give the same outputs."""
+    if segments.device.type != "cpu" or segments.shape[1] >= APART_FROM_CPU:
+        return PackedRows.from_segments(segments)
+    return attention_mask(segments)

@@ -38,7 +38,7 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..classifier import DEFAULT_PAD_ID
 from ..data.comparisons import ensure_comparisons
 from ..data.mix import epoch_counts
-from ..data.packing import attention_mask
+from ..data.packing import packed_attention
 from ..errors import Llama2Error
 from ..lora import LoRASpec, adapters_disabled, apply_lora
 from ..model import Transformer
@@ -60,7 +60,7 @@ def response_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
     tokens = batch["tokens"]
     targets = torch.roll(tokens, -1, dims=1)  # position j scores token j + 1
     if "read_at" in batch:
-        lp = model(tokens, positions=batch["positions"], mask=attention_mask(batch["segments"]), targets=targets,
+        lp = model(tokens, positions=batch["positions"], mask=packed_attention(batch["segments"]), targets=targets,
                    output="logprobs")
         ends, starts = batch["read_at"], batch["response_from"]
     else:

@@ -47,7 +47,7 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..classifier import DEFAULT_PAD_ID, LIKELIHOOD_INIT, SequenceClassifier, init_score_
 from ..data.comparisons import RATINGS, Comparison, ensure_comparisons, read_comparisons
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
-from ..data.packing import Example, attention_mask, collate, pack_rows
+from ..data.packing import Example, collate, pack_rows, packed_attention
 from ..data.world import data_path
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
@@ -118,7 +118,7 @@ def reward_loss(model: nn.Module, batch: dict[str, Tensor], center: float = 0.0)
     center x mean((r_c + r_r)^2), which keeps the scores' level near 0 (`center_rewards`)."""
     extra = {"response_from": batch["response_from"]} if getattr(model, "likelihood", False) else {}
     if "read_at" in batch:
-        scores = model(batch["tokens"], positions=batch["positions"], mask=attention_mask(batch["segments"]),
+        scores = model(batch["tokens"], positions=batch["positions"], mask=packed_attention(batch["segments"]),
                        read_at=batch["read_at"], **extra).float()
     else:
         scores = model(batch["tokens"], lengths=batch["lengths"], **extra).float()

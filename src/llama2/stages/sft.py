@@ -41,7 +41,7 @@ from ..checkpoint.runs import load_tokenizer, require_checkpoint
 from ..data.adversarial import builtin_adversarial
 from ..data.dialogues import Dialogue, check_dialogue, ensure_dialogues, read_dialogues
 from ..data.mix import WeightedSource, check_mix, draw, epoch_counts
-from ..data.packing import Example, SFTBatches, attention_mask, text_examples, validation_batches
+from ..data.packing import Example, SFTBatches, packed_attention, text_examples, validation_batches
 from ..data.sources import file_documents
 from ..data.world import data_path
 from ..errors import Llama2Error
@@ -252,7 +252,7 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     packed = batch.get("packed")
     if packed is None:
         packed = bool((segments.amax(dim=1) > 0).any())
-    mask = attention_mask(segments) if packed else None  # one dialogue per row: plain causal attention
+    mask = packed_attention(segments) if packed else None  # one dialogue per row: plain causal attention
     positions = batch["positions"] if packed else None
     loss_sum = model(batch["tokens"], positions=positions, mask=mask, targets=labels)
     count = (labels != IGNORE_INDEX).sum()
