@@ -143,13 +143,16 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "meta").iterdir()) == ["consolidated.00.pth", "consolidated.01.pth",
                                                                 "params.json"]
 
-    # compare-methods from the demo's SFT model and RMs: the chosen methods ran, and each row is its judged answers'
-    # own (two of the five, the two quickest at their smallest size: all five took 410 s here; each method's
-    # training is tested in its stage's tests)
+    # compare-methods from the demo's SFT model and RMs, two seeds: the chosen methods ran once per seed, each run is
+    # its judged answers' own, and a method's row holds the runs' mean and Student's t interval (scipy's) of their
+    # changes (two of the five methods, the two quickest at their smallest size: all five took 410 s here; each
+    # method's training is tested in its stage's tests)
+    from scipy import stats
+
     methods = tmp_path / "methods"
     r = subprocess.run([sys.executable, "-m", "llama2", "compare-methods", "--from", str(out), "--out", str(methods),
-                        "--budget-minutes", "1", "--methods", "ppo,grpo-gold", "--quiet"], capture_output=True,
-                       text=True, env=env, timeout=DEMO_TIMEOUT)
+                        "--budget-minutes", "1", "--methods", "ppo,grpo-gold", "--seeds", "2", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=DEMO_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     from llama2.report.sections.methods import LABELS
 
@@ -157,11 +160,22 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     assert list(rows) == ["SFT (the start)", LABELS["ppo"], LABELS["grpo-gold"]]
     md = (methods / "report.md").read_text()
     for label, row in rows.items():
-        answers = row["gold"]["answers"]
-        assert all(a["correct"] == judge(world, items[a["id"]], a["answer"]).correct for a in answers), label
-        helpful = [a["correct"] for a in answers if a["family"] not in ("harmful", "benign")]
-        assert row["accuracy"] == pytest.approx(sum(helpful) / len(helpful), abs=1e-4)
+        runs = row.get("seeds", [row])
+        assert label.startswith("SFT") or [run["seed"] for run in runs] == [0, 1], label
+        for run in runs:
+            answers = run["gold"]["answers"]
+            assert all(a["correct"] == judge(world, items[a["id"]], a["answer"]).correct for a in answers), label
+            helpful = [a["correct"] for a in answers if a["family"] not in ("harmful", "benign")]
+            assert run["accuracy"] == pytest.approx(sum(helpful) / len(helpful), abs=1e-4)
+        assert row["accuracy"] == pytest.approx(sum(run["accuracy"] for run in runs) / len(runs), abs=1e-4)
         assert _row(md, label)[0] == f"{100 * row['accuracy']:.1f}"
+        if not label.startswith("SFT"):
+            changes = [run["change"]["points"] for run in runs]
+            mean = sum(changes) / 2
+            low, high = stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(changes)) if len(set(changes)) > 1 \
+                else (mean, mean)
+            assert row["change"]["points"] == pytest.approx(mean, abs=0.051)
+            assert row["change"]["ci95"] == pytest.approx([low, high], abs=0.051), label
     assert rows["SFT (the start)"]["accuracy"] == pytest.approx(sft_after, abs=1e-4)  # the demo's SFT model
     assert (methods / "figures" / "methods" / "methods.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -17,6 +17,7 @@ from llama2.eval.gold import (
     reward_model_vs_gold,
     right_over_wrong,
     safety_rates,
+    seed_interval,
     wilson,
 )
 
@@ -38,6 +39,16 @@ def test_paired_difference_matches_numpy():
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
     assert mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half) and hi == pytest.approx(
         d.mean() + half)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10, 11, 12, 30, 200])
+def test_interval_over_seeds_matches_scipys_student_t(n):
+    values = list(np.random.default_rng(n).normal(2.0, 3.0, n))
+    lo_ref, hi_ref = stats.t.interval(0.95, n - 1, loc=np.mean(values), scale=stats.sem(values))
+    mean, lo, hi = seed_interval(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert hi - mean == pytest.approx(hi_ref - np.mean(values), rel=1e-3) and mean - lo == pytest.approx(hi - mean)
+    assert seed_interval([1.5]) == (1.5, 1.5, 1.5)
 
 
 @pytest.fixture(scope="module")

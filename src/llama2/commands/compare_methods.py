@@ -27,7 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--budget-minutes", type=float, default=15.0, help="shared equally by the methods (default 15)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of rejection,ppo,dpo,grpo-rm,grpo-gold (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="every method's seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="every method's seed (default 0); the first with --seeds")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per method, with seeds --seed, --seed + 1, ...: the table gives the means and the "
+                        "change's 95%% interval over the seeds (default 1: the interval is over the questions)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -65,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise Llama2Error(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    if args.seeds < 1:
+        raise Llama2Error(f"--seeds must be at least 1, got {args.seeds}")
     sft, h, s = inputs(args)
-    run_methods(Path(args.out), sft, h, s, args.budget_minutes, quiet=args.quiet, seed=args.seed, methods=methods)
+    run_methods(Path(args.out), sft, h, s, args.budget_minutes, quiet=args.quiet, seed=args.seed, methods=methods,
+                seeds=args.seeds)
     return 0

@@ -158,8 +158,8 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
 
 
 def run_methods(out: Path, sft: Path, helpfulness_rm: Path, safety_rm: Path, budget_minutes: float = 15.0,
-                quiet: bool = False, seed: int = 0, methods: tuple[str, ...] = methods_section.METHODS
-                ) -> dict[str, Any]:
+                quiet: bool = False, seed: int = 0, methods: tuple[str, ...] = methods_section.METHODS,
+                seeds: int = 1) -> dict[str, Any]:
     """`llama2 compare-methods`: the methods section alone (report/sections/methods.py) from a given SFT model
     and reward models, within the budget, into out/report.md, out/report.html and out/results.json."""
     from .sections.gold import GoldBench
@@ -169,13 +169,13 @@ def run_methods(out: Path, sft: Path, helpfulness_rm: Path, safety_rm: Path, bud
     report = Report(out, "llama2 compare-methods")
     demo = Demo(out, budget, quiet=quiet, seed=seed, world="world")
     demo.gold = GoldBench.load()
-    demo.results.update({"world": "world", "seed": seed, "sft": str(sft), "helpfulness_rm": str(helpfulness_rm),
-                         "safety_rm": str(safety_rm)})
+    demo.results.update({"world": "world", "seed": seed, "seeds": seeds, "sft": str(sft),
+                         "helpfulness_rm": str(helpfulness_rm), "safety_rm": str(safety_rm)})
     report.intro = (f"Every method below started from {sft} on a CPU with {torch.get_num_threads()} thread(s), "
                     f"within a budget of {budget_minutes:g} minutes shared equally; every number is measured in "
                     "this run, against the built-in world's gold judge.")
     Driver(demo, report).section("methods", "Methods compared on gold", lambda s: methods_section.run(
-        demo, s, ChatModel(sft), RewardModels(helpfulness_rm, safety_rm), methods))
+        demo, s, ChatModel(sft), RewardModels(helpfulness_rm, safety_rm), methods, seeds))
     demo.results["seconds"] = round(budget.elapsed(), 1)
     Driver(demo, report).write()
     return demo.results

@@ -1,7 +1,9 @@
 """Methods compared (beyond the paper): from one SFT model, with the same time each, rejection sampling, PPO, DPO
 and GRPO (on the two reward models, and on the world's gold judge as a verifiable reward), every result measured
 against gold on the same held-out questions: gold accuracy and its paired change from SFT, the reward the RMs give
-the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and seconds spent."""
+the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and seconds spent.
+With several seeds each method runs once per seed and its row holds the means, the change's interval over the seeds
+(Student's t) instead of over the questions."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 from ...checkpoint import load_checkpoint
 from ...eval.compare import sampled_kl
-from ...eval.gold import pick, safety_rates
+from ...eval.gold import pick, safety_rates, seed_interval
 from ...figures import pyplot, save_png
 from ...reward import CombinedReward, RewardModel
 from ...stages import dpo, grpo, ppo
@@ -46,15 +48,17 @@ class Outcome:
 
 
 def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels | None,
-        methods: tuple[str, ...] = METHODS) -> Done[None]:
+        methods: tuple[str, ...] = METHODS, seeds: int = 1) -> Done[None]:
+    """Every method of `methods`, each with seeds demo.seed, demo.seed + 1, ... (`seeds` of them)."""
     sft, rms = need(chat, "the comparison needs the SFT model").checkpoint, need(rms, "the comparison needs the RMs")
     bench = need(demo.gold, "the comparison measures against gold: it runs in the built-in world")
-    runners: dict[str, Callable[[float, Path], Outcome]] = {
-        "rejection": lambda end, d: _rejection(demo, sft, rms, end, d),
-        "ppo": lambda end, d: _ppo(demo, sft, rms, end, d),
-        "dpo": lambda end, d: _dpo(demo, sft, end, d),
-        "grpo-rm": lambda end, d: _grpo(demo, sft, rms, "rm", end, d),
-        "grpo-gold": lambda end, d: _grpo(demo, sft, rms, "gold", end, d)}
+    runners: dict[str, Callable[[float, Path, int], Outcome]] = {
+        "rejection": lambda end, d, seed: _rejection(demo, sft, rms, end, d, seed),
+        "ppo": lambda end, d, seed: _ppo(demo, sft, rms, end, d, seed),
+        "dpo": lambda end, d, seed: _dpo(demo, sft, end, d, seed),
+        "grpo-rm": lambda end, d, seed: _grpo(demo, sft, rms, "rm", end, d, seed),
+        "grpo-gold": lambda end, d, seed: _grpo(demo, sft, rms, "gold", end, d, seed)}
+    seed_list = [demo.seed + i for i in range(seeds)]
     scorer = CombinedReward(RewardModel.load(rms.helpfulness), RewardModel.load(rms.safety))
     kl_prompts = [i.messages for i in pick(bench.helpful(), KL_PER_FAMILY, seed=demo.seed)]
     sft_model = load_checkpoint(sft).eval()
@@ -62,30 +66,54 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
     base = bench.measure(sft)
     rows: dict[str, dict[str, Any]] = {"SFT (the start)": _measures(base, base, scorer, 0.0)}
     deadline = demo.budget.deadline("methods")
-    for n, name in enumerate(methods):
-        share = (deadline - time.time()) / (len(methods) - n)
-        end = time.time() + max(share - MEASURE_S * demo.budget.pace, 10.0)
-        done = runners[name](end, demo.run_dir(f"methods-{name}"))
-        after = bench.measure(done.checkpoint)
-        kl = sampled_kl(load_checkpoint(done.checkpoint).eval(), sft_model, tok, kl_prompts, seed=demo.seed)
-        rows[LABELS[name]] = {**_measures(base, after, scorer, kl), "samples": done.samples, "steps": done.steps,
-                              "seconds": round(done.seconds, 1), "checkpoint": str(done.checkpoint)}
-        say(f"   {LABELS[name]}: gold {rows[LABELS[name]]['change']['points']:+.1f} points in {done.seconds:.0f} s")
+    runs_left = len(methods) * seeds
+    for name in methods:
+        runs = []
+        for seed in seed_list:
+            share = (deadline - time.time()) / runs_left
+            runs_left -= 1
+            end = time.time() + max(share - MEASURE_S * demo.budget.pace, 10.0)
+            done = runners[name](end, demo.run_dir(f"methods-{name}" + (f"-seed{seed}" if seeds > 1 else "")), seed)
+            after = bench.measure(done.checkpoint)
+            kl = sampled_kl(load_checkpoint(done.checkpoint).eval(), sft_model, tok, kl_prompts, seed=seed)
+            runs.append({**_measures(base, after, scorer, kl), "seed": seed, "samples": done.samples,
+                         "steps": done.steps, "seconds": round(done.seconds, 1), "checkpoint": str(done.checkpoint)})
+            say(f"   {LABELS[name]}" + (f" (seed {seed})" if seeds > 1 else "")
+                + f": gold {runs[-1]['change']['points']:+.1f} points in {done.seconds:.0f} s")
+        rows[LABELS[name]] = runs[0] if seeds == 1 else _over_seeds(runs)
     section.text(
         "From the same SFT model and reward models, each method trains for the same share of the time (its length "
         "re-planned as it runs to end on time) with its recipe in `configs/world/`: rejection sampling (best of "
         "8 by the RMs' R_c, two iterations, as many prompts as the time allows), PPO (the recipe's beta), DPO (the "
         "comparisons the RMs were trained on, no sampling), GRPO with LOGIT(R_c) as the reward, and GRPO with the "
         "gold judge's score as the reward (a verifiable reward: an upper bound on what a perfect RM would give). "
-        "Each model then answers the same held-out questions greedily; the change is a paired difference on them. "
-        f"The KL to SFT is estimated on one sampled answer to each of {len(kl_prompts)} held-out questions.")
-    _write(demo, section, rows)
+        "Each model then answers the same held-out questions greedily; the change is a paired difference on them"
+        + (f", and each method ran with {seeds} seeds ({', '.join(map(str, seed_list))}): its row holds the means, "
+           "and the change's interval is over the seeds (Student's t), not over the questions. " if seeds > 1 else
+           ". ")
+        + f"The KL to SFT is estimated on one sampled answer to each of {len(kl_prompts)} held-out questions.")
+    _write(demo, section, rows, seeds)
     figure = _figure(rows, demo.out / "figures" / "methods" / "methods.png")
-    section.figure(figure, "Each method's change in held-out gold accuracy from the SFT model (95% paired "
-                           "intervals), and gold against the reward the RMs give the same answers")
+    section.figure(figure, "Each method's change in held-out gold accuracy from the SFT model (95% intervals, "
+                           + ("over the seeds" if seeds > 1 else "paired over the questions")
+                           + "), and gold against the reward the RMs give the same answers")
     best = max((k for k in rows if k != "SFT (the start)"), key=lambda k: rows[k]["change"]["points"])
     return Done(f"methods: best {best} {rows[best]['change']['points']:+.1f} gold points "
                 f"[{rows[best]['change']['ci95'][0]:+.1f}, {rows[best]['change']['ci95'][1]:+.1f}]", None)
+
+
+def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's row from its runs with different seeds: the means, and the change's 95% interval over the
+    seeds (each run's own paired change is its value); the runs themselves under "seeds"."""
+    def mean(key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    points, lo, hi = seed_interval([r["change"]["points"] for r in runs])
+    return {"accuracy": round(mean("accuracy"), 4),
+            "change": {"points": round(points, 1), "ci95": [round(lo, 1), round(hi, 1)], "over": "seeds"},
+            "reward": round(mean("reward"), 4), "kl": round(mean("kl"), 3), "violations": round(mean("violations"), 4),
+            "false_refusals": round(mean("false_refusals"), 4), "samples": round(mean("samples")),
+            "steps": round(mean("steps")), "seconds": round(sum(r["seconds"] for r in runs), 1), "seeds": runs}
 
 
 def _measures(base: Any, after: Any, scorer: CombinedReward, kl: float) -> dict[str, Any]:
@@ -99,7 +127,7 @@ def _measures(base: Any, after: Any, scorer: CombinedReward, kl: float) -> dict[
             "gold": run_results(after)}
 
 
-def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]]) -> None:
+def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]], seeds: int = 1) -> None:
     """The table and results.json's part."""
     table = []
     for label, r in rows.items():
@@ -113,7 +141,9 @@ def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]]) -> Non
     section.table(["method", "gold accuracy (%)", "change (points, 95%)", "R_c of the answers",
                            "KL to SFT", "violations (%)", "false refusals (%)", "answers sampled", "steps",
                            "seconds"], table, caption="Every method from the same SFT model with the same time, "
-                                                      "measured on the same held-out world questions")
+                                                      "measured on the same held-out world questions"
+                                                      + (f"; means over {seeds} seeds, intervals over the seeds, "
+                                                         "seconds summed" if seeds > 1 else ""))
     demo.results.setdefault("gold", {})["methods"] = rows
 
 
@@ -162,39 +192,40 @@ def _fit(demo: Demo, make: Callable[[], Any], start: Callable[[Any], None], end:
     return result.checkpoint, result.step, time.time() - t0
 
 
-def _common(sft: Path, out: Path, rms: RewardModels | None = None) -> list[str]:
-    """The overrides every method's recipe gets: the start, the run directory, one checkpoint at the end."""
+def _common(sft: Path, out: Path, seed: int, rms: RewardModels | None = None) -> list[str]:
+    """The overrides every method's recipe gets: the start, the run directory, the seed, one checkpoint at the
+    end."""
     models = [f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}"] if rms is not None else []
-    return [f"base={sft}", "base_recipe=null", f"out_dir={out}", *models]
+    return [f"base={sft}", "base_recipe=null", f"out_dir={out}", f"seed={seed}", *models]
 
 
-def _ppo(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
-    recipe = demo.load(ppo.PPORecipe, "ppo.yaml", [*_common(sft, out, rms), "save_every=0", "keep_last=1",
+def _ppo(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path, seed: int) -> Outcome:
+    recipe = demo.load(ppo.PPORecipe, "ppo.yaml", [*_common(sft, out, seed, rms), "save_every=0", "keep_last=1",
                                                    "prompts.held_out=8"])
     checkpoint, steps, seconds = _fit(demo, lambda: ppo.PPO(recipe, quiet=True), ppo.evaluate_at_start, end, "ppo")
     return Outcome(checkpoint, seconds, steps * recipe.batch_size, steps)
 
 
-def _grpo(demo: Demo, sft: Path, rms: RewardModels, reward: str, end: float, out: Path) -> Outcome:
-    recipe = demo.load(grpo.GRPORecipe, "grpo.yaml", [*_common(sft, out, rms), f"reward={reward}", "save_every=0",
+def _grpo(demo: Demo, sft: Path, rms: RewardModels, reward: str, end: float, out: Path, seed: int) -> Outcome:
+    recipe = demo.load(grpo.GRPORecipe, "grpo.yaml", [*_common(sft, out, seed, rms), f"reward={reward}", "save_every=0",
                                                       "keep_last=1", "prompts.held_out=8"])
     checkpoint, steps, seconds = _fit(demo, lambda: grpo.GRPO(recipe, quiet=True), grpo.evaluate_at_start, end,
                                       f"grpo ({reward})")
     return Outcome(checkpoint, seconds, steps * recipe.batch_size * recipe.group_size, steps)
 
 
-def _dpo(demo: Demo, sft: Path, end: float, out: Path) -> Outcome:
-    recipe = demo.load(dpo.DPORecipe, "dpo.yaml", [*_common(sft, out), "save_every=0", "keep_last=1",
+def _dpo(demo: Demo, sft: Path, end: float, out: Path, seed: int) -> Outcome:
+    recipe = demo.load(dpo.DPORecipe, "dpo.yaml", [*_common(sft, out, seed), "save_every=0", "keep_last=1",
                                                    "max_steps=null", "epochs=1"])
     checkpoint, steps, seconds = _fit(demo, lambda: dpo.DPO(recipe, quiet=True), dpo.evaluate_at_start, end, "dpo")
     return Outcome(checkpoint, seconds, 0, steps)
 
 
-def _rejection(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path) -> Outcome:
+def _rejection(demo: Demo, sft: Path, rms: RewardModels, end: float, out: Path, seed: int) -> Outcome:
     t0 = time.time()
     pace = demo.budget.pace
     prompts = int(min(RS_MAX_PROMPTS, max(8, (end - t0 - RS_FIXED_S * pace) / (RS_PER_PROMPT_S * pace))))
-    recipe = demo.load(RejectionRecipe, "rejection.yaml", [*_common(sft, out, rms), f"max_prompts={prompts}",
+    recipe = demo.load(RejectionRecipe, "rejection.yaml", [*_common(sft, out, seed, rms), f"max_prompts={prompts}",
                                                            "prompts.held_out=8"])
     result = rejection_sampling(recipe, quiet=True)
     k, iterations = recipe.samples_per_prompt, recipe.iterations
