@@ -136,8 +136,9 @@ class PackedRows:
     put back. Exact: the same outputs as the block-diagonal causal mask over the packed rows, up to rounding.
 
     Sequences are grouped by length (up to 32 tokens, then up to each power of two) so that padding costs at most
-    about half of a group's attention. `groups[g]`: (flat indices into the B x T positions, one (n_g, L_g) block per group: a
-    sequence's slots past its end repeat its last token, which causal attention never lets reach a real one);
+    about half of a group's attention. `groups[g]`: (flat indices into the B x T positions, one (n_g, L_g) block
+    per group: a sequence's slots past its end repeat its last token, which causal attention never lets reach a
+    real one);
     `back` (B x T,): each position's row in the groups' outputs flattened one after another, or the row of zeros
     after them for padding (segment -1), whose attention output is zero."""
 
