@@ -402,6 +402,23 @@ def test_metrics_and_plot(tmp_path, recipe_file, capsys):
     assert cli("plot", str(tmp_path)) == 2
 
 
+def test_pretraining_rows_shorter_than_the_context(tmp_path, recipe_file):
+    """seq_len packs shorter rows (cheaper attention per token) while the checkpoint keeps the model's context."""
+    from llama2.checkpoint import load_config
+    from llama2.train.metrics import read_metrics
+
+    run = tmp_path / "run"
+    assert cli("pretrain", "--config", str(recipe_file), "--quiet", f"out_dir={run}", "seq_len=16") == 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["tokens"] for r in records] == [r["step"] * 4 * 16 for r in records]
+    assert load_config(run / "checkpoints" / "step-000006").max_seq_len == 32
+    with pytest.raises(Llama2Error, match="longer than the model's context"):
+        from llama2.stages.pretrain import build_pretraining
+        recipe = load_recipe(PretrainRecipe, recipe_file, [f"out_dir={tmp_path / 'long'}", "seq_len=64"])
+        build_pretraining(recipe, quiet=True)
+    assert cli("pretrain", "--config", str(recipe_file), "--quiet", f"out_dir={tmp_path / 'bad'}", "seq_len=4") == 2
+
+
 def test_flops_per_token_counts_every_matmul():
     """6 N + 12 L d T with N = the parameters of transformers' model minus its embedding table."""
     transformers = pytest.importorskip("transformers")

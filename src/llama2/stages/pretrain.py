@@ -141,7 +141,10 @@ def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet:
             raise Llama2Error(f"init_from {recipe.init_from} has shape dim={init_cfg.dim} n_layers={init_cfg.n_layers} "
                               f"vocab={init_cfg.vocab_size}, the recipe's model has dim={cfg.dim} n_layers="
                               f"{cfg.n_layers} vocab={cfg.vocab_size}; make model match it")
-    seq_len = cfg.max_seq_len
+    seq_len = recipe.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise Llama2Error(f"seq_len {seq_len} is longer than the model's context (model.max_seq_len "
+                          f"{cfg.max_seq_len}); shorten seq_len or lengthen the context")
     accum = recipe.accumulation(env.world_size)
     batches = PackedBatches(train, [s.weight for s in sources], seq_len, recipe.batch_size, accum,
                             rank=env.rank, world_size=env.world_size, seed=recipe.seed, names=names)

@@ -279,10 +279,14 @@ class PretrainRecipe(TrainRecipe):
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     init_from: str | None = None  # a checkpoint directory to start from instead of random weights
+    # row length in tokens; null: the model's context. Shorter rows cost less attention per token (the context stays)
+    seq_len: int | None = None
 
     def validate(self) -> None:
         super().validate()
         self.model.validate()
         self.data.validate()
+        check(self.seq_len is None or self.seq_len >= 8, "seq_len", self.seq_len,
+              "an integer >= 8, or null for the model's context")
 
 
