@@ -152,24 +152,61 @@ def test_reference_replies_need_no_sampling_and_every_answer_can_be_learned(monk
         load_recipe(g.GattRecipe, None, ["base=unused", "learn=every", "enforce=false"])
 
 
-def test_replayed_dialogues_are_plain_source_dialogues():
-    """replay: source dialogues unchanged (no instruction, every answer trained), as many as asked (at most all),
-    the same ones for the same seed; 0 replays nothing; a negative share is refused."""
+def test_replayed_dialogues_are_plain_source_dialogues_as_long_as_the_gatt_ones():
+    """replay: source dialogues (no instruction, every answer trained) continued with other dialogues' opening
+    exchanges to `turns` user turns, never a follow-up out of its dialogue nor a dialogue with a system message; as
+    many as asked (at most the plain ones), the same ones for the same seed; 0 replays nothing; a negative share is
+    refused."""
     from llama2.data.dialogues import Dialogue
     from llama2.errors import Llama2Error
     from llama2.recipe import load_recipe
     from llama2.stages import gatt as g
 
-    source = [Dialogue([{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}])
-              for i in range(10)]
-    got = g.replay_dialogues(source, 4, seed=0)
-    assert len(got) == 4 and len({d.messages[0]["content"] for d in got}) == 4
-    assert all(d.mask == "all_assistant" and d.source == "replay" and d.messages in [x.messages for x in source]
-               for d in got)
-    assert [d.messages for d in got] == [d.messages for d in g.replay_dialogues(source, 4, seed=0)]
-    assert len(g.replay_dialogues(source, 50, seed=0)) == 10 and g.replay_dialogues(source, 0, seed=0) == []
+    def turn(u: str, a: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+
+    source = [Dialogue(turn(f"Q{i}?", f"A{i}.")) for i in range(8)]
+    source += [Dialogue(turn(f"Q{i}?", f"A{i}.") + turn(f"And then {i}?", f"B{i}.")) for i in (8, 9)]
+    source += [Dialogue([{"role": "system", "content": "Today is 2040."}, *turn("Mayor?", "Ana.")])]
+    openings = {f"Q{i}?": f"A{i}." for i in range(10)}
+    got = g.replay_dialogues(source, 6, turns=3, seed=0)
+    assert len(got) == 6 and all(d.mask == "all_assistant" and d.source == "replay" for d in got)
+    for d in got:
+        assert [m["role"] for m in d.messages] == ["user", "assistant"] * 3
+        pairs = [(d.messages[i]["content"], d.messages[i + 1]["content"]) for i in range(0, 6, 2)]
+        first = int(pairs[0][0][1])  # the source dialogue it starts with: its own exchanges, in order
+        own = 2 if first >= 8 else 1
+        assert pairs[:own] == [(f"Q{first}?", f"A{first}."), (f"And then {first}?", f"B{first}.")][:own]
+        assert all(openings.get(u) == a for u, a in pairs[own:])  # then opening exchanges only
+    assert [d.messages for d in got] == [d.messages for d in g.replay_dialogues(source, 6, turns=3, seed=0)]
+    assert len(g.replay_dialogues(source, 50, turns=3, seed=0)) == 10
+    assert g.replay_dialogues(source, 0, turns=3, seed=0) == []
     with pytest.raises(Llama2Error, match="replay"):
         load_recipe(g.GattRecipe, None, ["base=unused", "replay=-1"])
+
+
+def test_long_dialogues_borrow_only_opening_questions():
+    """user_turns continues a dialogue with other dialogues' opening questions (a follow-up such as "And then?"
+    makes sense only after its own dialogue) and leaves out dialogues with a system message; reference replies
+    answer a dialogue's own turns with its own replies (a follow-up asked in many dialogues gets its own answer)."""
+    import random
+
+    from llama2.data.dialogues import Dialogue
+    from llama2.data.instructions import user_turns
+    from llama2.stages.gatt import reference_replies
+
+    def turn(u: str, a: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+
+    source = [Dialogue(turn(f"Where is P{i}?", f"In T{i}.") + turn("And their pet?", f"P{i} has a cat {i}."))
+              for i in range(6)]
+    source += [Dialogue([{"role": "system", "content": "Today is 2040."}, *turn("Mayor?", "Ana.")])]
+    users = user_turns(source, 5, random.Random(0))
+    assert len(users) == 6 and all(len(u) == 5 for u in users)
+    assert all(u[1] == "And their pet?" and u[2:].count("And their pet?") == 0 and "Mayor?" not in u for u in users)
+    replies = reference_replies(source[:6], users)
+    assert [r[:2] for r in replies] == [[f"In T{i}.", f"P{i} has a cat {i}."] for i in range(6)]
+    assert all(r[k] == f"In T{users[i][k][10]}." for i, r in enumerate(replies) for k in range(2, 5))
 
 
 def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_path, sp_model_path, monkeypatch,
@@ -183,10 +220,11 @@ def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_
     monkeypatch.setattr(instructions, "WORDS", ("indeed",))
     policy = fruit_policy(tmp_path, sp_model_path, CFG, 4)
     dialogues = tmp_path / "d.jsonl"
+    # half the dialogues open with "More fruit?" too: a long dialogue borrows only opening questions
     dialogues.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Name some fruit, please ({i})."}, {"role": "assistant", "content": "apple"},
-        {"role": "user", "content": f"More fruit ({i})?"}, {"role": "assistant", "content": "pear"}]}) + "\n"
-        for i in range(120)))
+        {"role": "user", "content": f"More fruit ({i})?"}, {"role": "assistant", "content": "pear"}][2 * (i % 2):]})
+        + "\n" for i in range(120)))
     (tmp_path / "ft.yaml").write_text("max_steps: null\nepochs: 6\nbatch_size: 8\nmax_seq_len: 256\nprecision: fp32\n"
                                       "optim: {lr: 1.0e-2, warmup_steps: 2, schedule: constant}\neval_every: 0\n"
                                       "save_every: 0\npeak_tflops: 1\nkeep_last: 1\n")

@@ -419,6 +419,47 @@ def test_pretraining_rows_shorter_than_the_context(tmp_path, recipe_file):
     assert cli("pretrain", "--config", str(recipe_file), "--quiet", f"out_dir={tmp_path / 'bad'}", "seq_len=4") == 2
 
 
+def test_a_share_of_pretraining_steps_trains_rows_as_long_as_the_context(tmp_path, recipe_file):
+    """long_rows: about that share of steps reads rows of the whole context (as many tokens, fewer rows), each a
+    contiguous window of the source; which steps is fixed by (seed, step), so a resumed sampler agrees; through
+    `llama2 pretrain` the tokens per step stay the same; a share outside [0, 1] is refused."""
+    from llama2.data.packing import PackedBatches
+    from llama2.train.metrics import read_metrics
+
+    class Stream:
+        path, num_tokens = "stream", 5000
+
+        def read(self, start: int, n: int) -> np.ndarray:
+            return np.arange(start, start + n, dtype=np.int64)
+
+    def sampler() -> PackedBatches:
+        return PackedBatches([Stream()], [1.0], 16, 8, 1, seed=3, long_len=64, long_share=0.25)
+
+    batches = sampler()
+    shapes = []
+    for _ in range(400):
+        (rows,) = batches.next()
+        shapes.append(tuple(rows.shape))
+        assert all(bool((r[1:] - r[:-1] == 1).all()) and int(r[-1]) < Stream.num_tokens for r in rows)
+    assert set(shapes) == {(8, 17), (2, 65)} and 60 < shapes.count((2, 65)) < 140
+    resumed = sampler()
+    resumed.load_state_dict(batches.state_dict() | {"step": 37})
+    again = sampler()
+    for _ in range(37):
+        again.next()
+    assert all(torch.equal(resumed.next()[0], again.next()[0]) for _ in range(20))
+    plain = PackedBatches([Stream()], [1.0], 16, 8, 1, seed=3, long_len=64, long_share=0.0)
+    assert {tuple(plain.next()[0].shape) for _ in range(50)} == {(8, 17)}
+
+    run = tmp_path / "run"
+    assert cli("pretrain", "--config", str(recipe_file), "--quiet", f"out_dir={run}", "seq_len=16",
+               "long_rows=0.5") == 0
+    assert [r["tokens"] for r in read_metrics(run / "metrics.jsonl")] == [r["step"] * 4 * 16 for r in
+                                                                         read_metrics(run / "metrics.jsonl")]
+    assert cli("pretrain", "--config", str(recipe_file), "--quiet", f"out_dir={tmp_path / 'bad'}",
+               "long_rows=1.5") == 2
+
+
 def test_flops_per_token_counts_every_matmul():
     """6 N + 12 L d T with N = the parameters of transformers' model minus its embedding table."""
     transformers = pytest.importorskip("transformers")

@@ -115,16 +115,24 @@ def instruction(family: str, rng: random.Random) -> Instruction:
 
 
 
-def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random) -> list[list[str]]:
-    """Lists of `turns` user messages: the user turns of one dialogue, continued with those of others (the
-    built-in dialogues have 1-3 turns), so every list is as long as asked."""
-    pool = [m["content"] for d in dialogues for m in d.messages if m["role"] == "user"]
-    if not pool:
-        raise Llama2Error("no user messages in the dialogues")
+def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random,
+               borrow_from: Sequence[Dialogue] | None = None) -> list[list[str]]:
+    """Lists of `turns` user messages: the user turns of one dialogue, continued with the opening questions of
+    others (those of `borrow_from`, default `dialogues`; the built-in dialogues have 1-3 turns), so every list is as
+    long as asked. Only an opening question is borrowed (a later turn, "And their pet?", makes sense only after its
+    own dialogue), and dialogues with a system message are left out (their questions depend on it: "Who is the
+    mayor?" on the date it gives)."""
+    def plain_ones(ds: Sequence[Dialogue]) -> list[Dialogue]:
+        return [d for d in ds if d.messages and d.messages[0]["role"] == "user"]
+
+    plain = plain_ones(dialogues)
+    openings = [d.messages[0]["content"] for d in plain_ones(borrow_from if borrow_from is not None else dialogues)]
+    if not plain or not openings:
+        raise Llama2Error("no dialogue opens with a user message (without a system message)")
     out = []
-    for d in dialogues:
+    for d in plain:
         mine = [m["content"] for m in d.messages if m["role"] == "user"]
         while len(mine) < turns:
-            mine.append(rng.choice(pool))
+            mine.append(rng.choice(openings))
         out.append(mine[:turns])
     return out

@@ -7,7 +7,8 @@ numpy's Generator seeded with (seed, s): each sequence picks a source with proba
 weight, then a uniformly random start in that source's token stream (windows cross document boundaries:
 every document is BOS ... EOS, so the model sees the separators). Process r trains on its contiguous slice.
 Hence the order depends only on (seed, step) — not on the number of processes — and the sampler's whole
-state is the step it has reached, so resuming continues the exact same order.
+state is the step it has reached, so resuming continues the exact same order. A share of steps (`long_share`,
+drawn from (seed, s) too) may train rows as long as the model's context instead: as many tokens, fewer rows.
 
 Dialogues (SFT and the stages that fine-tune through it): tokenised dialogues packed best-fit into rows of
 max_seq_len tokens, each dialogue kept to itself (positions restart, `attention_mask` is block-diagonal causal),
@@ -38,7 +39,7 @@ class PackedBatches:
 
     def __init__(self, sources: Sequence[Any], weights: Sequence[float], seq_len: int, batch_size: int,
                  accum: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, long_len: int = 0, long_share: float = 0.0) -> None:
         if len(sources) != len(weights) or not sources:
             raise ValueError("one weight per source, at least one source")
         self.sources = list(sources)
@@ -62,6 +63,16 @@ class PackedBatches:
                               f"({total} tokens); lower batch_size / grad_accum / global_batch_size or "
                               "model.max_seq_len, or add data")
         self._starts = np.array([src.num_tokens - seq_len for src in self.sources], dtype=np.int64)
+        # long steps: rows of long_len tokens, as many tokens per micro-batch (at least one row)
+        self.long_len, self.long_share = long_len, long_share if long_len > seq_len else 0.0
+        self.long_batch = max(1, batch_size * seq_len // long_len) if self.long_share else batch_size
+        if self.long_share and any(src.num_tokens < long_len + 1 for src in self.sources):
+            raise Llama2Error(f"long_rows: a data source has fewer than {long_len + 1} training tokens, one row as "
+                              "long as the context; set long_rows: 0 or give it more text")
+
+    def is_long(self, step: int) -> bool:
+        """Whether `step` trains rows as long as the context (drawn from (seed, step), so a resumed run agrees)."""
+        return bool(self.long_share) and np.random.default_rng([self.seed, step, 1]).random() < self.long_share
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source index, start offset) of every sequence of the global batch of `step`."""
@@ -75,13 +86,17 @@ class PackedBatches:
 
     def next(self) -> list[torch.Tensor]:
         src, starts = self.plan(self.step)
+        length, batch = self.seq_len, self.batch_size
+        if self.is_long(self.step):  # the plan's first rows, long: their starts kept inside the source
+            length, batch = self.long_len, self.long_batch
+            room = np.array([self.sources[k].num_tokens - length - 1 for k in src], dtype=np.int64)
+            starts = np.minimum(starts, room)
         self.step += 1
-        per_rank = self.batch_size * self.accum
-        lo = self.rank * per_rank
+        lo = self.rank * batch * self.accum
         out = []
         for a in range(self.accum):
-            rows = [self.sources[src[i]].read(starts[i], self.seq_len + 1)
-                    for i in range(lo + a * self.batch_size, lo + (a + 1) * self.batch_size)]
+            rows = [self.sources[src[i]].read(starts[i], length + 1)
+                    for i in range(lo + a * batch, lo + (a + 1) * batch)]
             out.append(torch.from_numpy(np.stack(rows)))
         return out
 

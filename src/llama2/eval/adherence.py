@@ -89,8 +89,9 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
     path = resolve_base(str(p))
     model = load_checkpoint(path, kind="causal_lm", device=device).eval()
     rng = random.Random(seed)
-    held = read_dialogues(source or ensure_dialogues(quiet=True)[1]).dialogues[:dialogues]
-    users = user_turns(held, turns, rng)
+    held = read_dialogues(source or ensure_dialogues(quiet=True)[1]).dialogues
+    plain = [d for d in held if d.messages and d.messages[0]["role"] == "user"]  # no system message of their own
+    users = user_turns(plain[:dialogues], turns, rng, borrow_from=plain)
     insts = [instruction(f, rng) for f in (families or [*CHECKABLE, *USER_FAMILIES])]
     return {"checkpoint": str(path), "turns": turns, "dialogues": len(users),
             "instruction": "the system message, kept when old exchanges are dropped to fit the context",

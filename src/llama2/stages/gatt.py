@@ -17,11 +17,11 @@ turns, then are enforced): a tiny model that never saw an instruction appended t
 refusal or nonsense, and the data would teach those. `replies: reference` takes each user turn's reply from the
 source dialogues instead of sampling (where they have one): the tiny world model's sampled replies to questions out
 of their dialogue are often wrong, and GAtt would teach those too. `replay` adds plain dialogues of the source (no
-instruction, as a share of the GAtt ones) to the fine-tuning, as the paper mixes GAtt data into its RLHF data, so
-the model keeps answering plainly when no instruction is given. `learn: every` trains every answer of a dialogue,
-not only the last (each one follows the instruction once enforced; the paper's `last` learns one answer per
-dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is measured in
-llama2.eval.adherence (`llama2 eval gatt`).
+instruction, as long as the GAtt ones, as a share of them) to the fine-tuning, as the paper mixes GAtt data into
+its RLHF data, so the model keeps answering plainly when no instruction is given. `learn: every` trains every
+answer of a dialogue, not only the last (each one follows the instruction once enforced; the paper's `last` learns
+one answer per dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is
+measured in llama2.eval.adherence (`llama2 eval gatt`).
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class GattRecipe:
     # (no sampling; a turn without one is sampled)
     replies: Literal["sampled", "reference"] = "sampled"
     learn: Literal["last", "every"] = "last"  # the answers trained: the last (the paper) or every one
-    # plain dialogues of the source (no instruction), as a share of the GAtt dialogues, trained alongside them so
-    # that the model keeps answering plainly when there is no instruction (0: GAtt dialogues only)
+    # plain dialogues of the source (no instruction, as many turns as the GAtt ones), as a share of the GAtt
+    # dialogues, trained alongside them so that the model keeps answering plainly when there is no instruction
+    # (0: GAtt dialogues only)
     replay: float = 0.0
     filter: bool = False  # keep a dialogue only if every sampled answer passes
     temperature: float = 0.7  # sampling of the replies
@@ -138,13 +139,26 @@ class GattData:
     kept: int
 
 
-def reference_replies(dialogues: Sequence[Dialogue]) -> dict[str, str]:
-    """Each user message's reply in the dialogues (the first one seen), for `replies: reference`."""
-    out: dict[str, str] = {}
-    for d in dialogues:
-        for m, reply in zip(d.messages, d.messages[1:]):
-            if m["role"] == "user" and reply["role"] == "assistant":
-                out.setdefault(m["content"], reply["content"])
+def own_replies(dialogue: Dialogue) -> list[str]:
+    """A dialogue's assistant replies, one per user turn ("" for a turn without one)."""
+    m = dialogue.messages
+    return [m[i + 1]["content"] if i + 1 < len(m) and m[i + 1]["role"] == "assistant" else ""
+            for i in range(len(m)) if m[i]["role"] == "user"]
+
+
+def reference_replies(dialogues: Sequence[Dialogue], users: Sequence[Sequence[str]],
+                      source: Sequence[Dialogue] | None = None) -> list[list[str]]:
+    """For `replies: reference`, each user turn's reply in the source (default: `dialogues`): a dialogue's own
+    turns answered by its own replies, a borrowed opening question by the first reply of a source dialogue it opens
+    ("" where there is none)."""
+    openings: dict[str, str] = {}
+    for d in (source if source is not None else dialogues):
+        if d.messages[0]["role"] == "user":
+            openings.setdefault(d.messages[0]["content"], own_replies(d)[0])
+    out = []
+    for d, turns in zip(dialogues, users):
+        own = own_replies(d)[:len(turns)]
+        out.append(own + [openings.get(u, "") for u in turns[len(own):]])
     return out
 
 
@@ -153,13 +167,17 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     user turn (or the dialogues' own replies), enforced or filtered, the instruction kept once; each dialogue
     trains its last answer (or every answer)."""
     rng = random.Random(recipe.seed)
-    dialogues = list(dialogues)[:recipe.max_dialogues]
-    users = user_turns(dialogues, recipe.turns, rng)
+    # dialogues with a system message are left out (their questions depend on it, and GAtt's system message is
+    # the instruction): users[i] continues dialogues[i]
+    source = [d for d in dialogues if d.messages and d.messages[0]["role"] == "user"]
+    dialogues = source[:recipe.max_dialogues]
+    # the later turns borrow opening questions from the whole source: from the chosen dialogues only, 32 of them
+    # would repeat 32 questions, and the model learns the decoration per question, not from the system message
+    users = user_turns(dialogues, recipe.turns, rng, borrow_from=source)
     insts = [instruction(recipe.families[i % len(recipe.families)], rng) for i in range(len(users))]
     answers: list[list[str]] = [[] for _ in users]
     if recipe.replies == "reference":
-        known = reference_replies(dialogues)
-        answers = [[known.get(x, "") for x in u] for u in users]
+        answers = reference_replies(dialogues, users, source)
     todo = [k for k, a in enumerate(answers) if not a or not all(a)]
     if todo:
         runner = TurnByTurn(model, tokenizer, recipe.max_new_tokens, recipe.temperature, recipe.seed)
@@ -183,13 +201,23 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     return GattData(out, len(users), len(out))
 
 
-def replay_dialogues(dialogues: Sequence[Dialogue], count: int, seed: int) -> list[Dialogue]:
-    """`count` of the source dialogues as they are (no instruction, every answer trained), drawn at random."""
-    if count <= 0:
+def replay_dialogues(dialogues: Sequence[Dialogue], count: int, turns: int, seed: int) -> list[Dialogue]:
+    """`count` plain dialogues (no instruction, every answer trained) as long as the GAtt ones: a source dialogue
+    drawn at random, continued with the opening exchanges of others (question and reply) up to `turns` user turns.
+    As long as the GAtt dialogues, so the model sees as many plain answers as decorated ones at every depth of a
+    long dialogue, and learns that the instruction, not the length of the dialogue, decorates an answer."""
+    plain = [d for d in dialogues if len(d.messages) >= 2 and d.messages[0]["role"] == "user"
+             and all(r for r in own_replies(d))]
+    if count <= 0 or not plain:
         return []
     rng = random.Random(f"replay:{seed}")
-    chosen = rng.sample(list(dialogues), min(count, len(dialogues)))
-    return [Dialogue(d.messages, mask="all_assistant", source="replay") for d in chosen]
+    out = []
+    for d in rng.sample(plain, min(count, len(plain))):
+        messages = [m for m in d.messages if m["role"] in ("user", "assistant")][:2 * turns]
+        while len(messages) < 2 * turns:
+            messages += rng.choice(plain).messages[:2]
+        out.append(Dialogue(messages, mask="all_assistant", source="replay"))
+    return out
 
 
 def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
@@ -206,7 +234,8 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
         if not data.dialogues:
             raise Llama2Error("no GAtt dialogue was kept (filter: true and no sample passed its checker); set "
                               "enforce: true or filter: false")
-        plain = replay_dialogues(read_dialogues(source).dialogues, round(recipe.replay * data.kept), recipe.seed)
+        plain = replay_dialogues(read_dialogues(source).dialogues, round(recipe.replay * data.kept), recipe.turns,
+                                 recipe.seed)
         write_dialogues(data_file, data.dialogues + plain)
         atomic_write_text(out / "gatt_data.json", json.dumps({"sampled": data.sampled, "kept": data.kept,
                                                                "replay": len(plain)}))

@@ -147,7 +147,8 @@ def build_pretraining(recipe: PretrainRecipe, env: DistEnv | None = None, quiet:
                           f"{cfg.max_seq_len}); shorten seq_len or lengthen the context")
     accum = recipe.accumulation(env.world_size)
     batches = PackedBatches(train, [s.weight for s in sources], seq_len, recipe.batch_size, accum,
-                            rank=env.rank, world_size=env.world_size, seed=recipe.seed, names=names)
+                            rank=env.rank, world_size=env.world_size, seed=recipe.seed, names=names,
+                            long_len=cfg.max_seq_len, long_share=recipe.long_rows)
 
     val_fn = None
     if recipe.data.eval_sequences > 0:

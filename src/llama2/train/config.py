@@ -281,6 +281,9 @@ class PretrainRecipe(TrainRecipe):
     init_from: str | None = None  # a checkpoint directory to start from instead of random weights
     # row length in tokens; null: the model's context. Shorter rows cost less attention per token (the context stays)
     seq_len: int | None = None
+    # share of steps whose rows are as long as the model's context (as many tokens per step, fewer rows): short rows
+    # learn facts sooner, but never train attention further back than seq_len tokens, which a long dialogue needs
+    long_rows: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -288,5 +291,6 @@ class PretrainRecipe(TrainRecipe):
         self.data.validate()
         check(self.seq_len is None or self.seq_len >= 8, "seq_len", self.seq_len,
               "an integer >= 8, or null for the model's context")
+        check(0.0 <= self.long_rows <= 1.0, "long_rows", self.long_rows, "a share of steps between 0 and 1")
 
 
