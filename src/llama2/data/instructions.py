@@ -115,6 +115,12 @@ def instruction(family: str, rng: random.Random) -> Instruction:
 
 
 
+def without_system(dialogues: Sequence[Dialogue]) -> list[Dialogue]:
+    """The dialogues that open with a user message (no system message of their own, such as a date that a question
+    like "Who is the mayor?" depends on)."""
+    return [d for d in dialogues if d.messages and d.messages[0]["role"] == "user"]
+
+
 def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random,
                borrow_from: Sequence[Dialogue] | None = None) -> list[list[str]]:
     """Lists of `turns` user messages: the user turns of one dialogue, continued with the opening questions of
@@ -122,11 +128,9 @@ def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random,
     long as asked. Only an opening question is borrowed (a later turn, "And their pet?", makes sense only after its
     own dialogue), and dialogues with a system message are left out (their questions depend on it: "Who is the
     mayor?" on the date it gives)."""
-    def plain_ones(ds: Sequence[Dialogue]) -> list[Dialogue]:
-        return [d for d in ds if d.messages and d.messages[0]["role"] == "user"]
-
-    plain = plain_ones(dialogues)
-    openings = [d.messages[0]["content"] for d in plain_ones(borrow_from if borrow_from is not None else dialogues)]
+    plain = without_system(dialogues)
+    lenders = without_system(borrow_from if borrow_from is not None else dialogues)
+    openings = [d.messages[0]["content"] for d in lenders]
     if not plain or not openings:
         raise Llama2Error("no dialogue opens with a user message (without a system message)")
     out = []

@@ -21,7 +21,14 @@ from ..chat_session import ChatSession
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, resolve_base
 from ..data.dialogues import ensure_dialogues, read_dialogues
-from ..data.instructions import CHECKABLE, USER_FAMILIES, Instruction, instruction, user_turns
+from ..data.instructions import (
+    CHECKABLE,
+    USER_FAMILIES,
+    Instruction,
+    instruction,
+    user_turns,
+    without_system,
+)
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams
@@ -90,7 +97,7 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
     model = load_checkpoint(path, kind="causal_lm", device=device).eval()
     rng = random.Random(seed)
     held = read_dialogues(source or ensure_dialogues(quiet=True)[1]).dialogues
-    plain = [d for d in held if d.messages and d.messages[0]["role"] == "user"]  # no system message of their own
+    plain = without_system(held)
     users = user_turns(plain[:dialogues], turns, rng, borrow_from=plain)
     insts = [instruction(f, rng) for f in (families or [*CHECKABLE, *USER_FAMILIES])]
     return {"checkpoint": str(path), "turns": turns, "dialogues": len(users),

@@ -39,7 +39,14 @@ from ..atomic import atomic_write_text, make_dir
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
 from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, write_dialogues
-from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction, user_turns
+from ..data.instructions import (
+    CHECKABLE,
+    FAMILIES,
+    USER_FAMILIES,
+    instruction,
+    user_turns,
+    without_system,
+)
 from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error
@@ -169,7 +176,7 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     rng = random.Random(recipe.seed)
     # dialogues with a system message are left out (their questions depend on it, and GAtt's system message is
     # the instruction): users[i] continues dialogues[i]
-    source = [d for d in dialogues if d.messages and d.messages[0]["role"] == "user"]
+    source = without_system(dialogues)
     dialogues = source[:recipe.max_dialogues]
     # the later turns borrow opening questions from the whole source: from the chosen dialogues only, 32 of them
     # would repeat 32 questions, and the model learns the decoration per question, not from the system message
@@ -206,8 +213,7 @@ def replay_dialogues(dialogues: Sequence[Dialogue], count: int, turns: int, seed
     drawn at random, continued with the opening exchanges of others (question and reply) up to `turns` user turns.
     As long as the GAtt dialogues, so the model sees as many plain answers as decorated ones at every depth of a
     long dialogue, and learns that the instruction, not the length of the dialogue, decorates an answer."""
-    plain = [d for d in dialogues if len(d.messages) >= 2 and d.messages[0]["role"] == "user"
-             and all(r for r in own_replies(d))]
+    plain = [d for d in without_system(dialogues) if len(d.messages) >= 2 and all(own_replies(d))]
     if count <= 0 or not plain:
         return []
     rng = random.Random(f"replay:{seed}")
