@@ -64,7 +64,8 @@ class PackedBatches:
                               "model.max_seq_len, or add data")
         self._starts = np.array([src.num_tokens - seq_len for src in self.sources], dtype=np.int64)
         # long steps: rows of long_len tokens, as many tokens per micro-batch (at least one row)
-        self.long_len, self.long_share = long_len, long_share if long_len > seq_len else 0.0
+        self.long_len = long_len
+        self.long_share = long_share if long_len > seq_len else 0.0
         self.long_batch = max(1, batch_size * seq_len // long_len) if self.long_share else batch_size
         if self.long_share and any(src.num_tokens < long_len + 1 for src in self.sources):
             raise Llama2Error(f"long_rows: a data source has fewer than {long_len + 1} training tokens, one row as "

@@ -159,9 +159,8 @@ def reference_replies(dialogues: Sequence[Dialogue], users: Sequence[Sequence[st
     turns answered by its own replies, a borrowed opening question by the first reply of a source dialogue it opens
     ("" where there is none)."""
     openings: dict[str, str] = {}
-    for d in (source if source is not None else dialogues):
-        if d.messages[0]["role"] == "user":
-            openings.setdefault(d.messages[0]["content"], own_replies(d)[0])
+    for d in without_system(source if source is not None else dialogues):
+        openings.setdefault(d.messages[0]["content"], own_replies(d)[0])
     out = []
     for d, turns in zip(dialogues, users):
         own = own_replies(d)[:len(turns)]
