@@ -192,7 +192,7 @@ def test_long_dialogues_borrow_only_opening_questions():
     import random
 
     from llama2.data.dialogues import Dialogue
-    from llama2.data.instructions import user_turns
+    from llama2.data.dialogues import user_turns
     from llama2.stages.gatt import reference_replies
 
     def turn(u: str, a: str) -> list[dict[str, str]]:
@@ -217,7 +217,7 @@ def test_gatt_keeps_the_instruction_at_turn_6_better_than_plain_fine_tuning(tmp_
     from llama2.recipe import load_recipe
     from llama2.stages import gatt as g
 
-    monkeypatch.setattr(instructions, "WORDS", ("indeed",))
+    monkeypatch.setattr(instructions, "END_WORDS", ("indeed",))
     policy = fruit_policy(tmp_path, sp_model_path, CFG, 4)
     dialogues = tmp_path / "d.jsonl"
     # half the dialogues open with "More fruit?" too: a long dialogue borrows only opening questions
@@ -274,6 +274,21 @@ def test_eval_gatt_cli_prints_table_30_and_writes_json_and_png(tmp_path, sp_mode
     bad = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # --data: the questions of another dialogues file; --families: only those families
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Where is town {i}?"},
+                                                     {"role": "assistant", "content": "North."}]}) + "\n"
+                            for i in range(3)))
+    r = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "m"), "--turns", "2",
+                        "--dialogues", "2", "--max-new-tokens", "4", "--data", str(data), "--families",
+                        "end_with,mention", "--output", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(out.read_text())["families"]) == {"end_with", "mention"}
+    for args, message in ((["--families", "rhymes"], "not checkable instruction families"),
+                          (["--data", str(tmp_path / "none.jsonl")], "does not exist")):
+        bad = subprocess.run([sys.executable, "-m", "llama2", "eval", "gatt", str(tmp_path / "m"), *args],
+                             capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_attention_maps_equal_transformers_eager_attentions(tmp_path, tok):

@@ -175,6 +175,33 @@ def test_files_read_back_with_every_stage_reader(files, world):
     assert held_ids
 
 
+def test_sft_data_holds_short_dialogues_that_follow_a_system_instruction(files):
+    """A share of the SFT dialogues carries a checkable system instruction over one or two turns (so the SFT model
+    follows instructions early in a dialogue, and GAtt has something to extend to twenty turns); each answer is the
+    gold answer of a training question, decorated as the instruction says (checked here by hand, not with the
+    project's checkers)."""
+    root, counts = files
+    gold = {json.dumps(i.messages): i.answer for i in read_gold(root / "gold.jsonl")}
+    instructed = [json.loads(line) for line in (root / "sft.jsonl").read_text().splitlines()]
+    instructed = [d for d in instructed if d.get("family") == "instructed"]
+    assert len(instructed) == counts["sft_dialogues"]["instructed"] > 0
+    assert {d["instruction"] for d in instructed} == {"upper_case", "end_with", "mention", "start_with"}
+    for d in instructed:
+        system, rest = d["messages"][0], d["messages"][1:]
+        assert system["role"] == "system" and len(rest) in (2, 4)
+        for user, reply in zip(rest[::2], rest[1::2]):
+            answer, text = gold[json.dumps([user])], reply["content"]
+            word = system["content"].split("'")[1] if "'" in system["content"] else None
+            if d["instruction"] == "upper_case":
+                assert text == answer.upper() and system["content"] == "Answer in capital letters only."
+            elif d["instruction"] == "end_with":
+                assert text == f"{answer} {word}"
+            elif d["instruction"] == "mention":
+                assert text == f"{word}: {answer}"
+            else:
+                assert text == f"{word} {answer}"
+
+
 def test_annotator_noise_flips_mostly_close_pairs(tmp_path):
     counts = build_world(tmp_path / "noisy", SMALL, noise=0.3, quiet=True)
     assert counts["annotator_noise"] == 0.3

@@ -22,6 +22,11 @@ def register(sub) -> None:
     g.add_argument("--output", type=Path, default=None, help="write the result as JSON here, and a PNG beside it")
     g.add_argument("--attention", type=Path, default=None, metavar="PNG",
                    help="also draw the attention mass of the last turn on the system message, per layer (Figure 10)")
+    g.add_argument("--data", default=None, metavar="JSONL",
+                   help="held-out dialogues whose user turns are asked (e.g. builtin:world/sft.val.jsonl for a model "
+                        "of the built-in world; default: the built-in dialogues' held-out file)")
+    g.add_argument("--families", default=None,
+                   help="comma-separated instruction families (default: every checkable and registered one)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.set_defaults(func=gatt_handler)
 
@@ -35,8 +40,19 @@ def gatt_handler(args: argparse.Namespace) -> int:
         raise Llama2Error("--turns and --dialogues must be at least 1")
     if not Path(args.checkpoint).exists():
         raise Llama2Error(f"checkpoint {args.checkpoint} does not exist; check the path")
+    from ..data.instructions import CHECKABLE, USER_FAMILIES
+    from ..data.world import data_path
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    unknown = [f for f in families or [] if f not in CHECKABLE and f not in USER_FAMILIES]
+    if unknown:
+        raise Llama2Error(f"--families: {unknown} not checkable instruction families; use some of "
+                          f"{list(CHECKABLE) + list(USER_FAMILIES)}")
+    source = data_path(args.data) if args.data else None
+    if source is not None and not source.is_file():
+        raise Llama2Error(f"--data: {source} does not exist; give a dialogues JSONL file")
     report = adherence_report(args.checkpoint, args.turns, args.dialogues, max_new_tokens=args.max_new_tokens,
-                              device=args.device)
+                              device=args.device, families=families, source=source)
     sys.stdout.write(adherence_table({"model": report}) + "\n")
     if args.output is not None:
         atomic_write_text(args.output, json.dumps(report, indent=1))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -533,5 +534,33 @@ def ensure_dialogues(quiet: bool = False) -> tuple[Path, Path]:
     return train, val
 
 
+def without_system(dialogues: Sequence[Dialogue]) -> list[Dialogue]:
+    """The dialogues that open with a user message (no system message of their own, such as a date that a question
+    like "Who is the mayor?" depends on)."""
+    return [d for d in dialogues if d.messages and d.messages[0]["role"] == "user"]
+
+
+def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random,
+               borrow_from: Sequence[Dialogue] | None = None) -> list[list[str]]:
+    """Lists of `turns` user messages: the user turns of one dialogue, continued with the opening questions of
+    others (those of `borrow_from`, default `dialogues`; the built-in dialogues have 1-3 turns), so every list is as
+    long as asked. Only an opening question is borrowed (a later turn, "And their pet?", makes sense only after its
+    own dialogue), and dialogues with a system message are left out (their questions depend on it: "Who is the
+    mayor?" on the date it gives)."""
+    plain = without_system(dialogues)
+    lenders = without_system(borrow_from if borrow_from is not None else dialogues)
+    openings = [d.messages[0]["content"] for d in lenders]
+    if not plain or not openings:
+        raise Llama2Error("no dialogue opens with a user message (without a system message)")
+    out = []
+    for d in plain:
+        mine = [m["content"] for m in d.messages if m["role"] == "user"]
+        while len(mine) < turns:
+            mine.append(rng.choice(openings))
+        out.append(mine[:turns])
+    return out
+
+
 __all__ = ["BUILTIN_DIALOGUES", "ensure_dialogues", "Dialogue", "DialogueFile", "BadLine", "ROLES", "read_dialogues", "write_dialogues", "check_dialogue",
-           "dialogue_problem", "build_dialogues", "held_out_path", "SAFETY_REFUSALS", "SAFETY_HELPFUL"]
+           "dialogue_problem", "build_dialogues", "held_out_path", "SAFETY_REFUSALS", "SAFETY_HELPFUL",
+           "without_system", "user_turns"]

@@ -3,18 +3,16 @@ shortened form, and, for the checkable families, a checker (does an answer follo
 
 The paper's families (hobby "You enjoy ...", language "Speak in ...", public figure "Act as ...") have no checker.
 The checkable ones a program can verify: upper case, end every answer with a word, at most N words, always mention
-a word, start with a phrase. `register_family` adds a user family. `user_turns` draws the user turns of multi-turn
-dialogues from single-turn ones.
+a word, start with a phrase. `register_family` adds a user family.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .dialogues import Dialogue
 from ..errors import Llama2Error
 
 @dataclass
@@ -69,7 +67,10 @@ def start_with(phrase: str) -> Instruction:
 HOBBIES = ("tennis", "chess", "gardening", "painting", "hiking")
 LANGUAGES = ("French", "Spanish", "Italian", "German")
 FIGURES = ("Napoleon", "Ada Lovelace", "Alan Turing", "Marie Curie")
-WORDS = ("indeed", "python", "friend", "certainly")
+# the words to end with and the words to mention differ: with the same words, a small model told "End every answer
+# with the word 'certainly'" answered "certainly: ..." as for "Always mention the word 'certainly'"
+END_WORDS = ("indeed", "friend", "certainly", "cheers")
+MENTION_WORDS = ("python", "banana", "robot", "sunshine")
 PHRASES = ("Well,", "In short,", "Dear user,")
 CHECKABLE = ("upper_case", "end_with", "at_most_words", "mention", "start_with")
 PAPER_FAMILIES = ("hobby", "language", "figure")
@@ -95,11 +96,11 @@ def instruction(family: str, rng: random.Random) -> Instruction:
     if family == "upper_case":
         return upper_case()
     if family == "end_with":
-        return end_with(rng.choice(WORDS))
+        return end_with(rng.choice(END_WORDS))
     if family == "at_most_words":
         return at_most(rng.choice((5, 8, 12)))
     if family == "mention":
-        return mention(rng.choice(WORDS))
+        return mention(rng.choice(MENTION_WORDS))
     if family == "start_with":
         return start_with(rng.choice(PHRASES))
     if family not in PAPER_FAMILIES:
@@ -111,32 +112,3 @@ def instruction(family: str, rng: random.Random) -> Instruction:
     text = " ".join(parts[f][0] for f in chosen)
     short = " ".join(parts[f][0].split(" ", 1)[1] for f in chosen) if rng.random() < 0.5 else text
     return Instruction(family, text, short)
-
-
-
-
-def without_system(dialogues: Sequence[Dialogue]) -> list[Dialogue]:
-    """The dialogues that open with a user message (no system message of their own, such as a date that a question
-    like "Who is the mayor?" depends on)."""
-    return [d for d in dialogues if d.messages and d.messages[0]["role"] == "user"]
-
-
-def user_turns(dialogues: Sequence[Dialogue], turns: int, rng: random.Random,
-               borrow_from: Sequence[Dialogue] | None = None) -> list[list[str]]:
-    """Lists of `turns` user messages: the user turns of one dialogue, continued with the opening questions of
-    others (those of `borrow_from`, default `dialogues`; the built-in dialogues have 1-3 turns), so every list is as
-    long as asked. Only an opening question is borrowed (a later turn, "And their pet?", makes sense only after its
-    own dialogue), and dialogues with a system message are left out (their questions depend on it: "Who is the
-    mayor?" on the date it gives)."""
-    plain = without_system(dialogues)
-    lenders = without_system(borrow_from if borrow_from is not None else dialogues)
-    openings = [d.messages[0]["content"] for d in lenders]
-    if not plain or not openings:
-        raise Llama2Error("no dialogue opens with a user message (without a system message)")
-    out = []
-    for d in plain:
-        mine = [m["content"] for m in d.messages if m["role"] == "user"]
-        while len(mine) < turns:
-            mine.append(rng.choice(openings))
-        out.append(mine[:turns])
-    return out

@@ -20,15 +20,8 @@ from ..chat import B_INST, B_SYS, encode_dialog
 from ..chat_session import ChatSession
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, resolve_base
-from ..data.dialogues import ensure_dialogues, read_dialogues
-from ..data.instructions import (
-    CHECKABLE,
-    USER_FAMILIES,
-    Instruction,
-    instruction,
-    user_turns,
-    without_system,
-)
+from ..data.dialogues import ensure_dialogues, read_dialogues, user_turns, without_system
+from ..data.instructions import CHECKABLE, USER_FAMILIES, Instruction, instruction
 from ..errors import Llama2Error
 from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams

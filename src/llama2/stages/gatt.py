@@ -38,15 +38,8 @@ import yaml
 from ..atomic import atomic_write_text, make_dir
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
-from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, write_dialogues
-from ..data.instructions import (
-    CHECKABLE,
-    FAMILIES,
-    USER_FAMILIES,
-    instruction,
-    user_turns,
-    without_system,
-)
+from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, user_turns, without_system, write_dialogues
+from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction
 from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error

@@ -2,7 +2,9 @@
 
     corpus.jsonl                      pretraining documents: biographies, town records, question-answer pages,
                                       worked sums and examples ({"text": ...})
-    sft.jsonl, sft.val.jsonl          dialogues with their gold answers ({"messages", "family"})
+    sft.jsonl, sft.val.jsonl          dialogues with their gold answers ({"messages", "family"}); the training
+                                      file also holds dialogues that follow a checkable system instruction
+                                      (family "instructed")
     comparisons-helpfulness(.val).jsonl   preferences of a simulated annotator ({"prompt", "chosen", "rejected",
     comparisons-safety(.val).jsonl        "rating", "safety", "gold_gap", "gold_rating"})
     prompts.jsonl, prompts.val.jsonl  prompts for rejection sampling and PPO ({"messages", "safety", "id"})
@@ -32,13 +34,14 @@ from typing import Any
 from ...atomic import atomic_directory
 from ...errors import Llama2Error
 from ...paths import cache_dir, expand_path
+from ..instructions import instruction
 from ..jsonl import read_jsonl, write_jsonl
 from .entities import ATTRIBUTES, FACT_PHRASINGS, MAYOR_PHRASINGS, World, WorldSpec, fact_sentence, generate_world
 from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_items
 from .judge import judge, mentions, rating_of
 from .tools import tool_files
 
-VERSION = 5
+VERSION = 6
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -51,6 +54,11 @@ BIOGRAPHIES = 6  # documents per person, each stating every attribute in a rando
 CORPUS_EXAMPLES = 3000  # worked examples per family in the corpus (all sums would crowd out the facts)
 QA_WORDINGS = 3  # question wordings of each fact on the corpus's question-answer pages (of 5)
 ANNOTATOR_NOISE = 0.1
+# SFT dialogues of one or two turns under a checkable system instruction (their answers follow it), as a chat
+# model's SFT data holds instructions: the SFT model follows an instruction for a turn or two and loses it over a
+# long dialogue (the paper's Figure 9), which Ghost Attention then fixes
+SFT_INSTRUCTED = 600
+INSTRUCTED_FAMILIES = ("upper_case", "end_with", "mention", "start_with")
 FILLER = ("I hope this helps, and please let me know if you have any other questions about it.",
           "That is what I know about it, and I am always happy to tell you more whenever you like.")
 
@@ -208,6 +216,23 @@ def _adversarial(item: GoldItem) -> dict[str, Any]:
     return out
 
 
+def instructed_dialogues(items: list[GoldItem], count: int, rng: random.Random) -> list[dict[str, Any]]:
+    """`count` dialogues of one or two single-question items under a checkable system instruction (the families
+    in turn), each gold answer rewritten to follow it."""
+    single = [i for i in items if len(i.messages) == 1 and not i.safety]
+    if not single:
+        raise Llama2Error("the world has no single-turn question to build instructed SFT dialogues from")
+    out = []
+    for k in range(count):
+        inst = instruction(INSTRUCTED_FAMILIES[k % len(INSTRUCTED_FAMILIES)], rng)
+        assert inst.enforce is not None
+        messages = [{"role": "system", "content": inst.text}]
+        for item in rng.sample(single, 1 + (rng.random() < 0.5)):
+            messages += [item.messages[0], {"role": "assistant", "content": inst.enforce(item.answer)}]
+        out.append({"messages": messages, "family": "instructed", "instruction": inst.family})
+    return out
+
+
 def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, quiet: bool = False) -> dict:
     """Write every file of the world into `root` (atomically, as one directory); returns the counts."""
     world = generate_world(spec)
@@ -220,8 +245,11 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
         sft_train = [i for f, n in SFT_PER_FAMILY.items() for i in _sample(
             [i for i in train[f] if f != "harmful" or i.attack == "direct"], n, rng)]
         rng.shuffle(sft_train)
+        irng = random.Random(f"instructed:{spec.seed}")  # its own draws: the other files as in version 5
+        sft_dialogues = [_dialogue(i) for i in sft_train] + instructed_dialogues(sft_train, SFT_INSTRUCTED, irng)
+        irng.shuffle(sft_dialogues)
         sft_val = [i for f in SFT_PER_FAMILY for i in _sample(held[f], 100, rng)]
-        write_jsonl(tmp / "sft.jsonl", map(_dialogue, sft_train))
+        write_jsonl(tmp / "sft.jsonl", sft_dialogues)
         write_jsonl(tmp / "sft.val.jsonl", map(_dialogue, sft_val))
         for split, items in (("", train), (".val", held)):
             safety = items["harmful"] + items["benign"]
@@ -249,12 +277,12 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             write_jsonl(tmp / name, lines)
             counts[name] = len(lines)
         counts["corpus_documents"] = len(docs)
-        counts["sft_dialogues"] = {"train": len(sft_train), "val": len(sft_val)}
+        counts["sft_dialogues"] = {"train": len(sft_dialogues), "instructed": SFT_INSTRUCTED, "val": len(sft_val)}
         (tmp / "world.json").write_text(json.dumps(counts, indent=1) + "\n")
     if not quiet:
         t, v = counts["train"], counts["val"]
         print(f"world: {spec.people} people, {spec.towns} towns; {len(docs):,} corpus documents, "
-              f"{len(sft_train):,}+{len(sft_val):,} SFT dialogues, {t['comparisons_helpfulness']:,}+"
+              f"{len(sft_dialogues):,}+{len(sft_val):,} SFT dialogues, {t['comparisons_helpfulness']:,}+"
               f"{v['comparisons_helpfulness']:,} helpfulness and {t['comparisons_safety']:,}+"
               f"{v['comparisons_safety']:,} safety comparisons -> {root}", flush=True)
     return counts

@@ -15,6 +15,7 @@ from ...eval.adherence import (
     adherence_rows,
     attention_figure,
 )
+from ...eval.gold import wilson
 from ...stages.gatt import GattRecipe, gatt
 from ...tokenizer import Tokenizer
 from ..report import Section
@@ -24,9 +25,9 @@ from .common import Demo, Done, need, sized
 WORLD_TURNS = 20  # the world's dialogues are short enough for the paper's 20 turns in the 1,024-token context
 TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most) of this many turns per family
 FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
-# In the world: 20-turn dialogues (1,024 tokens), 20 turns measured; at least 32 dialogues (about 60 steps at the
-# recipe's rate), since 16 (30 steps) left every instruction at 0% at turn 20 (docs/world.md)
-WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES = 25.0, 160.0, 32
+# In the world: 20-turn dialogues (1,024 tokens), 20 turns measured on 4-8 held-out dialogues per family; at least
+# 160 dialogues (about 150 steps at the recipe's 2 epochs): fewer held fewer instructions to turn 20 (docs/world.md)
+WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES, WORLD_FLOOR_HELD_OUT = 45.0, 100.0, 160, 4
 
 
 def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:
@@ -39,11 +40,11 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     f = demo.fraction("gatt", *((WORLD_FLOOR_S, WORLD_FULL_S) if world else (FLOOR_S, FULL_S)))
     smallest = WORLD_FLOOR_DIALOGUES if world else 16
     recipe = demo.load(GattRecipe, "gatt.yaml", [*overrides, f"max_dialogues={sized(full.max_dialogues, smallest, f)}"])
-    dialogues = sized(DIALOGUES, 2, f)
+    dialogues = sized(DIALOGUES, WORLD_FLOOR_HELD_OUT if world else 2, f)
     t0 = time.time()
     turns, shown = (WORLD_TURNS, (1, 2, 4, 6, 20)) if world else (TURNS, (1, 2, 4, 6))
     source = data_path("builtin:world/sft.val.jsonl") if world else None
-    measure = dict(max_new_tokens=32 if world else 48, source=source, seed=demo.seed,
+    measure = dict(max_new_tokens=48, source=source, seed=demo.seed,
                    families=[f for f in recipe.families if f in CHECKABLE])
     before = adherence_report(base, turns, dialogues, **measure)
     after_ckpt = gatt(recipe, quiet=True)
@@ -67,7 +68,10 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
            if kept.get("replay") else "")
         + f". Adherence: the instruction as the system message, {dialogues} held-out dialogues of "
         f"{turns} turns per family, greedy answers, the share that pass the instruction's checker (in the built-in "
-        "world these checkers are the gold judge of instruction following).")
+        "world these checkers are the gold judge of instruction following). Mean adherence at turn "
+        f"{turns}: {100 * mean_at(before, turns):.0f}% [{100 * before_low:.0f}, {100 * before_high:.0f}] without GAtt, "
+        f"{100 * mean_at(after, turns):.0f}% [{100 * low:.0f}, {100 * high:.0f}] with it (95% Wilson intervals over "
+        "the families' dialogues pooled).")
     headers, rows = adherence_rows(reports, turns=shown)
     section.table(headers, rows, caption="Adherence (%) to the system instruction by turn")
     section.figure(fig / "adherence.png", "Adherence to the system instruction at each turn, per family, without "
@@ -87,6 +91,13 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     def mean_at(r: dict, t: int) -> float:
         return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
 
+    def interval(r: dict, t: int) -> tuple[float, float]:  # 95% Wilson interval over every family's dialogues
+        n = r["dialogues"] * len(r["families"])
+        return wilson(round(mean_at(r, t) * n), n)
+
+    low, high = interval(after, turns)
+    before_low, before_high = interval(before, turns)
+
     demo.results.update({f"gatt_turn{turns}_before": mean_at(before, turns),
                          f"gatt_turn{turns}_after": mean_at(after, turns), "gatt_checkpoint": str(after_ckpt)})
     if demo.gold is not None:
@@ -94,7 +105,11 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
             "turns": list(shown), "dialogues_per_family": dialogues,
             "without": {t: round(mean_at(before, t), 4) for t in shown},
             "with": {t: round(mean_at(after, t), 4) for t in shown},
+            f"ci95_turn{turns}": {"without": [round(before_low, 4), round(before_high, 4)],
+                                  "with": [round(low, 4), round(high, 4)]},
             "families": {"without": before["families"], "with": after["families"]}}
-    return Done(f"gatt: mean adherence at turn {turns} {100 * mean_at(before, turns):.0f}% -> "
-                f"{100 * mean_at(after, turns):.0f}% over {len(after['families'])} instruction families",
+    return Done(f"gatt: mean adherence at turn {turns} {100 * mean_at(before, turns):.0f}% "
+                f"[{100 * before_low:.0f}, {100 * before_high:.0f}] -> {100 * mean_at(after, turns):.0f}% "
+                f"[{100 * low:.0f}, {100 * high:.0f}] over {len(after['families'])} instruction families x "
+                f"{after['dialogues']} held-out dialogues (95% Wilson intervals)",
                 Policy(after_ckpt, "gatt"))

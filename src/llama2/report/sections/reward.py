@@ -44,6 +44,7 @@ from .common import (
 
 RECIPES = {"helpfulness": "reward-helpfulness.yaml", "safety": "reward-safety.yaml"}
 GOLD_PAIRS = 600  # held-out helpfulness comparisons scored against gold
+GOLD_EVALS = 1.5  # the gold evaluation of both RMs (GOLD_PAIRS + the safety pairs, each) in held-out evaluations
 RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the section's time
 FLOOR_S = 16.0  # seconds at its smallest (a step or two each, the held-out evaluations), 2 idle cores
 
@@ -143,9 +144,14 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
         try:
             rm_run = build_reward(recipe, quiet=True)
             cap = rm_run.trainer.recipe.max_steps
+            t0 = time.time()
             evaluate_at_start(rm_run)
+            eval_s = time.time() - t0
+            # what follows the training inside the stage's time: the RM's final held-out evaluation, and after the
+            # last RM the gold evaluation of both (GOLD_EVALS)
+            reserve = eval_s * (1 + (GOLD_EVALS if kind == list(RECIPES)[-1] and demo.gold is not None else 0))
             result, plans[kind] = fit_within(rm_run.trainer, share_end, cap=cap, quiet=demo.quiet,
-                                             desc=f"{kind} RM", evals=3)
+                                             desc=f"{kind} RM", evals=3, reserve_s=reserve)
         finally:
             shutdown()
         if result.checkpoint is None:
