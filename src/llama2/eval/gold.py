@@ -25,19 +25,12 @@ from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
 from ..reward import CombinedScores
 from ..tools import final_answer
-
-Z95 = 1.96
+from .compare import Z95, wilson_interval
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
-    """The 95% Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    d = 1 + Z95 ** 2 / n
-    centre = (p + Z95 ** 2 / (2 * n)) / d
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / d
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    """The 95% Wilson score interval of k successes in n trials ((0, 1) when there are none)."""
+    return wilson_interval(k, n) if n else (0.0, 1.0)
 
 
 def paired_difference(before: Sequence[float], after: Sequence[float]) -> tuple[float, float, float]:

@@ -54,7 +54,7 @@ SHARES = {"pretrain": 0.41, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward
 # the quick sections (generate, chat, eval, formats), safety distillation and pretraining give it theirs.
 # Tool use fine-tunes the SFT model on tool dialogues (a few hundred steps to copy numbers and names reliably) and
 # answers its questions twice; it comes last and inherits what the sections before it leave.
-WORLD_SHARES = {"pretrain": 0.35, "generate": 0.005, "chat": 0.005, "sft": 0.07, "reward": 0.13, "rejection": 0.08,
+WORLD_SHARES = {"pretrain": 0.33, "generate": 0.005, "chat": 0.005, "sft": 0.07, "reward": 0.13, "rejection": 0.10,
                 "ppo": 0.08, "gatt": 0.15, "safety": 0.05, "eval": 0.01, "tools": 0.06, "formats": 0.01}
 # The seconds each section takes at its smallest size on the reference machine (2 idle cores): the sections
 # before it leave this much, times the machine's pace measured by pretraining, for it.

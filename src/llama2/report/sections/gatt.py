@@ -50,6 +50,16 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     after_ckpt = gatt(recipe, quiet=True)
     after = adherence_report(run_dir, turns, dialogues, **measure)
     seconds = time.time() - t0
+
+    def mean_at(r: dict, t: int) -> float:
+        return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
+
+    def interval(r: dict, t: int) -> tuple[float, float]:  # 95% Wilson interval over every family's dialogues
+        n = r["dialogues"] * len(r["families"])
+        return wilson(round(mean_at(r, t) * n), n)
+
+    low, high = interval(after, turns)
+    before_low, before_high = interval(before, turns)
     kept = json.loads((run_dir / "gatt_data.json").read_text())
     reports = {"without GAtt": before, "with GAtt": after}
     fig = demo.out / "figures" / "gatt"
@@ -87,17 +97,6 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[
     attention_figure(models, Tokenizer(after_ckpt), dialogue, fig / "attention.png")
     section.figure(fig / "attention.png", "Attention mass that each token of the last turn puts on the system "
                                           "message, per layer, without and with GAtt (the paper's Figure 10)")
-
-    def mean_at(r: dict, t: int) -> float:
-        return sum(v[t - 1] for v in r["families"].values()) / len(r["families"])
-
-    def interval(r: dict, t: int) -> tuple[float, float]:  # 95% Wilson interval over every family's dialogues
-        n = r["dialogues"] * len(r["families"])
-        return wilson(round(mean_at(r, t) * n), n)
-
-    low, high = interval(after, turns)
-    before_low, before_high = interval(before, turns)
-
     demo.results.update({f"gatt_turn{turns}_before": mean_at(before, turns),
                          f"gatt_turn{turns}_after": mean_at(after, turns), "gatt_checkpoint": str(after_ckpt)})
     if demo.gold is not None:
