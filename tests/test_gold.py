@@ -36,7 +36,7 @@ def test_paired_difference_matches_numpy():
     after = np.clip(before + rng.integers(0, 2, 200) * (rng.random(200) < 0.3), 0, 1)
     mean, lo, hi = paired_difference(list(before), list(after))
     d = after - before
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    half = stats.norm.ppf(0.975) * d.std(ddof=1) / np.sqrt(len(d))
     assert mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half) and hi == pytest.approx(
         d.mean() + half)
 
