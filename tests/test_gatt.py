@@ -312,3 +312,51 @@ def test_attention_maps_equal_transformers_eager_attentions(tmp_path, tok):
             {"role": "assistant", "content": "HELLO"}, {"role": "user", "content": "How are you?"}]
     mass, words = system_attention(ours, tok, msgs)
     assert mass.shape == (2, len(words)) and bool(((mass >= 0) & (mass <= 1 + 1e-6)).all())
+
+
+def test_turn_by_turn_keeps_each_dialogue_in_the_prefix_cache_and_answers_the_same(tok, monkeypatch):
+    """Answers turn by turn with the dialogues' keys and values kept across turns equal those computed afresh at
+    every turn, and the later turns do find their dialogue in the cache."""
+    import llama2.eval.adherence as adh
+    from llama2.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    made = []
+
+    class Recording(adh.Generator):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(adh, "Generator", Recording)
+    users = [[f"Question {i}.{t}?" for t in range(4)] for i in range(3)]
+    systems = ["Answer in capital letters only.", None, "End every answer with the word 'indeed'."]
+    cached = adh.TurnByTurn(model, tok, max_new_tokens=6).answers(systems, users)
+    engine = made[-1].engine()
+    assert engine.prefix_cache is not None and engine.prefix_cache.hits >= 3 * 3  # turns 2-4 of each dialogue
+    monkeypatch.setattr(adh, "PREFIX_CACHE_BYTES", 0)
+    fresh = adh.TurnByTurn(model, tok, max_new_tokens=6).answers(systems, users)
+    assert made[-1].engine().prefix_cache is None
+    assert cached == fresh
+
+
+def test_each_held_out_dialogue_draws_its_own_instruction(tmp_path, sp_model_path):
+    """adherence_report: a family's dialogues hold different draws of its instruction (not one word for all)."""
+    from llama2.checkpoint import save_model
+    from llama2.eval.adherence import adherence_report
+    from llama2.model import Transformer
+    from llama2.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    save_model(Transformer(CFG), tmp_path / "m", Tokenizer(sp_model_path))
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Where is town {i}?"},
+                                                     {"role": "assistant", "content": "North."}]}) + "\n"
+                            for i in range(8)))
+    report = adherence_report(tmp_path / "m", 2, 8, seed=0, max_new_tokens=3, families=["end_with", "mention"],
+                              source=data)
+    assert report["dialogues"] == 8
+    for family in ("end_with", "mention"):
+        texts = report["instructions"][family]
+        assert len(texts) == 8 and len(set(texts)) > 1, texts

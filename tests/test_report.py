@@ -315,3 +315,35 @@ def test_held_out_prompts_come_from_the_val_split(tmp_path):
                     '    """Walk."""\n    stack = [top]\n    return stack']
     fallback, _ = held_out_prompts(tmp_path / "missing.jsonl")
     assert fallback[0] == "Return the number of"
+
+
+def test_a_failed_section_is_reported_and_the_later_sections_still_run(tmp_path):
+    """The demo's Driver: a section that raises is marked failed with its reason (its traceback in
+    failed-NAME.txt), gives no artifact, and the next section runs; a section that needs the missing artifact
+    fails with need()'s message; an essential section's failure stops the run."""
+    from llama2.report.demo import Driver
+    from llama2.report.report import Report
+    from llama2.report.sections.common import Done, need
+
+    budget = Budget(60.0, {"a": 0.3, "b": 0.3, "c": 0.4})
+    demo = Demo(tmp_path, budget, quiet=True)
+    report = Report(tmp_path, "test")
+    driver = Driver(demo, report)
+
+    def broken(section):
+        raise ZeroDivisionError("the model blew up")
+
+    assert driver.section("a", "A", broken) is None
+    b = driver.section("b", "B", lambda s: Done("b: fine", "artifact B"))
+    assert b == "artifact B"
+    assert driver.section("c", "C", lambda s: Done("c", need(None, "C needs A, and it did not finish"))) is None
+    assert driver.failed == ["A", "C"]
+    statuses = {s.title: s.status for s in report.sections}
+    assert statuses == {"A": "failed", "B": "done", "C": "failed"}
+    md = (tmp_path / "report.md").read_text()
+    assert "ZeroDivisionError: the model blew up" in md and "C needs A, and it did not finish" in md
+    assert "ZeroDivisionError" in (tmp_path / "failed-a.txt").read_text()
+    with pytest.raises(ZeroDivisionError):
+        driver.section("a", "A again", broken, essential=True)
+    with pytest.raises(KeyboardInterrupt):  # an interrupt is never swallowed
+        driver.section("b", "B again", lambda s: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -27,6 +27,8 @@ def register(sub) -> None:
                         "of the built-in world; default: the built-in dialogues' held-out file)")
     g.add_argument("--families", default=None,
                    help="comma-separated instruction families (default: every checkable and registered one)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="draws the dialogues' later turns and each dialogue's instruction (default 0)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.set_defaults(func=gatt_handler)
 
@@ -51,8 +53,9 @@ def gatt_handler(args: argparse.Namespace) -> int:
     source = data_path(args.data) if args.data else None
     if source is not None and not source.is_file():
         raise Llama2Error(f"--data: {source} does not exist; give a dialogues JSONL file")
-    report = adherence_report(args.checkpoint, args.turns, args.dialogues, max_new_tokens=args.max_new_tokens,
-                              device=args.device, families=families, source=source)
+    report = adherence_report(args.checkpoint, args.turns, args.dialogues, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, device=args.device, families=families,
+                              source=source)
     sys.stdout.write(adherence_table({"model": report}) + "\n")
     if args.output is not None:
         atomic_write_text(args.output, json.dumps(report, indent=1))
