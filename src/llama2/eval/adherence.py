@@ -28,6 +28,7 @@ from ..inference.generate import Generator, SamplingParams
 from ..inference.prefix_cache import BLOCK
 from ..model import Attention, apply_rope
 from ..paths import expand_path
+from ..train.memory import kv_cache_bytes
 
 
 PREFIX_CACHE_BYTES = 1 << 30  # the most keys and values TurnByTurn keeps across turns
@@ -50,8 +51,7 @@ class TurnByTurn:
         # every dialogue's keys and values kept from turn to turn (as much as PREFIX_CACHE_BYTES holds): a turn
         # computes only its new user message, not the whole dialogue again (the same answers, 1.6x faster over
         # 20 turns of the world model)
-        cfg = self.model.config
-        per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * next(self.model.parameters()).element_size()
+        per_position = kv_cache_bytes(self.model.config, 1, 1, next(self.model.parameters()).element_size())
         positions = min(len(users) * context, PREFIX_CACHE_BYTES // per_position)
         gen = Generator(self.model, self.tok, max_batch_size=16, prefix_cache=positions if positions >= BLOCK else 0)
         out: list[list[str]] = [[] for _ in users]
