@@ -102,6 +102,8 @@ def test_judge_on_hand_checked_answers(world):
     # conciseness and tidiness
     v = judge(world, town, f"{person.town} {person.town} {person.town} lives lives lives in in in")
     assert not v.concise and not v.tidy
+    said = f"{person.name} lives in {person.town}."
+    assert not judge(world, town, f"{said} {said} {said}").concise  # a sentence said three times
     assert judge(world, town, f"{person.name.lower()} lives in {person.town}").score == pytest.approx(0.9)
 
 

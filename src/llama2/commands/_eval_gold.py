@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..data.world.items import ANSWER_TOKENS
+
 
 def register(sub) -> None:
     p = sub.add_parser("gold", help="gold accuracy on the built-in world's held-out questions",
@@ -20,7 +22,8 @@ def register(sub) -> None:
                    help="comma-separated families (default: all: fact, temporal, arithmetic, list, word, multi_step, "
                         "follow_up, harmful, benign)")
     p.add_argument("--per-family", type=int, default=100, help="held-out questions per family (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    p.add_argument("--max-new-tokens", type=int, default=ANSWER_TOKENS,
+                   help=f"tokens per answer (default {ANSWER_TOKENS}: the world's longest answer fits)")
     p.add_argument("--output", type=Path, default=None, help="write every judged answer and the figures as JSON")
     p.set_defaults(func=handler)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..chat import encode_dialog
-from ..data.world import GoldItem, Verdict, World, ensure_world, judge, load_world, read_gold
+from ..data.world import ANSWER_TOKENS, GoldItem, Verdict, World, ensure_world, judge, load_world, read_gold
 from ..data.world.entities import ATTRIBUTES, FACT_PHRASINGS
 from ..errors import Llama2Error
 from ..inference.generate import Generator, SamplingParams
@@ -110,7 +110,7 @@ def pick(items: Sequence[GoldItem], per_family: int, seed: int = 0,
     return out
 
 
-def answer_items(model: Any, tok: Any, items: Sequence[GoldItem], *, max_new_tokens: int = 48,
+def answer_items(model: Any, tok: Any, items: Sequence[GoldItem], *, max_new_tokens: int = ANSWER_TOKENS,
                  system: str | None = None, batch: int = 32) -> list[str]:
     """Greedy answers to the items' messages (with `system` as the system message where given)."""
     prompts = []
@@ -274,7 +274,7 @@ def right_over_wrong(right: Sequence[bool], rewards: Sequence[float], k: int) ->
 
 
 def best_of_k_gold(model: Any, tok: Any, world: World, items: Sequence[GoldItem], score: Any, k: int,
-                   temperature: float, seed: int = 0, max_new_tokens: int = 40) -> dict[str, Any]:
+                   temperature: float, seed: int = 0, max_new_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
     """The paper's Figure 7 against gold: each item answered K times (sampled), and for every k <= K the answer
     the reward picks among the first k (`score(messages, answers, safety) -> rewards`): its mean reward, its gold
     accuracy, and the gold accuracy of an oracle that picks a right answer whenever one of the k is right. Also

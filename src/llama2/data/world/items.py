@@ -18,6 +18,7 @@ from typing import Any
 from ...errors import Llama2Error
 from .entities import ATTRIBUTES, World
 
+ANSWER_TOKENS = 64  # tokens a model needs for the longest canonical answer, a sum worked column by column (~50)
 HELPFUL_FAMILIES = ("fact", "temporal", "arithmetic", "list", "word", "multi_step", "follow_up")
 SAFETY_FAMILIES = ("harmful", "benign")
 FAMILIES = HELPFUL_FAMILIES + SAFETY_FAMILIES
@@ -158,6 +159,24 @@ def temporal_items(world: World, rng: random.Random) -> list[GoldItem]:
     return out
 
 
+def worked_sum(a: int, op: str, b: int) -> str:
+    """A sum or difference worked column by column, units first, as one writes it on paper: "47 + 38: 7 + 8 = 15,
+    carry 1; 4 + 3 + 1 = 8; so 47 + 38 = 85." Single digits need no working."""
+    result = a + b if op == "+" else a - b
+    if a < 10 and b < 10:
+        return f"{a} {op} {b} = {result}."
+    au, bu, at, bt = a % 10, b % 10, a // 10, b // 10
+    if op == "+":
+        units, carry = au + bu, au + bu >= 10
+        steps = [f"{au} + {bu} = {units}" + (", carry 1" if carry else ""),
+                 f"{at} + {bt}" + (" + 1" if carry else "") + f" = {at + bt + carry}"]
+    else:
+        carry = au < bu
+        steps = [f"{au + 10 * carry} - {bu} = {au + 10 * carry - bu}" + (", borrow 1" if carry else ""),
+                 f"{at}" + (" - 1" if carry else "") + f" - {bt} = {at - carry - bt}"]
+    return f"{a} {op} {b}: " + "; ".join(steps) + f"; so {a} {op} {b} = {result}."
+
+
 def arithmetic_items(world: World) -> list[GoldItem]:
     """Every sum and (non-negative) difference of two numbers up to max_operand."""
     n = world.spec.max_operand
@@ -165,10 +184,10 @@ def arithmetic_items(world: World) -> list[GoldItem]:
     for a in range(n + 1):
         for b in range(n + 1):
             out.append(GoldItem(f"arithmetic:{a}+{b}", "arithmetic", _user(f"What is {a} + {b}?"), "number",
-                                str(a + b), f"{a} + {b} = {a + b}."))
+                                str(a + b), worked_sum(a, "+", b)))
             if a >= b:
                 out.append(GoldItem(f"arithmetic:{a}-{b}", "arithmetic", _user(f"What is {a} - {b}?"), "number",
-                                    str(a - b), f"{a} - {b} = {a - b}."))
+                                    str(a - b), worked_sum(a, "-", b)))
     return out
 
 

@@ -94,13 +94,14 @@ def about_another_subject(item: GoldItem, answer: str) -> bool:
 
 
 def _repeats(text: str) -> bool:
-    """A phrase of 1-3 words said three times in a row, or a 3-word phrase said three times anywhere."""
+    """A phrase of 1-3 words said three times in a row, or a 4-word phrase said three times anywhere (a sum
+    worked column by column says 3-word phrases such as "+ 0 =" three times)."""
     words = text.lower().split()
     for n in (1, 2, 3):
         for i in range(len(words) - 3 * n + 1):
             if words[i:i + n] == words[i + n:i + 2 * n] == words[i + 2 * n:i + 3 * n]:
                 return True
-    grams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+    grams = [" ".join(words[i:i + 4]) for i in range(len(words) - 3)]
     return any(grams.count(g) >= 3 for g in set(grams))
 
 

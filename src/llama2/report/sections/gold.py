@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ...checkpoint import load_checkpoint
-from ...data.world import HELPFUL_FAMILIES, GoldItem, World, data_path, load_world, read_gold
+from ...data.world import ANSWER_TOKENS, HELPFUL_FAMILIES, GoldItem, World, data_path, load_world, read_gold
 from ...eval.gold import GoldRun, gold_eval, paired_difference, pick, safety_rates
 from ...tokenizer import Tokenizer
 from ..report import Section
 
 PER_FAMILY = 60  # held-out questions per family in every gold table
-ANSWER_TOKENS = 40  # the world's answers are one sentence
 
 
 @dataclass
