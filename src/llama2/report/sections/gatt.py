@@ -27,8 +27,7 @@ TURNS, DIALOGUES = 6, 8  # the adherence evaluation: held-out dialogues (at most
 FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out) and full size, 2 idle cores
 # In the world: 20-turn dialogues (1,024 tokens), 20 turns measured on 4-8 held-out dialogues per family; at least
 # 160 dialogues (about 150 steps at the recipe's 2 epochs): fewer held fewer instructions to turn 20 (docs/world.md).
-# The floor from two demos on a 2-core Xeon, at this smallest size: 102 s at pace 3.29, 128 s at pace 3.92.
-WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES, WORLD_FLOOR_HELD_OUT = 33.0, 100.0, 160, 4
+WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES, WORLD_FLOOR_HELD_OUT = 45.0, 100.0, 160, 4
 
 
 def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:

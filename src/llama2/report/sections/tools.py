@@ -19,9 +19,11 @@ from ..report import Section
 from .artifacts import ChatModel
 from .common import Demo, Done, plan_text, run_figures, sized
 
-# seconds at the smallest (50 steps, 20 problems a family) and full size on the reference machine; the floor from
-# two demos on a 2-core Xeon: 22-25 s at pace 3.3-3.9 (50 steps at the measured seconds per step, the answering)
-FLOOR_S, FULL_S = 8.0, 240.0
+# The smallest run that shows the tools at work: 300 steps (docs/tools.md: 0% after 164 steps, about half right
+# after 340); with 20 problems a family that is ~26 s on the reference machine (0.24 s a step at pace 3.3 on a
+# 2-core Xeon). Full size: 100 problems a family and the recipe's steps.
+MIN_STEPS = 300
+FLOOR_S, FULL_S = 26.0, 240.0
 SAMPLES = 4
 
 
@@ -44,7 +46,7 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[ChatModel 
         budget_s = demo.budget.left("tools")
         # one held-out evaluation (at the end) and no thread timing: the steps teach the copying, not the tokens
         result, plan = fit_within(trainer, demo.budget.deadline("tools"), cap=cap, reserve_s=10.0 + 0.2 * len(problems),
-                                  quiet=demo.quiet, desc="tools", min_steps=50, evals=1, choose_threads=False)
+                                  quiet=demo.quiet, desc="tools", min_steps=MIN_STEPS, evals=1, choose_threads=False)
     finally:
         shutdown()
     if result.checkpoint is None:
