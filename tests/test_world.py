@@ -4,6 +4,7 @@ answers, the simulated annotator, the data files every stage reads, and the bad-
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -40,6 +41,12 @@ def test_same_seed_same_world_other_seed_other_world():
         assert any(p.town == town for p in a.people.values())
 
 
+def _value(expression: str) -> int:
+    """The value of "a + b - c ..." (whole numbers, + and -)."""
+    words = expression.split()
+    return int(words[0]) + sum(int(n) if op == "+" else -int(n) for op, n in zip(words[1::2], words[2::2]))
+
+
 def test_every_family_has_items_with_gold_the_world_confirms(world):
     items = all_items(world)
     assert set(items) == {"fact", "temporal", "arithmetic", "list", "word", "multi_step", "follow_up", "harmful",
@@ -53,6 +60,11 @@ def test_every_family_has_items_with_gold_the_world_confirms(world):
     for i in items["arithmetic"]:
         a, op, b = i.question.removeprefix("What is ").removesuffix("?").split()
         assert int(i.gold) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    # every step of a worked sum is true arithmetic, and the working ends at the question's result
+    for i in items["arithmetic"]:
+        steps = re.findall(r"(\d+(?: [+-] \d+)+) = (\d+)", i.answer)
+        assert steps and all(_value(lhs) == int(rhs) for lhs, rhs in steps), i.answer
+        assert steps[-1][1] == i.gold
     # the canonical answer of every helpfulness item is judged correct, concise and tidy
     for family, its in items.items():
         for i in its:

@@ -8,6 +8,6 @@ from .files import data_path, ensure_world, load_world, read_gold
 from .items import ANSWER_TOKENS, FAMILIES, HELPFUL_FAMILIES, SAFETY_FAMILIES, GoldItem
 from .judge import Verdict, is_refusal, judge, rating_of
 
-__all__ = ["ANSWER_TOKENS", "FAMILIES", "HELPFUL_FAMILIES", "SAFETY_FAMILIES", "GoldItem", "Verdict", "World", "WorldSpec",
-           "data_path", "ensure_world", "generate_world", "is_refusal", "judge", "load_world", "rating_of",
+__all__ = ["ANSWER_TOKENS", "FAMILIES", "HELPFUL_FAMILIES", "SAFETY_FAMILIES", "GoldItem", "Verdict", "World",
+           "WorldSpec", "data_path", "ensure_world", "generate_world", "is_refusal", "judge", "load_world", "rating_of",
            "read_gold"]

@@ -167,11 +167,11 @@ def worked_sum(a: int, op: str, b: int) -> str:
         return f"{a} {op} {b} = {result}."
     au, bu, at, bt = a % 10, b % 10, a // 10, b // 10
     if op == "+":
-        units, carry = au + bu, au + bu >= 10
+        units, carry = au + bu, int(au + bu >= 10)
         steps = [f"{au} + {bu} = {units}" + (", carry 1" if carry else ""),
                  f"{at} + {bt}" + (" + 1" if carry else "") + f" = {at + bt + carry}"]
     else:
-        carry = au < bu
+        carry = int(au < bu)
         steps = [f"{au + 10 * carry} - {bu} = {au + 10 * carry - bu}" + (", borrow 1" if carry else ""),
                  f"{at}" + (" - 1" if carry else "") + f" - {bt} = {at - carry - bt}"]
     return f"{a} {op} {b}: " + "; ".join(steps) + f"; so {a} {op} {b} = {result}."
