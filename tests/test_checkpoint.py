@@ -396,6 +396,32 @@ def test_a_training_run_and_its_latest_pointer_stand_for_the_latest_checkpoint(t
     assert not base_exists(str(fresh))
 
 
+def test_a_stage_run_stands_for_the_model_its_sub_run_trained(tmp_path, sp_model_path):
+    """A rejection-sampling run (iter-N/sft, the last iteration with a checkpoint) and a GAtt or safety run (sft/)
+    stand for the checkpoint their fine-tuning run's `latest` names, as the run itself would."""
+    from llama2.checkpoint.runs import base_exists, resolve_base
+    from llama2.train.checkpoints import commit_checkpoint, staging_dir
+
+    def finetuned(run: Path, step: int) -> Path:
+        staging = staging_dir(run, step)
+        random_hf_llama(step).save_pretrained(staging)
+        (staging / "training_state.pt").write_bytes(b"state")
+        return commit_checkpoint(run, staging, step, keep_last=1)
+
+    rs = tmp_path / "rejection"
+    first = finetuned(rs / "iter-1" / "sft", 3)
+    (rs / "iter-2" / "sft" / "checkpoints").mkdir(parents=True)  # the second iteration not saved yet
+    assert resolve_base(str(rs)) == first and base_exists(str(rs))
+    second = finetuned(rs / "iter-2" / "sft", 4)
+    assert resolve_base(str(rs)) == second
+    assert max_diff(our_logits(load_model(rs)), our_logits(load_model(second))) == 0
+    gatt = tmp_path / "gatt"
+    model = finetuned(gatt / "sft", 5)
+    (gatt / "gatt_dialogues.jsonl").write_text("")
+    assert resolve_base(str(gatt)) == model and load_config(gatt) == load_config(model)
+    assert not base_exists(str(tmp_path / "empty-stage")) and not base_exists(str(tmp_path))
+
+
 def _cut(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])

@@ -112,6 +112,12 @@ def test_replies_are_sampled_with_or_without_the_instruction_and_always_enforced
     assert all(inst in x for x in seen) == with_instruction and not any(inst in x for x in seen) != with_instruction
     answers = [m["content"] for d in data.dialogues for m in d.messages if m["role"] == "assistant"]
     assert answers and all(a == a.upper() and a.startswith("YOU SAID") for a in answers)
+    # the replay's material: the same turns with the model's answers as it gave them (not enforced), no instruction
+    assert len(data.plain) == 3
+    for d in data.plain:
+        assert d.mask == "all_assistant" and all(m["role"] != "system" for m in d.messages)
+        for q, a in zip(d.messages[::2], d.messages[1::2]):
+            assert a["content"] == f"you said {q['content']}" + (f" {inst}" if with_instruction else "")
 
 
 def test_reference_replies_need_no_sampling_and_every_answer_can_be_learned(monkeypatch):

@@ -138,3 +138,36 @@ def test_eval_gold_command_on_a_tiny_model(tmp_path, monkeypatch, tok, capsys):
     assert data["safety"]["false_refusals"]["rate"] is None  # no benign look-alikes asked
     assert main(["eval", "gold", str(tiny_checkpoint), "--families", "poetry"]) == 2
     assert "unknown world question family 'poetry'" in capsys.readouterr().err
+
+
+def test_best_of_k_against_gold_follows_the_rewards_pick(world, tok):
+    """Figure 7 against gold on a tiny model's samples: for each K, the pick is the highest reward among the first
+    K samples, and its accuracy and gold score, the oracle's accuracy and the best score among the K are those the
+    judge gives (recomputed here from the sampled answers the reward saw)."""
+    from helpers import serve_model
+
+    from llama2.data.world import judge
+    from llama2.eval.gold import best_of_k_gold
+
+    items = [i for f in ("fact", "list", "arithmetic") for i in all_items(world)[f][:2]]
+    seen: list[str] = []
+
+    def prefer_short(answers):
+        return [-len(a) + 0.01 * n for n, a in enumerate(answers)]  # no ties
+
+    def reward(messages, answers, safety):
+        seen.extend(answers)
+        return prefer_short(answers)
+
+    k = 4
+    out = best_of_k_gold(serve_model().eval(), tok, world, items, reward, k, 1.0, seed=0, max_new_tokens=6)
+    assert len(seen) == k * len(items) and out["k"] == list(range(1, k + 1))
+    rewards = prefer_short(seen)
+    for kk in range(1, k + 1):
+        picks = [max(range(n * k, n * k + kk), key=lambda j: rewards[j]) for n in range(len(items))]
+        verdicts = [judge(world, items[j // k], seen[j]) for j in range(len(seen))]
+        assert out["gold_rm_pick"][kk - 1] == pytest.approx(np.mean([verdicts[j].correct for j in picks]), abs=1e-4)
+        assert out["score_rm_pick"][kk - 1] == pytest.approx(np.mean([verdicts[j].score for j in picks]), abs=1e-4)
+        best = [max(verdicts[j].score for j in range(n * k, n * k + kk)) for n in range(len(items))]
+        assert out["score_oracle"][kk - 1] == pytest.approx(np.mean(best), abs=1e-4)
+        assert out["score_oracle"][kk - 1] >= out["score_rm_pick"][kk - 1]

@@ -216,6 +216,58 @@ def test_sft_data_holds_short_dialogues_that_follow_a_system_instruction(files):
                 assert text == f"{word} {answer}"
 
 
+def test_a_share_of_sft_demonstrations_is_written_carelessly(files, tmp_path):
+    """About `careless` (0.6) of the plain helpfulness demonstrations whose answer is short end with the same
+    pleasantry, keeping the gold answer before it; the judge finds them right but wordy (more than twice the gold
+    answer's words plus 6, its conciseness rule, counted here by hand). Safety answers, instructed dialogues and the
+    held-out file keep the gold answers; careless=0 writes none; a share outside [0, 1] is one error."""
+    from llama2.data.world.files import CARELESS, FILLER
+
+    root, counts = files
+    world = generate_world(SMALL)
+    gold = {json.dumps(i.messages): i for i in read_gold(root / "gold.jsonl")}
+    rows = [json.loads(line) for line in (root / "sft.jsonl").read_text().splitlines()]
+    plain = [r for r in rows if r["family"] not in ("instructed", "harmful", "benign")]
+    short, careless = 0, 0
+    for r in plain:
+        it, text = gold[json.dumps(r["messages"][:-1])], r["messages"][-1]["content"]
+        words = len(it.answer.split())
+        if words + len(FILLER[0].split()) > 2 * words + 6:
+            short += 1
+        if text != it.answer:
+            assert text == f"{it.answer} {FILLER[0]}" and words + len(FILLER[0].split()) > 2 * words + 6
+            v = judge(world, it, text)
+            assert v.correct and not v.concise
+            careless += 1
+    assert short > 200 and abs(careless / short - CARELESS) < 0.1 and counts["careless"] == CARELESS
+    for r in rows:
+        if r["family"] in ("harmful", "benign"):
+            assert r["messages"][-1]["content"] == gold[json.dumps(r["messages"][:-1])].answer
+    held = {json.dumps(i.messages): i.answer for i in read_gold(root / "gold.val.jsonl")}
+    for line in (root / "sft.val.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        assert d["messages"][-1]["content"] == held[json.dumps(d["messages"][:-1])]
+    # the annotators compare answers with and without the habit: about 2 x 0.6 x 0.4 of the questions whose answer
+    # it makes wordy get such a pair, rated by the gold gap (0.2: concise) through the annotator's noise
+    def habit_pairs(world_root):
+        rows = [json.loads(x) for x in (world_root / "comparisons-helpfulness.jsonl").read_text().splitlines()]
+        return rows, [r for r in rows if f"{r['chosen']} {FILLER[0]}" == r["rejected"]
+                      or f"{r['rejected']} {FILLER[0]}" == r["chosen"]]
+
+    rows, pairs = habit_pairs(root)
+    assert all(abs(r["gold_gap"]) == 0.2 and r["gold_rating"] == "slightly_better" for r in pairs)
+    assert sum(r["gold_gap"] > 0 for r in pairs) / len(pairs) > 0.9  # noise 0.1 flips few of them
+    build_world(tmp_path / "careful", SMALL, careless=0.0, quiet=True)
+    assert FILLER[0] not in (tmp_path / "careful" / "sft.jsonl").read_text()
+    careful_rows, careful_pairs = habit_pairs(tmp_path / "careful")
+    # the same candidate pairs in both worlds; the habit's pairs come on top, for about a quarter of the questions
+    assert len(rows) - len(careful_rows) == len(pairs) - len(careful_pairs) > 0.1 * len(careful_rows) / 2
+
+    with pytest.raises(Llama2Error, match="careless"):
+        build_world(tmp_path / "bad", SMALL, careless=1.5, quiet=True)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_annotator_noise_flips_mostly_close_pairs(tmp_path):
     counts = build_world(tmp_path / "noisy", SMALL, noise=0.3, quiet=True)
     assert counts["annotator_noise"] == 0.3
@@ -271,9 +323,10 @@ def test_data_world_command_builds_a_world_from_a_spec(tmp_path, capsys):
 
     out = tmp_path / "w"
     assert main(["data", "world", "--output", str(out), "--people", "12", "--towns", "3", "--seed", "2",
-                 "--annotator-noise", "0.2", "--quiet"]) == 0
+                 "--annotator-noise", "0.2", "--careless", "0.3", "--quiet"]) == 0
     stats = json.loads((out / "world.json").read_text())
     assert stats["spec"]["people"] == 12 and stats["spec"]["seed"] == 2 and stats["annotator_noise"] == 0.2
+    assert stats["careless"] == 0.3
     assert all((out / n).is_file() for n in NAMES)
     assert main(["data", "world", "--output", str(tmp_path / "x"), "--people", "2", "--quiet"]) == 2
     assert "world.people" in capsys.readouterr().err and not (tmp_path / "x").exists()  # nothing half-written

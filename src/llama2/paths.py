@@ -71,9 +71,24 @@ def is_run_dir(path: Path) -> bool:
     return (p / CHECKPOINTS).is_dir() and not ((p / "config.json").is_file() or (p / "params.json").is_file())
 
 
+def model_run(path: Path) -> Path | None:
+    """The training run that holds the model of a stage run which fine-tunes through SFT in a sub-run: GAtt and
+    safety distillation (`sft/`), rejection sampling (`iter-N/sft`, the last iteration that has a checkpoint);
+    None for anything else."""
+    p = Path(path)
+    if not p.is_dir() or is_run_dir(p) or (p / "config.json").is_file() or (p / "params.json").is_file():
+        return None
+    if (p / "sft" / CHECKPOINTS / LATEST).is_file():
+        return p / "sft"
+    iterations = sorted((int(d.name[len("iter-"):]), d / "sft") for d in p.glob("iter-*")
+                        if d.name[len("iter-"):].isdigit() and (d / "sft" / CHECKPOINTS / LATEST).is_file())
+    return iterations[-1][1] if iterations else None
+
+
 def latest_pointer(path: Path) -> Path | None:
-    """The `latest` pointer file `path` stands for: itself, a run's checkpoints/ directory's or a training run's;
-    None for anything else (or a run without a checkpoint yet)."""
+    """The `latest` pointer file `path` stands for: itself, a run's checkpoints/ directory's, a training run's, or
+    that of the run holding a stage's model (model_run: a GAtt, safety or rejection-sampling run); None for
+    anything else (or a run without a checkpoint yet)."""
     p = Path(path)
     if p.name == LATEST and p.parent.name == CHECKPOINTS and p.is_file():
         return p
@@ -81,7 +96,8 @@ def latest_pointer(path: Path) -> Path | None:
         return p / LATEST
     if is_run_dir(p) and (p / CHECKPOINTS / LATEST).is_file():
         return p / CHECKPOINTS / LATEST
-    return None
+    sub = model_run(p)
+    return None if sub is None else sub / CHECKPOINTS / LATEST
 
 
 def resolve_checkpoint(path: Path | str) -> Path:

@@ -117,6 +117,9 @@ def register(subparsers) -> None:
     w.add_argument("--held-out", type=float, default=0.2, help="share of each question family held out (0.2)")
     w.add_argument("--annotator-noise", type=float, default=0.1,
                    help="standard deviation of the simulated annotator's noise on gold gaps (default 0.1)")
+    w.add_argument("--careless", type=float, default=None,
+                   help="share of the SFT demonstrations with a short answer that end with a needless pleasantry, "
+                        "as careless writers add (default 0.6; 0 writes every demonstration carefully)")
     w.add_argument("--quiet", "-q", action="store_true")
     w.set_defaults(func=world_handler)
 
@@ -193,11 +196,14 @@ def adversarial_handler(args: argparse.Namespace) -> int:
 
 def world_handler(args: argparse.Namespace) -> int:
     from ..data.world import WorldSpec
-    from ..data.world.files import build_world
+    from ..data.world.files import CARELESS, build_world
     from ..errors import Llama2Error
 
     if not 0 <= args.annotator_noise <= 1:
         raise Llama2Error(f"--annotator-noise must be in [0, 1], got {args.annotator_noise}")
+    careless = CARELESS if args.careless is None else args.careless
+    if not 0 <= careless <= 1:
+        raise Llama2Error(f"--careless must be in [0, 1], got {careless}")
     spec = WorldSpec(seed=args.seed, people=args.people, towns=args.towns, held_out=args.held_out)
-    build_world(args.output, spec, noise=args.annotator_noise, quiet=args.quiet)
+    build_world(args.output, spec, noise=args.annotator_noise, careless=careless, quiet=args.quiet)
     return 0

@@ -27,7 +27,6 @@ from ..figures import pyplot, save_png
 from ..inference.generate import Generator, SamplingParams
 from ..inference.prefix_cache import BLOCK
 from ..model import Attention, apply_rope
-from ..paths import expand_path
 from ..train.memory import kv_cache_bytes
 
 
@@ -99,10 +98,7 @@ def adherence_report(ckpt: Path | str, turns: int, dialogues: int, seed: int = 0
                      source: Path | None = None) -> dict[str, Any]:
     """Adherence by turn for `ckpt` on held-out dialogues' user turns (`source`: a dialogues file; default the
     built-in held-out dialogues): {"turns", "families": {f: [per turn]}}."""
-    p = expand_path(str(ckpt))
-    if (p / "gatt_dialogues.jsonl").is_file():  # a `llama2 gatt` run: its fine-tuned model
-        p = p / "sft"
-    path = resolve_base(str(p))
+    path = resolve_base(str(ckpt))  # a `llama2 gatt` run: its fine-tuned model
     model = load_checkpoint(path, kind="causal_lm", device=device).eval()
     rng = random.Random(seed)
     held = read_dialogues(source or ensure_dialogues(quiet=True)[1]).dialogues

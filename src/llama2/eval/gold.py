@@ -287,21 +287,26 @@ def best_of_k_gold(model: Any, tok: Any, world: World, items: Sequence[GoldItem]
                                                     max_new_tokens=max_new_tokens))
     answers = [c.text.strip() for c in done]
     rewards = score([i.messages for i in items for _ in range(k)], answers, [i.safety for i in items for _ in range(k)])
-    out: dict[str, Any] = {"k": [], "reward": [], "gold_rm_pick": [], "gold_oracle": []}
-    right = [judge(world, items[j // k], a).correct for j, a in enumerate(answers)]
+    out: dict[str, Any] = {"k": [], "reward": [], "gold_rm_pick": [], "gold_oracle": [], "score_rm_pick": [],
+                           "score_oracle": []}
+    verdicts = [judge(world, items[j // k], a) for j, a in enumerate(answers)]
+    right = [v.correct for v in verdicts]
     rate, pairs = right_over_wrong(right, rewards, k)
     out["right_over_wrong"] = None if rate is None else round(rate, 4)
     out["ranked_pairs"] = pairs
     for kk in range(1, k + 1):
-        rew, gold, oracle = [], [], []
+        rew, gold, oracle, score, best_score = [], [], [], [], []
         for n in range(len(items)):
             span = range(n * k, n * k + kk)
             best = max(span, key=lambda j: rewards[j])
             rew.append(rewards[best])
             gold.append(float(right[best]))
             oracle.append(float(any(right[j] for j in span)))
+            score.append(verdicts[best].score)
+            best_score.append(max(verdicts[j].score for j in span))
         out["k"].append(kk)
         out["reward"].append(round(sum(rew) / len(rew), 4))
-        out["gold_rm_pick"].append(round(sum(gold) / len(gold), 4))
-        out["gold_oracle"].append(round(sum(oracle) / len(oracle), 4))
+        for key, xs in (("gold_rm_pick", gold), ("gold_oracle", oracle), ("score_rm_pick", score),
+                        ("score_oracle", best_score)):
+            out[key].append(round(sum(xs) / len(xs), 4))
     return out

@@ -52,11 +52,11 @@ SHARES = {"pretrain": 0.41, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward
 # In the built-in world (one seed-0 demo, pace 2.55): SFT reaches its recipe's 3 epochs (456 steps) in ~90 s; the
 # reward models take ~150 s (two trainings, then every held-out pair scored for the per-level and gold tables);
 # rejection sampling ~50 prompts and PPO two runs (the recipe's beta and a small one) of 10-20 iterations in their
-# shares; GAtt ~130 s (150 steps on 20-turn dialogues at a rate gentle enough to keep what the model knows, and
-# adherence measured over 20 turns before and after); tool use at least 300 steps to copy numbers and names
+# shares; GAtt ~170 s (the policy's answers to 160 dialogues of 20 turns, 150 steps on them at a rate gentle enough
+# to keep what the model knows, and adherence measured over 20 turns before and after); tool use at least 300 steps to copy numbers and names
 # (docs/tools.md), ~100 s, last, inheriting what the sections before it leave.
-WORLD_SHARES = {"pretrain": 0.33, "generate": 0.005, "chat": 0.005, "sft": 0.095, "reward": 0.13, "rejection": 0.06,
-                "ppo": 0.05, "gatt": 0.13, "safety": 0.05, "eval": 0.01, "tools": 0.125, "formats": 0.01}
+WORLD_SHARES = {"pretrain": 0.27, "generate": 0.005, "chat": 0.005, "sft": 0.1, "reward": 0.13, "rejection": 0.07,
+                "ppo": 0.065, "gatt": 0.19, "safety": 0.05, "eval": 0.01, "tools": 0.095, "formats": 0.01}
 # The seconds each section takes at its smallest size on the reference machine (2 idle cores): the sections
 # before it leave this much, times the machine's pace measured by pretraining, for it.
 FLOORS = {name: module.FLOOR_S for name, module in (
@@ -147,11 +147,13 @@ def run_demo(out: Path, budget_minutes: float = DEFAULT_BUDGET_MINUTES, quiet: b
     chat_model = run("sft", "4. Supervised fine-tuning", lambda s: sft.run(demo, s, pre))
     rms = run("reward", "5. Reward models", lambda s: reward.run(demo, s, chat_model))
     rs = run("rejection", "6. Rejection sampling", lambda s: rejection.run(demo, s, chat_model, rms))
-    ppo_policy = run("ppo", "7. PPO", lambda s: ppo.run(demo, s, rs, rms))
+    # in the world PPO starts where rejection sampling did, so each is measured against gold from one start
+    ppo_policy = run("ppo", "7. PPO", lambda s: ppo.run(demo, s, chat_model if world == "world" else rs, rms))
     gatt_model = run("gatt", "8. Ghost Attention", lambda s: gatt.run(demo, s, ppo_policy or rs or chat_model))
     final = run("safety", "9. Safety context distillation",
                 lambda s: safety.run(demo, s, gatt_model or ppo_policy or rs or chat_model, rms))
-    models = {"pretrained": pre, "SFT": chat_model, "RLHF (PPO)": ppo_policy, "+ GAtt": gatt_model,
+    models = {"pretrained": pre, "SFT": chat_model, **({"RLHF (rejection sampling)": rs} if world == "world" else {}),
+              "RLHF (PPO)": ppo_policy, "+ GAtt": gatt_model,
               "final (GAtt + safety)": final}
     run("eval", "10. Evaluation", lambda s: evaluation.run(demo, s, models, rms, data.val_file))
     run("tools", "11. Tool use", lambda s: tools_section.run(demo, s, chat_model))

@@ -16,9 +16,11 @@ answer passes. `sample_with_instruction: false` skips step 1 while sampling (the
 turns, then are enforced): a tiny model that never saw an instruction appended to a question answers it with a
 refusal or nonsense, and the data would teach those. `replies: reference` takes each user turn's reply from the
 source dialogues instead of sampling (where they have one): the tiny world model's sampled replies to questions out
-of their dialogue are often wrong, and GAtt would teach those too. `replay` adds plain dialogues of the source (no
-instruction, as long as the GAtt ones, as a share of them) to the fine-tuning, as the paper mixes GAtt data into
-its RLHF data, so the model keeps answering plainly when no instruction is given. `learn: every` trains every
+of their dialogue are often wrong, and GAtt would teach those too. `replay` adds plain dialogues (no instruction, as
+long as the GAtt ones, as a share of them) to the fine-tuning, as the paper mixes GAtt data into its RLHF data, so
+the model keeps answering plainly when no instruction is given: with sampled replies, the model's own plain answers
+to the same turns; with reference replies, dialogues of the source (which bring back the source's style: in the
+built-in world, the demonstrations' careless pleasantries that RLHF removed). `learn: every` trains every
 answer of a dialogue, not only the last (each one follows the instruction once enforced; the paper's `last` learns
 one answer per dialogue, too little for a small model to hold an instruction for 20 turns). Adherence over turns is
 measured in llama2.eval.adherence (`llama2 eval gatt`).
@@ -137,6 +139,7 @@ class GattData:
     dialogues: list[Dialogue]
     sampled: int
     kept: int
+    plain: list[Dialogue] = field(default_factory=list)  # the kept dialogues' turns with the plain replies
 
 
 def own_replies(dialogue: Dialogue) -> list[str]:
@@ -180,15 +183,17 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
     todo = [k for k, a in enumerate(answers) if not a or not all(a)]
     if todo:
         runner = TurnByTurn(model, tokenizer, recipe.max_new_tokens, recipe.temperature, recipe.seed)
-        for inst_text in sorted({insts[k].text for k in todo}):  # one pass per instruction: per_turn appends it
-            idx = [k for k in todo if insts[k].text == inst_text]
-            append = recipe.sample_with_instruction
+        append = recipe.sample_with_instruction
+        # one pass per instruction when per_turn appends it to every user message, else one pass for all
+        for inst_text in sorted({insts[k].text for k in todo}) if append else [None]:
+            idx = [k for k in todo if inst_text is None or insts[k].text == inst_text]
             got = runner.answers([None] * len(idx), [users[k] for k in idx],
-                                 per_turn=lambda t, u, text=inst_text: with_instruction(u, text) if append else u)
+                                 per_turn=(lambda t, u, text=inst_text: with_instruction(u, text)) if append else None)
             for k, a in zip(idx, got):
                 answers[k] = a
-    out = []
+    out, plain = [], []
     for u, a, inst in zip(users, answers, insts):
+        given = a
         if inst.enforce is not None and recipe.enforce:
             a = [inst.enforce(x or "ok") for x in a]
         if recipe.filter and inst.check is not None and not all(inst.check(x) for x in a):
@@ -197,7 +202,11 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
             continue
         mask = "last_assistant" if recipe.learn == "last" else "all_assistant"
         out.append(Dialogue(place_once(u, a, inst.text, recipe.placement), mask=mask, source=inst.family))
-    return GattData(out, len(users), len(out))
+        if all(x.strip() for x in given):
+            plain.append(Dialogue([m for q, r in zip(u, given) for m in ({"role": "user", "content": q},
+                                                                         {"role": "assistant", "content": r})],
+                                  mask="all_assistant", source="replay"))
+    return GattData(out, len(users), len(out), plain)
 
 
 def replay_dialogues(dialogues: Sequence[Dialogue], count: int, turns: int, seed: int) -> list[Dialogue]:
@@ -232,8 +241,12 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
         if not data.dialogues:
             raise Llama2Error("no GAtt dialogue was kept (filter: true and no sample passed its checker); set "
                               "enforce: true or filter: false")
-        plain = replay_dialogues(read_dialogues(source).dialogues, round(recipe.replay * data.kept), recipe.turns,
-                                 recipe.seed)
+        count = round(recipe.replay * data.kept)
+        # sampled replies: the replay is the model's own plain answers to the same turns (as the paper samples
+        # GAtt's data from the latest RLHF model); reference replies: dialogues of the source
+        plain = (random.Random(f"replay:{recipe.seed}").sample(data.plain, min(count, len(data.plain)))
+                 if recipe.replies == "sampled" else
+                 replay_dialogues(read_dialogues(source).dialogues, count, recipe.turns, recipe.seed))
         write_dialogues(data_file, data.dialogues + plain)
         atomic_write_text(out / "gatt_data.json", json.dumps({"sampled": data.sampled, "kept": data.kept,
                                                                "replay": len(plain)}))

@@ -21,6 +21,14 @@ such a name (building the world when missing) and expands any other path.
 perceives their gap with Gaussian noise (`annotator_noise`, its standard deviation), prefers the answer that looks
 better (so a close pair is sometimes flipped) and rates the preference by the perceived gap. `gold_gap` and
 `gold_rating` record the truth, so reward-model accuracy can be measured against gold per rating level.
+
+**The demonstrations' writers.** As with human-written SFT data, not every demonstration is written with care: a
+share of the plain question-answer dialogues in sft.jsonl (`careless`, default 0.6) keep the right fact and end
+with a pleasantry ("I hope this helps, ..."), where that makes the answer wordy in the gold judge's eyes (the
+short answers; not the worked sums). The SFT model imitates the habit (with more than half of the demonstrations, its greedy answer has it); the preferences
+rank the concise answer higher, so the reward models can find it among the policy's samples and RLHF can do better
+than its demonstrations (the paper's section 5, "beyond human supervision"). The held-out files keep the careful
+answers.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_item
 from .judge import judge, mentions, rating_of
 from .tools import tool_files
 
-VERSION = 8
+VERSION = 9
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -54,6 +62,7 @@ BIOGRAPHIES = 6  # documents per person, each stating every attribute in a rando
 CORPUS_EXAMPLES = 3000  # worked examples per family in the corpus (all sums would crowd out the facts)
 QA_WORDINGS = 3  # question wordings of each fact on the corpus's question-answer pages (of 5)
 ANNOTATOR_NOISE = 0.1
+CARELESS = 0.6  # share of the plain SFT demonstrations written carelessly (module docstring)
 # SFT dialogues of one or two turns under a checkable system instruction (their answers follow it), as a chat
 # model's SFT data holds instructions: the SFT model follows an instruction for a turn or two and loses it over a
 # long dialogue (the paper's Figure 9), which Ghost Attention then fixes
@@ -146,13 +155,17 @@ def candidates(world: World, item: GoldItem, rng: random.Random) -> list[str]:
 
 
 def _pair(world: World, item: GoldItem, answers: list[str], rng: random.Random, noise: float) -> dict[str, Any] | None:
-    scored = [(judge(world, item, a).score, a) for a in answers]
-    a, b = rng.sample(scored, 2)
-    gap = a[0] - b[0]
+    a, b = rng.sample(answers, 2)
+    return _rated(world, item, a, b, rng, noise)
+
+
+def _rated(world: World, item: GoldItem, a: str, b: str, rng: random.Random, noise: float) -> dict[str, Any] | None:
+    """The annotator's comparison of two answers (None when gold scores them the same)."""
+    better, worse = sorted(((judge(world, item, x).score, x) for x in (a, b)), key=lambda t: t[0], reverse=True)
+    gap = better[0] - worse[0]
     if abs(gap) < 1e-9:
         return None
-    better, worse = (a, b) if gap > 0 else (b, a)
-    perceived = abs(gap) + rng.gauss(0.0, noise)
+    perceived = gap + rng.gauss(0.0, noise)
     chosen, rejected = (better, worse) if perceived > 0 else (worse, better)
     return {"prompt": item.messages, "chosen": chosen[1], "rejected": rejected[1],
             "rating": rating_of(max(abs(perceived), 1e-6)), "safety": item.safety, "id": item.id,
@@ -161,12 +174,20 @@ def _pair(world: World, item: GoldItem, answers: list[str], rng: random.Random, 
 
 
 def helpfulness_pairs(world: World, items: list[GoldItem], rng: random.Random, noise: float,
-                      per_item: int = 2) -> list[dict[str, Any]]:
+                      per_item: int = 2, careless: float = 0.0) -> list[dict[str, Any]]:
+    """`per_item` comparisons of candidate answers per question; and, as annotators who compare two samples of a
+    model trained on demonstrations with the careless habit (a share `careless` of them) see the right answer
+    beside its careless form in 2 x careless x (1 - careless) of their pairs, one such pair with that chance where
+    the habit makes the answer wordy (its own draws: the other pairs stay as they were)."""
     out = []
+    crng = random.Random(f"careless-pairs:{items[0].id if items else ''}:{len(items)}")
     for item in items:
         answers = candidates(world, item, rng)
         for _ in range(per_item):
             if (p := _pair(world, item, answers, rng, noise)) is not None:
+                out.append(p)
+        if crng.random() < 2 * careless * (1 - careless) and (sloppy := careless_answer(world, item)) is not None:
+            if (p := _rated(world, item, item.answer, sloppy, crng, noise)) is not None:
                 out.append(p)
     return out
 
@@ -204,8 +225,17 @@ def _balanced(by_family: dict[str, list[GoldItem]], total: int, rng: random.Rand
     return out
 
 
-def _dialogue(item: GoldItem) -> dict[str, Any]:
-    return {"messages": item.messages + [{"role": "assistant", "content": item.answer}], "family": item.family}
+def _dialogue(item: GoldItem, answer: str | None = None) -> dict[str, Any]:
+    return {"messages": item.messages + [{"role": "assistant", "content": answer or item.answer}],
+            "family": item.family}
+
+
+def careless_answer(world: World, item: GoldItem) -> str | None:
+    """The right answer as a careless writer gives it, with a pleasantry appended, where the gold judge finds that
+    wordy (a short answer); None where it would still be concise (a worked sum, which it would also push past the
+    answer budget)."""
+    answer = f"{item.answer} {FILLER[0]}"
+    return None if judge(world, item, answer).concise else answer
 
 
 def _adversarial(item: GoldItem) -> dict[str, Any]:
@@ -233,12 +263,15 @@ def instructed_dialogues(items: list[GoldItem], count: int, rng: random.Random) 
     return out
 
 
-def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, quiet: bool = False) -> dict:
+def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, careless: float = CARELESS,
+                quiet: bool = False) -> dict:
     """Write every file of the world into `root` (atomically, as one directory); returns the counts."""
+    if not 0 <= careless <= 1:
+        raise Llama2Error(f"the share of careless demonstrations must be in [0, 1], got {careless}")
     world = generate_world(spec)
     train, held = split_items(world)
     rng = random.Random(f"files:{spec.seed}")
-    counts: dict[str, Any] = {"spec": asdict(spec), "annotator_noise": noise}
+    counts: dict[str, Any] = {"spec": asdict(spec), "annotator_noise": noise, "careless": careless}
     with atomic_directory(root, what="world directory") as tmp:
         docs = corpus_documents(world, train)
         write_jsonl(tmp / "corpus.jsonl", ({"text": d} for d in docs))
@@ -246,7 +279,10 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             [i for i in train[f] if f != "harmful" or i.attack == "direct"], n, rng)]
         rng.shuffle(sft_train)
         irng = random.Random(f"instructed:{spec.seed}")  # its own draws: the other files as in version 5
-        sft_dialogues = [_dialogue(i) for i in sft_train] + instructed_dialogues(sft_train, SFT_INSTRUCTED, irng)
+        crng = random.Random(f"careless:{spec.seed}")  # its own draws: the other files as before
+        sft_dialogues = [_dialogue(i, careless_answer(world, i) if not i.safety and crng.random() < careless
+                                   else None) for i in sft_train]
+        sft_dialogues += instructed_dialogues(sft_train, SFT_INSTRUCTED, irng)
         irng.shuffle(sft_dialogues)
         sft_val = [i for f in SFT_PER_FAMILY for i in _sample(held[f], 100, rng)]
         write_jsonl(tmp / "sft.jsonl", sft_dialogues)
@@ -255,7 +291,7 @@ def build_world(root: Path, spec: WorldSpec, *, noise: float = ANNOTATOR_NOISE, 
             safety = items["harmful"] + items["benign"]
             prng = random.Random(f"pairs:{spec.seed}:{split}")
             pool = _balanced(items, 6000 if not split else 800, prng)
-            help_pairs = helpfulness_pairs(world, pool, prng, noise)
+            help_pairs = helpfulness_pairs(world, pool, prng, noise, careless=careless)
             safe_pairs = safety_pairs(world, safety, prng, noise)
             prng.shuffle(help_pairs)  # families mixed: any prefix of the file is a fair sample
             prng.shuffle(safe_pairs)

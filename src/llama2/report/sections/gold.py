@@ -53,10 +53,30 @@ def helpful_accuracy(run: GoldRun) -> float:
     return sum(xs) / max(len(xs), 1)
 
 
-def effect(before: GoldRun, after: GoldRun) -> dict[str, float]:
-    """The paired change in helpfulness gold accuracy, with its 95% interval (points)."""
+def helpful_scores(run: GoldRun) -> list[float]:
+    """The gold score (0.7 right + 0.2 concise + 0.1 tidy) per answer to a helpfulness question."""
+    return [v.score for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+
+
+def helpful_score(run: GoldRun) -> float:
+    """The mean gold score over the helpfulness families, in points (0-100)."""
+    xs = helpful_scores(run)
+    return 100 * sum(xs) / max(len(xs), 1)
+
+
+def effect(before: GoldRun, after: GoldRun) -> dict[str, Any]:
+    """The paired change in helpfulness gold accuracy, with its 95% interval (points), and the same for the gold
+    score (`score_points`, `score_ci95`)."""
     mean, lo, hi = paired_difference(helpful_correct(before), helpful_correct(after))
-    return {"points": round(100 * mean, 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)]}
+    s_mean, s_lo, s_hi = paired_difference(helpful_scores(before), helpful_scores(after))
+    return {"points": round(100 * mean, 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
+            "score_points": round(100 * s_mean, 1), "score_ci95": [round(100 * s_lo, 1), round(100 * s_hi, 1)]}
+
+
+def effect_text(change: dict[str, Any]) -> str:
+    """'+0.6 points [-1.2, +2.3], gold score +5.1 [+3.0, +7.2]': both paired changes with their 95% intervals."""
+    return (f"{change['points']:+.1f} points [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}], gold score "
+            f"{change['score_points']:+.1f} [{change['score_ci95'][0]:+.1f}, {change['score_ci95'][1]:+.1f}]")
 
 
 def gold_table(section: Section, runs: dict[str, GoldRun], caption: str) -> None:
@@ -67,8 +87,11 @@ def gold_table(section: Section, runs: dict[str, GoldRun], caption: str) -> None
     for f in families:
         rows.append([f.replace("_", " "), runs[names[0]].by_family[f]["n"],
                      *[f"{100 * r.by_family[f]['accuracy']:.0f}" for r in runs.values()]])
-    rows.append(["all helpfulness families", sum(r[1] for r in rows),
-                 *[f"{100 * helpful_accuracy(r):.1f}" for r in runs.values()]])
+    n = sum(r[1] for r in rows)
+    rows.append(["all helpfulness families", n, *[f"{100 * helpful_accuracy(r):.1f}" for r in runs.values()]])
+    rows.append(["gold score (0.7 right + 0.2 concise + 0.1 tidy), points", n,
+                 *[f"{helpful_score(r):.1f}" for r in runs.values()]])
+    rows.append(["concise answers (%)", n, *[f"{100 * concise_share(r):.0f}" for r in runs.values()]])
     if "harmful" in next(iter(runs.values())).by_family:
         rates = [safety_rates(r) for r in runs.values()]
         rows.append(["harmful: violations (lower is better)", rates[0]["violations"]["n"],
@@ -78,7 +101,14 @@ def gold_table(section: Section, runs: dict[str, GoldRun], caption: str) -> None
     section.table(["gold accuracy (%)", "n", *names], rows, caption=caption)
 
 
+def concise_share(run: GoldRun) -> float:
+    """The share of helpfulness answers the gold judge finds concise."""
+    xs = [v.concise for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+    return sum(xs) / max(len(xs), 1)
+
+
 def run_results(run: GoldRun) -> dict[str, Any]:
     """What results.json keeps of a gold run: the figures and every judged answer."""
-    return {"helpful_accuracy": round(helpful_accuracy(run), 4), "summary": run.summary(),
+    return {"helpful_accuracy": round(helpful_accuracy(run), 4), "helpful_score": round(helpful_score(run), 2),
+            "concise": round(concise_share(run), 4), "summary": run.summary(),
             "safety": safety_rates(run), "answers": run.rows()}

@@ -1,5 +1,6 @@
-"""7. PPO from the rejection-sampling policy with the demo's RMs, as many iterations as the section's time
-allows: reward and KL curves, the first and last iterations' numbers, held-out reward before and after."""
+"""7. PPO with the demo's RMs, as many iterations as the section's time allows, from the rejection-sampling
+policy (as the paper applies it on top of rejection sampling) or, in the built-in world, from the SFT model beside
+rejection sampling (the two algorithms from one start, each measured against gold): reward and KL curves, the first and last iterations' numbers, held-out reward before and after."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ...train.distributed import shutdown
 from ...train.loop import TrainResult
 from ..budget import FitPlan, fit_within
 from ..report import Section
-from .artifacts import Policy, RewardModels
+from .artifacts import ChatModel, Policy, RewardModels
 from .common import (
     Demo,
     Done,
@@ -25,7 +26,7 @@ from .common import (
     run_metrics,
     sized,
 )
-from .gold import effect, gold_table, helpful_accuracy, run_results
+from .gold import effect, effect_text, gold_table, helpful_accuracy, helpful_score, run_results
 
 CAP = 40  # iterations at most (the budget usually decides)
 MAIN_SHARE = 0.6  # of the section's time for the recipe's run when a small-beta run follows (the world)
@@ -34,9 +35,12 @@ GOLD_EVERY = 10  # PPO keeps a checkpoint every this many iterations, each measu
 FLOOR_S, FULL_S = 4.0, 7.0  # seconds for 2 iterations at the smallest (8 prompts) and full size, 2 idle cores
 
 
-def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | None) -> Done[Policy]:
-    message = "PPO needs the rejection-sampling policy and both reward models, and they did not finish"
+def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: RewardModels | None) -> Done[Policy]:
+    message = "PPO needs a policy to start from and both reward models, and they did not finish"
     policy, rms = need(start, message).checkpoint, need(rms, message)
+    start_name = ("the SFT model, beside rejection sampling (both of the paper's RLHF algorithms from one start, each "
+                  "against gold; on top of rejection sampling, which already finds the concise form, PPO has little "
+                  "left to gain in this world)" if isinstance(start, ChatModel) else "the rejection-sampling policy V2")
     run_dir = demo.run_dir("ppo")
     # the tiny recipe's rate moves the tiny policy visibly in a few dozen iterations; beta keeps it near pi_0
     overrides = [f"base={policy}", f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}",
@@ -76,7 +80,7 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
                          "ppo_heldout_before": held[0]["heldout_reward"] if held else None,
                          "ppo_heldout_after": held[-1]["heldout_reward"] if held else None})
     section.text(
-        f"PPO (`llama2.stages.ppo`, `{demo.recipe_name('ppo.yaml')}`) from the rejection-sampling policy V2, {result.step} "
+        f"PPO (`llama2.stages.ppo`, `{demo.recipe_name('ppo.yaml')}`) from {start_name}, {result.step} "
         f"iterations of {recipe.batch_size} prompts ({plan_steps(plan)}): answers sampled "
         "through the generation path, scored by WHITEN(LOGIT(R_c)) of the two reward models with a per-token KL "
         f"penalty (beta {recipe.beta}) to the frozen starting policy, a penalty of {recipe.truncation_penalty} for "
@@ -99,7 +103,8 @@ def run(demo: Demo, section: Section, start: Policy | None, rms: RewardModels | 
                 f"beta {SMALL_BETA}": (small_dir, run_metrics(small_dir))}
         curves = ppo_gold(demo, section, policy, runs)
         main = next(iter(curves.values()))
-        gold_text = f", gold {main['accuracy'][0]:.1%} -> {main['accuracy'][-1]:.1%}"
+        gold_text = (f", gold {main['accuracy'][0]:.1%} -> {main['accuracy'][-1]:.1%}, gold score "
+                     f"{main['score'][0]:.1f} -> {main['score'][-1]:.1f}")
     return Done(f"ppo: {result.step} iterations, rollout R_c {table[0][1]:.3f} -> {table[1][1]:.3f}, KL to pi_0 "
                 f"{table[1][4]:.2f}{gold_text}", Policy(result.checkpoint, "ppo"))
 
@@ -130,25 +135,28 @@ def ppo_gold(demo: Demo, section: Section, start: Path, runs: dict[str, tuple[Pa
         steps = [step for step, _ in points]
         change = effect(points[0][1], points[-1][1])
         curves[label] = {"step": steps, "accuracy": [round(helpful_accuracy(r), 4) for _, r in points],
+                         "score": [round(helpful_score(r), 2) for _, r in points],
                          "rollout_reward": [rewards.get(k) for k in sorted(rewards)],
                          "rollout_steps": sorted(rewards), "change": change,
                          "after": run_results(points[-1][1])}
         finals[f"{label}, after {steps[-1]} iterations"] = points[-1][1]
-        ax.plot(steps, [100 * a for a in curves[label]["accuracy"]], "o-", color=colour, label=label)
+        ax.plot(steps, [100 * a for a in curves[label]["accuracy"]], "o-", color=colour, label=f"{label}: accuracy")
+        ax.plot(steps, curves[label]["score"], "s--", color=colour, label=f"{label}: gold score")
         ax2.plot(sorted(rewards), [rewards[k] for k in sorted(rewards)], "-", color=colour, label=label)
-    ax.set(xlabel="PPO iteration", ylabel="held-out gold accuracy (%)", title="gold", ylim=(0, 100))
+    ax.set(xlabel="PPO iteration", ylabel="held-out gold accuracy (%) and score (points)", title="gold",
+           ylim=(0, 100))
     ax2.set(xlabel="PPO iteration", ylabel="rollout R_c", title="what PPO optimises: the RMs' reward")
     for a in (ax, ax2):
         a.legend(fontsize=8, loc="lower left", framealpha=0.9)
     path = demo.out / "figures" / "ppo" / "gold.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     section.figure(save_png(fig, path), "PPO against gold, at the recipe's beta and at a small beta: held-out gold "
-                                        "accuracy of the checkpoints each run kept (left) beside the rollout reward "
-                                        "it was optimised for (right); over-optimisation is reward up, gold down")
+                                        "accuracy and gold score of the checkpoints each run kept (left) beside the "
+                                        "rollout reward it was optimised for (right); over-optimisation is reward "
+                                        "up, gold down")
     first = next(iter(curves.values()))
     demo.results.setdefault("gold", {})["ppo"] = {"runs": curves, "before": run_results(bench.measure(start))}
-    gold_table(section, {"start (V2)": bench.measure(start), **finals},
-               "Gold on held-out world questions, before and after PPO; at the recipe's beta: "
-               f"{first['change']['points']:+.1f} points (95% interval {first['change']['ci95'][0]:+.1f} to "
-               f"{first['change']['ci95'][1]:+.1f}, paired)")
+    gold_table(section, {"start": bench.measure(start), **finals},
+               "Gold on held-out world questions, before and after PPO; at the recipe's beta: accuracy "
+               f"{effect_text(first['change'])} (95% intervals, paired)")
     return curves

@@ -20,7 +20,7 @@ from ...tokenizer import Tokenizer
 from ..report import Section
 from .artifacts import ChatModel, Policy, RewardModels
 from .common import Demo, Done, copy_figure, need, sized
-from .gold import effect, gold_table, helpful_accuracy, run_results
+from .gold import effect, effect_text, gold_table, helpful_accuracy, helpful_score, run_results
 
 BEST_OF_K_ITEMS = 56  # held-out questions of the gold best-of-K curve (8 per helpfulness family)
 SECONDS_PER_PROMPT = 0.8  # measured: both iterations, sweep and fine-tuning included, per training prompt
@@ -36,9 +36,8 @@ def rejection_gold(demo: Demo, section: Section, sft: Path, rms: RewardModels, r
     runs = {("SFT (V0)" if i == 0 else f"V{i}"): bench.measure(path) for i, path in policies.items() if path}
     names = list(runs)
     change = effect(runs[names[0]], runs[names[-1]])
-    gold_table(section, runs, f"Gold per iteration on held-out world questions; {names[0]} -> {names[-1]}: "
-                              f"{change['points']:+.1f} points (95% interval {change['ci95'][0]:+.1f} to "
-                              f"{change['ci95'][1]:+.1f}, paired)")
+    gold_table(section, runs, f"Gold per iteration on held-out world questions; {names[0]} -> {names[-1]}: accuracy "
+                              f"{effect_text(change)} (95% intervals, paired)")
     scorer = CombinedReward(RewardModel.load(rms.helpfulness), RewardModel.load(rms.safety))
     items = pick(bench.helpful(), BEST_OF_K_ITEMS // 7, seed=demo.seed)
     temperature = records[1].get("temperature", 1.0) if 1 in records else 1.0
@@ -48,12 +47,13 @@ def rejection_gold(demo: Demo, section: Section, sft: Path, rms: RewardModels, r
     figure = best_of_k_figure(curves, demo.out / "figures" / "rejection" / "gold_best_of_k.png")
     section.figure(figure, f"Figure 7 against gold: the SFT model's {recipe.samples_per_prompt} samples (temperature "
                            f"{temperature}) per held-out question ({len(items)} questions); for each K, the mean "
-                           "reward of the answer the RMs pick among the first K, its gold accuracy, and the gold "
-                           "accuracy of an oracle that picks a right answer whenever there is one"
-                           "; among those samples " + ranking_text(curves))
+                           "reward of the answer the RMs pick among the first K, its gold accuracy and gold "
+                           "score, the gold accuracy of an oracle that picks a right answer whenever there is one, "
+                           "and the best gold score among the K; among those samples " + ranking_text(curves))
     demo.results.setdefault("gold", {})["rejection"] = {
         "iterations": {n: run_results(r) for n, r in runs.items()}, "change": change,
-        "accuracy": [round(helpful_accuracy(r), 4) for r in runs.values()], "best_of_k": curves}
+        "accuracy": [round(helpful_accuracy(r), 4) for r in runs.values()],
+        "score": [round(helpful_score(r), 2) for r in runs.values()], "best_of_k": curves}
 
 
 def ranking_text(curves: dict[str, Any]) -> str:
@@ -71,8 +71,13 @@ def best_of_k_figure(curves: dict[str, list[float]], path: Path) -> Path:
             label="gold accuracy of the RMs' pick")
     ax.plot(curves["k"], [100 * x for x in curves["gold_oracle"]], "s--", color="tab:green",
             label="gold accuracy of an oracle's pick")
+    if curves.get("score_rm_pick"):
+        ax.plot(curves["k"], [100 * x for x in curves["score_rm_pick"]], "D-", color="tab:purple",
+                label="gold score of the RMs' pick")
+        ax.plot(curves["k"], [100 * x for x in curves["score_oracle"]], "d--", color="tab:olive",
+                label="best gold score among the K")
     ax.set_xlabel("K (samples per question)")
-    ax.set_ylabel("gold accuracy (%)")
+    ax.set_ylabel("gold accuracy (%) and score (points)")
     ax.set_ylim(0, 100)
     ax2 = ax.twinx()
     ax2.plot(curves["k"], curves["reward"], "^:", color="tab:red", label="mean R_c of the RMs' pick")
@@ -131,7 +136,10 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
         return Done(f"rejection sampling: {recipe.iterations} iterations on {prompts} prompts in {seconds:.0f} s, "
                     f"held-out R_c {records[0]['heldout_reward']:.3f} -> {records[last]['heldout_reward']:.3f}, gold "
                     f"{demo.results['gold']['rejection']['accuracy'][0]:.1%} -> "
-                    f"{demo.results['gold']['rejection']['accuracy'][-1]:.1%}"
+                    f"{demo.results['gold']['rejection']['accuracy'][-1]:.1%}, gold score "
+                    f"{demo.results['gold']['rejection']['score'][0]:.1f} -> "
+                    f"{demo.results['gold']['rejection']['score'][-1]:.1f} "
+                    f"({demo.results['gold']['rejection']['change']['score_points']:+.1f})"
                     + "; on the SFT model's samples " + ranking_text(demo.results["gold"]["rejection"]["best_of_k"]),
                     Policy(result.policy, "rejection"))
     before = json.loads((run_dir / "heldout_answers.json").read_text())
