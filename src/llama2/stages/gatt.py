@@ -139,7 +139,7 @@ class GattData:
     dialogues: list[Dialogue]
     sampled: int
     kept: int
-    plain: list[Dialogue] = field(default_factory=list)  # the kept dialogues' turns with the plain replies
+    plain: list[Dialogue] = field(default_factory=list)  # the kept dialogues' turns, replies as given (not enforced)
 
 
 def own_replies(dialogue: Dialogue) -> list[str]:
@@ -242,10 +242,11 @@ def gatt(recipe: GattRecipe, quiet: bool = False) -> Path:
             raise Llama2Error("no GAtt dialogue was kept (filter: true and no sample passed its checker); set "
                               "enforce: true or filter: false")
         count = round(recipe.replay * data.kept)
-        # sampled replies: the replay is the model's own plain answers to the same turns (as the paper samples
-        # GAtt's data from the latest RLHF model); reference replies: dialogues of the source
+        # replies sampled for the plain turns: the replay is the model's own answers to the same turns (as the
+        # paper samples GAtt's data from the latest RLHF model); else (reference replies, or replies sampled with
+        # the instruction appended, which follow it) dialogues of the source
         plain = (random.Random(f"replay:{recipe.seed}").sample(data.plain, min(count, len(data.plain)))
-                 if recipe.replies == "sampled" else
+                 if recipe.replies == "sampled" and not recipe.sample_with_instruction else
                  replay_dialogues(read_dialogues(source).dialogues, count, recipe.turns, recipe.seed))
         write_dialogues(data_file, data.dialogues + plain)
         atomic_write_text(out / "gatt_data.json", json.dumps({"sampled": data.sampled, "kept": data.kept,
