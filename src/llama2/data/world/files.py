@@ -25,10 +25,10 @@ better (so a close pair is sometimes flipped) and rates the preference by the pe
 **The demonstrations' writers.** As with human-written SFT data, not every demonstration is written with care: a
 share of the plain question-answer dialogues in sft.jsonl (`careless`, default 0.6) keep the right fact and end
 with a pleasantry ("I hope this helps, ..."), where that makes the answer wordy in the gold judge's eyes (the
-short answers; not the worked sums). The SFT model imitates the habit (with more than half of the demonstrations, its greedy answer has it); the preferences
-rank the concise answer higher, so the reward models can find it among the policy's samples and RLHF can do better
-than its demonstrations (the paper's section 5, "beyond human supervision"). The held-out files keep the careful
-answers.
+short answers; not the worked sums). The SFT model imitates the habit (with more than half of the demonstrations,
+its greedy answer has it); the preferences rank the concise answer higher, so the reward models can find it among
+the policy's samples and RLHF can do better than its demonstrations (the paper's section 5, "beyond human
+supervision"). The held-out files keep the careful answers.
 """
 
 from __future__ import annotations

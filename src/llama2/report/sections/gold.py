@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ...checkpoint import load_checkpoint
-from ...data.world import ANSWER_TOKENS, HELPFUL_FAMILIES, GoldItem, World, data_path, load_world, read_gold
+from ...data.world import (ANSWER_TOKENS, HELPFUL_FAMILIES, GoldItem, Verdict, World, data_path, load_world,
+                           read_gold)
 from ...eval.gold import GoldRun, gold_eval, paired_difference, pick, safety_rates
 from ...tokenizer import Tokenizer
 from ..report import Section
@@ -42,9 +43,14 @@ class GoldBench:
         return self.runs[key]
 
 
+def helpful_verdicts(run: GoldRun) -> list[Verdict]:
+    """The verdicts on the answers to helpfulness questions (the safety families left out)."""
+    return [v for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+
+
 def helpful_correct(run: GoldRun) -> list[float]:
-    """1.0 / 0.0 per answer to a helpfulness question (the safety families left out)."""
-    return [float(v.correct) for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+    """1.0 / 0.0 per answer to a helpfulness question."""
+    return [float(v.correct) for v in helpful_verdicts(run)]
 
 
 def helpful_accuracy(run: GoldRun) -> float:
@@ -55,7 +61,7 @@ def helpful_accuracy(run: GoldRun) -> float:
 
 def helpful_scores(run: GoldRun) -> list[float]:
     """The gold score (0.7 right + 0.2 concise + 0.1 tidy) per answer to a helpfulness question."""
-    return [v.score for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+    return [v.score for v in helpful_verdicts(run)]
 
 
 def helpful_score(run: GoldRun) -> float:
@@ -103,7 +109,7 @@ def gold_table(section: Section, runs: dict[str, GoldRun], caption: str) -> None
 
 def concise_share(run: GoldRun) -> float:
     """The share of helpfulness answers the gold judge finds concise."""
-    xs = [v.concise for i, v in zip(run.items, run.verdicts) if i.family in HELPFUL_FAMILIES]
+    xs = [v.concise for v in helpful_verdicts(run)]
     return sum(xs) / max(len(xs), 1)
 
 
