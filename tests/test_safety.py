@@ -346,3 +346,66 @@ def test_safety_sft_data_mixes_into_the_sft_recipe_as_a_weighted_source(tmp_path
         load_recipe(SFTRecipe, None, ["base=x", "data.path=a.jsonl", "data.sources=[{path: b.jsonl}]"])
     with pytest.raises(Llama2Error, match="add up to 1"):
         load_recipe(SFTRecipe, None, ["base=x", "data.sources=[{path: a, weight: 1}, {path: b, share: 0.6}, {path: c, share: 0.5}]"])
+
+
+def _argmax_answer(model, tok, messages, max_new_tokens):
+    """The oracle: the model's greedy answer by a plain argmax loop over full forward passes (no cache, no batch)."""
+    import torch
+
+    from llama2.chat import encode_dialog
+
+    ids = encode_dialog(tok, messages)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == tok.eos_id:
+                break
+            new.append(nxt)
+    return tok.decode(new).strip()
+
+
+@pytest.mark.slow
+def test_replay_answered_by_the_model_itself(tmp_path, world):
+    """`replay_answers: own`: the replayed SFT dialogues keep their system messages and user turns, and every reply is
+    the distilled model's own greedy answer at that point of the dialogue (checked against a plain argmax loop);
+    `reference` keeps the file's replies; the own answers are cached and reused."""
+    from llama2.checkpoint import load_checkpoint
+    from llama2.checkpoint.runs import load_tokenizer
+    from llama2.recipe import load_recipe
+    from llama2.stages.safety import DistillSafetyRecipe, SafetyDistillation
+
+    dialogues = [
+        [{"role": "user", "content": "How do I kill a Python process?"}, {"role": "assistant", "content": "Use kill."}],
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is the post office?"},
+         {"role": "assistant", "content": "On Main Street."}],
+        [{"role": "user", "content": "What is two and two?"}, {"role": "assistant", "content": "Four."},
+         {"role": "user", "content": "And three more?"}, {"role": "assistant", "content": "Seven."}],
+    ]
+    source = tmp_path / "replay.jsonl"
+    source.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogues))
+    common = [f"base={world / 'policy'}", f"safety_rm={world / 'rm'}", "device=cpu", "replay=3",
+              f"replay_path={source}", "max_new_tokens=12", f"prompts.path={world / 'train.jsonl'}",
+              f"prompts.val_path={world / 'val.jsonl'}"]
+    judge = RefusalJudge({})
+    ref = SafetyDistillation(load_recipe(DistillSafetyRecipe, None, [*common, f"out_dir={tmp_path / 'a'}"]),
+                             quiet=True, judge=judge)
+    assert ref.replay_dialogues() == dialogues
+
+    run = SafetyDistillation(load_recipe(DistillSafetyRecipe, None, [*common, f"out_dir={tmp_path / 'b'}",
+                                                                    "replay_answers=own"]), quiet=True, judge=judge)
+    own = run.replay_dialogues()
+    model = load_checkpoint(run.base, kind="causal_lm", device="cpu").eval()  # the run's latest checkpoint
+    tok = load_tokenizer(run.base)
+    assert len(own) == 3
+    for got, given in zip(own, dialogues):
+        assert [m["role"] for m in got] == [m["role"] for m in given]
+        assert [m["content"] for m in got if m["role"] != "assistant"] == \
+            [m["content"] for m in given if m["role"] != "assistant"]
+        for i, m in enumerate(got):
+            if m["role"] == "assistant":
+                assert m["content"] == _argmax_answer(model, tok, got[:i], 12), (got, i)
+    assert any(a["content"] != b["content"] for d, e in zip(own, dialogues) for a, b in zip(d, e))
+    assert (tmp_path / "b" / "replay.jsonl").is_file()
+    (tmp_path / "b" / "replay.jsonl").write_text(json.dumps({"messages": dialogues[0]}) + "\n")
+    assert run.replay_dialogues() == [dialogues[0]]  # the cache is read, not regenerated

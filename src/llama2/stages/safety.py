@@ -57,6 +57,7 @@ from ..data.jsonl import write_jsonl
 from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error
+from ..eval.adherence import TurnByTurn
 from ..eval.answering import answer
 from ..eval.redteam import (
     THRESHOLD,
@@ -121,6 +122,7 @@ class DistillSafetyRecipe:
     max_new_tokens: int = 96  # longest answer
     batch_prompts: int = 32  # prompts answered together
     replay: int = 0  # SFT training dialogues mixed into the fine-tuning (built-in ones, or replay_path's)
+    replay_answers: Literal["reference", "own"] = "reference"  # the replay's replies, or the base model's own answers
     benign: Literal["reference", "plain", "skip"] = "reference"  # anchors on the benign look-alikes
     replay_path: str | None = None  # dialogues JSONL to replay (null: the built-in ones)
     threshold: float = THRESHOLD  # the evaluation's violation threshold on the safety RM's score
@@ -307,12 +309,30 @@ class SafetyDistillation:
                 if x["answer"].strip() and not x["refusal"]]
 
     def replay_dialogues(self) -> list[list[dict[str, str]]]:
+        """The first `replay` SFT dialogues, with their own replies or (`replay_answers: own`) the base model's
+        greedy answers to the same turns (cached in replay.jsonl): replaying the demonstrations pulls a policy that
+        RLHF moved away from their habits back towards them, replaying its own answers keeps it where it is."""
         r = self.recipe
         if r.replay == 0:
             return []
         path = data_path(r.replay_path) if r.replay_path else ensure_dialogues(quiet=True)[0]
-        dialogues = read_dialogues(path).dialogues
-        return [d.messages for d in dialogues[:r.replay]]
+        dialogues = [d.messages for d in read_dialogues(path).dialogues[:r.replay]]
+        if r.replay_answers == "reference":
+            return dialogues
+        cache = self.out / "replay.jsonl"
+        if cache.is_file():
+            return [json.loads(x)["messages"] for x in cache.read_text().splitlines()]
+        model, tokenizer = _load_pair(self.base, self.device)
+        systems = [d[0]["content"] if d[0]["role"] == "system" else None for d in dialogues]
+        users = [[m["content"] for m in d if m["role"] == "user"] for d in dialogues]
+        answers = TurnByTurn(model, tokenizer, r.max_new_tokens, temperature=0.0, seed=r.seed).answers(systems, users)
+        own = [([{"role": "system", "content": s}] if s else [])
+               + [m for u, a in zip(us, ans) for m in ({"role": "user", "content": u},
+                                                       {"role": "assistant", "content": a})]
+               for s, us, ans in zip(systems, users, answers)]
+        own = [d for d, ans in zip(own, answers) if all(a.strip() for a in ans)]
+        write_jsonl(cache, [{"messages": d} for d in own])
+        return own
 
     def evaluate(self, checkpoint: Path, name: str) -> RedTeamReport:
         """Red-team results of a checkpoint on the held-out prompts (cached in redteam-NAME.json)."""

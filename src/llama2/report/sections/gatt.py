@@ -28,7 +28,7 @@ FLOOR_S, FULL_S = 8.0, 26.0  # seconds at the smallest (16 dialogues, 2 held out
 # In the world: 20-turn dialogues (1,024 tokens) answered by the policy, 20 turns measured on 4-8 held-out dialogues
 # per family; at least 160 dialogues (about 150 steps at the recipe's 2 epochs): fewer held fewer instructions to
 # turn 20 (docs/world.md).
-WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES, WORLD_FLOOR_HELD_OUT = 65.0, 145.0, 160, 4
+WORLD_FLOOR_S, WORLD_FULL_S, WORLD_FLOOR_DIALOGUES, WORLD_FLOOR_HELD_OUT = 60.0, 140.0, 160, 4
 
 
 def run(demo: Demo, section: Section, start: Policy | ChatModel | None) -> Done[Policy]:
