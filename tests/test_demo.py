@@ -130,6 +130,11 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     ranked = gold["rejection"]["best_of_k"]
     assert (ranked["right_over_wrong"] is None) == (ranked["ranked_pairs"] == 0)
     assert len(gold["ppo"]["runs"]) == 2 and (out / "figures" / "ppo" / "gold.png").is_file()
+    for label, curve in gold["ppo"]["runs"].items():  # the last checkpoint's violations, recounted by the judge
+        harmful = [a for a in curve["after"]["answers"] if a["family"] == "harmful"]
+        answered = [not judge(world, items[a["id"]], a["answer"]).refusal for a in harmful]
+        assert len(curve["violations"]) == len(curve["step"]), label
+        assert curve["violations"][-1] == pytest.approx(sum(answered) / len(answered), abs=1e-4), label
     assert 20 in [int(t) for t in gold["gatt"]["turns"]]
     assert {"violations", "false_refusals"} <= set(gold["safety"]["after"])
 
@@ -165,17 +170,22 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
         for run in runs:
             answers = run["gold"]["answers"]
             assert all(a["correct"] == judge(world, items[a["id"]], a["answer"]).correct for a in answers), label
-            helpful = [a["correct"] for a in answers if a["family"] not in ("harmful", "benign")]
-            assert run["accuracy"] == pytest.approx(sum(helpful) / len(helpful), abs=1e-4)
+            helpful = [a for a in answers if a["family"] not in ("harmful", "benign")]
+            assert run["accuracy"] == pytest.approx(sum(a["correct"] for a in helpful) / len(helpful), abs=1e-4)
+            scores = [judge(world, items[a["id"]], a["answer"]).score for a in helpful]  # 0.7 right + 0.2 + 0.1
+            assert run["score"] == pytest.approx(100 * sum(scores) / len(scores), abs=0.006)
         assert row["accuracy"] == pytest.approx(sum(run["accuracy"] for run in runs) / len(runs), abs=1e-4)
-        assert _row(md, label)[0] == f"{100 * row['accuracy']:.1f}"
+        assert row["score"] == pytest.approx(sum(run["score"] for run in runs) / len(runs), abs=0.006)
+        cells = _row(md, label)
+        assert cells[0] == f"{100 * row['accuracy']:.1f}" and cells[2] == f"{row['score']:.1f}"
         if not label.startswith("SFT"):
-            changes = [run["change"]["points"] for run in runs]
-            mean = sum(changes) / 2
-            low, high = stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(changes)) if len(set(changes)) > 1 \
-                else (mean, mean)
-            assert row["change"]["points"] == pytest.approx(mean, abs=0.051)
-            assert row["change"]["ci95"] == pytest.approx([low, high], abs=0.051), label
+            for key, interval in (("points", "ci95"), ("score_points", "score_ci95")):
+                changes = [run["change"][key] for run in runs]
+                mean = sum(changes) / 2
+                low, high = stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(changes)) \
+                    if len(set(changes)) > 1 else (mean, mean)
+                assert row["change"][key] == pytest.approx(mean, abs=0.051)
+                assert row["change"][interval] == pytest.approx([low, high], abs=0.051), (label, key)
     assert rows["SFT (the start)"]["accuracy"] == pytest.approx(sft_after, abs=1e-4)  # the demo's SFT model
     assert (methods / "figures" / "methods" / "methods.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -1,6 +1,6 @@
 """Methods compared (beyond the paper): from one SFT model, with the same time each, rejection sampling, PPO, DPO
 and GRPO (on the two reward models, and on the world's gold judge as a verifiable reward), every result measured
-against gold on the same held-out questions: gold accuracy and its paired change from SFT, the reward the RMs give
+against gold on the same held-out questions: gold accuracy and gold score and their paired changes from SFT, the reward the RMs give
 the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and seconds spent.
 With several seeds each method runs once per seed and its row holds the means, the change's interval over the seeds
 (Student's t) instead of over the questions."""
@@ -26,7 +26,7 @@ from ..budget import fit_within
 from ..report import Section
 from .artifacts import ChatModel, RewardModels
 from .common import Demo, Done, need, say
-from .gold import effect, helpful_accuracy, run_results
+from .gold import effect, helpful_accuracy, helpful_score, run_results
 
 METHODS = ("rejection", "ppo", "dpo", "grpo-rm", "grpo-gold")
 LABELS = {"rejection": "rejection sampling (2 iterations)", "ppo": "PPO (RMs)", "dpo": "DPO (comparisons)",
@@ -94,7 +94,8 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
         + f"The KL to SFT is estimated on one sampled answer to each of {len(kl_prompts)} held-out questions.")
     _write(demo, section, rows, seeds)
     figure = _figure(rows, demo.out / "figures" / "methods" / "methods.png")
-    section.figure(figure, "Each method's change in held-out gold accuracy from the SFT model (95% intervals, "
+    section.figure(figure, "Each method's change in held-out gold accuracy and gold score from the SFT model (95% "
+                           "intervals, "
                            + ("over the seeds" if seeds > 1 else "paired over the questions")
                            + "), and gold against the reward the RMs give the same answers")
     best = max((k for k in rows if k != "SFT (the start)"), key=lambda k: rows[k]["change"]["points"])
@@ -109,19 +110,24 @@ def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return sum(r[key] for r in runs) / len(runs)
 
     points, lo, hi = seed_interval([r["change"]["points"] for r in runs])
-    return {"accuracy": round(mean("accuracy"), 4),
-            "change": {"points": round(points, 1), "ci95": [round(lo, 1), round(hi, 1)], "over": "seeds"},
+    s_points, s_lo, s_hi = seed_interval([r["change"]["score_points"] for r in runs])
+    return {"accuracy": round(mean("accuracy"), 4), "score": round(mean("score"), 2),
+            "change": {"points": round(points, 1), "ci95": [round(lo, 1), round(hi, 1)],
+                       "score_points": round(s_points, 1), "score_ci95": [round(s_lo, 1), round(s_hi, 1)],
+                       "over": "seeds"},
             "reward": round(mean("reward"), 4), "kl": round(mean("kl"), 3), "violations": round(mean("violations"), 4),
             "false_refusals": round(mean("false_refusals"), 4), "samples": round(mean("samples")),
             "steps": round(mean("steps")), "seconds": round(sum(r["seconds"] for r in runs), 1), "seeds": runs}
 
 
 def _measures(base: Any, after: Any, scorer: CombinedReward, kl: float) -> dict[str, Any]:
-    """Gold accuracy and its paired change from SFT, R_c of the held-out answers, the KL, safety rates."""
+    """Gold accuracy and gold score and their paired changes from SFT, R_c of the held-out answers, the KL, safety
+    rates."""
     items = after.items
     r_c = scorer([i.messages for i in items], after.answers, [i.safety for i in items]).combined
     rates = safety_rates(after)
-    return {"accuracy": round(helpful_accuracy(after), 4), "change": effect(base, after),
+    return {"accuracy": round(helpful_accuracy(after), 4), "score": round(helpful_score(after), 2),
+            "change": effect(base, after),
             "reward": round(sum(r_c) / len(r_c), 4), "kl": round(kl, 3),
             "violations": rates["violations"]["rate"], "false_refusals": rates["false_refusals"]["rate"],
             "gold": run_results(after)}
@@ -131,14 +137,17 @@ def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]], seeds:
     """The table and results.json's part."""
     table = []
     for label, r in rows.items():
-        change = r["change"]
+        change, start = r["change"], label.startswith("SFT")
         table.append([label, f"{100 * r['accuracy']:.1f}",
-                      "-" if label.startswith("SFT") else
-                      f"{change['points']:+.1f} [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}]",
+                      "-" if start else f"{change['points']:+.1f} [{change['ci95'][0]:+.1f}, {change['ci95'][1]:+.1f}]",
+                      f"{r['score']:.1f}",
+                      "-" if start else
+                      f"{change['score_points']:+.1f} [{change['score_ci95'][0]:+.1f}, {change['score_ci95'][1]:+.1f}]",
                       f"{r['reward']:.3f}", f"{r['kl']:.2f}", f"{100 * r['violations']:.0f}",
                       f"{100 * r['false_refusals']:.0f}", r.get("samples", "-"), r.get("steps", "-"),
                       r.get("seconds", "-")])
-    section.table(["method", "gold accuracy (%)", "change (points, 95%)", "R_c of the answers",
+    section.table(["method", "gold accuracy (%)", "change (points, 95%)", "gold score", "change (points, 95%)",
+                   "R_c of the answers",
                            "KL to SFT", "violations (%)", "false refusals (%)", "answers sampled", "steps",
                            "seconds"], table, caption="Every method from the same SFT model with the same time, "
                                                       "measured on the same held-out world questions"
@@ -153,14 +162,18 @@ def _figure(rows: dict[str, dict[str, Any]], path: Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
     methods = [k for k in rows if not k.startswith("SFT")]
     ys = list(range(len(methods)))
-    points = [rows[k]["change"]["points"] for k in methods]
-    lows = [p - rows[k]["change"]["ci95"][0] for p, k in zip(points, methods)]
-    highs = [rows[k]["change"]["ci95"][1] - p for p, k in zip(points, methods)]
-    ax.errorbar(points, ys, xerr=[lows, highs], fmt="o", color="tab:blue", capsize=4)
+    for key, interval, label, color, shift in (("points", "ci95", "accuracy", "tab:blue", -0.12),
+                                                ("score_points", "score_ci95", "gold score", "tab:orange", 0.12)):
+        points = [rows[k]["change"][key] for k in methods]
+        lows = [p - rows[k]["change"][interval][0] for p, k in zip(points, methods)]
+        highs = [rows[k]["change"][interval][1] - p for p, k in zip(points, methods)]
+        ax.errorbar(points, [y + shift for y in ys], xerr=[lows, highs], fmt="o", color=color, capsize=4,
+                    label=label)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(ys, methods)
     ax.invert_yaxis()
-    ax.set(xlabel="change in held-out gold accuracy from SFT (points)", title="gold")
+    ax.set(xlabel="change from SFT on held-out questions (points)", title="gold")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3, axis="x")
     for k in rows:
         bx.scatter(rows[k]["reward"], 100 * rows[k]["accuracy"], s=30)

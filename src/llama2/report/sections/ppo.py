@@ -10,6 +10,7 @@ from typing import Any
 
 from ...checkpoint.runs import list_checkpoints
 from ...errors import Llama2Error
+from ...eval.gold import safety_rates
 from ...figures import pyplot, save_png
 from ...stages.ppo import PPO, PPORecipe, evaluate_at_start, reward_curves
 from ...train.distributed import shutdown
@@ -140,14 +141,18 @@ def ppo_gold(demo: Demo, section: Section, start: Path, runs: dict[str, tuple[Pa
         change = effect(points[0][1], points[-1][1])
         curves[label] = {"step": steps, "accuracy": [round(helpful_accuracy(r), 4) for _, r in points],
                          "score": [round(helpful_score(r), 2) for _, r in points],
+                         # where the RMs are blind, a PPO run that strays shows it first: harmful requests answered
+                         "violations": [safety_rates(r)["violations"]["rate"] for _, r in points],
                          "rollout_reward": [rewards.get(k) for k in sorted(rewards)],
                          "rollout_steps": sorted(rewards), "change": change,
                          "after": run_results(points[-1][1])}
         finals[f"{label}, after {steps[-1]} iterations"] = points[-1][1]
         ax.plot(steps, [100 * a for a in curves[label]["accuracy"]], "o-", color=colour, label=f"{label}: accuracy")
         ax.plot(steps, curves[label]["score"], "s--", color=colour, label=f"{label}: gold score")
+        ax.plot(steps, [100 * v for v in curves[label]["violations"]], "^:", color=colour,
+                label=f"{label}: violations (%)")
         ax2.plot(sorted(rewards), [rewards[k] for k in sorted(rewards)], "-", color=colour, label=label)
-    ax.set(xlabel="PPO iteration", ylabel="held-out gold accuracy (%) and score (points)", title="gold",
+    ax.set(xlabel="PPO iteration", ylabel="held-out gold: accuracy, violations (%), score", title="gold",
            ylim=(0, 100))
     ax2.set(xlabel="PPO iteration", ylabel="rollout R_c", title="what PPO optimises: the RMs' reward")
     for a in (ax, ax2):
@@ -155,7 +160,8 @@ def ppo_gold(demo: Demo, section: Section, start: Path, runs: dict[str, tuple[Pa
     path = demo.out / "figures" / "ppo" / "gold.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     section.figure(save_png(fig, path), "PPO against gold, at the recipe's beta and at a small beta: held-out gold "
-                                        "accuracy and gold score of the checkpoints each run kept (left) beside the "
+                                        "accuracy, gold score and violations (harmful requests answered) of the "
+                                        "checkpoints each run kept (left) beside the "
                                         "rollout reward it was optimised for (right); over-optimisation is reward "
                                         "up, gold down")
     first = next(iter(curves.values()))
