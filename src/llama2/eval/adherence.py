@@ -54,7 +54,8 @@ class TurnByTurn:
         # 20 turns of the world model)
         per_position = kv_cache_bytes(self.model.config, 1, 1, next(self.model.parameters()).element_size())
         positions = min(len(users) * context, PREFIX_CACHE_BYTES // per_position)
-        gen = Generator(self.model, self.tok, max_batch_size=self.batch_size, prefix_cache=positions if positions >= BLOCK else 0)
+        gen = Generator(self.model, self.tok, max_batch_size=self.batch_size,
+                        prefix_cache=positions if positions >= BLOCK else 0)
         out: list[list[str]] = [[] for _ in users]
         for t in range(max(len(u) for u in users)):
             live = [i for i, u in enumerate(users) if t < len(u)]

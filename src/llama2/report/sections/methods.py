@@ -1,7 +1,8 @@
 """Methods compared (beyond the paper): from one SFT model, with the same time each, rejection sampling, PPO, DPO
 and GRPO (on the two reward models, and on the world's gold judge as a verifiable reward), every result measured
-against gold on the same held-out questions: gold accuracy and gold score and their paired changes from SFT, the reward the RMs give
-the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and seconds spent.
+against gold on the same held-out questions: gold accuracy and gold score and their paired changes from SFT, the
+reward the RMs give the answers, the KL to the SFT model, safety violations and false refusals, answers sampled and
+seconds spent.
 With several seeds each method runs once per seed and its row holds the means, the change's interval over the seeds
 (Student's t) instead of over the questions."""
 
@@ -147,9 +148,8 @@ def _write(demo: Demo, section: Section, rows: dict[str, dict[str, Any]], seeds:
                       f"{100 * r['false_refusals']:.0f}", r.get("samples", "-"), r.get("steps", "-"),
                       r.get("seconds", "-")])
     section.table(["method", "gold accuracy (%)", "change (points, 95%)", "gold score", "change (points, 95%)",
-                   "R_c of the answers",
-                           "KL to SFT", "violations (%)", "false refusals (%)", "answers sampled", "steps",
-                           "seconds"], table, caption="Every method from the same SFT model with the same time, "
+                   "R_c of the answers", "KL to SFT", "violations (%)", "false refusals (%)", "answers sampled",
+                   "steps", "seconds"], table, caption="Every method from the same SFT model with the same time, "
                                                       "measured on the same held-out world questions"
                                                       + (f"; means over {seeds} seeds, intervals over the seeds, "
                                                          "seconds summed" if seeds > 1 else ""))

@@ -1,6 +1,7 @@
 """7. PPO with the demo's RMs, as many iterations as the section's time allows, from the rejection-sampling
 policy (as the paper applies it on top of rejection sampling) or, in the built-in world, from the SFT model beside
-rejection sampling (the two algorithms from one start, each measured against gold): reward and KL curves, the first and last iterations' numbers, held-out reward before and after."""
+rejection sampling (the two algorithms from one start, each measured against gold): reward and KL curves, the first
+and last iterations' numbers, held-out reward before and after."""
 
 from __future__ import annotations
 
