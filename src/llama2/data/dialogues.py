@@ -534,6 +534,14 @@ def ensure_dialogues(quiet: bool = False) -> tuple[Path, Path]:
     return train, val
 
 
+def exchanges(users: Sequence[str], answers: Sequence[str], system: str | None = None) -> list[dict[str, str]]:
+    """The messages of a dialogue from its user turns and their answers (after a system message, when given)."""
+    out = [{"role": "system", "content": system}] if system else []
+    for u, a in zip(users, answers, strict=True):
+        out += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return out
+
+
 def without_system(dialogues: Sequence[Dialogue]) -> list[Dialogue]:
     """The dialogues that open with a user message (no system message of their own, such as a date that a question
     like "Who is the mayor?" depends on)."""

@@ -40,7 +40,15 @@ import yaml
 from ..atomic import atomic_write_text, make_dir
 from ..checkpoint import load_checkpoint
 from ..checkpoint.runs import load_tokenizer, require_checkpoint, resolve_base
-from ..data.dialogues import Dialogue, ensure_dialogues, read_dialogues, user_turns, without_system, write_dialogues
+from ..data.dialogues import (
+    Dialogue,
+    ensure_dialogues,
+    exchanges,
+    read_dialogues,
+    user_turns,
+    without_system,
+    write_dialogues,
+)
 from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction
 from ..data.world import data_path
 from ..device import resolve_device
@@ -203,9 +211,7 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
         mask = "last_assistant" if recipe.learn == "last" else "all_assistant"
         out.append(Dialogue(place_once(u, a, inst.text, recipe.placement), mask=mask, source=inst.family))
         if all(x.strip() for x in given):
-            plain.append(Dialogue([m for q, r in zip(u, given) for m in ({"role": "user", "content": q},
-                                                                         {"role": "assistant", "content": r})],
-                                  mask="all_assistant", source="replay"))
+            plain.append(Dialogue(exchanges(u, given), mask="all_assistant", source="replay"))
     return GattData(out, len(users), len(out), plain)
 
 

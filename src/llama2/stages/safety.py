@@ -52,7 +52,7 @@ from ..data.adversarial import (
     builtin_adversarial,
     read_adversarial,
 )
-from ..data.dialogues import ensure_dialogues, read_dialogues
+from ..data.dialogues import ensure_dialogues, exchanges, read_dialogues
 from ..data.jsonl import write_jsonl
 from ..data.world import data_path
 from ..device import resolve_device
@@ -326,10 +326,7 @@ class SafetyDistillation:
         systems = [d[0]["content"] if d[0]["role"] == "system" else None for d in dialogues]
         users = [[m["content"] for m in d if m["role"] == "user"] for d in dialogues]
         answers = TurnByTurn(model, tokenizer, r.max_new_tokens, temperature=0.0, seed=r.seed).answers(systems, users)
-        own = [([{"role": "system", "content": s}] if s else [])
-               + [m for u, a in zip(us, ans) for m in ({"role": "user", "content": u},
-                                                       {"role": "assistant", "content": a})]
-               for s, us, ans in zip(systems, users, answers)]
+        own = [exchanges(us, ans, system=s) for s, us, ans in zip(systems, users, answers)]
         own = [d for d, ans in zip(own, answers) if all(a.strip() for a in ans)]
         write_jsonl(cache, [{"messages": d} for d in own])
         return own
