@@ -125,6 +125,17 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     assert f"| {100 * sft_after:.1f} |" in md  # the SFT gold table's "all helpfulness families" cell
     for kind in ("helpfulness", "safety"):
         assert set(gold["reward"][f"{kind}_rm/helpfulness_pairs"]["accuracy"]) >= {"significantly_better", "all"}
+    # the RMs' gold agreement (from their last held-out evaluation's scores) equals scoring the pairs afresh
+    from llama2.data.jsonl import read_jsonl
+    from llama2.reward import RewardModel
+
+    pairs = [o for _, o in read_jsonl(data_path("builtin:world/comparisons-helpfulness.val.jsonl"))][:600]
+    rm = RewardModel.load(results["rm_helpfulness_checkpoint"])
+    chosen = rm.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = rm.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    agree = [0.5 if c == r else float((c > r) == (p["gold_gap"] > 0)) for p, c, r in zip(pairs, chosen, rejected)]
+    assert gold["reward"]["helpfulness_rm/helpfulness_pairs"]["accuracy"]["all"] == pytest.approx(
+        sum(agree) / len(agree), abs=2 / len(agree))
     assert gold["rejection"]["best_of_k"]["k"][0] == 1 and (out / "figures" / "rejection" / "gold_best_of_k.png"
                                                             ).is_file()
     ranked = gold["rejection"]["best_of_k"]

@@ -302,12 +302,30 @@ def test_lora_reward_model_keeps_its_head_in_peft_layout(tmp_path, base_dir, dat
     assert got == pytest.approx([s["rejected"] for s in scores[:3]], abs=1e-4)
 
 
+def test_val_max_scores_the_first_held_out_pairs_and_records_the_step(tmp_path, base_dir, data_files):
+    """data.val_max=5: each evaluation scores the held-out file's first 5 pairs; heldout_scores.jsonl holds the
+    last evaluation's scores with its step, equal to the saved RM's scores of those pairs."""
+    from llama2.reward import RewardModel
+    from llama2.stages.reward import reward
+
+    result = reward(make_recipe(tmp_path, base_dir, data_files, "capped", ["max_steps=3", "data.val_max=5"]),
+                    quiet=True)
+    scores = [json.loads(x) for x in (tmp_path / "capped" / "heldout_scores.jsonl").read_text().splitlines()]
+    held = yes_no_comparisons(16, offset=100)[:5]
+    assert [s["step"] for s in scores] == [3] * 5 and [s["rating"] for s in scores] == [c["rating"] for c in held]
+    rm = RewardModel.load(result.checkpoint)
+    assert rm.score([c["prompt"] for c in held], [c["chosen"] for c in held]) == pytest.approx(
+        [s["chosen"] for s in scores], abs=1e-4)
+
+
 def test_recipe_errors_name_the_key(tmp_path, base_dir, data_files):
     from llama2.stages.reward import RewardRecipe, reward
     from llama2.recipe import load_recipe
 
     with pytest.raises(Llama2Error, match="'margin'"):
         make_recipe(tmp_path, base_dir, data_files, overrides=["margin=huge"])
+    with pytest.raises(Llama2Error, match="'data.val_max' is 0"):
+        make_recipe(tmp_path, base_dir, data_files, overrides=["data.val_max=0"])
     with pytest.raises(Llama2Error, match="marginn"):
         make_recipe(tmp_path, base_dir, data_files, overrides=["marginn=small"])
     with pytest.raises(Llama2Error, match="give at least one a weight"):

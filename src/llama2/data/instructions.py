@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import Llama2Error
 
@@ -45,7 +46,7 @@ def end_with(word: str) -> Instruction:
         w = _words(a)
         return bool(w) and w[-1].lower() == word.lower()
 
-    return Instruction("end_with", f"End every answer with the word '{word}'.", f"End with '{word}'.", check,
+    return Instruction("end_with", f"End every answer with the word {word}.", f"End with {word}.", check,
                        lambda a: a.rstrip() + f" {word}")
 
 
@@ -55,7 +56,7 @@ def at_most(n: int) -> Instruction:
 
 
 def mention(word: str) -> Instruction:
-    return Instruction("mention", f"Always mention the word '{word}'.", f"Mention '{word}'.",
+    return Instruction("mention", f"Always mention the word {word}.", f"Mention {word}.",
                        lambda a: word.lower() in (w.lower() for w in _words(a)), lambda a: f"{word}: {a}")
 
 
@@ -68,7 +69,11 @@ HOBBIES = ("tennis", "chess", "gardening", "painting", "hiking")
 LANGUAGES = ("French", "Spanish", "Italian", "German")
 FIGURES = ("Napoleon", "Ada Lovelace", "Alan Turing", "Marie Curie")
 # the words to end with and the words to mention differ: with the same words, a small model told "End every answer
-# with the word 'certainly'" answered "certainly: ..." as for "Always mention the word 'certainly'"
+# with the word certainly" answered "certainly: ..." as for "Always mention the word certainly". The words stand
+# unquoted, as the answer writes them: a tokenizer splits "'friend'" into ' f ri en d (the first piece without its
+# leading space) where the answer has ▁f ri en d, and a tiny model that had to translate the pieces while copying
+# learned it for some words and not others (in a seed-0 demo 'friend' was ended with 'cheers' and 'python' mentioned
+# as 'robot' in every held-out dialogue, the other words in all)
 END_WORDS = ("indeed", "friend", "certainly", "cheers")
 MENTION_WORDS = ("python", "banana", "robot", "sunshine")
 PHRASES = ("Well,", "In short,", "Dear user,")
@@ -88,21 +93,26 @@ def register_family(name: str, make: Callable[[random.Random], Instruction]) -> 
     USER_FAMILIES[name] = make
 
 
-def instruction(family: str, rng: random.Random) -> Instruction:
+def instruction(family: str, rng: random.Random, index: int | None = None) -> Instruction:
     """A random instruction of a family (for the paper's families, half of them combined with another and half
-    shortened, as the paper does)."""
+    shortened, as the paper does). index: the checkable family's index-th word, count or phrase (cycling through
+    them), so that many draws cover each equally; None: a random one."""
+
+    def pick(options: tuple[Any, ...]) -> Any:
+        return rng.choice(options) if index is None else options[index % len(options)]
+
     if family in USER_FAMILIES:
         return USER_FAMILIES[family](rng)
     if family == "upper_case":
         return upper_case()
     if family == "end_with":
-        return end_with(rng.choice(END_WORDS))
+        return end_with(pick(END_WORDS))
     if family == "at_most_words":
-        return at_most(rng.choice((5, 8, 12)))
+        return at_most(pick((5, 8, 12)))
     if family == "mention":
-        return mention(rng.choice(MENTION_WORDS))
+        return mention(pick(MENTION_WORDS))
     if family == "start_with":
-        return start_with(rng.choice(PHRASES))
+        return start_with(pick(PHRASES))
     if family not in PAPER_FAMILIES:
         raise Llama2Error(f"unknown instruction family {family!r}; use some of {list(FAMILIES)}")
     parts = {"hobby": (f"You enjoy {rng.choice(HOBBIES)}.", "hobby"), "language": (f"Speak in {rng.choice(LANGUAGES)}.",

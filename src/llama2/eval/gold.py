@@ -226,8 +226,16 @@ def reward_model_vs_gold(score: Any, world: World, pairs: Sequence[dict[str, Any
     the same tidy, concise form, so that only knowledge tells them apart). `score(prompts, answers)` gives the
     RM's scores."""
     prompts = [p["prompt"] for p in pairs]
-    chosen = score(prompts, [p["chosen"] for p in pairs])
-    rejected = score(prompts, [p["rejected"] for p in pairs])
+    return scores_vs_gold(score(prompts, [p["chosen"] for p in pairs]), score(prompts, [p["rejected"] for p in pairs]),
+                          world, pairs, items)
+
+
+def scores_vs_gold(chosen: Sequence[float], rejected: Sequence[float], world: World, pairs: Sequence[dict[str, Any]],
+                   items: dict[str, GoldItem]) -> dict[str, Any]:
+    """reward_model_vs_gold from scores already computed: `chosen[i]` and `rejected[i]` are the RM's scores of
+    pair i's two answers."""
+    if not len(chosen) == len(rejected) == len(pairs):
+        raise ValueError(f"{len(chosen)} chosen and {len(rejected)} rejected scores for {len(pairs)} pairs")
     levels: dict[str, list[float]] = {}
     wrong_preferred, minimal = [], []
     for p, c, r in zip(pairs, chosen, rejected):

@@ -63,8 +63,9 @@ FLOORS = {name: module.FLOOR_S for name, module in (
     ("generate", generate), ("chat", chat), ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo),
     ("gatt", gatt), ("safety", safety), ("eval", evaluation), ("tools", tools_section), ("formats", formats))}
 # In the built-in world GAtt's smallest size is larger (20-turn dialogues of up to 1,024 tokens, measured over 20
-# turns), and PPO needs about 10 iterations in each of its two runs to show anything against gold
-WORLD_FLOORS = {**FLOORS, "gatt": gatt.WORLD_FLOOR_S, "ppo": ppo.WORLD_FLOOR_S}
+# turns), PPO needs about 10 iterations in each of its two runs and rejection sampling about 30 prompts to show
+# anything against gold
+WORLD_FLOORS = {**FLOORS, "gatt": gatt.WORLD_FLOOR_S, "ppo": ppo.WORLD_FLOOR_S, "rejection": rejection.WORLD_FLOOR_S}
 RESULTS = "results.json"
 
 A = TypeVar("A")

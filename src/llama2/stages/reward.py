@@ -202,8 +202,12 @@ class ComparisonDataConfig:
     # a weighted mix: [{path, val_path, weight | share, name}]; path may be builtin:helpfulness or builtin:safety
     sources: list[ComparisonSource] = field(default_factory=list)
     on_bad_line: Literal["error", "skip"] = "error"  # error, or skip (counted and printed)
+    val_max: int | None = None  # score at most this many held-out comparisons of each source (its first); null: all
 
     def validate(self, prefix: str = "data") -> None:
+        if self.val_max is not None and self.val_max < 1:
+            raise Llama2Error(f"recipe key '{prefix}.val_max' is {self.val_max}; give a positive count of held-out "
+                              "comparisons per source, or null for all of them")
         if self.val_path is not None and self.path is None:
             raise Llama2Error(f"recipe key '{prefix}.val_path' is set but '{prefix}.path' is not; give the training "
                               f"file too (or use {prefix}.sources)")
@@ -287,7 +291,7 @@ def load_sources(data: ComparisonDataConfig, quiet: bool = False) -> list[Source
                 if f.skipped:
                     print(f.summary(), flush=True)
         train = pick(files[0].comparisons)
-        held = pick(files[1].comparisons) if len(files) > 1 else []
+        held = pick(files[1].comparisons)[:data.val_max] if len(files) > 1 else []
         if not train:
             raise Llama2Error(f"data source {s.path} has no training comparisons")
         weight = s.weight if s.weight is not None or s.share is not None else 1.0
@@ -451,8 +455,8 @@ class HeldOutEvaluator:
         lines = []
         for name, (chosen, rejected) in scored.items():
             for p, c, r in zip(self.sets[name], chosen, rejected):
-                lines.append(json.dumps({"set": name, "rating": p.rating, "source": p.source, "chosen": round(c, 5),
-                                         "rejected": round(r, 5)}) + "\n")
+                lines.append(json.dumps({"step": step, "set": name, "rating": p.rating, "source": p.source,
+                                         "chosen": round(c, 5), "rejected": round(r, 5)}) + "\n")
         atomic_write_text(self.run_dir / "heldout_scores.jsonl", "".join(lines))
         score_histogram(scored, self.run_dir / "score_histogram.png", f"{self.kind} RM, step {step}")
 

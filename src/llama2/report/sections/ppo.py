@@ -32,7 +32,12 @@ from .gold import effect, effect_text, gold_table, helpful_accuracy, helpful_sco
 
 CAP = 40  # iterations at most (the budget usually decides)
 MAIN_SHARE = 0.6  # of the section's time for the recipe's run when a small-beta run follows (the world)
-SMALL_BETA = 0.001  # the over-optimisation run's KL coefficient
+SMALL_BETA = 0.001  # the over-optimisation run's KL coefficient ...
+# ... and its rate, 10x the world recipe's: at the recipe's rate a small beta needs ~80 iterations to drift (gold score
+# 73.5 -> 71.0, harmful requests refused 88% -> 42%), more than the demo has. From a seed-0 demo's SFT model (gold
+# accuracy 63.1%, score 60.3), 12 iterations at 3e-4: beta 0.001 took the held-out R_c 0.49 -> 0.81 while accuracy
+# fell to 31.7% and score to 51.7, every harmful request answered; beta 0.3 at the same rate lost less (50.6%, 65.3)
+SMALL_BETA_LR = 3e-4
 GOLD_EVERY = 10  # PPO keeps a checkpoint every this many iterations, each measured against gold afterwards
 FLOOR_S, FULL_S = 4.0, 7.0  # seconds for 2 iterations at the smallest (8 prompts) and full size, 2 idle cores
 # In the world: two runs (the recipe's beta and a small one) of about 10 iterations each, the concise form found in
@@ -103,14 +108,22 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
     gold_text = ""
     if demo.gold is not None:
         small_dir = demo.run_dir("ppo-small-beta")
-        small = demo.load(PPORecipe, "ppo.yaml", [*overrides, f"out_dir={small_dir}", f"beta={SMALL_BETA}"])
+        small = demo.load(PPORecipe, "ppo.yaml", [*overrides, f"out_dir={small_dir}", f"beta={SMALL_BETA}",
+                                                   f"optim.lr={SMALL_BETA_LR}"])
         train(demo, small, deadline, f"ppo beta {SMALL_BETA}")
-        runs = {f"beta {recipe.beta} (the recipe's)": (run_dir, records),
-                f"beta {SMALL_BETA}": (small_dir, run_metrics(small_dir))}
+        runs = {f"beta {recipe.beta}, lr {recipe.optim.lr:g} (the recipe's)": (run_dir, records),
+                f"beta {SMALL_BETA}, lr {SMALL_BETA_LR:g}": (small_dir, run_metrics(small_dir))}
+        faster = SMALL_BETA_LR / recipe.optim.lr
+        section.text(f"Beside it, the same run with a small beta ({SMALL_BETA}) and a {faster:g}x rate: nearly free "
+                     "of the KL penalty, it shows within the demo's few iterations what the reward models allow when nothing holds the policy near its start (at the recipe's rate the same drift "
+                     "takes about 80 iterations; docs/ppo.md).")
         curves = ppo_gold(demo, section, policy, runs)
-        main = next(iter(curves.values()))
+        main, loose = curves.values()
         gold_text = (f", gold {main['accuracy'][0]:.1%} -> {main['accuracy'][-1]:.1%}, gold score "
-                     f"{main['score'][0]:.1f} -> {main['score'][-1]:.1f}")
+                     f"{main['score'][0]:.1f} -> {main['score'][-1]:.1f}; beta {SMALL_BETA}: rollout R_c "
+                     f"{loose['rollout_reward'][0]:.3f} -> {loose['rollout_reward'][-1]:.3f}, gold "
+                     f"{loose['accuracy'][0]:.1%} -> {loose['accuracy'][-1]:.1%}, score {loose['score'][0]:.1f} -> "
+                     f"{loose['score'][-1]:.1f}")
     return Done(f"ppo: {result.step} iterations, rollout R_c {table[0][1]:.3f} -> {table[1][1]:.3f}, KL to pi_0 "
                 f"{table[1][4]:.2f}{gold_text}", Policy(result.checkpoint, "ppo"))
 

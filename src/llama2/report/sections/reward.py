@@ -19,7 +19,7 @@ from ...data.comparisons import (
 from ...data.jsonl import read_jsonl
 from ...data.world import data_path, read_gold
 from ...errors import Llama2Error
-from ...eval.gold import reward_model_vs_gold
+from ...eval.gold import reward_model_vs_gold, scores_vs_gold
 from ...reward import RewardModel
 from ...stages.reward import (
     PAPER_TABLE_8,
@@ -43,9 +43,11 @@ from .common import (
 )
 
 RECIPES = {"helpfulness": "reward-helpfulness.yaml", "safety": "reward-safety.yaml"}
-GOLD_PAIRS = 600  # held-out helpfulness comparisons scored against gold
-GOLD_EVALS = 1.5  # the gold evaluation of both RMs (GOLD_PAIRS + the safety pairs, each) in held-out evaluations
-RM_SHARES = {"helpfulness": 0.6, "safety": 0.4}  # of the section's time
+# Held-out helpfulness comparisons each RM scores (before and after training) and the gold table judges: the
+# held-out file's first 600 (all 1,669 took four times the seconds of the helpfulness RM's training in one demo)
+GOLD_PAIRS = 600
+AFTER_TRAINING = 0.3  # the section's work after the last RM's final evaluation (gold judge, figures), in evaluations
+RM_SHARES = {"helpfulness": 0.7, "safety": 0.3}  # of the section's time: the safety RM learns its set in a few steps
 FLOOR_S = 16.0  # seconds at its smallest (a step or two each, the held-out evaluations), 2 idle cores
 
 
@@ -100,6 +102,21 @@ def safety_examples(rms: RewardModels) -> tuple[list[str], dict[str, list[str]]]
     return [("(harmful) " if i < 2 else "(benign) ") + x[0][-1]["content"] for i, x in enumerate(picks)], cols
 
 
+def saved_scores(checkpoint: Path, name: str, pairs: list[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
+    """The RM's scores of `pairs` from its run's last held-out evaluation (heldout_scores.jsonl beside
+    checkpoints/, test set `name`) when that evaluation was of this checkpoint and scored exactly these pairs (the
+    same count, ratings and sources, in order); None otherwise (then they are scored afresh)."""
+    path = checkpoint.parent.parent / "heldout_scores.jsonl"
+    if not path.is_file() or not checkpoint.name.removeprefix("step-").isdigit():
+        return None
+    step = int(checkpoint.name.removeprefix("step-"))
+    rows = [r for _, r in read_jsonl(path) if r.get("set") == name]
+    if len(rows) != len(pairs) or any(r.get("step") != step or r["rating"] != p["rating"] or r["source"] != p["source"]
+                                      for r, p in zip(rows, pairs)):
+        return None
+    return [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+
+
 def reward_gold(demo: Demo, section: Section, rms: RewardModels) -> None:
     """Both RMs against the gold judge on the world's held-out comparisons (truth, not the noisy annotator's
     labels), per gold rating level, and how often each prefers a wrong answer to a right one."""
@@ -110,9 +127,14 @@ def reward_gold(demo: Demo, section: Section, rms: RewardModels) -> None:
     safe_pairs = [p for p in pairs if p["safety"]]
     results, rows = {}, []
     for kind, path in (("helpfulness", rms.helpfulness), ("safety", rms.safety)):
-        rm = RewardModel.load(path)
+        rm: RewardModel | None = None
         for name, subset in (("helpfulness", help_pairs), ("safety", safe_pairs)):
-            r = reward_model_vs_gold(rm.score, demo.gold.world, subset, items)
+            saved = saved_scores(path, name, subset)
+            if saved is not None:
+                r = scores_vs_gold(*saved, demo.gold.world, subset, items)
+            else:
+                rm = rm or RewardModel.load(path)
+                r = reward_model_vs_gold(rm.score, demo.gold.world, subset, items)
             results[f"{kind}_rm/{name}_pairs"] = r
             rows.append([f"{kind} RM, {name} pairs", *[pct(r["accuracy"].get(level)) for level in RATINGS],
                          pct(r["accuracy"]["all"]), pct(r["prefers_wrong"]) if r["right_vs_wrong_pairs"] else "-",
@@ -138,7 +160,7 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
     for kind, path in RECIPES.items():
         run_dir = demo.run_dir(f"rm-{kind}")
         recipe = demo.load(RewardRecipe, path, [f"base={sft}", f"out_dir={run_dir}", "save_every=0",
-                                                  "keep_last=1", "max_steps=null"])
+                                                  "keep_last=1", "max_steps=null", f"data.val_max={GOLD_PAIRS}"])
         share_end = stage_start + (stage_end - stage_start) * (RM_SHARES["helpfulness"] if kind == "helpfulness"
                                                                else 1.0)
         try:
@@ -147,11 +169,11 @@ def run(demo: Demo, section: Section, chat: ChatModel | None) -> Done[RewardMode
             t0 = time.time()
             evaluate_at_start(rm_run)
             eval_s = time.time() - t0
-            # what follows the training inside the stage's time: the RM's final held-out evaluation, and after the
-            # last RM the gold evaluation of both (GOLD_EVALS)
-            reserve = eval_s * (1 + (GOLD_EVALS if kind == list(RECIPES)[-1] and demo.gold is not None else 0))
+            # what follows the training inside the stage's time: the RM's final held-out evaluation (the only one
+            # after the start: the gold table reuses its scores), and after the last RM the rest of the section
+            reserve = eval_s * (1 + (AFTER_TRAINING if kind == list(RECIPES)[-1] else 0))
             result, plans[kind] = fit_within(rm_run.trainer, share_end, cap=cap, quiet=demo.quiet,
-                                             desc=f"{kind} RM", evals=3, reserve_s=reserve)
+                                             desc=f"{kind} RM", evals=1, reserve_s=reserve)
         finally:
             shutdown()
         if result.checkpoint is None:
