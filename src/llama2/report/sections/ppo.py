@@ -115,8 +115,9 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
                 f"beta {SMALL_BETA}, lr {SMALL_BETA_LR:g}": (small_dir, run_metrics(small_dir))}
         faster = SMALL_BETA_LR / recipe.optim.lr
         section.text(f"Beside it, the same run with a small beta ({SMALL_BETA}) and a {faster:g}x rate: nearly free "
-                     "of the KL penalty, it shows within the demo's few iterations what the reward models allow when nothing holds the policy near its start (at the recipe's rate the same drift "
-                     "takes about 80 iterations; docs/ppo.md).")
+                     "of the KL penalty, it shows within the demo's few iterations what the reward models allow "
+                     "when nothing holds the policy near its start (at the recipe's rate the same drift takes about "
+                     "80 iterations; docs/ppo.md).")
         curves = ppo_gold(demo, section, policy, runs)
         main, loose = curves.values()
         gold_text = (f", gold {main['accuracy'][0]:.1%} -> {main['accuracy'][-1]:.1%}, gold score "
