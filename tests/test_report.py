@@ -281,12 +281,28 @@ def test_thread_chooser_switches_to_the_faster_count():
     for step, seconds in [(0, 5.0), (1, 1.0), (2, 1.2), (3, 0.9), (4, 0.5)]:  # one thread: 0.5 < 0.85 x 1.2
         c.record(step, seconds)
     assert c.current == 1 and c.switches == 1 and c.threads_for(5) == 1
-    assert [c.threads_for(s) for s in (102, 103, 104, 105)] == [1, 2, 2, 1]  # the next trial of all threads
-    for step in range(5, 103):
+    assert [c.threads_for(s) for s in (14, 15, 16, 17)] == [1, 2, 2, 1]  # a switch is tried again 10 steps on
+    for step in range(5, 15):
         c.record(step, 0.5)
-    c.record(103, 0.48)
-    c.record(104, 0.45)  # not 15% faster than 0.5: stays on one thread
+    c.record(15, 0.48)
+    c.record(16, 0.45)  # not 15% faster than 0.5: stays on one thread, the next trial 100 steps on
     assert c.current == 1 and c.switches == 1
+    assert [c.threads_for(s) for s in (116, 117, 118, 119)] == [1, 2, 2, 1]
+    wrong = ThreadChooser(every=100, first=3)  # all threads slowed for a while (another process): a switch, then back
+    wrong.full = wrong.current = 2
+    for step, seconds in [(0, 5.0), (1, 2.4), (2, 2.5), (3, 1.1), (4, 0.95)]:  # 0.95 < 0.85 x 2.4
+        wrong.record(step, seconds)
+    assert wrong.current == 1
+    one_slow = ThreadChooser(every=100, first=3)  # one slow step among them is not enough: the lower median
+    one_slow.full = one_slow.current = 2
+    for step, seconds in [(0, 5.0), (1, 0.7), (2, 2.5), (3, 1.1), (4, 0.95)]:
+        one_slow.record(step, seconds)
+    assert one_slow.current == 2
+    for step in range(5, 15):
+        wrong.record(step, 1.0)
+    wrong.record(15, 0.8)
+    wrong.record(16, 0.6)  # all threads again: 0.6 < 0.85 x 1.0
+    assert wrong.current == 2 and wrong.switches == 2
     slow = ThreadChooser(every=100, first=3)
     slow.full = slow.current = 2
     for step, seconds in [(0, 5.0), (1, 1.0), (2, 1.0), (3, 1.4), (4, 1.6)]:

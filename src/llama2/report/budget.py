@@ -33,6 +33,7 @@ LATE_TOLERANCE = 0.03  # ... or this fraction late
 LOG_POINTS = 200  # metrics.jsonl records a run gets (log_every is set from the planned steps)
 FIRST_PLAN_STEP = 3  # steps timed before the first plan (the first step pays one-off costs and is not counted)
 THREAD_PROBE_EVERY = 100  # steps between trials of the other CPU thread count (ThreadChooser)
+THREAD_RECHECK = 10  # steps after a switch before the count it left is tried again
 WINDOW = 50  # the seconds per step are measured over the last this many steps (a shared machine's speed drifts)
 
 
@@ -88,28 +89,32 @@ class ThreadChooser:
     """Picks the faster CPU thread count as training runs: on a machine shared with other work, PyTorch's
     threads wait on each other and one thread can be several times faster than all of them. Every `every`
     steps (and at the start) it runs two steps with the other count (all threads <-> one) and switches when
-    the second of them is more than 15% faster than the median of the last steps with the current count."""
+    the second of them is more than 15% faster than the lower median of the last steps with the current count.
+    A switch is tried again `recheck` steps later: one slow step of all threads (a write, a stray process) once
+    made a demo's pretraining switch to one thread at its first trial and run at half speed to its end."""
 
-    def __init__(self, every: int = THREAD_PROBE_EVERY, first: int = 3) -> None:
+    def __init__(self, every: int = THREAD_PROBE_EVERY, first: int = 3, recheck: int = THREAD_RECHECK) -> None:
         self.full = torch.get_num_threads()
         self.current = self.full
-        self.every, self.first = every, first
+        self.every, self.recheck = every, recheck
+        self.probe_at = first  # the first of the next trial's two steps (0-based)
         self.times: list[tuple[int, int, float]] = []  # (step, threads, seconds)
         self.switches = 0
 
     def _probing(self, step: int) -> bool:
-        k = step - self.first
-        return self.full > 1 and k >= 0 and k % self.every in (0, 1)
+        return self.full > 1 and self.probe_at <= step <= self.probe_at + 1
 
     def record(self, step: int, seconds: float) -> None:
-        """The duration of step `step` (0-based); decide after the second step of a probe."""
+        """The duration of step `step` (0-based); decide after the second step of a trial."""
         threads = self.threads_for(step)
         self.times.append((step, threads, seconds))
-        if self._probing(step) and not self._probing(step + 1):
+        if self.full > 1 and step == self.probe_at + 1:
             mine = sorted(t for s, n, t in self.times[-12:-2] if n == self.current and s > 0)
-            if mine and seconds < 0.85 * mine[len(mine) // 2]:
+            switched = bool(mine) and seconds < 0.85 * mine[(len(mine) - 1) // 2]
+            if switched:
                 self.current = threads
                 self.switches += 1
+            self.probe_at = step + 1 + (self.recheck if switched else self.every)
 
     def threads_for(self, step: int) -> int:
         if self._probing(step):
