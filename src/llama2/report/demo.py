@@ -62,10 +62,12 @@ WORLD_SHARES = {"pretrain": 0.27, "generate": 0.005, "chat": 0.005, "sft": 0.1, 
 FLOORS = {name: module.FLOOR_S for name, module in (
     ("generate", generate), ("chat", chat), ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo),
     ("gatt", gatt), ("safety", safety), ("eval", evaluation), ("tools", tools_section), ("formats", formats))}
-# In the built-in world GAtt's smallest size is larger (20-turn dialogues of up to 1,024 tokens, measured over 20
-# turns), PPO needs about 10 iterations in each of its two runs and rejection sampling about 30 prompts to show
-# anything against gold
-WORLD_FLOORS = {**FLOORS, "gatt": gatt.WORLD_FLOOR_S, "ppo": ppo.WORLD_FLOOR_S, "rejection": rejection.WORLD_FLOOR_S}
+# In the built-in world the smallest useful sizes are larger: SFT most of its epochs and the helpfulness RM about
+# 100 steps (every later stage builds on them), rejection sampling about 30 prompts and PPO about 10 iterations in
+# each of its two runs to show anything against gold, GAtt 20-turn dialogues of up to 1,024 tokens measured over 20
+# turns. On a slow machine pretraining gives up its time first.
+WORLD_FLOORS = {**FLOORS, **{name: module.WORLD_FLOOR_S for name, module in (
+    ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo), ("gatt", gatt))}}
 RESULTS = "results.json"
 
 A = TypeVar("A")

@@ -49,6 +49,9 @@ GOLD_PAIRS = 600
 AFTER_TRAINING = 0.3  # the section's work after the last RM's final evaluation (gold judge, figures), in evaluations
 RM_SHARES = {"helpfulness": 0.7, "safety": 0.3}  # of the section's time: the safety RM learns its set in a few steps
 FLOOR_S = 16.0  # seconds at its smallest (a step or two each, the held-out evaluations), 2 idle cores
+# In the world the helpfulness RM needs about 100 steps to rank significantly-better pairs as gold does (from one
+# seed-0 SFT model, lr 3e-4: 43 steps 75.9%, 100 steps 89.6%), ~50 s at pace 3.3 with its evaluations
+WORLD_FLOOR_S = 20.0
 
 
 def table_8_rows(records: list[dict[str, Any]], kind: str) -> list[list[Any]]:

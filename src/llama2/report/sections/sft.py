@@ -31,6 +31,10 @@ from .gold import effect, gold_table, helpful_accuracy, run_results
 
 QUESTIONS = 8
 FLOOR_S = 12.0  # seconds at its smallest (the answers before and after, a few steps), 2 idle cores
+# In the world every later stage starts from the SFT model, so its smallest useful size is most of its recipe's
+# three epochs (496 steps, ~110 s at pace 3.3): on a slow hour (pace 3.49) a seed-0 demo left it 98 s for 326
+# steps and gold accuracy 55.0%, where 496 steps reached 63-65% (the time comes from pretraining's share instead)
+WORLD_FLOOR_S = 33.0
 
 
 def run(demo: Demo, section: Section, pretrained: Pretrained) -> Done[ChatModel | None]:
