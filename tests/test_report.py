@@ -228,6 +228,40 @@ def test_fit_within_stops_by_the_deadline(tmp_path):
     assert t.step_fn is None and t.quiet  # the trainer is given back as it was
 
 
+def test_fit_within_follows_a_deadline_that_moves(tmp_path):
+    """A deadline given as a function is read after every step: moved into the past after step 10 (as the demo's
+    budget moves pretraining's once it has measured the machine's pace), the run ends at step 10."""
+    t = _trainer(tmp_path)
+    far = time.time() + 3600
+    result, plan = fit_within(t, lambda: far if t.step < 10 else time.time() - 1, cap=100_000, quiet=True)
+    assert result.step == plan.steps == 10 and result.checkpoint.name == "step-000010"
+
+
+def test_the_pace_is_measured_again_from_pretraining_steps(monkeypatch):
+    """The probe said 4.7; steps 6-16 take 0.29 s each where the reference machine takes 0.145: the pace becomes
+    2.0 and the deadline leaves the later section 2 x its floor instead of 4.7 x."""
+    from types import SimpleNamespace
+
+    from llama2.report.sections import pretrain
+
+    now = [1000.0]
+    monkeypatch.setattr(pretrain.time, "time", lambda: now[0])
+    monkeypatch.setitem(pretrain.REF_STEP_S, "world", 0.145)
+    budget = Budget(900.0, {"pretrain": 0.5, "sft": 0.5}, start=1000.0, floors={"sft": 100.0}, pace=4.7)
+    trainer = SimpleNamespace(step=0)
+    deadline = pretrain.PaceFromSteps(SimpleNamespace(budget=budget, world="world"), trainer)
+    seen = []
+    for step in range(1, 20):
+        now[0] += 0.5 if step <= pretrain.PACE_STEPS[0] else 0.29
+        trainer.step = step
+        seen.append(deadline())
+    assert seen[0] == 1000.0 + 900 - 4.7 * 100  # before: min(start + 450, start + 900 - 470)
+    assert budget.pace == pytest.approx(2.0) and seen[-1] == pytest.approx(1000.0 + 450)  # the share now binds
+    stdlib = Budget(900.0, {"pretrain": 1.0}, pace=4.7)
+    pretrain.PaceFromSteps(SimpleNamespace(budget=stdlib, world="stdlib"), SimpleNamespace(step=16))()
+    assert stdlib.pace == 4.7  # no reference step time: the probe's pace stays
+
+
 def test_fit_within_respects_the_cap(tmp_path):
     t = _trainer(tmp_path)
     result, plan = fit_within(t, time.time() + 3600, cap=5, quiet=True)

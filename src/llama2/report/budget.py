@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -122,11 +123,12 @@ class ThreadChooser:
         return self.current
 
 
-def fit_within(trainer: Trainer, deadline: float, *, cap: int, reserve_s: float = 0.0, quiet: bool = False,
-               desc: str = "train", evals: int = 5, min_steps: int = 1,
+def fit_within(trainer: Trainer, deadline: float | Callable[[], float], *, cap: int, reserve_s: float = 0.0,
+               quiet: bool = False, desc: str = "train", evals: int = 5, min_steps: int = 1,
                choose_threads: bool = True) -> tuple[TrainResult, FitPlan]:
     """Run trainer.fit() so that training (with its evaluations and saves) ends by `deadline` - `reserve_s`
-    (time.time() seconds), with at most `cap` steps and at least `min_steps`. A step hook (Trainer.fit(on_step=))
+    (time.time() seconds; or a function giving it, called after every step: a deadline that moves as the budget
+    learns the machine's pace), with at most `cap` steps and at least `min_steps`. A step hook (Trainer.fit(on_step=))
     times the steps and re-plans max_steps, draws one progress bar (the loop's own is turned off) and sets
     eval_every to give about `evals` evaluations and log_every for about LOG_POINTS logged steps. choose_threads
     (on CPU): a ThreadChooser picks the faster thread count as it runs, and leaves it set.
@@ -137,7 +139,8 @@ def fit_within(trainer: Trainer, deadline: float, *, cap: int, reserve_s: float 
     start = time.time()
     marks: list[tuple[int, float]] = []  # (steps done, time) at the end of each step = the start of the next
     planned: list[int] = []  # steps at which the length was (re)computed
-    end_at = deadline - reserve_s
+    deadline_of = deadline if callable(deadline) else (lambda: deadline)
+    end_at = deadline_of() - reserve_s
 
     def set_steps(n: int) -> bool:
         n = max(min(n, cap), min_steps, trainer.step)  # trainer.step: this step is the last
@@ -149,7 +152,9 @@ def fit_within(trainer: Trainer, deadline: float, *, cap: int, reserve_s: float 
         return changed
 
     def on_step(t: Trainer, info: StepInfo) -> None:
+        nonlocal end_at
         now = time.time()
+        end_at = deadline_of() - reserve_s
         if not marks:
             marks.append((t.step - 1, info.started))
         if chooser is not None:

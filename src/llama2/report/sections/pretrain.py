@@ -41,6 +41,12 @@ MIN_STEPS = 20  # however short the budget: enough for the loss to fall
 # world's recipe evaluates 64 windows of 64 tokens, the standard library's fewer, longer ones. The world's figures
 # are the standard library's scaled by the two probes' ratio measured on one machine (0.31; the loss alone 0.12).
 PROBE_S = {"stdlib": 0.3, "world": 0.094}
+# Where known, the reference machine's seconds per pretraining step: after its first steps the pace is measured
+# again from them. The probe is 0.3-0.45 s of small operations: a seed-1 demo's probe measured a pace of 4.71 where
+# its pretraining steps ran as fast as another demo's at 3.49, and the budget took two thirds of pretraining's
+# time. Calibrated on five world demos whose probe had measured 2.95-3.49: 0.134-0.155 s per step at pace 1.
+REF_STEP_S = {"world": 0.145}
+PACE_STEPS = (6, 16)  # the steps timed (after the first, which pays one-off costs, and ThreadChooser's first trial)
 PROBE_ONE_THREAD_S = {"stdlib": 0.33, "world": 0.041}  # the held-out loss alone on one thread of it
 
 
@@ -93,6 +99,27 @@ def pace(trainer: Trainer, measure_s: float, world: str) -> float:
     return min(max(slow, 0.25), 50.0)
 
 
+class PaceFromSteps:
+    """Pretraining's deadline, for fit_within to read after every step: once steps PACE_STEPS are timed, the
+    budget's pace is set from their seconds per step against the reference machine's (REF_STEP_S; worlds without
+    one keep the probe's pace), and the deadline, which leaves the later sections pace x their floors, follows."""
+
+    def __init__(self, demo: Demo, trainer: Trainer) -> None:
+        self.demo, self.trainer = demo, trainer
+        self.start: float | None = None  # when step PACE_STEPS[0] ended
+        self.measured = demo.world not in REF_STEP_S
+
+    def __call__(self) -> float:
+        step, now = self.trainer.step, time.time()
+        if not self.measured and step == PACE_STEPS[0]:
+            self.start = now
+        elif not self.measured and self.start is not None and step == PACE_STEPS[1]:
+            seconds = (now - self.start) / (PACE_STEPS[1] - PACE_STEPS[0])
+            self.demo.budget.pace = min(max(seconds / REF_STEP_S[self.demo.world], 0.25), 50.0)
+            self.measured = True
+        return self.demo.budget.deadline("pretrain")
+
+
 def run(demo: Demo, section: Section, data: BuiltData) -> Done[Pretrained]:
     recipe = data.recipe
     run_dir = demo.run_dir("pretrain")
@@ -101,16 +128,18 @@ def run(demo: Demo, section: Section, data: BuiltData) -> Done[Pretrained]:
         tok_path = recipe.data.resolved()[1]
         tok = Tokenizer(tok_path)
         prompts, refs = held_out_prompts(data.val_file or Path("-"), n_code=0 if demo.world == "world" else 2)
-        t1 = time.time()
         precision = ("bf16 autocast with fp32 weights" if trainer.amp_dtype is not None else "fp32") + \
             f" (precision: {recipe.precision})"
+        t1 = time.time()
         before = trainer.evaluate()
         before_text = generate(copy.deepcopy(trainer.model).eval(), tok, prompts, CONTINUATION_TOKENS)
         measure_s = time.time() - t1
         demo.budget.pace = pace(trainer, measure_s, demo.world)
+        probe_pace = demo.budget.pace
         budget_s = demo.budget.left("pretrain")
         cap = demo.steps or PRETRAIN_CAP
-        deadline = time.time() + 10 * 365 * 86400 if demo.steps else demo.budget.deadline("pretrain")
+        far = time.time() + 10 * 365 * 86400
+        deadline = (lambda: far) if demo.steps else PaceFromSteps(demo, trainer)
         result, plan = fit_within(trainer, deadline, cap=cap, min_steps=demo.steps or MIN_STEPS,
                                   reserve_s=measure_s * 1.5 + 3.0 * demo.budget.pace, quiet=demo.quiet,
                                   desc="pretrain")
@@ -136,7 +165,8 @@ def run(demo: Demo, section: Section, data: BuiltData) -> Done[Pretrained]:
                          "val_loss_before": before.get("val_loss"), "val_loss_after": after_val,
                          "checkpoint": str(ckpt), "pretrain_distinct_1": ma.get("distinct_1"),
                          "pretrain_degenerate": ma.get("degenerate"), "pretrain_seconds": round(plan.wall_s, 1),
-                         "pace": round(demo.budget.pace, 2)})  # x the reference machine's floors
+                         # x the reference machine's floors; pace_probe: before the steps measured it again
+                         "pace": round(demo.budget.pace, 2), "pace_probe": round(probe_pace, 2)})
 
     stats = data.stats
     per_source = stats.get("documents_per_source", {})
@@ -156,7 +186,11 @@ def run(demo: Demo, section: Section, data: BuiltData) -> Done[Pretrained]:
           + (f"The corpus, tokenizer and token shards were in the cache ({data.root})." if data.pretrain_cached else
              f"Building the corpus, tokenizer and token shards (cached in {data.root}) took {data.pretrain_s:.0f} s."))
     section.text("Training: " + plan_text(plan, budget_s, demo.steps is not None)
-                 + f"; {tokens:,.0f} tokens ({tokens / max(train_s, 1e-9):,.0f} tokens/s).")
+                 + f"; {tokens:,.0f} tokens ({tokens / max(train_s, 1e-9):,.0f} tokens/s). The machine's pace (how "
+                 "much slower than the reference machine it ran, which sizes every later section): "
+                 f"{probe_pace:.2f} from the work at random init"
+                 + (f", {demo.budget.pace:.2f} from steps {PACE_STEPS[0]}-{PACE_STEPS[1]} of this training"
+                    if demo.budget.pace != probe_pace else "") + ".")
     section.table(["measure", "at random init", "after pretraining"], [
         ["held-out loss (nats/token)", before.get("val_loss"), after_val],
         ["held-out perplexity", before.get("val_ppl"), result.last.get("val_ppl")],
