@@ -257,6 +257,13 @@ def test_the_pace_is_measured_again_from_pretraining_steps(monkeypatch):
         seen.append(deadline())
     assert seen[0] == 1000.0 + 900 - 4.7 * 100  # before: min(start + 450, start + 900 - 470)
     assert budget.pace == pytest.approx(2.0) and seen[-1] == pytest.approx(1000.0 + 450)  # the share now binds
+    # so slow that the later floors fill the budget: pretraining, once begun, still gets pace x its own floor
+    slow = Budget(900.0, {"pretrain": 0.5, "sft": 0.5}, start=1000.0, floors={"pretrain": 40.0, "sft": 300.0},
+                  pace=3.0)
+    now[0] = 1010.0
+    slow.begin("pretrain")
+    floor = pretrain.PaceFromSteps(SimpleNamespace(budget=slow, world="world"), SimpleNamespace(step=1))()
+    assert floor == 1010.0 + 3.0 * 40 > 1000.0 + 900 - 3.0 * 300
     stdlib = Budget(900.0, {"pretrain": 1.0}, pace=4.7)
     pretrain.PaceFromSteps(SimpleNamespace(budget=stdlib, world="stdlib"), SimpleNamespace(step=16))()
     assert stdlib.pace == 4.7  # no reference step time: the probe's pace stays

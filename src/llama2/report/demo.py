@@ -53,8 +53,8 @@ SHARES = {"pretrain": 0.41, "generate": 0.01, "chat": 0.01, "sft": 0.15, "reward
 # reward models take ~150 s (two trainings, then every held-out pair scored for the per-level and gold tables);
 # rejection sampling ~50 prompts and PPO two runs (the recipe's beta and a small one) of 10-20 iterations in their
 # shares; GAtt ~170 s (the policy's answers to 160 dialogues of 20 turns, 150 steps on them at a rate gentle enough
-# to keep what the model knows, and adherence measured over 20 turns before and after); tool use at least 300 steps to copy numbers and names
-# (docs/tools.md), ~100 s, last, inheriting what the sections before it leave.
+# to keep what the model knows, and adherence measured over 20 turns before and after); tool use at least 300
+# steps to copy numbers and names (docs/tools.md), ~100 s, last, inheriting what the sections before it leave.
 WORLD_SHARES = {"pretrain": 0.27, "generate": 0.005, "chat": 0.005, "sft": 0.1, "reward": 0.13, "rejection": 0.07,
                 "ppo": 0.065, "gatt": 0.19, "safety": 0.05, "eval": 0.01, "tools": 0.095, "formats": 0.01}
 # The seconds each section takes at its smallest size on the reference machine (2 idle cores): the sections
@@ -65,9 +65,10 @@ FLOORS = {name: module.FLOOR_S for name, module in (
 # In the built-in world the smallest useful sizes are larger: SFT most of its epochs and the helpfulness RM about
 # 100 steps (every later stage builds on them), rejection sampling about 30 prompts and PPO about 10 iterations in
 # each of its two runs to show anything against gold, GAtt 20-turn dialogues of up to 1,024 tokens measured over 20
-# turns. On a slow machine pretraining gives up its time first.
+# turns, and pretraining about 275 steps. On a slow machine pretraining gives up its time first; where the floors
+# fill the budget, every stage still gets its floor (Budget.deadline) and the demo runs over.
 WORLD_FLOORS = {**FLOORS, **{name: module.WORLD_FLOOR_S for name, module in (
-    ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo), ("gatt", gatt))}}
+    ("pretrain", pretrain), ("sft", sft), ("reward", reward), ("rejection", rejection), ("ppo", ppo), ("gatt", gatt))}}
 RESULTS = "results.json"
 
 A = TypeVar("A")
@@ -91,6 +92,7 @@ class Driver:
 
     def section(self, name: str, title: str, body: Callable[[Section], Done[A]], essential: bool = False) -> A | None:
         budget = self.demo.budget
+        budget.begin(name)
         section = self.report.section(title, status="running")
         if budget.left(name) > 0:
             say(f"== {title} (until {budget.deadline(name) - budget.start:.0f} s of the {budget.total_s:.0f} s budget)")
