@@ -79,8 +79,8 @@ def test_instruction_families():
 
 def test_gatt_dialogues_cover_each_word_of_a_family_equally(monkeypatch):
     """Eight end-with dialogues carry each of the four end words twice (drawn at random, one word of four had 5 of
-    a family's 40 dialogues in a demo and the model learned another in its place); each word stands unquoted in
-    the system message, as the answers write it, and every answer ends with it."""
+    a family's 40 dialogues in a demo and the model learned another in its place), and every answer ends with the
+    word its system message names."""
     from llama2.data.dialogues import Dialogue
     from llama2.recipe import load_recipe
     from llama2.stages import gatt as g
@@ -98,7 +98,7 @@ def test_gatt_dialogues_cover_each_word_of_a_family_equally(monkeypatch):
                  for i in range(8)]
     data = g.build_gatt_data(recipe, None, None, dialogues)
     systems = [d.messages[0]["content"] for d in data.dialogues]
-    words = [s.removeprefix("End every answer with the word ").removesuffix(".") for s in systems]
+    words = [s.removeprefix("End every answer with the word '").removesuffix("'.") for s in systems]
     assert sorted(words) == sorted(["indeed", "friend", "certainly", "cheers"] * 2)
     for d, word in zip(data.dialogues, words):
         assert all(m["content"].endswith(f". {word}") for m in d.messages if m["role"] == "assistant")
@@ -364,7 +364,7 @@ def test_turn_by_turn_keeps_each_dialogue_in_the_prefix_cache_and_answers_the_sa
 
     monkeypatch.setattr(adh, "Generator", Recording)
     users = [[f"Question {i}.{t}?" for t in range(4)] for i in range(3)]
-    systems = ["Answer in capital letters only.", None, "End every answer with the word indeed."]
+    systems = ["Answer in capital letters only.", None, "End every answer with the word 'indeed'."]
     cached = adh.TurnByTurn(model, tok, max_new_tokens=6).answers(systems, users)
     engine = made[-1].engine()
     assert engine.prefix_cache is not None and engine.prefix_cache.hits >= 3 * 3  # turns 2-4 of each dialogue

@@ -264,6 +264,10 @@ def test_the_pace_is_measured_again_from_pretraining_steps(monkeypatch):
     slow.begin("pretrain")
     floor = pretrain.PaceFromSteps(SimpleNamespace(budget=slow, world="world"), SimpleNamespace(step=1))()
     assert floor == 1010.0 + 3.0 * 40 > 1000.0 + 900 - 3.0 * 300
+    smoke = Budget(90.0, {"pretrain": 0.5, "sft": 0.5}, start=1000.0, floors={"pretrain": 40.0, "sft": 300.0},
+                   pace=3.0)
+    smoke.begin("pretrain")  # a budget that cannot hold the floors only shrinks its stages
+    assert smoke.deadline("pretrain") == 1000.0 + 90 - 3.0 * 300
     stdlib = Budget(900.0, {"pretrain": 1.0}, pace=4.7)
     pretrain.PaceFromSteps(SimpleNamespace(budget=stdlib, world="stdlib"), SimpleNamespace(step=16))()
     assert stdlib.pace == 4.7  # no reference step time: the probe's pace stays

@@ -55,15 +55,20 @@ class Budget:
     pace: float = 1.0
     started: dict[str, float] = field(default_factory=dict)  # stage -> when it began (begin())
 
+    def holds_floors(self) -> bool:
+        """Whether the budget could hold every stage's floor on the reference machine (a full run, not a smoke
+        run of a minute or two, where every stage only shrinks)."""
+        return self.total_s >= sum(self.floors.values())
+
     def begin(self, stage: str) -> None:
         """`stage` starts now: from here its deadline leaves it at least pace x its floor."""
         self.started[stage] = time.time()
 
     def deadline(self, stage: str) -> float:
         """The time (time.time()) by which `stage` must be done: start + fixed_s + the rest x cumulative share,
-        or earlier where the later stages' floors need the time; but, once it has begun, never less than pace x
-        its own floor after its start (on a machine so slow that the floors fill the budget, every stage still
-        runs at its smallest useful size, and the whole runs over the budget)."""
+        or earlier where the later stages' floors need the time; but, once it has begun and where the budget holds
+        the floors, never less than pace x its own floor after its start (on a machine so slow that the floors fill
+        the budget, every stage still runs at its smallest useful size, and the whole runs over the budget)."""
         if stage not in self.shares:
             raise KeyError(f"no budget share for stage {stage!r}; shares: {list(self.shares)}")
         names = list(self.shares)
@@ -71,7 +76,7 @@ class Budget:
         rest = max(self.total_s - self.fixed_s, 0.0)
         later = sum(self.floors.get(n, 0.0) for n in names[names.index(stage) + 1:])
         planned = min(self.start + self.fixed_s + rest * min(cum, 1.0), self.start + self.total_s - self.pace * later)
-        if stage in self.started:
+        if stage in self.started and self.holds_floors():
             planned = max(planned, self.started[stage] + self.pace * self.floors.get(stage, 0.0))
         return planned
 

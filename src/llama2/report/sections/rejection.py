@@ -96,7 +96,8 @@ def run(demo: Demo, section: Section, chat: ChatModel | None, rms: RewardModels 
     sft, rms = need(chat, message).checkpoint, need(rms, message)
     run_dir = demo.run_dir("rejection")
     left = demo.budget.left("rejection")
-    prompts = int(min(128, max(WORLD_MIN_PROMPTS if demo.world == "world" else 8, left / SECONDS_PER_PROMPT)))
+    least = WORLD_MIN_PROMPTS if demo.world == "world" and demo.budget.holds_floors() else 8
+    prompts = int(min(128, max(least, left / SECONDS_PER_PROMPT)))
     overrides = [f"base={sft}", f"helpfulness_rm={rms.helpfulness}", f"safety_rm={rms.safety}", f"out_dir={run_dir}",
                  f"max_prompts={prompts}", "base_recipe=null"]
     full = demo.load(RejectionRecipe, "rejection.yaml", overrides)
