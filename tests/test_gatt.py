@@ -98,7 +98,7 @@ def test_gatt_dialogues_cover_each_word_of_a_family_equally(monkeypatch):
                  for i in range(8)]
     data = g.build_gatt_data(recipe, None, None, dialogues)
     systems = [d.messages[0]["content"] for d in data.dialogues]
-    words = [s.removeprefix("End every answer with the word '").removesuffix("'.") for s in systems]
+    words = [s.removeprefix("End every answer with the word: ") for s in systems]
     assert sorted(words) == sorted(["indeed", "friend", "certainly", "cheers"] * 2)
     for d, word in zip(data.dialogues, words):
         assert all(m["content"].endswith(f". {word}") for m in d.messages if m["role"] == "assistant")
@@ -364,7 +364,7 @@ def test_turn_by_turn_keeps_each_dialogue_in_the_prefix_cache_and_answers_the_sa
 
     monkeypatch.setattr(adh, "Generator", Recording)
     users = [[f"Question {i}.{t}?" for t in range(4)] for i in range(3)]
-    systems = ["Answer in capital letters only.", None, "End every answer with the word 'indeed'."]
+    systems = ["Answer in capital letters only.", None, "End every answer with the word: indeed"]
     cached = adh.TurnByTurn(model, tok, max_new_tokens=6).answers(systems, users)
     engine = made[-1].engine()
     assert engine.prefix_cache is not None and engine.prefix_cache.hits >= 3 * 3  # turns 2-4 of each dialogue

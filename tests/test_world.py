@@ -205,7 +205,8 @@ def test_sft_data_holds_short_dialogues_that_follow_a_system_instruction(files):
         assert system["role"] == "system" and len(rest) in (2, 4)
         for user, reply in zip(rest[::2], rest[1::2]):
             answer, text = gold[json.dumps([user])], reply["content"]
-            word = system["content"].split("'")[1] if "'" in system["content"] else None
+            content = system["content"]  # "... the word: WORD" or "Start every answer with 'PHRASE'."
+            word = content.split("'")[1] if "'" in content else content.split(": ")[1] if ": " in content else None
             if d["instruction"] == "upper_case":
                 assert text == answer.upper() and system["content"] == "Answer in capital letters only."
             elif d["instruction"] == "end_with":

@@ -46,7 +46,7 @@ def end_with(word: str) -> Instruction:
         w = _words(a)
         return bool(w) and w[-1].lower() == word.lower()
 
-    return Instruction("end_with", f"End every answer with the word '{word}'.", f"End with '{word}'.", check,
+    return Instruction("end_with", f"End every answer with the word: {word}", f"End with: {word}", check,
                        lambda a: a.rstrip() + f" {word}")
 
 
@@ -56,7 +56,7 @@ def at_most(n: int) -> Instruction:
 
 
 def mention(word: str) -> Instruction:
-    return Instruction("mention", f"Always mention the word '{word}'.", f"Mention '{word}'.",
+    return Instruction("mention", f"Always mention the word: {word}", f"Mention: {word}",
                        lambda a: word.lower() in (w.lower() for w in _words(a)), lambda a: f"{word}: {a}")
 
 
@@ -69,10 +69,9 @@ HOBBIES = ("tennis", "chess", "gardening", "painting", "hiking")
 LANGUAGES = ("French", "Spanish", "Italian", "German")
 FIGURES = ("Napoleon", "Ada Lovelace", "Alan Turing", "Marie Curie")
 # the words to end with and the words to mention differ: with the same words, a small model told "End every answer
-# with the word 'certainly'" answered "certainly: ..." as for "Always mention the word 'certainly'". The words stay
-# quoted: unquoted, the world tokenizer spells them as the answers do (quoted, "'friend'" is ' f ri en d where an
-# answer has ▁f ri en d) and the world model learned them better (after SFT 'python' 6 of 6 held-out dialogues, was
-# 5; 'friend' 2 of 6, was 0), but the standard-library test model's GAtt then learned no end word at all
+# with the word 'certainly'" answered "certainly: ..." as for "Always mention the word 'certainly'". The word follows
+# a colon and a space, unquoted, so that any tokenizer spells it as an answer does: quoted, "'friend'" was ' f ri en d
+# in the world tokenizer where an answer has ▁f ri en d, and the world model ended 'friend' dialogues with 'cheers'
 END_WORDS = ("indeed", "friend", "certainly", "cheers")
 MENTION_WORDS = ("python", "banana", "robot", "sunshine")
 PHRASES = ("Well,", "In short,", "Dear user,")

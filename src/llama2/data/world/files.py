@@ -49,7 +49,7 @@ from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_item
 from .judge import judge, mentions, rating_of
 from .tools import tool_files
 
-VERSION = 9
+VERSION = 10
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
