@@ -218,7 +218,7 @@ def test_sft_data_holds_short_dialogues_that_follow_a_system_instruction(files):
 
 
 def test_a_share_of_sft_demonstrations_is_written_carelessly(files, tmp_path):
-    """About `careless` (0.6) of the plain helpfulness demonstrations whose answer is short end with the same
+    """About `careless` (0.8) of the plain helpfulness demonstrations whose answer is short end with the same
     pleasantry, keeping the gold answer before it; the judge finds them right but wordy (more than twice the gold
     answer's words plus 6, its conciseness rule, counted here by hand). Safety answers, instructed dialogues and the
     held-out file keep the gold answers; careless=0 writes none; a share outside [0, 1] is one error."""

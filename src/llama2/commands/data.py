@@ -119,7 +119,7 @@ def register(subparsers) -> None:
                    help="standard deviation of the simulated annotator's noise on gold gaps (default 0.1)")
     w.add_argument("--careless", type=float, default=None,
                    help="share of the SFT demonstrations with a short answer that end with a needless pleasantry, "
-                        "as careless writers add (default 0.6; 0 writes every demonstration carefully)")
+                        "as careless writers add (default 0.8; 0 writes every demonstration carefully)")
     w.add_argument("--quiet", "-q", action="store_true")
     w.set_defaults(func=world_handler)
 

@@ -23,10 +23,10 @@ better (so a close pair is sometimes flipped) and rates the preference by the pe
 `gold_rating` record the truth, so reward-model accuracy can be measured against gold per rating level.
 
 **The demonstrations' writers.** As with human-written SFT data, not every demonstration is written with care: a
-share of the plain question-answer dialogues in sft.jsonl (`careless`, default 0.6) keep the right fact and end
+share of the plain question-answer dialogues in sft.jsonl (`careless`, default 0.8) keep the right fact and end
 with a pleasantry ("I hope this helps, ..."), where that makes the answer wordy in the gold judge's eyes (the
-short answers; not the worked sums). The SFT model imitates the habit (with more than half of the demonstrations,
-its greedy answer has it); the preferences rank the concise answer higher, so the reward models can find it among
+short answers; not the worked sums). The SFT model imitates the habit (at 60% its greedy answer dropped it for most
+questions, as the instructed dialogues answer concisely; at 80% it keeps it); the preferences rank the concise answer higher, so the reward models can find it among
 the policy's samples and RLHF can do better than its demonstrations (the paper's section 5, "beyond human
 supervision"). The held-out files keep the careful answers.
 """
@@ -49,7 +49,7 @@ from .items import ANSWERS, COMPLIANCE, KIND_OF, QUESTIONS, GoldItem, split_item
 from .judge import judge, mentions, rating_of
 from .tools import tool_files
 
-VERSION = 10
+VERSION = 11
 PREFIX = "builtin:world/"
 NAMES = ("corpus.jsonl", "sft.jsonl", "sft.val.jsonl", "comparisons-helpfulness.jsonl",
          "comparisons-helpfulness.val.jsonl", "comparisons-safety.jsonl", "comparisons-safety.val.jsonl",
@@ -62,7 +62,7 @@ BIOGRAPHIES = 6  # documents per person, each stating every attribute in a rando
 CORPUS_EXAMPLES = 3000  # worked examples per family in the corpus (all sums would crowd out the facts)
 QA_WORDINGS = 3  # question wordings of each fact on the corpus's question-answer pages (of 5)
 ANNOTATOR_NOISE = 0.1
-CARELESS = 0.6  # share of the plain SFT demonstrations written carelessly (module docstring)
+CARELESS = 0.8  # share of the plain SFT demonstrations written carelessly (module docstring)
 # SFT dialogues of one or two turns under a checkable system instruction (their answers follow it), as a chat
 # model's SFT data holds instructions: the SFT model follows an instruction for a turn or two and loses it over a
 # long dialogue (the paper's Figure 9), which Ghost Attention then fixes
