@@ -282,6 +282,38 @@ def test_distillation_raises_the_safety_score_without_raising_false_refusals(tmp
     assert again.after == after and (out / "distill.jsonl").read_text().count("\n") == len(rows)
 
 
+class IndifferentJudge:
+    """Every answer equally safe: no pre-prompted answer scores higher than the plain one."""
+
+    def safe_probability(self, prompts, answers):
+        return [0.5 for _ in answers]
+
+
+@pytest.mark.slow
+def test_nothing_to_distil_is_an_error_or_with_unchanged_if_empty_the_base_unchanged(tmp_path, world):
+    from llama2.checkpoint.runs import resolve_base
+    from llama2.errors import Llama2Error
+    from llama2.recipe import load_recipe
+    from llama2.stages.safety import DistillSafetyRecipe, distill_safety
+    from llama2.train.metrics import read_metrics
+
+    def recipe(out):
+        return load_recipe(DistillSafetyRecipe, None, [
+            f"base={world / 'policy'}", f"safety_rm={world / 'rm'}", f"out_dir={out}", "temperature=0",
+            "max_new_tokens=16", f"prompts.path={world / 'train.jsonl'}", f"prompts.val_path={world / 'val.jsonl'}",
+            "device=cpu"])
+
+    with pytest.raises(Llama2Error, match="nothing to distil"):
+        distill_safety(recipe(tmp_path / "strict"), quiet=True, judge=IndifferentJudge())
+    result = distill_safety(recipe(tmp_path / "run"), quiet=True, judge=IndifferentJudge(), unchanged_if_empty=True)
+    assert result.model == resolve_base(str(world / "policy")) and result.kept == 0 and result.after == result.before
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1] and records[1]["kept"] == 0
+    assert not (tmp_path / "run" / "sft").exists()
+    for name in ("redteam.png", "safety_scores.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.slow
 def test_recipe_errors(tmp_path, world):
     from llama2.stages.safety import DistillSafetyRecipe, distill_safety

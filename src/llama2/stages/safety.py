@@ -222,8 +222,9 @@ def load_prompt_sets(spec: SafetyPromptsSpec) -> tuple[list[AdversarialPrompt], 
 class SafetyDistillation:
     """One run (module docstring); `run()` does or resumes every step."""
 
-    def __init__(self, recipe: DistillSafetyRecipe, *, quiet: bool = False, judge: Any = None) -> None:
-        self.recipe, self.quiet = recipe, quiet
+    def __init__(self, recipe: DistillSafetyRecipe, *, quiet: bool = False, judge: Any = None,
+                 unchanged_if_empty: bool = False) -> None:
+        self.recipe, self.quiet, self.unchanged_if_empty = recipe, quiet, unchanged_if_empty
         self.out = make_dir(expand_path(recipe.out_dir))
         self.device = str(resolve_device(recipe.device))
         self.base = require_checkpoint(recipe.base, "chat model")
@@ -356,9 +357,12 @@ class SafetyDistillation:
         table = kept_table(rows)
         atomic_write_text(self.out / "kept.md", kept_markdown(table))
         chosen = [x for x in rows if x["kept"] and x["preprompted"].strip()]
-        if not chosen:
+        if not chosen and not self.unchanged_if_empty:
             raise Llama2Error("no pre-prompted answer scored higher than the plain one: nothing to distil; try "
                               "preprompt=per_category, prefill=true or a higher temperature")
+        if not chosen:  # the base passes on unchanged: its red-team answers are the "after" ones too
+            atomic_write_text(self.out / "redteam-after.json", (self.out / "redteam-before.json").read_text())
+            return self.finish(rows, before, before, self.base, logged, metrics, {"kept": 0})
         dialogues = [x["messages"] + [{"role": "assistant", "content": x["preprompted"]}] for x in chosen]
         replay = self.replay_dialogues()
         anchors = self.benign_dialogues()
@@ -366,6 +370,13 @@ class SafetyDistillation:
                      dialogues=dialogues + anchors + replay)
         model = resolve_base(str(self.out / "sft"))
         after = self.evaluate(model, "after")
+        return self.finish(rows, before, after, model, logged, metrics, {
+            "kept": len(chosen), "benign_anchors": len(anchors), "replay": len(replay), "finetune_steps": result.step,
+            "finetune_loss": result.last.get("loss")})
+
+    def finish(self, rows: list[dict[str, Any]], before: RedTeamReport, after: RedTeamReport, model: Path,
+               logged: list[dict[str, Any]], metrics: MetricsLog, extra: dict[str, Any]) -> DistillResult:
+        """The red-team tables and figures of before and after, the step-1 metrics; the result."""
         reports = {"before": before, "after": after}
         atomic_write_text(self.out / "redteam.md", markdown_table(reports))
         atomic_write_text(self.out / "redteam.json", json.dumps({n: x.summary() for n, x in reports.items()},
@@ -374,12 +385,10 @@ class SafetyDistillation:
         bar_chart(reports, self.out / "redteam.png")
         figure_16(rows, before, after, self.out / "safety_scores.png")
         if not any(x.get("step") == 1 for x in logged):
-            metrics.append({"step": 1, **_record(after), "distill_prompts": len(rows), "kept": len(chosen),
-                            "benign_anchors": len(anchors), "replay": len(replay), "finetune_steps": result.step,
-                            "finetune_loss": result.last.get("loss"),
+            metrics.append({"step": 1, **_record(after), "distill_prompts": len(rows), **extra,
                             "plain_score": statistics.fmean(x["plain_score"] for x in rows),
                             "preprompted_score": statistics.fmean(x["preprompted_score"] for x in rows)})
-        return DistillResult(model, len(chosen), len(rows), before.summary(), after.summary())
+        return DistillResult(model, extra["kept"], len(rows), before.summary(), after.summary())
 
 
 def _record(report: RedTeamReport) -> dict[str, Any]:
@@ -417,10 +426,13 @@ def figure_16(rows: Sequence[dict[str, Any]], before: RedTeamReport, after: RedT
     return path
 
 
-def distill_safety(recipe: DistillSafetyRecipe, quiet: bool = False, *, judge: Any = None) -> DistillResult:
+def distill_safety(recipe: DistillSafetyRecipe, quiet: bool = False, *, judge: Any = None,
+                   unchanged_if_empty: bool = False) -> DistillResult:
     """Run (or resume) the distillation; prints a one-line summary unless quiet. `judge`: any SafetyJudge in place
-    of the safety RM (tests, a stronger classifier)."""
-    result = SafetyDistillation(recipe, quiet=quiet, judge=judge).run()
+    of the safety RM (tests, a stronger classifier). Where no pre-prompted answer beats the plain one: an error, or
+    with unchanged_if_empty (the demo at its smallest size) the base model unchanged, its red-team figures as both
+    before and after, kept 0."""
+    result = SafetyDistillation(recipe, quiet=quiet, judge=judge, unchanged_if_empty=unchanged_if_empty).run()
     if not quiet:
         b, a = result.before, result.after
         print(f"safety distillation: kept {result.kept} of {result.prompts} pre-prompted answers; held-out safety "

@@ -35,7 +35,7 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
     replay = sized(full.replay, 32, demo.fraction("safety", FLOOR_S, FULL_S))
     recipe = demo.load(DistillSafetyRecipe, "distill-safety.yaml", [*overrides, f"replay={replay}"])
     t0 = time.time()
-    result = distill_safety(recipe, quiet=True)
+    result = distill_safety(recipe, quiet=True, unchanged_if_empty=True)
     seconds = time.time() - t0
     rows = [json.loads(x) for x in (run_dir / "distill.jsonl").read_text().splitlines()]
     section.text(
@@ -47,7 +47,9 @@ def run(demo: Demo, section: Section, start: Policy | ChatModel | None, rms: Rew
         f"{result.kept} pre-prompted answers that it scored higher than the plain ones, and the SFT stage trained "
         f"them in without the pre-prompt, with the benign look-alikes' helpful answers and {recipe.replay} SFT "
         "dialogues mixed in. "
-        "The red-team evaluation answers held-out prompts with the paper's evaluation decoding (temperature 0.1, "
+        + ("No pre-prompted answer scored higher than the plain one at this size: there was nothing to distil, and "
+           "the model passes on unchanged (after = before below). " if result.kept == 0 else "")
+        + "The red-team evaluation answers held-out prompts with the paper's evaluation decoding (temperature 0.1, "
         f"top-p 0.9): a violation is an answer the safety RM scores below {recipe.threshold}; a false refusal a "
         "refusal (a rule-based detector) of a benign look-alike.")
     kept = kept_table(rows)
