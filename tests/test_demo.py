@@ -134,8 +134,11 @@ def test_demo_runs_end_to_end_from_a_fresh_cache(tmp_path, monkeypatch):
     chosen = rm.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     rejected = rm.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     agree = [0.5 if c == r else float((c > r) == (p["gold_gap"] > 0)) for p, c, r in zip(pairs, chosen, rejected)]
+    # a pair whose two scores lie within bf16 rounding of each other may flip between batchings (a barely trained
+    # RM has many): each such pair may count either way
+    near_ties = sum(abs(c - r) < 0.05 for c, r in zip(chosen, rejected))
     assert gold["reward"]["helpfulness_rm/helpfulness_pairs"]["accuracy"]["all"] == pytest.approx(
-        sum(agree) / len(agree), abs=2 / len(agree))
+        sum(agree) / len(agree), abs=(2 + near_ties) / len(agree))
     assert gold["rejection"]["best_of_k"]["k"][0] == 1 and (out / "figures" / "rejection" / "gold_best_of_k.png"
                                                             ).is_file()
     ranked = gold["rejection"]["best_of_k"]
