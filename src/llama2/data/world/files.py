@@ -27,8 +27,8 @@ share of the plain question-answer dialogues in sft.jsonl (`careless`, default 0
 with a pleasantry ("I hope this helps, ..."), where that makes the answer wordy in the gold judge's eyes (the
 short answers; not the worked sums). The SFT model imitates the habit (at 60% its greedy answer dropped it for most
 questions, as the instructed dialogues answer concisely; at 80% it keeps it); the preferences rank the concise
-answer higher, so the reward models can find it among the policy's samples and RLHF can do better than its demonstrations (the paper's section 5, "beyond human
-supervision"). The held-out files keep the careful answers.
+answer higher, so the reward models can find it among the policy's samples and RLHF can do better than its
+demonstrations (the paper's section 5, "beyond human supervision"). The held-out files keep the careful answers.
 """
 
 from __future__ import annotations
