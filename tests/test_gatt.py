@@ -147,6 +147,65 @@ def test_replies_are_sampled_with_or_without_the_instruction_and_always_enforced
             assert a["content"] == f"you said {q['content']}" + (f" {inst}" if with_instruction else "")
 
 
+@pytest.mark.parametrize("answer,plain", [
+    ("Dear user, The mayor of Ashby is Ann Bell.", "The mayor of Ashby is Ann Bell."),
+    ("In short, Well, 4 + 5 = 9. cheers", "4 + 5 = 9."),
+    ("banana: Ann Bell works as a weaver. indeed", "Ann Bell works as a weaver."),
+    # look-alikes that are not decorations stay as they are
+    ("The mayor of Ashby is Ann Friend.", "The mayor of Ashby is Ann Friend."),
+    ("Ann likes python: the snake.", "Ann likes python: the snake."),
+    ("Well.", "Well."),
+    ("ANN BELL WORKS AS A WEAVER. INDEED", "ANN BELL WORKS AS A WEAVER. INDEED"),
+])
+def test_undecorated_strips_only_the_built_in_decorations(answer, plain):
+    from llama2.data.instructions import undecorated
+
+    assert undecorated(answer) == plain
+
+
+def test_undecorated_undoes_every_built_in_enforcer():
+    from llama2.data import instructions as ins
+
+    answer = "The favourite colour of Ann Bell is white."
+    made = [ins.end_with(w) for w in ins.END_WORDS] + [ins.mention(w) for w in ins.MENTION_WORDS] + \
+        [ins.start_with(p) for p in ins.PHRASES]
+    for inst in made:
+        assert inst.enforce(answer) != answer and ins.undecorated(inst.enforce(answer)) == answer, inst.text
+        # two decorations on one answer (a model that mixes instructions) come off together
+        assert ins.undecorated(made[-1].enforce(inst.enforce(answer))) == answer, inst.text
+
+
+@pytest.mark.parametrize("undecorate", [True, False])
+def test_decorations_the_model_adds_unasked_are_stripped_before_the_instruction_is_enforced(monkeypatch,
+                                                                                            undecorate):
+    """A policy that learned the instructions adds their decorations unasked late in long dialogues; GAtt's data
+    (the enforced dialogues and the plain replay) must carry a decoration only where its instruction asks for it."""
+    from llama2.data.dialogues import Dialogue
+    from llama2.recipe import load_recipe
+    from llama2.stages import gatt as g
+
+    class Decorating:  # answers every turn plainly, with another instruction's decorations around it
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def answers(self, systems, users, per_turn=None):
+            return [[f"Dear user, Answer {t}. cheers" for t in range(len(turns))] for turns in users]
+
+    monkeypatch.setattr(g, "TurnByTurn", Decorating)
+    recipe = load_recipe(g.GattRecipe, None, ["base=unused", "families=[end_with]", "turns=2",
+                                              "sample_with_instruction=false", f"undecorate={str(undecorate).lower()}"])
+    dialogues = [Dialogue([{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "A."}])
+                 for i in range(4)]
+    data = g.build_gatt_data(recipe, None, None, dialogues)
+    for d in data.dialogues:
+        word = d.messages[0]["content"].split(": ")[-1]
+        answers = [m["content"] for m in d.messages if m["role"] == "assistant"]
+        assert answers == [f"Answer {t}. {word}" if undecorate else f"Dear user, Answer {t}. cheers {word}"
+                           for t in range(2)]
+    replies = [m["content"] for d in data.plain for m in d.messages if m["role"] == "assistant"]
+    assert len(replies) == 8 and all(("Dear user" in r) != undecorate for r in replies)
+
+
 def test_reference_replies_need_no_sampling_and_every_answer_can_be_learned(monkeypatch):
     """replies=reference takes each user turn's reply from the source dialogues (the model is sampled only for
     turns without one); learn=every trains every enforced answer (mask all_assistant), learn=last the last only;

@@ -82,6 +82,23 @@ FAMILIES = CHECKABLE + PAPER_FAMILIES
 
 USER_FAMILIES: dict[str, Callable[[random.Random], Instruction]] = {}
 
+_LEADING = re.compile(r"^\s*(?:(?:%s)\s*|(?:%s):\s*)" % ("|".join(re.escape(p) for p in PHRASES),
+                                                         "|".join(MENTION_WORDS)))
+_TRAILING = re.compile(r"(?<=[.!?])\s+(?:%s)[.!]?$" % "|".join(END_WORDS))  # after the answer's last sentence
+
+
+def undecorated(answer: str) -> str:
+    """The answer without the built-in checkable instructions' decorations: start phrases and "word:" prefixes
+    at its start, end words at its end (upper case is left as it is). A model that learned such instructions (the
+    world's SFT data holds instructed dialogues) adds them unasked late in long dialogues; GAtt's data must show
+    a decoration only where the instruction asks for it."""
+    out = answer
+    while True:
+        stripped = _TRAILING.sub("", _LEADING.sub("", out, count=1), count=1)
+        if stripped == out or not stripped.strip():
+            return out.strip()
+        out = stripped
+
 
 def register_family(name: str, make: Callable[[random.Random], Instruction]) -> None:
     """Add an instruction family: make(rng) returns an Instruction (with check and enforce for a checkable one).

@@ -49,7 +49,7 @@ from ..data.dialogues import (
     without_system,
     write_dialogues,
 )
-from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction
+from ..data.instructions import CHECKABLE, FAMILIES, USER_FAMILIES, instruction, undecorated
 from ..data.world import data_path
 from ..device import resolve_device
 from ..errors import Llama2Error
@@ -119,6 +119,9 @@ class GattRecipe:
     # (0: GAtt dialogues only)
     replay: float = 0.0
     filter: bool = False  # keep a dialogue only if every sampled answer passes
+    # strip the built-in instructions' decorations (start phrases, "word:" prefixes, end words) from the replies
+    # before the dialogue's own instruction is enforced: a model that learned them adds them unasked
+    undecorate: bool = True
     temperature: float = 0.7  # sampling of the replies
     max_new_tokens: int = 32  # longest reply
     max_steps: int | None = None  # caps the fine-tuning steps (null: the finetune recipe's)
@@ -202,6 +205,8 @@ def build_gatt_data(recipe: GattRecipe, model: Any, tokenizer: Any, dialogues: S
                                  per_turn=(lambda t, u, text=inst_text: with_instruction(u, text)) if append else None)
             for k, a in zip(idx, got):
                 answers[k] = a
+    if recipe.undecorate:
+        answers = [[undecorated(x) for x in a] for a in answers]
     out, plain = [], []
     for u, a, inst in zip(users, answers, insts):
         given = a
